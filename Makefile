@@ -1,0 +1,25 @@
+# The commands people type. Each creates the virtualenv on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch pinned to the locally served CPU wheel in the dev environment only
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check lawwatch tests bench
+	$(VENV)/bin/ruff format --check lawwatch tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""The law of equi-learning: a straight line through log10 PR against depth.
+
+He & Su (arXiv 2408.13442): drop the embedding entry, fit ``log10 PR_l = intercept + slope * x``
+with ``x = l - 1`` for hidden-state entry ``l`` (so ``x = 0 … L-1`` for entries ``1 … L``), and
+report the decay ratio ``rho = 10**slope`` (``PR_l ≈ rho**(l-1) * PR_1``) and the Pearson
+correlation ``r`` of ``x`` and ``log10 PR``. Pretrained LLMs give ``r`` between -0.983 and -0.997.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEFAULT_EMERGENCE_THRESHOLD = -0.95
+
+
+@dataclass(frozen=True)
+class LawFit:
+    """A least-squares line through ``(x, log10 PR)``.
+
+    Attributes:
+        rho: Decay ratio per layer, ``10**slope``; below 1 when PR falls with depth.
+        pearson_r: Pearson correlation of ``x`` and ``log10 PR``; near -1 when the law holds.
+        slope: Slope of ``log10 PR`` per layer.
+        intercept: ``log10 PR`` of the line at ``x = 0`` (entry 1, the first block's output).
+        r2: Coefficient of determination of the line, ``pearson_r**2``.
+    """
+
+    rho: float
+    pearson_r: float
+    slope: float
+    intercept: float
+    r2: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a plain dict."""
+        return asdict(self)
+
+
+def fit_law(
+    pr: torch.Tensor | Sequence[float],
+    *,
+    skip_first: bool = True,
+    layers: Sequence[int] | None = None,
+) -> LawFit:
+    """Fit the law of equi-learning to per-layer prediction residuals.
+
+    Args:
+        pr: Prediction residuals, one per hidden-state entry (entry 0 = embeddings).
+        skip_first: Drop entry 0 (the embeddings), as the paper does.
+        layers: The hidden-state entry index of each value in ``pr`` when only a subset of
+            entries was measured (default ``0, 1, …, len(pr)-1``); the fit uses these true
+            indices, so ``rho`` stays per layer.
+
+    Returns:
+        The fitted :class:`LawFit`, computed in float64.
+
+    Raises:
+        ValueError: Fewer than 3 points remain, a PR is not finite and positive, or ``layers``
+            does not match ``pr``.
+    """
+    y = torch.as_tensor(pr, dtype=torch.float64).detach().cpu().flatten()
+    x = (
+        torch.arange(y.numel(), dtype=torch.float64)
+        if layers is None
+        else torch.as_tensor(list(layers), dtype=torch.float64)
+    )
+    if x.numel() != y.numel():
+        raise ValueError(f"`layers` has {x.numel()} entries but `pr` has {y.numel()}.")
+    if layers is not None and not bool((x[1:] > x[:-1]).all()):
+        raise ValueError(f"`layers` must be strictly increasing, got {list(layers)}.")
+    if skip_first:
+        x, y = x[x != 0], y[x != 0]
+    if y.numel() < 3:
+        raise ValueError(
+            f"Fitting the law needs at least 3 layers after dropping the embeddings, got "
+            f"{y.numel()}; measure a deeper model or more layers."
+        )
+    if not bool(torch.isfinite(y).all() and (y > 0).all()):
+        raise ValueError(
+            f"Every PR must be finite and positive to take log10, got {y.tolist()}; a PR of 0 "
+            "means the probe has too few examples for the hidden size (interpolation)."
+        )
+    x = x - 1.0
+    logy = torch.log10(y)
+    xc, yc = x - x.mean(), logy - logy.mean()
+    sxx, syy, sxy = (xc * xc).sum(), (yc * yc).sum(), (xc * yc).sum()
+    slope = sxy / sxx
+    intercept = logy.mean() - slope * x.mean()
+    # a perfectly flat log PR has no correlation to speak of: report r = 0
+    r = sxy / (sxx * syy).sqrt() if syy > 0 else torch.zeros((), dtype=torch.float64)
+    return LawFit(
+        rho=float(10.0**slope),
+        pearson_r=float(r),
+        slope=float(slope),
+        intercept=float(intercept),
+        r2=float(r * r),
+    )
+
+
+def emergence_step(
+    steps: Sequence[int],
+    pearson_r: Sequence[float],
+    *,
+    threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+) -> int | None:
+    """The first step from which ``r`` stays at or below ``threshold`` through the last snapshot.
+
+    Args:
+        steps: Training steps of the snapshots, increasing.
+        pearson_r: The law's Pearson ``r`` at each step.
+        threshold: Emergence threshold on ``r`` (default -0.95).
+
+    Returns:
+        The step, or ``None`` if the latest ``r`` is above the threshold (or there are none).
+    """
+    if len(steps) != len(pearson_r):
+        raise ValueError(f"{len(steps)} steps but {len(pearson_r)} values of r.")
+    found: int | None = None
+    for step, r in zip(reversed(steps), reversed(pearson_r), strict=True):
+        if not (math.isfinite(r) and r <= threshold):
+            break
+        found = int(step)
+    return found

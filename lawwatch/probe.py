@@ -1,0 +1,272 @@
+"""ProbeSet: the fixed, held-out token sequences the law is measured on.
+
+A probe set is a right-padded ``(sequences, length)`` tensor of token ids with an attention
+mask. An *example* is a real position ``j`` whose partner ``j + offset`` (the next token by
+default) is also real: the feature is the hidden state at ``j``, the target the token id there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "lawwatch.probe/1"
+
+
+def example_mask(attention_mask: torch.Tensor, offset: int = 1) -> torch.Tensor:
+    """Which positions are examples: ``j`` and ``j + offset`` both real.
+
+    Args:
+        attention_mask: ``(batch, length)``, nonzero at real tokens.
+        offset: Target position relative to the feature's (1 = next token, 0 = current,
+            2 = next-next, -1 = previous).
+
+    Returns:
+        ``(batch, length)`` bool mask over feature positions.
+    """
+    real = attention_mask.bool()
+    if offset == 0:
+        return real
+    partner = torch.zeros_like(real)
+    if offset > 0:
+        partner[:, :-offset] = real[:, offset:]
+    else:
+        partner[:, -offset:] = real[:, :offset]
+    return real & partner
+
+
+def example_targets(input_ids: torch.Tensor, offset: int = 1) -> torch.Tensor:
+    """The token id at ``j + offset`` for every position ``j`` (garbage where not an example)."""
+    return torch.roll(input_ids, shifts=-offset, dims=1)
+
+
+class ProbeSet:
+    """Held-out token sequences, right-padded, with an attention mask and provenance.
+
+    Build with :meth:`from_tokens` or :meth:`from_texts`; persist with :meth:`save` /
+    :meth:`load`. Iterate with :meth:`batches`; split across processes with :meth:`shard`.
+
+    Attributes:
+        input_ids: ``(sequences, length)`` int64 token ids (pad positions hold 0).
+        attention_mask: ``(sequences, length)`` bool, True at real tokens.
+        meta: How the set was built (JSON-serializable); saved with it.
+    """
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must be (sequences, length), got shape {tuple(input_ids.shape)}."
+            )
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                f"shape {tuple(input_ids.shape)}."
+            )
+        if input_ids.is_floating_point() or input_ids.is_complex():
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
+        mask = attention_mask.bool()
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            raise ValueError(
+                "attention_mask must be right-padded (real tokens first in each row); "
+                "left padding shifts position ids and changes the hidden states."
+            )
+        self.input_ids = torch.where(mask, input_ids.long(), 0).cpu()
+        self.attention_mask = mask.cpu()
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_tokens(
+        cls,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        attention_mask: torch.Tensor | None = None,
+    ) -> ProbeSet:
+        """From token ids: a ``(sequences, length)`` tensor (with optional mask) or ragged lists.
+
+        Args:
+            input_ids: Integer tensor, or a list of token-id lists of any lengths (right-padded
+                here).
+            attention_mask: For a tensor: nonzero at real tokens (default: all real).
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            rows = [list(map(int, row)) for row in input_ids]
+            if attention_mask is not None:
+                raise ValueError("attention_mask is implied by ragged lists; pass only input_ids.")
+            return cls._from_rows(rows, {"source": "tokens"})
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        return cls(input_ids, attention_mask, {"source": "tokens"})
+
+    @classmethod
+    def _from_rows(cls, rows: list[list[int]], meta: dict[str, Any]) -> ProbeSet:
+        if not rows:
+            raise ValueError("The probe has no sequences.")
+        length = max(len(r) for r in rows)
+        if length == 0:
+            raise ValueError("Every probe sequence is empty.")
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        return cls(ids, mask, meta)
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: Sequence[str],
+        tokenizer: Any,
+        *,
+        max_length: int,
+        num_texts: int | None = None,
+        seed: int = 0,
+        add_special_tokens: bool = False,
+    ) -> ProbeSet:
+        """Tokenize documents the paper's way: each truncated to ``max_length``, right-padded.
+
+        Args:
+            texts: The documents.
+            tokenizer: A Hugging Face tokenizer (a pad token is not needed).
+            max_length: Tokens kept per document.
+            num_texts: Draw this many documents at random (seeded) instead of all.
+            seed: Seed of that draw.
+            add_special_tokens: Let the tokenizer add BOS/EOS tokens.
+
+        Raises:
+            ValueError: Too few texts, or none that yields at least two tokens.
+        """
+        if max_length < 2:
+            raise ValueError(
+                f"max_length must be at least 2 (a token and its next), got {max_length}."
+            )
+        texts = list(texts)
+        if num_texts is not None:
+            if num_texts > len(texts):
+                raise ValueError(f"num_texts={num_texts} but only {len(texts)} texts were given.")
+            texts = random.Random(seed).sample(texts, num_texts)
+        encoded = tokenizer(
+            texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length
+        )["input_ids"]
+        rows = [list(r) for r in encoded if len(r) >= 2]
+        if len(rows) < len(encoded):
+            warnings.warn(
+                f"{len(encoded) - len(rows)} of {len(encoded)} probe texts give fewer than 2 "
+                "tokens (no next-token pair) and are left out of the probe.",
+                stacklevel=2,
+            )
+        if not rows:
+            raise ValueError("No probe text yields 2 or more tokens; pass longer, non-empty texts.")
+        meta = {
+            "source": "texts",
+            "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+            "max_length": max_length,
+            "num_texts": len(rows),
+            "seed": seed,
+        }
+        return cls._from_rows(rows, meta)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def content_hash(self) -> str:
+        """SHA-256 of the tokens and mask: equal hashes mean the same probe."""
+        h = hashlib.sha256()
+        h.update(str(tuple(self.input_ids.shape)).encode())
+        h.update(self.input_ids.numpy().tobytes())
+        h.update(self.attention_mask.numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.safetensors`` file with the tokens, mask, provenance and content hash."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": FORMAT, "meta": json.dumps(self.meta), "hash": self.content_hash()}
+        tensors = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeSet:
+        """Read a probe written by :meth:`save`, checking its format and content hash."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(
+                    f"{path} is not a lawwatch probe (format {metadata.get('format')!r}, "
+                    f"expected {FORMAT!r}); build one with ProbeSet.save()."
+                )
+            probe = cls(
+                f.get_tensor("input_ids"),
+                f.get_tensor("attention_mask"),
+                json.loads(metadata["meta"]),
+            )
+        if probe.content_hash() != metadata.get("hash"):
+            raise ValueError(f"{path} is corrupt: its content hash does not match its metadata.")
+        return probe
+
+    # -- use ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def num_examples(self, offset: int = 1) -> int:
+        """Number of usable (feature position, target) pairs."""
+        return int(example_mask(self.attention_mask, offset).sum())
+
+    def target_ids(self, offset: int = 1) -> torch.Tensor:
+        """The distinct target token ids over all examples, sorted."""
+        targets = example_targets(self.input_ids, offset)
+        return torch.unique(targets[example_mask(self.attention_mask, offset)])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(input_ids, attention_mask)`` batches of at most ``batch_size`` rows.
+
+        Each batch is trimmed to its longest real row, so short rows cost no compute.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        for start in range(0, len(self), batch_size):
+            mask = self.attention_mask[start : start + batch_size]
+            width = max(int(mask.sum(dim=1).max()), 1)
+            yield self.input_ids[start : start + batch_size, :width], mask[:, :width]
+
+    def shard(self, rank: int, world_size: int) -> ProbeSet:
+        """This process's share: a contiguous block of ``ceil(len / world_size)`` rows.
+
+        Short shards are padded with fully masked rows (no examples), so every process runs
+        the same number of forward passes for any batch size — under FSDP and ZeRO-3 each
+        forward is a collective.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, {world_size}), got {rank}.")
+        per = math.ceil(len(self) / world_size)
+        ids = self.input_ids[rank * per : (rank + 1) * per]
+        mask = self.attention_mask[rank * per : (rank + 1) * per]
+        missing = per - ids.shape[0]
+        if missing:
+            ids = torch.cat([ids, ids.new_zeros(missing, ids.shape[1])])
+            mask = torch.cat([mask, mask.new_zeros(missing, mask.shape[1])])
+        return ProbeSet(ids, mask, {**self.meta, "shard": [rank, world_size]})
+
+    def __repr__(self) -> str:
+        return (
+            f"ProbeSet(sequences={len(self)}, length={self.input_ids.shape[1]}, "
+            f"examples={self.num_examples()}, distinct_targets={self.target_ids().numel()})"
+        )

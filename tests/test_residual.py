@@ -1,0 +1,197 @@
+import numpy as np
+import pytest
+import torch
+
+from lawwatch import ResidualStats, prediction_residuals
+from tests.reference import layer_norm, ols_pr, onehot
+
+TOL = 1e-8
+
+
+def _check(features: np.ndarray, ids: np.ndarray, target: str = "token_id") -> torch.Tensor:
+    """PR from lawwatch equals the lstsq reference, layer by layer, to TOL."""
+    got = prediction_residuals(torch.from_numpy(features), torch.from_numpy(ids), target=target)
+    y = ids.astype(np.float64) if target == "token_id" else onehot(ids)
+    want = np.array([ols_pr(f, y) for f in features])
+    assert got.dtype == torch.float64 and got.shape == (features.shape[0],)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=TOL)
+    return got
+
+
+def _data(rng, layers=3, n=400, d=16, vocab=1000, signal=0.5):
+    """Features partly predictive of the ids (so PR is neither 0 nor 1)."""
+    ids = rng.integers(0, vocab, size=n)
+    z = (ids - ids.mean()) / ids.std()
+    x = rng.standard_normal((layers, n, d))
+    x[:, :, 0] += signal * np.arange(1, layers + 1)[:, None] * z
+    return x, ids
+
+
+@pytest.mark.parametrize("target", ["token_id", "onehot"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_inputs(seed, target):
+    rng = np.random.default_rng(seed)
+    x, ids = _data(rng, vocab=1000 if target == "token_id" else 12)
+    pr = _check(x, ids, target)
+    assert (pr > 0.05).all() and (pr < 1).all()  # a non-trivial regime
+
+
+@pytest.mark.parametrize("target", ["token_id", "onehot"])
+def test_layernorm_rank_deficient(target):
+    rng = np.random.default_rng(3)
+    x, ids = _data(rng, d=24, vocab=5000 if target == "token_id" else 20)
+    x = layer_norm(x)  # every row sums to 0: rank <= d - 1
+    assert np.linalg.matrix_rank(x[0] - x[0].mean(0)) == 23
+    _check(x, ids, target)
+
+
+def test_massive_outlier_dimensions():
+    rng = np.random.default_rng(4)
+    x, ids = _data(rng, d=32)
+    # raw features: a dimension with a huge mean and unit spread (lost to cancellation without
+    # the shifted accumulation) and a column 1e5 times the others
+    x[:, :, 5] = 1e6 + rng.standard_normal((3, 400))
+    x[:, :, 7] *= 1e5
+    _check(x, ids)
+
+
+@pytest.mark.parametrize(("magnitude", "fraction"), [(1e4, 1.0), (1e5, 0.05)])
+def test_massive_activations_after_layernorm(magnitude, fraction):
+    """LLM-like massive activations (~1e4 x the median; Sun et al. 2024) then a LayerNorm.
+
+    Beyond ~1e6 on every token the LayerNorm'd features themselves carry ~1e-10 relative
+    rounding and the raw lstsq reference drifts from the well-posed answer by ~1e-7.
+    """
+    rng = np.random.default_rng(5)
+    x, ids = _data(rng, d=32)
+    rows = rng.random(400) < fraction
+    x[:, rows, 5] = magnitude * (1 + 0.01 * rng.standard_normal((3, rows.sum())))
+    _check(layer_norm(x), ids)
+
+
+def test_dead_and_duplicated_columns():
+    rng = np.random.default_rng(5)
+    x, ids = _data(rng, d=20)
+    x[:, :, 3] = 0.0  # dead
+    x[:, :, 4] = 0.1  # constant (collinear with the intercept, inexact in binary)
+    x[:, :, 6] = x[:, :, 0]  # duplicated
+    x[:, :, 8] = 2.5 * x[:, :, 1] - x[:, :, 2]  # linear combination
+    _check(x, ids)
+
+
+def test_skewed_large_ids():
+    rng = np.random.default_rng(6)
+    n = 500
+    ids = np.minimum(rng.zipf(1.3, size=n), 50_000)  # heavy-tailed, up to 50 000
+    ids[:3] = [0, 49_999, 50_000]
+    x = rng.standard_normal((4, n, 12))
+    x[:, :, 0] += np.log1p(ids)[None]
+    _check(x, ids)
+
+
+@pytest.mark.parametrize("d", [8, 64])
+def test_n_just_above_d_plus_one(d):
+    rng = np.random.default_rng(7)
+    x, ids = _data(rng, n=d + 2, d=d)
+    pr = _check(x, ids)
+    assert (pr > 0).all()
+    x, ids = _data(rng, n=d + 3, d=d)
+    _check(x, ids)
+
+
+def test_too_few_examples_refused():
+    rng = np.random.default_rng(8)
+    x, ids = _data(rng, n=17, d=16)  # n = d + 1
+    with pytest.raises(ValueError, match=r"at least 18 are needed"):
+        prediction_residuals(torch.from_numpy(x), torch.from_numpy(ids))
+
+
+def test_single_target_value_refused():
+    x = torch.randn(2, 50, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="single distinct value"):
+        prediction_residuals(x, torch.full((50,), 7))
+    with pytest.raises(ValueError, match="at least two distinct"):
+        prediction_residuals(x, torch.full((50,), 7), target="onehot")
+
+
+def test_bad_inputs_named():
+    with pytest.raises(ValueError, match="shape"):
+        prediction_residuals(torch.randn(10, 4), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer token ids"):
+        prediction_residuals(torch.randn(1, 10, 4), torch.zeros(10))
+    bad = torch.randn(1, 10, 4)
+    bad[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        prediction_residuals(bad, torch.arange(10))
+    with pytest.raises(ValueError, match="Unknown target"):
+        ResidualStats(1, 4, target="logits")
+    stats = ResidualStats(2, 4, target="onehot", classes=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"\[9\] are not among"):
+        stats.update(torch.randn(2, 3, 4), torch.tensor([1, 9, 2]))
+
+
+def test_rounding_noise_directions():
+    """float32 LayerNorm output: a mean direction of pure rounding noise (DESIGN.md §2).
+
+    lstsq at machine precision fits that noise (error ~1/n against the float64 truth); the
+    solver's rank tolerance drops it and stays on the truth.
+    """
+    rng = np.random.default_rng(9)
+    n, d = 300, 24
+    raw, ids = _data(rng, layers=2, n=n, d=d, vocab=3000)
+    truth = np.array([ols_pr(f, ids.astype(np.float64)) for f in layer_norm(raw)])
+    x32 = torch.nn.functional.layer_norm(torch.from_numpy(raw).float(), (d,))  # float32 norm
+    lstsq_on_noise = np.array([ols_pr(f, ids.astype(np.float64)) for f in x32.double().numpy()])
+    assert np.abs(lstsq_on_noise - truth).max() > 1e-4  # the trap is real
+    got = prediction_residuals(x32, torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(got, truth, rtol=0, atol=1e-5)
+    # and with the tolerance stated as lstsq's rcond (singular values ~ sqrt(rtol)), they agree
+    assert np.abs(got - truth).max() < 0.1 * np.abs(lstsq_on_noise - truth).max()
+
+
+@pytest.mark.parametrize("target", ["token_id", "onehot"])
+def test_streaming_equals_one_shot(target):
+    rng = np.random.default_rng(10)
+    x, ids = _data(rng, n=600, d=20, vocab=30)
+    x[:, :, 2] += 500.0  # offset, so the shift matters
+    xt, it = torch.from_numpy(x), torch.from_numpy(ids)
+    one = prediction_residuals(xt, it, target=target)
+    classes = torch.unique(it) if target == "onehot" else None
+    for cuts in ([100, 350], [1, 2, 3, 599], list(range(25, 600, 25))):
+        stats = ResidualStats(3, 20, target=target, classes=classes)
+        for part_x, part_y in zip(
+            torch.tensor_split(xt, cuts, dim=1), torch.tensor_split(it, cuts), strict=True
+        ):
+            stats.update(part_x, part_y)
+        torch.testing.assert_close(stats.compute(), one, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", ["token_id", "onehot"])
+def test_merge_equals_concatenation(target):
+    rng = np.random.default_rng(11)
+    x, ids = _data(rng, n=500, d=16, vocab=25)
+    xt, it = torch.from_numpy(x), torch.from_numpy(ids)
+    classes = torch.unique(it) if target == "onehot" else None
+    parts = [(xt[:, :120], it[:120]), (xt[:, 120:130] + 3.0, it[120:130]), (xt[:, 130:], it[130:])]
+    merged = ResidualStats(3, 16, target=target, classes=classes)
+    for px, py in parts:
+        merged.merge(ResidualStats(3, 16, target=target, classes=classes).update(px, py))
+    merged.merge(ResidualStats(3, 16, target=target, classes=classes))  # an empty worker
+    whole = torch.cat([p[0] for p in parts], dim=1)
+    want = prediction_residuals(whole, it, target=target)
+    torch.testing.assert_close(merged.compute(), want, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="Cannot merge"):
+        merged.merge(ResidualStats(3, 17))
+
+
+def test_reset_and_dtype_and_float32_input():
+    rng = np.random.default_rng(12)
+    x, ids = _data(rng, n=200, d=8)
+    stats = ResidualStats(3, 8).update(torch.from_numpy(x), torch.from_numpy(ids))
+    stats.reset()
+    assert stats.count.item() == 0
+    # float32 and bfloat16 features are accepted and upcast; float32 stays close to float64
+    pr32 = prediction_residuals(torch.from_numpy(x).float(), torch.from_numpy(ids))
+    want = np.array([ols_pr(f, ids) for f in x.astype(np.float32).astype(np.float64)])
+    np.testing.assert_allclose(pr32.numpy(), want, rtol=0, atol=TOL)
+    prediction_residuals(torch.from_numpy(x).bfloat16(), torch.from_numpy(ids))
