@@ -25,6 +25,14 @@ _FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "norm_f", "ln_out", "fi
 
 
 @dataclass(frozen=True)
+class Hidden:
+    """One forward pass: each hidden-state entry ``(batch, length, d)``, the final norm's input."""
+
+    states: tuple[torch.Tensor, ...]
+    final_norm_input: torch.Tensor | None
+
+
+@dataclass(frozen=True)
 class NormSpec:
     """A final-norm type and its parameters.
 
@@ -149,15 +157,12 @@ class HiddenStateCapture:
         self.spec = spec
         self.normalize = _normalizer(normalize, spec)
 
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Float64 features ``(L + 1, n, d)`` at the ``n`` True entries of ``positions``.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Hidden:
+        """Run the base model once; return its hidden states and the final norm's input.
 
         Args:
             input_ids: ``(batch, length)`` token ids on the model's device.
             attention_mask: ``(batch, length)``.
-            positions: ``(batch, length)`` bool: which positions are examples.
         """
         captured: list[torch.Tensor] = []
         handle = None
@@ -175,18 +180,33 @@ class HiddenStateCapture:
         finally:
             if handle is not None:
                 handle.remove()
-        hidden = out.hidden_states
-        if hidden is None:
+        if out.hidden_states is None:
             raise TypeError(
                 f"{type(self.base).__name__} returned no hidden_states; it is not a Hugging Face "
                 "model that supports output_hidden_states."
             )
+        return Hidden(tuple(out.hidden_states), captured[0] if len(captured) == 1 else None)
+
+    def features(self, hidden: Hidden, positions: torch.Tensor) -> torch.Tensor:
+        """Float64 features ``(L + 1, n, d)`` at the ``n`` True entries of ``positions``.
+
+        Args:
+            hidden: What :meth:`forward` returned.
+            positions: ``(batch, length)`` bool: which positions are examples.
+        """
         # (n, d) float64 per entry: select examples first, so normalization costs O(n d)
-        entries = [self.normalize(h[positions].to(torch.float64)) for h in hidden[:-1]]
+        entries = [self.normalize(h[positions].to(torch.float64)) for h in hidden.states[:-1]]
         last = None
-        if len(captured) == 1 and self.spec is not None:
-            last = _reapply(self.final_norm, self.spec, captured[0][positions].to(torch.float64))
+        if hidden.final_norm_input is not None and self.spec is not None:
+            x = hidden.final_norm_input[positions].to(torch.float64)
+            last = _reapply(self.final_norm, self.spec, x)
         if last is None:
-            last = hidden[-1][positions].to(torch.float64)
+            last = hidden.states[-1][positions].to(torch.float64)
         entries.append(last)
         return torch.stack(entries)  # (L + 1, n, d)
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` then :meth:`features`."""
+        return self.features(self.forward(input_ids, attention_mask), positions)

@@ -74,11 +74,19 @@ def accumulate(
     batch_size: int = 8,
     seed: int = 0,
     rtol: float = DEFAULT_RTOL,
+    errors: list[BaseException] | None = None,
 ) -> ResidualStats | None:
     """Run ``probe`` through ``model`` and return its sufficient statistics (not yet solved).
 
     The model is run in eval mode under ``torch.no_grad()`` and each module's train/eval flag is
-    restored afterwards. Returns None when the probe has no example at all (an empty shard).
+    restored afterwards. Returns None when the probe has no batch at all.
+
+    Args:
+        errors: If given, an exception while turning a batch's hidden states into statistics
+            is appended here and the remaining forward passes still run (their statistics are
+            discarded): under FSDP and ZeRO-3 every forward is a collective, so a rank that
+            stopped early would hang the others. The caller decides, collectively, what to do.
+        model, probe, normalize, target, offset, batch_size, seed, rtol: As in :func:`measure`.
     """
     if target not in MEASURE_TARGETS:
         raise ValueError(f"Unknown target {target!r}; choose one of {MEASURE_TARGETS}.")
@@ -99,20 +107,28 @@ def accumulate(
             for input_ids, attention_mask in probe.batches(batch_size):
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 positions = example_mask(attention_mask, offset)
-                features = capture(input_ids, attention_mask, positions)  # (L + 1, n, d)
-                targets = example_targets(input_ids, offset)[positions]  # (n,)
-                if mapping is not None:
-                    targets = mapping[targets]
-                if stats is None:
-                    stats = ResidualStats(
-                        features.shape[0],
-                        features.shape[2],
-                        target="onehot" if target == "onehot" else "token_id",
-                        classes=classes,
-                        device=device,
-                        rtol=rtol,
-                    )
-                stats.update(features, targets)
+                hidden = capture.forward(input_ids, attention_mask)
+                if errors:
+                    continue  # keep the forward passes in step with the other ranks
+                try:
+                    features = capture.features(hidden, positions)  # (L + 1, n, d)
+                    targets = example_targets(input_ids, offset)[positions]  # (n,)
+                    if mapping is not None:
+                        targets = mapping[targets]
+                    if stats is None:
+                        stats = ResidualStats(
+                            features.shape[0],
+                            features.shape[2],
+                            target="onehot" if target == "onehot" else "token_id",
+                            classes=classes,
+                            device=device,
+                            rtol=rtol,
+                        )
+                    stats.update(features, targets)
+                except Exception as error:
+                    if errors is None:
+                        raise
+                    errors.append(error)
     finally:
         for module, mode in modes.items():
             module.training = mode

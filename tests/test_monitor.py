@@ -1,0 +1,122 @@
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lawwatch import ProbeSet
+from lawwatch.monitor import LawWatch, Schedule
+from lawwatch.sinks import LocalHistory, Sinks, read_history
+
+
+def test_default_schedule():
+    assert Schedule(every=50).steps(210) == [0, 1, 2, 4, 8, 16, 32, 50, 100, 150, 200]
+    assert Schedule(every=50, last=123).steps(130) == [0, 1, 2, 4, 8, 16, 32, 50, 100, 123]
+    assert Schedule(every=1).steps(3) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="positive"):
+        Schedule(every=0)
+
+
+def test_custom_schedules(gpt2, probe):
+    assert LawWatch(gpt2, probe, schedule=[3, 7]).should_snapshot(7)
+    assert not LawWatch(gpt2, probe, schedule=[3, 7]).should_snapshot(4)
+    assert LawWatch(gpt2, probe, schedule=lambda s: s % 5 == 0).should_snapshot(10)
+
+
+def test_snapshot_is_invisible_to_training(gpt2, probe):
+    gpt2.train()
+    watch = LawWatch(gpt2, probe, every=2)
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(5)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    snap = watch.maybe_snapshot(0)
+    assert snap is not None and snap.step == 0
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    assert gpt2.training and all(m.training for m in gpt2.modules())
+    assert all(p.grad is None for p in gpt2.parameters())
+    assert watch.maybe_snapshot(0) is None  # already measured
+    assert watch.maybe_snapshot(3) is None  # off schedule
+    assert watch.maybe_snapshot(4).step == 4
+
+
+def test_history_sink_and_resume(tmp_path, gpt2, probe):
+    history = LocalHistory(tmp_path / "lw")
+    watch = LawWatch(gpt2, probe, every=4, sinks=[history])
+    for step in range(9):
+        watch.maybe_snapshot(step)
+    records = read_history(tmp_path / "lw" / "history.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 4, 8]
+    assert set(records[0]) >= {
+        "step",
+        "pr",
+        "rho",
+        "pearson_r",
+        "slope",
+        "intercept",
+        "r2",
+        "n_tokens",
+        "seconds",
+    }
+    assert len(records[0]["pr"]) == 5 and records[0]["n_tokens"] == probe.num_examples()
+    from safetensors.torch import load_file
+
+    matrix = load_file(tmp_path / "lw" / "pr.safetensors")
+    assert matrix["pr"].shape == (5, 5) and matrix["steps"].tolist() == [0, 1, 2, 4, 8]
+    # resume from a checkpoint at step 4: later records are dropped, then redone in order
+    state = watch.state_dict()
+    again = LocalHistory(tmp_path / "lw")
+    again.truncate_after(4)
+    resumed = LawWatch(gpt2, probe, every=4, sinks=[again])
+    resumed.load_state_dict(state, resume_step=4)
+    assert not resumed.should_snapshot(4) and resumed.should_snapshot(8)
+    resumed.maybe_snapshot(8)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "lw" / "history.jsonl").open()]
+    assert steps == [0, 1, 2, 4, 8]
+    with pytest.raises(ValueError, match="not after"):
+        again.write(resumed.snapshot(8))
+
+
+def test_failure_is_reported_and_training_goes_on(gpt2, caplog):
+    tiny = ProbeSet.from_tokens([[1, 2, 3, 4]])  # far fewer examples than the hidden size
+    watch = LawWatch(gpt2, tiny, every=1)
+    with caplog.at_level(logging.ERROR, logger="lawwatch"):
+        assert watch.snapshot(0) is None
+    assert "Too few probe examples" in caplog.text
+
+
+def test_nonfinite_model_is_skipped(gpt2, probe, caplog):
+    with torch.no_grad():
+        gpt2.transformer.h[1].mlp.c_fc.weight.fill_(float("nan"))
+    with caplog.at_level(logging.ERROR, logger="lawwatch"):
+        assert LawWatch(gpt2, probe).snapshot(0) is None
+    assert "NaN or Inf" in caplog.text
+
+
+def test_failing_sink_does_not_stop_others(tmp_path, gpt2, probe, caplog):
+    class Broken:
+        def write(self, snapshot):
+            raise RuntimeError("disk full")
+
+        def close(self):
+            raise RuntimeError("still full")
+
+    history = LocalHistory(tmp_path)
+    watch = LawWatch(gpt2, probe, sinks=Sinks([Broken(), history]))
+    with caplog.at_level(logging.ERROR, logger="lawwatch"):
+        assert watch.snapshot(0) is not None
+        watch.close()
+    assert "disk full" in caplog.text and "still full" in caplog.text
+    assert history.last_step == 0
+
+
+def test_emergence_from_history(gpt2, probe):
+    watch = LawWatch(gpt2, probe)
+    watch.history = [
+        {"step": s, "rho": 0.9, "pearson_r": r} for s, r in [(0, 0.5), (10, -0.97), (20, -0.99)]
+    ]
+    assert watch.emergence_step == 10
