@@ -1,0 +1,104 @@
+"""Real English text that every CPython ships, and a tokenizer trained on it.
+
+No model or dataset hub is needed: the demo, the recipes and the tests train on the
+documentation topics in ``pydoc_data.topics`` (~0.47 MB) and the docstrings of the standard
+library's modules (~3 MB, read with ``ast`` — nothing is imported or executed).
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal
+
+Source = Literal["topics", "docstrings", "all"]
+
+
+def pydoc_topics() -> list[str]:
+    """The ~80 documentation topics of ``pydoc_data.topics``, one text each, in key order."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def stdlib_docstrings(min_chars: int = 200) -> list[str]:
+    """Module, class and function docstrings of the standard library's ``.py`` files.
+
+    Files are parsed, never imported. Order is deterministic (sorted paths, source order).
+
+    Args:
+        min_chars: Skip docstrings shorter than this.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue  # a few stdlib files are deliberately invalid (lib2to3 fixtures, …)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    texts.append(doc)
+    return texts
+
+
+def python_texts(source: Source = "all") -> list[str]:
+    """Documents from the running CPython: ``"topics"``, ``"docstrings"`` or ``"all"``."""
+    if source == "topics":
+        return pydoc_topics()
+    if source == "docstrings":
+        return stdlib_docstrings()
+    if source == "all":
+        return pydoc_topics() + stdlib_docstrings()
+    raise ValueError(f"Unknown source {source!r}; choose 'topics', 'docstrings' or 'all'.")
+
+
+def split_texts(
+    texts: list[str], heldout: float = 0.1, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Shuffle deterministically and split into (train, held-out) documents.
+
+    Args:
+        texts: The documents.
+        heldout: Fraction held out (for the probe set), in (0, 1).
+        seed: Seed of the shuffle.
+    """
+    if not 0.0 < heldout < 1.0:
+        raise ValueError(f"heldout must lie in (0, 1), got {heldout}.")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(len(texts) * heldout))
+    if cut >= len(texts):
+        raise ValueError(f"{len(texts)} documents are too few to hold out {heldout:.0%}.")
+    return [texts[i] for i in order[cut:]], [texts[i] for i in order[:cut]]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4096) -> Any:
+    """A byte-level BPE trained here on ``texts``, as a ``PreTrainedTokenizerFast``.
+
+    Like GPT-2's, ids grow roughly with merge order (frequent pieces first), which matters for
+    the paper's scalar token-id target. The end-of-text token ``<|endoftext|>`` is id 0 and
+    doubles as the pad token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
