@@ -1,0 +1,1 @@
+"""Thin adapters that decide when to snapshot and where results go; they hold no math."""
