@@ -23,3 +23,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+bench: install
+	$(PY) bench/bench_residual.py
