@@ -12,11 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,52 +24,14 @@ from lawwatch.measure import accumulate
 from lawwatch.monitor import LawWatch
 from lawwatch.probe import example_mask
 from tests.conftest import ragged_probe, tiny_gpt2, tiny_llama
+from tests.dist.launch import run, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-9
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(module: str, out: Path, *args: str, timeout: float = 240) -> str:
-    """Run ``python -m module OUT`` on 2 processes; fail (never hang) on error or timeout."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        *args,
-        "-m",
-        module,
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: a timeout kills the workers too
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{module} did not finish in {timeout}s (a hang?):\n{output[-6000:]}")
-    assert proc.returncode == 0, f"{module} failed:\n{output[-6000:]}"
-    return output
+def launch(module: str, out: Path) -> str:
+    """``torchrun --nproc_per_node 2 -m module OUT``: its output (both ranks' logs)."""
+    return run([*torchrun(2), "-m", module, str(out)])
 
 
 def results(out: Path) -> list[dict]:
@@ -92,7 +49,7 @@ def max_diff(a: list[float], b: list[float]) -> float:
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    log = torchrun("tests.dist.ddp_worker", out)
+    log = launch("tests.dist.ddp_worker", out)
     return out, results(out), log
 
 
@@ -158,7 +115,7 @@ def test_ddp_snapshot_leaves_training_alone(ddp):
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    log = torchrun("tests.dist.fsdp_worker", out)
+    log = launch("tests.dist.fsdp_worker", out)
     return results(out), log
 
 
