@@ -96,6 +96,13 @@ def test_ddp_failed_rank_makes_every_rank_skip(ddp):
 
 
 @pytest.mark.slow
+def test_ddp_history_survives_accelerate_checkpoints(ddp):
+    _, (r0, r1), _ = ddp
+    for r in (r0, r1):  # register_for_checkpointing, save_state, then load_state
+        assert r["resumed"] == [[0, 1, 4], 4]
+
+
+@pytest.mark.slow
 def test_ddp_snapshot_leaves_training_alone(ddp):
     out, (r0, r1), _ = ddp
     for r in (r0, r1):

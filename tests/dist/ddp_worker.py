@@ -115,6 +115,13 @@ def main() -> None:
     gathered = accelerator.gather(flat.unsqueeze(0))
     results["replicas_equal"] = bool(torch.equal(gathered[0], gathered[1]))
     results["history_steps"] = [h["step"] for h in watch.history]
+    # the history goes with accelerate's checkpoints (rank 0 saves it, every rank loads it)
+    accelerator.register_for_checkpointing(watch)
+    accelerator.save_state(str(out / "checkpoint"))
+    watch.load_state_dict({})  # what a fresh process would hold
+    accelerator.wait_for_everyone()
+    accelerator.load_state(str(out / "checkpoint"))
+    results["resumed"] = [[h["step"] for h in watch.history], watch.last_step]
     write(out, rank, results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
