@@ -12,8 +12,8 @@ Three facts of multi-process training shape a snapshot (DESIGN.md §3, the distr
   gloo, the accelerator for NCCL), from an ``accelerate.Accelerator`` or an initialized
   ``torch.distributed`` process group, decided at call time.
 * **One vote.** A rank that failed must not leave the others waiting in a collective:
-  :func:`all_ok` takes the collective AND of every rank's outcome, so all of them skip
-  together.
+  :func:`vote` combines every rank's outcome (and checks that all ranks measure the same step
+  of the same probe), so all of them skip together.
 """
 
 from __future__ import annotations
@@ -75,14 +75,30 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_ok(ok: bool, where: Layout) -> bool:
-    """Collective AND of ``ok`` over every process (one 1-element all-reduce; a host sync).
+def vote(ok: bool, where: Layout, **keys: int) -> str | None:
+    """One collective decision: did every process succeed, with the same ``keys``?
 
-    Every process must call it, whatever its outcome, the same number of times.
+    A single all-reduce (MAX) of ``[failed, k, -k, …]`` in float64 (keys must stay below
+    2**53); every process gets the same result, so all of them decide alike. Every process
+    must call it, whatever its outcome, the same number of times.
+
+    Returns:
+        None when every process succeeded and agrees on every key; otherwise the reason.
     """
-    flag = torch.tensor([0.0 if ok else 1.0], device=where.device)
+    values = [0.0 if ok else 1.0]
+    for key in keys.values():
+        values += [float(key), -float(key)]
+    flag = torch.tensor(values, dtype=torch.float64, device=where.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+    reduced = flag.tolist()  # a host sync
+    differ = [
+        name
+        for i, (name, key) in enumerate(keys.items())
+        if reduced[1 + 2 * i] != key or reduced[2 + 2 * i] != -key  # max(k) == min(k)
+    ]
+    if differ:
+        return f"the ranks disagree on {', '.join(differ)}"
+    return "another rank failed" if reduced[0] > 0 else None
 
 
 # -- the module a probe forward runs through --------------------------------------------------

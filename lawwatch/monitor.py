@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lawwatch.capture import Normalize
-from lawwatch.distributed import all_ok, layout, measured_module
+from lawwatch.distributed import layout, measured_module, vote
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step, fit_law
 from lawwatch.measure import MeasureTarget, Snapshot, accumulate, model_device
 from lawwatch.probe import ProbeSet
@@ -157,6 +157,8 @@ class LawWatch:
         self.history: list[dict[str, Any]] = []  # (step, rho, pearson_r) of every snapshot
         self.last_step: int | None = None  # last step attempted, success or not, on every rank
         self._shards: dict[tuple[int, int], ProbeSet] = {}
+        # 48 bits of the probe's content hash: the vote checks every rank holds the same probe
+        self._probe_key = int(probe.content_hash()[:12], 16)
 
     # -- schedule -----------------------------------------------------------------------------
 
@@ -184,10 +186,11 @@ class LawWatch:
     def snapshot(self, step: int) -> Snapshot | None:
         """Measure now; on several processes every one of them must call this.
 
-        Each process measures its shard of the probe; then one vote (a 1-element all-reduce)
-        decides whether every process succeeded. If any failed — an exception, non-finite
-        features, no statistics — every process skips this snapshot. Otherwise the statistics
-        are all-reduced (the snapshot's one large collective) and every process solves them.
+        Each process measures its shard of the probe; then one vote (a 5-element all-reduce)
+        decides whether every process succeeded, at the same step, on the same probe. If not —
+        an exception, non-finite features, no statistics, a rank out of step — every process
+        skips this snapshot. Otherwise the statistics are all-reduced (the snapshot's one large
+        collective) and every process solves them.
 
         Returns:
             The :class:`Snapshot` on every process (all of them solve the same reduced
@@ -220,15 +223,15 @@ class LawWatch:
             )
         if where.world > 1:
             try:
-                agreed = all_ok(not errors, where)
-                if agreed:
+                reason = vote(not errors, where, step=step, probe=self._probe_key)
+                if reason is None:
                     stats.all_reduce()  # the one large reduction of the snapshot
             except Exception as error:  # a broken process group: nothing more to do here
                 log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
                 return None
-            if not agreed:
+            if reason is not None:
                 if not errors:
-                    log.error("lawwatch: snapshot at step %d skipped: another rank failed", step)
+                    log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
                 return None
         elif errors:
             return None

@@ -96,6 +96,15 @@ def test_ddp_failed_rank_makes_every_rank_skip(ddp):
 
 
 @pytest.mark.slow
+def test_ddp_ranks_that_disagree_skip_together(ddp):
+    _, (r0, r1), log = ddp
+    for r in (r0, r1):
+        assert r["mixed_probes"] is None and r["mixed_steps"] is None
+    assert log.count("snapshot at step 1 skipped: the ranks disagree on probe") == 2
+    assert "skipped: the ranks disagree on step" in log
+
+
+@pytest.mark.slow
 def test_ddp_history_survives_accelerate_checkpoints(ddp):
     _, (r0, r1), _ = ddp
     for r in (r0, r1):  # register_for_checkpointing, save_state, then load_state

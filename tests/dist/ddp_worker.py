@@ -88,6 +88,13 @@ def main() -> None:
     results["lopsided"] = pr_list(empty.snapshot(1))
     results["ref_lopsided"] = reference(on=lopsided)
 
+    # ranks that disagree: different probes; different steps (a mis-called schedule)
+    mixed = lawwatch.LawWatch(
+        model, probe if rank == 0 else lopsided, batch_size=3, accelerator=accelerator
+    )
+    results["mixed_probes"] = pr_list(mixed.snapshot(1))
+    results["mixed_steps"] = pr_list(empty.snapshot(5 + rank))
+
     # failures on one rank: an exception in its forward, then non-finite features
     block = plain.transformer.h[1]
 
