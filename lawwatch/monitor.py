@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from lawwatch.capture import Normalize
-from lawwatch.distributed import layout, measured_module, vote
+from lawwatch.distributed import Layout, layout, measured_module, vote
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step, fit_law
 from lawwatch.measure import MeasureTarget, Snapshot, accumulate, model_device
 from lawwatch.probe import ProbeSet
+from lawwatch.residual import ResidualStats
 from lawwatch.sinks import Sink, Sinks
 
 log = logging.getLogger("lawwatch")
@@ -201,39 +202,13 @@ class LawWatch:
         self.last_step = step
         start = time.perf_counter()
         where = layout(self.accelerator)
-        errors: list[BaseException] = []
-        stats = None
-        try:
-            model = measured_module(self.model, self.unwrap)
-            device = model_device(model)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                # the RNG state is left as found
-                stats = accumulate(
-                    model, self._shard(where.rank, where.world), errors=errors, **self.options
-                )
-            if stats is not None and where.world > 1:
-                stats.to(where.device)  # allocate before the vote, not inside the reduction
-        except Exception as error:  # before or inside a forward pass
-            errors.append(error)
-        if stats is None and not errors:
-            errors.append(RuntimeError("the probe shard gave no batch"))
-        if errors:
-            log.error(
-                "lawwatch: rank %d could not measure step %d: %r", where.rank, step, errors[0]
-            )
+        stats, error = self._measure_shard(where)
+        if error is not None:
+            log.error("lawwatch: rank %d could not measure step %d: %r", where.rank, step, error)
         if where.world > 1:
-            try:
-                reason = vote(not errors, where, step=step, probe=self._probe_key)
-                if reason is None:
-                    stats.all_reduce()  # the one large reduction of the snapshot
-            except Exception as error:  # a broken process group: nothing more to do here
-                log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
+            if not self._reduce(stats, error is None, where, step, self._probe_key):
                 return None
-            if reason is not None:
-                if not errors:
-                    log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
-                return None
-        elif errors:
+        elif error is not None:
             return None
         try:
             pr = stats.compute().cpu()
@@ -253,6 +228,40 @@ class LawWatch:
         if where.rank == 0:
             self.sinks.write(snapshot)
         return snapshot
+
+    def _measure_shard(self, where: Layout) -> tuple[ResidualStats | None, BaseException | None]:
+        """This rank's statistics, or the first error (after every forward pass has run)."""
+        errors: list[BaseException] = []
+        stats = None
+        try:
+            model = measured_module(self.model, self.unwrap)
+            device = model_device(model)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                # the RNG state is left as found
+                stats = accumulate(
+                    model, self._shard(where.rank, where.world), errors=errors, **self.options
+                )
+            if stats is not None and where.world > 1:
+                stats.to(where.device)  # allocate before the vote, not inside the reduction
+        except Exception as error:  # before or inside a forward pass
+            errors.append(error)
+        if stats is None and not errors:
+            errors.append(RuntimeError("the probe shard gave no batch"))
+        return stats, errors[0] if errors else None
+
+    @staticmethod
+    def _reduce(stats: ResidualStats | None, ok: bool, where: Layout, step: int, key: int) -> bool:
+        """Vote, then (if every rank agrees) sum the statistics; whether to go on and solve."""
+        try:
+            reason = vote(ok, where, step=step, probe=key)
+            if reason is None:
+                stats.all_reduce()  # the one large reduction of the snapshot
+        except Exception as error:  # a broken process group: nothing more to do here
+            log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
+            return False
+        if reason is not None and ok:  # a failed rank has said why already
+            log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
+        return reason is None
 
     # -- summary and state --------------------------------------------------------------------
 
