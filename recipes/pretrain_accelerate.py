@@ -69,9 +69,12 @@ def load_texts(source: str) -> list[str]:
 
 
 def tokenizer_for(texts: list[str], vocab_size: int, where: Path, accelerator: Accelerator):
-    """Train the BPE once (main process), save it; the other processes load that copy."""
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
+    """Train the BPE once per machine (its main process), save it; the others load that copy.
+
+    (Training is deterministic, and LawWatch's vote would catch machines whose probes differ.)
+    """
+    with accelerator.local_main_process_first():
+        if accelerator.is_local_main_process:
             corpus.train_tokenizer(texts, vocab_size).save_pretrained(where)
         return PreTrainedTokenizerFast.from_pretrained(where)
 
