@@ -140,6 +140,7 @@ def fsdp(tmp_path_factory):
 def test_fsdp2_sharded_probe_equals_one_process(fsdp, name):
     (r0, r1), _ = fsdp
     assert r0[f"{name}_root_is_fsdp"] and r0[f"{name}_through_root"]
+    assert r0[f"{name}_hooked"] and r1[f"{name}_hooked"]  # the final-norm pre-hook fired
     for step in (0, 2):  # 0: the probe's forward is the first the root ever runs
         for r in (r0, r1):
             assert max_diff(r[f"{name}_step{step}"], r0[f"{name}_ref{step}"]) <= TOL
