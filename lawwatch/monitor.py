@@ -282,7 +282,9 @@ class LawWatch:
         """Restore the history, dropping entries after ``resume_step`` (they will be redone).
 
         Load the same state on every rank (e.g. rank 0's, as ``accelerator.load_state`` does):
-        the schedule then agrees on every rank.
+        the schedule then agrees on every rank. On rank 0, sinks that keep a record on disk
+        (``truncate_after``, e.g. :class:`~lawwatch.sinks.LocalHistory`) drop what the run
+        wrote after the restored point, so the resumed run continues one sequence of steps.
         """
         history = [dict(h) for h in state.get("history", [])]
         last = state.get("last_step", history[-1]["step"] if history else None)
@@ -290,6 +292,10 @@ class LawWatch:
             history = [h for h in history if h["step"] <= resume_step]
             last = resume_step if last is None else min(last, resume_step)
         self.history, self.last_step = history, last
+        if last is not None and layout(self.accelerator).rank == 0:
+            for sink in self.sinks.sinks:
+                if hasattr(sink, "truncate_after"):
+                    sink.truncate_after(last)
 
     def close(self) -> None:
         """Close the sinks (end of training)."""

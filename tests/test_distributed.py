@@ -106,9 +106,13 @@ def test_ddp_ranks_that_disagree_skip_together(ddp):
 
 @pytest.mark.slow
 def test_ddp_history_survives_accelerate_checkpoints(ddp):
-    _, (r0, r1), _ = ddp
+    out, (r0, r1), _ = ddp
     for r in (r0, r1):  # register_for_checkpointing, save_state, then load_state
+        assert r["after_checkpoint"] is not None
         assert r["resumed"] == [[0, 1, 4], 4]
+    # rank 0's history file dropped the step measured after the checkpoint
+    records = [json.loads(line) for line in (out / "history" / "history.jsonl").open()]
+    assert [rec["step"] for rec in records] == [0, 1, 4]
 
 
 @pytest.mark.slow

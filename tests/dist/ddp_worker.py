@@ -125,7 +125,8 @@ def main() -> None:
     # the history goes with accelerate's checkpoints (rank 0 saves it, every rank loads it)
     accelerator.register_for_checkpointing(watch)
     accelerator.save_state(str(out / "checkpoint"))
-    watch.load_state_dict({})  # what a fresh process would hold
+    results["after_checkpoint"] = pr_list(watch.snapshot(6))  # then the run dies
+    watch.history, watch.last_step = [], None  # what a fresh process would hold
     accelerator.wait_for_everyone()
     accelerator.load_state(str(out / "checkpoint"))
     results["resumed"] = [[h["step"] for h in watch.history], watch.last_step]
