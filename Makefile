@@ -18,8 +18,8 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check lawwatch tests bench
-	$(VENV)/bin/ruff format --check lawwatch tests bench
+	$(VENV)/bin/ruff check lawwatch tests bench recipes
+	$(VENV)/bin/ruff format --check lawwatch tests bench recipes
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

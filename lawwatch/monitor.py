@@ -2,9 +2,10 @@
 
 Every rank calls :meth:`LawWatch.maybe_snapshot` at the same steps. Each runs its shard of the
 probe (all shards have the same number of batches: under FSDP and ZeRO-3 each forward is a
-collective), the per-layer statistics are summed with one all-reduce, and rank 0 solves, fits
-and writes to the sinks. A failure on any rank is decided collectively: every rank skips that
-snapshot and training goes on. Nothing here touches gradients, the optimizer or the RNG state.
+collective), one vote decides whether every rank succeeded, the per-layer statistics are summed
+with one all-reduce, every rank solves them and rank 0 writes to the sinks. A failure on any
+rank makes every rank skip that snapshot, and training goes on. Nothing here touches
+gradients, the optimizer or the RNG state.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 from torch import nn
 
 from lawwatch.capture import Normalize
+from lawwatch.distributed import Layout, layout, measured_module, vote
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step, fit_law
 from lawwatch.measure import MeasureTarget, Snapshot, accumulate, model_device
 from lawwatch.probe import ProbeSet
+from lawwatch.residual import ResidualStats
 from lawwatch.sinks import Sink, Sinks
 
 log = logging.getLogger("lawwatch")
@@ -70,20 +73,36 @@ def _as_schedule(
     return chosen.__contains__
 
 
-def _dist_info(accelerator: Any | None) -> tuple[int, int]:
-    """(rank, world size), decided at call time: an Accelerator, else torch.distributed."""
-    if accelerator is not None:
-        return int(accelerator.process_index), int(accelerator.num_processes)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+class _Shard(ProbeSet):
+    """One rank's share of the probe that reports the *whole* probe's target vocabulary.
+
+    :func:`~lawwatch.measure.accumulate` takes the one-hot classes and the shuffled-id
+    permutation from ``probe.target_ids()``; every rank must use the same ones, or the
+    statistics would not add up (for one-hot, the all-reduced shapes would not even agree).
+    """
+
+    def __init__(self, part: ProbeSet, whole: ProbeSet) -> None:
+        super().__init__(part.input_ids, part.attention_mask, part.meta)
+        self.whole = whole
+
+    def target_ids(self, offset: int = 1) -> torch.Tensor:
+        """The distinct target ids of the whole probe, sorted."""
+        return self.whole.target_ids(offset)
 
 
 class LawWatch:
     """Measure the law of equi-learning on a schedule while a model trains.
 
-    Call :meth:`maybe_snapshot` after each optimizer step on every process, with the step
-    count; it measures when the schedule says so.
+    Call :meth:`maybe_snapshot` after each optimizer step on every process, with the same step
+    count on every process; it measures when the schedule says so.
+
+    On several processes (an ``accelerate.Accelerator``, or any initialized
+    ``torch.distributed`` process group) each measures a shard of the probe; every shard has
+    the same number of forward passes. The statistics are summed with one all-reduce (never a
+    gather of hidden states), every process solves the same statistics, and rank 0 alone writes
+    to the sinks. Which module runs the probe is decided from the model's wrapping (see
+    :func:`lawwatch.distributed.measured_module`): the module inside DDP; the root of an FSDP
+    or ZeRO-3 model, on every rank.
 
     Args:
         model: The model being trained, as the training framework wraps it (DDP, FSDP, …).
@@ -92,15 +111,16 @@ class LawWatch:
         schedule: Instead of the default: a predicate ``step -> bool`` or a collection of steps.
         last_step: The final training step, always measured when reached.
         sinks: Where snapshots go (rank 0 only). Default: none (results are still returned).
-        accelerator: An ``accelerate.Accelerator`` for the process layout; without one, an
-            initialized ``torch.distributed`` process group is detected.
+        accelerator: An ``accelerate.Accelerator``: its process layout, and its trackers
+            (``accelerator.log`` on the main process) receive every snapshot once
+            ``init_trackers`` was called. Without one, an initialized ``torch.distributed``
+            process group is detected.
         normalize: As in :func:`lawwatch.measure`.
         target: As in :func:`lawwatch.measure`.
         batch_size: Probe sequences per forward pass.
         emergence_threshold: r at or below which the law counts as emerged.
-        unwrap: Measure through this callable's result instead of ``model`` (e.g.
-            ``accelerator.unwrap_model`` under DDP, whose wrapper would sync buffers). Leave
-            None for FSDP and ZeRO-3, whose forward must run through the wrapper.
+        unwrap: Applied to ``model`` before the automatic unwrapping, for a wrapper lawwatch
+            does not recognize. Rarely needed.
     """
 
     def __init__(
@@ -121,22 +141,35 @@ class LawWatch:
     ) -> None:
         if len(probe) == 0:
             raise ValueError("The probe set is empty.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
         self.model, self.probe = model, probe
         self.schedule = _as_schedule(every, schedule, last_step)
-        self.sinks = sinks if isinstance(sinks, Sinks) else Sinks(sinks)
+        chosen = list(sinks.sinks if isinstance(sinks, Sinks) else sinks or [])
+        if accelerator is not None:
+            from lawwatch.integrations.accelerate import TrackerSink
+
+            chosen.append(TrackerSink(accelerator))
+        self.sinks = Sinks(chosen)
         self.accelerator = accelerator
         self.options = {"normalize": normalize, "target": target, "batch_size": batch_size}
         self.emergence_threshold = emergence_threshold
         self.unwrap = unwrap
-        self.history: list[dict[str, Any]] = []  # (step, rho, pearson_r) of every snapshot, rank 0
+        self.history: list[dict[str, Any]] = []  # (step, rho, pearson_r) of every snapshot
+        self.last_step: int | None = None  # last step attempted, success or not, on every rank
         self._shards: dict[tuple[int, int], ProbeSet] = {}
+        # 48 bits of the probe's content hash: the vote checks every rank holds the same probe
+        self._probe_key = int(probe.content_hash()[:12], 16)
 
     # -- schedule -----------------------------------------------------------------------------
 
     def should_snapshot(self, step: int) -> bool:
-        """Whether ``step`` is due and not already measured."""
-        done = self.history[-1]["step"] if self.history else -1
-        return step > done and self.schedule(step)
+        """Whether ``step`` is due and not already attempted.
+
+        Decided from the step alone, identically on every rank, so all ranks enter a snapshot
+        together (a rank entering alone would wait in its collectives forever).
+        """
+        return (self.last_step is None or step > self.last_step) and self.schedule(step)
 
     def maybe_snapshot(self, step: int) -> Snapshot | None:
         """Snapshot if ``step`` is on the schedule; see :meth:`snapshot` for what is returned."""
@@ -147,39 +180,35 @@ class LawWatch:
     def _shard(self, rank: int, world: int) -> ProbeSet:
         key = (rank, world)
         if key not in self._shards:
-            self._shards[key] = self.probe if world == 1 else self.probe.shard(rank, world)
+            part = self.probe.shard(rank, world)  # equal row counts: equal forward counts
+            self._shards[key] = self.probe if world == 1 else _Shard(part, self.probe)
         return self._shards[key]
 
     def snapshot(self, step: int) -> Snapshot | None:
-        """Measure now, on every process; collectively skip on any failure.
+        """Measure now; on several processes every one of them must call this.
+
+        Each process measures its shard of the probe; then one vote (a 5-element all-reduce)
+        decides whether every process succeeded, at the same step, on the same probe. If not —
+        an exception, non-finite features, no statistics, a rank out of step — every process
+        skips this snapshot. Otherwise the statistics are all-reduced (the snapshot's one large
+        collective) and every process solves them.
 
         Returns:
-            On rank 0, the :class:`Snapshot` (also written to the sinks); on other ranks, and on
-            every rank when the snapshot was skipped, None. Never raises for a measurement
-            failure: it is logged and training goes on.
+            The :class:`Snapshot` on every process (all of them solve the same reduced
+            statistics; only rank 0 writes it to the sinks), or None on every process when the
+            snapshot was skipped. Never raises for a measurement failure: it is logged to the
+            ``"lawwatch"`` logger and training goes on.
         """
-        rank, world = _dist_info(self.accelerator)
+        self.last_step = step
         start = time.perf_counter()
-        model = self.unwrap(self.model) if self.unwrap is not None else self.model
-        devices = [model_device(model)] if model_device(model).type == "cuda" else []
-        errors: list[BaseException] = []
-        stats = None
-        with torch.random.fork_rng(devices=devices):  # the RNG state is left as found
-            try:
-                stats = accumulate(model, self._shard(rank, world), errors=errors, **self.options)
-            except Exception as error:  # the forward itself failed
-                errors.append(error)
-        if errors:
-            log.error("lawwatch: rank %d could not measure step %d: %r", rank, step, errors[0])
-        if world > 1 and not self._all_ok(not errors, model_device(model)):
-            if rank == 0:
-                log.error("lawwatch: snapshot at step %d skipped (a rank failed)", step)
-            return None
-        if errors:
-            return None
-        if world > 1:
-            stats.all_reduce()  # the one large reduction of the snapshot
-        if rank != 0:
+        where = layout(self.accelerator)
+        stats, error = self._measure_shard(where)
+        if error is not None:
+            log.error("lawwatch: rank %d could not measure step %d: %r", where.rank, step, error)
+        if where.world > 1:
+            if not self._reduce(stats, error is None, where, step, self._probe_key):
+                return None
+        elif error is not None:
             return None
         try:
             pr = stats.compute().cpu()
@@ -190,28 +219,55 @@ class LawWatch:
                 seconds=time.perf_counter() - start,
                 step=step,
             )
-        except Exception as error:
+        except Exception as error:  # identical statistics fail identically on every rank
             log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
             return None
         self.history.append(
             {"step": step, "rho": snapshot.fit.rho, "pearson_r": snapshot.fit.pearson_r}
         )
-        self.sinks.write(snapshot)
+        if where.rank == 0:
+            self.sinks.write(snapshot)
         return snapshot
 
+    def _measure_shard(self, where: Layout) -> tuple[ResidualStats | None, BaseException | None]:
+        """This rank's statistics, or the first error (after every forward pass has run)."""
+        errors: list[BaseException] = []
+        stats = None
+        try:
+            model = measured_module(self.model, self.unwrap)
+            device = model_device(model)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                # the RNG state is left as found
+                stats = accumulate(
+                    model, self._shard(where.rank, where.world), errors=errors, **self.options
+                )
+            if stats is not None and where.world > 1:
+                stats.to(where.device)  # allocate before the vote, not inside the reduction
+        except Exception as error:  # before or inside a forward pass
+            errors.append(error)
+        if stats is None and not errors:
+            errors.append(RuntimeError("the probe shard gave no batch"))
+        return stats, errors[0] if errors else None
+
     @staticmethod
-    def _all_ok(ok: bool, device: torch.device) -> bool:
-        """Collective AND of ``ok`` across ranks (gloo needs CPU tensors, NCCL device ones)."""
-        backend = torch.distributed.get_backend()
-        flag = torch.tensor([0.0 if ok else 1.0], device=device if backend == "nccl" else "cpu")
-        torch.distributed.all_reduce(flag)
-        return flag.item() == 0
+    def _reduce(stats: ResidualStats | None, ok: bool, where: Layout, step: int, key: int) -> bool:
+        """Vote, then (if every rank agrees) sum the statistics; whether to go on and solve."""
+        try:
+            reason = vote(ok, where, step=step, probe=key)
+            if reason is None:
+                stats.all_reduce()  # the one large reduction of the snapshot
+        except Exception as error:  # a broken process group: nothing more to do here
+            log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
+            return False
+        if reason is not None and ok:  # a failed rank has said why already
+            log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
+        return reason is None
 
     # -- summary and state --------------------------------------------------------------------
 
     @property
     def emergence_step(self) -> int | None:
-        """First step from which r stays at or below the threshold (rank 0's history)."""
+        """First step from which r stays at or below the threshold."""
         return emergence_step(
             [h["step"] for h in self.history],
             [h["pearson_r"] for h in self.history],
@@ -219,15 +275,27 @@ class LawWatch:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the snapshot history so far."""
-        return {"history": [dict(h) for h in self.history]}
+        """What a resumed run needs: the snapshot history and the last step attempted."""
+        return {"history": [dict(h) for h in self.history], "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any], *, resume_step: int | None = None) -> None:
-        """Restore the history, dropping entries after ``resume_step`` (they will be redone)."""
+        """Restore the history, dropping entries after ``resume_step`` (they will be redone).
+
+        Load the same state on every rank (e.g. rank 0's, as ``accelerator.load_state`` does):
+        the schedule then agrees on every rank. On rank 0, sinks that keep a record on disk
+        (``truncate_after``, e.g. :class:`~lawwatch.sinks.LocalHistory`) drop what the run
+        wrote after the restored point, so the resumed run continues one sequence of steps.
+        """
         history = [dict(h) for h in state.get("history", [])]
+        last = state.get("last_step", history[-1]["step"] if history else None)
         if resume_step is not None:
             history = [h for h in history if h["step"] <= resume_step]
-        self.history = history
+            last = resume_step if last is None else min(last, resume_step)
+        self.history, self.last_step = history, last
+        if last is not None and layout(self.accelerator).rank == 0:
+            for sink in self.sinks.sinks:
+                if hasattr(sink, "truncate_after"):
+                    sink.truncate_after(last)
 
     def close(self) -> None:
         """Close the sinks (end of training)."""

@@ -1,0 +1,139 @@
+"""DDP through ``Accelerator(cpu=True)``: sharded snapshots equal one process; failures agree.
+
+Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.dist.ddp_worker OUT``.
+Each rank writes ``OUT/rank{r}.json``; rank 0 adds single-process references computed with
+``lawwatch.measure`` on the full probe and the same weights. The model is float64 so that the
+comparison sees the reduction, not float32 differences between batch shapes.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs
+
+import lawwatch
+from lawwatch.sinks import LocalHistory
+from tests.conftest import VOCAB, tiny_gpt2
+from tests.dist.common import (
+    TIMEOUT_S,
+    lopsided_probe,
+    poison,
+    pr_list,
+    setup,
+    uneven_probe,
+    write,
+)
+
+
+def train_step(model, optimizer, accelerator, seed: int) -> float:
+    gen = torch.Generator().manual_seed(seed + accelerator.process_index)
+    batch = torch.randint(1, VOCAB, (4, 16), generator=gen)
+    loss = model(input_ids=batch, labels=batch).loss
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    return float(loss)
+
+
+def main() -> None:
+    out = setup()
+    accelerator = Accelerator(
+        cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=TIMEOUT_S))]
+    )
+    rank = accelerator.process_index
+    model = tiny_gpt2(seed=0).double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain = accelerator.unwrap_model(model)
+    probe, lopsided = uneven_probe(), lopsided_probe()
+    sinks = [LocalHistory(out / "history")] if rank == 0 else []
+    watch = lawwatch.LawWatch(
+        model, probe, every=1, accelerator=accelerator, batch_size=2, sinks=sinks
+    )
+    results: dict = {
+        "distributed_type": str(accelerator.distributed_type),
+        "is_ddp": accelerator.distributed_type == DistributedType.MULTI_CPU,
+        "world": accelerator.num_processes,
+        "wrapper": type(model).__name__,
+        "shard_batches": [len(list(watch._shard(r, 2).batches(2))) for r in range(2)],
+    }
+
+    def reference(target: str = "token_id", on=probe) -> list[float] | None:
+        return lawwatch.measure(plain, on, target=target).pr.tolist() if rank == 0 else None
+
+    # step 0: before any training forward; then train and measure again
+    results["step0"] = pr_list(watch.maybe_snapshot(0))
+    results["ref0"] = reference()
+    results["loss"] = train_step(model, optimizer, accelerator, seed=1)
+    results["step1"] = pr_list(watch.maybe_snapshot(1))
+    results["ref1"] = reference()
+    results["repeat1"] = pr_list(watch.maybe_snapshot(1))  # already attempted: None everywhere
+    results["training_mode"] = plain.training and all(m.training for m in plain.modules())
+    results["grads_clear"] = all(p.grad is None for p in plain.parameters())
+
+    # the other targets: every rank must use the whole probe's vocabulary
+    for target in ("onehot", "token_id_shuffled"):
+        other = lawwatch.LawWatch(
+            model, probe, target=target, batch_size=3, accelerator=accelerator
+        )
+        results[target] = pr_list(other.snapshot(1))
+        results[f"ref_{target}"] = reference(target)
+
+    # rank 1's shard holds no example at all
+    empty = lawwatch.LawWatch(model, lopsided, batch_size=3, accelerator=accelerator)
+    results["shard_examples"] = [lopsided.shard(r, 2).num_examples() for r in range(2)]
+    results["lopsided"] = pr_list(empty.snapshot(1))
+    results["ref_lopsided"] = reference(on=lopsided)
+
+    # ranks that disagree: different probes; different steps (a mis-called schedule)
+    mixed = lawwatch.LawWatch(
+        model, probe if rank == 0 else lopsided, batch_size=3, accelerator=accelerator
+    )
+    results["mixed_probes"] = pr_list(mixed.snapshot(1))
+    results["mixed_steps"] = pr_list(empty.snapshot(5 + rank))
+
+    # failures on one rank: an exception in its forward, then non-finite features
+    block = plain.transformer.h[1]
+
+    def explode(module, args):
+        raise RuntimeError("injected failure on rank 1")
+
+    results["loss2"] = train_step(model, optimizer, accelerator, seed=2)
+    for step, hook in ((2, "pre"), (3, "post")):
+        handle = None
+        if rank == 1:
+            handle = (
+                block.register_forward_pre_hook(explode)
+                if hook == "pre"
+                else block.register_forward_hook(poison)
+            )
+        results[f"failed{step}"] = pr_list(watch.maybe_snapshot(step))
+        if handle is not None:
+            handle.remove()
+    # training and later snapshots go on
+    results["loss4"] = train_step(model, optimizer, accelerator, seed=4)
+    results["step4"] = pr_list(watch.maybe_snapshot(4))
+    results["ref4"] = reference()
+    # replicas still identical after snapshots and steps
+    flat = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
+    gathered = accelerator.gather(flat.unsqueeze(0))
+    results["replicas_equal"] = bool(torch.equal(gathered[0], gathered[1]))
+    results["history_steps"] = [h["step"] for h in watch.history]
+    # the history goes with accelerate's checkpoints (rank 0 saves it, every rank loads it)
+    accelerator.register_for_checkpointing(watch)
+    accelerator.save_state(str(out / "checkpoint"))
+    results["after_checkpoint"] = pr_list(watch.snapshot(6))  # then the run dies
+    watch.history, watch.last_step = [], None  # what a fresh process would hold
+    accelerator.wait_for_everyone()
+    accelerator.load_state(str(out / "checkpoint"))
+    results["resumed"] = [[h["step"] for h in watch.history], watch.last_step]
+    write(out, rank, results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

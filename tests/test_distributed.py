@@ -1,0 +1,236 @@
+"""Multi-process snapshots: real ``torchrun`` jobs with 2 processes on gloo (CPU).
+
+Each job runs once per module (fixtures) and several tests read its result files. The workers
+live in ``tests/dist/``. Every comparison is against ``lawwatch.measure`` on the full probe in a
+single process with the same weights; the models are float64, so the bound (1e-9) tests the
+sharding and the reduction, not float32 differences between batch shapes (those alone reach
+~3e-9 on a float32 model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import lawwatch
+from lawwatch.distributed import ThroughRoot, is_sharded, layout, measured_module
+from lawwatch.integrations.accelerate import tracker_values
+from lawwatch.measure import accumulate
+from lawwatch.monitor import LawWatch
+from lawwatch.probe import example_mask
+from tests.conftest import ragged_probe, tiny_gpt2, tiny_llama
+from tests.dist.launch import run, torchrun
+
+TOL = 1e-9
+
+
+def launch(module: str, out: Path) -> str:
+    """``torchrun --nproc_per_node 2 -m module OUT``: its output (both ranks' logs)."""
+    return run([*torchrun(2), "-m", module, str(out)])
+
+
+def results(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def max_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+# -- DDP through Accelerator(cpu=True) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    log = launch("tests.dist.ddp_worker", out)
+    return out, results(out), log
+
+
+@pytest.mark.slow
+def test_ddp_sharded_probe_equals_one_process(ddp):
+    _, (r0, r1), _ = ddp
+    assert r0["is_ddp"] and r0["world"] == 2 and r0["wrapper"] == "DistributedDataParallel"
+    # 13 rows over 2 ranks at batch size 2: 7 and 6+1 padded rows, the same number of forwards
+    assert r0["shard_batches"] == [4, 4]
+    for step in (0, 1, 4):
+        ref = r0[f"ref{step}"]
+        assert all(math.isfinite(p) and 0 < p <= 1 for p in ref)
+        for r in (r0, r1):  # every rank gets the snapshot
+            assert max_diff(r[f"step{step}"], ref) <= TOL
+
+
+@pytest.mark.slow
+def test_ddp_other_targets_use_the_whole_probe_vocabulary(ddp):
+    _, (r0, r1), _ = ddp
+    for target in ("onehot", "token_id_shuffled"):
+        for r in (r0, r1):
+            assert max_diff(r[target], r0[f"ref_{target}"]) <= TOL
+
+
+@pytest.mark.slow
+def test_ddp_rank_without_examples(ddp):
+    _, (r0, r1), _ = ddp
+    assert r0["shard_examples"][1] == 0 and r0["shard_examples"][0] > 0
+    for r in (r0, r1):
+        assert max_diff(r["lopsided"], r0["ref_lopsided"]) <= TOL
+
+
+@pytest.mark.slow
+def test_ddp_failed_rank_makes_every_rank_skip(ddp):
+    _, (r0, r1), log = ddp
+    for r in (r0, r1):
+        assert r["failed2"] is None and r["failed3"] is None  # raised / NaN on rank 1 only
+        assert r["history_steps"] == [0, 1, 4]
+        assert math.isfinite(r["loss4"])  # training went on
+    assert "rank 1 could not measure step 2: RuntimeError('injected failure" in log
+    assert "rank 1 could not measure step 3: ValueError('features contain NaN" in log
+    assert "snapshot at step 2 skipped: another rank failed" in log
+    assert "snapshot at step 3 skipped: another rank failed" in log
+
+
+@pytest.mark.slow
+def test_ddp_ranks_that_disagree_skip_together(ddp):
+    _, (r0, r1), log = ddp
+    for r in (r0, r1):
+        assert r["mixed_probes"] is None and r["mixed_steps"] is None
+    assert log.count("snapshot at step 1 skipped: the ranks disagree on probe") == 2
+    assert "skipped: the ranks disagree on step" in log
+
+
+@pytest.mark.slow
+def test_ddp_history_survives_accelerate_checkpoints(ddp):
+    out, (r0, r1), _ = ddp
+    for r in (r0, r1):  # register_for_checkpointing, save_state, then load_state
+        assert r["after_checkpoint"] is not None
+        assert r["resumed"] == [[0, 1, 4], 4]
+    # rank 0's history file dropped the step measured after the checkpoint
+    records = [json.loads(line) for line in (out / "history" / "history.jsonl").open()]
+    assert [rec["step"] for rec in records] == [0, 1, 4]
+
+
+@pytest.mark.slow
+def test_ddp_snapshot_leaves_training_alone(ddp):
+    out, (r0, r1), _ = ddp
+    for r in (r0, r1):
+        assert r["training_mode"] and r["grads_clear"]
+        assert r["repeat1"] is None  # a step is attempted once, on every rank alike
+        assert r["replicas_equal"]  # DDP replicas still agree after snapshots
+    # only rank 0 wrote the history
+    records = [json.loads(line) for line in (out / "history" / "history.jsonl").open()]
+    assert [rec["step"] for rec in records] == [0, 1, 4]
+    assert max_diff(records[-1]["pr"], r0["ref4"]) <= TOL
+    assert records[0]["n_tokens"] == ragged_probe(seed=3, rows=13, max_len=24).num_examples()
+
+
+# -- FSDP2 fully_shard, plain process group ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    log = launch("tests.dist.fsdp_worker", out)
+    return results(out), log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fsdp2_sharded_probe_equals_one_process(fsdp, name):
+    (r0, r1), _ = fsdp
+    assert r0[f"{name}_root_is_fsdp"] and r0[f"{name}_through_root"]
+    assert r0[f"{name}_hooked"] and r1[f"{name}_hooked"]  # the final-norm pre-hook fired
+    for step in (0, 2):  # 0: the probe's forward is the first the root ever runs
+        for r in (r0, r1):
+            assert max_diff(r[f"{name}_step{step}"], r0[f"{name}_ref{step}"]) <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fsdp2_failed_rank_makes_every_rank_skip(fsdp, name):
+    (r0, r1), log = fsdp
+    for r in (r0, r1):
+        assert r[f"{name}_failed1"] is None
+        assert all(math.isfinite(r[f"{name}_loss{k}"]) for k in (1, 2, 3))
+    assert log.count("snapshot at step 1 skipped: another rank failed") == 2  # both models
+
+
+@pytest.mark.slow
+def test_half_sharded_model_is_refused_with_the_fix(fsdp):
+    (r0, _), _ = fsdp
+    assert "is not itself the FSDP root" in r0["llama_half_sharded"]
+    assert "accelerator.prepare" in r0["llama_half_sharded"]
+
+
+# -- single process: the pieces the jobs above rely on ------------------------------------------
+
+
+def test_single_process_layout():
+    where = layout()
+    assert (where.rank, where.world, where.device) == (0, 1, torch.device("cpu"))
+
+
+def test_plain_model_is_measured_as_is(gpt2):
+    assert measured_module(gpt2) is gpt2 and not is_sharded(gpt2)
+    assert measured_module(gpt2, unwrap=lambda m: m.transformer) is gpt2.transformer
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
+def test_through_root_equals_the_body_and_keeps_one_logit(build, probe):
+    model = build().double()
+    root = ThroughRoot(model)
+    assert root.norm is (model.transformer.ln_f if build is tiny_gpt2 else model.model.norm)
+    widths = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    stats = accumulate(root, probe, batch_size=4)
+    handle.remove()
+    assert widths and set(widths) == {1}  # logits_to_keep=1: no (batch, length, vocab) logits
+    expected = lawwatch.measure(model, probe).pr
+    assert torch.allclose(stats.compute().cpu(), expected, rtol=0, atol=1e-12)
+
+
+def test_shards_cover_every_example_once_with_equal_batches():
+    """ProbeSet.shard: equal forward counts for every world size and batch size, including
+    more ranks than sequences, and every example in exactly one shard."""
+    probe = ragged_probe(seed=7, rows=11)
+    for world in (1, 2, 3, 4, 7, 11, 12, 16):
+        shards = [probe.shard(rank, world) for rank in range(world)]
+        assert sum(s.num_examples() for s in shards) == probe.num_examples()
+        rows = torch.cat([s.input_ids[example_mask(s.attention_mask).any(dim=1)] for s in shards])
+        assert rows.shape[0] == int(example_mask(probe.attention_mask).any(dim=1).sum())
+        for batch_size in (1, 2, 3, 5, 8, 64):
+            counts = {len(list(s.batches(batch_size))) for s in shards}
+            assert len(counts) == 1, (world, batch_size, counts)
+
+
+def test_a_step_is_attempted_once_even_when_it_fails(gpt2, caplog):
+    tiny = lawwatch.ProbeSet.from_tokens([[1, 2, 3, 4]])  # too few examples: every snapshot fails
+    watch = LawWatch(gpt2, tiny, every=1)
+    with caplog.at_level(logging.ERROR, logger="lawwatch"):
+        assert watch.maybe_snapshot(3) is None
+    assert not watch.should_snapshot(3) and watch.should_snapshot(4)
+    assert watch.state_dict() == {"history": [], "last_step": 3}
+    resumed = LawWatch(gpt2, tiny, every=1)
+    resumed.load_state_dict(watch.state_dict(), resume_step=2)
+    assert resumed.should_snapshot(3)
+
+
+def test_tracker_values(gpt2, probe):
+    """What TrackerSink hands accelerator.log (the sink itself runs against a real Accelerator
+    and W&B offline in tests/test_recipes.py)."""
+    snapshot = lawwatch.measure(gpt2, probe)
+    values = tracker_values(snapshot)
+    assert values["lawwatch/pearson_r"] == snapshot.fit.pearson_r
+    assert values["lawwatch/rho"] == snapshot.fit.rho
+    assert values["lawwatch/n_tokens"] == probe.num_examples()
+    pr_keys = sorted(k for k in values if k.startswith("lawwatch/pr/"))
+    assert pr_keys == [f"lawwatch/pr/{i:02d}" for i in range(snapshot.pr.numel())]
+    assert [values[k] for k in pr_keys] == snapshot.pr.tolist()
+    snapshot.extra.update(note="text", lr=0.5)
+    values = tracker_values(snapshot)
+    assert values["lawwatch/lr"] == 0.5 and "lawwatch/note" not in values
