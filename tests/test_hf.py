@@ -125,10 +125,25 @@ def test_monitor_failures_never_stop_training(tmp_path, caplog):
         def close(self):
             raise RuntimeError("still gone")
 
+    class Collect:
+        def __init__(self):
+            self.steps = []
+
+        def write(self, snapshot):
+            self.steps.append(snapshot.step)
+
+        def close(self):
+            pass
+
     tiny = ProbeSet.from_tokens([[1, 2, 3, 4, 5]])  # 4 examples for 16 features: refused
     failing = LawWatchCallback(tiny, every=2)
     working = LawWatchCallback(ragged_probe(), every=2, sinks=[Broken()], directory=tmp_path / "w")
-    trainer = make_trainer(tmp_path / "out", [failing, working], max_steps=4)
+    (tmp_path / "a-file").write_text("not a directory")
+    collect = Collect()
+    homeless = LawWatchCallback(
+        ragged_probe(), every=2, sinks=[collect], directory=tmp_path / "a-file"
+    )
+    trainer = make_trainer(tmp_path / "out", [failing, working, homeless], max_steps=4)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         result = trainer.train()
     assert result.global_step == 4
@@ -136,6 +151,9 @@ def test_monitor_failures_never_stop_training(tmp_path, caplog):
     assert "display gone" in caplog.text and "still gone" in caplog.text
     assert read_history(tmp_path / "out" / "lawwatch" / "history.jsonl") == []
     assert [r["step"] for r in read_history(tmp_path / "w" / "history.jsonl")] == [0, 1, 2, 4]
+    # no local history (its directory is a file), yet every snapshot is taken and delivered
+    assert "no local history" in caplog.text
+    assert collect.steps == [0, 1, 2, 4] and homeless.report_path is None
 
 
 def test_bad_settings_fail_when_the_callback_is_built():

@@ -135,28 +135,13 @@ class LawWatchCallback(TrainerCallback):
 
     @_never_raises
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Set up the sinks (main process), restore a resumed history, measure step 0."""
-        self.monitor, self.wandb, self.report_path = None, None, None
+        """Open the sinks (main process), restore a resumed history, measure step 0."""
+        self.monitor, self.local, self.wandb, self.report_path = None, None, None, None
         start = state.global_step  # > 0 when resuming from a checkpoint
-        sinks: list[Sink] = []
-        records: list[dict[str, Any]] = []
-        if state.is_world_process_zero:
-            self.directory = self._directory or Path(args.output_dir) / "lawwatch"
-            self.local = LocalHistory(self.directory)
-            if start == 0 and self.local.records:
-                log.warning(
-                    "lawwatch: training starts from step 0; replacing the %d records in %s",
-                    len(self.local.records),
-                    self.local.path,
-                )
-            self.local.truncate_after(start if start > 0 else -1)
-            records = self.local.records
-            sinks.append(self.local)
-            if "wandb" in (args.report_to or []):
-                self.wandb = self._wandb_sink(records)
-                if self.wandb is not None:
-                    sinks.append(self.wandb)
-            sinks.extend(self.extra_sinks)
+        # a sink that fails to open costs that sink only: every process must still take part
+        # in every snapshot, or the others would wait for it forever
+        sinks = self._open_sinks(args, start) if state.is_world_process_zero else []
+        records = self.local.records if self.local is not None else []
         self.monitor = LawWatch(
             kwargs["model"],
             self.probe,
@@ -183,12 +168,14 @@ class LawWatchCallback(TrainerCallback):
         """Measure the final step if not yet done; write the PNG; close the sinks."""
         if self.monitor is None:
             return
-        self._measure(state.global_step)
-        if state.is_world_process_zero and self.local is not None and self.local.records:
-            self.report_path = self._plot(self.local.records)
-            if self.report_path is not None and self.wandb is not None:
-                self.wandb.log_image(self.report_path)
-        self.monitor.close()
+        try:
+            self._measure(state.global_step)
+            if state.is_world_process_zero and self.local is not None and self.local.records:
+                self.report_path = self._plot(self.local.records)
+                if self.report_path is not None and self.wandb is not None:
+                    self.wandb.log_image(self.report_path)
+        finally:
+            self.monitor.close()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -196,6 +183,32 @@ class LawWatchCallback(TrainerCallback):
         if step > self._done:
             self._done = step
             self.monitor.snapshot(step)
+
+    def _open_sinks(self, args: Any, start: int) -> list[Sink]:
+        """The main process's sinks; one that fails to open is reported and left out."""
+        sinks: list[Sink] = []
+        try:
+            self.directory = self._directory or Path(args.output_dir) / "lawwatch"
+            self.local = LocalHistory(self.directory)
+            if start == 0 and self.local.records:
+                log.warning(
+                    "lawwatch: training starts from step 0; replacing the %d records in %s",
+                    len(self.local.records),
+                    self.local.path,
+                )
+            self.local.truncate_after(start if start > 0 else -1)  # what follows is redone
+            sinks.append(self.local)
+        except Exception:
+            log.exception("lawwatch: no local history (%s)", self.directory)
+            self.local = None
+        if "wandb" in (args.report_to or []):
+            try:
+                self.wandb = self._wandb_sink(self.local.records if self.local else [])
+                if self.wandb is not None:
+                    sinks.append(self.wandb)
+            except Exception:
+                log.exception("lawwatch: not logging to W&B")
+        return sinks + self.extra_sinks
 
     def _wandb_sink(self, records: list[dict[str, Any]]) -> WandbSink | None:
         import wandb
