@@ -350,7 +350,7 @@ class LiveView(TrainerCallback):
             TimeRemainingColumn,
         )
 
-        self.threshold = threshold
+        self.threshold, self.max_rows = threshold, 20
         self.progress = Progress(
             TextColumn("training"),
             BarColumn(),
@@ -372,7 +372,7 @@ class LiveView(TrainerCallback):
         table = Table(title="The law of equi-learning, measured while training")
         for column in ("step", "loss", "ρ", "r", f"r ≤ {self.threshold}"):
             table.add_column(column, justify="right")
-        for step, rho, r in self.rows:
+        for step, rho, r in self.rows[-self.max_rows :]:  # the latest that fit a screen
             logged = [s for s in self.losses if s <= step]
             loss = f"{self.losses[max(logged)]:.3f}" if logged else "—"
             holds = "[green]yes[/]" if r <= self.threshold else "no"

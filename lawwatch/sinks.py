@@ -184,6 +184,8 @@ class WandbSink:
     ) -> None:
         import wandb
 
+        if max_lines < 2:
+            raise ValueError(f"max_lines must be at least 2 (first and latest), got {max_lines}.")
         self.run, self.step_key = run, step_key
         self.emergence_threshold, self.max_lines = emergence_threshold, max_lines
         self.records: list[dict[str, Any]] = []

@@ -79,6 +79,13 @@ def test_rows_summary_table_and_chart(offline_wandb):
         assert y == pytest.approx(math.log10(by_step[int(key[5:])].pr[x]), rel=1e-12)
 
 
+def test_bad_chart_size(offline_wandb):
+    live = run(offline_wandb)
+    with pytest.raises(ValueError, match="max_lines must be at least 2"):
+        WandbSink(live, max_lines=1)
+    live.finish()
+
+
 def test_a_run_gets_each_step_once(offline_wandb):
     live = run(offline_wandb)
     history = [snapshot(s, 0.9).as_dict() for s in (0, 1, 2)]
