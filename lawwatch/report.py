@@ -99,6 +99,7 @@ def plot_law(
     rho = trend.twinx()
     rho.plot(steps, [r["rho"] for r in records], color="C1", marker="s", markersize=3, label="ρ")
     rho.set_ylabel("decay ratio ρ")
+    rho.ticklabel_format(axis="y", useOffset=False)  # ρ itself, not "+1" and tiny deltas
     handles = trend.get_legend_handles_labels()[0] + rho.get_legend_handles_labels()[0]
     trend.legend(handles=handles, loc="best", fontsize="small")
     fig.suptitle(title)
