@@ -109,6 +109,10 @@ def test_pack_concatenates_documents_with_eos_and_cuts_blocks():
 
 
 def test_wandb_mode_follows_local_credentials(tmp_path, monkeypatch, caplog):
+    import wandb
+
+    wandb.teardown()  # W&B settings are read once per process: start from this environment
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
     netrc = tmp_path / "netrc"
@@ -123,3 +127,4 @@ def test_wandb_mode_follows_local_credentials(tmp_path, monkeypatch, caplog):
         assert wandb_mode("auto") == "offline"
     assert "credentials unusable" in caplog.text
     assert wandb_mode("disabled") == "disabled" and wandb_mode("online") == "online"
+    wandb.teardown()

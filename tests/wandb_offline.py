@@ -10,8 +10,14 @@ import pytest
 
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
-    """W&B in offline mode, every file of it under tmp_path; never the network."""
+    """W&B in offline mode, every file of it under tmp_path; never the network.
+
+    W&B reads its settings into a process-wide singleton on first use: it is torn down before
+    and after, so each test's environment is the one W&B sees.
+    """
     import wandb
+
+    wandb.teardown()
 
     root = tmp_path / "wandb-home"
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -30,6 +36,7 @@ def offline_wandb(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(root / sub))
     yield root / "runs"
     wandb.finish()
+    wandb.teardown()
 
 
 def finish_run() -> Path:
