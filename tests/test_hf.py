@@ -1,7 +1,12 @@
 """LawWatchCallback in a real Trainer: local history, W&B offline runs read back, resume."""
 
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +261,36 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
     assert lawwatch_steps(history_rows(resumed)) == [0, 1, 2, 4, 6, 8]
     assert len(table_rows(second_run, "lawwatch/pr_table")) == 6 * 5
     assert final_summary(resumed)["lawwatch/step"] == 8
+
+
+# -- several processes --------------------------------------------------------------------------
+
+
+def test_every_process_measures_only_the_main_one_writes(tmp_path):
+    script = Path(__file__).with_name("ddp_trainer.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent.parent)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x[7:]) for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    by_rank = {line["rank"]: line for line in lines}
+    assert sorted(by_rank) == [0, 1]
+    assert by_rank[0]["done"] == by_rank[1]["done"] == 5  # both took part in every snapshot
+    assert by_rank[1]["history"] == []  # only the main process keeps and writes results
+    assert by_rank[0]["steps"] == [0, 1, 2, 4, 5]
+    # the two shards' statistics, summed, are the whole probe's
+    assert by_rank[0]["n_tokens"] == by_rank[0]["probe_examples"]
+    assert by_rank[0]["final_pr"] == pytest.approx(by_rank[0]["single_process_pr"], rel=1e-9)
