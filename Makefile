@@ -17,6 +17,10 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest
 
+# trains a small GPT-2 on CPU and shows the law emerge; `lawwatch demo --help` lists the knobs
+demo: install
+	$(VENV)/bin/lawwatch demo
+
 lint: install
 	$(VENV)/bin/ruff check lawwatch tests bench recipes
 	$(VENV)/bin/ruff format --check lawwatch tests bench recipes

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LawFit",
     "LawWatch",
+    "LawWatchCallback",
     "ProbeSet",
     "ResidualStats",
     "Schedule",
@@ -25,3 +26,12 @@ __all__ = [
     "measure",
     "prediction_residuals",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # the Trainer callback pulls in transformers' training stack (~1 s): load it on first use
+    if name == "LawWatchCallback":
+        from lawwatch.integrations.hf import LawWatchCallback
+
+        return LawWatchCallback
+    raise AttributeError(f"module 'lawwatch' has no attribute {name!r}")

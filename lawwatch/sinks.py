@@ -1,19 +1,22 @@
-"""Where snapshots go: a small protocol, a fan-out, and the always-on local history.
+"""Where snapshots go: a small protocol, a fan-out, the always-on local history, and W&B.
 
 A sink receives every snapshot on the logging process (rank 0) and never decides anything about
 training. ``LocalHistory`` keeps ``history.jsonl`` (one JSON object per snapshot) and the PR
 matrix (steps × entries) as safetensors; it is the record a resumed run continues.
+``WandbSink`` logs into a live W&B run (``wandb`` is imported only when one is made).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
 from lawwatch.measure import Snapshot
 
 log = logging.getLogger("lawwatch")
@@ -133,3 +136,129 @@ class LocalHistory:
 
     def close(self) -> None:
         """Nothing to flush: every write is complete on disk."""
+
+
+STEP_KEY = "train/global_step"
+
+
+def layer_key(entry: int, entries: int) -> str:
+    """``lawwatch/pr/layer_XX``: zero-padded so the keys sort by depth (entry 0 = embeddings)."""
+    width = max(2, len(str(entries - 1)))
+    return f"lawwatch/pr/layer_{entry:0{width}d}"
+
+
+class WandbSink:
+    """Snapshots into a live W&B run: scalars, a growing table, a chart of the law, the summary.
+
+    Each snapshot is one ``run.log`` row holding ``lawwatch/rho``, ``lawwatch/pearson_r``,
+    ``lawwatch/r2``, ``lawwatch/slope``, ``lawwatch/intercept``, ``lawwatch/n_tokens``,
+    ``lawwatch/seconds``, one ``lawwatch/pr/layer_XX`` per hidden-state entry, the rows of the
+    ``lawwatch/pr_table`` table (step, layer, pr, log10_pr; logged incrementally, so it grows),
+    the ``lawwatch/law`` line chart (log10 PR against layer, one line per snapshot) and
+    ``step_key``, so the law's charts share the loss's x-axis. The run summary keeps the latest
+    ``rho``, ``pearson_r`` and ``step`` and the ``lawwatch/emergence_step``.
+
+    A run holds each step at most once, in increasing order: a step at or before the last one
+    the run already holds (``lawwatch/step`` in its summary, which W&B restores when a run is
+    resumed) is kept for the chart but not logged again.
+
+    Args:
+        run: The run to log into (for the HF Trainer: ``wandb.run``, which its callback made).
+        history: Records measured before this sink existed (``history.jsonl`` rows, steps
+            increasing): a resumed training run replays them, so a fresh W&B run holds the
+            whole history.
+        emergence_threshold: r at or below which the law counts as emerged.
+        step_key: The x-axis metric every row carries.
+        max_lines: Most snapshots drawn in the chart, evenly spread over the history (the first
+            and the latest always drawn); every snapshot stays in the table.
+    """
+
+    def __init__(
+        self,
+        run: Any,
+        *,
+        history: list[dict[str, Any]] | None = None,
+        emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+        step_key: str = STEP_KEY,
+        max_lines: int = 16,
+    ) -> None:
+        import wandb
+
+        if max_lines < 2:
+            raise ValueError(f"max_lines must be at least 2 (first and latest), got {max_lines}.")
+        self.run, self.step_key = run, step_key
+        self.emergence_threshold, self.max_lines = emergence_threshold, max_lines
+        self.records: list[dict[str, Any]] = []
+        self.table = wandb.Table(
+            columns=["step", "layer", "pr", "log10_pr"], log_mode="INCREMENTAL"
+        )
+        run.define_metric("lawwatch/*", step_metric=step_key)
+        self.logged_step: int | None = run.summary.get("lawwatch/step")
+        for record in history or []:
+            self._add(record)
+
+    def write(self, snapshot: Snapshot) -> None:
+        """Log one snapshot (rank 0 calls this through :class:`Sinks`)."""
+        self._add(snapshot.as_dict())
+
+    def _add(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if step is None:
+            raise ValueError("A snapshot logged to W&B needs a training step.")
+        if self.records and step <= self.records[-1]["step"]:
+            raise ValueError(f"Step {step} is not after the last step {self.records[-1]['step']}.")
+        self.records.append(record)
+        if self.logged_step is not None and step <= self.logged_step:
+            return  # the run already holds this step (a resumed run)
+        pr = record["pr"]
+        row: dict[str, Any] = {
+            f"lawwatch/{key}": record[key]
+            for key in ("rho", "pearson_r", "r2", "slope", "intercept", "n_tokens", "seconds")
+        }
+        row.update({layer_key(entry, len(pr)): value for entry, value in enumerate(pr)})
+        for entry, value in enumerate(pr):
+            self.table.add_data(step, entry, value, math.log10(value) if value > 0 else None)
+        row["lawwatch/pr_table"] = self.table
+        row["lawwatch/law"] = self._chart()
+        row[self.step_key] = step
+        self.run.log(row)
+        self.logged_step = step
+        steps = [r["step"] for r in self.records]
+        self.run.summary.update(
+            {
+                "lawwatch/step": step,
+                "lawwatch/rho": record["rho"],
+                "lawwatch/pearson_r": record["pearson_r"],
+                "lawwatch/emergence_step": emergence_step(
+                    steps,
+                    [r["pearson_r"] for r in self.records],
+                    threshold=self.emergence_threshold,
+                ),
+            }
+        )
+
+    def _chart(self) -> Any:
+        """``wandb.plot.line_series`` of log10 PR against layer (entries 1 … L: the law's fit)."""
+        import wandb
+
+        picked = self.records
+        if len(picked) > self.max_lines:
+            last = len(picked) - 1
+            picked = [picked[round(i * last / (self.max_lines - 1))] for i in range(self.max_lines)]
+        return wandb.plot.line_series(
+            xs=[list(range(1, len(r["pr"]))) for r in picked],
+            ys=[[math.log10(v) for v in r["pr"][1:]] for r in picked],
+            keys=[f"step {r['step']}" for r in picked],
+            title="log10 PR vs layer over training",
+            xname="layer",
+        )
+
+    def log_image(self, path: str | Path, key: str = "lawwatch/report") -> None:
+        """Log a PNG (the report of the law over training) at the latest measured step."""
+        import wandb
+
+        step = self.records[-1]["step"] if self.records else 0
+        self.run.log({key: wandb.Image(str(path)), self.step_key: step})
+
+    def close(self) -> None:
+        """Nothing to do: the run belongs to whoever created it (the Trainer's W&B callback)."""

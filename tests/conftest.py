@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.utils import logging as hf_logging
 
 from lawwatch import ProbeSet
+from tests.wandb_offline import offline_wandb  # noqa: F401  (a fixture: offline W&B runs)
 
 hf_logging.set_verbosity_error()
 torch.set_num_threads(2)

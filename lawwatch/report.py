@@ -1,0 +1,110 @@
+"""Pictures of the law over training, from the records of ``history.jsonl``.
+
+Left: log10 PR against layer, one line per snapshot, coloured by training step (on a log scale:
+the schedule is log-spaced early, when the law forms). Right: Pearson r and the decay ratio rho
+against step, with the emergence threshold and step. matplotlib is imported only here, through
+its object-oriented API (no pyplot), so the caller's backend is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
+
+
+def plot_law(
+    records: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+    title: str = "The law of equi-learning over training",
+) -> Path:
+    """Write a PNG of the law over training.
+
+    Args:
+        records: Snapshot records (``step``, ``pr``, ``pearson_r``, ``rho``, ``slope``,
+            ``intercept``), steps increasing, as :func:`lawwatch.sinks.read_history` returns.
+        path: Where to write the PNG (parent directories are created).
+        emergence_threshold: r at or below which the law counts as emerged.
+        title: Figure title.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: No record with a step.
+        ImportError: matplotlib is not installed (``pip install matplotlib``).
+    """
+    from matplotlib import colormaps, colors
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure
+
+    records = [r for r in records if r.get("step") is not None and r.get("pr")]
+    if not records:
+        raise ValueError("No snapshot with a training step to plot; measure during training first.")
+    steps = [r["step"] for r in records]
+    # log1p keeps step 0 on the colour scale and spreads the log-spaced early snapshots
+    norm = colors.FuncNorm((np.log1p, np.expm1), vmin=0, vmax=max(max(steps), 1))
+    cmap = colormaps["viridis"]
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    law, trend = fig.subplots(1, 2)
+
+    for record in records:
+        layers = range(1, len(record["pr"]))  # entry 0 (embeddings) is not part of the law
+        law.plot(
+            layers,
+            [math.log10(v) for v in record["pr"][1:]],
+            color=cmap(norm(record["step"])),
+            marker="o",
+            markersize=3,
+            linewidth=1.2,
+        )
+    last = records[-1]
+    layers = range(1, len(last["pr"]))
+    law.plot(
+        layers,
+        [last["intercept"] + last["slope"] * (layer - 1) for layer in layers],
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"fit at step {last['step']}: ρ = {last['rho']:.3f}, r = {last['pearson_r']:+.3f}",
+    )
+    law.set(xlabel="layer", ylabel="log10 PR", title="log10 PR vs layer, one line per snapshot")
+    law.legend(loc="best", fontsize="small")
+    top = max(steps)
+    ticks = sorted({0, top, *(10**k for k in range(len(str(top))) if 10**k < top)})
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=law, label="training step", ticks=ticks)
+    law.xaxis.get_major_locator().set_params(integer=True)
+
+    trend.plot(steps, [r["pearson_r"] for r in records], color="C0", marker="o", label="r")
+    trend.axhline(
+        emergence_threshold, color="C0", linestyle=":", label=f"threshold {emergence_threshold}"
+    )
+    emerged = emergence_step(
+        steps, [r["pearson_r"] for r in records], threshold=emergence_threshold
+    )
+    if emerged is not None:
+        trend.axvline(emerged, color="C3", linestyle="--", label=f"emerged at step {emerged}")
+    trend.set(xlabel="training step", ylabel="Pearson r", ylim=(-1.05, 1.05), title="r and ρ")
+    trend.set_xscale("symlog", linthresh=1)  # step 0 stays visible, early snapshots spread out
+    rho = trend.twinx()
+    rho.plot(steps, [r["rho"] for r in records], color="C1", marker="s", markersize=3, label="ρ")
+    rho.set_ylabel("decay ratio ρ")
+    rho.ticklabel_format(axis="y", useOffset=False)  # ρ itself, not "+1" and tiny deltas
+    handles = trend.get_legend_handles_labels()[0] + rho.get_legend_handles_labels()[0]
+    trend.legend(handles=handles, loc="best", fontsize="small")
+    fig.suptitle(title)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

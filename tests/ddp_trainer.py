@@ -1,0 +1,48 @@
+"""Run under `torchrun --nproc_per_node 2`: a DDP Trainer (gloo, CPU) with LawWatchCallback.
+
+Each process prints one JSON line: its rank, the steps it measured, and on rank 0 the final
+PR of the history next to a single-process measurement of the trained model on the full probe.
+"""
+
+import json
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from lawwatch import measure  # noqa: E402
+from lawwatch.integrations.hf import LawWatchCallback  # noqa: E402
+from lawwatch.sinks import read_history  # noqa: E402
+from tests.conftest import ragged_probe, tiny_gpt2  # noqa: E402
+from tests.test_hf import Tokens  # noqa: E402
+
+out = sys.argv[1]
+probe = ragged_probe(rows=13)  # odd: the shards differ in size, one is padded
+callback = LawWatchCallback(probe, every=2)
+args = TrainingArguments(
+    output_dir=out,
+    max_steps=5,
+    per_device_train_batch_size=4,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+    ddp_backend="gloo",
+)
+trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), callbacks=[callback])
+trainer.train()
+line = {"rank": torch.distributed.get_rank(), "done": callback._done}
+if line["rank"] == 0:
+    records = read_history(callback.directory / "history.jsonl")
+    line["steps"] = [r["step"] for r in records]
+    line["n_tokens"] = records[-1]["n_tokens"]
+    line["final_pr"] = records[-1]["pr"]
+    line["single_process_pr"] = measure(trainer.model, probe).pr.tolist()
+    line["probe_examples"] = probe.num_examples()
+else:
+    line["history"] = callback.monitor.history
+print("RESULT " + json.dumps(line), flush=True)
