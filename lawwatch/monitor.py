@@ -67,10 +67,10 @@ def _as_schedule(
 ) -> Callable[[int], bool]:
     if schedule is None:
         return Schedule(every, last)
-    if callable(schedule):
-        return schedule
-    chosen = frozenset(int(s) for s in schedule)
-    return chosen.__contains__
+    chosen = schedule if callable(schedule) else frozenset(int(s) for s in schedule).__contains__
+    if last is None:
+        return chosen
+    return lambda step: step == last or chosen(step)  # the final step is always measured
 
 
 class _Shard(ProbeSet):

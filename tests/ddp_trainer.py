@@ -35,7 +35,7 @@ args = TrainingArguments(
 )
 trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), callbacks=[callback])
 trainer.train()
-line = {"rank": torch.distributed.get_rank(), "done": callback._done}
+line = {"rank": torch.distributed.get_rank(), "done": callback.monitor.last_step}
 if line["rank"] == 0:
     records = read_history(callback.directory / "history.jsonl")
     line["steps"] = [r["step"] for r in records]
@@ -43,6 +43,5 @@ if line["rank"] == 0:
     line["final_pr"] = records[-1]["pr"]
     line["single_process_pr"] = measure(trainer.model, probe).pr.tolist()
     line["probe_examples"] = probe.num_examples()
-else:
-    line["history"] = callback.monitor.history
+line["history"] = callback.monitor.history
 print("RESULT " + json.dumps(line), flush=True)

@@ -121,10 +121,6 @@ class LawWatchCallback(TrainerCallback):
         self.local: LocalHistory | None = None
         self.wandb: WandbSink | None = None
         self.report_path: Path | None = None
-        # the last step measured (or tried), kept alike on every process: the monitor's own
-        # history lives on the main process only, and a step skipped by one process and not by
-        # another would leave the collectives out of step
-        self._done = -1
 
     @property
     def emergence_step(self) -> int | None:
@@ -152,16 +148,19 @@ class LawWatchCallback(TrainerCallback):
             emergence_threshold=self.emergence_threshold,
             **self.options,
         )
-        self.monitor.load_state_dict({"history": [_summary(r) for r in records]}, resume_step=start)
-        self._done = start if start > 0 else -1
-        if start == 0:
+        # the same last step on every process (only the main one has the records), so every
+        # process agrees on the schedule and enters each snapshot's collectives together
+        if start > 0:
+            state = {"history": [_summary(r) for r in records], "last_step": start}
+            self.monitor.load_state_dict(state, resume_step=start)
+        else:
             self._measure(0)
 
     @_never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Measure when the schedule says so (on every process)."""
-        if self.monitor is not None and self.monitor.schedule(state.global_step):
-            self._measure(state.global_step)
+        if self.monitor is not None:
+            self.monitor.maybe_snapshot(state.global_step)
 
     @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -180,8 +179,9 @@ class LawWatchCallback(TrainerCallback):
     # -- helpers ------------------------------------------------------------------------------
 
     def _measure(self, step: int) -> None:
-        if step > self._done:
-            self._done = step
+        """Measure ``step`` unless already attempted (on or off the schedule)."""
+        last = self.monitor.last_step
+        if last is None or step > last:
             self.monitor.snapshot(step)
 
     def _open_sinks(self, args: Any, start: int) -> list[Sink]:
