@@ -7,6 +7,7 @@ trained LLM. lawwatch measures it exactly, cheaply and repeatedly during trainin
 
 from lawwatch.law import LawFit, emergence_step, fit_law
 from lawwatch.measure import Snapshot, measure
+from lawwatch.norms import NormSpec
 from lawwatch.probe import ProbeSet
 from lawwatch.residual import ResidualStats, prediction_residuals
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LawFit",
+    "NormSpec",
     "ProbeSet",
     "ResidualStats",
     "Snapshot",
