@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -328,9 +328,8 @@ class Capture:
         self.spec: NormSpec | None = (
             self.final_norm if isinstance(self.final_norm, NormSpec) else None
         )
-        self._normalize = (
-            normalizer(normalize, self.spec) if self.spec or normalize != "auto" else None
-        )
+        # built once the final norm's reading is known (its epsilon serves every normalize)
+        self._normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def _norm_module(self) -> nn.Module | None:
