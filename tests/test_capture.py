@@ -17,16 +17,7 @@ from lawwatch.probe import example_mask
 from tests.conftest import VOCAB, ragged_probe
 from tests.reference import hf_residual_stream, layer_norm, protocol_pr, rms_norm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # RWKV's and Mamba's CPU paths loop over tokens in tiny ops: on a busy 2-core machine two
-    # threads make each op wait for the other core (a forward takes seconds instead of ms)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 D, LAYERS = 16, 3
 _ATTN = {"num_attention_heads": 2, "max_position_embeddings": 64}

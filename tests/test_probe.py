@@ -5,6 +5,8 @@ from lawwatch import ProbeSet
 from lawwatch.probe import example_mask, example_targets
 from tests.conftest import char_tokenizer, ragged_probe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_from_ragged_tokens_counts_examples():
     probe = ProbeSet.from_tokens([[5, 6, 7], [8], [9, 10]])

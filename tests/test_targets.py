@@ -28,7 +28,7 @@ EPS = 3e-4  # the model's final-norm epsilon: "layernorm" and "rmsnorm" take it 
 @pytest.fixture(scope="module")
 def setup():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a busy machine: see tests/test_capture.py
+    torch.set_num_threads(1)  # tiny ops on a busy machine: see the one_thread fixture
     model = tiny_gpt2(seed=3, layer_norm_epsilon=EPS).double()
     probe = ragged_probe(seed=4, rows=16, max_len=24)
     m64 = copy.deepcopy(model).double().eval()
@@ -146,6 +146,8 @@ def test_bad_options_are_named(setup):
     model, probe, _ = setup
     with pytest.raises(ValueError, match="Unknown target"):
         measure(model, probe, target="logits")
+    with pytest.raises(ValueError, match="Unknown normalize"):
+        measure(model, probe, normalize="batchnorm")
     with pytest.raises(ValueError, match="onehot_top_k=3 needs target='onehot'"):
         measure(model, probe, onehot_top_k=3)
     with pytest.raises(TypeError, match="offset must be an int"):
