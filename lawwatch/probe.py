@@ -110,10 +110,23 @@ class ProbeSet:
             rows = [list(map(int, row)) for row in input_ids]
             if attention_mask is not None:
                 raise ValueError("attention_mask is implied by ragged lists; pass only input_ids.")
-            return cls._from_rows(rows, {"source": "tokens"})
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        return cls(input_ids, attention_mask, {"source": "tokens"})
+            probe = cls._from_rows(rows, {"source": "tokens"})
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            probe = cls(input_ids, attention_mask, {"source": "tokens"})
+        probe._warn_short(stacklevel=3)
+        return probe
+
+    def _warn_short(self, stacklevel: int) -> None:
+        short = int((self.attention_mask.sum(dim=1) < 2).sum())
+        if short:
+            warnings.warn(
+                f"{short} of {len(self)} probe sequences hold fewer than 2 real tokens and give "
+                "no example; they are kept (they cost nothing) and counted in "
+                "summary()['sequences_without_examples'].",
+                stacklevel=stacklevel,
+            )
 
     @classmethod
     def _from_rows(cls, rows: list[list[int]], meta: dict[str, Any]) -> ProbeSet:
@@ -292,7 +305,9 @@ class ProbeSet:
             if mask is None
             else torch.from_numpy(np.asarray(mask[index, :seq_len]))
         )
-        return cls(rows, real, meta)
+        probe = cls(rows, real, meta)
+        probe._warn_short(stacklevel=3)
+        return probe
 
     # -- persistence --------------------------------------------------------------------------
 

@@ -78,7 +78,7 @@ def test_batch_size_and_padding_invariance(gpt2):
         torch.testing.assert_close(
             measure(gpt2, probe, batch_size=batch_size).pr, one, rtol=0, atol=1e-6
         )
-    padded = ProbeSet.from_tokens(
+    padded = ProbeSet(
         torch.cat([probe.input_ids, torch.zeros(len(probe), 9, dtype=torch.long)], dim=1),
         torch.cat([probe.attention_mask, torch.zeros(len(probe), 9, dtype=torch.bool)], dim=1),
     )

@@ -9,7 +9,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_from_ragged_tokens_counts_examples():
-    probe = ProbeSet.from_tokens([[5, 6, 7], [8], [9, 10]])
+    with pytest.warns(UserWarning, match="1 of 3 probe sequences hold fewer than 2 real tokens"):
+        probe = ProbeSet.from_tokens([[5, 6, 7], [8], [9, 10]])
     assert probe.input_ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
     assert probe.num_examples() == 2 + 0 + 1
     assert probe.target_ids().tolist() == [6, 7, 10]
@@ -141,7 +142,8 @@ def test_packing_keeps_every_token():
 
 
 def test_summary_reports_what_the_probe_holds():
-    probe = ProbeSet.from_tokens([[5, 6, 7], [8], [9, 10], [5, 5, 5, 5]])
+    with pytest.warns(UserWarning, match="1 of 4 probe sequences"):
+        probe = ProbeSet.from_tokens([[5, 6, 7], [8], [9, 10], [5, 5, 5, 5]])
     assert probe.summary() == {
         "sequences": 4,
         "length": 4,
