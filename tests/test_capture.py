@@ -512,3 +512,11 @@ def test_bf16_model_reading_and_pr():
     got = measure(model.to(torch.bfloat16), p).pr
     # bf16 keeps 8 bits of mantissa: the stream itself is off by up to 2^-8 (measured: 7e-4)
     assert (got - want).abs().max() < 2**-7
+
+
+def test_hf_blocks_can_be_named_explicitly():
+    model, p = build("mistral"), probe()
+    auto = measure(model, p, layers=[0, 1, 2])  # the final norm's reading is still needed
+    named = measure(model, p, blocks="model.layers.*", final_norm="model.norm", layers=[0, 1, 2])
+    torch.testing.assert_close(named.pr, auto.pr, rtol=0, atol=0)
+    assert named.pr.shape == (3,)

@@ -154,3 +154,57 @@ def test_bad_options_are_named(setup):
         measure(model, probe, offset=1.0)
     with pytest.raises(ValueError, match="no example at offset=30"):
         measure(model, probe, offset=30)
+
+
+_TWO_RANKS = """
+import json, sys
+import torch
+import torch.distributed as dist
+from lawwatch.monitor import LawWatch
+from tests.conftest import ragged_probe, tiny_gpt2
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+model, probe = tiny_gpt2(seed=3), ragged_probe(seed=4, rows=17, max_len=24)
+out = {}
+for target in ("onehot", "token_id_shuffled"):
+    snap = LawWatch(model, probe, target=target).snapshot(0)
+    if dist.get_rank() == 0:
+        out[target] = snap.pr.tolist()
+if dist.get_rank() == 0:
+    json.dump(out, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_regress_the_same_targets(tmp_path):
+    """torchrun, 2 processes on gloo, the monitor as it is: each rank measures its shard and the
+    statistics are summed. Resolving targets per shard gave each rank different one-hot classes
+    and aborted the run (a collective of mismatched sizes)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
+         str(tmp_path / "out.json")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    model, probe = tiny_gpt2(seed=3), ragged_probe(seed=4, rows=17, max_len=24)
+    for target, pr in got.items():
+        want = measure(model, probe, target=target).pr.numpy()
+        np.testing.assert_allclose(pr, want, rtol=0, atol=1e-9)
