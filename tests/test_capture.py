@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from lawwatch import NormSpec, measure
 from lawwatch.capture import Capture
+from lawwatch.measure import accumulate
 from lawwatch.probe import example_mask
 from tests.conftest import VOCAB, ragged_probe
 from tests.reference import hf_residual_stream, layer_norm, protocol_pr, rms_norm
@@ -516,7 +517,7 @@ def test_bf16_model_reading_and_pr():
 
 def test_hf_blocks_can_be_named_explicitly():
     model, p = build("mistral"), probe()
-    auto = measure(model, p, layers=[0, 1, 2])  # the final norm's reading is still needed
-    named = measure(model, p, blocks="model.layers.*", final_norm="model.norm", layers=[0, 1, 2])
-    torch.testing.assert_close(named.pr, auto.pr, rtol=0, atol=0)
-    assert named.pr.shape == (3,)
+    auto = accumulate(model, p, layers=[0, 1, 2])  # the final norm's reading is still needed
+    named = accumulate(model, p, blocks="model.layers.*", final_norm="model.norm", layers=[0, 1, 2])
+    torch.testing.assert_close(named.compute(), auto.compute(), rtol=0, atol=0)
+    torch.testing.assert_close(auto.compute(), measure(model, p).pr[:3], rtol=0, atol=1e-12)
