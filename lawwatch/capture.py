@@ -58,9 +58,12 @@ class Hidden:
     Attributes:
         entries: True entry index -> ``(n, d)`` tensor in the model's dtype, for the measured
             entries that come from blocks.
-        norm_input: ``(n, d)`` the final norm's input (when its entry is measured).
-        norm_output: ``(n, d)`` the final norm's output, to check its float64 re-application.
+        norm_input: ``(n, d)`` the final norm's input (always kept when the model has a final
+            norm module: with its output it tells the norm's kind and is checked every batch).
+        norm_output: ``(n, d)`` the final norm's output.
         norm_params: The final norm's weight and bias, float64, captured inside the forward.
+        fired: Indices of the blocks in the order they ran.
+        norm_calls: How often the final norm ran.
         problems: What went wrong inside hooks (raised by :meth:`Capture.features`, after the
             forward completed: a hook that raises would break a collective forward).
     """
