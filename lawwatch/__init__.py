@@ -8,6 +8,7 @@ trained LLM. lawwatch measures it exactly, cheaply and repeatedly during trainin
 from lawwatch.law import LawFit, emergence_step, fit_law
 from lawwatch.measure import Snapshot, measure
 from lawwatch.monitor import LawWatch, Schedule
+from lawwatch.norms import NormSpec
 from lawwatch.probe import ProbeSet
 from lawwatch.residual import ResidualStats, prediction_residuals
 
@@ -17,6 +18,7 @@ __all__ = [
     "LawFit",
     "LawWatch",
     "LawWatchCallback",
+    "NormSpec",
     "ProbeSet",
     "ResidualStats",
     "Schedule",

@@ -1,212 +1,355 @@
-"""Per-layer features from a model: the residual stream, normalized in float64.
+"""Per-layer features from any model: the residual stream, captured with forward hooks.
 
-He & Su's protocol (DESIGN.md §1): hidden-state entries ``0 … L-1`` go through a *freshly
-initialized* instance of the model's final-norm type (weight 1, bias 0, the model's epsilon);
-the last entry is the model's own final-norm output. Both are computed here in float64 from
-the residual stream — the final norm's input is captured with a forward pre-hook and the norm
-re-applied in float64 — because a norm computed in float32 leaves a mean direction holding
-only rounding noise, which least squares then fits (DESIGN.md §2).
+The residual stream of a model with ``L`` blocks has ``L + 1`` *entries*: entry 0 is the input
+of the first block (the embeddings), entry ``l`` the output of block ``l``, and entry ``L`` the
+model's final norm applied to its input (He & Su's last hidden state, DESIGN.md §1). Hooks on
+the blocks and the final norm (located by :mod:`lawwatch.structure`) capture them during one
+forward pass, so any ``torch.nn.Module`` works and no ``output_hidden_states`` is needed; only
+the example positions of the entries being measured are kept, for one batch. Hooks rather than
+``output_hidden_states`` also because the latter is not the same sequence for every family:
+Mamba's and RWKV's hold the block outputs and the final norm's output, without the embeddings.
+
+Features are float64 (DESIGN.md §2): entries ``0 … L-1`` go through ``normalize`` (the paper's
+fresh final norm by default, see :mod:`lawwatch.norms`), entry ``L`` is the final norm
+re-applied in float64 to its captured input, with its weight and bias captured during the same
+forward (under FSDP and ZeRO-3 the parameters are only whole inside it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-Normalize = Literal["auto", "layernorm", "rmsnorm", "standardize", "none"]
-NORMALIZE: tuple[str, ...] = ("auto", "layernorm", "rmsnorm", "standardize", "none")
+from lawwatch.norms import NORMALIZE, Normalize, NormSpec, mismatch, normalizer, resolve_norm
+from lawwatch.structure import (
+    BlockSpec,
+    FinalNormSpec,
+    LayerSpec,
+    base_model,
+    is_hf,
+    locate,
+    select_layers,
+)
 
-# attribute names of the final norm on a Hugging Face base model, most common first
-_FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "norm_f", "ln_out", "final_layernorm")
+__all__ = [
+    "NORMALIZE",
+    "BlockSpec",
+    "Capture",
+    "FinalNormSpec",
+    "Hidden",
+    "LayerSpec",
+    "NormSpec",
+    "Normalize",
+    "base_model",
+    "evaluating",
+    "select_layers",
+]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Hidden:
-    """One forward pass: each hidden-state entry ``(batch, length, d)``, the final norm's input."""
-
-    states: tuple[torch.Tensor, ...]
-    final_norm_input: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class NormSpec:
-    """A final-norm type and its parameters.
+    """What one forward pass left behind, at the example positions only.
 
     Attributes:
-        kind: ``"layernorm"`` (subtract the mean, divide by the RMS of the rest) or
-            ``"rmsnorm"`` (divide by the RMS).
-        eps: Added to the variance (or mean square) before the square root.
+        entries: True entry index -> ``(n, d)`` tensor in the model's dtype, for the measured
+            entries that come from blocks.
+        norm_input: ``(n, d)`` the final norm's input (always kept when the model has a final
+            norm module: with its output it tells the norm's kind and is checked every batch).
+        norm_output: ``(n, d)`` the final norm's output.
+        norm_params: The final norm's weight and bias, float64, captured inside the forward.
+        fired: Indices of the blocks in the order they ran.
+        norm_calls: How often the final norm ran.
+        problems: What went wrong inside hooks (raised by :meth:`Capture.features`, after the
+            forward completed: a hook that raises would break a collective forward).
     """
 
-    kind: Literal["layernorm", "rmsnorm"]
-    eps: float
-
-    def fresh(self, x: torch.Tensor) -> torch.Tensor:
-        """A freshly initialized norm of this kind (weight 1, bias 0) over the last dim."""
-        if self.kind == "layernorm":
-            x = x - x.mean(dim=-1, keepdim=True)
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-
-
-def norm_spec(module: nn.Module) -> NormSpec:
-    """Read the norm type and epsilon off a norm module.
-
-    Raises:
-        TypeError: The module is neither a LayerNorm nor an RMSNorm-like module with an epsilon.
-    """
-    if isinstance(module, nn.LayerNorm):
-        return NormSpec("layernorm", float(module.eps))
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    name = type(module).__name__.lower()
-    if isinstance(module, nn.RMSNorm):
-        return NormSpec(
-            "rmsnorm", float(eps if eps is not None else torch.finfo(torch.float32).eps)
-        )
-    if eps is not None and "rmsnorm" in name:
-        return NormSpec("rmsnorm", float(eps))
-    if eps is not None and "layernorm" in name:
-        return NormSpec("layernorm", float(eps))
-    raise TypeError(
-        f"Cannot tell whether {type(module).__name__} is a LayerNorm or an RMSNorm; pass "
-        "normalize='layernorm' or normalize='rmsnorm' explicitly."
-    )
+    entries: dict[int, torch.Tensor] = field(default_factory=dict)
+    norm_input: torch.Tensor | None = None
+    norm_output: torch.Tensor | None = None
+    norm_params: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    fired: list[int] = field(default_factory=list)
+    norm_calls: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
-def _reapply(module: nn.Module, spec: NormSpec, x: torch.Tensor) -> torch.Tensor | None:
-    """The model's own final norm (its trained weight and bias) applied to ``x`` in float64.
-
-    Returns None for a norm whose weight convention is unknown (then the model's own output is
-    used as it is).
-    """
-    if type(module).__name__.startswith("Gemma"):  # weight is stored as (scale - 1)
-        return None
-    y = spec.fresh(x)
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if isinstance(weight, torch.Tensor):
-        y = y * weight.to(torch.float64)
-    if isinstance(bias, torch.Tensor):
-        y = y + bias.to(torch.float64)
-    return y
+def _tensor(value: Any) -> torch.Tensor | None:
+    """A module's output (or first output, for tuples and lists) if it is a tensor."""
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value if isinstance(value, torch.Tensor) else None
 
 
-def find_final_norm(base: nn.Module) -> nn.Module | None:
-    """The final norm of a Hugging Face base model, by its conventional attribute name."""
-    for name in _FINAL_NORM_NAMES:
-        module = getattr(base, name, None)
-        if isinstance(module, nn.Module):
-            return module
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward takes keyword ``name`` (looking inside an FSDP1 wrapper)."""
+    inner = model.module if type(model).__name__ == "FullyShardedDataParallel" else model
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in ("hidden_states", "x", "input", "hidden_state"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
     return None
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The body of a Hugging Face model without its LM head (so no vocabulary logits)."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
-def _normalizer(normalize: str, spec: NormSpec | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    if normalize == "auto":
-        if spec is None:
-            raise ValueError(
-                "normalize='auto' needs the model's final-norm type, which was not found; pass "
-                "normalize='layernorm' or 'rmsnorm' (or 'standardize' / 'none')."
-            )
-        return spec.fresh
-    eps = spec.eps if spec is not None else 1e-5
-    if normalize == "layernorm":
-        return NormSpec("layernorm", eps).fresh
-    if normalize == "rmsnorm":
-        return NormSpec("rmsnorm", eps).fresh
-    if normalize == "standardize":
-        return lambda x: (
-            (x - x.mean(dim=-1, keepdim=True)) / x.std(dim=-1, keepdim=True, correction=0)
-        )
-    if normalize == "none":
-        return lambda x: x
-    raise ValueError(f"Unknown normalize={normalize!r}; choose one of {NORMALIZE}.")
-
-
-class HiddenStateCapture:
-    """Features of every hidden-state entry of a Hugging Face model, one batch at a time.
-
-    Runs the base model (no LM head) with ``output_hidden_states=True`` and a pre-hook on the
-    final norm. Entries ``0 … L-1`` are normalized with ``normalize``; entry ``L`` is the
-    model's final norm re-applied in float64 to its captured input (the model's own output when
-    the norm cannot be re-applied).
+class Capture:
+    """Float64 features of the residual-stream entries of a model, one batch at a time.
 
     Args:
-        model: A Hugging Face causal LM or base model.
-        normalize: ``"auto"`` (the paper's fresh final-norm), ``"layernorm"``, ``"rmsnorm"``,
-            ``"standardize"`` (per-token z-score) or ``"none"``.
+        model: A Hugging Face model (blocks and final norm are found automatically; it runs
+            from its root with ``logits_to_keep=1``, so no ``(batch, length, vocab)`` logits,
+            or as its base model when it has no LM head) or any ``torch.nn.Module`` (called as
+            ``model(input_ids)``; name its blocks). Pass a sharded model (FSDP, ZeRO-3) as
+            the framework wraps it: its forward must enter at the root.
+        normalize: Map applied to entries ``0 … L-1`` (see :func:`lawwatch.norms.normalizer`).
+        blocks: The blocks whose outputs form the residual stream, in order: a module name (a
+            ``ModuleList`` stands for its children), a glob (``"transformer.h.*"``; ``*`` matches
+            one name component), a compiled regex (full match), or a list of names or modules.
+            Default: found automatically on Hugging Face models.
+        final_norm: The norm applied after the last block: a module name or module (its kind,
+            epsilon and weight convention are read off it and checked on every batch), or a
+            :class:`NormSpec` for a model without a final norm module (then every entry, the
+            last too, goes through ``normalize``). Default: found by name.
+        layers: Which entries to measure (see :func:`select_layers`); default all.
+
+    Attributes:
+        blocks: Block names, in order.
+        final_norm: The final norm's module name, or its NormSpec.
+        layers: The measured entries' true indices.
+        spec: The final norm's reading, once known.
     """
 
-    def __init__(self, model: nn.Module, normalize: Normalize = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        normalize: Normalize = "auto",
+        *,
+        blocks: BlockSpec | None = None,
+        final_norm: FinalNormSpec | None = None,
+        layers: LayerSpec | None = None,
+    ) -> None:
+        if normalize not in NORMALIZE:
+            raise ValueError(f"Unknown normalize={normalize!r}; choose one of {NORMALIZE}.")
+        self.model = model
         self.base = base_model(model)
-        self.final_norm = find_final_norm(self.base)
-        spec = None
-        if self.final_norm is not None:
-            try:
-                spec = norm_spec(self.final_norm)
-            except TypeError:
-                if normalize == "auto":
-                    raise
-        self.spec = spec
-        self.normalize = _normalizer(normalize, spec)
+        self._hf = is_hf(self.base)
+        self._logits_to_keep = self._hf and _accepts(model, "logits_to_keep")
+        structure = locate(model, blocks, final_norm)
+        self.blocks, self.final_norm = structure.blocks, structure.final_norm
+        self.num_entries = structure.num_entries
+        self.layers = select_layers(layers, self.num_entries)
+        self._structure = structure
+        self._normalize_name = normalize
+        self.spec: NormSpec | None = (
+            self.final_norm if isinstance(self.final_norm, NormSpec) else None
+        )
+        # built once the final norm's reading is known (its epsilon serves every normalize)
+        self._normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Hidden:
-        """Run the base model once; return its hidden states and the final norm's input.
+    @property
+    def _norm_module(self) -> nn.Module | None:
+        return self._structure.norm_module
+
+    # -- the forward pass ---------------------------------------------------------------------
+
+    def _hooks(self, hidden: Hidden, positions: torch.Tensor) -> Iterator[Any]:
+        """Register the hooks that fill ``hidden``; yields their handles."""
+        wanted = set(self.layers)
+        last = self.num_entries - 1
+        norm = self._norm_module
+
+        def keep(entry: int, value: torch.Tensor | None, what: str) -> None:
+            if value is None or value.ndim != 3 or value.shape[:2] != positions.shape:
+                shape = None if value is None else tuple(value.shape)
+                hidden.problems.append(
+                    f"{what} is not a (batch, length, d) tensor of batch and length "
+                    f"{tuple(positions.shape)} (got {shape})."
+                )
+            elif entry in hidden.entries:
+                hidden.problems.append(f"{what} ran more than once in one forward.")
+            else:
+                hidden.entries[entry] = value.detach()[positions]  # (n, d)
+
+        if 0 in wanted:
+            first = self._structure.modules[self.blocks[0]]
+
+            def first_input(_m, args, kwargs):
+                keep(0, _first_arg(args, kwargs), f"the input of {self.blocks[0]!r}")
+
+            yield first.register_forward_pre_hook(first_input, with_kwargs=True)
+        for i, name in enumerate(self.blocks):
+            entry = i + 1
+            store = entry in wanted and (entry < last or norm is None)
+
+            def block_output(_m, _args, output, i=i, entry=entry, store=store, name=name):
+                hidden.fired.append(i)
+                if store:
+                    keep(entry, _tensor(output), f"the output of block {name!r}")
+
+            yield self._structure.modules[name].register_forward_hook(block_output)
+        if norm is not None:  # always: its input and output also tell its kind and epsilon
+
+            def norm_input(module, args, kwargs):
+                hidden.norm_calls += 1
+                x = _first_arg(args, kwargs)
+                if hidden.norm_calls == 1 and x is not None and x.shape[:2] == positions.shape:
+                    hidden.norm_input = x.detach()[positions]  # (n, d)
+                    hidden.norm_params = tuple(
+                        p.detach().to(torch.float64).clone()
+                        if isinstance(p, torch.Tensor)
+                        else None
+                        for p in (getattr(module, "weight", None), getattr(module, "bias", None))
+                    )
+
+            def norm_output(_m, _args, output):
+                y = _tensor(output)
+                if hidden.norm_calls == 1 and y is not None and y.shape[:2] == positions.shape:
+                    hidden.norm_output = y.detach()[positions]  # (n, d)
+
+            yield norm.register_forward_pre_hook(norm_input, with_kwargs=True)
+            yield norm.register_forward_hook(norm_output)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> Hidden:
+        """Run the model once, keeping the measured entries at ``positions``.
+
+        Never raises for a hook's finding (they are raised by :meth:`features`), so every
+        process of a sharded model completes the same forward passes.
 
         Args:
             input_ids: ``(batch, length)`` token ids on the model's device.
-            attention_mask: ``(batch, length)``.
+            attention_mask: ``(batch, length)``, right-padded.
+            positions: ``(batch, length)`` bool: the example positions to keep.
         """
-        captured: list[torch.Tensor] = []
-        handle = None
-        if self.final_norm is not None:
-            handle = self.final_norm.register_forward_pre_hook(
-                lambda _module, args: captured.append(args[0])
-            )
+        hidden = Hidden()
+        handles = []
         try:
-            out = self.base(
-                input_ids=input_ids,
-                attention_mask=attention_mask.long(),
-                output_hidden_states=True,
-                use_cache=False,
-            )
+            for handle in self._hooks(hidden, positions):
+                handles.append(handle)
+            if self._hf:
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
+                if self._logits_to_keep:
+                    # the whole model from its root (under FSDP and ZeRO-3 the forward must
+                    # enter there to gather parameters), with the logits of one position only
+                    self.model(**inputs, use_cache=False, logits_to_keep=1)
+                else:
+                    self.base(**inputs, use_cache=False)
+            else:
+                self.model(input_ids)
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
-        if out.hidden_states is None:
-            raise TypeError(
-                f"{type(self.base).__name__} returned no hidden_states; it is not a Hugging Face "
-                "model that supports output_hidden_states."
+        return hidden
+
+    # -- features -----------------------------------------------------------------------------
+
+    def _check(self, hidden: Hidden) -> None:
+        problems = list(hidden.problems)
+        if hidden.fired != list(range(len(self.blocks))):
+            problems.append(
+                f"the blocks ran in the order {hidden.fired} (block indices), not once each in "
+                "the order named; `blocks` must list the residual-stream blocks, each run once "
+                "per forward."
             )
-        return Hidden(tuple(out.hidden_states), captured[0] if len(captured) == 1 else None)
+        if self._norm_module is not None:
+            if hidden.norm_calls != 1:
+                problems.append(
+                    f"the final norm {self.final_norm!r} ran {hidden.norm_calls} times in one "
+                    "forward, not once."
+                )
+            elif hidden.norm_input is None or hidden.norm_output is None:
+                problems.append(
+                    f"the final norm {self.final_norm!r} did not take and return a "
+                    "(batch, length, d) tensor."
+                )
+        if problems:
+            raise RuntimeError(
+                f"Capturing the residual stream of {type(self.model).__name__} failed: "
+                + " ".join(problems)
+            )
 
-    def features(self, hidden: Hidden, positions: torch.Tensor) -> torch.Tensor:
-        """Float64 features ``(L + 1, n, d)`` at the ``n`` True entries of ``positions``.
+    def features(self, hidden: Hidden) -> torch.Tensor:
+        """Float64 features ``(len(layers), n, d)`` of the measured entries.
 
-        Args:
-            hidden: What :meth:`forward` returned.
-            positions: ``(batch, length)`` bool: which positions are examples.
+        Raises:
+            RuntimeError: A hook found the blocks or final norm not as named.
+            TypeError: The final norm cannot be re-applied (see :mod:`lawwatch.norms`).
         """
-        # (n, d) float64 per entry: select examples first, so normalization costs O(n d)
-        entries = [self.normalize(h[positions].to(torch.float64)) for h in hidden.states[:-1]]
-        last = None
-        if hidden.final_norm_input is not None and self.spec is not None:
-            x = hidden.final_norm_input[positions].to(torch.float64)
-            last = _reapply(self.final_norm, self.spec, x)
-        if last is None:
-            last = hidden.states[-1][positions].to(torch.float64)
-        entries.append(last)
-        return torch.stack(entries)  # (L + 1, n, d)
+        self._check(hidden)
+        norm = self._norm_module
+        first = hidden.norm_input if norm is not None else next(iter(hidden.entries.values()))
+        n, d = first.shape
+        if n == 0:  # a batch without examples (e.g. a shard's padding rows)
+            return torch.zeros(len(self.layers), 0, d, dtype=torch.float64, device=first.device)
+        captured = [*hidden.entries.values(), *([hidden.norm_input] if norm is not None else [])]
+        if not all(bool(torch.isfinite(t).all()) for t in captured):  # host sync
+            raise ValueError(
+                f"The hidden states of {type(self.model).__name__} contain NaN or Inf; PR is "
+                "undefined for them."
+            )
+        if norm is not None:
+            x = hidden.norm_input.to(torch.float64)  # (n, d)
+            weight, bias = hidden.norm_params
+            if self.spec is None:
+                self.spec = resolve_norm(norm, x, hidden.norm_output, weight, bias, self.final_norm)
+            elif mismatch(self.spec, x, hidden.norm_output, weight, bias) > 1:
+                raise TypeError(
+                    f"The final norm {self.final_norm!r} no longer matches {self.spec} re-applied "
+                    "in float64: its behaviour changed between batches."
+                )
+        if self._normalize is None:
+            self._normalize = normalizer(self._normalize_name, self.spec)
+        last = self.num_entries - 1
+        out = []
+        for entry in self.layers:
+            if entry == last and norm is not None:
+                out.append(self.spec.apply(x, weight, bias))  # the model's own final norm
+            else:
+                out.append(self._normalize(hidden.entries[entry].to(torch.float64)))
+        return torch.stack(out)  # (len(layers), n, d)
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """:meth:`forward` then :meth:`features`."""
-        return self.features(self.forward(input_ids, attention_mask), positions)
+        return self.features(self.forward(input_ids, attention_mask, positions))
+
+
+HiddenStateCapture = Capture  # the name this class had before hooks replaced output_hidden_states
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; every module's train/eval flag restored after.
+
+    Also undoes RWKV's inference-time rescaling: Hugging Face's RWKV divides some weights by
+    powers of two on its first forward in eval mode and multiplies them back only on the next
+    forward in train mode, so a checkpoint saved between a snapshot and that forward would hold
+    the divided weights. Powers of two make the round trip exact.
+    """
+    modes = {module: module.training for module in model.modules()}
+    rescaled = {m: m.layers_are_rescaled for m in modes if hasattr(m, "layers_are_rescaled")}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+        for module, before in rescaled.items():
+            if module.layers_are_rescaled != before and callable(
+                getattr(module, "_rescale_layers", None)
+            ):
+                module._rescale_layers()

@@ -7,7 +7,7 @@ Three facts of multi-process training shape a snapshot (DESIGN.md §3, the distr
   and DeepSpeed ZeRO-3 the weights are sharded and every forward is a collective that has to
   enter at the *root* module: its forward hooks gather the parameters no inner unit owns
   (embeddings, final norm), and FSDP2 makes the first module ever to run forward its root. The
-  probe then runs through the whole model, asking for the logits of one position only.
+  capture runs every Hugging Face model from its root, asking for the logits of one position.
 * **The layout.** Rank, world size and the device that collective tensors live on (the CPU for
   gloo, the accelerator for NCCL), from an ``accelerate.Accelerator`` or an initialized
   ``torch.distributed`` process group, decided at call time.
@@ -18,15 +18,12 @@ Three facts of multi-process training shape a snapshot (DESIGN.md §3, the distr
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-
-from lawwatch.capture import base_model, find_final_norm
 
 
 @dataclass(frozen=True)
@@ -157,48 +154,17 @@ def is_sharded(model: nn.Module) -> bool:
     return first is not None and hasattr(first, "ds_id")  # a ZeRO-3 partitioned parameter
 
 
-def _accepts(module: nn.Module, name: str) -> bool:
-    """Whether ``module``'s forward takes a keyword argument ``name`` explicitly."""
-    inner = getattr(module, "module", module) if isinstance(module, _fsdp_classes()) else module
-    try:
-        return name in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-class ThroughRoot(nn.Module):
-    """A sharded model presented to :class:`~lawwatch.capture.HiddenStateCapture`.
-
-    The capture runs a model's ``base_model`` (the body, no LM head). Under FSDP and ZeRO-3 the
-    forward must enter at the root instead, so this module *is* the body as far as the capture
-    can tell — it has the model's final norm under the attribute ``norm`` and no
-    ``base_model`` — and its forward runs the whole model with ``logits_to_keep=1`` (when the
-    model takes it), so no ``(batch, length, vocab)`` logits are materialized.
-
-    Args:
-        root: The FSDP root or the ZeRO-3 module, as the framework wraps it.
-    """
-
-    def __init__(self, root: nn.Module) -> None:
-        super().__init__()
-        self.root = root
-        norm = find_final_norm(base_model(getattr(root, "module", root)))
-        if norm is not None:
-            self.norm = norm
-        self._extra = {"logits_to_keep": 1} if _accepts(root, "logits_to_keep") else {}
-
-    def forward(self, **inputs: Any) -> Any:
-        """The root's forward on ``inputs`` (with ``output_hidden_states`` as the capture asks)."""
-        return self.root(**inputs, **self._extra)
-
-
 def measured_module(
     model: nn.Module, unwrap: Callable[[nn.Module], nn.Module] | None = None
 ) -> nn.Module:
     """The module a probe forward runs through, for ``model`` as training wraps it.
 
     Replication wrappers are stripped (DDP, DataParallel, DeepSpeedEngine, ``torch.compile``);
-    a sharded model is wrapped in :class:`ThroughRoot`; anything else is returned as is.
+    anything else — a sharded FSDP or ZeRO-3 root included, whose forward the capture runs from
+    the root with ``logits_to_keep=1`` — is returned as is.
+
+    Raises:
+        ValueError: Inner modules are FSDP-sharded but the model is not the FSDP root.
 
     Args:
         model: The model as the training framework holds it.
@@ -207,4 +173,5 @@ def measured_module(
     if unwrap is not None:
         model = unwrap(model)
     model = _strip_replication(model)
-    return ThroughRoot(model) if is_sharded(model) else model
+    is_sharded(model)  # refuses a model whose shards no forward through it can gather
+    return model

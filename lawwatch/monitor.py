@@ -10,6 +10,7 @@ gradients, the optimizer or the RNG state.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,13 +22,23 @@ from torch import nn
 
 from lawwatch.capture import Normalize
 from lawwatch.distributed import Layout, layout, measured_module, vote
-from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step, fit_law
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
 from lawwatch.measure import MeasureTarget, Snapshot, accumulate, model_device
 from lawwatch.probe import ProbeSet
 from lawwatch.residual import ResidualStats
 from lawwatch.sinks import Sink, Sinks
 
 log = logging.getLogger("lawwatch")
+
+# what LawWatch passes through to accumulate() besides what it sets itself
+_MEASURE_OPTIONS = frozenset(inspect.signature(accumulate).parameters) - {
+    "model",
+    "probe",
+    "errors",
+    "normalize",
+    "target",
+    "batch_size",
+}
 
 
 @dataclass(frozen=True)
@@ -73,23 +84,6 @@ def _as_schedule(
     return lambda step: step == last or chosen(step)  # the final step is always measured
 
 
-class _Shard(ProbeSet):
-    """One rank's share of the probe that reports the *whole* probe's target vocabulary.
-
-    :func:`~lawwatch.measure.accumulate` takes the one-hot classes and the shuffled-id
-    permutation from ``probe.target_ids()``; every rank must use the same ones, or the
-    statistics would not add up (for one-hot, the all-reduced shapes would not even agree).
-    """
-
-    def __init__(self, part: ProbeSet, whole: ProbeSet) -> None:
-        super().__init__(part.input_ids, part.attention_mask, part.meta)
-        self.whole = whole
-
-    def target_ids(self, offset: int = 1) -> torch.Tensor:
-        """The distinct target ids of the whole probe, sorted."""
-        return self.whole.target_ids(offset)
-
-
 class LawWatch:
     """Measure the law of equi-learning on a schedule while a model trains.
 
@@ -121,6 +115,12 @@ class LawWatch:
         emergence_threshold: r at or below which the law counts as emerged.
         unwrap: Applied to ``model`` before the automatic unwrapping, for a wrapper lawwatch
             does not recognize. Rarely needed.
+        **measure_options: Further options of :func:`lawwatch.measure` (``offset``,
+            ``layers``, ``blocks``, ``final_norm``, ``onehot_top_k``, ``max_onehot_bytes``,
+            ``seed``, ``rtol``).
+
+    Raises:
+        TypeError: An option :func:`lawwatch.measure` does not take.
     """
 
     def __init__(
@@ -138,6 +138,7 @@ class LawWatch:
         batch_size: int = 8,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
+        **measure_options: Any,
     ) -> None:
         if len(probe) == 0:
             raise ValueError("The probe set is empty.")
@@ -152,7 +153,18 @@ class LawWatch:
             chosen.append(TrackerSink(accelerator))
         self.sinks = Sinks(chosen)
         self.accelerator = accelerator
-        self.options = {"normalize": normalize, "target": target, "batch_size": batch_size}
+        unknown = set(measure_options) - _MEASURE_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"LawWatch got unknown options {sorted(unknown)}; the measurement options are "
+                f"{sorted(_MEASURE_OPTIONS)}."
+            )
+        self.options = {
+            "normalize": normalize,
+            "target": target,
+            "batch_size": batch_size,
+            **measure_options,
+        }
         self.emergence_threshold = emergence_threshold
         self.unwrap = unwrap
         self.history: list[dict[str, Any]] = []  # (step, rho, pearson_r) of every snapshot
@@ -180,8 +192,8 @@ class LawWatch:
     def _shard(self, rank: int, world: int) -> ProbeSet:
         key = (rank, world)
         if key not in self._shards:
-            part = self.probe.shard(rank, world)  # equal row counts: equal forward counts
-            self._shards[key] = self.probe if world == 1 else _Shard(part, self.probe)
+            # equal row counts, so equal forward counts; targets resolve on the whole probe
+            self._shards[key] = self.probe if world == 1 else self.probe.shard(rank, world)
         return self._shards[key]
 
     def snapshot(self, step: int) -> Snapshot | None:
@@ -211,14 +223,7 @@ class LawWatch:
         elif error is not None:
             return None
         try:
-            pr = stats.compute().cpu()
-            snapshot = Snapshot(
-                pr=pr,
-                fit=fit_law(pr),
-                n_tokens=int(stats.count.item()),
-                seconds=time.perf_counter() - start,
-                step=step,
-            )
+            snapshot = Snapshot.from_stats(stats, seconds=time.perf_counter() - start, step=step)
         except Exception as error:  # identical statistics fail identically on every rank
             log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
             return None

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 FORMAT = "lawwatch.probe/1"
@@ -86,6 +87,9 @@ class ProbeSet:
         self.input_ids = torch.where(mask, input_ids.long(), 0).cpu()
         self.attention_mask = mask.cpu()
         self.meta: dict[str, Any] = dict(meta or {})
+        # the full set a shard was cut from: targets (one-hot classes, the shuffled
+        # permutation) are resolved against it, so every process regresses the same ones
+        self.whole: ProbeSet | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -106,10 +110,23 @@ class ProbeSet:
             rows = [list(map(int, row)) for row in input_ids]
             if attention_mask is not None:
                 raise ValueError("attention_mask is implied by ragged lists; pass only input_ids.")
-            return cls._from_rows(rows, {"source": "tokens"})
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        return cls(input_ids, attention_mask, {"source": "tokens"})
+            probe = cls._from_rows(rows, {"source": "tokens"})
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            probe = cls(input_ids, attention_mask, {"source": "tokens"})
+        probe._warn_short(stacklevel=3)
+        return probe
+
+    def _warn_short(self, stacklevel: int) -> None:
+        short = int((self.attention_mask.sum(dim=1) < 2).sum())
+        if short:
+            warnings.warn(
+                f"{short} of {len(self)} probe sequences hold fewer than 2 real tokens and give "
+                "no example; they are kept (they cost nothing) and counted in "
+                "summary()['sequences_without_examples'].",
+                stacklevel=stacklevel,
+            )
 
     @classmethod
     def _from_rows(cls, rows: list[list[int]], meta: dict[str, Any]) -> ProbeSet:
@@ -135,16 +152,22 @@ class ProbeSet:
         num_texts: int | None = None,
         seed: int = 0,
         add_special_tokens: bool = False,
+        pack: bool = False,
     ) -> ProbeSet:
-        """Tokenize documents the paper's way: each truncated to ``max_length``, right-padded.
+        """Tokenize documents: each truncated to ``max_length`` (the paper's way) or packed.
+
+        No pad token is needed: padding is lawwatch's own (right padding, masked).
 
         Args:
-            texts: The documents.
-            tokenizer: A Hugging Face tokenizer (a pad token is not needed).
-            max_length: Tokens kept per document.
+            texts: The documents (None counts as an empty text).
+            tokenizer: A Hugging Face tokenizer, or any callable with its interface.
+            max_length: Tokens per sequence.
             num_texts: Draw this many documents at random (seeded) instead of all.
             seed: Seed of that draw.
             add_special_tokens: Let the tokenizer add BOS/EOS tokens.
+            pack: Concatenate the documents, each followed by the tokenizer's EOS id when it
+                has one, and cut the stream into ``max_length`` chunks (the last may be
+                shorter); no token is lost to truncation.
 
         Raises:
             ValueError: Too few texts, or none that yields at least two tokens.
@@ -158,26 +181,133 @@ class ProbeSet:
             if num_texts > len(texts):
                 raise ValueError(f"num_texts={num_texts} but only {len(texts)} texts were given.")
             texts = random.Random(seed).sample(texts, num_texts)
+        for i, text in enumerate(texts):
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"Probe text {i} is a {type(text).__name__}, not a str.")
+        texts = [text or "" for text in texts]
         encoded = tokenizer(
-            texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length
+            texts,
+            add_special_tokens=add_special_tokens,
+            truncation=not pack,
+            max_length=None if pack else max_length,
         )["input_ids"]
-        rows = [list(r) for r in encoded if len(r) >= 2]
-        if len(rows) < len(encoded):
-            warnings.warn(
-                f"{len(encoded) - len(rows)} of {len(encoded)} probe texts give fewer than 2 "
-                "tokens (no next-token pair) and are left out of the probe.",
-                stacklevel=2,
-            )
-        if not rows:
-            raise ValueError("No probe text yields 2 or more tokens; pass longer, non-empty texts.")
         meta = {
             "source": "texts",
             "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
             "max_length": max_length,
-            "num_texts": len(rows),
             "seed": seed,
         }
+        if pack:
+            rows, separator = _pack(encoded, max_length, getattr(tokenizer, "eos_token_id", None))
+            meta.update(pack=True, separator=separator, num_texts=len(texts))
+            short = sum(len(r) == 0 for r in encoded)
+            what = "are empty and add no token"
+        else:
+            rows = [list(r) for r in encoded if len(r) >= 2]
+            meta.update(num_texts=len(rows))
+            short = len(encoded) - len(rows)
+            what = "give fewer than 2 tokens (no next-token pair) and are left out of the probe"
+        if short:
+            warnings.warn(f"{short} of {len(encoded)} probe texts {what}.", stacklevel=2)
+        if not rows:
+            raise ValueError("No probe text yields 2 or more tokens; pass longer, non-empty texts.")
         return cls._from_rows(rows, meta)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Any,
+        tokenizer: Any,
+        *,
+        text_column: str = "text",
+        max_length: int,
+        num_texts: int | None = None,
+        seed: int = 0,
+        add_special_tokens: bool = False,
+        pack: bool = False,
+    ) -> ProbeSet:
+        """Documents from a column of a ``datasets.Dataset`` (optional dependency ``datasets``).
+
+        The same as :meth:`from_texts` on ``list(dataset[text_column])`` with the same
+        ``num_texts`` and ``seed``, without materializing the column when sampling.
+
+        Args:
+            dataset: A map-style ``datasets.Dataset``, or the path of one saved with
+                ``save_to_disk``.
+            text_column: The column holding the documents.
+            tokenizer, max_length, num_texts, seed, add_special_tokens, pack: As in
+                :meth:`from_texts`.
+        """
+        from lawwatch.sources import dataset_texts
+
+        texts, rows = dataset_texts(dataset, text_column, num_texts, seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            probe = cls.from_texts(
+                texts,
+                tokenizer,
+                max_length=max_length,
+                add_special_tokens=add_special_tokens,
+                pack=pack,
+            )
+        for warning in caught:  # re-issued here, so they point at the caller
+            warnings.warn(str(warning.message), warning.category, stacklevel=2)
+        probe.meta.update(source="dataset", text_column=text_column, dataset_rows=rows, seed=seed)
+        return probe
+
+    @classmethod
+    def from_token_file(
+        cls,
+        path: str | Path,
+        *,
+        seq_len: int,
+        num_sequences: int | None = None,
+        seed: int = 0,
+        dtype: str | None = None,
+        key: str | None = None,
+    ) -> ProbeSet:
+        """Token ids from a file: a 1-D token stream cut into chunks, or 2-D sequences.
+
+        Args:
+            path: ``.npy``, ``.safetensors`` (a lawwatch probe file is read with :meth:`load`),
+                or a raw binary file of ``dtype`` ids (nanoGPT's ``train.bin`` / ``val.bin``).
+            seq_len: Tokens per sequence: the chunk length of a stream (its tail shorter than
+                ``seq_len`` is not used; ``meta["tail_tokens_unused"]`` says how many), the
+                truncation of 2-D rows.
+            num_sequences: Draw this many chunks (or rows) at random (seeded) instead of all.
+            seed: Seed of that draw.
+            dtype: Element type of a raw binary file, e.g. ``"uint16"``.
+            key: The tensor of a ``.safetensors`` file (default ``input_ids`` or the only one;
+                an ``attention_mask`` tensor beside ``input_ids`` is used as the mask).
+        """
+        from lawwatch.sources import read_token_file, stream_chunks
+
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2 (a token and its next), got {seq_len}.")
+        if str(path).endswith(".safetensors") and _is_probe_file(path):
+            return cls.load(path)
+        ids, mask, meta = read_token_file(path, dtype=dtype, key=key)
+        meta.update(source="token_file", seq_len=seq_len, seed=seed)
+        if ids.ndim == 1:
+            rows, tail = stream_chunks(ids, seq_len, num_sequences, seed)
+            meta["tail_tokens_unused"] = tail
+            return cls(torch.from_numpy(rows), torch.ones(rows.shape, dtype=torch.bool), meta)
+        index = list(range(ids.shape[0]))
+        if num_sequences is not None:
+            if num_sequences > len(index):
+                raise ValueError(
+                    f"num_sequences={num_sequences} but {Path(path).name} holds {len(index)} rows."
+                )
+            index = sorted(random.Random(seed).sample(index, num_sequences))
+        rows = torch.from_numpy(np.asarray(ids[index, :seq_len]).astype(np.int64))
+        real = (
+            torch.ones(rows.shape, dtype=torch.bool)
+            if mask is None
+            else torch.from_numpy(np.asarray(mask[index, :seq_len]))
+        )
+        probe = cls(rows, real, meta)
+        probe._warn_short(stacklevel=3)
+        return probe
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -263,10 +393,48 @@ class ProbeSet:
         if missing:
             ids = torch.cat([ids, ids.new_zeros(missing, ids.shape[1])])
             mask = torch.cat([mask, mask.new_zeros(missing, mask.shape[1])])
-        return ProbeSet(ids, mask, {**self.meta, "shard": [rank, world_size]})
+        shard = ProbeSet(ids, mask, {**self.meta, "shard": [rank, world_size]})
+        shard.whole = self.whole if self.whole is not None else self
+        return shard
+
+    def summary(self, offset: int = 1) -> dict[str, int]:
+        """What the probe holds, at target offset ``offset``.
+
+        Returns:
+            ``sequences``, their padded ``length``, real ``tokens``, usable ``examples``,
+            ``distinct_targets`` and ``sequences_without_examples`` (too short for one).
+        """
+        has_example = example_mask(self.attention_mask, offset).any(dim=1)
+        return {
+            "sequences": len(self),
+            "length": int(self.input_ids.shape[1]),
+            "tokens": int(self.attention_mask.sum()),
+            "examples": self.num_examples(offset),
+            "distinct_targets": int(self.target_ids(offset).numel()),
+            "sequences_without_examples": int((~has_example).sum()),
+        }
 
     def __repr__(self) -> str:
-        return (
-            f"ProbeSet(sequences={len(self)}, length={self.input_ids.shape[1]}, "
-            f"examples={self.num_examples()}, distinct_targets={self.target_ids().numel()})"
-        )
+        fields = ", ".join(f"{k}={v}" for k, v in self.summary().items())
+        return f"ProbeSet({fields})"
+
+
+def _pack(
+    encoded: Sequence[Sequence[int]], length: int, separator: int | None
+) -> tuple[list[list[int]], int | None]:
+    """Concatenate documents (each followed by ``separator``) and cut into ``length`` chunks."""
+    stream: list[int] = []
+    for row in encoded:
+        if len(row):
+            stream.extend(row)
+            if separator is not None:
+                stream.append(int(separator))
+    rows = [stream[i : i + length] for i in range(0, len(stream), length)]
+    return [r for r in rows if len(r) >= 2], separator
+
+
+def _is_probe_file(path: str | Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("format") == FORMAT

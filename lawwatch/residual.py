@@ -32,6 +32,7 @@ Numerics (see DESIGN.md §2):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -61,6 +62,9 @@ class ResidualStats:
             produce. Memory grows as ``num_layers * dim * len(classes)``.
         device: Where the statistics live (default CPU). Features on another device are moved.
         rtol: Relative eigenvalue tolerance of the solve (see the module docstring).
+        layers: The hidden-state entry index of each layer, when a subset of entries is
+            measured (default ``0 … num_layers-1``). Carried along (statistics of different
+            entries refuse to merge) so the law is fitted on the true indices.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class ResidualStats:
         classes: torch.Tensor | None = None,
         device: torch.device | str | None = None,
         rtol: float = DEFAULT_RTOL,
+        layers: Sequence[int] | None = None,
     ) -> None:
         if num_layers < 1 or dim < 1:
             raise ValueError(f"num_layers and dim must be positive, got {num_layers} and {dim}.")
@@ -80,6 +85,15 @@ class ResidualStats:
         if not 0.0 < rtol < 1.0:
             raise ValueError(f"rtol must lie in (0, 1), got {rtol}.")
         self.num_layers, self.dim, self.target, self.rtol = num_layers, dim, target, rtol
+        self.layers = tuple(range(num_layers)) if layers is None else tuple(map(int, layers))
+        if (
+            len(self.layers) != num_layers
+            or any(b <= a for a, b in zip(self.layers[:-1], self.layers[1:], strict=True))
+            or min(self.layers) < 0
+        ):
+            raise ValueError(
+                f"layers must be {num_layers} increasing entry indices >= 0, got {layers}."
+            )
         self.device = torch.device(device if device is not None else "cpu")
         if target == "onehot":
             if classes is None or classes.ndim != 1 or classes.numel() < 2:
@@ -198,19 +212,20 @@ class ResidualStats:
         self.shift_x, self.shift_y = shift_x.clone(), shift_y.clone()
 
     def _check_compatible(self, other: ResidualStats) -> None:
-        same = (other.num_layers, other.dim, other.target) == (
+        same = (other.num_layers, other.dim, other.target, other.layers) == (
             self.num_layers,
             self.dim,
             self.target,
+            self.layers,
         )
         if not same or (
             self.classes is not None
             and not torch.equal(self.classes, other.classes.to(self.device))
         ):
             raise ValueError(
-                "Cannot merge statistics of different shape or target: "
-                f"({self.num_layers}, {self.dim}, {self.target}) vs "
-                f"({other.num_layers}, {other.dim}, {other.target})."
+                "Cannot merge statistics of different shape, target or entries: "
+                f"({self.num_layers}, {self.dim}, {self.target}, layers {self.layers}) vs "
+                f"({other.num_layers}, {other.dim}, {other.target}, layers {other.layers})."
             )
 
     def merge(self, other: ResidualStats) -> ResidualStats:
@@ -316,7 +331,6 @@ class ResidualStats:
         # centered second moments (about the mean) from the shifted sums
         sx, sy = self.sum_x, self.sum_y
         gram = self.sum_xx - sx.unsqueeze(2) * sx.unsqueeze(1) / n  # (L, d, d)
-        cross = self.sum_xy - sx.unsqueeze(2) * sy.view(1, 1, -1) / n  # (L, d, K)
         tss = (self.sum_yy - sy * sy / n).sum()
         if tss.item() <= _EPS * self.sum_yy.sum().item():  # host sync
             raise ValueError(
@@ -329,12 +343,18 @@ class ResidualStats:
         alive = var > 64 * _EPS * raw
         scale = torch.where(alive, var.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
         corr = gram * scale.unsqueeze(2) * scale.unsqueeze(1)
-        cross = cross * scale.unsqueeze(2)
         evals, evecs = torch.linalg.eigh(corr)  # batched over layers: (L, d), (L, d, d)
         keep = evals > self.rtol * evals[:, -1:].clamp_min(0.0)  # eigh sorts ascending
-        inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
-        proj = evecs.transpose(1, 2) @ cross  # (L, d, K) coordinates in the eigenbasis
-        explained = (inv.unsqueeze(2) * proj * proj).sum(dim=(1, 2))  # (L,)
+        inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)  # (L, d)
+        # outputs in 8 chunks: the one-hot solve's workspace is ~3/8 of Σx·yᵀ, not 3 copies
+        k = self.num_outputs
+        chunk = max(1, -(-k // 8)) if k > 1 else 1
+        explained = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        for start in range(0, k, chunk):
+            part = slice(start, start + chunk)
+            cross = self.sum_xy[:, :, part] - sx.unsqueeze(2) * sy[part].view(1, 1, -1) / n
+            proj = evecs.transpose(1, 2) @ (cross * scale.unsqueeze(2))  # (L, d, chunk)
+            explained += (inv.unsqueeze(2) * proj * proj).sum(dim=(1, 2))
         return (tss - explained) / tss
 
 

@@ -14,17 +14,19 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import lawwatch
-from lawwatch.distributed import ThroughRoot, is_sharded, layout, measured_module
+from lawwatch.distributed import is_sharded, layout, measured_module
 from lawwatch.integrations.accelerate import tracker_values
 from lawwatch.measure import accumulate
 from lawwatch.monitor import LawWatch
 from lawwatch.probe import example_mask
 from tests.conftest import ragged_probe, tiny_gpt2, tiny_llama
 from tests.dist.launch import run, torchrun
+from tests.test_measure import _gpt2_norm, _llama_norm, paper_reference
 
 TOL = 1e-9
 
@@ -90,7 +92,8 @@ def test_ddp_failed_rank_makes_every_rank_skip(ddp):
         assert r["history_steps"] == [0, 1, 4]
         assert math.isfinite(r["loss4"])  # training went on
     assert "rank 1 could not measure step 2: RuntimeError('injected failure" in log
-    assert "rank 1 could not measure step 3: ValueError('features contain NaN" in log
+    assert "rank 1 could not measure step 3: ValueError('The hidden states of" in log
+    assert "contain NaN or Inf" in log
     assert "snapshot at step 2 skipped: another rank failed" in log
     assert "snapshot at step 3 skipped: another rank failed" in log
 
@@ -143,7 +146,7 @@ def fsdp(tmp_path_factory):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_fsdp2_sharded_probe_equals_one_process(fsdp, name):
     (r0, r1), _ = fsdp
-    assert r0[f"{name}_root_is_fsdp"] and r0[f"{name}_through_root"]
+    assert r0[f"{name}_root_is_fsdp"] and r0[f"{name}_measured_as_is"]
     assert r0[f"{name}_hooked"] and r1[f"{name}_hooked"]  # the final-norm pre-hook fired
     for step in (0, 2):  # 0: the probe's forward is the first the root ever runs
         for r in (r0, r1):
@@ -180,18 +183,24 @@ def test_plain_model_is_measured_as_is(gpt2):
     assert measured_module(gpt2, unwrap=lambda m: m.transformer) is gpt2.transformer
 
 
+_FRESH = {tiny_gpt2: _gpt2_norm, tiny_llama: _llama_norm}
+
+
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
-def test_through_root_equals_the_body_and_keeps_one_logit(build, probe):
+def test_runs_from_the_root_and_keeps_one_logit(build, probe):
+    """The forward enters at the root (as FSDP and ZeRO-3 need) without full-vocabulary logits,
+    and gives the same PR as the paper's protocol on the body alone."""
     model = build().double()
-    root = ThroughRoot(model)
-    assert root.norm is (model.transformer.ln_f if build is tiny_gpt2 else model.model.norm)
     widths = []
     handle = model.lm_head.register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
-    stats = accumulate(root, probe, batch_size=4)
+    stats = accumulate(model, probe, batch_size=4)
     handle.remove()
     assert widths and set(widths) == {1}  # logits_to_keep=1: no (batch, length, vocab) logits
-    expected = lawwatch.measure(model, probe).pr
-    assert torch.allclose(stats.compute().cpu(), expected, rtol=0, atol=1e-12)
+    expected = paper_reference(model, probe, _FRESH[build](16))
+    got = stats.compute().cpu().numpy()
+    np.testing.assert_allclose(got[:-1], expected[:-1], rtol=0, atol=1e-12)
+    # the last entry: Llama's own RMSNorm (the reference's) computes in float32
+    np.testing.assert_allclose(got[-1], expected[-1], rtol=0, atol=1e-8)
 
 
 def test_shards_cover_every_example_once_with_equal_batches():

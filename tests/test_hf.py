@@ -3,9 +3,6 @@
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from lawwatch import ProbeSet, emergence_step, measure
 from lawwatch.integrations.hf import LawWatchCallback
 from lawwatch.sinks import read_history
 from tests.conftest import VOCAB, ragged_probe, tiny_gpt2
+from tests.dist.launch import run, torchrun
 from tests.wandb_offline import (
     final_summary,
     finish_run,
@@ -268,24 +266,8 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
 
 def test_every_process_measures_only_the_main_one_writes(tmp_path):
     script = Path(__file__).with_name("ddp_trainer.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent.parent)}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [json.loads(x[7:]) for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    output = run([*torchrun(2), str(script), str(tmp_path / "out")], timeout=300)
+    lines = [json.loads(x[7:]) for x in output.splitlines() if x.startswith("RESULT ")]
     by_rank = {line["rank"]: line for line in lines}
     assert sorted(by_rank) == [0, 1]
     assert by_rank[0]["done"] == by_rank[1]["done"] == 5  # both took part in every snapshot

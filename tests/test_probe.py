@@ -5,9 +5,12 @@ from lawwatch import ProbeSet
 from lawwatch.probe import example_mask, example_targets
 from tests.conftest import char_tokenizer, ragged_probe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_from_ragged_tokens_counts_examples():
-    probe = ProbeSet.from_tokens([[5, 6, 7], [8], [9, 10]])
+    with pytest.warns(UserWarning, match="1 of 3 probe sequences hold fewer than 2 real tokens"):
+        probe = ProbeSet.from_tokens([[5, 6, 7], [8], [9, 10]])
     assert probe.input_ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
     assert probe.num_examples() == 2 + 0 + 1
     assert probe.target_ids().tolist() == [6, 7, 10]
@@ -103,3 +106,149 @@ def test_shard_pads_to_equal_batches(world):
     assert sum(s.num_examples() for s in shards) == probe.num_examples()
     with pytest.raises(ValueError, match="rank"):
         probe.shard(world, world)
+
+
+def test_no_pad_token_needed_and_empty_texts_reported():
+    tok = char_tokenizer()
+    assert tok.pad_token is None and tok.eos_token is None
+    texts = ["the law of equi-learning", None, "", "each layer cuts the residual"]
+    with pytest.warns(UserWarning, match="2 of 4 probe texts give fewer than 2 tokens"):
+        probe = ProbeSet.from_texts(texts, tok, max_length=6)
+    assert len(probe) == 2 and probe.meta["num_texts"] == 2
+    with pytest.raises(TypeError, match="Probe text 1 is a int"):
+        ProbeSet.from_texts(["a b", 7], tok, max_length=6)
+
+
+def test_packing_keeps_every_token():
+    tok = char_tokenizer()
+    texts = ["the law of equi-learning", "", "each layer cuts the residual", "by the same factor"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    with pytest.warns(UserWarning, match="1 of 4 probe texts are empty"):
+        packed = ProbeSet.from_texts(texts, tok, max_length=5, pack=True)
+    stream = [i for row in ids for i in row]  # no EOS: documents simply follow each other
+    assert packed.meta["separator"] is None and packed.meta["pack"]
+    got = packed.input_ids[packed.attention_mask].tolist()
+    assert got == stream[: len(got)] and len(stream) - len(got) <= 1  # only a 1-token tail
+    assert (packed.attention_mask[:-1].sum(dim=1) == 5).all()
+    tok.add_special_tokens({"eos_token": "<|end|>"})
+    with pytest.warns(UserWarning):
+        with_eos = ProbeSet.from_texts(texts, tok, max_length=5, pack=True)
+    eos = tok.eos_token_id
+    stream = [i for row in ids if row for i in [*row, eos]]
+    assert with_eos.meta["separator"] == eos
+    full = len(stream) // 5 * 5  # whole chunks, then the tail if it holds a next-token pair
+    want = stream if len(stream) - full >= 2 else stream[:full]
+    assert with_eos.input_ids[with_eos.attention_mask].tolist() == want
+
+
+def test_summary_reports_what_the_probe_holds():
+    with pytest.warns(UserWarning, match="1 of 4 probe sequences"):
+        probe = ProbeSet.from_tokens([[5, 6, 7], [8], [9, 10], [5, 5, 5, 5]])
+    assert probe.summary() == {
+        "sequences": 4,
+        "length": 4,
+        "tokens": 10,
+        "examples": 2 + 0 + 1 + 3,
+        "distinct_targets": 4,  # 6, 7, 10, 5
+        "sequences_without_examples": 1,
+    }
+    assert probe.summary(offset=2)["examples"] == 1 + 2
+    assert "sequences_without_examples=1" in repr(probe)
+
+
+def test_shards_remember_the_whole_probe():
+    probe = ragged_probe(rows=11)
+    shard = probe.shard(1, 3)
+    assert shard.whole is probe and probe.whole is None
+    assert shard.shard(0, 2).whole is probe
+
+
+def test_from_dataset_equals_from_texts(tmp_path):
+    import datasets
+
+    tok = char_tokenizer()
+    texts = [f"the law {i} of equi-learning holds for layer {i}" for i in range(12)]
+    ds = datasets.Dataset.from_dict({"text": texts, "n": list(range(12))})
+    for kwargs in ({}, {"num_texts": 5, "seed": 3}, {"pack": True}):
+        got = ProbeSet.from_dataset(ds, tok, max_length=7, **kwargs)
+        want = ProbeSet.from_texts(texts, tok, max_length=7, **kwargs)
+        assert got.content_hash() == want.content_hash()
+        assert got.meta["source"] == "dataset" and got.meta["dataset_rows"] == 12
+    ds.save_to_disk(str(tmp_path / "ds"))
+    again = ProbeSet.from_dataset(tmp_path / "ds", tok, max_length=7, num_texts=5, seed=3)
+    assert (
+        again.content_hash()
+        == ProbeSet.from_texts(texts, tok, max_length=7, num_texts=5, seed=3).content_hash()
+    )
+    with pytest.raises(ValueError, match=r"no column 'body'.*\['text', 'n'\]"):
+        ProbeSet.from_dataset(ds, tok, text_column="body", max_length=7)
+    with pytest.raises(TypeError, match="pass one split"):
+        ProbeSet.from_dataset(datasets.DatasetDict({"train": ds}), tok, max_length=7)
+    with pytest.raises(TypeError, match="IterableDataset"):
+        ProbeSet.from_dataset(ds.to_iterable_dataset(), tok, max_length=7)
+    with pytest.raises(ValueError, match="only 12 rows"):
+        ProbeSet.from_dataset(ds, tok, max_length=7, num_texts=13)
+
+
+def test_from_token_files(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    stream = np.random.default_rng(0).integers(0, 60_000, size=1000).astype(np.uint16)
+    stream.tofile(tmp_path / "val.bin")  # nanoGPT's format
+    np.save(tmp_path / "val.npy", stream.astype(np.int32))
+    from_bin = ProbeSet.from_token_file(tmp_path / "val.bin", seq_len=64, dtype="uint16")
+    from_npy = ProbeSet.from_token_file(tmp_path / "val.npy", seq_len=64)
+    assert from_bin.content_hash() == from_npy.content_hash()
+    assert from_bin.input_ids.shape == (15, 64) and from_bin.attention_mask.all()
+    assert from_bin.input_ids.flatten().tolist() == stream[:960].tolist()
+    assert from_bin.meta["tail_tokens_unused"] == 40
+    draw = ProbeSet.from_token_file(tmp_path / "val.npy", seq_len=64, num_sequences=4, seed=1)
+    assert (
+        draw.content_hash()
+        == ProbeSet.from_token_file(
+            tmp_path / "val.npy", seq_len=64, num_sequences=4, seed=1
+        ).content_hash()
+    )
+    assert (
+        draw.content_hash()
+        != ProbeSet.from_token_file(
+            tmp_path / "val.npy", seq_len=64, num_sequences=4, seed=2
+        ).content_hash()
+    )
+    chunks = {tuple(stream[i : i + 64].tolist()) for i in range(0, 960, 64)}
+    assert all(tuple(row.tolist()) in chunks for row in draw.input_ids)
+    # 2-D sequences with a mask in safetensors; a lawwatch probe file is loaded as such
+    rows = stream[:60].reshape(3, 20).astype(np.int64)
+    mask = np.ones((3, 20), dtype=np.uint8)
+    mask[1, 12:] = 0
+    save_file({"input_ids": rows, "attention_mask": mask}, str(tmp_path / "rows.safetensors"))
+    two_d = ProbeSet.from_token_file(tmp_path / "rows.safetensors", seq_len=16)
+    assert two_d.input_ids.shape == (3, 16) and two_d.attention_mask.sum() == 16 + 12 + 16
+    saved = ragged_probe().save(tmp_path / "probe.safetensors")
+    assert (
+        ProbeSet.from_token_file(saved, seq_len=8).content_hash() == ragged_probe().content_hash()
+    )
+
+
+def test_token_file_errors_are_named(tmp_path):
+    import numpy as np
+
+    np.arange(10, dtype=np.int64).tofile(tmp_path / "raw.bin")
+    with pytest.raises(ValueError, match="dtype='uint16'"):
+        ProbeSet.from_token_file(tmp_path / "raw.bin", seq_len=4)
+    np.save(tmp_path / "f.npy", np.zeros(10, dtype=np.float32))
+    with pytest.raises(TypeError, match="must be integers"):
+        ProbeSet.from_token_file(tmp_path / "f.npy", seq_len=4)
+    np.save(tmp_path / "neg.npy", np.array([1, -2, 3, 4]))
+    with pytest.raises(ValueError, match="negative token ids"):
+        ProbeSet.from_token_file(tmp_path / "neg.npy", seq_len=2)
+    np.save(tmp_path / "short.npy", np.arange(5))
+    with pytest.raises(ValueError, match="fewer than seq_len=8"):
+        ProbeSet.from_token_file(tmp_path / "short.npy", seq_len=8)
+    with pytest.raises(ValueError, match="only 2 chunks"):
+        ProbeSet.from_token_file(tmp_path / "short.npy", seq_len=2, num_sequences=3)
+    with pytest.raises(ValueError, match="records its own dtype"):
+        ProbeSet.from_token_file(tmp_path / "short.npy", seq_len=2, dtype="int64")
+    with pytest.raises(ValueError, match="at least 2"):
+        ProbeSet.from_token_file(tmp_path / "short.npy", seq_len=1)

@@ -5,6 +5,8 @@ import torch
 from lawwatch import ResidualStats, prediction_residuals
 from tests.reference import layer_norm, ols_pr, onehot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-8
 
 

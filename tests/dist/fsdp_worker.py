@@ -21,8 +21,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import lawwatch
-from lawwatch.capture import HiddenStateCapture
-from lawwatch.distributed import ThroughRoot, is_sharded, measured_module
+from lawwatch.capture import Capture
+from lawwatch.distributed import is_sharded, measured_module
+from lawwatch.probe import example_mask
 from tests.conftest import VOCAB, tiny_gpt2, tiny_llama
 from tests.dist.common import TIMEOUT_S, poison, pr_list, setup, uneven_probe, write
 
@@ -54,19 +55,20 @@ def run(name, model, shard, rank, probe, results, poison_at: str) -> None:
     reference = lawwatch.measure(model, probe).pr.tolist() if rank == 0 else None
     results[f"{name}_half_sharded"] = shard(model)
     results[f"{name}_root_is_fsdp"] = isinstance(model, FSDPModule)
-    results[f"{name}_through_root"] = isinstance(measured_module(model), ThroughRoot)
+    results[f"{name}_measured_as_is"] = measured_module(model) is model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     watch = lawwatch.LawWatch(model, probe, every=1, batch_size=2)
     results[f"{name}_step0"] = pr_list(watch.maybe_snapshot(0))
     # the final norm's pre-hook fires inside the sharded forward (a float64 model would hide a
     # fallback to the model's own final-norm output, so look at the hook itself)
-    capture = HiddenStateCapture(measured_module(model))
+    capture = Capture(measured_module(model))
     ids, mask = next(probe.batches(2))
+    positions = example_mask(mask)
     with torch.no_grad():
-        hidden = capture.forward(ids, mask)
-    results[f"{name}_hooked"] = hidden.final_norm_input is not None and list(
-        hidden.final_norm_input.shape
-    ) == [*ids.shape, model.config.hidden_size]
+        hidden = capture.forward(ids, mask, positions)
+    results[f"{name}_hooked"] = hidden.norm_input is not None and list(
+        hidden.norm_input.shape
+    ) == [int(positions.sum()), model.config.hidden_size]
     results[f"{name}_ref0"] = reference
     results[f"{name}_loss1"] = train_step(model, optimizer, rank, seed=1)
     # rank 1's features turn non-finite; its forwards must still run (each is a collective)
