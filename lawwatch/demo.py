@@ -39,7 +39,7 @@ class DemoConfig:
     ('docstrings') or both ('all')."""
     heldout: float = 0.1
     """Fraction of the documents held out of training; the probe is drawn from them."""
-    vocab_size: int = 4096
+    vocab_size: int = 1024
     """Byte-level BPE vocabulary size, trained on the training documents."""
     n_layer: int = 6
     """GPT-2 blocks."""
@@ -56,8 +56,10 @@ class DemoConfig:
     end-of-text token, and cut into blocks of this many tokens."""
     batch_size: int = 16
     """Training sequences per optimizer step."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak AdamW learning rate."""
+    adam_beta2: float = 0.95
+    """AdamW's second-moment decay (0.95, as in most LLM pretraining recipes)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 50
@@ -106,6 +108,8 @@ class DemoConfig:
             raise ValueError("probe_length must be at least 2 (a token and its next).")
         if self.warmup_steps < 0 or self.lr <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("warmup_steps must be >= 0, lr > 0 and dropout in [0, 1).")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise ValueError(f"adam_beta2 must lie in (0, 1), got {self.adam_beta2}.")
         if self.wandb not in ("auto", "online", "offline", "disabled"):
             raise ValueError(
                 f"wandb={self.wandb!r}; choose 'auto', 'online', 'offline' or 'disabled'."
@@ -290,6 +294,7 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.lr,
+        adam_beta2=config.adam_beta2,
         weight_decay=config.weight_decay,
         lr_scheduler_type="cosine",
         warmup_steps=config.warmup_steps,
