@@ -208,8 +208,8 @@ def measure(
     """Measure the law of equi-learning on ``model`` with ``probe`` (He & Su's protocol).
 
     The residual stream is captured with hooks (see :mod:`lawwatch.capture`); a Hugging Face
-    model runs without its LM head (no vocabulary logits). Hidden states are reduced to
-    sufficient statistics batch by batch and solved once for all layers.
+    model runs with ``logits_to_keep=1``, so no ``(batch, length, vocab)`` logits exist. Hidden
+    states are reduced to sufficient statistics batch by batch and solved once for all layers.
 
     Args:
         model: A Hugging Face model (GPT-2, Llama, Mamba, RWKV, …: blocks and final norm are
