@@ -8,7 +8,6 @@ its object-oriented API (no pyplot), so the caller's backend is left alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
+from lawwatch.sinks import law_points
 
 
 def plot_law(
@@ -59,17 +59,17 @@ def plot_law(
     law, trend = fig.subplots(1, 2)
 
     for record in records:
-        layers = range(1, len(record["pr"]))  # entry 0 (embeddings) is not part of the law
+        layers, log_pr = law_points(record)  # entry 0 (embeddings) is not part of the law
         law.plot(
             layers,
-            [math.log10(v) for v in record["pr"][1:]],
+            log_pr,
             color=cmap(norm(record["step"])),
             marker="o",
             markersize=3,
             linewidth=1.2,
         )
     last = records[-1]
-    layers = range(1, len(last["pr"]))
+    layers = law_points(last)[0]
     law.plot(
         layers,
         [last["intercept"] + last["slope"] * (layer - 1) for layer in layers],

@@ -70,6 +70,21 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def entries(record: dict[str, Any]) -> list[int]:
+    """The true hidden-state entry index of each PR in a record (entry 0 = the embeddings).
+
+    All entries unless the snapshot measured a subset (``layers=``), whose indices it records.
+    """
+    layers = record.get("layers")
+    return list(layers) if layers else list(range(len(record["pr"])))
+
+
+def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """``(layers, log10 PR)`` of the entries the law is fitted on (the embeddings left out)."""
+    pairs = [(e, v) for e, v in zip(entries(record), record["pr"], strict=True) if e != 0]
+    return [e for e, _ in pairs], [math.log10(v) for _, v in pairs]
+
+
 class LocalHistory:
     """``<directory>/history.jsonl`` plus ``<directory>/pr.safetensors`` (steps × entries).
 
@@ -125,11 +140,12 @@ class LocalHistory:
         from safetensors.torch import save_file
 
         rows = [r for r in self.records if r.get("pr")]
-        widths = {len(r["pr"]) for r in rows}
-        if not rows or len(widths) != 1:  # the layer count changed: only the JSONL is valid
+        layouts = {tuple(entries(r)) for r in rows}
+        if not rows or len(layouts) != 1:  # the measured entries changed: only the JSONL holds
             return
         tensors = {
             "steps": torch.tensor([-1 if r["step"] is None else r["step"] for r in rows]),
+            "layers": torch.tensor(entries(rows[0])),
             "pr": torch.tensor([r["pr"] for r in rows], dtype=torch.float64),
         }
         save_file(tensors, str(self.matrix_path), metadata={"format": "lawwatch.history/1"})
@@ -210,13 +226,13 @@ class WandbSink:
         self.records.append(record)
         if self.logged_step is not None and step <= self.logged_step:
             return  # the run already holds this step (a resumed run)
-        pr = record["pr"]
+        pr, layers = record["pr"], entries(record)
         row: dict[str, Any] = {
             f"lawwatch/{key}": record[key]
             for key in ("rho", "pearson_r", "r2", "slope", "intercept", "n_tokens", "seconds")
         }
-        row.update({layer_key(entry, len(pr)): value for entry, value in enumerate(pr)})
-        for entry, value in enumerate(pr):
+        row.update({layer_key(e, layers[-1] + 1): v for e, v in zip(layers, pr, strict=True)})
+        for entry, value in zip(layers, pr, strict=True):
             self.table.add_data(step, entry, value, math.log10(value) if value > 0 else None)
         row["lawwatch/pr_table"] = self.table
         row["lawwatch/law"] = self._chart()
@@ -245,9 +261,10 @@ class WandbSink:
         if len(picked) > self.max_lines:
             last = len(picked) - 1
             picked = [picked[round(i * last / (self.max_lines - 1))] for i in range(self.max_lines)]
+        points = [law_points(r) for r in picked]
         return wandb.plot.line_series(
-            xs=[list(range(1, len(r["pr"]))) for r in picked],
-            ys=[[math.log10(v) for v in r["pr"][1:]] for r in picked],
+            xs=[xs for xs, _ in points],
+            ys=[ys for _, ys in points],
             keys=[f"step {r['step']}" for r in picked],
             title="log10 PR vs layer over training",
             xname="layer",

@@ -77,6 +77,20 @@ def test_tiny_demo_through_the_cli(tmp_path):
         assert f"The law emerged at step {emerged}" in text
 
 
+@pytest.mark.slow
+def test_default_demo_shows_the_law_emerge(tmp_path):
+    """The README's promise, with every default: no law at initialization (r above -0.5), the
+    law at the end (r at or below -0.95). About 4.5 minutes on 2 cores."""
+    from lawwatch.demo import run_demo
+
+    result = run_demo(DemoConfig(out=str(tmp_path / "demo"), wandb="disabled"))
+    first, last = result.records[0], result.records[-1]
+    assert first["step"] == 0 and last["step"] == DemoConfig.steps
+    assert first["pearson_r"] > -0.5, first
+    assert last["pearson_r"] <= -0.95, last
+    assert result.emergence_step is not None and result.report is not None
+
+
 def test_every_knob_is_documented_and_on_the_command_line(capsys):
     docs = field_docs(DemoConfig)
     assert set(docs) == {f.name for f in fields(DemoConfig)}

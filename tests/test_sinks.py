@@ -114,3 +114,42 @@ def test_sink_failure_is_reported(offline_wandb, caplog):
         )
     live.finish()
     assert "WandbSink failed" in caplog.text and "needs a training step" in caplog.text
+
+
+def test_a_layer_subset_keeps_its_true_indices(offline_wandb, tmp_path):
+    """Snapshots of entries 0, 3, 6, 9 (``layers=3``): every consumer names the true entries."""
+    from safetensors.torch import load_file
+
+    from lawwatch.integrations.accelerate import tracker_values
+    from lawwatch.report import plot_law
+    from lawwatch.sinks import LocalHistory, law_points
+
+    layers = (0, 3, 6, 9)
+    snaps = []
+    for step, decay in [(0, 0.99), (4, 0.9)]:
+        pr = 0.8 * decay ** torch.tensor(layers, dtype=torch.float64)
+        fit = fit_law(pr, layers=layers)
+        snaps.append(Snapshot(pr=pr, fit=fit, n_tokens=50, seconds=0.1, step=step, layers=layers))
+    assert snaps[-1].fit.rho == pytest.approx(0.9, rel=1e-12)
+
+    history = LocalHistory(tmp_path)
+    live = run(offline_wandb)
+    sink = WandbSink(live)
+    for snap in snaps:
+        history.write(snap)
+        sink.write(snap)
+    records, run_dir = finish(live)
+    assert load_file(tmp_path / "pr.safetensors")["layers"].tolist() == list(layers)
+    row = [r for r in history_rows(records) if "lawwatch/rho" in r][-1]
+    for entry, value in zip(layers, snaps[-1].pr.tolist(), strict=True):
+        assert row[layer_key(entry, 10)] == pytest.approx(value, rel=1e-12)
+    assert [(r[0], r[1]) for r in table_rows(run_dir, "lawwatch/pr_table")] == [
+        (s.step, e) for s in snaps for e in layers
+    ]
+    chart = json.loads(table_files(run_dir, "lawwatch/law_table")[-1].read_text())["data"]
+    assert sorted({x for x, _, _ in chart}) == [3, 6, 9]
+    xs, ys = law_points(history.records[-1])
+    assert xs == [3, 6, 9] and ys == pytest.approx([math.log10(v) for v in snaps[-1].pr[1:]])
+    assert plot_law(history.records, tmp_path / "law.png").exists()
+    values = tracker_values(snaps[-1])
+    assert {k for k in values if "/pr/" in k} == {f"lawwatch/pr/{e:02d}" for e in layers}

@@ -37,9 +37,9 @@ def tracker_values(snapshot: Snapshot, prefix: str = PREFIX) -> dict[str, float 
         if isinstance(value, bool) or not math.isfinite(value):
             continue
         values[prefix + name] = value
-    width = len(str(snapshot.pr.numel() - 1))
-    for entry, pr in enumerate(snapshot.pr.tolist()):
-        values[f"{prefix}pr/{entry:0{max(width, 2)}d}"] = pr
+    width = max(len(str(snapshot.layers[-1])), 2)
+    for entry, pr in zip(snapshot.layers, snapshot.pr.tolist(), strict=True):
+        values[f"{prefix}pr/{entry:0{width}d}"] = pr
     return values
 
 
