@@ -73,6 +73,20 @@ class Schedule:
         return [s for s in range(until + 1) if self(s)]
 
 
+def check_measure_options(options: dict[str, Any]) -> None:
+    """Refuse options :func:`lawwatch.measure` does not take (before training, not during it).
+
+    Raises:
+        TypeError: Naming the unknown options and the valid ones.
+    """
+    unknown = set(options) - _MEASURE_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"Unknown measurement options {sorted(unknown)}; the options are "
+            f"{sorted(_MEASURE_OPTIONS)} (see lawwatch.measure)."
+        )
+
+
 def _as_schedule(
     every: int, schedule: Callable[[int], bool] | Iterable[int] | None, last: int | None
 ) -> Callable[[int], bool]:
@@ -153,12 +167,7 @@ class LawWatch:
             chosen.append(TrackerSink(accelerator))
         self.sinks = Sinks(chosen)
         self.accelerator = accelerator
-        unknown = set(measure_options) - _MEASURE_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"LawWatch got unknown options {sorted(unknown)}; the measurement options are "
-                f"{sorted(_MEASURE_OPTIONS)}."
-            )
+        check_measure_options(measure_options)
         self.options = {
             "normalize": normalize,
             "target": target,

@@ -168,7 +168,20 @@ def test_bad_settings_fail_when_the_callback_is_built():
         LawWatchCallback(ragged_probe(), normalize="batchnorm")
     with pytest.raises(ValueError, match="every"):
         LawWatchCallback(ragged_probe(), every=0)
+    with pytest.raises(TypeError, match=r"Unknown measurement options \['layer'\]"):
+        LawWatchCallback(ragged_probe(), layer=2)
     assert lawwatch.LawWatchCallback is LawWatchCallback
+
+
+def test_measurement_options_reach_every_snapshot(tmp_path):
+    probe = ragged_probe()
+    callback = LawWatchCallback(probe, every=4, layers=[0, 2, 3, 4], offset=2)
+    trainer = make_trainer(tmp_path / "out", [callback], max_steps=2)
+    initial = measure(tiny_gpt2(0), probe, layers=[0, 2, 3, 4], offset=2)
+    trainer.train()
+    first = read_history(tmp_path / "out" / "lawwatch" / "history.jsonl")[0]
+    assert first["layers"] == [0, 2, 3, 4] and first["n_tokens"] == probe.num_examples(offset=2)
+    assert first["pr"] == pytest.approx(initial.pr.tolist(), abs=1e-12)
 
 
 # -- W&B ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from lawwatch.capture import NORMALIZE, Normalize
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.measure import MEASURE_TARGETS, MeasureTarget
-from lawwatch.monitor import LawWatch, Schedule
+from lawwatch.monitor import LawWatch, Schedule, check_measure_options
 from lawwatch.probe import ProbeSet
 from lawwatch.sinks import LocalHistory, Sink, WandbSink
 
@@ -75,6 +75,12 @@ class LawWatchCallback(TrainerCallback):
         target: As in :func:`lawwatch.measure`.
         batch_size: Probe sequences per forward pass.
         emergence_threshold: r at or below which the law counts as emerged.
+        **measure_options: Further options of :func:`lawwatch.measure` (``offset``,
+            ``layers``, ``blocks``, ``final_norm``, ``onehot_top_k``, ...).
+
+    Raises:
+        TypeError: An option :func:`lawwatch.measure` does not take, or a probe that is not a
+            :class:`~lawwatch.ProbeSet`.
 
     Attributes:
         monitor: The :class:`lawwatch.monitor.LawWatch` of the current ``train()`` call.
@@ -95,6 +101,7 @@ class LawWatchCallback(TrainerCallback):
         target: MeasureTarget = "token_id",
         batch_size: int = 8,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+        **measure_options: Any,
     ) -> None:
         # bad settings fail here, where the user builds the callback, not mid-training
         if not isinstance(probe, ProbeSet):
@@ -111,8 +118,14 @@ class LawWatchCallback(TrainerCallback):
             raise ValueError(f"Unknown target={target!r}; choose one of {MEASURE_TARGETS}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        check_measure_options(measure_options)
         self.probe, self.every, self.schedule = probe, every, schedule
-        self.options = {"normalize": normalize, "target": target, "batch_size": batch_size}
+        self.options = {
+            "normalize": normalize,
+            "target": target,
+            "batch_size": batch_size,
+            **measure_options,
+        }
         self.emergence_threshold = emergence_threshold
         self.extra_sinks = list(sinks or [])
         self._directory = None if directory is None else Path(directory)
