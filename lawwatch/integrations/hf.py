@@ -241,10 +241,8 @@ class LawWatchCallback(TrainerCallback):
             return plot_law(
                 records, self.directory / "law.png", emergence_threshold=self.emergence_threshold
             )
-        except ImportError:
-            log.warning(
-                "lawwatch: no plot of the law (matplotlib is missing: pip install matplotlib)"
-            )
+        except ImportError as error:  # matplotlib is an optional dependency
+            log.warning("lawwatch: no plot of the law (%s; pip install matplotlib)", error)
             return None
 
 
