@@ -9,6 +9,7 @@ import torch
 from lawwatch import ProbeSet
 from lawwatch.monitor import LawWatch, Schedule
 from lawwatch.sinks import LocalHistory, Sinks, read_history
+from tests.conftest import RECORD_KEYS
 
 
 def test_default_schedule():
@@ -51,17 +52,7 @@ def test_history_sink_and_resume(tmp_path, gpt2, probe):
         watch.maybe_snapshot(step)
     records = read_history(tmp_path / "lw" / "history.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2, 4, 8]
-    assert set(records[0]) >= {
-        "step",
-        "pr",
-        "rho",
-        "pearson_r",
-        "slope",
-        "intercept",
-        "r2",
-        "n_tokens",
-        "seconds",
-    }
+    assert set(records[0]) >= RECORD_KEYS
     assert len(records[0]["pr"]) == 5 and records[0]["n_tokens"] == probe.num_examples()
     from safetensors.torch import load_file
 
