@@ -157,6 +157,8 @@ def main() -> None:
         )
     if run is not None:
         run.finish()
+    # destroys the process group: left to interpreter exit, gloo can abort a finished process
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

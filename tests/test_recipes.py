@@ -20,6 +20,7 @@ import yaml
 from lawwatch import ProbeSet, Schedule
 from lawwatch.sinks import read_history
 from tests.dist.launch import ROOT, run, torchrun
+from tests.wandb_offline import history_rows, inspect_run, lawwatch_steps
 
 RECIPE = ["recipes/pretrain_accelerate.py", "--config", "configs/smoke_cpu.yaml"]
 TRAINER = ["recipes/pretrain_trainer.py", "--config", "configs/smoke_cpu.yaml"]
@@ -87,17 +88,31 @@ def test_recipe_two_processes(tmp_path):
 
 @pytest.fixture(scope="module")
 def trainer_one_process(tmp_path_factory) -> tuple[Path, str]:
-    """The Trainer recipe on one process: (output directory, log)."""
-    out = tmp_path_factory.mktemp("trainer") / "out"
-    return out, run([sys.executable, *TRAINER, "--set", f"output.dir={out}"])
+    """The Trainer recipe on one process, logging to an offline W&B run: (its root, log)."""
+    root = tmp_path_factory.mktemp("trainer")
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true"}
+    sets = ["--set", f"output.dir={root / 'out'}", "--set", "output.log_with=wandb"]
+    return root, run([sys.executable, *TRAINER, *sets], env)
 
 
 @pytest.mark.slow
-def test_trainer_recipe_one_process(trainer_one_process):
-    out, log = trainer_one_process
-    check_run(out, log)
+def test_trainer_recipe_one_process_with_wandb(trainer_one_process):
+    root, log = trainer_one_process
+    records = check_run(root / "out", log)
     assert "1 process(es), DistributedType.NO" in log
-    assert (out / "lawwatch" / "law.png").read_bytes()[:4] == b"\x89PNG"  # the callback's plot
+    assert (root / "out" / "lawwatch" / "law.png").read_bytes()[:4] == b"\x89PNG"
+    # one W&B run: the one the recipe opened (its config), where the Trainer logged the loss
+    # and the callback the law, at the Trainer's steps
+    (run_dir,) = (root / "wandb").glob("offline-run-*")
+    logged = inspect_run(run_dir)
+    (opened,) = [r["run"] for r in logged if r["type"] == "run"]
+    assert opened["config"]["update"]["lawwatch"] == SMOKE["lawwatch"]
+    rows = history_rows(logged)
+    assert lawwatch_steps(rows) == [r["step"] for r in records]
+    steps = SMOKE["train"]["steps"]
+    loss_steps = [row["train/global_step"] for row in rows if "train/loss" in row]
+    every = SMOKE["train"]["log_every"]
+    assert loss_steps == list(range(every, steps + 1, every))
 
 
 @pytest.mark.slow
@@ -112,7 +127,7 @@ def test_trainer_recipe_two_processes_measure_step_0_as_one(tmp_path, trainer_on
     # the order of the float64 sums differs (measured: 2e-16 on this config); a real mismatch
     # (other weights, an example lost or counted twice among the 889) moves PR by ~1/n = 1e-3,
     # so 1e-9 sits six orders of magnitude from either.
-    single_out = trainer_one_process[0]
+    single_out = trainer_one_process[0] / "out"
     probe = ProbeSet.load(out / "probe.safetensors")
     assert probe.content_hash() == ProbeSet.load(single_out / "probe.safetensors").content_hash()
     assert len(probe) % 2 == 1  # the shards differ in size: rank 1's is padded
