@@ -28,5 +28,7 @@ lint: install
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
 
+# bench_overhead --quick: ~1 min; BENCHMARKS.md's numbers come from the full run (no --quick)
 bench: install
 	$(PY) bench/bench_residual.py
+	$(PY) bench/bench_overhead.py --quick

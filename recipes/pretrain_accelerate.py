@@ -2,8 +2,9 @@
 
 The model comes from a config (random weights), the text from ``lawwatch.corpus`` (documents
 that ship with CPython: a train split, and a held-out split for the probe), the tokenizer is a
-byte-level BPE trained here on the train split. Everything is set in one YAML file under
-``configs/``; its first lines give the launch command, e.g.::
+byte-level BPE trained here on the train split (``recipes/common.py``, shared with the
+``Trainer`` recipe). Everything is set in one YAML file under ``configs/``; its first lines give
+the launch command, e.g.::
 
     python recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
     torchrun --nproc_per_node 2 recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
@@ -20,90 +21,17 @@ Writes to ``output.dir``: ``tokenizer/``, ``probe.safetensors``, ``lawwatch/hist
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from common import build_model, check_probe, load_config, parameter_count, prepare_data
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    PreTrainedTokenizerFast,
-    get_cosine_schedule_with_warmup,
-)
+from transformers import get_cosine_schedule_with_warmup
 
 import lawwatch
-from lawwatch import corpus
 from lawwatch.sinks import LocalHistory
-
-
-def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
-    """The YAML file, with ``key.sub=value`` overrides applied (values parsed as YAML)."""
-    config = yaml.safe_load(Path(path).read_text())
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key.sub=value, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(value)
-    return config
-
-
-def load_texts(source: str) -> list[str]:
-    """``topics`` / ``docstrings`` / ``all`` (text shipped with CPython), or a glob of your own
-    UTF-8 text files, one document per file."""
-    if source in ("topics", "docstrings", "all"):
-        return corpus.python_texts(source)
-    paths = sorted(glob.glob(source, recursive=True))
-    if not paths:
-        raise SystemExit(f"data.source {source!r} is neither a CPython corpus nor a glob of files.")
-    return [Path(p).read_text(encoding="utf-8") for p in paths]
-
-
-def tokenizer_for(texts: list[str], vocab_size: int, where: Path, accelerator: Accelerator):
-    """Train the BPE once per machine (its main process), save it; the others load that copy.
-
-    (Training is deterministic, and LawWatch's vote would catch machines whose probes differ.)
-    """
-    with accelerator.local_main_process_first():
-        if accelerator.is_local_main_process:
-            corpus.train_tokenizer(texts, vocab_size).save_pretrained(where)
-        return PreTrainedTokenizerFast.from_pretrained(where)
-
-
-def token_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Documents joined by end-of-text, cut into ``(blocks, seq_len)`` training rows."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend([*row, eos])
-    blocks = len(ids) // seq_len
-    if blocks == 0:
-        raise SystemExit(f"The train split has {len(ids)} tokens, fewer than seq_len={seq_len}.")
-    return torch.tensor(ids[: blocks * seq_len]).view(blocks, seq_len)
-
-
-def build_model(spec: dict[str, Any], tokenizer) -> torch.nn.Module:
-    """Random weights from ``model.type`` and ``model.config`` (after the Accelerator exists,
-    so that DeepSpeed ZeRO-3 can partition the weights as they are created)."""
-    ids = tokenizer.eos_token_id
-    config = AutoConfig.for_model(
-        spec["type"],
-        vocab_size=len(tokenizer),
-        bos_token_id=ids,
-        eos_token_id=ids,
-        pad_token_id=ids,
-        **spec.get("config", {}),
-    )
-    return AutoModelForCausalLM.from_config(config)
 
 
 def main() -> None:
@@ -112,7 +40,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(args.config, args.set)
-    data, train, watch_cfg, output = cfg["data"], cfg["train"], cfg["lawwatch"], cfg["output"]
+    train, watch_cfg, output = cfg["train"], cfg["lawwatch"], cfg["output"]
     out = Path(output["dir"])
 
     accelerator = Accelerator(
@@ -122,29 +50,12 @@ def main() -> None:
         log_with=output.get("log_with"),
         project_dir=out,
     )
-    set_seed(train["seed"])
-    texts = load_texts(data["source"])
-    train_texts, heldout = corpus.split_texts(texts, data["heldout"], seed=train["seed"])
-    tokenizer = tokenizer_for(train_texts, data["vocab_size"], out / "tokenizer", accelerator)
-    blocks = token_blocks(train_texts, tokenizer, data["seq_len"])
-    probe_cfg = cfg["probe"]
-    probe = lawwatch.ProbeSet.from_texts(
-        heldout,
-        tokenizer,
-        max_length=probe_cfg["max_length"],
-        num_texts=probe_cfg.get("num_texts"),
-        seed=train["seed"],
+    tokenizer, blocks, probe = prepare_data(
+        cfg, out, accelerator.local_main_process_first(), accelerator.is_local_main_process
     )
-
-    model = build_model(cfg["model"], tokenizer)
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 too
-    hidden = model.config.hidden_size
-    if probe.num_examples() <= hidden + 1:
-        raise SystemExit(
-            f"The probe has {probe.num_examples()} examples; hidden size {hidden} needs more "
-            f"than {hidden + 1} (~{10 * hidden} for a low-noise PR): raise probe.num_texts, "
-            "probe.max_length or data.heldout."
-        )
+    model = build_model(cfg["model"], tokenizer, train["seed"])
+    params = parameter_count(model)
+    check_probe(probe, model)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=train["lr"],

@@ -29,23 +29,24 @@ SIZES = {
 }
 
 
-def recipe_module():
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_accelerate", ROOT / "recipes" / "pretrain_accelerate.py"
-    )
+def recipe_common():
+    """recipes/common.py: the config loading both recipes share."""
+    spec = importlib.util.spec_from_file_location("common", ROOT / "recipes" / "common.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def header(path: Path) -> tuple[str, list[str]]:
-    """(recipe path, launch commands) from the comment block that opens the file."""
+def header(path: Path) -> tuple[list[str], list[str]]:
+    """(recipe paths, launch commands) from the comment block that opens the file."""
     lines = path.read_text().splitlines()
-    assert lines[0].startswith("# Recipe: "), f"{path} must open with '# Recipe: <path>'"
-    recipe = lines[0].removeprefix("# Recipe: ").split()[0]
+    first = re.match(r"# Recipes?: ", lines[0])
+    assert first, f"{path} must open with '# Recipe: <path>' or '# Recipes: <path> <path>'"
+    recipes = re.findall(r"recipes/\S+\.py", lines[0])
+    assert recipes, f"{path}: no recipe path on its first line"
     launches = [re.sub(r"^# Launch[^:]*: ", "", ln) for ln in lines if ln.startswith("# Launch")]
     assert launches, f"{path} names no '# Launch: <command>' line"
-    return recipe, launches
+    return recipes, launches
 
 
 def test_configs_exist():
@@ -62,11 +63,13 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_header_names_recipe_and_launch(path):
-    recipe, launches = header(path)
-    assert (ROOT / recipe).is_file(), f"{path}: recipe {recipe} does not exist"
+    recipes, launches = header(path)
+    for recipe in recipes:
+        assert (ROOT / recipe).is_file(), f"{path}: recipe {recipe} does not exist"
+        assert any(recipe in command for command in launches), f"{path}: no launch of {recipe}"
     this = path.relative_to(ROOT).as_posix()
     for command in launches:
-        assert recipe in command
+        assert sum(recipe in command for recipe in recipes) == 1, f"{path}: {command}"
         flag = "--config_file" if path in LAUNCHER_CONFIGS else "--config"
         assert f"{flag} {this}" in command, f"{path}: the launch command must use {this}"
         for file in re.findall(r"(?:configs|recipes)/\S+", command):
@@ -75,7 +78,7 @@ def test_header_names_recipe_and_launch(path):
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: p.name)
 def test_recipe_config_builds_the_promised_model(path):
-    cfg = recipe_module().load_config(str(path), [])
+    cfg = recipe_common().load_config(str(path), [])
     assert set(cfg) >= {"model", "data", "probe", "train", "lawwatch", "output"}
     spec = cfg["model"]
     defaults = AutoConfig.for_model(spec["type"])
@@ -93,7 +96,7 @@ def test_recipe_config_builds_the_promised_model(path):
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = recipe_module().load_config(
+    cfg = recipe_common().load_config(
         str(ROOT / "configs" / "smoke_cpu.yaml"), ["train.steps=7", "output.log_with=wandb"]
     )
     assert cfg["train"]["steps"] == 7 and cfg["output"]["log_with"] == "wandb"

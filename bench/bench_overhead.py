@@ -1,0 +1,249 @@
+"""What a training run pays for LawWatchCallback: the same run without and with it, side by side.
+
+    .venv/bin/python bench/bench_overhead.py [--steps 300] [--every 100] [--repeat 2] [--quick]
+
+The demo's run (``lawwatch.demo``: GPT-2 of 6 blocks x 128 dims, byte-level BPE of 1024 tokens,
+sequences of 128, batch 16, trained by the Hugging Face ``Trainer`` on CPU) and the demo's probe
+(128 held-out documents x up to 128 tokens). Each run is a fresh child process, so its peak
+RSS is its own and no run inherits another's heap; runs alternate, A B B A A B …, so a load
+change on a shared machine hits both variants alike, and ratios are taken within each adjacent
+pair. Reported per variant: wall and CPU time of ``trainer.train()``, the median step (the gap
+between two step ends), peak RSS; for the monitored run also the time spent inside the
+callback's events, per snapshot, and what one snapshot costs in steps of the plain run. The
+losses of the two variants are compared too: a snapshot must not change training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve()
+
+
+def child(args: argparse.Namespace) -> None:
+    """One training run; prints one JSON line."""
+    torch.set_num_threads(args.threads)
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from lawwatch import ProbeSet
+    from lawwatch.demo import Blocks, DemoConfig, build_model
+    from lawwatch.integrations.hf import LawWatchCallback
+    from lawwatch.sinks import read_history
+
+    hf_logging.set_verbosity_error()
+    data = Path(args.data)
+    meta = json.loads((data / "meta.json").read_text())
+    blocks = Blocks(load_file(data / "blocks.safetensors")["ids"])
+    probe = ProbeSet.load(data / "probe.safetensors")
+    config = DemoConfig(steps=args.steps, every=args.every, seed=0)
+    model = build_model(config, meta["vocab_size"], meta["eos_id"])
+
+    class StepClock(TrainerCallback):
+        """The time of every step end (the gaps between them are whole steps)."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_train_begin(self, *a, **k) -> None:
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k) -> None:
+            self.ends.append(time.perf_counter())
+
+    class TimedCallback(LawWatchCallback):
+        """LawWatchCallback with a stopwatch around each snapshot and around train end."""
+
+        def __init__(self, *a, **k) -> None:
+            super().__init__(*a, **k)
+            self.snapshots: list[dict] = []  # step, wall and CPU seconds of each snapshot event
+            self.other = {"wall": 0.0, "cpu": 0.0}  # events that took no snapshot, train end
+
+        def _timed(self, event, args, state, control, **kwargs) -> None:
+            before = None if self.monitor is None else self.monitor.last_step
+            wall, cpu = time.perf_counter(), time.process_time()
+            event(args, state, control, **kwargs)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if self.monitor is not None and self.monitor.last_step != before:
+                self.snapshots.append({"step": state.global_step, "wall": wall, "cpu": cpu})
+            else:
+                self.other["wall"] += wall
+                self.other["cpu"] += cpu
+
+        def on_train_begin(self, args, state, control, **k):
+            self._timed(super().on_train_begin, args, state, control, **k)
+
+        def on_step_end(self, args, state, control, **k):
+            self._timed(super().on_step_end, args, state, control, **k)
+
+        def on_train_end(self, args, state, control, **k):
+            self._timed(super().on_train_end, args, state, control, **k)  # PNG, close
+
+    clock = StepClock()
+    callbacks: list = [clock]
+    watch = None
+    if args.child == "lawwatch":
+        watch = TimedCallback(probe, every=args.every, batch_size=config.probe_batch_size)
+        callbacks.append(watch)
+    with tempfile.TemporaryDirectory() as out:
+        train_args = TrainingArguments(  # the demo's training settings
+            output_dir=out,
+            max_steps=config.steps,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.lr,
+            adam_beta2=config.adam_beta2,
+            weight_decay=config.weight_decay,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.warmup_steps,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=config.seed,
+        )
+        trainer = Trainer(model=model, args=train_args, train_dataset=blocks, callbacks=callbacks)
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        records = []
+        if watch is not None:
+            records = read_history(Path(out) / "lawwatch" / "history.jsonl")
+    gaps = [b - a for a, b in itertools.pairwise(clock.ends)]
+    result = {
+        "variant": args.child,
+        "wall": wall,
+        "cpu": cpu,
+        "step_median": statistics.median(gaps),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "losses": losses,
+    }
+    if watch is not None:
+        result.update(
+            snapshots=[r["step"] for r in records],
+            measure_seconds=[r["seconds"] for r in records],  # measure + reduce + solve
+            snapshot_events=watch.snapshots,
+            other_events=watch.other,
+            examples=probe.num_examples(),
+        )
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def make_data(directory: Path) -> dict:
+    """The demo's tokenizer, training blocks and probe, made once for every child."""
+    from safetensors.torch import save_file
+
+    from lawwatch.demo import DemoConfig, prepare
+
+    tokenizer, blocks, probe = prepare(DemoConfig())
+    save_file({"ids": blocks.ids.contiguous()}, directory / "blocks.safetensors")
+    probe.save(directory / "probe.safetensors")
+    meta = {"vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return {**meta, "blocks": len(blocks), "probe_docs": len(probe), "probe": probe.num_examples()}
+
+
+def launch(variant: str, data: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(BENCH), "--child", variant, "--data", str(data)]
+    cmd += ["--steps", str(args.steps), "--every", str(args.every), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} run failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def report(pairs: list[tuple[dict, dict]], args: argparse.Namespace, data: dict) -> None:
+    print(
+        f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, {args.threads} thread(s); "
+        f"{args.steps} steps, every={args.every}; probe {data['probe_docs']} documents, "
+        f"{data['probe']} examples; {data['blocks']} training blocks"
+    )
+    print(
+        "| pair | plain s (CPU s) | lawwatch s (CPU s) | ratio wall (CPU) | extra wall s | "
+        "callback s | snapshots | step 0 snapshot s | later snapshots, median s | "
+        "step s plain / lawwatch | "
+        "snapshot / step | rest of callback s (PNG) | peak RSS MB plain / lawwatch |"
+    )
+    print("|" + "---|" * 13)
+    ratios, costs, later_all = [], [], []
+    for i, (plain, watched) in enumerate(pairs):
+        events = watched["snapshot_events"]
+        first, later = events[0]["wall"], [e["wall"] for e in events[1:]]
+        callback = sum(e["wall"] for e in events) + watched["other_events"]["wall"]
+        step = plain["step_median"]  # one whole training step, from step end to step end
+        ratio = watched["wall"] / plain["wall"]
+        ratios.append(ratio)
+        costs.append(statistics.median(later) / step)
+        later_all += later
+        print(
+            f"| {i} | {plain['wall']:.1f} ({plain['cpu']:.1f}) | {watched['wall']:.1f} "
+            f"({watched['cpu']:.1f}) | {ratio:.3f} ({watched['cpu'] / plain['cpu']:.3f}) | "
+            f"{watched['wall'] - plain['wall']:.1f} | {callback:.1f} | {len(events)} | "
+            f"{first:.2f} | {statistics.median(later):.2f} | {step:.3f} / "
+            f"{watched['step_median']:.3f} | {costs[-1]:.1f} | "
+            f"{watched['other_events']['wall']:.2f} | "
+            f"{plain['peak_rss_mb']:.0f} / {watched['peak_rss_mb']:.0f} |"
+        )
+        if plain["losses"] != watched["losses"]:
+            print(
+                f"    pair {i}: the losses differ with the callback: {plain['losses']} vs "
+                f"{watched['losses']}"
+            )
+    measured = [s for _, w in pairs for s in w["measure_seconds"][1:]]
+    same = all(p["losses"] == w["losses"] for p, w in pairs)
+    print(
+        f"median overhead ratio {statistics.median(ratios):.3f}; one snapshot (after step 0) = "
+        f"{statistics.median(later_all):.2f} s = {statistics.median(costs):.1f} training steps; "
+        f"of it Snapshot.seconds (measure + solve) median {statistics.median(measured):.2f} s; "
+        f"snapshots at steps {pairs[0][1]['snapshots']}; training losses identical with and "
+        f"without the callback: {same}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=2, help="pairs of runs (A B, then B A, …)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="40 steps, every=20, one pair")
+    parser.add_argument("--child", choices=["plain", "lawwatch"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.quick:
+        args.steps, args.every, args.repeat = 40, 20, 1
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        data = make_data(data_dir)
+        pairs = []
+        for i in range(args.repeat):
+            order = ["plain", "lawwatch"] if i % 2 == 0 else ["lawwatch", "plain"]
+            runs = {variant: launch(variant, data_dir, args) for variant in order}
+            pairs.append((runs["plain"], runs["lawwatch"]))
+    report(pairs, args, data)
+
+
+if __name__ == "__main__":
+    main()

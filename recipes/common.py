@@ -1,0 +1,128 @@
+"""What both pretraining recipes share: the YAML config, the data, the probe and the model.
+
+``recipes/pretrain_accelerate.py`` (a custom loop) and ``recipes/pretrain_trainer.py`` (the
+Hugging Face ``Trainer``) read the same ``configs/*.yaml`` files through these functions, so the
+two build the same tokenizer, training blocks, probe and initial weights from one config.
+Run as scripts, the recipes import this file as ``common`` (Python puts the script's folder
+first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import glob
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, set_seed
+
+import lawwatch
+from lawwatch import corpus
+from lawwatch.demo import pack
+
+
+def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
+    """The YAML file, with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    config = yaml.safe_load(Path(path).read_text())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key.sub=value, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def load_texts(source: str) -> list[str]:
+    """``topics`` / ``docstrings`` / ``all`` (text shipped with CPython), or a glob of your own
+    UTF-8 text files, one document per file."""
+    if source in ("topics", "docstrings", "all"):
+        return corpus.python_texts(source)
+    paths = sorted(glob.glob(source, recursive=True))
+    if not paths:
+        raise SystemExit(f"data.source {source!r} is neither a CPython corpus nor a glob of files.")
+    return [Path(p).read_text(encoding="utf-8") for p in paths]
+
+
+class Data(NamedTuple):
+    """What a recipe trains on and measures with."""
+
+    tokenizer: PreTrainedTokenizerFast
+    blocks: torch.Tensor  # (blocks, seq_len) token ids: documents joined by end-of-text
+    probe: lawwatch.ProbeSet  # the held-out documents, truncated to probe.max_length
+
+
+def prepare_data(
+    cfg: dict[str, Any],
+    out: Path,
+    local_main_first: AbstractContextManager,
+    is_local_main: bool,
+) -> Data:
+    """Split the documents, train the tokenizer, pack the train split, draw the probe.
+
+    The BPE is trained once per machine, by its main process inside ``local_main_first``
+    (``accelerator.local_main_process_first()`` or ``args.main_process_first(local=True)``), and
+    saved to ``out/tokenizer``; the other processes load that copy. (Training is deterministic,
+    and LawWatch's vote would catch processes whose probes differ.)
+    """
+    data, seed = cfg["data"], cfg["train"]["seed"]
+    train_texts, heldout = corpus.split_texts(load_texts(data["source"]), data["heldout"], seed)
+    where = out / "tokenizer"
+    with local_main_first:
+        if is_local_main:
+            corpus.train_tokenizer(train_texts, data["vocab_size"]).save_pretrained(where)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(where)
+    ids = tokenizer(train_texts, add_special_tokens=False)["input_ids"]
+    try:
+        blocks = pack(ids, tokenizer.eos_token_id, data["seq_len"])
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    probe = lawwatch.ProbeSet.from_texts(
+        heldout,
+        tokenizer,
+        max_length=cfg["probe"]["max_length"],
+        num_texts=cfg["probe"].get("num_texts"),
+        seed=seed,
+    )
+    return Data(tokenizer, blocks, probe)
+
+
+def build_model(spec: dict[str, Any], tokenizer: Any, seed: int) -> torch.nn.Module:
+    """Random weights from ``model.type`` and ``model.config``, seeded here: the same initial
+    weights in every process and in both recipes.
+
+    Build it after the ``Accelerator`` (or ``TrainingArguments``) exists, so that DeepSpeed
+    ZeRO-3 can partition the weights as they are created.
+    """
+    ids = tokenizer.eos_token_id
+    config = AutoConfig.for_model(
+        spec["type"],
+        vocab_size=len(tokenizer),
+        bos_token_id=ids,
+        eos_token_id=ids,
+        pad_token_id=ids,
+        **spec.get("config", {}),
+    )
+    set_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """All parameters, ZeRO-3 partitioned ones at their full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def check_probe(probe: lawwatch.ProbeSet, model: torch.nn.Module) -> None:
+    """Refuse a probe too small for the model's hidden size (every PR would be 0)."""
+    hidden = model.config.hidden_size
+    if probe.num_examples() <= hidden + 1:
+        raise SystemExit(
+            f"The probe has {probe.num_examples()} examples; hidden size {hidden} needs more "
+            f"than {hidden + 1} (~{10 * hidden} for a low-noise PR): raise probe.num_texts, "
+            "probe.max_length or data.heldout."
+        )
