@@ -45,3 +45,5 @@ if line["rank"] == 0:
     line["probe_examples"] = probe.num_examples()
 line["history"] = callback.monitor.history
 print("RESULT " + json.dumps(line), flush=True)
+# a gloo group never destroyed can abort a finished rank at exit (pytorch/pytorch#190489)
+torch.distributed.destroy_process_group()
