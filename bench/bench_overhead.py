@@ -37,11 +37,11 @@ def child(args: argparse.Namespace) -> None:
     """One training run; prints one JSON line."""
     torch.set_num_threads(args.threads)
     from safetensors.torch import load_file
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
     from transformers.utils import logging as hf_logging
 
     from lawwatch import ProbeSet
-    from lawwatch.demo import Blocks, DemoConfig, build_model
+    from lawwatch.demo import Blocks, DemoConfig, build_model, training_arguments
     from lawwatch.integrations.hf import LawWatchCallback
     from lawwatch.sinks import read_history
 
@@ -100,22 +100,7 @@ def child(args: argparse.Namespace) -> None:
         watch = TimedCallback(probe, every=args.every, batch_size=config.probe_batch_size)
         callbacks.append(watch)
     with tempfile.TemporaryDirectory() as out:
-        train_args = TrainingArguments(  # the demo's training settings
-            output_dir=out,
-            max_steps=config.steps,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.lr,
-            adam_beta2=config.adam_beta2,
-            weight_decay=config.weight_decay,
-            lr_scheduler_type="cosine",
-            warmup_steps=config.warmup_steps,
-            logging_steps=10,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=config.seed,
-        )
+        train_args = training_arguments(config, out, logging_steps=10)  # the demo's settings
         trainer = Trainer(model=model, args=train_args, train_dataset=blocks, callbacks=callbacks)
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.train()

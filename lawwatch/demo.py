@@ -235,6 +235,35 @@ def wandb_mode(requested: WandbMode) -> str:
     return "online" if auth is not None else "offline"
 
 
+def training_arguments(config: DemoConfig, out: str | Path, **overrides: Any) -> Any:
+    """The demo's ``TrainingArguments`` (CPU, AdamW, cosine with warm-up, no checkpoints).
+
+    Args:
+        config: The knobs.
+        out: The Trainer's output directory.
+        **overrides: ``TrainingArguments`` fields to change (the overhead benchmark's logging).
+    """
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "max_steps": config.steps,
+        "per_device_train_batch_size": config.batch_size,
+        "learning_rate": config.lr,
+        "adam_beta2": config.adam_beta2,
+        "weight_decay": config.weight_decay,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": config.warmup_steps,
+        "logging_steps": config.logging_steps,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": config.seed,
+    }
+    return TrainingArguments(**{**settings, **overrides})
+
+
 def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
     """Train the demo model with the callback, showing the law emerge; print where it all is.
 
@@ -243,7 +272,7 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         console: A ``rich.console.Console`` to draw on (default: a new one on stdout).
     """
     from rich.console import Console
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
 
@@ -289,22 +318,7 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         batch_size=config.probe_batch_size,
         emergence_threshold=config.emergence_threshold,
     )
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=config.steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.lr,
-        adam_beta2=config.adam_beta2,
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_steps,
-        logging_steps=config.logging_steps,
-        save_strategy="no",
-        report_to=["wandb"] if run is not None else [],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=config.seed,
-    )
+    args = training_arguments(config, out, report_to=["wandb"] if run is not None else [])
     trainer = Trainer(model=model, args=args, train_dataset=blocks, callbacks=[view, callback])
     trainer.remove_callback(PrinterCallback)  # the live view replaces its printed dicts
     probe.save(out / "lawwatch" / "probe.safetensors")
