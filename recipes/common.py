@@ -9,6 +9,7 @@ first on ``sys.path``).
 
 from __future__ import annotations
 
+import argparse
 import glob
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -36,6 +37,15 @@ def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(name, {})
         node[leaf] = yaml.safe_load(value)
     return config
+
+
+def config_from_cli(description: str) -> dict[str, Any]:
+    """``--config FILE [--set key.sub=value ...]`` from the command line, loaded and overridden."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="a YAML file under configs/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cli = parser.parse_args()
+    return load_config(cli.config, cli.set)
 
 
 def load_texts(source: str) -> list[str]:
@@ -126,3 +136,15 @@ def check_probe(probe: lawwatch.ProbeSet, model: torch.nn.Module) -> None:
             f"than {hidden + 1} (~{10 * hidden} for a low-noise PR): raise probe.num_texts, "
             "probe.max_length or data.heldout."
         )
+
+
+def end_distributed(accelerator: Any) -> None:
+    """Tear the process group down without the gloo exit deadlock.
+
+    Left to interpreter exit (or destroyed while work is in flight), gloo's worker thread can
+    need the GIL to release a finished collective while the main thread, destroying the process
+    group, holds it: the process hangs. A barrier first drains that work; then the group goes.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    accelerator.end_training()

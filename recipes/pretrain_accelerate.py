@@ -20,13 +20,19 @@ Writes to ``output.dir``: ``tokenizer/``, ``probe.safetensors``, ``lawwatch/hist
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from common import build_model, check_probe, load_config, parameter_count, prepare_data
+from common import (
+    build_model,
+    check_probe,
+    config_from_cli,
+    end_distributed,
+    parameter_count,
+    prepare_data,
+)
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import get_cosine_schedule_with_warmup
 
@@ -35,11 +41,7 @@ from lawwatch.sinks import LocalHistory
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a YAML file under configs/")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.set)
+    cfg = config_from_cli(__doc__.splitlines()[0])
     train, watch_cfg, output = cfg["train"], cfg["lawwatch"], cfg["output"]
     out = Path(output["dir"])
 
@@ -136,7 +138,7 @@ def main() -> None:
             f"{math.log(len(tokenizer)):.2f} at init"
         )
     watch.close()
-    accelerator.end_training()
+    end_distributed(accelerator)
 
 
 if __name__ == "__main__":

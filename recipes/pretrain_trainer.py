@@ -22,13 +22,19 @@ Writes to ``output.dir``: ``tokenizer/``, ``probe.safetensors`` and ``lawwatch/`
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import build_model, check_probe, load_config, parameter_count, prepare_data
+from common import (
+    build_model,
+    check_probe,
+    config_from_cli,
+    end_distributed,
+    parameter_count,
+    prepare_data,
+)
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
@@ -100,11 +106,7 @@ def training_arguments(cfg: dict[str, Any], out: Path) -> TrainingArguments:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a YAML file under configs/")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    cli = parser.parse_args()
-    cfg = load_config(cli.config, cli.set)
+    cfg = config_from_cli(__doc__.splitlines()[0])
     train, watch_cfg, output = cfg["train"], cfg["lawwatch"], cfg["output"]
     out = Path(output["dir"])
 
@@ -157,8 +159,7 @@ def main() -> None:
         )
     if run is not None:
         run.finish()
-    # destroys the process group: left to interpreter exit, gloo can abort a finished process
-    trainer.accelerator.end_training()
+    end_distributed(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -46,4 +46,5 @@ if line["rank"] == 0:
 line["history"] = callback.monitor.history
 print("RESULT " + json.dumps(line), flush=True)
 # a gloo group never destroyed can abort a finished rank at exit (pytorch/pytorch#190489)
+torch.distributed.barrier()  # drain gloo's worker threads first (see recipes/common.py)
 torch.distributed.destroy_process_group()

@@ -132,6 +132,7 @@ def main() -> None:
     results["resumed"] = [[h["step"] for h in watch.history], watch.last_step]
     write(out, rank, results)
     accelerator.wait_for_everyone()
+    torch.distributed.barrier()  # drain gloo's worker threads first (see recipes/common.py)
     accelerator.end_training()
 
 

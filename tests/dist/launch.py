@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,6 +37,24 @@ def torchrun(nproc: int = 2) -> list[str]:
     ]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): torchrun starts its workers in sessions of
+    their own, so killing torchrun's process group does not reach them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> str:
     """Run ``cmd`` in the repository root; return stdout+stderr; fail on error or timeout."""
     proc = subprocess.Popen(
@@ -50,8 +69,12 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        workers = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=30)
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s (a hang?):\n{output[-6000:]}")
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
     return output
