@@ -1,11 +1,13 @@
 """Run under `torchrun --nproc_per_node 2`: a DDP Trainer (gloo, CPU) with LawWatchCallback.
 
-Each process prints one JSON line: its rank, the steps it measured, and on rank 0 the final
-PR of the history next to a single-process measurement of the trained model on the full probe.
+Each process writes result_<rank>.json in the output directory: its rank, the steps it
+measured, and on rank 0 the final PR of the history next to a single-process measurement of the
+trained model on the full probe.
 """
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -44,7 +46,8 @@ if line["rank"] == 0:
     line["single_process_pr"] = measure(trainer.model, probe).pr.tolist()
     line["probe_examples"] = probe.num_examples()
 line["history"] = callback.monitor.history
-print("RESULT " + json.dumps(line), flush=True)
+# one file per rank: the ranks' stdout (merged with stderr by the launcher) can interleave
+Path(out, f"result_{line['rank']}.json").write_text(json.dumps(line))
 # a gloo group never destroyed can abort a finished rank at exit (pytorch/pytorch#190489)
 torch.distributed.barrier()  # drain gloo's worker threads first (see recipes/common.py)
 torch.distributed.destroy_process_group()

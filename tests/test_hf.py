@@ -279,9 +279,9 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
 
 def test_every_process_measures_only_the_main_one_writes(tmp_path):
     script = Path(__file__).with_name("ddp_trainer.py")
-    output = run([*torchrun(2), str(script), str(tmp_path / "out")], timeout=300)
-    lines = [json.loads(x[7:]) for x in output.splitlines() if x.startswith("RESULT ")]
-    by_rank = {line["rank"]: line for line in lines}
+    run([*torchrun(2), str(script), str(tmp_path / "out")], timeout=300)
+    results = sorted((tmp_path / "out").glob("result_*.json"))
+    by_rank = {line["rank"]: line for line in (json.loads(p.read_text()) for p in results)}
     assert sorted(by_rank) == [0, 1]
     assert by_rank[0]["done"] == by_rank[1]["done"] == 5  # both took part in every snapshot
     # every process solves the same reduced statistics; only the main one writes files
