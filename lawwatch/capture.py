@@ -327,9 +327,6 @@ class Capture:
         return self.features(self.forward(input_ids, attention_mask, positions))
 
 
-HiddenStateCapture = Capture  # the name this class had before hooks replaced output_hidden_states
-
-
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode and no gradients inside; every module's train/eval flag restored after.

@@ -21,7 +21,6 @@ from lawwatch.targets import (
     MEASURE_TARGETS,
     MeasureTarget,
     Targets,
-    shuffled_ids,
 )
 
 __all__ = [
@@ -31,7 +30,6 @@ __all__ = [
     "accumulate",
     "measure",
     "model_device",
-    "shuffled_ids",
 ]
 
 # below this many examples per feature dimension PR is noisy (OLS with d + 1 parameters)

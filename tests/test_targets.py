@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lawwatch import ProbeSet, measure
-from lawwatch.measure import accumulate, shuffled_ids
-from lawwatch.targets import OTHER, Targets, onehot_bytes
+from lawwatch.measure import accumulate
+from lawwatch.targets import OTHER, Targets, onehot_bytes, shuffled_ids
 from tests.conftest import ragged_probe, tiny_gpt2
 from tests.reference import (
     hf_residual_stream,
