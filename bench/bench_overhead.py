@@ -40,10 +40,9 @@ def child(args: argparse.Namespace) -> None:
     from transformers import Trainer, TrainerCallback
     from transformers.utils import logging as hf_logging
 
-    from lawwatch import ProbeSet
+    from lawwatch import History, ProbeSet
     from lawwatch.demo import Blocks, DemoConfig, build_model, training_arguments
     from lawwatch.integrations.hf import LawWatchCallback
-    from lawwatch.sinks import read_history
 
     hf_logging.set_verbosity_error()
     data = Path(args.data)
@@ -108,7 +107,7 @@ def child(args: argparse.Namespace) -> None:
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
         records = []
         if watch is not None:
-            records = read_history(Path(out) / "lawwatch" / "history.jsonl")
+            records = History.read(Path(out) / "lawwatch").records
     gaps = [b - a for a, b in itertools.pairwise(clock.ends)]
     result = {
         "variant": args.child,

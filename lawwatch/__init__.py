@@ -5,19 +5,24 @@ prediction residual of a linear probe for the next token falls geometrically wit
 trained LLM. lawwatch measures it exactly, cheaply and repeatedly during training.
 """
 
+from lawwatch.config import MeasureConfig
+from lawwatch.history import History, Snapshot
 from lawwatch.law import LawFit, emergence_step, fit_law
-from lawwatch.measure import Snapshot, measure
+from lawwatch.measure import measure
 from lawwatch.monitor import LawWatch, Schedule
 from lawwatch.norms import NormSpec
 from lawwatch.probe import ProbeSet
 from lawwatch.residual import ResidualStats, prediction_residuals
+from lawwatch.sinks import scalars
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "History",
     "LawFit",
     "LawWatch",
     "LawWatchCallback",
+    "MeasureConfig",
     "NormSpec",
     "ProbeSet",
     "ResidualStats",
@@ -27,6 +32,7 @@ __all__ = [
     "fit_law",
     "measure",
     "prediction_residuals",
+    "scalars",
 ]
 
 

@@ -10,7 +10,6 @@ gradients, the optimizer or the RNG state.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -20,25 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lawwatch.capture import Normalize
+from lawwatch.config import MeasureConfig
 from lawwatch.distributed import Layout, layout, measured_module, vote
-from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
-from lawwatch.measure import MeasureTarget, Snapshot, accumulate, model_device
+from lawwatch.history import History, Snapshot
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
+from lawwatch.measure import accumulate, model_device, prepare, solve
 from lawwatch.probe import ProbeSet
 from lawwatch.residual import ResidualStats
 from lawwatch.sinks import Sink, Sinks
 
 log = logging.getLogger("lawwatch")
-
-# what LawWatch passes through to accumulate() besides what it sets itself
-_MEASURE_OPTIONS = frozenset(inspect.signature(accumulate).parameters) - {
-    "model",
-    "probe",
-    "errors",
-    "normalize",
-    "target",
-    "batch_size",
-}
 
 
 @dataclass(frozen=True)
@@ -73,20 +63,6 @@ class Schedule:
         return [s for s in range(until + 1) if self(s)]
 
 
-def check_measure_options(options: dict[str, Any]) -> None:
-    """Refuse options :func:`lawwatch.measure` does not take (before training, not during it).
-
-    Raises:
-        TypeError: Naming the unknown options and the valid ones.
-    """
-    unknown = set(options) - _MEASURE_OPTIONS
-    if unknown:
-        raise TypeError(
-            f"Unknown measurement options {sorted(unknown)}; the options are "
-            f"{sorted(_MEASURE_OPTIONS)} (see lawwatch.measure)."
-        )
-
-
 def _as_schedule(
     every: int, schedule: Callable[[int], bool] | Iterable[int] | None, last: int | None
 ) -> Callable[[int], bool]:
@@ -115,69 +91,60 @@ class LawWatch:
     Args:
         model: The model being trained, as the training framework wraps it (DDP, FSDP, …).
         probe: The full probe set; each process measures its shard.
+        config: The measurement options (default: the paper's protocol), see
+            :class:`~lawwatch.config.MeasureConfig`.
         every: Snapshot period after the log-spaced warm-up (see :class:`Schedule`).
         schedule: Instead of the default: a predicate ``step -> bool`` or a collection of steps.
         last_step: The final training step, always measured when reached.
         sinks: Where snapshots go (rank 0 only). Default: none (results are still returned).
-        accelerator: An ``accelerate.Accelerator``: its process layout, and its trackers
-            (``accelerator.log`` on the main process) receive every snapshot once
-            ``init_trackers`` was called. Without one, an initialized ``torch.distributed``
-            process group is detected.
-        normalize: As in :func:`lawwatch.measure`.
-        target: As in :func:`lawwatch.measure`.
-        batch_size: Probe sequences per forward pass.
+            For an accelerate loop's trackers and local files, see
+            :class:`lawwatch.integrations.accelerate.AcceleratorWatch`.
+        accelerator: An ``accelerate.Accelerator``, for the process layout. Without one, an
+            initialized ``torch.distributed`` process group is detected.
         emergence_threshold: r at or below which the law counts as emerged.
         unwrap: Applied to ``model`` before the automatic unwrapping, for a wrapper lawwatch
             does not recognize. Rarely needed.
-        **measure_options: Further options of :func:`lawwatch.measure` (``offset``,
-            ``layers``, ``blocks``, ``final_norm``, ``onehot_top_k``, ``max_onehot_bytes``,
-            ``seed``, ``rtol``).
+        **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s
+            (``batch_size``, ``target``, ``layers``, …).
 
     Raises:
-        TypeError: An option :func:`lawwatch.measure` does not take.
+        TypeError: An option that is not a field of MeasureConfig.
+        ValueError: An invalid option, or a probe that does not fit the model.
+
+    Attributes:
+        config: The measurement options.
+        history: The snapshots taken (identical on every rank).
+        last_step: The last step attempted, success or not (identical on every rank).
     """
 
     def __init__(
         self,
         model: nn.Module,
         probe: ProbeSet,
+        config: MeasureConfig | None = None,
         *,
         every: int = 100,
         schedule: Callable[[int], bool] | Iterable[int] | None = None,
         last_step: int | None = None,
         sinks: list[Sink] | Sinks | None = None,
         accelerator: Any | None = None,
-        normalize: Normalize = "auto",
-        target: MeasureTarget = "token_id",
-        batch_size: int = 8,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
-        **measure_options: Any,
+        **options: Any,
     ) -> None:
         if len(probe) == 0:
             raise ValueError("The probe set is empty.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.config = MeasureConfig.build(config, **options)
         self.model, self.probe = model, probe
         self.schedule = _as_schedule(every, schedule, last_step)
-        chosen = list(sinks.sinks if isinstance(sinks, Sinks) else sinks or [])
-        if accelerator is not None:
-            from lawwatch.integrations.accelerate import TrackerSink
-
-            chosen.append(TrackerSink(accelerator))
-        self.sinks = Sinks(chosen)
+        self.sinks = sinks if isinstance(sinks, Sinks) else Sinks(sinks)
         self.accelerator = accelerator
-        check_measure_options(measure_options)
-        self.options = {
-            "normalize": normalize,
-            "target": target,
-            "batch_size": batch_size,
-            **measure_options,
-        }
         self.emergence_threshold = emergence_threshold
         self.unwrap = unwrap
-        self.history: list[dict[str, Any]] = []  # (step, rho, pearson_r) of every snapshot
-        self.last_step: int | None = None  # last step attempted, success or not, on every rank
+        # resolved once, on the whole probe: every shard of every rank regresses the same targets
+        self.targets = prepare(measured_module(model, unwrap), probe, self.config)
+        self.history = History()
+        self.last_step: int | None = None
         self._shards: dict[tuple[int, int], ProbeSet] = {}
         # 48 bits of the probe's content hash: the vote checks every rank holds the same probe
         self._probe_key = int(probe.content_hash()[:12], 16)
@@ -201,7 +168,7 @@ class LawWatch:
     def _shard(self, rank: int, world: int) -> ProbeSet:
         key = (rank, world)
         if key not in self._shards:
-            # equal row counts, so equal forward counts; targets resolve on the whole probe
+            # equal row counts, so equal forward counts
             self._shards[key] = self.probe if world == 1 else self.probe.shard(rank, world)
         return self._shards[key]
 
@@ -215,10 +182,10 @@ class LawWatch:
         collective) and every process solves them.
 
         Returns:
-            The :class:`Snapshot` on every process (all of them solve the same reduced
-            statistics; only rank 0 writes it to the sinks), or None on every process when the
-            snapshot was skipped. Never raises for a measurement failure: it is logged to the
-            ``"lawwatch"`` logger and training goes on.
+            The :class:`~lawwatch.history.Snapshot` on every process (all of them solve the same
+            reduced statistics; only rank 0 writes it to the sinks), or None on every process
+            when the snapshot was skipped. Never raises for a measurement failure: it is logged
+            to the ``"lawwatch"`` logger and training goes on.
         """
         self.last_step = step
         start = time.perf_counter()
@@ -232,13 +199,11 @@ class LawWatch:
         elif error is not None:
             return None
         try:
-            snapshot = Snapshot.from_stats(stats, seconds=time.perf_counter() - start, step=step)
+            snapshot = solve(stats, seconds=time.perf_counter() - start, step=step)
         except Exception as error:  # identical statistics fail identically on every rank
             log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
             return None
-        self.history.append(
-            {"step": step, "rho": snapshot.fit.rho, "pearson_r": snapshot.fit.pearson_r}
-        )
+        self.history.append(snapshot)
         if where.rank == 0:
             self.sinks.write(snapshot)
         return snapshot
@@ -253,7 +218,11 @@ class LawWatch:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 # the RNG state is left as found
                 stats = accumulate(
-                    model, self._shard(where.rank, where.world), errors=errors, **self.options
+                    model,
+                    self._shard(where.rank, where.world),
+                    self.config,
+                    self.targets,
+                    errors=errors,
                 )
             if stats is not None and where.world > 1:
                 stats.to(where.device)  # allocate before the vote, not inside the reduction
@@ -282,34 +251,28 @@ class LawWatch:
     @property
     def emergence_step(self) -> int | None:
         """First step from which r stays at or below the threshold."""
-        return emergence_step(
-            [h["step"] for h in self.history],
-            [h["pearson_r"] for h in self.history],
-            threshold=self.emergence_threshold,
-        )
+        return self.history.emergence_step(self.emergence_threshold)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the snapshot history and the last step attempted."""
-        return {"history": [dict(h) for h in self.history], "last_step": self.last_step}
+        """What a resumed run needs: the snapshot records and the last step attempted."""
+        return {"history": [dict(r) for r in self.history], "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any], *, resume_step: int | None = None) -> None:
-        """Restore the history, dropping entries after ``resume_step`` (they will be redone).
+        """Restore the history, dropping records after ``resume_step`` (they will be redone).
 
         Load the same state on every rank (e.g. rank 0's, as ``accelerator.load_state`` does):
-        the schedule then agrees on every rank. On rank 0, sinks that keep a record on disk
-        (``truncate_after``, e.g. :class:`~lawwatch.sinks.LocalHistory`) drop what the run
-        wrote after the restored point, so the resumed run continues one sequence of steps.
+        the schedule then agrees on every rank. On rank 0, :class:`~lawwatch.sinks.Rewindable`
+        sinks (e.g. :class:`~lawwatch.sinks.LocalHistory`) drop what the run wrote after the
+        restored point, so the resumed run continues one sequence of steps.
         """
-        history = [dict(h) for h in state.get("history", [])]
-        last = state.get("last_step", history[-1]["step"] if history else None)
+        history = History(state.get("history", []))
+        last = state.get("last_step", history.last_step)
         if resume_step is not None:
-            history = [h for h in history if h["step"] <= resume_step]
+            history.drop_after(resume_step)
             last = resume_step if last is None else min(last, resume_step)
         self.history, self.last_step = history, last
         if last is not None and layout(self.accelerator).rank == 0:
-            for sink in self.sinks.sinks:
-                if hasattr(sink, "truncate_after"):
-                    sink.truncate_after(last)
+            self.sinks.drop_after(last)
 
     def close(self) -> None:
         """Close the sinks (end of training)."""

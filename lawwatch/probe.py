@@ -87,9 +87,6 @@ class ProbeSet:
         self.input_ids = torch.where(mask, input_ids.long(), 0).cpu()
         self.attention_mask = mask.cpu()
         self.meta: dict[str, Any] = dict(meta or {})
-        # the full set a shard was cut from: targets (one-hot classes, the shuffled
-        # permutation) are resolved against it, so every process regresses the same ones
-        self.whole: ProbeSet | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -393,9 +390,7 @@ class ProbeSet:
         if missing:
             ids = torch.cat([ids, ids.new_zeros(missing, ids.shape[1])])
             mask = torch.cat([mask, mask.new_zeros(missing, mask.shape[1])])
-        shard = ProbeSet(ids, mask, {**self.meta, "shard": [rank, world_size]})
-        shard.whole = self.whole if self.whole is not None else self
-        return shard
+        return ProbeSet(ids, mask, {**self.meta, "shard": [rank, world_size]})
 
     def summary(self, offset: int = 1) -> dict[str, int]:
         """What the probe holds, at target offset ``offset``.

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from lawwatch.history import law_points
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
-from lawwatch.sinks import law_points
 
 
 def plot_law(
@@ -29,7 +29,7 @@ def plot_law(
 
     Args:
         records: Snapshot records (``step``, ``pr``, ``pearson_r``, ``rho``, ``slope``,
-            ``intercept``), steps increasing, as :func:`lawwatch.sinks.read_history` returns.
+            ``intercept``), steps increasing, as a :class:`~lawwatch.history.History` holds them.
         path: Where to write the PNG (parent directories are created).
         emergence_threshold: r at or below which the law counts as emerged.
         title: Figure title.

@@ -1,25 +1,64 @@
-"""Where snapshots go: a small protocol, a fan-out, the always-on local history, and W&B.
+"""Where snapshots go: the sink protocols, a fan-out, the local history, W&B, and the key scheme.
 
 A sink receives every snapshot on the logging process (rank 0) and never decides anything about
-training. ``LocalHistory`` keeps ``history.jsonl`` (one JSON object per snapshot) and the PR
-matrix (steps × entries) as safetensors; it is the record a resumed run continues.
-``WandbSink`` logs into a live W&B run (``wandb`` is imported only when one is made).
+training. :func:`scalars` is the one key scheme every tracker receives (W&B, accelerate's
+trackers, …). :class:`LocalHistory` keeps ``history.jsonl`` and ``pr.safetensors`` in a
+directory: the record a resumed run continues. :class:`WandbSink` logs into a live W&B run
+(``wandb`` is imported only when one is made).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import torch
-
-from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
-from lawwatch.measure import Snapshot
+from lawwatch.history import History, Snapshot, entries, law_points
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 
 log = logging.getLogger("lawwatch")
+
+PREFIX = "lawwatch/"
+STEP_KEY = "train/global_step"
+
+
+# -- the key scheme ---------------------------------------------------------------------------
+
+
+def layer_key(entry: int, entries: int) -> str:
+    """``lawwatch/pr/layer_XX``: zero-padded so the keys sort by depth (entry 0 = embeddings).
+
+    Args:
+        entry: The hidden-state entry index.
+        entries: One more than the deepest entry index of the model (sets the padding).
+    """
+    width = max(2, len(str(entries - 1)))
+    return f"{PREFIX}pr/layer_{entry:0{width}d}"
+
+
+def scalars(snapshot: Snapshot) -> dict[str, float]:
+    """A snapshot as the flat scalars every tracker receives, under one key scheme.
+
+    Keys: ``lawwatch/rho``, ``lawwatch/pearson_r``, ``lawwatch/slope``, ``lawwatch/intercept``,
+    ``lawwatch/r2``, ``lawwatch/n_tokens``, ``lawwatch/seconds``, each numeric ``extra`` field
+    as ``lawwatch/<name>``, and ``lawwatch/pr/layer_XX`` for hidden-state entry ``XX`` (``00``
+    = embeddings; zero-padded so dashboards sort them by depth). Non-finite fit values are left
+    out (several trackers refuse NaN); the step is not a key (each tracker takes it its way).
+    """
+    values: dict[str, float] = {}
+    fields = {**snapshot.fit.as_dict(), "n_tokens": snapshot.n_tokens, "seconds": snapshot.seconds}
+    fields.update({k: v for k, v in snapshot.extra.items() if isinstance(v, int | float)})
+    for name, value in fields.items():
+        if isinstance(value, bool) or not math.isfinite(value):
+            continue
+        values[PREFIX + name] = value
+    for entry, pr in zip(snapshot.layers, snapshot.pr.tolist(), strict=True):
+        values[layer_key(entry, snapshot.layers[-1] + 1)] = pr
+    return values
+
+
+# -- protocols and the fan-out ----------------------------------------------------------------
 
 
 @runtime_checkable
@@ -31,6 +70,18 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Flush and release resources (end of training)."""
+
+
+@runtime_checkable
+class Rewindable(Protocol):
+    """A sink that keeps a record a resumed run continues: it can forget what followed a step.
+
+    The monitor calls :meth:`drop_after` with the resume step on the logging process, so the
+    resumed run writes one increasing sequence of steps.
+    """
+
+    def drop_after(self, step: int) -> None:
+        """Forget every snapshot after ``step``."""
 
 
 class Sinks:
@@ -52,6 +103,15 @@ class Sinks:
                     "lawwatch: sink %s failed at step %s", type(sink).__name__, snapshot.step
                 )
 
+    def drop_after(self, step: int) -> None:
+        """Rewind every :class:`Rewindable` sink to ``step``."""
+        for sink in self.sinks:
+            if isinstance(sink, Rewindable):
+                try:
+                    sink.drop_after(step)
+                except Exception:
+                    log.exception("lawwatch: rewinding sink %s failed", type(sink).__name__)
+
     def close(self) -> None:
         """Close every sink."""
         for sink in self.sinks:
@@ -61,35 +121,16 @@ class Sinks:
                 log.exception("lawwatch: closing sink %s failed", type(sink).__name__)
 
 
-def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``history.jsonl`` file, in file order ([] if it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def entries(record: dict[str, Any]) -> list[int]:
-    """The true hidden-state entry index of each PR in a record (entry 0 = the embeddings).
-
-    All entries unless the snapshot measured a subset (``layers=``), whose indices it records.
-    """
-    layers = record.get("layers")
-    return list(layers) if layers else list(range(len(record["pr"])))
-
-
-def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
-    """``(layers, log10 PR)`` of the entries the law is fitted on (the embeddings left out)."""
-    pairs = [(e, v) for e, v in zip(entries(record), record["pr"], strict=True) if e != 0]
-    return [e for e, _ in pairs], [math.log10(v) for _, v in pairs]
+# -- local files ------------------------------------------------------------------------------
 
 
 class LocalHistory:
-    """``<directory>/history.jsonl`` plus ``<directory>/pr.safetensors`` (steps × entries).
+    """A :class:`~lawwatch.history.History` kept in files in a directory.
 
-    On creation it reads what a previous run left. ``truncate_after(step)`` drops records past a
-    resume point, so a resumed run writes one increasing sequence of steps with no duplicates.
+    ``<directory>/history.jsonl`` holds the records, ``<directory>/pr.safetensors`` the PR
+    matrix (steps × entries). On creation it reads what a previous run left; :meth:`drop_after`
+    forgets records past a resume point, so a resumed run writes one increasing sequence of
+    steps with no duplicates.
 
     Args:
         directory: Where the files live (created if missing).
@@ -98,79 +139,41 @@ class LocalHistory:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / "history.jsonl"
-        self.matrix_path = self.directory / "pr.safetensors"
-        self.records = read_history(self.path)
+        self.history = History.read(self.directory)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records, steps increasing."""
+        return self.history.records
 
     @property
     def last_step(self) -> int | None:
         """The latest step recorded, or None."""
-        return self.records[-1]["step"] if self.records else None
+        return self.history.last_step
 
-    def truncate_after(self, step: int) -> None:
+    def drop_after(self, step: int) -> None:
         """Forget (and rewrite the files without) every record with a step above ``step``."""
-        kept = [r for r in self.records if r["step"] is None or r["step"] <= step]
-        if len(kept) != len(self.records):
-            self.records = kept
-            self._rewrite()
+        if self.history.drop_after(step):
+            self.history.write(self.directory)
 
     def write(self, snapshot: Snapshot) -> None:
         """Append the snapshot; a step at or before the last recorded one is refused."""
-        record = snapshot.as_dict()
-        if (
-            self.last_step is not None
-            and record["step"] is not None
-            and record["step"] <= self.last_step
-        ):
-            raise ValueError(
-                f"Step {record['step']} is not after the last recorded step {self.last_step}; "
-                "resume with truncate_after(step) first."
-            )
-        self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._write_matrix()
-
-    def _rewrite(self) -> None:
-        with self.path.open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
-        self._write_matrix()
-
-    def _write_matrix(self) -> None:
-        from safetensors.torch import save_file
-
-        rows = [r for r in self.records if r.get("pr")]
-        layouts = {tuple(entries(r)) for r in rows}
-        if not rows or len(layouts) != 1:  # the measured entries changed: only the JSONL holds
-            return
-        tensors = {
-            "steps": torch.tensor([-1 if r["step"] is None else r["step"] for r in rows]),
-            "layers": torch.tensor(entries(rows[0])),
-            "pr": torch.tensor([r["pr"] for r in rows], dtype=torch.float64),
-        }
-        save_file(tensors, str(self.matrix_path), metadata={"format": "lawwatch.history/1"})
+        self.history.append_to(self.directory, self.history.append(snapshot))
 
     def close(self) -> None:
         """Nothing to flush: every write is complete on disk."""
 
 
-STEP_KEY = "train/global_step"
-
-
-def layer_key(entry: int, entries: int) -> str:
-    """``lawwatch/pr/layer_XX``: zero-padded so the keys sort by depth (entry 0 = embeddings)."""
-    width = max(2, len(str(entries - 1)))
-    return f"lawwatch/pr/layer_{entry:0{width}d}"
+# -- Weights & Biases -------------------------------------------------------------------------
 
 
 class WandbSink:
     """Snapshots into a live W&B run: scalars, a growing table, a chart of the law, the summary.
 
-    Each snapshot is one ``run.log`` row holding ``lawwatch/rho``, ``lawwatch/pearson_r``,
-    ``lawwatch/r2``, ``lawwatch/slope``, ``lawwatch/intercept``, ``lawwatch/n_tokens``,
-    ``lawwatch/seconds``, one ``lawwatch/pr/layer_XX`` per hidden-state entry, the rows of the
-    ``lawwatch/pr_table`` table (step, layer, pr, log10_pr; logged incrementally, so it grows),
-    the ``lawwatch/law`` line chart (log10 PR against layer, one line per snapshot) and
+    Each snapshot is one ``run.log`` row holding :func:`scalars` (``lawwatch/rho``,
+    ``lawwatch/pearson_r``, …, one ``lawwatch/pr/layer_XX`` per hidden-state entry), the rows of
+    the ``lawwatch/pr_table`` table (step, layer, pr, log10_pr; logged incrementally, so it
+    grows), the ``lawwatch/law`` line chart (log10 PR against layer, one line per snapshot) and
     ``step_key``, so the law's charts share the loss's x-axis. The run summary keeps the latest
     ``rho``, ``pearson_r`` and ``step`` and the ``lawwatch/emergence_step``.
 
@@ -180,9 +183,8 @@ class WandbSink:
 
     Args:
         run: The run to log into (for the HF Trainer: ``wandb.run``, which its callback made).
-        history: Records measured before this sink existed (``history.jsonl`` rows, steps
-            increasing): a resumed training run replays them, so a fresh W&B run holds the
-            whole history.
+        history: Records measured before this sink existed (steps increasing): a resumed
+            training run replays them, so a fresh W&B run holds the whole history.
         emergence_threshold: r at or below which the law counts as emerged.
         step_key: The x-axis metric every row carries.
         max_lines: Most snapshots drawn in the chart, evenly spread over the history (the first
@@ -193,7 +195,7 @@ class WandbSink:
         self,
         run: Any,
         *,
-        history: list[dict[str, Any]] | None = None,
+        history: History | list[dict[str, Any]] | None = None,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         step_key: str = STEP_KEY,
         max_lines: int = 16,
@@ -204,52 +206,43 @@ class WandbSink:
             raise ValueError(f"max_lines must be at least 2 (first and latest), got {max_lines}.")
         self.run, self.step_key = run, step_key
         self.emergence_threshold, self.max_lines = emergence_threshold, max_lines
-        self.records: list[dict[str, Any]] = []
+        self.history = History()
         self.table = wandb.Table(
             columns=["step", "layer", "pr", "log10_pr"], log_mode="INCREMENTAL"
         )
-        run.define_metric("lawwatch/*", step_metric=step_key)
-        self.logged_step: int | None = run.summary.get("lawwatch/step")
+        run.define_metric(f"{PREFIX}*", step_metric=step_key)
+        self.logged_step: int | None = run.summary.get(f"{PREFIX}step")
         for record in history or []:
-            self._add(record)
+            self._add(Snapshot.from_record(record))
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records this sink holds (replayed and written), steps increasing."""
+        return self.history.records
 
     def write(self, snapshot: Snapshot) -> None:
         """Log one snapshot (rank 0 calls this through :class:`Sinks`)."""
-        self._add(snapshot.as_dict())
+        self._add(snapshot)
 
-    def _add(self, record: dict[str, Any]) -> None:
+    def _add(self, snapshot: Snapshot) -> None:
+        record = self.history.append(snapshot)
         step = record["step"]
-        if step is None:
-            raise ValueError("A snapshot logged to W&B needs a training step.")
-        if self.records and step <= self.records[-1]["step"]:
-            raise ValueError(f"Step {step} is not after the last step {self.records[-1]['step']}.")
-        self.records.append(record)
         if self.logged_step is not None and step <= self.logged_step:
             return  # the run already holds this step (a resumed run)
-        pr, layers = record["pr"], entries(record)
-        row: dict[str, Any] = {
-            f"lawwatch/{key}": record[key]
-            for key in ("rho", "pearson_r", "r2", "slope", "intercept", "n_tokens", "seconds")
-        }
-        row.update({layer_key(e, layers[-1] + 1): v for e, v in zip(layers, pr, strict=True)})
-        for entry, value in zip(layers, pr, strict=True):
+        row: dict[str, Any] = dict(scalars(snapshot))
+        for entry, value in zip(entries(record), record["pr"], strict=True):
             self.table.add_data(step, entry, value, math.log10(value) if value > 0 else None)
-        row["lawwatch/pr_table"] = self.table
-        row["lawwatch/law"] = self._chart()
+        row[f"{PREFIX}pr_table"] = self.table
+        row[f"{PREFIX}law"] = self._chart()
         row[self.step_key] = step
         self.run.log(row)
         self.logged_step = step
-        steps = [r["step"] for r in self.records]
         self.run.summary.update(
             {
-                "lawwatch/step": step,
-                "lawwatch/rho": record["rho"],
-                "lawwatch/pearson_r": record["pearson_r"],
-                "lawwatch/emergence_step": emergence_step(
-                    steps,
-                    [r["pearson_r"] for r in self.records],
-                    threshold=self.emergence_threshold,
-                ),
+                f"{PREFIX}step": step,
+                f"{PREFIX}rho": record["rho"],
+                f"{PREFIX}pearson_r": record["pearson_r"],
+                f"{PREFIX}emergence_step": self.history.emergence_step(self.emergence_threshold),
             }
         )
 
@@ -257,7 +250,7 @@ class WandbSink:
         """``wandb.plot.line_series`` of log10 PR against layer (entries 1 … L: the law's fit)."""
         import wandb
 
-        picked = self.records
+        picked = self.history.records
         if len(picked) > self.max_lines:
             last = len(picked) - 1
             picked = [picked[round(i * last / (self.max_lines - 1))] for i in range(self.max_lines)]
@@ -270,11 +263,11 @@ class WandbSink:
             xname="layer",
         )
 
-    def log_image(self, path: str | Path, key: str = "lawwatch/report") -> None:
+    def log_image(self, path: str | Path, key: str = f"{PREFIX}report") -> None:
         """Log a PNG (the report of the law over training) at the latest measured step."""
         import wandb
 
-        step = self.records[-1]["step"] if self.records else 0
+        step = self.history.last_step or 0
         self.run.log({key: wandb.Image(str(path)), self.step_key: step})
 
     def close(self) -> None:

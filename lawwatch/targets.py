@@ -83,7 +83,7 @@ class Targets:
         seed: int = 0,
         onehot_top_k: int | None = None,
     ) -> Targets:
-        """Resolve ``target`` against ``probe`` (against the whole set when it is a shard).
+        """Resolve ``target`` against ``probe``: the whole probe, never a process's shard.
 
         Args:
             target: ``"token_id"``, ``"token_id_shuffled"`` or ``"onehot"``.
@@ -102,8 +102,7 @@ class Targets:
             raise ValueError(
                 f"onehot_top_k={onehot_top_k} needs target='onehot' and a positive count."
             )
-        whole = probe.whole if probe.whole is not None else probe
-        ids, counts = target_counts(whole, offset)
+        ids, counts = target_counts(probe, offset)
         if ids.numel() == 0:
             raise ValueError(
                 f"The probe has no example at offset={offset}: no sequence has two real tokens "

@@ -16,7 +16,7 @@ hf_logging.set_verbosity_error()
 torch.set_num_threads(2)
 
 VOCAB = 97
-# what every history record (Snapshot.as_dict, history.jsonl) holds at least (issue 3)
+# what every history record (Snapshot.to_record, history.jsonl) holds at least (issue 3)
 RECORD_KEYS = {"step", "pr", "rho", "pearson_r", "slope", "intercept", "r2", "n_tokens", "seconds"}
 
 

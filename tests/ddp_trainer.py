@@ -16,8 +16,8 @@ torch.set_num_threads(1)
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from lawwatch import measure  # noqa: E402
+from lawwatch.history import History  # noqa: E402
 from lawwatch.integrations.hf import LawWatchCallback  # noqa: E402
-from lawwatch.sinks import read_history  # noqa: E402
 from tests.conftest import ragged_probe, tiny_gpt2  # noqa: E402
 from tests.test_hf import Tokens  # noqa: E402
 
@@ -39,13 +39,14 @@ trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), callbac
 trainer.train()
 line = {"rank": torch.distributed.get_rank(), "done": callback.monitor.last_step}
 if line["rank"] == 0:
-    records = read_history(callback.directory / "history.jsonl")
+    records = History.read(callback.directory).records
     line["steps"] = [r["step"] for r in records]
     line["n_tokens"] = records[-1]["n_tokens"]
     line["final_pr"] = records[-1]["pr"]
     line["single_process_pr"] = measure(trainer.model, probe).pr.tolist()
     line["probe_examples"] = probe.num_examples()
-line["history"] = callback.monitor.history
+# every measured value agrees across ranks; the wall time is each rank's own
+line["history"] = [{k: v for k, v in r.items() if k != "seconds"} for r in callback.monitor.history]
 # one file per rank: the ranks' stdout (merged with stderr by the launcher) can interleave
 Path(out, f"result_{line['rank']}.json").write_text(json.dumps(line))
 # a gloo group never destroyed can abort a finished rank at exit (pytorch/pytorch#190489)

@@ -13,7 +13,7 @@ import torch
 
 from lawwatch.cli import field_docs, main
 from lawwatch.demo import DemoConfig, pack, wandb_mode
-from lawwatch.sinks import read_history
+from lawwatch.history import History
 from tests.wandb_offline import final_summary, history_rows, inspect_run, lawwatch_steps
 
 TINY = {
@@ -53,7 +53,7 @@ def test_tiny_demo_through_the_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
 
-    records = read_history(out / "lawwatch" / "history.jsonl")
+    records = History.read(out / "lawwatch").records
     assert [r["step"] for r in records] == [0, 1, 2, 4, 6]
     # the live table, then the summary: where everything is, and the verdict on the law
     for r in records:

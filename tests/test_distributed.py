@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import lawwatch
+from lawwatch import scalars
 from lawwatch.distributed import is_sharded, layout, measured_module
-from lawwatch.integrations.accelerate import tracker_values
 from lawwatch.measure import accumulate
 from lawwatch.monitor import LawWatch
 from lawwatch.probe import example_mask
@@ -229,17 +229,17 @@ def test_a_step_is_attempted_once_even_when_it_fails(gpt2, caplog):
     assert resumed.should_snapshot(3)
 
 
-def test_tracker_values(gpt2, probe):
+def test_scalars(gpt2, probe):
     """What TrackerSink hands accelerator.log (the sink itself runs against a real Accelerator
     and W&B offline in tests/test_recipes.py)."""
     snapshot = lawwatch.measure(gpt2, probe)
-    values = tracker_values(snapshot)
+    values = scalars(snapshot)
     assert values["lawwatch/pearson_r"] == snapshot.fit.pearson_r
     assert values["lawwatch/rho"] == snapshot.fit.rho
     assert values["lawwatch/n_tokens"] == probe.num_examples()
     pr_keys = sorted(k for k in values if k.startswith("lawwatch/pr/"))
-    assert pr_keys == [f"lawwatch/pr/{i:02d}" for i in range(snapshot.pr.numel())]
+    assert pr_keys == [f"lawwatch/pr/layer_{i:02d}" for i in range(snapshot.pr.numel())]
     assert [values[k] for k in pr_keys] == snapshot.pr.tolist()
     snapshot.extra.update(note="text", lr=0.5)
-    values = tracker_values(snapshot)
+    values = scalars(snapshot)
     assert values["lawwatch/lr"] == 0.5 and "lawwatch/note" not in values

@@ -12,8 +12,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import lawwatch
 from lawwatch import ProbeSet, emergence_step, measure
+from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from lawwatch.sinks import read_history
 from tests.conftest import VOCAB, ragged_probe, tiny_gpt2
 from tests.dist.launch import run, torchrun
 from tests.wandb_offline import (
@@ -85,7 +85,7 @@ def test_local_history_schedule_and_final_step(tmp_path):
     trainer.train()
 
     directory = tmp_path / "out" / "lawwatch"
-    records = read_history(directory / "history.jsonl")
+    records = History.read(directory).records
     # step 0 before any update, powers of two below `every`, multiples of it, the last step
     assert [r["step"] for r in records] == [0, 1, 2, 4, 8, 10]
     assert torch.allclose(torch.tensor(records[0]["pr"], dtype=torch.float64), initial.pr)
@@ -106,7 +106,7 @@ def test_local_history_schedule_and_final_step(tmp_path):
 def test_custom_schedule_and_early_stop(tmp_path):
     callback = LawWatchCallback(ragged_probe(), schedule=[3, 9])
     make_trainer(tmp_path / "out", [callback, StopAt(6)], max_steps=12).train()
-    records = read_history(tmp_path / "out" / "lawwatch" / "history.jsonl")
+    records = History.read(tmp_path / "out" / "lawwatch").records
     assert [r["step"] for r in records] == [0, 3, 6]  # 6: where training stopped
 
 
@@ -116,7 +116,7 @@ def test_rerun_from_step_0_replaces_old_history(tmp_path, caplog):
         callback = LawWatchCallback(ragged_probe(), every=2)
         make_trainer(tmp_path / "out", [callback], max_steps=2).train()
     assert "replacing the 4 records" in caplog.text
-    records = read_history(tmp_path / "out" / "lawwatch" / "history.jsonl")
+    records = History.read(tmp_path / "out" / "lawwatch").records
     assert [r["step"] for r in records] == [0, 1, 2]
 
 
@@ -152,8 +152,8 @@ def test_monitor_failures_never_stop_training(tmp_path, caplog):
     assert result.global_step == 4
     assert "Too few probe examples" in caplog.text
     assert "display gone" in caplog.text and "still gone" in caplog.text
-    assert read_history(tmp_path / "out" / "lawwatch" / "history.jsonl") == []
-    assert [r["step"] for r in read_history(tmp_path / "w" / "history.jsonl")] == [0, 1, 2, 4]
+    assert History.read(tmp_path / "out" / "lawwatch").records == []
+    assert [r["step"] for r in History.read(tmp_path / "w").records] == [0, 1, 2, 4]
     # no local history (its directory is a file), yet every snapshot is taken and delivered
     assert "no local history" in caplog.text
     assert collect.steps == [0, 1, 2, 4] and homeless.report_path is None
@@ -179,7 +179,7 @@ def test_measurement_options_reach_every_snapshot(tmp_path):
     trainer = make_trainer(tmp_path / "out", [callback], max_steps=2)
     initial = measure(tiny_gpt2(0), probe, layers=[0, 2, 3, 4], offset=2)
     trainer.train()
-    first = read_history(tmp_path / "out" / "lawwatch" / "history.jsonl")[0]
+    first = History.read(tmp_path / "out" / "lawwatch").records[0]
     assert first["layers"] == [0, 2, 3, 4] and first["n_tokens"] == probe.num_examples(offset=2)
     assert first["pr"] == pytest.approx(initial.pr.tolist(), abs=1e-12)
 
@@ -194,7 +194,7 @@ def test_wandb_run_holds_the_law(tmp_path, offline_wandb):
     trainer.train()
     run_dir = finish_run()
     assert run_dir.parent == offline_wandb / "wandb"
-    local = read_history(tmp_path / "out" / "lawwatch" / "history.jsonl")
+    local = History.read(tmp_path / "out" / "lawwatch").records
     records = inspect_run(run_dir)
     rows = history_rows(records)
 
@@ -246,7 +246,7 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
     first = LawWatchCallback(ragged_probe(), every=2)
     make_trainer(out, [first], max_steps=8, save_steps=3, report_to=["wandb"]).train()
     first_run = finish_run()
-    before = read_history(out / "lawwatch" / "history.jsonl")
+    before = History.read(out / "lawwatch").records
     assert [r["step"] for r in before] == [0, 1, 2, 4, 6, 8]
     assert (out / "checkpoint-3").is_dir()
 
@@ -255,7 +255,7 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
     trainer = make_trainer(out, [second], max_steps=8, save_steps=3, report_to=["wandb"])
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     second_run = finish_run()
-    after = read_history(out / "lawwatch" / "history.jsonl")
+    after = History.read(out / "lawwatch").records
     assert [r["step"] for r in after] == [0, 1, 2, 4, 6, 8]
     assert after[:3] == before[:3]  # kept, not redone
     # the resumed training is the same training: the redone snapshots agree

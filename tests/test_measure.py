@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lawwatch import ProbeSet, Snapshot, fit_law, measure
-from lawwatch.measure import accumulate
+from lawwatch.measure import accumulate, solve
 from tests.conftest import RECORD_KEYS, VOCAB, ragged_probe, tiny_gpt2, tiny_llama
 from tests.reference import fit_line, ols_pr
 
@@ -98,7 +98,7 @@ def test_restores_modes_no_grad_no_logits(gpt2):
     assert widths and set(widths) == {1}
     assert all(p.grad is None for p in gpt2.parameters())
     assert not snap.pr.requires_grad and snap.seconds > 0
-    record = snap.as_dict()
+    record = snap.to_record()
     assert set(record) >= RECORD_KEYS
 
 
@@ -127,10 +127,10 @@ def _deep_gpt2(layers=6):
 def test_layer_selection_measures_true_entries():
     model, probe = _deep_gpt2(), ragged_probe(seed=2, rows=16, max_len=24)
     full = measure(model, probe)
-    assert full.layers == tuple(range(7)) and full.as_dict()["layers"] == list(range(7))
+    assert full.layers == tuple(range(7)) and full.to_record()["layers"] == list(range(7))
     for layers, entries in [([1, 3, 6], (1, 3, 6)), (2, (0, 2, 4, 6)), ([-1, 4, 1], (1, 4, 6))]:
         snap = measure(model, probe, layers=layers)
-        assert snap.layers == entries and snap.as_dict()["layers"] == list(entries)
+        assert snap.layers == entries and snap.to_record()["layers"] == list(entries)
         torch.testing.assert_close(snap.pr, full.pr[list(entries)], rtol=0, atol=1e-12)
         # the fit runs on the true indices: x = entry - 1, entry 0 dropped (numpy reference)
         x = np.array([e for e in entries if e]) - 1.0
@@ -155,7 +155,7 @@ def test_layer_selection_errors():
 def test_snapshot_from_stats_and_plain_construction():
     model, probe = _deep_gpt2(), ragged_probe(seed=2, rows=16, max_len=24)
     stats = accumulate(model, probe, layers=[1, 2, 5])
-    snap = Snapshot.from_stats(stats, seconds=1.5, step=7)
+    snap = solve(stats, seconds=1.5, step=7)
     torch.testing.assert_close(snap.pr, stats.compute(), rtol=0, atol=0)
     assert snap.fit == fit_law(snap.pr, layers=[1, 2, 5]) and snap.step == 7
     assert snap.n_tokens == probe.num_examples() and snap.layers == (1, 2, 5)

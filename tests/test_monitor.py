@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lawwatch import ProbeSet
+from lawwatch.history import History
 from lawwatch.monitor import LawWatch, Schedule
-from lawwatch.sinks import LocalHistory, Sinks, read_history
+from lawwatch.sinks import LocalHistory, Sinks
 from tests.conftest import RECORD_KEYS
 
 
@@ -50,7 +51,7 @@ def test_history_sink_and_resume(tmp_path, gpt2, probe):
     watch = LawWatch(gpt2, probe, every=4, sinks=[history])
     for step in range(9):
         watch.maybe_snapshot(step)
-    records = read_history(tmp_path / "lw" / "history.jsonl")
+    records = History.read(tmp_path / "lw").records
     assert [r["step"] for r in records] == [0, 1, 2, 4, 8]
     assert set(records[0]) >= RECORD_KEYS
     assert len(records[0]["pr"]) == 5 and records[0]["n_tokens"] == probe.num_examples()
@@ -61,7 +62,7 @@ def test_history_sink_and_resume(tmp_path, gpt2, probe):
     # resume from a checkpoint at step 4: later records are dropped, then redone in order
     state = watch.state_dict()
     again = LocalHistory(tmp_path / "lw")
-    again.truncate_after(4)
+    again.drop_after(4)
     resumed = LawWatch(gpt2, probe, every=4, sinks=[again])
     resumed.load_state_dict(state, resume_step=4)
     assert not resumed.should_snapshot(4) and resumed.should_snapshot(8)
@@ -107,7 +108,7 @@ def test_failing_sink_does_not_stop_others(tmp_path, gpt2, probe, caplog):
 
 def test_emergence_from_history(gpt2, probe):
     watch = LawWatch(gpt2, probe)
-    watch.history = [
+    watch.history = History(
         {"step": s, "rho": 0.9, "pearson_r": r} for s, r in [(0, 0.5), (10, -0.97), (20, -0.99)]
-    ]
+    )
     assert watch.emergence_step == 10

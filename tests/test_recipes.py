@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from lawwatch import ProbeSet, Schedule
-from lawwatch.sinks import read_history
+from lawwatch.history import History
 from tests.dist.launch import ROOT, run, torchrun
 from tests.wandb_offline import history_rows, inspect_run, lawwatch_steps
 
@@ -30,7 +30,7 @@ SMOKE = yaml.safe_load((ROOT / "configs" / "smoke_cpu.yaml").read_text())
 def check_run(out: Path, log: str) -> list[dict]:
     """What every smoke run must leave: the scheduled snapshots over the whole probe."""
     steps = SMOKE["train"]["steps"]
-    records = read_history(out / "lawwatch" / "history.jsonl")
+    records = History.read(out / "lawwatch").records
     expected = Schedule(SMOKE["lawwatch"]["every"], last=steps).steps(steps)
     assert [r["step"] for r in records] == expected
     probe = ProbeSet.load(out / "probe.safetensors")
@@ -131,7 +131,7 @@ def test_trainer_recipe_two_processes_measure_step_0_as_one(tmp_path, trainer_on
     probe = ProbeSet.load(out / "probe.safetensors")
     assert probe.content_hash() == ProbeSet.load(single_out / "probe.safetensors").content_hash()
     assert len(probe) % 2 == 1  # the shards differ in size: rank 1's is padded
-    single = read_history(single_out / "lawwatch" / "history.jsonl")[0]
+    single = History.read(single_out / "lawwatch").records[0]
     assert records[0]["step"] == single["step"] == 0
     assert records[0]["n_tokens"] == single["n_tokens"]
     assert max(abs(a - b) for a, b in zip(records[0]["pr"], single["pr"], strict=True)) <= 1e-9

@@ -88,7 +88,7 @@ def test_bad_chart_size(offline_wandb):
 
 def test_a_run_gets_each_step_once(offline_wandb):
     live = run(offline_wandb)
-    history = [snapshot(s, 0.9).as_dict() for s in (0, 1, 2)]
+    history = [snapshot(s, 0.9).to_record() for s in (0, 1, 2)]
     # a resumed W&B run restores its summary: it already holds steps up to 1
     live.summary["lawwatch/step"] = 1
     sink = WandbSink(live, history=history)
@@ -120,9 +120,10 @@ def test_a_layer_subset_keeps_its_true_indices(offline_wandb, tmp_path):
     """Snapshots of entries 0, 3, 6, 9 (``layers=3``): every consumer names the true entries."""
     from safetensors.torch import load_file
 
-    from lawwatch.integrations.accelerate import tracker_values
+    from lawwatch import scalars
+    from lawwatch.history import law_points
     from lawwatch.report import plot_law
-    from lawwatch.sinks import LocalHistory, law_points
+    from lawwatch.sinks import LocalHistory
 
     layers = (0, 3, 6, 9)
     snaps = []
@@ -151,5 +152,5 @@ def test_a_layer_subset_keeps_its_true_indices(offline_wandb, tmp_path):
     xs, ys = law_points(history.records[-1])
     assert xs == [3, 6, 9] and ys == pytest.approx([math.log10(v) for v in snaps[-1].pr[1:]])
     assert plot_law(history.records, tmp_path / "law.png").exists()
-    values = tracker_values(snaps[-1])
-    assert {k for k in values if "/pr/" in k} == {f"lawwatch/pr/{e:02d}" for e in layers}
+    values = scalars(snaps[-1])
+    assert {k for k in values if "/pr/" in k} == {f"lawwatch/pr/layer_{e:02d}" for e in layers}

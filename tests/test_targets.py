@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lawwatch import ProbeSet, measure
-from lawwatch.measure import accumulate
+from lawwatch import MeasureConfig, ProbeSet, measure
+from lawwatch.measure import accumulate, prepare
 from lawwatch.targets import OTHER, Targets, onehot_bytes, shuffled_ids
 from tests.conftest import ragged_probe, tiny_gpt2
 from tests.reference import (
@@ -133,10 +133,12 @@ def test_shards_resolve_targets_on_the_whole_probe(setup, target, k):
     """Each process measures a shard; their statistics must sum to the whole probe's. The
     permutation and the one-hot classes come from the whole set, not the shard."""
     model, probe, _ = setup
-    whole = accumulate(model, probe, target=target, seed=5, onehot_top_k=k)
+    config = MeasureConfig(target=target, seed=5, onehot_top_k=k)
+    targets = prepare(model, probe, config)  # once, on the whole probe, as LawWatch does
+    whole = accumulate(model, probe, config, targets)
     merged = None
     for rank in range(3):
-        part = accumulate(model, probe.shard(rank, 3), target=target, seed=5, onehot_top_k=k)
+        part = accumulate(model, probe.shard(rank, 3), config, targets)
         merged = part if merged is None else merged.merge(part)
     assert merged.count.item() == whole.count.item()
     torch.testing.assert_close(merged.compute(), whole.compute(), rtol=0, atol=1e-10)

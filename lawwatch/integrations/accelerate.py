@@ -1,46 +1,32 @@
-"""🤗 Accelerate custom loops: snapshots go to the accelerator's own trackers.
+"""🤗 Accelerate custom loops: the monitor wired to the accelerator's trackers and local files.
 
 A custom training loop needs three lines::
 
-    watch = lawwatch.LawWatch(model, probe, every=500, accelerator=accelerator)
+    watch = AcceleratorWatch(accelerator, model, probe, every=500, directory="run/lawwatch")
     accelerator.register_for_checkpointing(watch)  # the history survives save_state/load_state
     ...
     watch.maybe_snapshot(step)  # on every process, after each optimizer step
 
-``LawWatch`` given an accelerator writes every snapshot through :class:`TrackerSink` (on the
-main process, once ``accelerator.init_trackers`` has been called: W&B, TensorBoard, any
-``GeneralTracker``) besides the sinks it was given.
+Every snapshot goes, on the main process, to the accelerator's trackers through
+:class:`TrackerSink` (once ``accelerator.init_trackers`` has been called: W&B, TensorBoard, any
+``GeneralTracker``; keys from :func:`lawwatch.scalars`) and, with ``directory``, to a
+:class:`~lawwatch.sinks.LocalHistory` there, besides any sinks given.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-from lawwatch.measure import Snapshot
+from torch import nn
 
-PREFIX = "lawwatch/"
-
-
-def tracker_values(snapshot: Snapshot, prefix: str = PREFIX) -> dict[str, float | int]:
-    """A snapshot as flat scalars, the form every accelerate tracker takes.
-
-    Keys: ``{prefix}rho``, ``pearson_r``, ``slope``, ``intercept``, ``r2``, ``n_tokens``,
-    ``seconds``, numeric ``extra`` fields, and ``{prefix}pr/NN`` for hidden-state entry ``NN``
-    (``00`` = embeddings; zero-padded so dashboards sort them by depth). Non-finite fit values
-    are left out (several trackers refuse NaN).
-    """
-    values: dict[str, float | int] = {}
-    fields = {**snapshot.fit.as_dict(), "n_tokens": snapshot.n_tokens, "seconds": snapshot.seconds}
-    fields.update({k: v for k, v in snapshot.extra.items() if isinstance(v, int | float)})
-    for name, value in fields.items():
-        if isinstance(value, bool) or not math.isfinite(value):
-            continue
-        values[prefix + name] = value
-    width = max(len(str(snapshot.layers[-1])), 2)
-    for entry, pr in zip(snapshot.layers, snapshot.pr.tolist(), strict=True):
-        values[f"{prefix}pr/{entry:0{width}d}"] = pr
-    return values
+from lawwatch.config import MeasureConfig
+from lawwatch.history import Snapshot
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
+from lawwatch.monitor import LawWatch
+from lawwatch.probe import ProbeSet
+from lawwatch.sinks import LocalHistory, Sink, scalars
 
 
 class TrackerSink:
@@ -51,18 +37,69 @@ class TrackerSink:
 
     Args:
         accelerator: The ``accelerate.Accelerator`` of the training run.
-        prefix: Prepended to every key.
     """
 
-    def __init__(self, accelerator: Any, prefix: str = PREFIX) -> None:
+    def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
-        self.prefix = prefix
 
     def write(self, snapshot: Snapshot) -> None:
-        """Log the snapshot's scalars at its training step."""
+        """Log the snapshot's :func:`~lawwatch.sinks.scalars` at its training step."""
         if not getattr(self.accelerator, "trackers", None):
             return
-        self.accelerator.log(tracker_values(snapshot, self.prefix), step=snapshot.step)
+        self.accelerator.log(scalars(snapshot), step=snapshot.step)
 
     def close(self) -> None:
         """Nothing to release: ``accelerator.end_training()`` finishes the trackers."""
+
+
+class AcceleratorWatch(LawWatch):
+    """:class:`~lawwatch.LawWatch` for an accelerate loop: its layout, trackers and files.
+
+    Args:
+        accelerator: The run's ``accelerate.Accelerator``: process layout, and the trackers
+            every snapshot is logged to (main process).
+        model: The model as ``accelerator.prepare`` returned it.
+        probe: The full probe set; each process measures its shard.
+        config: The measurement options (see :class:`~lawwatch.config.MeasureConfig`).
+        directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors``
+            (:class:`~lawwatch.sinks.LocalHistory`); None for none.
+        sinks: More sinks (main process only).
+        every, schedule, last_step, emergence_threshold, unwrap: As in
+            :class:`~lawwatch.LawWatch`.
+        **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        model: nn.Module,
+        probe: ProbeSet,
+        config: MeasureConfig | None = None,
+        *,
+        directory: str | Path | None = None,
+        sinks: list[Sink] | None = None,
+        every: int = 100,
+        schedule: Callable[[int], bool] | Iterable[int] | None = None,
+        last_step: int | None = None,
+        emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+        unwrap: Callable[[nn.Module], nn.Module] | None = None,
+        **options: Any,
+    ) -> None:
+        chosen: list[Sink] = []
+        if accelerator.is_main_process:
+            if directory is not None:
+                chosen.append(LocalHistory(directory))
+            chosen += [TrackerSink(accelerator), *(sinks or [])]
+        super().__init__(
+            model,
+            probe,
+            config,
+            every=every,
+            schedule=schedule,
+            last_step=last_step,
+            sinks=chosen,
+            accelerator=accelerator,
+            emergence_threshold=emergence_threshold,
+            unwrap=unwrap,
+            **options,
+        )

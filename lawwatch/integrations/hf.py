@@ -18,10 +18,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lawwatch.capture import NORMALIZE, Normalize
+from lawwatch.config import MeasureConfig
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.measure import MEASURE_TARGETS, MeasureTarget
-from lawwatch.monitor import LawWatch, Schedule, check_measure_options
+from lawwatch.monitor import LawWatch, Schedule
 from lawwatch.probe import ProbeSet
 from lawwatch.sinks import LocalHistory, Sink, WandbSink
 
@@ -65,22 +64,22 @@ class LawWatchCallback(TrainerCallback):
 
     Args:
         probe: The held-out probe set.
+        config: The measurement options (default: the paper's protocol), see
+            :class:`~lawwatch.config.MeasureConfig`.
         every: Snapshot period after the log-spaced start (see
             :class:`lawwatch.monitor.Schedule`).
         schedule: Instead of the default: a predicate ``step -> bool`` or a collection of
             steps. Step 0 and the final step are measured in any case.
         directory: Where the local files go. Default: ``<args.output_dir>/lawwatch``.
         sinks: More sinks for every snapshot (main process only), e.g. a live display.
-        normalize: As in :func:`lawwatch.measure`.
-        target: As in :func:`lawwatch.measure`.
-        batch_size: Probe sequences per forward pass.
         emergence_threshold: r at or below which the law counts as emerged.
-        **measure_options: Further options of :func:`lawwatch.measure` (``offset``,
-            ``layers``, ``blocks``, ``final_norm``, ``onehot_top_k``, ...).
+        **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s
+            (``batch_size``, ``target``, ``layers``, …).
 
     Raises:
-        TypeError: An option :func:`lawwatch.measure` does not take, or a probe that is not a
+        TypeError: An option that is not a field of MeasureConfig, or a probe that is not a
             :class:`~lawwatch.ProbeSet`.
+        ValueError: An invalid option value or schedule period, or an empty probe.
 
     Attributes:
         monitor: The :class:`lawwatch.monitor.LawWatch` of the current ``train()`` call.
@@ -92,16 +91,14 @@ class LawWatchCallback(TrainerCallback):
     def __init__(
         self,
         probe: ProbeSet,
+        config: MeasureConfig | None = None,
         *,
         every: int = 100,
         schedule: Callable[[int], bool] | Iterable[int] | None = None,
         directory: str | Path | None = None,
         sinks: list[Sink] | None = None,
-        normalize: Normalize = "auto",
-        target: MeasureTarget = "token_id",
-        batch_size: int = 8,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
-        **measure_options: Any,
+        **options: Any,
     ) -> None:
         # bad settings fail here, where the user builds the callback, not mid-training
         if not isinstance(probe, ProbeSet):
@@ -112,20 +109,8 @@ class LawWatchCallback(TrainerCallback):
         if len(probe) == 0 or probe.num_examples() == 0:
             raise ValueError("The probe set has no (token, next token) pair to measure.")
         Schedule(every)  # validates every
-        if normalize not in NORMALIZE:
-            raise ValueError(f"Unknown normalize={normalize!r}; choose one of {NORMALIZE}.")
-        if target not in MEASURE_TARGETS:
-            raise ValueError(f"Unknown target={target!r}; choose one of {MEASURE_TARGETS}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        check_measure_options(measure_options)
+        self.config = MeasureConfig.build(config, **options)
         self.probe, self.every, self.schedule = probe, every, schedule
-        self.options = {
-            "normalize": normalize,
-            "target": target,
-            "batch_size": batch_size,
-            **measure_options,
-        }
         self.emergence_threshold = emergence_threshold
         self.extra_sinks = list(sinks or [])
         self._directory = None if directory is None else Path(directory)
@@ -154,18 +139,19 @@ class LawWatchCallback(TrainerCallback):
         self.monitor = LawWatch(
             kwargs["model"],
             self.probe,
+            self.config,
             every=self.every,
             schedule=self.schedule,
             last_step=state.max_steps or None,
             sinks=sinks,
             emergence_threshold=self.emergence_threshold,
-            **self.options,
         )
         # the same last step on every process (only the main one has the records), so every
         # process agrees on the schedule and enters each snapshot's collectives together
         if start > 0:
-            state = {"history": [_summary(r) for r in records], "last_step": start}
-            self.monitor.load_state_dict(state, resume_step=start)
+            self.monitor.load_state_dict(
+                {"history": records, "last_step": start}, resume_step=start
+            )
         else:
             self._measure(0)
 
@@ -207,9 +193,9 @@ class LawWatchCallback(TrainerCallback):
                 log.warning(
                     "lawwatch: training starts from step 0; replacing the %d records in %s",
                     len(self.local.records),
-                    self.local.path,
+                    self.local.directory,
                 )
-            self.local.truncate_after(start if start > 0 else -1)  # what follows is redone
+            self.local.drop_after(start if start > 0 else -1)  # what follows is redone
             sinks.append(self.local)
         except Exception:
             log.exception("lawwatch: no local history (%s)", self.directory)
@@ -244,8 +230,3 @@ class LawWatchCallback(TrainerCallback):
         except ImportError as error:  # matplotlib is an optional dependency
             log.warning("lawwatch: no plot of the law (%s; pip install matplotlib)", error)
             return None
-
-
-def _summary(record: dict[str, Any]) -> dict[str, Any]:
-    """The part of a history record the monitor keeps."""
-    return {"step": record["step"], "rho": record["rho"], "pearson_r": record["pearson_r"]}

@@ -126,7 +126,7 @@ def main() -> None:
     accelerator.register_for_checkpointing(watch)
     accelerator.save_state(str(out / "checkpoint"))
     results["after_checkpoint"] = pr_list(watch.snapshot(6))  # then the run dies
-    watch.history, watch.last_step = [], None  # what a fresh process would hold
+    watch.history, watch.last_step = lawwatch.History(), None  # what a fresh process holds
     accelerator.wait_for_everyone()
     accelerator.load_state(str(out / "checkpoint"))
     results["resumed"] = [[h["step"] for h in watch.history], watch.last_step]

@@ -1,0 +1,187 @@
+"""MeasureConfig: every option of a measurement, documented and validated in one place.
+
+:func:`lawwatch.measure`, :class:`lawwatch.LawWatch`, :class:`lawwatch.LawWatchCallback`, the
+recipes' YAML (``lawwatch.measure:``) and the command line all take a :class:`MeasureConfig`;
+their keyword arguments are a convenience that builds one (:meth:`MeasureConfig.build`). Each
+field's docstring is its documentation everywhere, ``--help`` included.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import itertools
+import re
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from lawwatch.norms import NORMALIZE, Normalize
+from lawwatch.residual import DEFAULT_RTOL
+from lawwatch.structure import BlockSpec, FinalNormSpec
+from lawwatch.targets import DEFAULT_MAX_ONEHOT_BYTES, MEASURE_TARGETS, MeasureTarget
+
+__all__ = ["MeasureConfig", "field_docs"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How the law is measured: the paper's protocol by default, every ablation as an option.
+
+    Immutable; derive variants with :meth:`replace`. Invalid values are refused when the config
+    is built, with the reason and the valid choices, so a bad setting fails before training
+    starts rather than at every snapshot.
+    """
+
+    normalize: Normalize = "auto"
+    """Map applied to hidden-state entries 0 … L-1 before the regression: 'auto' (the paper's:
+    a freshly initialized norm of the model's own final-norm kind and epsilon), 'layernorm',
+    'rmsnorm', 'standardize' (per-token z-score) or 'none' (the raw residual stream). The last
+    entry is always the model's own final norm."""
+    target: MeasureTarget = "token_id"
+    """What is regressed: 'token_id' (the paper's: the token id as a number),
+    'token_id_shuffled' (ids after a seeded permutation of the distinct ids: the paper's control)
+    or 'onehot' (multi-output PR over the ids present)."""
+    offset: int = 1
+    """Target position relative to the feature: 1 = next token (the paper's), 0 = current,
+    2 = next-next, -1 = previous."""
+    layers: int | tuple[int, ...] | None = None
+    """Entries to measure: None (all), an int k (every k-th entry plus the last), or entry
+    indices (negative ones count from the end). Statistics cost entries × d² × 8 bytes."""
+    blocks: BlockSpec | None = None
+    """The residual-stream blocks: a module name (a ModuleList stands for its children), a glob
+    ('transformer.h.*'), a compiled regex (full match) or a list of names or modules. Default:
+    found automatically on Hugging Face models."""
+    final_norm: FinalNormSpec | None = None
+    """The model's final norm: a module name or module, or a NormSpec for a model without one.
+    Default: found by name (ln_f, norm, final_layer_norm, norm_f, ln_out, final_layernorm)."""
+    onehot_top_k: int | None = None
+    """For target='onehot': a class for each of the k most frequent target ids plus one class
+    for all others (no example is dropped), to bound memory. Default: a class per id."""
+    max_onehot_bytes: int = DEFAULT_MAX_ONEHOT_BYTES
+    """Refuse one-hot statistics (entries × d × classes × 8 bytes) above this many bytes; the
+    error names the onehot_top_k that fits."""
+    batch_size: int = 8
+    """Probe sequences per forward pass: the snapshot's peak activation memory."""
+    seed: int = 0
+    """Seed of the shuffled-vocabulary permutation (target='token_id_shuffled')."""
+    rtol: float = DEFAULT_RTOL
+    """Rank tolerance of the least-squares solve: directions of the correlation-scaled Gram
+    with eigenvalue below rtol × the largest are treated as exactly dependent."""
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"Unknown normalize={self.normalize!r}; choose one of {NORMALIZE}.")
+        if self.target not in MEASURE_TARGETS:
+            raise ValueError(f"Unknown target={self.target!r}; choose one of {MEASURE_TARGETS}.")
+        if not _is_int(self.offset):
+            raise TypeError(f"offset must be an int (1 = next token), got {self.offset!r}.")
+        if isinstance(self.layers, Sequence) and not isinstance(self.layers, str):
+            # a list from YAML or the caller: kept as a tuple, so the config stays hashable
+            object.__setattr__(self, "layers", tuple(self.layers))
+            if not self.layers or not all(_is_int(e) for e in self.layers):
+                raise TypeError(f"layers must list entry indices (ints), got {self.layers!r}.")
+        elif self.layers is not None:
+            if not _is_int(self.layers):
+                raise TypeError(
+                    f"layers must be an int (every k-th) or a list of entries, got {self.layers!r}."
+                )
+            if self.layers < 1:
+                raise ValueError(f"layers={self.layers}: every k-th entry needs k >= 1.")
+        if isinstance(self.blocks, list):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        if self.onehot_top_k is not None and (
+            not _is_int(self.onehot_top_k) or self.onehot_top_k < 1 or self.target != "onehot"
+        ):
+            raise ValueError(
+                f"onehot_top_k={self.onehot_top_k} needs target='onehot' and a positive count."
+            )
+        for name in ("max_onehot_bytes", "batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {value!r}.")
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        if not _is_int(self.seed):
+            raise TypeError(f"seed must be an int, got {self.seed!r}.")
+        if isinstance(self.rtol, bool) or not isinstance(self.rtol, int | float):
+            raise TypeError(f"rtol must be a float, got {self.rtol!r}.")
+        if not 0.0 < self.rtol < 1.0:
+            raise ValueError(f"rtol must lie in (0, 1), got {self.rtol}.")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The field names, in declaration order."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, config: MeasureConfig | None = None, **options: Any) -> MeasureConfig:
+        """``config`` (default: the paper's protocol) with ``options`` overriding its fields.
+
+        Raises:
+            TypeError: An option that is not a field, naming the valid ones.
+            ValueError: An invalid value (see the field's documentation).
+        """
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise TypeError(
+                f"Unknown measurement options {unknown}; the options are the fields of "
+                f"lawwatch.MeasureConfig: {list(cls.names())}."
+            )
+        if config is not None and not isinstance(config, MeasureConfig):
+            raise TypeError(
+                f"config must be a lawwatch.MeasureConfig, got {type(config).__name__}; build "
+                "one with MeasureConfig(...) or MeasureConfig.from_dict(...)."
+            )
+        return replace(config, **options) if config is not None else cls(**options)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> MeasureConfig:
+        """From a plain mapping (a YAML section, parsed command-line options); strict on names."""
+        return cls.build(**dict(values or {}))
+
+    def replace(self, **options: Any) -> MeasureConfig:
+        """A copy with ``options`` changed (validated like the constructor)."""
+        return self.build(self, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-ready values (a module given by object is named by its type)."""
+        return {name: _plain(getattr(self, name)) for name in self.names()}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready stand-in for an option value."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, re.Pattern):
+        return f"re:{value.pattern}"
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "kind") and hasattr(value, "eps"):  # a NormSpec
+        return {"kind": value.kind, "eps": value.eps, "weight_offset": value.weight_offset}
+    return f"<{type(value).__name__}>"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name, on one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):  # base classes first: a subclass may override
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, after in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs

@@ -1,0 +1,247 @@
+"""The record of a snapshot, and a history of them: what ``history.jsonl`` holds.
+
+A :class:`Snapshot` is one measurement; its *record* is the JSON object of one ``history.jsonl``
+line (:meth:`Snapshot.to_record`, :meth:`Snapshot.from_record`: lossless both ways). A
+:class:`History` is the records of one series in increasing step order: the monitor keeps one,
+the local and W&B sinks keep one, the report and the demo read one. On disk a history is two
+files in a directory: ``history.jsonl`` (one record a line) and ``pr.safetensors`` (the PR
+matrix, steps × entries, float64).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, LawFit, emergence_step
+
+__all__ = ["HISTORY_FILE", "MATRIX_FILE", "History", "Snapshot", "entries", "law_points"]
+
+HISTORY_FILE = "history.jsonl"
+MATRIX_FILE = "pr.safetensors"
+MATRIX_FORMAT = "lawwatch.history/1"
+
+_FIT_FIELDS = tuple(LawFit.__dataclass_fields__)  # rho, pearson_r, slope, intercept, r2
+_CORE_FIELDS = ("step", "pr", "layers", *_FIT_FIELDS, "n_tokens", "seconds")
+
+
+@dataclass
+class Snapshot:
+    """The law measured once.
+
+    Attributes:
+        pr: ``(entries,)`` float64 prediction residual of every measured hidden-state entry,
+            on CPU.
+        fit: The law fitted to ``pr`` at the true entry indices (entry 0 dropped).
+        n_tokens: Examples (position, target) the statistics hold.
+        seconds: Wall time of the measurement.
+        step: Training step, when taken during training.
+        extra: More fields of the record (JSON-ready values).
+        layers: The true hidden-state entry index of each value of ``pr`` (entry 0 = the
+            embeddings); default ``0 … len(pr)-1``.
+    """
+
+    pr: torch.Tensor
+    fit: LawFit
+    n_tokens: int
+    seconds: float
+    step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    layers: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(range(len(self.pr))) if self.layers is None else tuple(self.layers)
+        if len(self.layers) != len(self.pr):
+            raise ValueError(f"{len(self.layers)} layers for {len(self.pr)} PR values.")
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``history.jsonl`` record.
+
+        Holds step, pr (a list), layers, the fit's fields, n_tokens, seconds, then ``extra``.
+        """
+        return {
+            "step": self.step,
+            "pr": self.pr.tolist(),
+            "layers": list(self.layers),
+            **self.fit.as_dict(),
+            "n_tokens": self.n_tokens,
+            "seconds": self.seconds,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Snapshot:
+        """The snapshot a record was written from (``from_record(s.to_record()) == s``).
+
+        Raises:
+            ValueError: The record lacks a field every record has.
+        """
+        missing = [name for name in _CORE_FIELDS if name not in record and name != "layers"]
+        if missing:
+            raise ValueError(f"Not a snapshot record: it lacks {missing}.")
+        return cls(
+            pr=torch.tensor(record["pr"], dtype=torch.float64),
+            fit=LawFit(**{name: record[name] for name in _FIT_FIELDS}),
+            n_tokens=record["n_tokens"],
+            seconds=record["seconds"],
+            step=record["step"],
+            extra={k: v for k, v in record.items() if k not in _CORE_FIELDS},
+            layers=record.get("layers") or None,
+        )
+
+
+def entries(record: dict[str, Any]) -> list[int]:
+    """The true hidden-state entry index of each PR in a record (entry 0 = the embeddings)."""
+    layers = record.get("layers")
+    return list(layers) if layers else list(range(len(record["pr"])))
+
+
+def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """``(layers, log10 PR)`` of the entries the law is fitted on (the embeddings left out)."""
+    pairs = [(e, v) for e, v in zip(entries(record), record["pr"], strict=True) if e != 0]
+    return [e for e, _ in pairs], [math.log10(v) for _, v in pairs]
+
+
+class History:
+    """The records of one series of snapshots, steps strictly increasing.
+
+    A record is a dict with at least ``step``; a full one is :meth:`Snapshot.to_record`'s.
+    Iterating yields the records, indexing gives one, ``len`` counts them.
+
+    Args:
+        records: Records to start from, steps increasing.
+    """
+
+    def __init__(self, records: Iterable[dict[str, Any]] = ()) -> None:
+        self.records: list[dict[str, Any]] = []
+        for record in records:
+            self.append(record)
+
+    # -- the sequence -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.records[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, History):
+            return self.records == other.records
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} snapshots, steps {self.steps})"
+
+    @property
+    def steps(self) -> list[int]:
+        """The step of every record, in order."""
+        return [r["step"] for r in self.records]
+
+    @property
+    def last_step(self) -> int | None:
+        """The latest step, or None when empty."""
+        return self.records[-1]["step"] if self.records else None
+
+    def append(self, item: Snapshot | dict[str, Any]) -> dict[str, Any]:
+        """Add a snapshot (or its record) after the last one.
+
+        Returns:
+            The record added.
+
+        Raises:
+            ValueError: Its step is missing, or not after the last step held.
+        """
+        record = item.to_record() if isinstance(item, Snapshot) else dict(item)
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"A history record needs a training step (an int), got {step!r}.")
+        if self.last_step is not None and step <= self.last_step:
+            raise ValueError(
+                f"Step {step} is not after the last recorded step {self.last_step}; a resumed "
+                "run first drops what follows its checkpoint (drop_after)."
+            )
+        self.records.append(record)
+        return record
+
+    def drop_after(self, step: int) -> bool:
+        """Forget every record with a step above ``step``; whether any was dropped."""
+        kept = [r for r in self.records if r["step"] <= step]
+        dropped = len(kept) != len(self.records)
+        self.records = kept
+        return dropped
+
+    # -- what the records say -----------------------------------------------------------------
+
+    def emergence_step(self, threshold: float = DEFAULT_EMERGENCE_THRESHOLD) -> int | None:
+        """First step from which r stays at or below ``threshold`` (see :func:`emergence_step`)."""
+        return emergence_step(
+            self.steps, [r["pearson_r"] for r in self.records], threshold=threshold
+        )
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every record as a :class:`Snapshot`."""
+        return [Snapshot.from_record(r) for r in self.records]
+
+    def pr_matrix(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(steps (S,), entries (E,), pr (S, E) float64)`` of the records holding PRs.
+
+        None when there are none, or when the measured entries changed along the series (then
+        only the records hold the PRs).
+        """
+        rows = [r for r in self.records if r.get("pr")]
+        if not rows or len({tuple(entries(r)) for r in rows}) != 1:
+            return None
+        return (
+            torch.tensor([r["step"] for r in rows]),
+            torch.tensor(entries(rows[0])),
+            torch.tensor([r["pr"] for r in rows], dtype=torch.float64),
+        )
+
+    # -- files --------------------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, directory: str | Path) -> History:
+        """The history in ``directory`` (its ``history.jsonl``; empty if there is none)."""
+        path = Path(directory) / HISTORY_FILE
+        if not path.exists():
+            return cls()
+        with path.open() as f:
+            return cls(json.loads(line) for line in f if line.strip())
+
+    def write(self, directory: str | Path) -> None:
+        """Write ``history.jsonl`` and ``pr.safetensors`` in ``directory`` (created if missing)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / HISTORY_FILE).open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        self.write_matrix(directory)
+
+    def append_to(self, directory: str | Path, record: dict[str, Any]) -> None:
+        """Append ``record`` (already added with :meth:`append`) to the files in ``directory``."""
+        with (Path(directory) / HISTORY_FILE).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.write_matrix(directory)
+
+    def write_matrix(self, directory: str | Path) -> None:
+        """Write ``pr.safetensors`` (``steps``, ``layers``, ``pr``) if :meth:`pr_matrix` has one."""
+        from safetensors.torch import save_file
+
+        matrix = self.pr_matrix()
+        if matrix is None:
+            return
+        steps, layers, pr = matrix
+        save_file(
+            {"steps": steps, "layers": layers, "pr": pr},
+            str(Path(directory) / MATRIX_FILE),
+            metadata={"format": MATRIX_FORMAT},
+        )
