@@ -8,11 +8,16 @@ the launch command, e.g.::
 
     python recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
     torchrun --nproc_per_node 2 recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
+        recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
     accelerate launch --config_file configs/accelerate/fsdp.yaml \\
         recipes/pretrain_accelerate.py --config configs/llama_1b.yaml
 
 ``--set key.sub=value`` overrides one entry (the value is read as YAML), e.g.
-``--set train.steps=10 --set output.log_with=wandb``.
+``--set train.steps=10 --set output.log_with=wandb``. ``train.cpu: true`` builds
+``Accelerator(cpu=True)``: the processes a launcher starts form a gloo group on the CPU (the
+only way to one without GPUs, whichever launcher: ``accelerate launch``'s own ``--cpu`` starts
+a single process).
 
 Writes to ``output.dir``: ``tokenizer/``, ``probe.safetensors``, ``lawwatch/history.jsonl`` and
 ``lawwatch/pr.safetensors`` (main process), plus the trackers' own files.
@@ -27,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from common import (
     build_model,
+    check_launch,
     check_probe,
     config_from_cli,
     end_distributed,
@@ -52,6 +58,7 @@ def main() -> None:
         log_with=output.get("log_with"),
         project_dir=out,
     )
+    check_launch(accelerator.num_processes)
     tokenizer, blocks, probe = prepare_data(
         cfg, out, accelerator.local_main_process_first(), accelerator.is_local_main_process
     )
