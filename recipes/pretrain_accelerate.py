@@ -72,7 +72,13 @@ def main() -> None:
         weight_decay=train.get("weight_decay", 0.0),
     )
     steps = train["steps"]
-    scheduler = get_cosine_schedule_with_warmup(optimizer, train.get("warmup_steps", 0), steps)
+    # prepared, the scheduler steps once per process at each optimizer step (accelerate assumes
+    # a schedule counted in single-process batches): count it that way, or N processes would
+    # run it N times too fast (and a cosine past its end climbs back up)
+    n = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, train.get("warmup_steps", 0) * n, steps * n
+    )
     loader = DataLoader(
         TensorDataset(blocks),
         batch_size=train["batch_size"],
@@ -123,6 +129,7 @@ def main() -> None:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train.get("grad_clip"):
                     accelerator.clip_grad_norm_(model.parameters(), train["grad_clip"])
+                lr = scheduler.get_last_lr()[0]  # the rate this step trains with
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -131,8 +138,8 @@ def main() -> None:
             step += 1
             if step % log_every == 0 or step == steps:
                 loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-                accelerator.log({"loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
-                accelerator.print(f"step {step}: loss {loss:.3f}")
+                accelerator.log({"loss": loss, "lr": lr}, step=step)
+                accelerator.print(f"step {step}: loss {loss:.3f} lr {lr:.8e}")
             report(step)
             if step >= steps:
                 break

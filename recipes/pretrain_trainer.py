@@ -55,7 +55,9 @@ class Console(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if state.is_world_process_zero and logs and "loss" in logs:
-            print(f"step {state.global_step}: loss {logs['loss']:.3f}", flush=True)
+            # learning_rate: the rate this step trained with
+            lr = logs["learning_rate"]
+            print(f"step {state.global_step}: loss {logs['loss']:.3f} lr {lr:.8e}", flush=True)
 
     def write(self, snapshot) -> None:
         print(

@@ -43,7 +43,23 @@ def check_run(out: Path, log: str) -> list[dict]:
         assert all(math.isfinite(p) and 0 < p <= 1 for p in record["pr"])
     final_loss = float(re.findall(rf"step {steps}: loss ([0-9.]+)", log)[-1])
     assert final_loss < math.log(SMOKE["data"]["vocab_size"]) - 0.5  # it trained
+    logged = [(int(s), float(lr)) for s, lr in re.findall(r"step (\d+): loss \S+ lr (\S+)", log)]
+    every = SMOKE["train"]["log_every"]
+    assert [s for s, _ in logged] == list(range(every, steps + 1, every))
+    for step, lr in logged:  # the schedule per optimizer step, however many processes
+        assert lr == pytest.approx(scheduled_lr(step), rel=1e-7, abs=1e-12), step
     return records
+
+
+def scheduled_lr(step: int) -> float:
+    """The rate optimizer step ``step`` (1-based) trains with: linear warm-up from 0, then a
+    cosine decay to 0 at the last step (transformers' get_cosine_schedule_with_warmup, as the
+    smoke config sets it)."""
+    train = SMOKE["train"]
+    done, warmup, total = step - 1, train["warmup_steps"], train["steps"]
+    if done < warmup:
+        return train["lr"] * done / warmup
+    return train["lr"] * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (total - warmup)))
 
 
 @pytest.mark.slow
