@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +47,24 @@ def config_from_cli(description: str) -> dict[str, Any]:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cli = parser.parse_args()
     return load_config(cli.config, cli.set)
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse processes that were launched together but did not form one process group.
+
+    ``accelerate launch --multi_gpu`` (or ``torchrun``) on a machine without GPUs starts every
+    process, and each one, unless told to use the CPU, trains alone: N copies of one run
+    writing to the same ``output.dir``. The launcher's ``WORLD_SIZE`` says how many were
+    started; ``num_processes`` is how many joined the group.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > num_processes:
+        raise SystemExit(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but did not form one "
+            f"group (this one sees {num_processes}): each would train alone, into the same "
+            "output.dir. Without GPUs, set train.cpu: true (--set train.cpu=true) so that they "
+            "join over gloo."
+        )
 
 
 def load_texts(source: str) -> list[str]:

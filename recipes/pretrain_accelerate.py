@@ -8,11 +8,16 @@ the launch command, e.g.::
 
     python recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
     torchrun --nproc_per_node 2 recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
+        recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
     accelerate launch --config_file configs/accelerate/fsdp.yaml \\
         recipes/pretrain_accelerate.py --config configs/llama_1b.yaml
 
 ``--set key.sub=value`` overrides one entry (the value is read as YAML), e.g.
-``--set train.steps=10 --set output.log_with=wandb``.
+``--set train.steps=10 --set output.log_with=wandb``. ``train.cpu: true`` builds
+``Accelerator(cpu=True)``: the processes a launcher starts form a gloo group on the CPU (the
+only way to one without GPUs, whichever launcher: ``accelerate launch``'s own ``--cpu`` starts
+a single process).
 
 Writes to ``output.dir``: ``tokenizer/``, ``probe.safetensors``, ``lawwatch/history.jsonl`` and
 ``lawwatch/pr.safetensors`` (main process), plus the trackers' own files.
@@ -27,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from common import (
     build_model,
+    check_launch,
     check_probe,
     config_from_cli,
     end_distributed,
@@ -52,6 +58,7 @@ def main() -> None:
         log_with=output.get("log_with"),
         project_dir=out,
     )
+    check_launch(accelerator.num_processes)
     tokenizer, blocks, probe = prepare_data(
         cfg, out, accelerator.local_main_process_first(), accelerator.is_local_main_process
     )
@@ -65,7 +72,13 @@ def main() -> None:
         weight_decay=train.get("weight_decay", 0.0),
     )
     steps = train["steps"]
-    scheduler = get_cosine_schedule_with_warmup(optimizer, train.get("warmup_steps", 0), steps)
+    # prepared, the scheduler steps once per process at each optimizer step (accelerate assumes
+    # a schedule counted in single-process batches): count it that way, or N processes would
+    # run it N times too fast (and a cosine past its end climbs back up)
+    n = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, train.get("warmup_steps", 0) * n, steps * n
+    )
     loader = DataLoader(
         TensorDataset(blocks),
         batch_size=train["batch_size"],
@@ -116,6 +129,7 @@ def main() -> None:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train.get("grad_clip"):
                     accelerator.clip_grad_norm_(model.parameters(), train["grad_clip"])
+                lr = scheduler.get_last_lr()[0]  # the rate this step trains with
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -124,8 +138,8 @@ def main() -> None:
             step += 1
             if step % log_every == 0 or step == steps:
                 loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-                accelerator.log({"loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
-                accelerator.print(f"step {step}: loss {loss:.3f}")
+                accelerator.log({"loss": loss, "lr": lr}, step=step)
+                accelerator.print(f"step {step}: loss {loss:.3f} lr {lr:.8e}")
             report(step)
             if step >= steps:
                 break

@@ -7,12 +7,15 @@ lines give its own)::
 
     python recipes/pretrain_trainer.py --config configs/smoke_cpu.yaml
     torchrun --nproc_per_node 2 recipes/pretrain_trainer.py --config configs/smoke_cpu.yaml
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
+        recipes/pretrain_trainer.py --config configs/smoke_cpu.yaml
     accelerate launch --config_file configs/accelerate/ddp.yaml \\
         recipes/pretrain_trainer.py --config configs/gpt2_small.yaml
 
 ``--set key.sub=value`` overrides one entry (the value is read as YAML). ``train.cpu: true``
-trains on CPU (gloo between processes); ``train.mixed_precision`` ``bf16`` / ``fp16`` turns on
-the Trainer's autocast, and null leaves precision to ``accelerate launch`` (float32 otherwise).
+trains on CPU (``use_cpu``: gloo between the processes any launcher starts);
+``train.mixed_precision`` ``bf16`` / ``fp16`` turns on the Trainer's autocast, and null leaves
+precision to ``accelerate launch`` (float32 otherwise).
 FSDP and DeepSpeed come from the ``accelerate launch`` config, as the Trainer reads them.
 
 Writes to ``output.dir``: ``tokenizer/``, ``probe.safetensors`` and ``lawwatch/``
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from common import (
     build_model,
+    check_launch,
     check_probe,
     config_from_cli,
     end_distributed,
@@ -51,7 +55,9 @@ class Console(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if state.is_world_process_zero and logs and "loss" in logs:
-            print(f"step {state.global_step}: loss {logs['loss']:.3f}", flush=True)
+            # learning_rate: the rate this step trained with
+            lr = logs["learning_rate"]
+            print(f"step {state.global_step}: loss {logs['loss']:.3f} lr {lr:.8e}", flush=True)
 
     def write(self, snapshot) -> None:
         print(
@@ -113,6 +119,7 @@ def main() -> None:
     # before the model: under `accelerate launch` with DeepSpeed ZeRO-3 they set up the
     # partitioning that build_model's weights are created into
     args = training_arguments(cfg, out)
+    check_launch(args.world_size)
     tokenizer, blocks, probe = prepare_data(
         cfg, out, args.main_process_first(local=True), args.local_process_index == 0
     )

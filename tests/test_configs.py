@@ -58,6 +58,7 @@ def test_configs_exist():
         "accelerate/ddp.yaml",
         "accelerate/fsdp.yaml",
         "accelerate/deepspeed_zero3.yaml",
+        "accelerate/cpu_2proc.yaml",
     }
 
 
@@ -109,8 +110,16 @@ def test_launcher_config_is_accepted_by_accelerate(path):
         "ddp.yaml": "MULTI_GPU",
         "fsdp.yaml": "FSDP",
         "deepspeed_zero3.yaml": "DEEPSPEED",
+        "cpu_2proc.yaml": "MULTI_GPU",  # the launcher that forms a gloo group on CPU too
     }[path.name]
     assert config.distributed_type.value == kind
+    if path.name == "cpu_2proc.yaml":
+        assert config.num_processes == 2 and config.mixed_precision == "no"
+        # the launcher does not hand use_cpu to the script: the recipe config must ask for CPU
+        for command in header(path)[1]:
+            recipe_config = re.search(r"--config (\S+)", command).group(1)
+            cfg = recipe_common().load_config(str(ROOT / recipe_config), [])
+            assert cfg["train"].get("cpu") is True, f"{command}: {recipe_config} lacks train.cpu"
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2
     if kind == "DEEPSPEED":

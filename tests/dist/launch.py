@@ -37,6 +37,13 @@ def torchrun(nproc: int = 2) -> list[str]:
     ]
 
 
+def accelerate_launch(*options: str) -> list[str]:
+    """``accelerate launch OPTIONS`` (e.g. ``--config_file FILE``) on a fresh local port, as an
+    argv prefix: the command users type (this environment's ``accelerate`` script)."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return [accelerate, "launch", *options, "--main_process_port", str(free_port())]
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc): torchrun starts its workers in sessions of
     their own, so killing torchrun's process group does not reach them."""
@@ -55,8 +62,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> str:
-    """Run ``cmd`` in the repository root; return stdout+stderr; fail on error or timeout."""
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240, fails: bool = False
+) -> str:
+    """Run ``cmd`` in the repository root; return stdout+stderr; fail on timeout, and on an
+    error (or, with ``fails``, on success)."""
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -76,5 +86,8 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240)
                 os.kill(pid, signal.SIGKILL)
         output, _ = proc.communicate(timeout=30)
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s (a hang?):\n{output[-6000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
+    if fails:
+        assert proc.returncode != 0, f"{' '.join(cmd)} succeeded:\n{output[-6000:]}"
+    else:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
     return output
