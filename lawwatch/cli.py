@@ -7,35 +7,33 @@ the code cannot drift apart.
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
-import itertools
+import re
 import sys
-import textwrap
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
 from typing import Any, Literal
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass, by field name."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, after in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
-    return docs
+from lawwatch.config import MeasureConfig, field_docs
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--option`` per field: type, choices and default from the annotation and value."""
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    parsers: Mapping[str, Callable[[str], Any]] | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> None:
+    """One ``--option`` per field: type, choices and default from the annotation and value.
+
+    Args:
+        parser: The parser or argument group to add to.
+        cls: The dataclass.
+        parsers: Field name -> function parsing its text, for fields of composite types.
+        flags: Field name -> the option's name where the field's own would clash (the parsed
+            value still lands under the field name).
+    """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for field in fields(cls):
@@ -43,7 +41,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         options: dict[str, Any] = {"default": field.default, "dest": field.name}
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is bool:
+        if parsers and field.name in parsers:
+            options["type"] = parsers[field.name]
+            options["metavar"] = field.name.upper()
+        elif kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is Literal:
             options["choices"] = typing.get_args(kind)
@@ -54,7 +55,53 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             options["required"] = True
         help_text = docs.get(field.name, "")
         options["help"] = f"{help_text} (default: {field.default})".replace("%", "%%")
-        parser.add_argument("--" + field.name.replace("_", "-"), **options)
+        flag = (flags or {}).get(field.name, field.name)
+        parser.add_argument("--" + flag.replace("_", "-"), **options)
+
+
+def _layers(text: str) -> int | tuple[int, ...]:
+    """``4`` (every 4th entry) or ``1,6,-1`` (those entries)."""
+    try:
+        return int(text) if "," not in text else tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give an int k (every k-th entry) or entries like 1,6,-1"
+        ) from None
+
+
+def _blocks(text: str) -> str | re.Pattern[str] | tuple[str, ...]:
+    """A name or glob; ``re:PATTERN`` for a regex; ``a,b,c`` for a list of names."""
+    if text.startswith("re:"):
+        return re.compile(text[3:])
+    return tuple(text.split(",")) if "," in text else text
+
+
+MEASURE_PARSERS: dict[str, Callable[[str], Any]] = {
+    "layers": _layers,
+    "blocks": _blocks,
+    "final_norm": str,
+}
+"""How the command line spells the MeasureConfig fields of composite type."""
+
+
+def add_measure_arguments(
+    parser: argparse.ArgumentParser, flags: Mapping[str, str] | None = None
+) -> None:
+    """The fields of :class:`~lawwatch.config.MeasureConfig` as an option group.
+
+    Args:
+        parser: The command's parser.
+        flags: Field name -> option name, for fields whose names the command already uses.
+    """
+    group = parser.add_argument_group(
+        "measurement options (lawwatch.MeasureConfig; the defaults are the paper's protocol)"
+    )
+    add_dataclass_arguments(group, MeasureConfig, parsers=MEASURE_PARSERS, flags=flags)
+
+
+def measure_config(args: argparse.Namespace) -> MeasureConfig:
+    """The :class:`~lawwatch.config.MeasureConfig` of parsed command-line options."""
+    return MeasureConfig(**{name: getattr(args, name) for name in MeasureConfig.names()})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,9 +20,9 @@ import torch
 from transformers import TrainerCallback
 
 from lawwatch.corpus import Source, python_texts, split_texts, train_tokenizer
+from lawwatch.history import History
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
 from lawwatch.probe import ProbeSet
-from lawwatch.sinks import read_history
 
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 
@@ -333,7 +333,7 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
             run.finish()
 
     directory = callback.directory or out / "lawwatch"
-    records = read_history(directory / "history.jsonl")
+    records = History.read(directory).records
     result = DemoResult(
         records=records,
         directory=directory,

@@ -67,6 +67,25 @@ def check_launch(num_processes: int) -> None:
         )
 
 
+def watch_settings(section: dict[str, Any]) -> tuple[dict[str, Any], lawwatch.MeasureConfig]:
+    """The ``lawwatch:`` section: the monitor's settings and the measurement options.
+
+    Returns:
+        ``every`` and ``emergence_threshold`` (keyword arguments of the monitor and the
+        callback), and the :class:`lawwatch.MeasureConfig` built from ``measure:``, whose field
+        names are checked (a misspelled option stops the recipe before training).
+    """
+    settings = dict(section)
+    config = lawwatch.MeasureConfig.from_dict(settings.pop("measure", None))
+    unknown = set(settings) - {"every", "emergence_threshold"}
+    if unknown:
+        raise SystemExit(
+            f"lawwatch: {sorted(unknown)} are not monitor settings (every, "
+            "emergence_threshold); measurement options go under lawwatch.measure."
+        )
+    return settings, config
+
+
 def load_texts(source: str) -> list[str]:
     """``topics`` / ``docstrings`` / ``all`` (text shipped with CPython), or a glob of your own
     UTF-8 text files, one document per file."""

@@ -38,12 +38,12 @@ from common import (
     end_distributed,
     parameter_count,
     prepare_data,
+    watch_settings,
 )
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import get_cosine_schedule_with_warmup
 
-import lawwatch
-from lawwatch.sinks import LocalHistory
+from lawwatch.integrations.accelerate import AcceleratorWatch
 
 
 def main() -> None:
@@ -97,16 +97,10 @@ def main() -> None:
             flush=True,
         )
     accelerator.init_trackers(output.get("project", "lawwatch"), config=cfg)
-    watch = lawwatch.LawWatch(
-        model,
-        probe,
-        every=watch_cfg["every"],
-        last_step=steps,
-        sinks=[LocalHistory(out / "lawwatch")] if accelerator.is_main_process else [],
-        accelerator=accelerator,
-        batch_size=watch_cfg.get("batch_size", 8),
-        normalize=watch_cfg.get("normalize", "auto"),
-        target=watch_cfg.get("target", "token_id"),
+    settings, measure = watch_settings(watch_cfg)
+    # snapshots go to the trackers and, on the main process, to out/lawwatch/history.jsonl
+    watch = AcceleratorWatch(
+        accelerator, model, probe, measure, directory=out / "lawwatch", last_step=steps, **settings
     )
     accelerator.register_for_checkpointing(watch)  # its history goes with save_state
 

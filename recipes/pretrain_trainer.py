@@ -38,6 +38,7 @@ from common import (
     end_distributed,
     parameter_count,
     prepare_data,
+    watch_settings,
 )
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -134,14 +135,8 @@ def main() -> None:
         # the Trainer's WandbCallback logs into this run instead of starting its own
         run = wandb.init(project=output.get("project", "lawwatch"), config=cfg)
     console = Console()
-    watch = LawWatchCallback(
-        probe,
-        every=watch_cfg["every"],
-        sinks=[console],
-        batch_size=watch_cfg.get("batch_size", 8),
-        normalize=watch_cfg.get("normalize", "auto"),
-        target=watch_cfg.get("target", "token_id"),
-    )
+    settings, measure = watch_settings(watch_cfg)
+    watch = LawWatchCallback(probe, measure, sinks=[console], **settings)
     trainer = Trainer(
         model=model, args=args, train_dataset=Packed(blocks), callbacks=[console, watch]
     )

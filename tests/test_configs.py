@@ -17,6 +17,8 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from lawwatch import MeasureConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 RECIPE_CONFIGS = [p for p in CONFIGS if p.parent.name == "configs"]
@@ -94,6 +96,10 @@ def test_recipe_config_builds_the_promised_model(path):
     low, high = SIZES[path.name]
     assert low <= params <= high, f"{path}: {params / 1e6:.1f}M parameters"
     assert cfg["probe"]["max_length"] <= cfg["data"]["seq_len"]
+    # the lawwatch section names every measurement option (the defaults are there to be seen)
+    settings, measure = recipe_common().watch_settings(cfg["lawwatch"])
+    assert set(cfg["lawwatch"]["measure"]) == set(MeasureConfig.names())
+    assert set(settings) <= {"every", "emergence_threshold"}
 
 
 def test_overrides_are_parsed_as_yaml():
