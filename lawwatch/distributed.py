@@ -1,13 +1,8 @@
-"""Where a snapshot runs: the process layout, the module the probe goes through, one vote.
+"""Where a snapshot runs: the process layout, and one vote.
 
-Three facts of multi-process training shape a snapshot (DESIGN.md §3, the distributed rule):
+Two facts of multi-process training shape a snapshot (which module a probe forward runs
+through is :func:`lawwatch.models.measured_module`'s business):
 
-* **Which module runs the probe.** A DDP (or DataParallel) wrapper is stripped: its forward
-  would broadcast buffers, and the replicas hold the full weights anyway. Under FSDP (1 and 2)
-  and DeepSpeed ZeRO-3 the weights are sharded and every forward is a collective that has to
-  enter at the *root* module: its forward hooks gather the parameters no inner unit owns
-  (embeddings, final norm), and FSDP2 makes the first module ever to run forward its root. The
-  capture runs every Hugging Face model from its root, asking for the logits of one position.
 * **The layout.** Rank, world size and the device that collective tensors live on (the CPU for
   gloo, the accelerator for NCCL), from an ``accelerate.Accelerator`` or an initialized
   ``torch.distributed`` process group, decided at call time.
@@ -18,12 +13,10 @@ Three facts of multi-process training shape a snapshot (DESIGN.md §3, the distr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -96,82 +89,3 @@ def vote(ok: bool, where: Layout, **keys: int) -> str | None:
     if differ:
         return f"the ranks disagree on {', '.join(differ)}"
     return "another rank failed" if reduced[0] > 0 else None
-
-
-# -- the module a probe forward runs through --------------------------------------------------
-
-
-def _fsdp_classes() -> tuple[type, ...]:
-    """FSDP1's wrapper class and FSDP2's ``FSDPModule`` mixin (what this torch has of them)."""
-    classes: list[type] = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        classes.append(FullyShardedDataParallel)
-    except ImportError:  # torch built without distributed
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        try:  # torch < 2.6
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            FSDPModule = None
-    if FSDPModule is not None:
-        classes.append(FSDPModule)
-    return tuple(classes)
-
-
-def _strip_replication(model: nn.Module) -> nn.Module:
-    """Remove DDP / DataParallel / DeepSpeedEngine / ``torch.compile`` wrappers."""
-    while True:
-        replicated = isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel)
-        if replicated or type(model).__name__ == "DeepSpeedEngine":  # DeepSpeed is optional
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s weights are sharded across processes (FSDP 1/2, DeepSpeed ZeRO-3).
-
-    Raises:
-        ValueError: Inner modules are FSDP-sharded but ``model`` itself is not the FSDP root,
-            so no forward through it can gather every parameter.
-    """
-    fsdp = _fsdp_classes()
-    if fsdp and isinstance(model, fsdp):
-        return True
-    if fsdp and any(isinstance(m, fsdp) for m in model.modules()):
-        raise ValueError(
-            f"{type(model).__name__} holds FSDP-sharded modules but is not itself the FSDP root; "
-            "pass LawWatch the model as the framework returned it (after accelerator.prepare, "
-            "or after fully_shard on the whole model)."
-        )
-    first = next(model.parameters(), None)
-    return first is not None and hasattr(first, "ds_id")  # a ZeRO-3 partitioned parameter
-
-
-def measured_module(
-    model: nn.Module, unwrap: Callable[[nn.Module], nn.Module] | None = None
-) -> nn.Module:
-    """The module a probe forward runs through, for ``model`` as training wraps it.
-
-    Replication wrappers are stripped (DDP, DataParallel, DeepSpeedEngine, ``torch.compile``);
-    anything else — a sharded FSDP or ZeRO-3 root included, whose forward the capture runs from
-    the root with ``logits_to_keep=1`` — is returned as is.
-
-    Raises:
-        ValueError: Inner modules are FSDP-sharded but the model is not the FSDP root.
-
-    Args:
-        model: The model as the training framework holds it.
-        unwrap: Applied first, for wrappers not recognized here.
-    """
-    if unwrap is not None:
-        model = unwrap(model)
-    model = _strip_replication(model)
-    is_sharded(model)  # refuses a model whose shards no forward through it can gather
-    return model

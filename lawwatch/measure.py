@@ -13,6 +13,7 @@ from torch import nn
 
 from lawwatch.capture import BlockSpec, Capture, FinalNormSpec, LayerSpec, evaluating
 from lawwatch.law import LawFit, fit_law
+from lawwatch.models import check_probe
 from lawwatch.norms import Normalize
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.residual import DEFAULT_RTOL, ResidualStats
@@ -109,18 +110,6 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _check_vocab(model: nn.Module, probe: ProbeSet) -> None:
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    rows = getattr(embedding, "num_embeddings", None)
-    top = int(probe.input_ids.max())
-    if rows is not None and top >= rows:
-        raise ValueError(
-            f"The probe holds token id {top} but the model's embedding has {rows} rows; build "
-            "the probe with the model's own tokenizer."
-        )
-
-
 def accumulate(
     model: nn.Module,
     probe: ProbeSet,
@@ -156,7 +145,7 @@ def accumulate(
     device = model_device(model)
     targets = Targets.build(target, probe, offset=offset, seed=seed, onehot_top_k=onehot_top_k)
     capture = Capture(model, normalize, blocks=blocks, final_norm=final_norm, layers=layers)
-    _check_vocab(capture.base, probe.whole if probe.whole is not None else probe)
+    check_probe(model, probe)  # the whole probe: every rank decides alike
     stats: ResidualStats | None = None
     with evaluating(model):
         for input_ids, attention_mask in probe.batches(batch_size):

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from lawwatch.capture import Normalize
-from lawwatch.distributed import Layout, layout, measured_module, vote
+from lawwatch.distributed import Layout, layout, vote
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
 from lawwatch.measure import MeasureTarget, Snapshot, accumulate, model_device
+from lawwatch.models import measured_module
 from lawwatch.probe import ProbeSet
 from lawwatch.residual import ResidualStats
 from lawwatch.sinks import Sink, Sinks

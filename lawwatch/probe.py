@@ -79,6 +79,7 @@ class ProbeSet:
         if input_ids.is_floating_point() or input_ids.is_complex():
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
         mask = attention_mask.bool()
+        _refuse_negative(input_ids, mask)
         if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
             raise ValueError(
                 "attention_mask must be right-padded (real tokens first in each row); "
@@ -431,6 +432,21 @@ def _pack(
                 stream.append(int(separator))
     rows = [stream[i : i + length] for i in range(0, len(stream), length)]
     return [r for r in rows if len(r) >= 2], separator
+
+
+def _refuse_negative(input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Token ids at real positions are indices into an embedding: none may be negative."""
+    negative = (input_ids < 0) & mask
+    if bool(negative.any()):
+        row, col = (int(i) for i in negative.nonzero()[0])
+        value = int(input_ids[row, col])
+        raise ValueError(
+            f"input_ids hold {int(negative.sum())} negative token ids at real positions (the "
+            f"first, {value}, at sequence {row}, position {col}); token ids index the model's "
+            "embedding and cannot be negative. -100 is the label padding of Hugging Face "
+            "losses, not a token: pass the token ids (not the labels), and mark padding with "
+            "attention_mask=0 after the real tokens, or pass ragged lists."
+        )
 
 
 def _is_probe_file(path: str | Path) -> bool:

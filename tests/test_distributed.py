@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import lawwatch
-from lawwatch.distributed import is_sharded, layout, measured_module
+from lawwatch.distributed import layout
 from lawwatch.integrations.accelerate import tracker_values
 from lawwatch.measure import accumulate
+from lawwatch.models import is_sharded, measured_module
 from lawwatch.monitor import LawWatch
 from lawwatch.probe import example_mask
 from tests.conftest import ragged_probe, tiny_gpt2, tiny_llama
