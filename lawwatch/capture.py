@@ -2,22 +2,26 @@
 
 The residual stream of a model with ``L`` blocks has ``L + 1`` *entries*: entry 0 is the input
 of the first block (the embeddings), entry ``l`` the output of block ``l``, and entry ``L`` the
-model's final norm applied to its input (He & Su's last hidden state, DESIGN.md §1). Hooks on
-the blocks and the final norm (located by :mod:`lawwatch.structure`) capture them during one
-forward pass, so any ``torch.nn.Module`` works and no ``output_hidden_states`` is needed; only
-the example positions of the entries being measured are kept, for one batch. Hooks rather than
-``output_hidden_states`` also because the latter is not the same sequence for every family:
-Mamba's and RWKV's hold the block outputs and the final norm's output, without the embeddings.
+model's final norm applied to its input. That is He & Su's sequence of hidden states: in
+Hugging Face models the last hidden state already has the final norm applied (see
+``docs/protocol.md``). Hooks on the blocks and the final norm (located by
+:mod:`lawwatch.structure`) capture them during one forward pass, so any ``torch.nn.Module``
+works and no ``output_hidden_states`` is needed; only the example positions of the entries
+being measured are kept, for one batch. Hooks rather than ``output_hidden_states`` also because
+the latter is not the same sequence for every family: Mamba's and RWKV's hold the block outputs
+and the final norm's output, without the embeddings.
 
-Features are float64 (DESIGN.md §2): entries ``0 … L-1`` go through ``normalize`` (the paper's
-fresh final norm by default, see :mod:`lawwatch.norms`), entry ``L`` is the final norm
-re-applied in float64 to its captured input, with its weight and bias captured during the same
-forward (under FSDP and ZeRO-3 the parameters are only whole inside it).
+Features are float64: a norm's output computed in float32 (or bf16) has a direction that holds
+only rounding noise, which least squares would fit. So entries ``0 … L-1`` go through
+``normalize`` in float64 (the paper's fresh final norm by default, see :mod:`lawwatch.norms`),
+and entry ``L`` is the final norm re-applied in float64 to its captured input, with its weight
+and bias captured during the same forward (under FSDP and ZeRO-3 the parameters are only whole
+inside it). How each model family is run (from its root with ``logits_to_keep=1``, or as its
+base model) is :mod:`lawwatch.models`' knowledge.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,16 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lawwatch.models import accepts, base_model, is_hf, undo_inference_rescaling
 from lawwatch.norms import NORMALIZE, Normalize, NormSpec, mismatch, normalizer, resolve_norm
-from lawwatch.structure import (
-    BlockSpec,
-    FinalNormSpec,
-    LayerSpec,
-    base_model,
-    is_hf,
-    locate,
-    select_layers,
-)
+from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
 
 __all__ = [
     "NORMALIZE",
@@ -46,7 +43,6 @@ __all__ = [
     "LayerSpec",
     "NormSpec",
     "Normalize",
-    "base_model",
     "evaluating",
     "select_layers",
 ]
@@ -83,15 +79,6 @@ def _tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, (tuple, list)) and value:
         value = value[0]
     return value if isinstance(value, torch.Tensor) else None
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model``'s forward takes keyword ``name`` (looking inside an FSDP1 wrapper)."""
-    inner = model.module if type(model).__name__ == "FullyShardedDataParallel" else model
-    try:
-        return name in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -144,7 +131,7 @@ class Capture:
         self.model = model
         self.base = base_model(model)
         self._hf = is_hf(self.base)
-        self._logits_to_keep = self._hf and _accepts(model, "logits_to_keep")
+        self._logits_to_keep = self._hf and accepts(model, "logits_to_keep")
         structure = locate(model, blocks, final_norm)
         self.blocks, self.final_norm = structure.blocks, structure.final_norm
         self.num_entries = structure.num_entries
@@ -331,22 +318,15 @@ class Capture:
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode and no gradients inside; every module's train/eval flag restored after.
 
-    Also undoes RWKV's inference-time rescaling: Hugging Face's RWKV divides some weights by
-    powers of two on its first forward in eval mode and multiplies them back only on the next
-    forward in train mode, so a checkpoint saved between a snapshot and that forward would hold
-    the divided weights. Powers of two make the round trip exact.
+    Weights a model rescales for inference (Hugging Face's RWKV) are scaled back after the
+    flags are restored (see :func:`lawwatch.models.undo_inference_rescaling`).
     """
-    modes = {module: module.training for module in model.modules()}
-    rescaled = {m: m.layers_are_rescaled for m in modes if hasattr(m, "layers_are_rescaled")}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-        for module, before in rescaled.items():
-            if module.layers_are_rescaled != before and callable(
-                getattr(module, "_rescale_layers", None)
-            ):
-                module._rescale_layers()
+    with undo_inference_rescaling(model):  # exits last: it follows the restored flags
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module, mode in modes.items():
+                module.training = mode

@@ -1,29 +1,35 @@
-"""Where a snapshot runs: the process layout, the module the probe goes through, one vote.
+"""Where a snapshot runs: the process layout, and the one vote that keeps ranks together.
 
-Three facts of multi-process training shape a snapshot (DESIGN.md §3, the distributed rule):
+Two facts of multi-process training shape a snapshot (which module a probe forward runs
+through is :func:`lawwatch.models.measured_module`'s business):
 
-* **Which module runs the probe.** A DDP (or DataParallel) wrapper is stripped: its forward
-  would broadcast buffers, and the replicas hold the full weights anyway. Under FSDP (1 and 2)
-  and DeepSpeed ZeRO-3 the weights are sharded and every forward is a collective that has to
-  enter at the *root* module: its forward hooks gather the parameters no inner unit owns
-  (embeddings, final norm), and FSDP2 makes the first module ever to run forward its root. The
-  capture runs every Hugging Face model from its root, asking for the logits of one position.
 * **The layout.** Rank, world size and the device that collective tensors live on (the CPU for
   gloo, the accelerator for NCCL), from an ``accelerate.Accelerator`` or an initialized
-  ``torch.distributed`` process group, decided at call time.
-* **One vote.** A rank that failed must not leave the others waiting in a collective:
-  :func:`vote` combines every rank's outcome (and checks that all ranks measure the same step
-  of the same probe), so all of them skip together.
+  ``torch.distributed`` process group, decided at call time. A process started as one of
+  several (``WORLD_SIZE`` > 1, as torchrun and ``accelerate launch`` set it) that finds no
+  multi-process group is warned once: it would measure and write as if alone.
+* **One vote.** Under FSDP and ZeRO-3 every probe forward is a collective, and the statistics
+  are summed with one all-reduce, so a rank that failed must not leave the others waiting:
+  :func:`vote` combines every rank's outcome, and checks that all ranks measure the same step
+  of the same probe, so all of them skip together. Every rank must therefore call
+  ``LawWatch.maybe_snapshot`` at the same steps: ranks out of step, or a vote that fails or
+  times out, are reported on the ``"lawwatch"`` logger with the step and probe each rank
+  expected and that rule (see ``docs/protocol.md``). The vote is always a float64 all-reduce
+  of shape ``[7]``, so torch's own mismatch reports (``TORCH_DISTRIBUTED_DEBUG=DETAIL``, or
+  gloo's "Received data size doesn't match expected size") that name it mean a rank skipped
+  a snapshot the others took.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+
+log = logging.getLogger("lawwatch")
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,64 @@ def layout(accelerator: Any | None = None) -> Layout:
     """The current process layout: from ``accelerator`` if given, else ``torch.distributed``.
 
     Without an accelerator and without an initialized process group: one process on the CPU.
+    When the launcher started several processes (``WORLD_SIZE`` > 1 in the environment) but
+    the layout holds one, a warning says so, once per process (see :func:`warn_unformed`).
     """
     if accelerator is not None:
-        return Layout(
+        found = Layout(
             int(accelerator.process_index),
             int(accelerator.num_processes),
             torch.device(accelerator.device),
         )
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return Layout(0, 1, torch.device("cpu"))
-    return Layout(dist.get_rank(), dist.get_world_size(), _collective_device())
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        dist = torch.distributed
+        found = Layout(dist.get_rank(), dist.get_world_size(), _collective_device())
+    else:
+        found = Layout(0, 1, torch.device("cpu"))
+    if found.world == 1:
+        warn_unformed(accelerator)
+    return found
+
+
+_warned_unformed = False  # one warning per process, however many snapshots
+
+
+def warn_unformed(accelerator: Any | None = None) -> bool:
+    """Warn (once per process) when the launcher started several processes that hold no group.
+
+    torchrun and ``accelerate launch`` set ``WORLD_SIZE`` in every process they start. If the
+    layout still says one process, no process group was formed (``init_process_group`` not
+    called, or an Accelerator created with a single-process configuration): every process
+    would measure the whole probe and write its results as if alone.
+
+    Returns:
+        Whether the mismatch was found (warned now or before).
+    """
+    global _warned_unformed
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    if world <= 1:
+        return False
+    if not _warned_unformed:
+        _warned_unformed = True
+        source = (
+            f"the Accelerator passed to lawwatch ({type(accelerator).__name__}) reports "
+            if accelerator is not None
+            else "no torch.distributed process group is initialized, so lawwatch sees "
+        )
+        log.warning(
+            "lawwatch: this process was started as one of WORLD_SIZE=%d, but %sa single "
+            "process: every process will measure the whole probe and write its results as if "
+            "it were alone. Form the process group before the first snapshot: call "
+            "torch.distributed.init_process_group() in every process, or create the "
+            "accelerate.Accelerator inside the launched processes with a multi-process "
+            "configuration and pass it to LawWatch(accelerator=...).",
+            world,
+            source,
+        )
+    return True
 
 
 def _collective_device() -> torch.device:
@@ -72,106 +125,92 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def vote(ok: bool, where: Layout, **keys: int) -> str | None:
-    """One collective decision: did every process succeed, with the same ``keys``?
+# A vote is a fixed-size float64 vector, all-reduced with MAX. Each key k goes in as (k, -k),
+# so the result holds max(k) and -min(k): equal on every rank iff max == min. The marker pair
+# tells a vote from another collective of the same size that a misaligned rank may be in.
+_MARKER = 1_048_573.0  # a prime below 2**20: no plausible statistic or step lands on it
+VOTE_SIZE = 7
+"""Elements of every vote: marker, -marker, failed, step, -step, probe, -probe (float64)."""
 
-    A single all-reduce (MAX) of ``[failed, k, -k, …]`` in float64 (keys must stay below
-    2**53); every process gets the same result, so all of them decide alike. Every process
-    must call it, whatever its outcome, the same number of times.
-
-    Returns:
-        None when every process succeeded and agrees on every key; otherwise the reason.
-    """
-    values = [0.0 if ok else 1.0]
-    for key in keys.values():
-        values += [float(key), -float(key)]
-    flag = torch.tensor(values, dtype=torch.float64, device=where.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    reduced = flag.tolist()  # a host sync
-    differ = [
-        name
-        for i, (name, key) in enumerate(keys.items())
-        if reduced[1 + 2 * i] != key or reduced[2 + 2 * i] != -key  # max(k) == min(k)
-    ]
-    if differ:
-        return f"the ranks disagree on {', '.join(differ)}"
-    return "another rank failed" if reduced[0] > 0 else None
+_MUST = (
+    "Every rank must call LawWatch.maybe_snapshot (or snapshot) at the same steps with the same "
+    "probe: a rank that skips a call, calls it at another step, or runs another collective "
+    "meanwhile leaves the others unmatched in this vote"
+)
 
 
-# -- the module a probe forward runs through --------------------------------------------------
+def vote(ok: bool, where: Layout, *, step: int, probe: int) -> str | None:
+    """One collective decision: did every process succeed, at the same step, on the same probe?
 
-
-def _fsdp_classes() -> tuple[type, ...]:
-    """FSDP1's wrapper class and FSDP2's ``FSDPModule`` mixin (what this torch has of them)."""
-    classes: list[type] = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        classes.append(FullyShardedDataParallel)
-    except ImportError:  # torch built without distributed
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        try:  # torch < 2.6
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            FSDPModule = None
-    if FSDPModule is not None:
-        classes.append(FSDPModule)
-    return tuple(classes)
-
-
-def _strip_replication(model: nn.Module) -> nn.Module:
-    """Remove DDP / DataParallel / DeepSpeedEngine / ``torch.compile`` wrappers."""
-    while True:
-        replicated = isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel)
-        if replicated or type(model).__name__ == "DeepSpeedEngine":  # DeepSpeed is optional
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s weights are sharded across processes (FSDP 1/2, DeepSpeed ZeRO-3).
-
-    Raises:
-        ValueError: Inner modules are FSDP-sharded but ``model`` itself is not the FSDP root,
-            so no forward through it can gather every parameter.
-    """
-    fsdp = _fsdp_classes()
-    if fsdp and isinstance(model, fsdp):
-        return True
-    if fsdp and any(isinstance(m, fsdp) for m in model.modules()):
-        raise ValueError(
-            f"{type(model).__name__} holds FSDP-sharded modules but is not itself the FSDP root; "
-            "pass LawWatch the model as the framework returned it (after accelerator.prepare, "
-            "or after fully_shard on the whole model)."
-        )
-    first = next(model.parameters(), None)
-    return first is not None and hasattr(first, "ds_id")  # a ZeRO-3 partitioned parameter
-
-
-def measured_module(
-    model: nn.Module, unwrap: Callable[[nn.Module], nn.Module] | None = None
-) -> nn.Module:
-    """The module a probe forward runs through, for ``model`` as training wraps it.
-
-    Replication wrappers are stripped (DDP, DataParallel, DeepSpeedEngine, ``torch.compile``);
-    anything else — a sharded FSDP or ZeRO-3 root included, whose forward the capture runs from
-    the root with ``logits_to_keep=1`` — is returned as is.
-
-    Raises:
-        ValueError: Inner modules are FSDP-sharded but the model is not the FSDP root.
+    A single all-reduce (MAX) of :data:`VOTE_SIZE` float64 values, so every process gets the
+    same result and all of them decide alike. Every process must call it, whatever its
+    outcome, at the same steps. When the ranks are not aligned — another step or probe, a
+    rank in a different collective, or the vote's collective failing or timing out — the
+    ``"lawwatch"`` logger says what this rank expected and what every rank must call. A rank
+    in a collective of another size cannot be answered here: gloo aborts the process that
+    receives more data than it expects, NCCL waits for its timeout.
 
     Args:
-        model: The model as the training framework holds it.
-        unwrap: Applied first, for wrappers not recognized here.
+        ok: This rank measured its shard without error.
+        where: The process layout.
+        step: The training step measured (below 2**53).
+        probe: The probe's key (48 bits of its content hash).
+
+    Returns:
+        None when every process succeeded and agrees; otherwise the reason to skip.
+
+    Raises:
+        Exception: Whatever the collective raised (a timeout, a peer gone), after logging.
     """
-    if unwrap is not None:
-        model = unwrap(model)
-    model = _strip_replication(model)
-    is_sharded(model)  # refuses a model whose shards no forward through it can gather
-    return model
+    expected = f"step {step} of probe hash {probe:012x}…"  # content_hash()'s first 12 digits
+    values = [_MARKER, -_MARKER, 0.0 if ok else 1.0, step, -step, probe, -probe]
+    flag = torch.tensor(values, dtype=torch.float64, device=where.device)  # (VOTE_SIZE,)
+    try:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        reduced = flag.tolist()  # a host sync
+    except Exception as error:
+        log.error(
+            "lawwatch: rank %d's vote on %s failed (%s: %s); a timeout here means another "
+            "rank never entered the vote, a mismatch that another rank was in a different "
+            "collective (the vote is a float64 all-reduce of shape [%d]; "
+            "TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch name each rank's collective). %s.",
+            where.rank,
+            expected,
+            type(error).__name__,
+            error,
+            VOTE_SIZE,
+            _MUST,
+        )
+        raise
+    if reduced[0] != _MARKER or reduced[1] != -_MARKER:
+        log.error(
+            "lawwatch: rank %d's vote on %s met a collective that is not lawwatch's vote on "
+            "another rank. %s.",
+            where.rank,
+            expected,
+            _MUST,
+        )
+        return "another rank was in a different collective"
+    differ = []
+    if reduced[3] != step or reduced[4] != -step:
+        differ.append("step")
+        log.error(
+            "lawwatch: rank %d voted on %s, but the ranks voted on steps %d to %d. %s.",
+            where.rank,
+            expected,
+            int(-reduced[4]),
+            int(reduced[3]),
+            _MUST,
+        )
+    if reduced[5] != probe or reduced[6] != -probe:
+        differ.append("probe")
+        log.error(
+            "lawwatch: rank %d voted on %s, but another rank holds a different probe (content "
+            "hash): build the probe identically on every rank (same data, seed and tokenizer) "
+            "or load one saved file (ProbeSet.load).",
+            where.rank,
+            expected,
+        )
+    if differ:
+        return f"the ranks disagree on {', '.join(differ)}"
+    return "another rank failed" if reduced[2] > 0 else None

@@ -13,9 +13,9 @@ from lawwatch.capture import Capture, evaluating
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.law import fit_law
+from lawwatch.models import check_probe
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.residual import ResidualStats
-from lawwatch.structure import base_model
 from lawwatch.targets import Targets
 
 __all__ = ["accumulate", "measure", "model_device", "prepare", "solve"]
@@ -58,18 +58,6 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _check_vocab(model: nn.Module, probe: ProbeSet) -> None:
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    rows = getattr(embedding, "num_embeddings", None)
-    top = int(probe.input_ids.max())
-    if rows is not None and top >= rows:
-        raise ValueError(
-            f"The probe holds token id {top} but the model's embedding has {rows} rows; build "
-            "the probe with the model's own tokenizer."
-        )
-
-
 def prepare(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets:
     """Check ``probe`` against ``model`` and resolve the target option on the whole probe.
 
@@ -79,7 +67,7 @@ def prepare(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets
     Returns:
         The targets every batch (of any shard of ``probe``) is regressed on.
     """
-    _check_vocab(base_model(model), probe)
+    check_probe(model, probe)
     return Targets.build(
         config.target,
         probe,

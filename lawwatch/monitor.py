@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from lawwatch.config import MeasureConfig
-from lawwatch.distributed import Layout, layout, measured_module, vote
+from lawwatch.distributed import Layout, layout, vote
 from lawwatch.history import History, Snapshot
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.measure import accumulate, model_device, prepare, solve
+from lawwatch.models import measured_module
 from lawwatch.probe import ProbeSet
 from lawwatch.residual import ResidualStats
 from lawwatch.sinks import Sink, Sinks
@@ -85,7 +86,7 @@ class LawWatch:
     the same number of forward passes. The statistics are summed with one all-reduce (never a
     gather of hidden states), every process solves the same statistics, and rank 0 alone writes
     to the sinks. Which module runs the probe is decided from the model's wrapping (see
-    :func:`lawwatch.distributed.measured_module`): the module inside DDP; the root of an FSDP
+    :func:`lawwatch.models.measured_module`): the module inside DDP; the root of an FSDP
     or ZeRO-3 model, on every rank.
 
     Args:
@@ -175,7 +176,7 @@ class LawWatch:
     def snapshot(self, step: int) -> Snapshot | None:
         """Measure now; on several processes every one of them must call this.
 
-        Each process measures its shard of the probe; then one vote (a 5-element all-reduce)
+        Each process measures its shard of the probe; then one vote (a 7-element all-reduce)
         decides whether every process succeeded, at the same step, on the same probe. If not —
         an exception, non-finite features, no statistics, a rank out of step — every process
         skips this snapshot. Otherwise the statistics are all-reduced (the snapshot's one large

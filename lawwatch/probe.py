@@ -3,6 +3,12 @@
 A probe set is a right-padded ``(sequences, length)`` tensor of token ids with an attention
 mask. An *example* is a real position ``j`` whose partner ``j + offset`` (the next token by
 default) is also real: the feature is the hidden state at ``j``, the target the token id there.
+
+Probe files (:meth:`ProbeSet.save`) are ``.safetensors`` files of format
+``lawwatch.probe/2``: the tokens and mask, the provenance (``meta``, JSON), the content hash of
+the tokens and mask, and a file hash over all three, so an edited provenance is refused like
+edited tokens. Files of format ``lawwatch.probe/1`` (whose hash covers only the tokens and
+mask) are still read, with a warning that their provenance is unchecked.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = "lawwatch.probe/1"
+FORMAT = "lawwatch.probe/2"
+"""The format :meth:`ProbeSet.save` writes; :data:`FORMATS` lists every format it reads."""
+_FORMAT_1 = "lawwatch.probe/1"  # the hash covers tokens and mask only
+FORMATS = (FORMAT, _FORMAT_1)
 
 
 def example_mask(attention_mask: torch.Tensor, offset: int = 1) -> torch.Tensor:
@@ -79,6 +88,7 @@ class ProbeSet:
         if input_ids.is_floating_point() or input_ids.is_complex():
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
         mask = attention_mask.bool()
+        _refuse_negative(input_ids, mask)
         if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
             raise ValueError(
                 "attention_mask must be right-padded (real tokens first in each row); "
@@ -309,7 +319,11 @@ class ProbeSet:
     # -- persistence --------------------------------------------------------------------------
 
     def content_hash(self) -> str:
-        """SHA-256 of the tokens and mask: equal hashes mean the same probe."""
+        """SHA-256 of the tokens and mask: equal hashes mean the same probe.
+
+        Provenance (``meta``) is not part of it: the same tokens built two ways are the same
+        probe. Saved files also carry a hash over the provenance (see :meth:`save`).
+        """
         h = hashlib.sha256()
         h.update(str(tuple(self.input_ids.shape)).encode())
         h.update(self.input_ids.numpy().tobytes())
@@ -317,35 +331,104 @@ class ProbeSet:
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        """Write a ``.safetensors`` file with the tokens, mask, provenance and content hash."""
+        """Write a ``.safetensors`` file: tokens, mask, provenance, content and file hashes.
+
+        The file hash covers the format, the content hash and the provenance JSON exactly as
+        stored, so :meth:`load` refuses a file whose tokens, mask or ``meta`` were changed.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
+        try:
+            meta = json.dumps(self.meta)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"probe.meta must be JSON-serializable to be saved ({error}); keep strings, "
+                "numbers, lists and dicts in it."
+            ) from error
+        content = self.content_hash()
+        metadata = {
+            "format": FORMAT,
+            "meta": meta,
+            "content_hash": content,
+            "hash": _file_hash(FORMAT, content, meta),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": FORMAT, "meta": json.dumps(self.meta), "hash": self.content_hash()}
         tensors = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         save_file(tensors, str(path), metadata=metadata)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeSet:
-        """Read a probe written by :meth:`save`, checking its format and content hash."""
-        from safetensors import safe_open
+        """Read a probe written by :meth:`save`, checking its format and hashes.
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(
-                    f"{path} is not a lawwatch probe (format {metadata.get('format')!r}, "
-                    f"expected {FORMAT!r}); build one with ProbeSet.save()."
-                )
-            probe = cls(
-                f.get_tensor("input_ids"),
-                f.get_tensor("attention_mask"),
-                json.loads(metadata["meta"]),
+        A file of format ``lawwatch.probe/1`` is read too: its tokens and mask are checked
+        against its hash, which does not cover its provenance, so a warning says to save it
+        again.
+
+        Raises:
+            FileNotFoundError: No file at ``path``.
+            ValueError: The file is damaged (truncated, invalid metadata, missing tensors, a
+                hash that does not match) or not a lawwatch probe; the message names the file
+                and what is wrong.
+        """
+        path = Path(path)
+        tensors, metadata, names = _read_safetensors(path, ("input_ids", "attention_mask"))
+        version = metadata.get("format")
+        if version not in FORMATS:
+            raise ValueError(
+                f"{path} is not a lawwatch probe (format {version!r}, expected one of "
+                f"{FORMATS}); build one with ProbeSet.save()."
             )
-        if probe.content_hash() != metadata.get("hash"):
-            raise ValueError(f"{path} is corrupt: its content hash does not match its metadata.")
+        missing = [k for k in ("meta", "hash") if k not in metadata]
+        missing += [k for k in ("input_ids", "attention_mask") if k not in tensors]
+        if missing:
+            raise ValueError(
+                f"{path} is a damaged lawwatch probe: it lacks {', '.join(missing)} (it holds "
+                f"tensors {names} and metadata {sorted(metadata)}); write it again "
+                "with ProbeSet.save()."
+            )
+        try:
+            meta = json.loads(metadata["meta"])
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path} is a damaged lawwatch probe: its 'meta' metadata is not valid JSON "
+                f"({error}); write it again with ProbeSet.save()."
+            ) from error
+        if not isinstance(meta, dict):
+            raise ValueError(
+                f"{path} is a damaged lawwatch probe: its 'meta' metadata is a "
+                f"{type(meta).__name__}, not a JSON object; write it again with ProbeSet.save()."
+            )
+        try:
+            probe = cls(tensors["input_ids"], tensors["attention_mask"], meta)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path} is a damaged lawwatch probe: {error}") from error
+        content = probe.content_hash()
+        if version == _FORMAT_1:
+            if content != metadata["hash"]:
+                raise ValueError(
+                    f"{path} is corrupt: the content hash of its tokens and mask does not match "
+                    "the one stored in it."
+                )
+            warnings.warn(
+                f"{path} is a {_FORMAT_1} probe file, whose hash does not cover its provenance "
+                "(meta): its tokens and mask are checked, its meta is taken as is. Save it "
+                f"again (ProbeSet.load(path).save(path)) to write {FORMAT}.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return probe
+        if metadata.get("content_hash", content) != content:
+            raise ValueError(
+                f"{path} is corrupt: the content hash of its tokens and mask does not match the "
+                "one stored in it."
+            )
+        if _file_hash(version, content, metadata["meta"]) != metadata["hash"]:
+            raise ValueError(
+                f"{path} is corrupt: its hash does not match its tokens, mask and provenance "
+                "(meta) — one of them was changed after ProbeSet.save()."
+            )
         return probe
 
     # -- use ----------------------------------------------------------------------------------
@@ -428,8 +511,57 @@ def _pack(
     return [r for r in rows if len(r) >= 2], separator
 
 
-def _is_probe_file(path: str | Path) -> bool:
+def _file_hash(version: str, content: str, meta: str) -> str:
+    """SHA-256 over a probe file's format, content hash and provenance JSON (as stored)."""
+    h = hashlib.sha256()
+    for part in (version, content, meta):
+        h.update(part.encode())
+        h.update(b"\0")  # a separator no part holds: no two splits hash alike
+    return h.hexdigest()
+
+
+def _refuse_negative(input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Token ids at real positions are indices into an embedding: none may be negative."""
+    negative = (input_ids < 0) & mask
+    if bool(negative.any()):
+        row, col = (int(i) for i in negative.nonzero()[0])
+        value = int(input_ids[row, col])
+        raise ValueError(
+            f"input_ids hold {int(negative.sum())} negative token ids at real positions (the "
+            f"first, {value}, at sequence {row}, position {col}); token ids index the model's "
+            "embedding and cannot be negative. -100 is the label padding of Hugging Face "
+            "losses, not a token: pass the token ids (not the labels), and mark padding with "
+            "attention_mask=0 after the real tokens, or pass ragged lists."
+        )
+
+
+def _read_safetensors(
+    path: Path, tensors: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """The named ``tensors`` (those present), the metadata and every tensor name of a file.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: Not a readable safetensors file (truncated, damaged, another format).
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("format") == FORMAT
+    if not path.is_file():
+        raise FileNotFoundError(f"No probe file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            names = sorted(f.keys())
+            found = {k: f.get_tensor(k) for k in tensors if k in names}
+    except Exception as error:  # safetensors raises its own SafetensorError (Rust)
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({type(error).__name__}: {error}): it "
+            "is truncated or damaged, or another kind of file; write it again with "
+            "ProbeSet.save()."
+        ) from error
+    return found, metadata, names
+
+
+def _is_probe_file(path: str | Path) -> bool:
+    _, metadata, _ = _read_safetensors(Path(path))
+    return metadata.get("format") in FORMATS

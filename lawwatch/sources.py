@@ -88,12 +88,23 @@ def read_token_file(
     mask = None
     if suffix in (".npy", ".safetensors") and dtype is not None:
         raise ValueError(f"{path.name} records its own dtype; pass dtype only for raw files.")
+    if not path.is_file():
+        raise FileNotFoundError(f"No token file at {path}.")
     if suffix == ".npy":
-        ids = np.load(path, mmap_mode="r")
+        try:
+            ids = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as error:  # a truncated or foreign file
+            raise ValueError(f"{path} is not a readable .npy file: {error}") from error
     elif suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as error:  # safetensors raises its own SafetensorError (Rust)
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({type(error).__name__}: {error}): "
+                "it is truncated or damaged, or another kind of file."
+            ) from error
         if key is None:
             key = (
                 "input_ids" if "input_ids" in tensors or len(tensors) != 1 else next(iter(tensors))

@@ -2,7 +2,8 @@
 
 Hugging Face models are read automatically: the blocks are the ``nn.ModuleList`` of
 ``config.num_hidden_layers`` modules, the final norm the module named ``ln_f``, ``norm``,
-``final_layer_norm``, ``norm_f``, ``ln_out`` or ``final_layernorm`` outside them. Any other
+``final_layer_norm``, ``norm_f``, ``ln_out`` or ``final_layernorm`` outside them
+(:data:`lawwatch.models.FINAL_NORM_NAMES`). Any other
 module names its blocks (a name, a glob, a regex or a list) and, unless it has one of those
 names, its final norm. Names are those of ``model.named_modules()``, without the components
 that wrappers insert (FSDP, activation checkpointing, ``torch.compile``).
@@ -11,45 +12,24 @@ that wrappers insert (FSDP, activation checkpointing, ``torch.compile``).
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from lawwatch.models import FINAL_NORM_NAMES, base_model, clean_name
 from lawwatch.norms import NormSpec
 
 BlockSpec = str | re.Pattern[str] | Iterable[str | nn.Module]
 FinalNormSpec = str | nn.Module | NormSpec
 LayerSpec = int | Sequence[int]
 
-# attribute names of the final norm of a Hugging Face base model, most common first
-_FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "norm_f", "ln_out", "final_layernorm")
-# wrapper modules that insert a name component without changing the computation
-_WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The body of a Hugging Face model without its LM head (so no vocabulary logits)."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
-def is_hf(module: nn.Module) -> bool:
-    """Whether ``module`` is a Hugging Face ``PreTrainedModel``.
-
-    Without importing transformers: a model can only be one if transformers was imported.
-    """
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
-
 
 def module_names(root: nn.Module) -> dict[str, nn.Module]:
     """Name -> module in registration order, names cleaned of wrapper components (outer kept)."""
     names: dict[str, nn.Module] = {}
     for name, module in root.named_modules():
-        clean = ".".join(p for p in name.split(".") if p not in _WRAPPER_NAMES)
-        names.setdefault(clean, module)
+        names.setdefault(clean_name(name), module)
     return names
 
 
@@ -159,7 +139,7 @@ def resolve_final_norm(
         name = final_norm
     elif final_norm is None:
         outside = [n for n in names if not any(_within(n, b) for b in blocks)]
-        hits = [n for n in outside if n.rsplit(".", 1)[-1] in _FINAL_NORM_NAMES]
+        hits = [n for n in outside if n.rsplit(".", 1)[-1] in FINAL_NORM_NAMES]
         if len(hits) != 1:
             norms = [n for n in outside if "norm" in type(names[n]).__name__.lower()]
             raise ValueError(
@@ -167,7 +147,7 @@ def resolve_final_norm(
                 + (
                     f"several candidates {hits}"
                     if hits
-                    else f"none named {'/'.join(_FINAL_NORM_NAMES)}"
+                    else f"none named {'/'.join(FINAL_NORM_NAMES)}"
                 )
                 + f" (norm modules outside the blocks: {norms or 'none'}). Pass "
                 "final_norm='<module name>' (the norm applied to the last block's output), or "

@@ -1,10 +1,10 @@
 """What each example is regressed on: the target option resolved once against the probe.
 
 The paper's target is the next token's id as a number; its control permutes the distinct ids
-at random first; the one-hot target regresses the indicator of the id (multi-output PR,
-DESIGN.md §1). The permutation and the one-hot classes are built from the *whole* probe, never
-a shard of it, so every process of a distributed run regresses the same targets and its
-statistics can be summed.
+at random first; the one-hot target regresses the indicator of the id (multi-output PR:
+``‖Y − XW‖²_F / ‖Y − Ȳ‖²_F`` over the classes, see ``docs/protocol.md``). The permutation
+and the one-hot classes are built from the *whole* probe, never a shard of it, so every
+process of a distributed run regresses the same targets and its statistics can be summed.
 """
 
 from __future__ import annotations
@@ -49,6 +49,18 @@ def top_ids(ids: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
 def onehot_bytes(num_layers: int, dim: int, num_classes: int) -> int:
     """Bytes of the one-hot cross statistics ``Σx·yᵀ``: ``layers × d × classes`` float64."""
     return num_layers * dim * num_classes * 8
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in the largest unit of B, KiB, MiB, GiB, TiB that keeps it at least 1."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    if unit == "B":
+        return f"{n} B"
+    return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
 
 
 @dataclass(frozen=True)
@@ -136,12 +148,29 @@ class Targets:
             return
         k = self.classes.numel()
         need = onehot_bytes(num_layers, dim, k)
-        if need > max_bytes:
-            fits = max(max_bytes // onehot_bytes(num_layers, dim, 1) - 1, 1)
+        if need <= max_bytes:
+            return
+        over = (
+            f"target='onehot' over {k} classes at {num_layers} entries x {dim} dims needs "
+            f"{human_bytes(need)} of float64 statistics (Σx·yᵀ), over "
+            f"max_onehot_bytes={max_bytes} ({human_bytes(max_bytes)})."
+        )
+        fits = max_bytes // onehot_bytes(num_layers, dim, 1) - 1  # kept ids, plus OTHER
+        if fits >= 1:
             raise ValueError(
-                f"target='onehot' over {k} classes at {num_layers} entries x {dim} dims needs "
-                f"{need / 2**30:.2f} GiB of float64 statistics (Σx·yᵀ), over "
-                f"max_onehot_bytes={max_bytes} ({max_bytes / 2**30:.2f} GiB). Pass "
-                f"onehot_top_k={fits} (the most frequent ids, the rest pooled in one class), "
-                "measure fewer entries (layers=…), or raise max_onehot_bytes."
+                f"{over} Pass onehot_top_k={fits} (the most frequent ids, the rest pooled in one "
+                "class), measure fewer entries (layers=…), or raise max_onehot_bytes."
             )
+        # not even one id and OTHER fit: onehot_top_k cannot help, only fewer entries or a budget
+        entries = max_bytes // onehot_bytes(1, dim, 2)
+        fewer = (
+            f"measure at most {entries} entries (layers=…) with onehot_top_k=1"
+            if entries >= 1
+            else f"no single entry fits even with onehot_top_k=1 ({human_bytes(dim * 2 * 8)})"
+        )
+        raise ValueError(
+            f"{over} Even onehot_top_k=1 (2 classes: the most frequent id and the rest pooled) "
+            f"needs {human_bytes(onehot_bytes(num_layers, dim, 2))}: {fewer}, or raise "
+            f"max_onehot_bytes (at least {onehot_bytes(num_layers, dim, 2)} for every entry "
+            "with onehot_top_k=1)."
+        )

@@ -99,6 +99,7 @@ def test_recipe_config_builds_the_promised_model(path):
     # the lawwatch section names every measurement option (the defaults are there to be seen)
     settings, measure = recipe_common().watch_settings(cfg["lawwatch"])
     assert set(cfg["lawwatch"]["measure"]) == set(MeasureConfig.names())
+    assert measure.to_dict() == cfg["lawwatch"]["measure"]
     assert set(settings) <= {"every", "emergence_threshold"}
 
 

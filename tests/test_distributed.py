@@ -19,12 +19,14 @@ import pytest
 import torch
 
 import lawwatch
-from lawwatch import scalars
-from lawwatch.distributed import is_sharded, layout, measured_module
+from lawwatch import distributed, scalars
+from lawwatch.distributed import layout
 from lawwatch.measure import accumulate
+from lawwatch.models import is_sharded, measured_module
 from lawwatch.monitor import LawWatch
 from lawwatch.probe import example_mask
 from tests.conftest import ragged_probe, tiny_gpt2, tiny_llama
+from tests.dist.common import uneven_probe
 from tests.dist.launch import run, torchrun
 from tests.test_measure import _gpt2_norm, _llama_norm, paper_reference
 
@@ -170,12 +172,87 @@ def test_half_sharded_model_is_refused_with_the_fix(fsdp):
     assert "accelerator.prepare" in r0["llama_half_sharded"]
 
 
+# -- misuse: unformed groups, ranks out of step, another collective ---------------------------
+
+
+@pytest.fixture(scope="module")
+def misuse(tmp_path_factory):
+    out = tmp_path_factory.mktemp("misuse")
+    log = launch("tests.dist.misuse_worker", out)
+    return results(out), log
+
+
+@pytest.mark.slow
+def test_unformed_group_is_warned_once_per_process(misuse):
+    (r0, r1), log = misuse
+    assert r0["unformed_worlds"] == r1["unformed_worlds"] == [1, 1, 1]
+    assert log.count("started as one of WORLD_SIZE=2, but the Accelerator passed") == 2
+    assert log.count("init_process_group() in every process") == 2
+
+
+@pytest.mark.slow
+def test_a_rank_in_another_collective_is_named(misuse):
+    (r0, r1), log = misuse
+    assert r0["step0"] is not None and r1["step0"] is not None
+    assert r0["step1"] is None
+    assert "rank 0's vote on step 1 of probe hash" in log
+    assert "met a collective that is not lawwatch's vote" in log
+    assert "snapshot at step 1 skipped: another rank was in a different collective" in log
+
+
+@pytest.mark.slow
+def test_a_rank_that_skips_a_step_is_named(misuse):
+    (r0, r1), log = misuse
+    key = f"hash {uneven_probe().content_hash()[:12]}…"
+    assert r0["step2"] is None and r0["step3"] is None and r1["step3"] is None
+    # rank 0's vote on step 2 met rank 1's on step 3: both say so, with the fix
+    assert f"rank 0 voted on step 2 of probe {key}, but the ranks voted on steps 2 to 3" in log
+    assert f"rank 1 voted on step 3 of probe {key}, but the ranks voted on steps 2 to 3" in log
+    assert log.count("Every rank must call LawWatch.maybe_snapshot") >= 4
+    # rank 0's vote on step 3 met no one: the process group's timeout, then the hint
+    assert f"rank 0's vote on step 3 of probe {key} failed (" in log
+    assert "another rank never entered the vote" in log
+    assert "snapshot at step 3 skipped" in log
+    assert r0["seconds"] < 30  # the short group timeout, not a hang
+
+
+@pytest.mark.slow
+def test_a_rank_in_a_collective_of_another_size_is_recognisable(tmp_path):
+    """gloo aborts on a size mismatch; with TORCH_DISTRIBUTED_DEBUG=DETAIL torch raises on both
+    ranks, naming the vote by its fixed shape, and lawwatch adds what every rank must call."""
+    cmd = [*torchrun(2), "-m", "tests.dist.misuse_worker", str(tmp_path), "detail"]
+    log = run(cmd, env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"})
+    r0, r1 = results(tmp_path)
+    assert r0["step0"] is not None and r0["step1"] is None
+    assert "TensorShape=[7], TensorDtypes=Double" in r1["error"]  # the vote, seen from rank 1
+    assert "rank 0's vote on step 1 of probe hash" in log
+    assert "Detected mismatch between collectives" in log
+    assert "float64 all-reduce of shape [7]" in log
+    assert "Every rank must call LawWatch.maybe_snapshot" in log
+
+
 # -- single process: the pieces the jobs above rely on ------------------------------------------
 
 
 def test_single_process_layout():
     where = layout()
     assert (where.rank, where.world, where.device) == (0, 1, torch.device("cpu"))
+
+
+def test_launch_without_a_group_warns_once(monkeypatch, caplog):
+    """WORLD_SIZE=2 (as torchrun sets it) but no process group: each process would measure
+    and write alone. (The Accelerator case runs in the misuse job above.)"""
+    monkeypatch.setattr(distributed, "_warned_unformed", False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        assert layout().world == 1 and not caplog.records  # a plain single process
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for _ in range(3):
+            assert layout().world == 1
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "WORLD_SIZE=2" in message and "no torch.distributed process group" in message
+    assert "init_process_group()" in message and "LawWatch(accelerator=...)" in message
 
 
 def test_plain_model_is_measured_as_is(gpt2):

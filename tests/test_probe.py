@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -156,11 +158,13 @@ def test_summary_reports_what_the_probe_holds():
     assert "sequences_without_examples=1" in repr(probe)
 
 
-def test_shards_remember_the_whole_probe():
+def test_a_shard_is_a_plain_probe():
+    """Targets are resolved once on the whole probe by whoever shards it (LawWatch, see
+    tests/test_targets.py), so a shard carries no pointer back to the set it was cut from."""
     probe = ragged_probe(rows=11)
     shard = probe.shard(1, 3)
-    assert shard.whole is probe and probe.whole is None
-    assert shard.shard(0, 2).whole is probe
+    assert not hasattr(shard, "whole") and shard.meta["shard"] == [1, 3]
+    assert torch.equal(shard.input_ids, probe.input_ids[4:8])
 
 
 def test_from_dataset_equals_from_texts(tmp_path):
@@ -252,3 +256,106 @@ def test_token_file_errors_are_named(tmp_path):
         ProbeSet.from_token_file(tmp_path / "short.npy", seq_len=2, dtype="int64")
     with pytest.raises(ValueError, match="at least 2"):
         ProbeSet.from_token_file(tmp_path / "short.npy", seq_len=1)
+    whole = (tmp_path / "short.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[: len(whole) - 9])
+    with pytest.raises(ValueError, match=r"cut\.npy is not a readable \.npy file"):
+        ProbeSet.from_token_file(tmp_path / "cut.npy", seq_len=2)
+    with pytest.raises(FileNotFoundError, match=r"gone\.bin"):
+        ProbeSet.from_token_file(tmp_path / "gone.bin", seq_len=2, dtype="uint16")
+
+
+def _rewrite(src, dst, *, metadata=None, drop=(), data=None):
+    """Copy probe file ``src`` to ``dst`` with metadata, tensors or bytes changed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if data is not None:
+        dst.write_bytes(data(src.read_bytes()))
+        return dst
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}  # noqa: SIM118
+        stored = f.metadata()
+    save_file(tensors, str(dst), metadata={**stored, **(metadata or {})})
+    return dst
+
+
+def test_probe_files_cover_their_provenance(tmp_path):
+    """An edited provenance loaded silently before: the file hash now covers it."""
+    import json
+
+    from lawwatch.probe import FORMAT
+
+    probe = ProbeSet.from_tokens([[5, 6, 7, 8], [9, 10, 11, 12]])
+    probe.meta.update(source="texts", seed=3)
+    path = probe.save(tmp_path / "probe.safetensors")
+    assert FORMAT == "lawwatch.probe/2" and ProbeSet.load(path).meta == probe.meta
+    edited = json.dumps({**probe.meta, "seed": 4})
+    bad = _rewrite(path, tmp_path / "edited.safetensors", metadata={"meta": edited})
+    with pytest.raises(ValueError, match=r"edited\.safetensors is corrupt.*provenance"):
+        ProbeSet.load(bad)
+    # the content hash (tokens and mask) is stored too, and still the probe's identity
+    other = _rewrite(path, tmp_path / "hash.safetensors", metadata={"content_hash": "0" * 64})
+    with pytest.raises(ValueError, match=r"hash\.safetensors is corrupt.*tokens and mask"):
+        ProbeSet.load(other)
+    with pytest.raises(TypeError, match="JSON-serializable"):
+        ProbeSet(probe.input_ids, probe.attention_mask, {"x": torch.ones(1)}).save(
+            tmp_path / "x.safetensors"
+        )
+
+
+def test_old_probe_files_still_load_with_a_warning(tmp_path):
+    """lawwatch.probe/1: its hash covers tokens and mask only; read, checked, and flagged."""
+    from safetensors.torch import save_file
+
+    probe = ragged_probe()
+    tensors = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask}
+    old = {"format": "lawwatch.probe/1", "meta": '{"seed": 1}', "hash": probe.content_hash()}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=old)
+    with pytest.warns(UserWarning, match=r"v1\.safetensors is a lawwatch.probe/1 .*Save it again"):
+        again = ProbeSet.load(tmp_path / "v1.safetensors")
+    assert again.content_hash() == probe.content_hash() and again.meta == {"seed": 1}
+    with pytest.warns(UserWarning):  # from_token_file knows it too
+        assert ProbeSet.from_token_file(tmp_path / "v1.safetensors", seq_len=4).meta == {"seed": 1}
+    # re-saving writes the current format, which loads without a warning
+    again.save(tmp_path / "v2.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ProbeSet.load(tmp_path / "v2.safetensors").meta == {"seed": 1}
+
+
+def test_every_damaged_probe_file_is_named_with_its_damage(tmp_path):
+    """Bare JSONDecodeError / KeyError / SafetensorError before, without the file's name."""
+    path = ragged_probe().save(tmp_path / "probe.safetensors")
+    cases = {
+        "truncated": (dict(data=lambda b: b[: len(b) - 7]), "not a readable safetensors file"),
+        "empty": (dict(data=lambda b: b""), "truncated or damaged"),
+        "badjson": (dict(metadata={"meta": "{'seed': 1"}), "'meta' metadata is not valid JSON"),
+        "notdict": (dict(metadata={"meta": "[1, 2]"}), "'meta' metadata is a list"),
+        "nomask": (dict(drop=("attention_mask",)), r"lacks attention_mask.*\['input_ids'\]"),
+        "format": (dict(metadata={"format": "lawwatch.probe/9"}), "not a lawwatch probe"),
+    }
+    for name, (change, message) in cases.items():
+        bad = _rewrite(path, tmp_path / f"{name}.safetensors", **change)
+        with pytest.raises(ValueError, match=rf"{name}\.safetensors.*{message}"):
+            ProbeSet.load(bad)
+    nometa = tmp_path / "nometa.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), str(nometa), metadata={"format": "lawwatch.probe/2", "hash": "x"})
+    with pytest.raises(ValueError, match=r"nometa\.safetensors.*lacks meta"):
+        ProbeSet.load(nometa)
+    # tensors that are no probe: the constructor's reason, with the file's name
+    shapes = tmp_path / "shapes.safetensors"
+    tensors = load_file(path)
+    tensors["attention_mask"] = tensors["attention_mask"][:, :3].contiguous()
+    save_file(
+        tensors, str(shapes), metadata={"format": "lawwatch.probe/2", "meta": "{}", "hash": "x"}
+    )
+    with pytest.raises(
+        ValueError, match=r"shapes\.safetensors is a damaged .*attention_mask shape"
+    ):
+        ProbeSet.load(shapes)
+    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors"):
+        ProbeSet.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=r"truncated\.safetensors.*not a readable"):
+        ProbeSet.from_token_file(tmp_path / "truncated.safetensors", seq_len=4)

@@ -10,7 +10,7 @@ import torch
 
 from lawwatch import MeasureConfig, ProbeSet, measure
 from lawwatch.measure import accumulate, prepare
-from lawwatch.targets import OTHER, Targets, onehot_bytes, shuffled_ids
+from lawwatch.targets import OTHER, Targets, human_bytes, onehot_bytes, shuffled_ids
 from tests.conftest import ragged_probe, tiny_gpt2
 from tests.reference import (
     hf_residual_stream,
@@ -124,6 +124,39 @@ def test_onehot_memory_is_bounded_with_a_knob_that_fits(setup):
     assert ((snap.pr > 0) & (snap.pr < 1)).all()
     # measuring fewer entries is the other way to fit
     measure(model, probe, target="onehot", layers=[1, 2, 4], max_onehot_bytes=3 * dim * classes * 8)
+
+
+def test_onehot_budgets_print_human_sizes(setup):
+    """A 6400-byte budget printed as '0.00 GiB' before."""
+    model, probe, _ = setup
+    limit = onehot_bytes(5, 16, 10)
+    with pytest.raises(ValueError, match=r"max_onehot_bytes=6400 \(6\.25 KiB\)") as info:
+        measure(model, probe, target="onehot", max_onehot_bytes=limit)
+    need = human_bytes(onehot_bytes(5, 16, probe.target_ids().numel()))
+    assert f"needs {need} of float64" in str(info.value) and "GiB" not in str(info.value)
+    assert [human_bytes(n) for n in (0, 1023, 1024, 6400, 3 * 2**19, 2**30, 5 * 2**40)] == [
+        "0 B", "1023 B", "1 KiB", "6.25 KiB", "1.5 MiB", "1 GiB", "5 TiB"
+    ]  # fmt: skip
+
+
+def test_when_not_even_top_1_fits_the_other_knobs_are_named(setup):
+    """onehot_top_k=1 was suggested, then refused with the same suggestion."""
+    model, probe, _ = setup
+    limit = onehot_bytes(5, 16, 2) - 1  # one id and OTHER at every entry: one byte short
+    with pytest.raises(ValueError, match="Even onehot_top_k=1") as info:
+        measure(model, probe, target="onehot", max_onehot_bytes=limit)
+    message = str(info.value)
+    assert "Pass onehot_top_k" not in message and "raise max_onehot_bytes" in message
+    assert "at most 4 entries (layers=…) with onehot_top_k=1" in message
+    with pytest.raises(ValueError, match="Even onehot_top_k=1"):  # the old loop
+        measure(model, probe, target="onehot", onehot_top_k=1, max_onehot_bytes=limit)
+    # what the message says fits, fits
+    snap = measure(
+        model, probe, target="onehot", onehot_top_k=1, layers=[1, 2, 3, 4], max_onehot_bytes=limit
+    )
+    assert ((snap.pr > 0) & (snap.pr <= 1)).all()
+    with pytest.raises(ValueError, match="no single entry fits"):
+        measure(model, probe, target="onehot", max_onehot_bytes=100)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import lawwatch
 from lawwatch.capture import Capture
-from lawwatch.distributed import is_sharded, measured_module
+from lawwatch.models import is_sharded, measured_module
 from lawwatch.probe import example_mask
 from tests.conftest import VOCAB, tiny_gpt2, tiny_llama
 from tests.dist.common import TIMEOUT_S, poison, pr_list, setup, uneven_probe, write
@@ -66,9 +66,8 @@ def run(name, model, shard, rank, probe, results, poison_at: str) -> None:
     positions = example_mask(mask)
     with torch.no_grad():
         hidden = capture.forward(ids, mask, positions)
-    results[f"{name}_hooked"] = hidden.norm_input is not None and list(
-        hidden.norm_input.shape
-    ) == [int(positions.sum()), model.config.hidden_size]
+    shape = None if hidden.norm_input is None else list(hidden.norm_input.shape)
+    results[f"{name}_hooked"] = shape == [int(positions.sum()), model.config.hidden_size]
     results[f"{name}_ref0"] = reference
     results[f"{name}_loss1"] = train_step(model, optimizer, rank, seed=1)
     # rank 1's features turn non-finite; its forwards must still run (each is a collective)

@@ -1,0 +1,267 @@
+"""What lawwatch knows about model wrappers and model families, in one place.
+
+**Wrappers.** Training frameworks wrap the model they train:
+
+* DDP, ``DataParallel``, DeepSpeed's engine and ``torch.compile`` replicate or compile it
+  without changing what it computes. They are stripped before a probe forward: DDP's forward
+  would broadcast buffers, and every replica holds the full weights anyway.
+* FSDP (1 and 2) and DeepSpeed ZeRO-3 shard the weights, so every forward is a collective that
+  must enter at the *root* module: its forward hooks gather the parameters no inner unit owns
+  (embeddings, final norm), and FSDP2 makes the first module ever to run forward its root. A
+  sharded model is measured as the framework returned it, from its root.
+* FSDP, activation checkpointing and ``torch.compile`` insert name components
+  (:data:`WRAPPER_NAMES`) into ``named_modules()``; lawwatch's module names leave them out.
+
+**Families.** A Hugging Face model (a ``transformers.PreTrainedModel``) runs from its root with
+``logits_to_keep=1`` when its forward takes it (no ``(batch, length, vocab)`` logits), else as
+its base model (no LM head). Its final norm goes by one of :data:`FINAL_NORM_NAMES`, its
+positions by ``config.n_positions`` or ``config.max_position_embeddings`` (recurrent families
+such as Mamba and RWKV have no limit), its vocabulary by ``get_input_embeddings()``. Hugging
+Face's RWKV rescales some weights on its first forward in eval mode; see
+:func:`undo_inference_rescaling`.
+
+**The probe meets the model** in :func:`check_probe`: once per measurement, before any
+forward, so a probe the model cannot run fails with the fix instead of a bare ``IndexError``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from lawwatch.probe import ProbeSet
+
+# attribute names of the final norm of a Hugging Face base model, most common first
+FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "norm_f", "ln_out", "final_layernorm")
+# wrapper modules that insert a name component without changing the computation
+WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+# the token embedding of a model without get_input_embeddings (nanoGPT, Llama, torchtitan, …)
+TOKEN_EMBEDDING_NAMES = ("wte", "embed_tokens", "tok_embeddings", "token_embedding", "tok_emb")
+# a learned absolute-position table of such a model (nanoGPT's wpe): its rows bound the length
+POSITION_EMBEDDING_NAMES = ("wpe", "position_embeddings", "pos_emb")
+# config fields of a Hugging Face model's position limit (read only where the config sets them
+# itself: RWKV maps max_position_embeddings to context_length, which limits no CPU forward)
+_POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+
+
+# -- wrappers ---------------------------------------------------------------------------------
+
+
+def clean_name(name: str) -> str:
+    """A module name without the components wrappers insert (:data:`WRAPPER_NAMES`)."""
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_NAMES)
+
+
+def _fsdp_classes() -> tuple[type, ...]:
+    """FSDP1's wrapper class and FSDP2's ``FSDPModule`` mixin (what this torch has of them)."""
+    classes: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        classes.append(FullyShardedDataParallel)
+    except ImportError:  # torch built without distributed
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:  # torch < 2.6
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            FSDPModule = None
+    if FSDPModule is not None:
+        classes.append(FSDPModule)
+    return tuple(classes)
+
+
+def _strip_replication(model: nn.Module) -> nn.Module:
+    """Remove DDP / DataParallel / DeepSpeedEngine / ``torch.compile`` wrappers."""
+    while True:
+        replicated = isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel)
+        if replicated or type(model).__name__ == "DeepSpeedEngine":  # DeepSpeed is optional
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s weights are sharded across processes (FSDP 1/2, DeepSpeed ZeRO-3).
+
+    Raises:
+        ValueError: Inner modules are FSDP-sharded but ``model`` itself is not the FSDP root,
+            so no forward through it can gather every parameter.
+    """
+    fsdp = _fsdp_classes()
+    if fsdp and isinstance(model, fsdp):
+        return True
+    if fsdp and any(isinstance(m, fsdp) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} holds FSDP-sharded modules but is not itself the FSDP root; "
+            "pass LawWatch the model as the framework returned it (after accelerator.prepare, "
+            "or after fully_shard on the whole model)."
+        )
+    first = next(model.parameters(), None)
+    return first is not None and hasattr(first, "ds_id")  # a ZeRO-3 partitioned parameter
+
+
+def measured_module(
+    model: nn.Module, unwrap: Callable[[nn.Module], nn.Module] | None = None
+) -> nn.Module:
+    """The module a probe forward runs through, for ``model`` as training wraps it.
+
+    Replication wrappers are stripped (DDP, DataParallel, DeepSpeedEngine, ``torch.compile``);
+    anything else — a sharded FSDP or ZeRO-3 root included, whose forward the capture runs from
+    the root with ``logits_to_keep=1`` — is returned as is.
+
+    Raises:
+        ValueError: Inner modules are FSDP-sharded but the model is not the FSDP root.
+
+    Args:
+        model: The model as the training framework holds it.
+        unwrap: Applied first, for wrappers not recognized here.
+    """
+    if unwrap is not None:
+        model = unwrap(model)
+    model = _strip_replication(model)
+    is_sharded(model)  # refuses a model whose shards no forward through it can gather
+    return model
+
+
+# -- families ---------------------------------------------------------------------------------
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The body of a Hugging Face model without its LM head (so no vocabulary logits)."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def is_hf(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``PreTrainedModel``.
+
+    Without importing transformers: a model can only be one if transformers was imported.
+    """
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward takes keyword ``name`` (looking inside an FSDP1 wrapper)."""
+    inner = model.module if type(model).__name__ == "FullyShardedDataParallel" else model
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def undo_inference_rescaling(model: nn.Module) -> Iterator[None]:
+    """On exit, undo the weight rescaling a model did for inference inside the block.
+
+    Hugging Face's RWKV divides some weights by powers of two on its first forward in eval
+    mode and multiplies them back only on the next forward in train mode, so a checkpoint saved
+    between a snapshot and that forward would hold the divided weights. On exit every module
+    whose ``layers_are_rescaled`` flag changed inside is rescaled back (``_rescale_layers``
+    follows the module's train/eval flag, so restore those first: exit this context last).
+    Powers of two make the round trip exact.
+    """
+    rescaled = {
+        m: m.layers_are_rescaled for m in model.modules() if hasattr(m, "layers_are_rescaled")
+    }
+    try:
+        yield
+    finally:
+        for module, before in rescaled.items():
+            if module.layers_are_rescaled != before and callable(
+                getattr(module, "_rescale_layers", None)
+            ):
+                module._rescale_layers()
+
+
+def max_positions(model: nn.Module) -> tuple[int, str] | None:
+    """The longest sequence ``model`` can run, and where that limit is read; None: no limit.
+
+    A Hugging Face model: ``config.n_positions`` or ``config.max_position_embeddings`` where
+    the config sets it (recurrent families such as Mamba and RWKV have none). Any other
+    module: the rows of a position-embedding table named in :data:`POSITION_EMBEDDING_NAMES`.
+    """
+    config = getattr(base_model(model), "config", None)
+    if config is not None:
+        # what the config set itself, not attribute_map aliases (RWKV's context_length)
+        fields = getattr(config, "__dict__", None) or {}
+        for name in _POSITION_FIELDS:
+            value = fields.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, f"config.{name}"
+        if is_hf(base_model(model)):
+            return None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in (
+            POSITION_EMBEDDING_NAMES
+        ):
+            return module.num_embeddings, f"the position embedding {clean_name(name)!r}"
+    return None
+
+
+def embedding_rows(model: nn.Module) -> tuple[int, str] | None:
+    """How many token ids ``model`` embeds, and the embedding that says so; None: unknown.
+
+    ``get_input_embeddings()`` where the model has it (every Hugging Face model); otherwise an
+    ``nn.Embedding`` named in :data:`TOKEN_EMBEDDING_NAMES`, or the model's only
+    ``nn.Embedding``. With several unnamed ones no guess is made (one may hold positions).
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            embedding = get()
+        except (NotImplementedError, AttributeError):  # PreTrainedModel's default raises
+            embedding = None
+        rows = getattr(embedding, "num_embeddings", None)
+        if isinstance(rows, int):
+            return rows, "get_input_embeddings()"
+    embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    named = [(n, m) for n, m in embeddings if n.rsplit(".", 1)[-1] in TOKEN_EMBEDDING_NAMES]
+    chosen = named[:1] or (embeddings if len(embeddings) == 1 else [])
+    if not chosen:
+        return None
+    name, module = chosen[0]
+    return module.num_embeddings, f"the embedding {clean_name(name)!r}"
+
+
+def check_probe(model: nn.Module, probe: ProbeSet) -> None:
+    """Refuse a probe that ``model`` cannot run: sequences too long, token ids out of range.
+
+    Give it the *whole* probe (not a process's shard), so every process of a distributed run
+    decides alike, as :func:`lawwatch.measure.prepare` does. Limits lawwatch cannot read (see
+    :func:`max_positions`, :func:`embedding_rows`) are not checked.
+
+    Raises:
+        ValueError: The probe's longest sequence exceeds the model's positions, or it holds a
+            token id beyond the model's embedding; the message names the fix.
+    """
+    if len(probe) == 0:
+        return
+    name = type(model).__name__
+    limit = max_positions(model)
+    longest = int(probe.attention_mask.sum(dim=1).max())
+    if limit is not None and longest > limit[0]:
+        raise ValueError(
+            f"The probe's longest sequence holds {longest} tokens but {name} runs at most "
+            f"{limit[0]} positions ({limit[1]}); build the probe with max_length={limit[0]} "
+            f"(ProbeSet.from_texts / from_dataset) or seq_len={limit[0]} (from_token_file), "
+            "or cut the rows you pass to ProbeSet.from_tokens."
+        )
+    rows = embedding_rows(model)
+    top = int(probe.input_ids.max())
+    if rows is not None and top >= rows[0]:
+        raise ValueError(
+            f"The probe holds token id {top} but {name}'s embedding has {rows[0]} rows "
+            f"({rows[1]}); build the probe with the model's own tokenizer."
+        )
