@@ -107,6 +107,8 @@ class ProbeSpec:
                 dtype=self.token_dtype,
             )
         else:
+            # the texts first: a path that matches nothing fails before a tokenizer loads
+            documents = read_texts(self.texts, self.text_unit) if self.source == "texts" else None
             if self.tokenizer is not None:
                 from lawwatch.checkpoints import load_tokenizer
 
@@ -121,9 +123,7 @@ class ProbeSpec:
                 "pack": self.pack,
             }
             if self.source == "texts":
-                probe = ProbeSet.from_texts(
-                    read_texts(self.texts, self.text_unit), tokenizer, **common
-                )
+                probe = ProbeSet.from_texts(documents, tokenizer, **common)
             else:
                 probe = ProbeSet.from_dataset(
                     self._dataset(), tokenizer, text_column=self.text_column, **common

@@ -130,9 +130,9 @@ OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "
 FORMATS = ("png", "svg", "pdf")
 FIGURES = {
     "law_layers": "log10 PR against layer at selected steps",
-    "law_training": "r and ρ against training step, with the emergence step",
-    "law_deviation": "each layer's deviation from the fitted line, latest snapshot",
-    "law_compare": "the latest snapshot of every run, with its fitted line",
+    "law_training": "Pearson r and ρ against training step, with the emergence step",
+    "law_deviation": "Each layer's deviation from the fitted line, latest snapshot",
+    "law_compare": "The latest snapshot of every run, with its fitted line",
 }
 """The report's figures: file stem -> what it shows."""
 REPORT_FILE = "report.html"
@@ -351,14 +351,21 @@ def _layers_figure(runs: list[Run], steps: Sequence[int] | None) -> Any:
     columns = min(len(runs), 3)
     rows = -(-len(runs) // columns)
     fig = _new_figure(4.4 * columns + 1.0, 3.6 * rows)
-    axes = np.atleast_1d(fig.subplots(rows, columns, sharey=True, squeeze=False)).ravel()
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
     for ax, run in zip(axes, runs, strict=False):
         wanted = select_steps(run.steps) if steps is None else steps
         chosen = sorted({min(run.steps, key=lambda s, w=w: (abs(s - w), s)) for w in wanted})
         by_step = {r["step"]: r for r in run.records}
         for step in chosen:
             layers, log_pr = law_points(by_step[step])
-            ax.plot(layers, log_pr, color=cmap(norm(step)), marker="o", markersize=3.5)
+            ax.plot(
+                layers,
+                log_pr,
+                color=cmap(norm(step)),
+                marker="o",
+                markersize=3.5,
+                label=f"step {step:,}",
+            )
         last = by_step[chosen[-1]]
         layers = law_points(last)[0]
         ax.plot(
@@ -367,11 +374,15 @@ def _layers_figure(runs: list[Run], steps: Sequence[int] | None) -> Any:
             color="black",
             linestyle="--",
             linewidth=1,
-            label=f"fit, step {last['step']}: ρ = {last['rho']:.3f}, r = {last['pearson_r']:+.3f}",
+            label=f"fit at step {last['step']:,}: ρ = {last['rho']:.3f}, "
+            f"r = {last['pearson_r']:+.3f}",
         )
         ax.set(title=run.label, xlabel="layer")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(loc="best")
+        # below the axes: inside, the legend would hide the lines it names
+        ax.legend(
+            loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False, fontsize=8.5
+        )
     for ax in axes[len(runs) :]:
         ax.set_visible(False)
     for ax in axes[::columns]:
@@ -448,7 +459,7 @@ def _deviation_figure(runs: list[Run]) -> Any:
         title="Which layers lag (above 0) or lead (below 0) the law",
     )
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(loc="best")
+    fig.legend(loc="outside lower center", ncols=min(len(runs), 3), frameon=False)
     return fig
 
 
@@ -473,7 +484,7 @@ def _compare_figure(runs: list[Run]) -> Any:
         )
     ax.set(xlabel="layer", ylabel="log10 PR", title="Latest snapshot: points and fitted lines")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(loc="best")
+    fig.legend(loc="outside lower center", ncols=1, frameon=False)
     return fig
 
 
@@ -548,7 +559,7 @@ def _html(
             for fmt, path in report.figures.get(stem, {}).items()
         )
         parts += [
-            f"<h2>{html.escape(caption[0].upper() + caption[1:])}</h2>",
+            f"<h2>{html.escape(caption)}</h2>",
             f'<figure id="{stem}"><img alt="{html.escape(caption)}" '
             f'src="data:image/svg+xml;base64,{data}">',
             f"<figcaption>{_CAPTIONS[stem]}{' Files: ' + links if links else ''}"
