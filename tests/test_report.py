@@ -184,3 +184,6 @@ def test_report_command(tmp_path, capsys):
     assert sorted(p.suffix for p in (tmp_path / "r").iterdir()) == [".html"] + [".png"] * 4
     assert cli.main([*argv, "--label", "one"]) == 2
     assert "2 histories" in capsys.readouterr().err
+    write_history(tmp_path / "single", [7])  # one snapshot: every figure still draws
+    assert cli.main(["report", str(tmp_path / "single"), "--out", str(tmp_path / "s")]) == 0
+    assert len(list((tmp_path / "s").glob("*.pdf"))) == 4
