@@ -1,9 +1,10 @@
 """MeasureConfig is the single source of measurement options.
 
 Every field is accepted by every entry point (``measure``, ``LawWatch``, ``AcceleratorWatch``,
-``LawWatchCallback``, the recipes' YAML, the command line), as a config and as keyword
-arguments, and reaches the measurement: for each field, a config with that field set gives the
-same outcome at every entry point, and a different outcome than the config without it.
+``LawWatchCallback``, the recipes' YAML, the command line, the checkpoint sweep of
+``lawwatch.analyze``), as a config and as keyword arguments, and reaches the measurement: for
+each field, a config with that field set gives the same outcome at every entry point, and a
+different outcome than the config without it.
 """
 
 from __future__ import annotations
@@ -114,7 +115,21 @@ def entry_points(model, probe, config, tmp_path):
         "LawWatchCallback(**options)": lambda: through_callback(
             model, probe, tmp_path / "b", **options
         ),
+        "analyze(config)": lambda: through_analyze(model, probe, tmp_path / "c", config),
     }
+
+
+def through_analyze(model, probe, tmp_path, config):
+    """A sweep over the model saved as a checkpoint (loaded again: its forwards are not counted)."""
+    from lawwatch import Snapshot
+    from lawwatch.analyze import analyze
+    from lawwatch.checkpoints import Checkpoint
+
+    model.save_pretrained(tmp_path / "checkpoint-0")
+    result = analyze([Checkpoint(str(tmp_path / "checkpoint-0"), 0)], probe, tmp_path, config)
+    if result.failed:
+        return None
+    return Snapshot.from_record(result.history.records[-1])
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -127,7 +142,9 @@ def test_every_field_reaches_the_measurement_from_every_entry_point(setup, name,
     assert expected != without, f"{name}={value!r} changed nothing measurable"
     for label, run in entry_points(model, probe, config, tmp_path).items():
         got = outcome(run, model)
-        if isinstance(expected[0], str) and label.startswith(("LawWatch(", "LawWatchCallback")):
+        if label.startswith("analyze"):  # a sweep reports a failed checkpoint and goes on
+            assert got[0] == (None if isinstance(expected[0], str) else expected[0]), label
+        elif isinstance(expected[0], str) and label.startswith(("LawWatch(", "LawWatchCallback")):
             # the monitor never raises for a failed snapshot: it skips it (None), after its
             # remaining forward passes (collectives on a sharded model)
             assert got[0] is None, label

@@ -1,10 +1,15 @@
-"""The PNG of the law over training."""
+"""The PNG of the law over training, and the report: figures in three formats, one HTML page."""
 
+import base64
+from html.parser import HTMLParser
+from xml.etree import ElementTree
+
+import numpy as np
 import pytest
 import torch
 
-from lawwatch import fit_law
-from lawwatch.report import plot_law
+from lawwatch import History, emergence_step, fit_law
+from lawwatch.report import FIGURES, plot_law, select_steps, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,3 +46,144 @@ def test_nothing_to_plot(tmp_path):
         plot_law([], tmp_path / "x.png")
     with pytest.raises(ValueError, match="No snapshot"):
         plot_law([{"step": None, "pr": [1.0, 0.5, 0.2, 0.1]}], tmp_path / "x.png")
+
+
+# -- the report: figures in three formats and a self-contained HTML page ------------------------
+
+
+class Cells(HTMLParser):
+    """Every number cell of the page, and every attribute that could fetch something."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.row, self.tables, self.links = [], {}, [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append(attrs)
+        elif tag == "tr":
+            self.row = {"table": self.tables[-1], **attrs}
+            self.rows.append(self.row)
+        elif tag == "td" and "data-value" in attrs:
+            self.row[attrs["data-field"]] = attrs["data-value"]
+        for name in ("src", "href", "srcset", "action", "data"):
+            if name in attrs:
+                self.links.append(attrs[name])
+
+
+def write_history(directory, steps, entries=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, step in enumerate(steps):
+        decay = 1.0 - 0.5 * i / len(steps)
+        noise = 1 + 0.05 * torch.rand(entries, generator=gen, dtype=torch.float64)
+        pr = 0.9 * decay ** torch.arange(entries, dtype=torch.float64) * noise
+        fit = fit_law(pr).as_dict()
+        rows.append({"step": step, "pr": pr.tolist(), "layers": list(range(entries)), **fit})
+        rows[-1].update(n_tokens=500, seconds=0.1)
+    History(rows).write(directory)
+    return rows
+
+
+def test_report_files_are_valid_and_the_page_holds_the_numbers(tmp_path):
+    first = write_history(tmp_path / "a" / "lawwatch", [0, 1, 2, 4, 8, 16, 100, 200])
+    second = write_history(tmp_path / "b", [0, 10, 20, 30], entries=9, seed=1)
+    # a Trainer output_dir is read from its lawwatch/ folder
+    report = write_report(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "out", labels=["gpt <2>", "llama"]
+    )
+    assert report.html == tmp_path / "out" / "report.html"
+    assert set(report.figures) == set(FIGURES)
+    for formats in report.figures.values():
+        assert formats["png"].read_bytes()[:8] == PNG_MAGIC
+        assert ElementTree.parse(formats["svg"]).getroot().tag == "{http://www.w3.org/2000/svg}svg"
+        assert formats["pdf"].read_bytes()[:5] == b"%PDF-"
+
+    page = report.html.read_text()
+    cells = Cells()
+    cells.feed(page)
+    # self-contained: nothing fetched from anywhere, only inline data and the sibling files
+    assert "http" not in page.lower() and "<script" not in page and "<link" not in page
+    assert all(
+        link.startswith("data:image/svg+xml;base64,") or "/" not in link for link in cells.links
+    )
+    for link in cells.links:
+        if link.startswith("data:"):
+            svg = base64.b64decode(link.split(",", 1)[1])
+            assert ElementTree.fromstring(svg).tag.endswith("svg")
+        else:
+            assert (tmp_path / "out" / link).is_file()
+    assert "gpt &lt;2&gt;" in page  # labels are escaped
+
+    # every snapshot's numbers, exactly as in the history
+    for run, records in enumerate([first, second]):
+        rows = [r for r in cells.rows if r["table"].get("class") == "snapshots"]
+        rows = [r for r in rows if r["table"]["data-run"] == str(run) and "step" in r]
+        assert [int(r["step"]) for r in rows] == [rec["step"] for rec in records]
+        for row, record in zip(rows, records, strict=True):
+            for key in ("rho", "pearson_r", "slope", "intercept", "r2"):
+                assert float(row[key]) == record[key]
+        # the latest snapshot: PR per entry and its deviation from the line (numpy reference)
+        latest = [r for r in cells.rows if r["table"].get("class") == "latest"]
+        latest = [r for r in latest if r["table"]["data-run"] == str(run) and "entry" in r]
+        last = records[-1]
+        assert [float(r["pr"]) for r in latest] == last["pr"]
+        x = np.arange(1, len(last["pr"]))
+        y = np.log10(last["pr"][1:])
+        slope, intercept = np.polyfit(x - 1, y, 1)
+        expected = 100 * (10 ** (y - (intercept + slope * (x - 1))) - 1)
+        shown = [float(r["deviation_percent"]) for r in latest[1:]]
+        assert shown == pytest.approx(expected, abs=1e-9)
+        assert "deviation_percent" not in latest[0]  # the embeddings are not fitted
+    runs = [r for r in cells.rows if r["table"].get("class") == "runs" and "step" in r]
+    assert [int(r["step"]) for r in runs] == [200, 30]
+    expected = [
+        emergence_step([r["step"] for r in rs], [r["pearson_r"] for r in rs])
+        for rs in (first, second)
+    ]
+    assert [r.get("emergence_step") for r in runs] == [
+        None if e is None else str(e) for e in expected
+    ]
+
+
+def test_report_is_reproducible_and_checks_its_input(tmp_path):
+    write_history(tmp_path / "a", [0, 5])
+    one = write_report([tmp_path / "a"], tmp_path / "x", formats=("svg", "pdf"), steps=[0, 4])
+    two = write_report([tmp_path / "a"], tmp_path / "y", formats=("svg", "pdf"), steps=[0, 4])
+    for stem in FIGURES:
+        for fmt in ("svg", "pdf"):
+            assert one.figures[stem][fmt].read_bytes() == two.figures[stem][fmt].read_bytes()
+    assert not (tmp_path / "x" / "law_layers.png").exists()
+    with pytest.raises(ValueError, match="labels"):
+        write_report([tmp_path / "a"], tmp_path / "z", labels=["a", "b"])
+    with pytest.raises(ValueError, match="formats"):
+        write_report([tmp_path / "a"], tmp_path / "z", formats=("jpg",))
+    with pytest.raises(FileNotFoundError, match=r"No history\.jsonl"):
+        write_report([tmp_path / "nothing"], tmp_path / "z")
+    History([{"step": 0}]).write(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no snapshot with PRs"):
+        write_report([tmp_path / "empty"], tmp_path / "z")
+
+
+def test_select_steps_spreads_over_log_steps():
+    assert select_steps([0, 1, 2]) == [0, 1, 2]
+    picked = select_steps(list(range(0, 10001)), count=5)
+    assert picked[0] == 0 and picked[-1] == 10000 and len(picked) == 5
+    assert picked[1] < 100  # log-spaced: the early steps where the law forms
+
+
+def test_report_command(tmp_path, capsys):
+    from lawwatch import cli
+
+    write_history(tmp_path / "a", [0, 3, 9])
+    write_history(tmp_path / "b", [0, 3], seed=2)
+    argv = ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")]
+    assert cli.main([*argv, "--label", "one", "--label", "two", "--formats", "png"]) == 0
+    assert str(tmp_path / "r" / "report.html") in capsys.readouterr().out
+    assert sorted(p.suffix for p in (tmp_path / "r").iterdir()) == [".html"] + [".png"] * 4
+    assert cli.main([*argv, "--label", "one"]) == 2
+    assert "2 histories" in capsys.readouterr().err
+    write_history(tmp_path / "single", [7])  # one snapshot: every figure still draws
+    assert cli.main(["report", str(tmp_path / "single"), "--out", str(tmp_path / "s")]) == 0
+    assert len(list((tmp_path / "s").glob("*.pdf"))) == 4

@@ -1,0 +1,327 @@
+"""Offline sweeps: the law measured on saved checkpoints, with the numbers and files of live runs.
+
+:func:`analyze` loads each checkpoint in increasing step order, measures it with
+:func:`lawwatch.measure.measure` (the computation the live monitor runs) and writes
+``history.jsonl`` and ``pr.safetensors`` in the output directory, as
+:class:`~lawwatch.sinks.LocalHistory` does during training. Each record also holds:
+
+- ``checkpoint``: the checkpoint's name (path, hub id and revision, GGUF file);
+- ``probe``: the probe's content hash (:meth:`~lawwatch.probe.ProbeSet.content_hash`);
+- ``config``: the measurement options (:meth:`~lawwatch.config.MeasureConfig.to_dict`);
+- ``weights``: the content hash of the weight files (:func:`~lawwatch.checkpoints.weights_hash`);
+- ``load_seconds``: the time loading the checkpoint took (``seconds`` is the measurement's);
+- ``duplicate_of``: for weights identical to an already measured checkpoint, its name (the
+  numbers are copied, not measured again).
+
+A sweep run again over the same directory measures only what is new: a step already recorded
+from the same weights is skipped, and weights already measured at another step are copied. A
+checkpoint that fails to load or measure is reported and the sweep goes on. The directory holds
+one probe and one set of options: a sweep with others is refused (use another directory).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lawwatch.checkpoints import (
+    Checkpoint,
+    HashCache,
+    LoadOptions,
+    hub_snapshot,
+    load_model,
+    weights_hash,
+)
+from lawwatch.config import MeasureConfig
+from lawwatch.history import History, Snapshot
+from lawwatch.measure import measure
+from lawwatch.probe import ProbeSet
+from lawwatch.sinks import LocalHistory
+
+__all__ = ["PROBE_FILE", "SweepResult", "analyze", "check_compatible", "log_to_wandb"]
+
+log = logging.getLogger("lawwatch")
+
+PROBE_FILE = "probe.safetensors"
+"""The probe a sweep measured with, saved beside its history."""
+HASH_FILE = "weights-sha256.json"
+"""The weight files' digests, so a sweep run again hashes no unchanged file twice."""
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did, step by step.
+
+    Attributes:
+        measured: Steps measured now.
+        copied: Steps whose weights equal an already measured checkpoint's (numbers copied).
+        skipped: Steps already in the history from the same weights.
+        failed: ``(checkpoint, reason)`` of each checkpoint that could not be measured.
+        history: The directory's whole history after the sweep.
+    """
+
+    measured: list[int] = field(default_factory=list)
+    copied: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed: list[tuple[Checkpoint, str]] = field(default_factory=list)
+    history: History = field(default_factory=History)
+
+
+def _same_config(record: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether a record was measured with ``config`` (a field it lacks is at its default)."""
+    recorded = record.get("config")
+    if not isinstance(recorded, dict):
+        return False
+    return {**MeasureConfig().to_dict(), **recorded} == config
+
+
+def check_compatible(history: History, probe_hash: str, config: MeasureConfig) -> None:
+    """Refuse a history measured with another probe or other options.
+
+    Raises:
+        ValueError: A record with another probe or options, naming the difference.
+    """
+    wanted = config.to_dict()
+    for record in history:
+        if record.get("probe") != probe_hash:
+            raise ValueError(
+                f"The history holds step {record['step']} measured with another probe "
+                f"({record.get('probe')!r}, not {probe_hash!r}); one history holds one probe: "
+                "write this sweep to another --out directory, or use the probe it was "
+                f"measured with (its {PROBE_FILE})."
+            )
+        if not _same_config(record, wanted):
+            recorded = {**MeasureConfig().to_dict(), **(record.get("config") or {})}
+            changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+            raise ValueError(
+                f"The history holds step {record['step']} measured with other options "
+                f"(they differ in {changed}); one history holds one set of options: write "
+                "this sweep to another --out directory."
+            )
+
+
+class _CountedProbe(ProbeSet):
+    """The probe, ticking a progress bar at each batch."""
+
+    def __init__(self, probe: ProbeSet, bar: Any) -> None:
+        super().__init__(probe.input_ids, probe.attention_mask, probe.meta)
+        self._bar = bar
+
+    def batches(self, batch_size: int) -> Iterator[Any]:
+        """The probe's batches (see :meth:`ProbeSet.batches`), counted on the bar."""
+        self._bar.reset(total=-(-len(self) // batch_size))
+        for batch in super().batches(batch_size):
+            yield batch
+            self._bar.update(1)
+
+
+def analyze(
+    checkpoints: Sequence[Checkpoint],
+    probe: ProbeSet,
+    out: str | Path,
+    config: MeasureConfig | None = None,
+    *,
+    load: LoadOptions | None = None,
+    progress: bool | None = None,
+    **options: Any,
+) -> SweepResult:
+    """Measure the law on each checkpoint; write the history into ``out``.
+
+    Args:
+        checkpoints: From :func:`lawwatch.checkpoints.find_checkpoints` (any order: they are
+            measured in increasing step order; two at one step are refused).
+        probe: The probe every checkpoint is measured with (saved as ``out/probe.safetensors``).
+        out: The output directory (created if missing): ``history.jsonl``,
+            ``pr.safetensors``, the probe and the weight digests.
+        config: The measurement options (default: the paper's protocol).
+        load: How checkpoints are loaded (dtype, device, device_map, hub cache).
+        progress: Show progress bars (checkpoints and probe batches); None: on a terminal.
+        **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
+
+    Returns:
+        What was measured, copied, skipped and failed, and the resulting history.
+
+    Raises:
+        ValueError: Two checkpoints at one step, or a history in ``out`` measured with another
+            probe or other options. A checkpoint that fails to load or measure does not raise:
+            it is listed in :attr:`SweepResult.failed`.
+    """
+    from tqdm.auto import tqdm
+
+    config = MeasureConfig.build(config, **options)
+    load = load or LoadOptions()
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    for before, after in itertools.pairwise(ordered):
+        if before.step == after.step:
+            raise ValueError(
+                f"Two checkpoints at step {after.step}: {before.name} and {after.name}."
+            )
+    out = Path(out)
+    local = LocalHistory(out)
+    probe_hash = probe.content_hash()
+    check_compatible(local.history, probe_hash, config)
+    if not (out / PROBE_FILE).is_file() or ProbeSet.load(out / PROBE_FILE).content_hash() != (
+        probe_hash
+    ):
+        probe.save(out / PROBE_FILE)
+    cache = HashCache(out / HASH_FILE)
+    identity = {"probe": probe_hash, "config": config.to_dict()}
+    result = SweepResult()
+
+    disable = None if progress is None else not progress
+    with (
+        tqdm(ordered, desc="checkpoints", unit="ckpt", disable=disable, position=0) as outer,
+        tqdm(desc="probe batches", unit="batch", disable=disable, position=1, leave=False) as bar,
+    ):
+        counted = _CountedProbe(probe, bar)
+        for ckpt in outer:
+            outer.set_postfix_str(f"step {ckpt.step}")
+            try:
+                _sweep_one(ckpt, counted, config, load, cache, local, identity, result)
+            except Exception as error:  # reported; the sweep goes on
+                reason = f"{type(error).__name__}: {error}"
+                log.error("lawwatch analyze: %s (step %d) failed: %s", ckpt.name, ckpt.step, reason)
+                result.failed.append((ckpt, reason))
+            finally:
+                gc.collect()
+                _empty_cuda_cache()
+    result.history = local.history
+    return result
+
+
+def _sweep_one(
+    ckpt: Checkpoint,
+    probe: ProbeSet,
+    config: MeasureConfig,
+    load: LoadOptions,
+    cache: HashCache,
+    local: LocalHistory,
+    identity: dict[str, Any],
+    result: SweepResult,
+) -> None:
+    """Skip, copy or measure one checkpoint, and record it."""
+    at_step = next((r for r in local.records if r["step"] == ckpt.step), None)
+    weights = weights_hash(ckpt.source, ckpt.gguf_file, cache) if ckpt.local else None
+    if at_step is not None and ckpt.local and at_step.get("weights") == weights:
+        result.skipped.append(ckpt.step)
+        return
+    if at_step is not None and not ckpt.local and at_step.get("checkpoint") == ckpt.name:
+        result.skipped.append(ckpt.step)  # the same hub revision (its weights not re-read)
+        return
+    if at_step is not None:
+        raise ValueError(
+            f"step {ckpt.step} is already in {local.directory / 'history.jsonl'} from other "
+            f"weights ({at_step.get('checkpoint', 'a live run')}); write this sweep to another "
+            "--out directory."
+        )
+    if weights is not None and _copy(ckpt, weights, local, result):
+        return
+    start = time.perf_counter()
+    model = load_model(ckpt, load)
+    if weights is None:  # a hub checkpoint: its files are in the local cache now
+        weights = weights_hash(hub_snapshot(ckpt, load), ckpt.gguf_file, cache)
+        if _copy(ckpt, weights, local, result):
+            return
+    loaded = time.perf_counter()
+    snapshot = measure(model, probe, config)
+    del model
+    snapshot.step = ckpt.step
+    snapshot.extra.update(
+        checkpoint=ckpt.name, **identity, weights=weights, load_seconds=loaded - start
+    )
+    _record(local, snapshot)
+    result.measured.append(ckpt.step)
+
+
+def _copy(ckpt: Checkpoint, weights: str, local: LocalHistory, result: SweepResult) -> bool:
+    """Record the numbers of an already measured checkpoint with the same weights, if any."""
+    same = next((r for r in local.records if r.get("weights") == weights), None)
+    if same is None:
+        return False
+    snapshot = Snapshot.from_record(same)
+    snapshot.step, snapshot.seconds = ckpt.step, 0.0
+    original = same.get("duplicate_of") or same.get("checkpoint")
+    snapshot.extra.update(checkpoint=ckpt.name, duplicate_of=original, load_seconds=0.0)
+    _record(local, snapshot)
+    result.copied.append(ckpt.step)
+    log.info("lawwatch analyze: %s has the weights of %s", ckpt.name, original)
+    return True
+
+
+def _record(local: LocalHistory, snapshot: Snapshot) -> None:
+    """Add ``snapshot`` to the history files, keeping the steps increasing."""
+    last = local.last_step
+    if last is None or snapshot.step > last:
+        local.write(snapshot)  # the usual case: appended
+        return
+    # a checkpoint earlier than what a previous sweep recorded: rewrite the files in order
+    records = [*local.records, snapshot.to_record()]
+    local.history = History(sorted(records, key=lambda r: r["step"]))
+    local.history.write(local.directory)
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def log_to_wandb(
+    history: History,
+    *,
+    project: str,
+    name: str | None = None,
+    mode: str | None = None,
+    directory: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+    emergence_threshold: float | None = None,
+    image: str | Path | None = None,
+) -> Path:
+    """Log a sweep's whole history as one W&B run, the checkpoint step on the x-axis.
+
+    The run holds what :class:`~lawwatch.sinks.WandbSink` logs during training (the scalars
+    under ``lawwatch/``, the PR table, the chart of the law, the summary), one row per step.
+
+    Args:
+        history: The sweep's history (steps increasing).
+        project: The W&B project.
+        name: The run's name.
+        mode: 'online' or 'offline' (default: W&B's own choice).
+        directory: Where W&B writes its files (its ``wandb/`` folder goes there).
+        config: The run's config.
+        emergence_threshold: r at or below which the law counts as emerged.
+        image: A PNG logged at the last step (the report's figure).
+
+    Returns:
+        The run's local directory.
+    """
+    import wandb
+
+    from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
+    from lawwatch.sinks import WandbSink
+
+    run = wandb.init(
+        project=project,
+        name=name,
+        mode=mode,
+        dir=None if directory is None else str(directory),
+        config=config,
+        job_type="lawwatch-analyze",
+    )
+    try:
+        threshold = (
+            DEFAULT_EMERGENCE_THRESHOLD if emergence_threshold is None else emergence_threshold
+        )
+        sink = WandbSink(run, history=history.records, emergence_threshold=threshold)
+        if image is not None:
+            sink.log_image(image)
+        return Path(run.settings.sync_dir)
+    finally:
+        run.finish()

@@ -1,0 +1,392 @@
+"""Checkpoints to sweep: which they are, the step of each, what their weights hash to, loading.
+
+A checkpoint is named as any of:
+
+- a Hugging Face model directory (``config.json`` and weights);
+- a ``Trainer`` ``output_dir``: its ``checkpoint-N`` folders, each one checkpoint;
+- a GGUF file (a path ending in ``.gguf``), or a directory or hub repository with
+  ``gguf_file=`` naming the file in it (loaded by transformers' GGUF loader, which needs the
+  ``gguf`` package);
+- a hub repository id, optionally at a revision: ``EleutherAI/pythia-70m@step1000``
+  (``from_pretrained(repo, revision=...)``; ``offline=True`` reads the local hub cache only).
+
+The step of each comes from the checkpoint: ``trainer_state.json``'s ``global_step``, else a
+name such as ``checkpoint-1000``, ``step1000`` (Pythia's revisions) or ``global_step1000``; or it
+is given. The weights' content hash (:func:`weights_hash`) is SHA-256 over the weight files'
+names and SHA-256 digests, so two checkpoints holding the same weights are recognized without
+loading either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Checkpoint",
+    "HashCache",
+    "LoadOptions",
+    "find_checkpoints",
+    "load_model",
+    "load_tokenizer",
+    "step_from_name",
+    "weights_hash",
+]
+
+_CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
+# step1000 (Pythia), checkpoint-1000 (Trainer), global_step1000 (DeepSpeed), stage1-step1000-…
+_STEP_IN_NAME = re.compile(r"(?:^|[^A-Za-z])(?:step|checkpoint)[-_]?(\d+)")
+
+
+def step_from_name(name: str) -> int | None:
+    """The training step a folder, file or revision name spells, or None.
+
+    ``checkpoint-1000``, ``step1000``, ``global_step1000`` and ``stage1-step1000-tokens4B`` all
+    give 1000.
+    """
+    found = _STEP_IN_NAME.search(name)
+    return int(found.group(1)) if found else None
+
+
+def _step_of_dir(directory: Path) -> int | None:
+    """``trainer_state.json``'s ``global_step``, else the step the folder's name spells."""
+    state = directory / "trainer_state.json"
+    if state.is_file():
+        try:
+            step = json.loads(state.read_text()).get("global_step")
+        except (OSError, ValueError):
+            step = None
+        if isinstance(step, int) and not isinstance(step, bool):
+            return step
+    return step_from_name(directory.name)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model to measure.
+
+    Attributes:
+        source: A local directory or a hub repository id: what ``from_pretrained`` takes.
+        step: The training step it was saved at.
+        revision: The hub revision (branch, tag or commit), if any.
+        gguf_file: The GGUF file inside ``source``, if the weights are GGUF.
+        local: Whether ``source`` is a local directory.
+    """
+
+    source: str
+    step: int
+    revision: str | None = None
+    gguf_file: str | None = None
+    local: bool = True
+
+    @property
+    def name(self) -> str:
+        """How records and messages name it: ``source[/gguf_file][@revision]``."""
+        name = self.source
+        if self.gguf_file:
+            name = f"{name}/{self.gguf_file}"
+        return f"{name}@{self.revision}" if self.revision else name
+
+
+def find_checkpoints(
+    specs: Sequence[str],
+    *,
+    steps: Sequence[int | None] | None = None,
+    gguf_file: str | None = None,
+) -> list[Checkpoint]:
+    """The checkpoints ``specs`` name, in increasing step order.
+
+    Args:
+        specs: Model directories, Trainer output directories, ``.gguf`` files, hub ids
+            (``repo`` or ``repo@revision``); see the module documentation.
+        steps: One step per spec (None: the checkpoint's own), overriding what the checkpoint
+            says (each spec given a step must be a single checkpoint).
+        gguf_file: The GGUF file inside every directory or repository named.
+
+    Raises:
+        ValueError: A spec that names nothing loadable, a checkpoint whose step is unknown,
+            two checkpoints at the same step, or ``steps`` of the wrong length.
+    """
+    if steps is not None and len(steps) != len(specs):
+        raise ValueError(
+            f"{len(steps)} --step values for {len(specs)} checkpoints: give one step per "
+            "checkpoint argument, in the same order, or none."
+        )
+    found: list[Checkpoint] = []
+    for i, spec in enumerate(specs):
+        given = None if steps is None or steps[i] is None else int(steps[i])
+        found.extend(_resolve(spec, given, gguf_file))
+    found.sort(key=lambda c: c.step)
+    for before, after in itertools.pairwise(found):
+        if before.step == after.step:
+            raise ValueError(
+                f"Two checkpoints at step {after.step}: {before.name} and {after.name}. A sweep "
+                "records one measurement per step; leave one out, or give each its step "
+                "with --step."
+            )
+    return found
+
+
+def _resolve(spec: str, given: int | None, gguf_file: str | None) -> list[Checkpoint]:
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(
+                f"{spec} is a file but not a .gguf file; name the model's directory instead."
+            )
+        folder = path.resolve().parent
+        step = given if given is not None else _step_of_dir(folder)
+        if step is None:
+            step = step_from_name(path.stem)
+        return [_with_step(Checkpoint(str(folder), step, gguf_file=path.name), spec)]
+    if path.is_dir():
+        folder = path.resolve()
+        is_model = (folder / "config.json").is_file() or (
+            gguf_file is not None and (folder / gguf_file).is_file()
+        )
+        if is_model:
+            step = given if given is not None else _step_of_dir(folder)
+            return [_with_step(Checkpoint(str(folder), step, gguf_file=gguf_file), spec)]
+        subdirs = [d for d in folder.iterdir() if d.is_dir() and _CHECKPOINT_DIR.fullmatch(d.name)]
+        if not subdirs:
+            raise ValueError(
+                f"{spec} is neither a model directory (no config.json) nor a Trainer output_dir "
+                "(no checkpoint-N folders)."
+            )
+        if given is not None:
+            raise ValueError(
+                f"--step names one step, but {spec} holds {len(subdirs)} checkpoints (each "
+                "folder's own step is used); leave its --step out or name one folder."
+            )
+        return [
+            _with_step(Checkpoint(str(d), _step_of_dir(d), gguf_file=gguf_file), str(d))
+            for d in subdirs
+        ]
+    repo, at, revision = spec.rpartition("@")
+    if not at:
+        repo, revision = spec, ""
+    if not repo or spec.startswith((".", "/", "~")) or repo.count("/") > 1:
+        raise ValueError(
+            f"{spec} is not a local file or directory, nor a hub id like 'org/name' or "
+            "'org/name@revision'."
+        )
+    step = given if given is not None else (step_from_name(revision) if revision else None)
+    ckpt = Checkpoint(repo, step, revision=revision or None, gguf_file=gguf_file, local=False)
+    return [_with_step(ckpt, spec)]
+
+
+def _with_step(ckpt: Checkpoint, spec: str) -> Checkpoint:
+    if ckpt.step is None:
+        raise ValueError(
+            f"The training step of {spec} is unknown: no trainer_state.json, and no step in "
+            "its name (checkpoint-N, stepN) or revision. Give it with --step N."
+        )
+    if ckpt.step < 0:
+        raise ValueError(f"{spec}: a training step cannot be negative ({ckpt.step}).")
+    return ckpt
+
+
+# -- weights ----------------------------------------------------------------------------------
+
+
+def weight_files(directory: str | Path, gguf_file: str | None = None) -> list[Path]:
+    """The files holding a model directory's weights, as ``from_pretrained`` chooses them.
+
+    The GGUF file if one is named; else every top-level ``*.safetensors`` file; else the
+    ``pytorch_model*.bin`` files. A Trainer checkpoint's optimizer, scheduler and RNG states
+    are not weights and are left out.
+
+    Raises:
+        FileNotFoundError: No weight file.
+    """
+    directory = Path(directory)
+    if gguf_file is not None:
+        path = directory / gguf_file
+        if not path.is_file():
+            raise FileNotFoundError(f"No GGUF file {gguf_file} in {directory}.")
+        return [path]
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        files = sorted(p for p in directory.glob(pattern) if p.is_file())
+        if files:
+            return files
+    raise FileNotFoundError(
+        f"No weights in {directory}: expected *.safetensors or pytorch_model*.bin files."
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class HashCache:
+    """SHA-256 digests of files, remembered by real path, size and modification time.
+
+    A sweep run again reads no weight file twice: a file whose size and modification time
+    are unchanged keeps its digest.
+
+    Args:
+        path: The JSON file the digests are kept in (None: in memory only).
+    """
+
+    path: Path | None = None
+    digests: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.path.is_file():
+            try:
+                self.digests = dict(json.loads(self.path.read_text()))
+            except (OSError, ValueError):
+                self.digests = {}  # a damaged cache costs a re-hash, nothing more
+
+    def sha256(self, path: Path) -> str:
+        """The digest of ``path`` (computed if the file is new or changed)."""
+        real = os.path.realpath(path)
+        stat = os.stat(real)
+        key = [stat.st_size, stat.st_mtime_ns]
+        known = self.digests.get(real)
+        if known is not None and known[:2] == key:
+            return known[2]
+        digest = _file_sha256(Path(real))
+        self.digests[real] = [*key, digest]
+        if self.path is not None:
+            self.path.write_text(json.dumps(self.digests, indent=0))
+        return digest
+
+
+def weights_hash(
+    directory: str | Path, gguf_file: str | None = None, cache: HashCache | None = None
+) -> str:
+    """SHA-256 over the names and SHA-256 digests of a model directory's weight files.
+
+    Equal hashes mean the same weights, whatever folder or step they were saved under.
+    """
+    cache = cache or HashCache()
+    h = hashlib.sha256()
+    for path in weight_files(directory, gguf_file):
+        h.update(f"{path.name}\0{cache.sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How checkpoints are loaded (``from_pretrained``'s options).
+
+    Attributes:
+        dtype: 'auto' (the checkpoint's own), or a torch dtype name.
+        device: Where the model runs ('cpu', 'cuda', 'cuda:1', …); default: CUDA if available.
+        device_map: Passed to ``from_pretrained`` ('auto': accelerate spreads a model too large
+            for one device over the GPUs and CPU); then ``device`` is not used.
+        cache_dir: The hub cache to use instead of the default one.
+        offline: Read hub checkpoints from the local cache only (``local_files_only``).
+        trust_remote_code: Let ``from_pretrained`` run a repository's own modelling code.
+    """
+
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    cache_dir: str | None = None
+    offline: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {DTYPES}.")
+
+    def hub_kwargs(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """The ``from_pretrained`` arguments that locate ``ckpt``'s files."""
+        kwargs: dict[str, Any] = {}
+        if ckpt.revision:
+            kwargs["revision"] = ckpt.revision
+        if ckpt.gguf_file:
+            kwargs["gguf_file"] = ckpt.gguf_file
+        if not ckpt.local:
+            if self.cache_dir:
+                kwargs["cache_dir"] = self.cache_dir
+            if self.offline:
+                kwargs["local_files_only"] = True
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        return kwargs
+
+
+def _dtype_keyword() -> str:
+    """``dtype`` (transformers >= 4.56) or its older name ``torch_dtype``."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def load_model(ckpt: Checkpoint, options: LoadOptions | None = None) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` on the checkpoint, placed and in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    options = options or LoadOptions()
+    kwargs = options.hub_kwargs(ckpt)
+    kwargs[_dtype_keyword()] = "auto" if options.dtype == "auto" else getattr(torch, options.dtype)
+    if options.device_map:
+        kwargs["device_map"] = options.device_map
+    model = AutoModelForCausalLM.from_pretrained(ckpt.source, **kwargs)
+    if not options.device_map:
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(name: str | Checkpoint, options: LoadOptions | None = None) -> Any:
+    """``AutoTokenizer.from_pretrained`` of a tokenizer name or path, or of a checkpoint's own.
+
+    Raises:
+        ValueError: No tokenizer could be loaded (the message says to pass ``--tokenizer``).
+    """
+    from transformers import AutoTokenizer
+
+    options = options or LoadOptions()
+    if isinstance(name, Checkpoint):
+        source, kwargs = name.source, options.hub_kwargs(name)
+    else:
+        source = name
+        kwargs = {"cache_dir": options.cache_dir} if options.cache_dir else {}
+        if options.offline:
+            kwargs["local_files_only"] = True
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"No tokenizer could be loaded from {source} ({type(error).__name__}: {error}); "
+            "name one with --tokenizer (a directory or hub id), or give a probe file with "
+            "--probe."
+        ) from error
+
+
+def hub_snapshot(ckpt: Checkpoint, options: LoadOptions | None = None) -> Path:
+    """The local hub-cache folder of a hub checkpoint already downloaded (no network)."""
+    from huggingface_hub import snapshot_download
+
+    options = options or LoadOptions()
+    return Path(
+        snapshot_download(
+            ckpt.source,
+            revision=ckpt.revision,
+            cache_dir=options.cache_dir,
+            local_files_only=True,
+        )
+    )

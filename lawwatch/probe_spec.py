@@ -1,0 +1,179 @@
+"""ProbeSpec: how to build a probe from files, as the command line describes it.
+
+One of three sources: text files (or globs of them), a ``datasets.Dataset`` saved with
+``save_to_disk``, or a file of token ids; texts are tokenized with a tokenizer (a directory or
+hub id). :meth:`ProbeSpec.build` calls :meth:`~lawwatch.probe.ProbeSet.from_texts`,
+:meth:`~lawwatch.probe.ProbeSet.from_dataset` or :meth:`~lawwatch.probe.ProbeSet.from_token_file`
+and records the spec in the probe's provenance. Each field's docstring is its ``--help``.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lawwatch.probe import ProbeSet
+
+__all__ = ["ProbeSpec", "read_texts"]
+
+TextUnit = Literal["file", "line", "paragraph"]
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Where a probe's sequences come from, and how many of which length."""
+
+    texts: tuple[str, ...] = ()
+    """Text files, or quoted globs of them ('docs/**/*.txt'); see text_unit for what makes
+    one document."""
+    text_unit: TextUnit = "file"
+    """What one document of a text file is: the whole 'file', each non-empty 'line' (a file of
+    sentences), or each 'paragraph' (blocks between blank lines)."""
+    dataset: str | None = None
+    """A datasets.Dataset saved with save_to_disk (its directory)."""
+    dataset_split: str | None = None
+    """The split to use when the saved dataset has several (a DatasetDict)."""
+    text_column: str = "text"
+    """The dataset column holding the documents."""
+    token_file: str | None = None
+    """Token ids: .npy, .safetensors, or a raw binary file (nanoGPT's val.bin, see
+    token_dtype); a 1-D stream is cut into max_length chunks."""
+    token_dtype: str | None = None
+    """Element type of a raw binary token file, e.g. uint16."""
+    tokenizer: str | None = None
+    """The tokenizer for texts: a directory or hub id (analyze: default the first
+    checkpoint's own)."""
+    max_length: int = 512
+    """Tokens per probe sequence (the paper truncates documents to 512)."""
+    num_texts: int | None = None
+    """Draw this many documents (or token chunks) at random instead of all."""
+    seed: int = 0
+    """Seed of that draw."""
+    pack: bool = False
+    """Concatenate the documents (EOS between them) and cut the stream into max_length
+    chunks, instead of truncating each document."""
+    add_special_tokens: bool = False
+    """Let the tokenizer add its BOS/EOS tokens to each document."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.texts, str | list):
+            object.__setattr__(
+                self, "texts", (self.texts,) if isinstance(self.texts, str) else tuple(self.texts)
+            )
+        given = [n for n in ("texts", "dataset", "token_file") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(
+                f"Give one probe source, not {' and '.join(given)}: texts (--texts), a saved "
+                "dataset (--dataset) or a token file (--token-file)."
+            )
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
+        if self.num_texts is not None and self.num_texts < 1:
+            raise ValueError(f"num_texts must be positive, got {self.num_texts}.")
+
+    @property
+    def source(self) -> str | None:
+        """'texts', 'dataset', 'token_file', or None when no source is given."""
+        return next((n for n in ("texts", "dataset", "token_file") if getattr(self, n)), None)
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        """Whether building needs a tokenizer (texts and datasets do)."""
+        return self.source in ("texts", "dataset")
+
+    def build(self, tokenizer: Any = None) -> ProbeSet:
+        """Build the probe.
+
+        Args:
+            tokenizer: A tokenizer object for texts, used when :attr:`tokenizer` names none.
+
+        Raises:
+            ValueError: No source, no tokenizer for texts, or what the ProbeSet constructors
+                refuse (too few texts, …).
+        """
+        if self.source is None:
+            raise ValueError(
+                "No probe source: give --texts FILE..., --dataset DIR or --token-file FILE "
+                "(or an existing probe file with --probe)."
+            )
+        if self.source == "token_file":
+            probe = ProbeSet.from_token_file(
+                self.token_file,
+                seq_len=self.max_length,
+                num_sequences=self.num_texts,
+                seed=self.seed,
+                dtype=self.token_dtype,
+            )
+        else:
+            # the texts first: a path that matches nothing fails before a tokenizer loads
+            documents = read_texts(self.texts, self.text_unit) if self.source == "texts" else None
+            if self.tokenizer is not None:
+                from lawwatch.checkpoints import load_tokenizer
+
+                tokenizer = load_tokenizer(self.tokenizer)
+            if tokenizer is None:
+                raise ValueError("Building a probe from texts needs a tokenizer: --tokenizer.")
+            common = {
+                "max_length": self.max_length,
+                "num_texts": self.num_texts,
+                "seed": self.seed,
+                "add_special_tokens": self.add_special_tokens,
+                "pack": self.pack,
+            }
+            if self.source == "texts":
+                probe = ProbeSet.from_texts(documents, tokenizer, **common)
+            else:
+                probe = ProbeSet.from_dataset(
+                    self._dataset(), tokenizer, text_column=self.text_column, **common
+                )
+        probe.meta["spec"] = {k: v for k, v in asdict(self).items() if v not in (None, ())}
+        return probe
+
+    def _dataset(self) -> Any:
+        from lawwatch.sources import _import_datasets
+
+        dataset = _import_datasets().load_from_disk(str(self.dataset))
+        if isinstance(dataset, dict):  # a DatasetDict: a dict of splits
+            if self.dataset_split is None:
+                raise ValueError(
+                    f"{self.dataset} holds the splits {sorted(dataset)}; choose one with "
+                    "--dataset-split."
+                )
+            if self.dataset_split not in dataset:
+                raise ValueError(
+                    f"{self.dataset} has no split {self.dataset_split!r}; its splits are "
+                    f"{sorted(dataset)}."
+                )
+            return dataset[self.dataset_split]
+        if self.dataset_split is not None:
+            raise ValueError(f"{self.dataset} is a single dataset; leave --dataset-split out.")
+        return dataset
+
+
+def read_texts(patterns: tuple[str, ...] | list[str], unit: TextUnit = "file") -> list[str]:
+    """The documents of text files named by paths or globs (sorted within each glob).
+
+    Raises:
+        FileNotFoundError: A path or glob that matches no file.
+    """
+    documents: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            paths = [p for p in paths if p.is_file()]
+        else:
+            paths = [Path(pattern)] if Path(pattern).is_file() else []
+        if not paths:
+            raise FileNotFoundError(f"No text file matches {pattern!r}.")
+        for path in paths:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if unit == "file":
+                documents.append(text)
+            elif unit == "line":
+                documents.extend(line for line in text.splitlines() if line.strip())
+            else:
+                blocks = text.replace("\r\n", "\n").split("\n\n")
+                documents.extend(b.strip() for b in blocks if b.strip())
+    return documents

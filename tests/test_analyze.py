@@ -1,0 +1,410 @@
+"""`lawwatch analyze`: checkpoint sweeps with the live monitor's numbers and files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lawwatch import MeasureConfig, ProbeSet, cli, measure
+from lawwatch.analyze import analyze
+from lawwatch.checkpoints import (
+    Checkpoint,
+    HashCache,
+    find_checkpoints,
+    step_from_name,
+    weights_hash,
+)
+from lawwatch.corpus import pydoc_topics
+from lawwatch.history import History
+from lawwatch.integrations.hf import LawWatchCallback
+from tests.conftest import RECORD_KEYS, char_tokenizer, ragged_probe, tiny_gpt2
+from tests.test_hf import make_trainer
+from tests.wandb_offline import history_rows, inspect_run, lawwatch_steps
+
+IDENTITY = {"checkpoint", "probe", "config", "weights"}
+
+
+def save_model(model, directory: Path, step: int | None = None) -> Path:
+    """A model directory; with ``step``, a trainer_state.json saying it."""
+    model.save_pretrained(directory)
+    if step is not None:
+        (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return directory
+
+
+def by_step(records):
+    return {r["step"]: r for r in records}
+
+
+# -- the same numbers as live -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sweep_of_a_trainer_output_dir_gives_the_live_numbers(tmp_path):
+    probe = ragged_probe()
+    out = tmp_path / "out"
+    callback = LawWatchCallback(probe, every=2)  # snapshots at every save (steps 2, 4, 6)
+    make_trainer(out, [callback], max_steps=6, save_steps=2).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    live = by_step(History.read(out / "lawwatch").records)
+    probe_file = probe.save(tmp_path / "probe.safetensors")
+
+    sweep = tmp_path / "sweep"
+    argv = ["analyze", str(out), "--probe", str(probe_file), "--out", str(sweep)]
+    assert cli.main([*argv, "--no-progress", "--no-report"]) == 0
+    records = History.read(sweep).records
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for record in records:
+        assert set(record) >= RECORD_KEYS | IDENTITY
+        reference = live[record["step"]]
+        assert np.abs(np.subtract(record["pr"], reference["pr"])).max() <= 1e-9
+        for key in ("rho", "pearson_r", "slope", "intercept"):
+            assert record[key] == pytest.approx(reference[key], abs=1e-9)
+        assert record["n_tokens"] == reference["n_tokens"] == probe.num_examples()
+        assert record["checkpoint"] == str((out / f"checkpoint-{record['step']}").resolve())
+        assert record["probe"] == probe.content_hash()
+        assert record["config"] == MeasureConfig().to_dict()
+    assert len({r["weights"] for r in records}) == 3  # three different states of training
+    matrix = load_file(sweep / "pr.safetensors")
+    assert matrix["steps"].tolist() == [2, 4, 6]
+    assert torch.equal(matrix["pr"], torch.tensor([r["pr"] for r in records], dtype=torch.float64))
+    assert ProbeSet.load(sweep / "probe.safetensors").content_hash() == probe.content_hash()
+
+    # a real process, into a fresh directory, with the report: the same numbers again
+    fresh = tmp_path / "fresh"
+    done = subprocess.run(
+        [sys.executable, "-m", "lawwatch.cli", *argv[:-1], str(fresh)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 measured" in done.stdout and (fresh / "report.html").is_file()
+    again = History.read(fresh).records
+    for a, b in zip(again, records, strict=True):
+        assert a["step"] == b["step"] and a["weights"] == b["weights"]
+        assert np.abs(np.subtract(a["pr"], b["pr"])).max() <= 1e-12
+
+    # run again over the first directory: nothing is measured twice
+    before = (sweep / "history.jsonl").read_text()
+    assert cli.main([*argv, "--no-progress", "--no-report"]) == 0
+    assert (sweep / "history.jsonl").read_text() == before
+
+
+# -- resumable and cheap ------------------------------------------------------------------------
+
+
+def test_identical_weights_are_copied_and_late_checkpoints_inserted_in_order(tmp_path, capsys):
+    probe = ragged_probe()
+    first, second = tiny_gpt2(0), tiny_gpt2(1)
+    a = save_model(first, tmp_path / "a" / "checkpoint-0")
+    same = save_model(first, tmp_path / "b" / "checkpoint-20")
+    other = save_model(second, tmp_path / "c" / "model", step=10)
+    out = tmp_path / "sweep"
+
+    result = analyze(find_checkpoints([str(same), str(a)]), probe, out)
+    assert (result.measured, result.copied) == ([0], [20])
+    records = History.read(out).records
+    assert records[1]["pr"] == records[0]["pr"]
+    assert records[1]["duplicate_of"] == str(a.resolve())
+    assert records[1]["weights"] == records[0]["weights"]
+
+    # a checkpoint between the recorded steps: the files are rewritten in step order
+    result = analyze(find_checkpoints([str(other), str(a), str(same)]), probe, out)
+    assert (result.measured, result.skipped) == ([10], [0, 20])
+    records = History.read(out).records
+    assert [r["step"] for r in records] == [0, 10, 20]
+    assert load_file(out / "pr.safetensors")["steps"].tolist() == [0, 10, 20]
+    expected = {0: measure(first, probe).pr, 10: measure(second, probe).pr}
+    for step, pr in expected.items():
+        assert torch.allclose(
+            torch.tensor(by_step(records)[step]["pr"], dtype=torch.float64), pr, rtol=0, atol=1e-12
+        )
+
+    # the weights are hashed once: the digests are remembered by size and modification time
+    digests = json.loads((out / "weights-sha256.json").read_text())
+    assert len(digests) == 3  # one digest per file, each computed once
+    assert all(len(v) == 3 and len(v[2]) == 64 for v in digests.values())
+
+
+def test_weights_hash_is_the_content_of_the_weight_files(tmp_path):
+    model = tiny_gpt2(0)
+    one = save_model(model, tmp_path / "one")
+    two = save_model(model, tmp_path / "two", step=3)
+    (two / "optimizer.pt").write_bytes(b"not weights")  # a Trainer checkpoint's other files
+    assert weights_hash(one) == weights_hash(two)
+    model.transformer.h[0].ln_1.weight.data[0] += 1e-6
+    save_model(model, two)
+    assert weights_hash(one) != weights_hash(two)
+    cache = HashCache(tmp_path / "digests.json")
+    assert weights_hash(one, cache=cache) == weights_hash(one)
+    assert weights_hash(one, cache=HashCache(tmp_path / "digests.json")) == weights_hash(one)
+    with pytest.raises(FileNotFoundError, match="No weights"):
+        weights_hash(tmp_path)
+
+
+def test_steps_come_from_the_checkpoint_or_are_given(tmp_path):
+    assert [step_from_name(n) for n in ("checkpoint-1000", "step1000", "global_step7")] == [
+        1000,
+        1000,
+        7,
+    ]
+    assert step_from_name("stage1-step1000-tokens4B") == 1000
+    assert step_from_name("main") is None and step_from_name("steps") is None
+    model = tiny_gpt2(0)
+    save_model(model, tmp_path / "run" / "checkpoint-30")
+    save_model(model, tmp_path / "run" / "checkpoint-4", step=5)  # trainer_state wins
+    plain = save_model(model, tmp_path / "final")
+    found = find_checkpoints([str(tmp_path / "run")])
+    assert [(Path(c.source).name, c.step) for c in found] == [
+        ("checkpoint-4", 5),
+        ("checkpoint-30", 30),
+    ]
+    with pytest.raises(ValueError, match=r"step of .*final is unknown.*--step"):
+        find_checkpoints([str(plain)])
+    assert find_checkpoints([str(plain)], steps=[7])[0].step == 7
+    with pytest.raises(ValueError, match="--step names one step"):
+        find_checkpoints([str(tmp_path / "run")], steps=[1])
+    with pytest.raises(ValueError, match="one step per checkpoint"):
+        find_checkpoints([str(plain), str(plain)], steps=[1])
+    hub = find_checkpoints(["EleutherAI/pythia-70m@step1000", "org/model"], steps=[None, 5])
+    assert [(c.source, c.revision, c.step, c.local) for c in hub] == [
+        ("org/model", None, 5, False),
+        ("EleutherAI/pythia-70m", "step1000", 1000, False),
+    ]
+    with pytest.raises(ValueError, match="neither a model directory"):
+        find_checkpoints([str(tmp_path)])
+
+
+def test_refusals_and_failures(tmp_path, capsys):
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    good = save_model(tiny_gpt2(0), tmp_path / "good", step=0)
+    also = save_model(tiny_gpt2(1), tmp_path / "also", step=0)
+    out = tmp_path / "sweep"
+    base = ["analyze", "--probe", str(probe_file), "--out", str(out), "--no-report"]
+
+    assert cli.main([*base, str(good), str(also)]) == 2
+    assert "Two checkpoints at step 0" in capsys.readouterr().err
+
+    # a checkpoint that cannot be loaded is reported, and the others are measured
+    broken = save_model(tiny_gpt2(2), tmp_path / "broken", step=5)
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    late = save_model(tiny_gpt2(3), tmp_path / "late", step=9)
+    assert cli.main([*base, str(good), str(broken), str(late)]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and "broken" in captured.err and "(step 5)" in captured.err
+    assert "2 measured" in captured.out
+    assert [r["step"] for r in History.read(out).records] == [0, 9]
+
+    # one directory holds one probe and one set of options
+    assert cli.main([*base, "--target", "onehot", str(good)]) == 2
+    assert "other options (they differ in ['target'])" in capsys.readouterr().err
+    other_probe = ragged_probe(seed=1).save(tmp_path / "other.safetensors")
+    assert cli.main(["analyze", str(good), "--probe", str(other_probe), "--out", str(out)]) == 2
+    assert "another probe" in capsys.readouterr().err
+    # other weights at a recorded step
+    assert cli.main([*base, str(also)]) == 1
+    assert "already in" in capsys.readouterr().err
+
+
+# -- sources: hub revisions, GGUF, probes built on the spot -------------------------------------
+
+
+def fake_hub_cache(cache: Path, repo: str, revision: str, files: Path) -> None:
+    """The layout huggingface_hub's cache gives a downloaded revision (no network)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(files, folder / "snapshots" / commit)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / revision).write_text(commit)
+
+
+def test_hub_revision_is_loaded_with_from_pretrained(tmp_path, capsys):
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    model = tiny_gpt2(4)
+    files = save_model(model, tmp_path / "files")
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "org/tiny", "step40", files)
+    out = tmp_path / "sweep"
+    argv = ["analyze", "org/tiny@step40", "--probe", str(probe_file), "--out", str(out)]
+    argv += ["--cache-dir", str(cache), "--offline", "--no-report"]
+    assert cli.main(argv) == 0
+    (record,) = History.read(out).records
+    assert (record["step"], record["checkpoint"]) == (40, "org/tiny@step40")
+    assert record["weights"] == weights_hash(files)  # the same content, wherever it lies
+    expected = measure(model, ProbeSet.load(probe_file)).pr
+    assert torch.allclose(
+        torch.tensor(record["pr"], dtype=torch.float64), expected, rtol=0, atol=1e-12
+    )
+    assert cli.main(argv) == 0
+    assert "1 already measured" in capsys.readouterr().out
+    # a revision the cache does not hold fails to load, and says so
+    assert cli.main([*argv[:1], "org/tiny@step50", *argv[2:]]) == 1
+    assert "org/tiny@step50" in capsys.readouterr().err
+
+
+def write_gguf(model: GPT2LMHeadModel, path: Path) -> Path:
+    """A float32 GGUF of a GPT-2, with the tensor names and layout llama.cpp's converter uses."""
+    gguf = pytest.importorskip("gguf")
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_name("tiny-gpt2")
+    writer.add_block_count(config.n_layer)
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, config.n_layer)
+    conv1d = (
+        ".attn.c_attn.weight",
+        ".attn.c_proj.weight",
+        ".mlp.c_fc.weight",
+        ".mlp.c_proj.weight",
+    )
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied to the embedding
+            continue
+        array = tensor.detach().float().numpy()
+        if name.endswith(conv1d):  # GPT-2's Conv1D stores (in, out); GGUF holds (out, in)
+            array = array.T
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    # transformers' GGUF loader reads GPT-2's context length into a field GPT2Config ignores:
+    # only the default 1024 positions load
+    # GGUF stores the norm's epsilon as a float32: give the model one a float32 holds exactly
+    eps = float(np.float32(1e-5))
+    config = GPT2Config(
+        vocab_size=97, n_positions=1024, n_embd=16, n_layer=4, n_head=2, layer_norm_epsilon=eps
+    )
+    model = GPT2LMHeadModel(config)
+    assert sum(p.numel() for p in model.parameters()) < 50_000
+    folder = tmp_path / "step12"
+    folder.mkdir()
+    path = write_gguf(model, folder / "tiny-f32.gguf")
+    probe = ragged_probe()
+    probe_file = probe.save(tmp_path / "probe.safetensors")
+    base = ["--probe", str(probe_file), "--no-report"]
+    assert cli.main(["analyze", str(path), "--out", str(tmp_path / "a"), *base]) == 0
+    assert (
+        cli.main(
+            ["analyze", str(folder), "--gguf-file", path.name, "--out", str(tmp_path / "b"), *base]
+        )
+        == 0
+    )
+    expected = measure(model, probe).pr
+    for sweep in ("a", "b"):
+        (record,) = History.read(tmp_path / sweep).records
+        assert record["step"] == 12 and record["checkpoint"].endswith("step12/tiny-f32.gguf")
+        assert torch.allclose(
+            torch.tensor(record["pr"], dtype=torch.float64), expected, rtol=0, atol=1e-12
+        )
+
+
+def test_probe_built_with_the_checkpoints_own_tokenizer(tmp_path):
+    tokenizer = char_tokenizer()
+    torch.manual_seed(6)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=4, n_head=2)
+    model = GPT2LMHeadModel(config)
+    assert sum(p.numel() for p in model.parameters()) < 50_000
+    ckpt = save_model(model, tmp_path / "checkpoint-8")
+    tokenizer.save_pretrained(ckpt)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    topics = pydoc_topics()  # real English text every CPython ships
+    (docs / "a.txt").write_text("\n".join(topics[:10]))
+    (docs / "b.txt").write_text("\n".join(topics[10:20]))
+    lines = [line for text in topics[:20] for line in text.splitlines() if line.strip()]
+    out = tmp_path / "sweep"
+    argv = ["analyze", str(ckpt), "--out", str(out), "--no-report", "--texts", str(docs / "*.txt")]
+    argv += ["--text-unit", "line", "--max-length", "24", "--num-texts", "60", "--probe-seed", "3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few examples per dimension: PR is noisy, not wrong
+        assert cli.main(argv) == 0
+    expected_probe = ProbeSet.from_texts(lines, tokenizer, max_length=24, num_texts=60, seed=3)
+    saved = ProbeSet.load(out / "probe.safetensors")
+    assert saved.content_hash() == expected_probe.content_hash()
+    assert saved.meta["spec"]["text_unit"] == "line"
+    (record,) = History.read(out).records
+    assert record["probe"] == expected_probe.content_hash()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = measure(model, expected_probe).pr
+    assert torch.allclose(
+        torch.tensor(record["pr"], dtype=torch.float64), expected, rtol=0, atol=1e-12
+    )
+    # run again without probe options: the sweep's own probe file is used
+    assert cli.main(argv[:5]) == 0
+
+
+def test_device_map_and_dtype(tmp_path):
+    pytest.importorskip("accelerate")
+    probe = ragged_probe()
+    model = tiny_gpt2(7)
+    ckpt = save_model(model, tmp_path / "m", step=1)
+    probe_file = probe.save(tmp_path / "probe.safetensors")
+    base = ["analyze", str(ckpt), "--probe", str(probe_file), "--no-report"]
+    assert cli.main([*base, "--out", str(tmp_path / "a"), "--device-map", "auto"]) == 0
+    (record,) = History.read(tmp_path / "a").records
+    expected = measure(model, probe).pr
+    assert torch.allclose(
+        torch.tensor(record["pr"], dtype=torch.float64), expected, rtol=0, atol=1e-12
+    )
+    assert cli.main([*base, "--out", str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
+    (low,) = History.read(tmp_path / "b").records
+    assert low["pr"] != record["pr"]  # bf16 weights are other weights
+    assert torch.allclose(torch.tensor(low["pr"], dtype=torch.float64), expected, rtol=0.05)
+
+
+@pytest.mark.slow
+def test_wandb_run_of_the_sweep(tmp_path, offline_wandb):
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    for step, seed in ((0, 0), (3, 1), (9, 2)):
+        save_model(tiny_gpt2(seed), tmp_path / "run" / f"checkpoint-{step}")
+    out = tmp_path / "sweep"
+    argv = ["analyze", str(tmp_path / "run"), "--probe", str(probe_file), "--out", str(out)]
+    argv += ["--wandb-project", "sweeps", "--wandb-mode", "offline"]
+    assert cli.main(argv) == 0
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    records = History.read(out).records
+    rows = history_rows(inspect_run(run_dir))
+    assert lawwatch_steps(rows) == [r["step"] for r in records] == [0, 3, 9]
+    law_rows = [row for row in rows if "lawwatch/rho" in row]
+    for row, record in zip(law_rows, records, strict=True):
+        assert row["lawwatch/rho"] == pytest.approx(record["rho"], rel=1e-12)
+        assert [row[f"lawwatch/pr/layer_{i:02d}"] for i in range(5)] == pytest.approx(
+            record["pr"], rel=1e-12
+        )
+    assert any(row.get("lawwatch/report._type") == "image-file" for row in rows)
+    assert os.path.isfile(out / "report.html")
+
+
+def test_checkpoint_names():
+    assert Checkpoint("/a/b", 3).name == "/a/b"
+    assert Checkpoint("org/m", 3, revision="step3", local=False).name == "org/m@step3"
+    assert Checkpoint("/a", 3, gguf_file="m.gguf").name == "/a/m.gguf"

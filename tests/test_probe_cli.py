@@ -1,0 +1,126 @@
+"""`lawwatch probe build` and `lawwatch probe show`, and the ProbeSpec behind them."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from lawwatch import ProbeSet, cli
+from lawwatch.corpus import pydoc_topics
+from lawwatch.probe_spec import ProbeSpec, read_texts
+from tests.conftest import char_tokenizer
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    path = tmp_path / "tokenizer"
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def docs(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    topics = pydoc_topics()
+    (folder / "a.txt").write_text(topics[0])
+    (folder / "sub" / "b.txt").write_text(topics[1] + "\n\n" + topics[2])
+    return folder, topics
+
+
+def test_build_from_texts_and_show(tmp_path, tokenizer_dir, docs, capsys):
+    folder, topics = docs
+    out = tmp_path / "probe.safetensors"
+    argv = ["probe", "build", "--texts", str(folder / "**" / "*.txt"), "--out", str(out)]
+    argv += ["--tokenizer", str(tokenizer_dir), "--max-length", "32", "--text-unit", "paragraph"]
+    argv += ["--num-texts", "20", "--seed", "4"]
+    assert cli.main(argv) == 0
+    built = capsys.readouterr().out
+    probe = ProbeSet.load(out)
+    assert probe.content_hash() in built and "20 sequences" in built
+    # the same probe, built by hand: glob order sorted, paragraphs split at blank lines
+    paragraphs = [
+        p.strip()
+        for text in (topics[0], topics[1] + "\n\n" + topics[2])
+        for p in text.split("\n\n")
+        if p.strip()
+    ]
+    expected = ProbeSet.from_texts(
+        paragraphs, char_tokenizer(), max_length=32, num_texts=20, seed=4
+    )
+    assert probe.content_hash() == expected.content_hash()
+    assert probe.meta["spec"]["text_unit"] == "paragraph" and probe.meta["source"] == "texts"
+
+    assert cli.main(["probe", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert probe.content_hash() in shown and "lawwatch.probe/2" in shown
+    assert f"sequences                   {len(probe)}" in shown
+    assert cli.main(["probe", "show", str(out), "--json", "--offset", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["content_hash"] == probe.content_hash()
+    assert data["summary"] == probe.summary(2) and data["meta"] == probe.meta
+
+
+def test_build_from_a_saved_dataset(tmp_path, tokenizer_dir):
+    datasets = pytest.importorskip("datasets")
+    texts = pydoc_topics()[:30]
+    data = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"body": texts[:10]}),
+            "validation": datasets.Dataset.from_dict({"body": texts[10:]}),
+        }
+    )
+    data.save_to_disk(tmp_path / "ds")
+    out = tmp_path / "probe.safetensors"
+    argv = ["probe", "build", "--dataset", str(tmp_path / "ds"), "--text-column", "body"]
+    argv += ["--tokenizer", str(tokenizer_dir), "--max-length", "16", "--out", str(out)]
+    assert cli.main([*argv, "--dataset-split", "validation", "--num-texts", "8"]) == 0
+    expected = ProbeSet.from_texts(texts[10:], char_tokenizer(), max_length=16, num_texts=8)
+    probe = ProbeSet.load(out)
+    assert probe.content_hash() == expected.content_hash()
+    assert probe.meta["source"] == "dataset" and probe.meta["dataset_rows"] == 20
+    assert cli.main(argv) == 2  # a DatasetDict needs a split, and the message lists them
+
+
+def test_build_from_a_token_file(tmp_path, capsys):
+    stream = np.arange(1000, dtype=np.uint16) % 97
+    stream.tofile(tmp_path / "val.bin")
+    out = tmp_path / "probe.safetensors"
+    argv = ["probe", "build", "--token-file", str(tmp_path / "val.bin"), "--out", str(out)]
+    assert cli.main([*argv, "--max-length", "64", "--num-texts", "5", "--seed", "1"]) == 2
+    assert "raw binary file" in capsys.readouterr().err  # the dtype is needed
+    argv += ["--token-dtype", "uint16", "--max-length", "64", "--num-texts", "5", "--seed", "1"]
+    assert cli.main(argv) == 0
+    expected = ProbeSet.from_token_file(
+        tmp_path / "val.bin", seq_len=64, num_sequences=5, seed=1, dtype="uint16"
+    )
+    assert ProbeSet.load(out).content_hash() == expected.content_hash()
+
+
+def test_bad_input_says_what_to_do(tmp_path, tokenizer_dir, capsys):
+    out = ["--out", str(tmp_path / "p.safetensors")]
+    assert cli.main(["probe", "build", *out]) == 2
+    assert "No probe source" in capsys.readouterr().err
+    assert cli.main(["probe", "build", "--texts", "a.txt", "--dataset", "d", *out]) == 2
+    assert "one probe source, not texts and dataset" in capsys.readouterr().err
+    assert cli.main(["probe", "build", "--texts", str(tmp_path / "*.none"), *out]) == 2
+    assert "No text file matches" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("some text here")
+    assert cli.main(["probe", "build", "--texts", str(tmp_path / "a.txt"), *out]) == 2
+    assert "needs a tokenizer" in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    assert cli.main(["probe", "show", str(tmp_path / "bad.safetensors")]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_length"):
+        ProbeSpec(texts=("a",), max_length=1)
+
+
+def test_read_texts_units(tmp_path):
+    (tmp_path / "x.txt").write_text("one\n\ntwo\nthree\n")
+    assert read_texts([str(tmp_path / "x.txt")]) == ["one\n\ntwo\nthree\n"]
+    assert read_texts([str(tmp_path / "x.txt")], "line") == ["one", "two", "three"]
+    assert read_texts([str(tmp_path / "x.txt")], "paragraph") == ["one", "two\nthree"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ProbeSpec(texts=str(tmp_path / "x.txt")).texts == (str(tmp_path / "x.txt"),)
