@@ -2,14 +2,14 @@
 
 The residual stream of a model with ``L`` blocks has ``L + 1`` *entries*: entry 0 is the input
 of the first block (the embeddings), entry ``l`` the output of block ``l``, and entry ``L`` the
-model's final norm applied to its input (He & Su's last hidden state, DESIGN.md §1). Hooks on
+model's final norm applied to its input (He & Su's last hidden state, docs/protocol.md). Hooks on
 the blocks and the final norm (located by :mod:`lawwatch.structure`) capture them during one
 forward pass, so any ``torch.nn.Module`` works and no ``output_hidden_states`` is needed; only
 the example positions of the entries being measured are kept, for one batch. Hooks rather than
 ``output_hidden_states`` also because the latter is not the same sequence for every family:
 Mamba's and RWKV's hold the block outputs and the final norm's output, without the embeddings.
 
-Features are float64 (DESIGN.md §2): entries ``0 … L-1`` go through ``normalize`` (the paper's
+Features are float64: entries ``0 … L-1`` go through ``normalize`` (the paper's
 fresh final norm by default, see :mod:`lawwatch.norms`), entry ``L`` is the final norm
 re-applied in float64 to its captured input, with its weight and bias captured during the same
 forward (under FSDP and ZeRO-3 the parameters are only whole inside it).

@@ -1,6 +1,6 @@
 """Where a snapshot runs: the process layout, the module the probe goes through, one vote.
 
-Three facts of multi-process training shape a snapshot (DESIGN.md §3, the distributed rule):
+Three facts of multi-process training shape a snapshot (docs/protocol.md §3):
 
 * **Which module runs the probe.** A DDP (or DataParallel) wrapper is stripped: its forward
   would broadcast buffers, and the replicas hold the full weights anyway. Under FSDP (1 and 2)

@@ -1,7 +1,7 @@
 """Norms in float64: the fresh norm of He & Su's protocol and the model's own final norm.
 
 A norm computed in float32 or bf16 leaves a mean direction that holds only rounding noise,
-which least squares then fits (DESIGN.md §2), so every norm lawwatch applies runs in float64 on
+which least squares then fits (docs/protocol.md), so every norm lawwatch applies runs in float64 on
 the residual stream. The model's final norm is *re-applied*: its kind, epsilon and weight
 convention are read off the module, and every batch checks the float64 re-application against
 the module's own output, so a norm that lawwatch misreads is an error, never a silent change.

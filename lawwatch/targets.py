@@ -1,8 +1,8 @@
 """What each example is regressed on: the target option resolved once against the probe.
 
 The paper's target is the next token's id as a number; its control permutes the distinct ids
-at random first; the one-hot target regresses the indicator of the id (multi-output PR,
-DESIGN.md §1). The permutation and the one-hot classes are built from the *whole* probe, never
+at random first; the one-hot target regresses the indicator of the id (multi-output PR).
+The permutation and the one-hot classes are built from the *whole* probe, never
 a shard of it, so every process of a distributed run regresses the same targets and its
 statistics can be summed.
 """

@@ -234,7 +234,7 @@ def test_blocks_and_final_norm_are_detected(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_entries_match_the_models_own_hidden_states(family):
-    """DESIGN §1.2 per family: the last HF hidden state is the final norm's output; the hooked
+    """Per family: the last HF hidden state is the final norm's output; the hooked
     entries are the model's residual stream (Mamba and RWKV: HF's tuple lacks the embeddings)."""
     model = build(family)
     norm_name, shifted = FAMILIES[family][3], FAMILIES[family][5]
