@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_overhead.py [--steps 300] [--every 100] [--repeat 2] [--quick]
 
+(``--tiny``: a 3-block, 32-wide model for 10 steps, seconds; it checks that the script runs.)
 The demo's run (``lawwatch.demo``: GPT-2 of 6 blocks x 128 dims, byte-level BPE of 1024 tokens,
 sequences of 128, batch 16, trained by the Hugging Face ``Trainer`` on CPU) and the demo's probe
 (128 held-out documents x up to 128 tokens). Each run is a fresh child process, so its peak
@@ -30,7 +31,28 @@ from pathlib import Path
 
 import torch
 
+from lawwatch.demo import DemoConfig
+
 BENCH = Path(__file__).resolve()
+# --tiny: the demo shrunk to a smoke run (the numbers mean nothing)
+TINY = {
+    "source": "topics",
+    "vocab_size": 300,
+    "n_layer": 3,
+    "n_embd": 32,
+    "n_head": 2,
+    "n_positions": 64,
+    "seq_len": 64,
+    "batch_size": 4,
+    "warmup_steps": 1,
+    "probe_texts": 8,
+    "probe_length": 64,
+}
+
+
+def demo_config(args: argparse.Namespace) -> DemoConfig:
+    """The demo's config (the same data, model and training settings) with this run's steps."""
+    return DemoConfig(steps=args.steps, every=args.every, seed=0, **(TINY if args.tiny else {}))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -41,7 +63,8 @@ def child(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     from lawwatch import History, ProbeSet
-    from lawwatch.demo import Blocks, DemoConfig, build_model, training_arguments
+    from lawwatch.corpus import Blocks
+    from lawwatch.demo.training import build_model, training_arguments
     from lawwatch.integrations.hf import LawWatchCallback
 
     hf_logging.set_verbosity_error()
@@ -49,7 +72,7 @@ def child(args: argparse.Namespace) -> None:
     meta = json.loads((data / "meta.json").read_text())
     blocks = Blocks(load_file(data / "blocks.safetensors")["ids"])
     probe = ProbeSet.load(data / "probe.safetensors")
-    config = DemoConfig(steps=args.steps, every=args.every, seed=0)
+    config = demo_config(args)
     model = build_model(config, meta["vocab_size"], meta["eos_id"])
 
     class StepClock(TrainerCallback):
@@ -128,13 +151,13 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def make_data(directory: Path) -> dict:
+def make_data(directory: Path, config: DemoConfig) -> dict:
     """The demo's tokenizer, training blocks and probe, made once for every child."""
     from safetensors.torch import save_file
 
-    from lawwatch.demo import DemoConfig, prepare
+    from lawwatch.demo.training import prepare
 
-    tokenizer, blocks, probe = prepare(DemoConfig())
+    tokenizer, blocks, probe = prepare(config)
     save_file({"ids": blocks.ids.contiguous()}, directory / "blocks.safetensors")
     probe.save(directory / "probe.safetensors")
     meta = {"vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id}
@@ -145,6 +168,7 @@ def make_data(directory: Path) -> dict:
 def launch(variant: str, data: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(BENCH), "--child", variant, "--data", str(data)]
     cmd += ["--steps", str(args.steps), "--every", str(args.every), "--threads", str(args.threads)]
+    cmd += ["--tiny"] if args.tiny else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -209,6 +233,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="pairs of runs (A B, then B A, …)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="40 steps, every=20, one pair")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model, 10 steps (tests)")
     parser.add_argument("--child", choices=["plain", "lawwatch"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,10 +242,12 @@ def main() -> None:
         return
     if args.quick:
         args.steps, args.every, args.repeat = 40, 20, 1
+    if args.tiny:
+        args.steps, args.every, args.repeat = 10, 5, 1  # one loss logged (logging_steps=10)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
-        data = make_data(data_dir)
+        data = make_data(data_dir, demo_config(args))
         pairs = []
         for i in range(args.repeat):
             order = ["plain", "lawwatch"] if i % 2 == 0 else ["lawwatch", "plain"]

@@ -63,6 +63,7 @@ def run(layers: int, n: int, d: int, batch: int, seed: int = 0) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="one tiny size, seconds (tests)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sizes = (
@@ -74,6 +75,8 @@ def main() -> None:
             (13, 16384, 768),
         ]
     )
+    if args.tiny:
+        sizes = [(4, 512, 16)]
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}"

@@ -6,7 +6,7 @@ or DeepSpeed bf16 the forward is the training one, in bf16. Features are upcast 
 either case, but rounding already in the residual stream stays. This script trains the smoke
 config's model shape for a few hundred steps, then measures the same probe four ways.
 
-    python bench/mixed_precision.py [--steps 300]
+    python bench/mixed_precision.py [--steps 300] [--tiny]
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lawwatch
 from lawwatch import corpus
-from lawwatch.distributed import ThroughRoot
-from lawwatch.measure import accumulate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--tiny", action="store_true", help="3 steps: a smoke run (seconds)")
     args = parser.parse_args()
+    if args.tiny:
+        args.steps = 3
     torch.manual_seed(0)
     train, heldout = corpus.split_texts(corpus.python_texts("topics"), 0.1)
     tok = corpus.train_tokenizer(train, 512)
-    ids = [i for row in tok(train)["input_ids"] for i in [*row, 0]]
-    blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
+    blocks = corpus.pack_texts(train, tok, 128)  # (blocks, 128): documents joined by EOS
     config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=4, n_head=4, n_positions=128)
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
@@ -46,13 +46,12 @@ def main() -> None:
     probe = lawwatch.ProbeSet.from_texts(heldout, tok, max_length=128)
     print(probe)
 
-    def through_root(m: torch.nn.Module) -> torch.Tensor:  # the sharded path: the whole model
-        return accumulate(ThroughRoot(m), probe).compute().cpu()
-
+    # measure runs a Hugging Face model whole, from its root (as under FSDP2 and ZeRO-3), so an
+    # autocast region around it or bf16 weights reach the forward as they do there
     reference = lawwatch.measure(model, probe)  # float32 forward: the DDP path
     with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerate's autocast, FSDP2 path
-        autocast_pr = through_root(model)
-    bf16_pr = through_root(copy.deepcopy(model).to(torch.bfloat16))  # bf16 weights (ZeRO-3)
+        autocast_pr = lawwatch.measure(model, probe).pr
+    bf16_pr = lawwatch.measure(copy.deepcopy(model).to(torch.bfloat16), probe).pr  # ZeRO-3
     f64_pr = lawwatch.measure(copy.deepcopy(model).double(), probe).pr
     print(f"float32 forward: r={reference.fit.pearson_r:+.4f} rho={reference.fit.rho:.5f}")
     variants = {"float64": f64_pr, "bf16 autocast": autocast_pr, "bf16 weights": bf16_pr}

@@ -1,8 +1,10 @@
-"""Real English text that every CPython ships, and a tokenizer trained on it.
+"""Training text without a hub: what every CPython ships, a tokenizer, packed blocks.
 
 No model or dataset hub is needed: the demo, the recipes and the tests train on the
 documentation topics in ``pydoc_data.topics`` (~0.47 MB) and the docstrings of the standard
-library's modules (~3 MB, read with ``ast`` — nothing is imported or executed).
+library's modules (~3 MB, read with ``ast`` — nothing is imported or executed). This module
+is the one place that turns documents into training data for all of them: split them, train a
+byte-level BPE on them, and pack the tokenized documents into fixed-length causal-LM blocks.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import random
 import sysconfig
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
 
 Source = Literal["topics", "docstrings", "all"]
 
@@ -102,3 +106,59 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
+
+
+def pack(docs: list[list[int]], eos_id: int, seq_len: int) -> torch.Tensor:
+    """Concatenate documents, each followed by ``eos_id``, and cut into ``seq_len`` blocks.
+
+    Args:
+        docs: Token ids, one list per document.
+        eos_id: The end-of-text id written after every document.
+        seq_len: Tokens per block.
+
+    Returns:
+        ``(blocks, seq_len)`` int64; the tail shorter than a block is dropped.
+
+    Raises:
+        ValueError: The documents give fewer tokens than one block.
+    """
+    stream = torch.tensor([t for doc in docs for t in [*doc, eos_id]], dtype=torch.long)
+    blocks = stream.numel() // seq_len
+    if blocks == 0:
+        raise ValueError(
+            f"The training text gives {stream.numel()} tokens, fewer than one block of "
+            f"seq_len={seq_len}; use more text (source='all') or a shorter seq_len."
+        )
+    return stream[: blocks * seq_len].view(blocks, seq_len)
+
+
+def pack_texts(texts: list[str], tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """Tokenize ``texts`` (no special tokens added) and :func:`pack` them, separated by EOS.
+
+    Args:
+        texts: The training documents.
+        tokenizer: A Hugging Face tokenizer with an ``eos_token_id``.
+        seq_len: Tokens per block.
+
+    Returns:
+        ``(blocks, seq_len)`` int64 token ids.
+    """
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return pack(ids, tokenizer.eos_token_id, seq_len)
+
+
+class Blocks(torch.utils.data.Dataset):
+    """Causal-LM training examples for the ``Trainer``: one packed block each, labels = inputs.
+
+    Args:
+        ids: ``(blocks, seq_len)`` token ids, as :func:`pack` returns them.
+    """
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

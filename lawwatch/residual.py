@@ -6,7 +6,7 @@ OLS needs is a handful of sums over examples, so a probe set of any size streams
 batches with memory independent of its length, statistics from several processes merge with
 one all-reduce, and one batched eigendecomposition solves every layer at once.
 
-Numerics (see DESIGN.md §2):
+Numerics (see docs/protocol.md §2):
 
 * **Shifted accumulation.** Sums are taken about a per-layer shift (the mean of the first batch),
   not about zero, so a feature whose mean dwarfs its spread (a massive-activation dimension)

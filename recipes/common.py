@@ -22,7 +22,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 import lawwatch
 from lawwatch import corpus
-from lawwatch.demo import pack
 
 
 def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
@@ -125,9 +124,8 @@ def prepare_data(
         if is_local_main:
             corpus.train_tokenizer(train_texts, data["vocab_size"]).save_pretrained(where)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(where)
-    ids = tokenizer(train_texts, add_special_tokens=False)["input_ids"]
     try:
-        blocks = pack(ids, tokenizer.eos_token_id, data["seq_len"])
+        blocks = corpus.pack_texts(train_texts, tokenizer, data["seq_len"])
     except ValueError as error:
         raise SystemExit(str(error)) from None
     probe = lawwatch.ProbeSet.from_texts(

@@ -1,6 +1,10 @@
 import pytest
+import torch
 
 from lawwatch.corpus import (
+    Blocks,
+    pack,
+    pack_texts,
     pydoc_topics,
     python_texts,
     split_texts,
@@ -33,3 +37,25 @@ def test_tokenizer_round_trips():
     assert len(tok) == 600 and tok.pad_token_id == tok.eos_token_id == 0
     text = "The law of equi-learning holds in every layer."
     assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_pack_concatenates_documents_with_eos_and_cuts_blocks():
+    blocks = pack([[5, 6], [7, 8, 9], [4]], eos_id=0, seq_len=4)
+    # stream 5 6 0 7 8 9 0 4 0: two blocks, the tail [0] dropped
+    assert blocks.tolist() == [[5, 6, 0, 7], [8, 9, 0, 4]]
+    assert blocks.dtype == torch.long
+    with pytest.raises(ValueError, match="fewer than one block"):
+        pack([[1, 2]], eos_id=0, seq_len=8)
+
+
+def test_pack_texts_tokenizes_without_specials_and_blocks_feed_the_trainer():
+    tok = train_tokenizer(pydoc_topics()[:5], vocab_size=400)
+    texts = ["first document", "a second, longer document here"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stream = [i for doc in ids for i in [*doc, tok.eos_token_id]]
+    blocks = pack_texts(texts, tok, seq_len=3)
+    assert blocks.tolist() == [stream[i : i + 3] for i in range(0, len(stream) // 3 * 3, 3)]
+    data = Blocks(blocks)
+    assert len(data) == blocks.shape[0]
+    item = data[1]  # a causal LM's labels are its inputs (the model shifts them)
+    assert torch.equal(item["input_ids"], blocks[1]) and torch.equal(item["labels"], blocks[1])

@@ -1,4 +1,4 @@
-"""The embedded default, run tiny through the CLI; its config, data packing and W&B mode."""
+"""The demo application, run tiny through the CLI; its config, W&B mode and isolation."""
 
 import logging
 import os
@@ -9,10 +9,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-import torch
 
 from lawwatch.cli import field_docs, main
-from lawwatch.demo import DemoConfig, pack, wandb_mode
+from lawwatch.demo import DemoConfig
+from lawwatch.demo.credentials import local_credentials, wandb_mode
 from lawwatch.history import History
 from tests.wandb_offline import final_summary, history_rows, inspect_run, lawwatch_steps
 
@@ -113,32 +113,80 @@ def test_bad_config_is_refused_before_training(capsys):
         main(["demo", "--wandb", "sometimes"])
 
 
-def test_pack_concatenates_documents_with_eos_and_cuts_blocks():
-    blocks = pack([[5, 6], [7, 8, 9], [4]], eos_id=0, seq_len=4)
-    # stream 5 6 0 7 8 9 0 4 0: two blocks, the tail [0] dropped
-    assert blocks.tolist() == [[5, 6, 0, 7], [8, 9, 0, 4]]
-    assert blocks.dtype == torch.long
-    with pytest.raises(ValueError, match="fewer than one block"):
-        pack([[1, 2]], eos_id=0, seq_len=8)
-
-
 def test_wandb_mode_follows_local_credentials(tmp_path, monkeypatch, caplog):
+    import socket
+
     import wandb
 
+    connect = socket.socket.connect
+
+    def local_only(sock, address):  # W&B's own service process listens on a local socket
+        if sock.family != socket.AF_UNIX and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"the credential lookup contacted {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
     wandb.teardown()  # W&B settings are read once per process: start from this environment
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # no workspace settings file (./wandb/settings) of this checkout
     netrc = tmp_path / "netrc"
     monkeypatch.setenv("NETRC", str(netrc))
     assert wandb_mode("auto") == "offline"  # no credentials anywhere
     # what `wandb login` writes
     netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'a1' * 20}\n")
     assert wandb_mode("auto") == "online"
+    assert local_credentials() == str(netrc)
     netrc.unlink()
     monkeypatch.setenv("WANDB_API_KEY", "too-short")
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         assert wandb_mode("auto") == "offline"
     assert "credentials unusable" in caplog.text
     assert wandb_mode("disabled") == "disabled" and wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_API_KEY", "b2" * 20)
+    assert wandb_mode("auto") == "online" and local_credentials() == "WANDB_API_KEY"
+    monkeypatch.delenv("WANDB_API_KEY")
     wandb.teardown()
+    settings_file = wandb_settings(tmp_path, "https://wandb.example.com", api_key="c3" * 20)
+    assert wandb_mode("auto") == "online" and local_credentials() == "settings file"
+    # a self-hosted server: the .netrc entry must name it, not W&B's cloud
+    wandb.teardown()
+    settings_file.write_text("[default]\nbase_url = https://wandb.example.com\n")
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'a1' * 20}\n")
+    assert wandb_mode("auto") == "offline"
+    netrc.write_text(f"machine wandb.example.com\n  login user\n  password {'a1' * 20}\n")
+    assert wandb_mode("auto") == "online"
+    netrc.unlink()
+    token = tmp_path / "token.jwt"
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(token))
+    wandb.teardown()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        assert wandb_mode("auto") == "offline"
+    assert "does not exist" in caplog.text
+    token.write_text("header.payload.signature")
+    assert wandb_mode("auto") == "online" and local_credentials() == "WANDB_IDENTITY_TOKEN_FILE"
+    wandb.teardown()
+
+
+def wandb_settings(tmp_path: Path, base_url: str, api_key: str) -> Path:
+    """A W&B system settings file (as `wandb login --host` leaves it) under WANDB_CONFIG_DIR."""
+    path = tmp_path / "config" / "settings"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"[default]\nbase_url = {base_url}\napi_key = {api_key}\n")
+    return path
+
+
+def test_the_library_never_imports_the_demo():
+    """The demo is an application of lawwatch: importing the library and its integrations
+    (and the CLI module, which imports the demo only when it runs it) leaves it unloaded."""
+    code = (
+        "import sys, lawwatch, lawwatch.cli, lawwatch.corpus, lawwatch.integrations.hf, "
+        "lawwatch.integrations.accelerate, lawwatch.report\n"
+        "print(sorted(m for m in sys.modules if m.startswith('lawwatch.demo')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,83 @@
+"""What the demo trains: data from CPython's text, a seeded GPT-2, the Trainer's arguments.
+
+The overhead benchmark (``bench/bench_overhead.py``) builds its runs from these same functions,
+so it measures the demo's exact settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lawwatch.corpus import Blocks, pack_texts, python_texts, split_texts, train_tokenizer
+from lawwatch.demo.config import DemoConfig
+from lawwatch.probe import ProbeSet
+
+
+def prepare(config: DemoConfig) -> tuple[Any, Blocks, ProbeSet]:
+    """Text → (tokenizer, packed training blocks, held-out probe)."""
+    train_docs, heldout_docs = split_texts(
+        python_texts(config.source), heldout=config.heldout, seed=config.seed
+    )
+    tokenizer = train_tokenizer(train_docs, vocab_size=config.vocab_size)
+    blocks = Blocks(pack_texts(train_docs, tokenizer, config.seq_len))
+    probe = ProbeSet.from_texts(
+        heldout_docs,
+        tokenizer,
+        max_length=config.probe_length,
+        num_texts=config.probe_texts,
+        seed=config.seed,
+    )
+    return tokenizer, blocks, probe
+
+
+def build_model(config: DemoConfig, vocab_size: int, eos_id: int) -> Any:
+    """A GPT-2 with random weights, from the config (seeded)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(config.seed)
+    gpt2 = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    return GPT2LMHeadModel(gpt2)
+
+
+def training_arguments(config: DemoConfig, out: str | Path, **overrides: Any) -> Any:
+    """The demo's ``TrainingArguments`` (CPU, AdamW, cosine with warm-up, no checkpoints).
+
+    Args:
+        config: The knobs.
+        out: The Trainer's output directory.
+        **overrides: ``TrainingArguments`` fields to change (the overhead benchmark's logging).
+    """
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "max_steps": config.steps,
+        "per_device_train_batch_size": config.batch_size,
+        "learning_rate": config.lr,
+        "adam_beta2": config.adam_beta2,
+        "weight_decay": config.weight_decay,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": config.warmup_steps,
+        "logging_steps": config.logging_steps,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": config.seed,
+    }
+    return TrainingArguments(**{**settings, **overrides})

@@ -1,0 +1,50 @@
+"""Every script under bench/ runs: each in its tiny mode (seconds), as a subprocess.
+
+The numbers of a tiny run mean nothing; BENCHMARKS.md's come from the full runs. What is
+checked is that the script still runs against the library as it is, end to end, and prints
+its result.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+# script -> (arguments of its tiny mode, a line its output must contain)
+TINY = {
+    "bench_capture.py": (["--tiny", "--threads", "1"], "measure, layers=4"),
+    "bench_overhead.py": (
+        ["--tiny"],
+        "training losses identical with and without the callback: True",
+    ),
+    "bench_residual.py": (["--tiny"], "| layers | n | d |"),
+    "mixed_precision.py": (["--tiny"], "bf16 weights:"),
+}
+SLOW = {"bench_overhead.py"}  # three processes, two of them training runs
+
+
+def test_every_bench_script_has_a_tiny_run():
+    assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(TINY)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW else []) for s in sorted(TINY)],
+)
+def test_bench_script_runs(script, tmp_path):
+    args, expected = TINY[script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # whatever a script writes stays out of the checkout
+        timeout=300,
+    )
+    assert done.returncode == 0, f"{script}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert expected in done.stdout, done.stdout[-2000:]
