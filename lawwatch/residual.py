@@ -258,7 +258,9 @@ class ResidualStats:
         n = features.shape[1]
         if n == 0:
             return self
-        if not bool(torch.isfinite(features).all()):  # host sync, before any sum changes
+        # one pass, before any sum changes: a NaN or Inf makes its column's sum non-finite
+        # (cheaper than isfinite; sums of features under ~1e300 cannot overflow in float64)
+        if not bool(torch.isfinite(features.sum(dim=1, dtype=torch.float64)).all()):  # sync
             raise ValueError("features contain NaN or Inf; PR is undefined for them.")
         work = features.device if self.compute_on == "features" else self.device
         classes = None if self.classes is None else self.classes.to(work)

@@ -138,7 +138,7 @@ def test_bad_inputs_named():
 
 
 def test_rounding_noise_directions():
-    """float32 LayerNorm output: a mean direction of pure rounding noise (DESIGN.md §2).
+    """float32 LayerNorm output: a mean direction of pure rounding noise (see lawwatch.solver).
 
     lstsq at machine precision fits that noise (error ~1/n against the float64 truth); the
     solver's rank tolerance drops it and stays on the truth.
