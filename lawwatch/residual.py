@@ -22,9 +22,10 @@ Numerics:
   null direction (a LayerNorm's) to about ±5e-9 of ``λ_max`` (measured at d = 64 … 1024,
   batches of 512 … 8192 tokens), so the rank rule's default tolerance is ``MIXED_RTOL = 1e-7``
   there: such directions are still cut, while genuine directions below ~1e-7 of ``λ_max`` are
-  lost with them. What it costs in PR (~1e-7 at d = 64, up to ~1e-6 at d = 384 on
-  massive-activation inputs) is measured in ``bench/bench_solve.py`` and bounded in
-  ``tests/test_residual.py``; the default stays ``"float64"``.
+  lost with them. What it costs in PR: ≤ 1.2e-7 at d = 48 (bounded by 1e-6 in
+  ``tests/test_residual.py``), ≤ 7e-7 at d = 256 and ≤ 1.4e-6 at d = 1024 on LayerNorm'd,
+  massive-activation and outlier inputs (``bench/bench_solve.py``); on one CPU core the update
+  runs ~1.3x faster. The default stays ``"float64"``.
 * **Rank rule and solve.** See :mod:`lawwatch.solver`: directions of the standardized
   coefficient space with Rayleigh quotient under ``rtol * λ_max`` are dropped (least-squares
   projection onto the rest). LayerNorm outputs are always rank ≤ d-1; dead and duplicated
@@ -321,18 +322,17 @@ class ResidualStats:
         dx = shift_x - self.shift_x  # (L, d)
         dy = shift_y - self.shift_y  # (K,)
         n, sx, sy = self.count, self.sum_x, self.sum_y
-        for part in self._entry_groups(3 * self.dim * self.dim * 8):  # bounded temporaries
-            a, s = dx[part], sx[part]
+        per_entry = 3 * self.dim * (self.dim + self.num_outputs) * 8
+        for part in self._entry_groups(per_entry):  # bounded temporaries
+            a, s = dx[part], sx[part]  # (l, d)
             self.sum_xx[part] += (
                 n * a.unsqueeze(2) * a.unsqueeze(1)
                 - s.unsqueeze(2) * a.unsqueeze(1)
                 - a.unsqueeze(2) * s.unsqueeze(1)
             )
-        self.sum_xy += (
-            n * dx.unsqueeze(2) * dy.view(1, 1, -1)
-            - sx.unsqueeze(2) * dy.view(1, 1, -1)
-            - dx.unsqueeze(2) * sy.view(1, 1, -1)
-        )
+            # Σ(u-δ)(w-ε)ᵀ = Σuwᵀ - Σu εᵀ - δ Σwᵀ + n δ εᵀ
+            moved = (n * a - s).unsqueeze(2)  # (l, d, 1)
+            self.sum_xy[part] += moved * dy.view(1, 1, -1) - a.unsqueeze(2) * sy.view(1, 1, -1)
         self.sum_yy += n * dy * dy - 2 * sy * dy
         self.sum_x -= n * dx
         self.sum_y -= n * dy

@@ -5,7 +5,8 @@ where ``G`` is the centered Gram of the features (``d × d``) and ``b`` the cent
 (``d × K``; ``bᵀ G⁺ b`` is summed over the ``K`` outputs). :class:`~lawwatch.residual.ResidualStats`
 turns it into ``PR = 1 - E / TSS``. Only this number is needed, not eigenvectors, so the solve
 can be a Cholesky factorization (``d³/3`` flops) instead of an eigendecomposition (~9 d³, at a
-lower flop rate): 12x faster at d = 2048 and 35x at d = 4096 on one CPU core (BENCHMARKS.md).
+lower flop rate): 12x faster at d = 2048 and 23-29x at d = 4096 on one CPU core
+(``bench/bench_solve.py``, BENCHMARKS.md).
 
 **Scaling.** ``G`` is scaled to unit diagonal (a correlation matrix ``C = S G S``, ``b → S b``);
 the least-squares projection does not depend on column scale, and the rank decision then does
@@ -27,7 +28,7 @@ Two paths apply the rule:
 
 * **Eigendecomposition (the reference, ``method="eigh"``).** ``C = V Λ Vᵀ``; eigenvectors with
   ``λ < cut`` are dropped (the pseudo-inverse with a relative eigenvalue cutoff). It handles any
-  spectrum, at 7-35x the cost (d = 768 … 4096).
+  spectrum, at 6-29x the cost (d = 768 … 4096).
 * **Cholesky (the fast path, ``method="auto"``).** A LayerNorm output always has an exact null
   direction (its features sum to zero for every token), so a plain Cholesky of ``C`` would break
   down; the fast path takes one column out first. Let ``j`` be the live column with the largest
