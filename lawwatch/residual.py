@@ -77,10 +77,21 @@ def exact_float32_matmul() -> Iterator[None]:
     ``torch.set_float32_matmul_precision("high")`` (or the per-backend ``fp32_precision``
     switches) let float32 matmuls run in TF32 on CUDA and in bf16 on CPUs with AMX: ~1e-3
     relative, useless for a Gram matrix. The per-backend switches are set to ``"ieee"`` and
-    restored on exit (the per-backend API works whether the user set the legacy or the new one).
+    restored on exit (the per-backend API works whether the user set the legacy or the new one;
+    torch before 2.9 has only the legacy switches, which are used there).
     """
     cuda = torch.backends.cuda.matmul
-    mkldnn = torch.backends.mkldnn.matmul
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    if not hasattr(cuda, "fp32_precision") or mkldnn is None:  # torch < 2.9
+        legacy = (torch.get_float32_matmul_precision(), cuda.allow_tf32)
+        torch.set_float32_matmul_precision("highest")
+        cuda.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy[0])
+            cuda.allow_tf32 = legacy[1]
+        return
     before = (cuda.fp32_precision, mkldnn.fp32_precision)
     cuda.fp32_precision = "ieee"
     mkldnn.fp32_precision = "ieee"
