@@ -4,7 +4,9 @@ The prediction residual of layer ``l`` is ``PR_l = 1 - R^2`` of an ordinary leas
 *with intercept*, of a target on that layer's features (He & Su, arXiv 2408.13442). Everything
 OLS needs is a handful of sums over examples, so a probe set of any size streams through in
 batches with memory independent of its length, statistics from several processes merge with
-one all-reduce, and one batched eigendecomposition solves every layer at once.
+one all-reduce (or a reduce to the process that solves each entry), and one batched solve
+(:mod:`lawwatch.solver`: a Cholesky fast path, the eigendecomposition as the reference) gives
+every layer's PR.
 
 Numerics (see docs/protocol.md §2):
 
@@ -12,36 +14,105 @@ Numerics (see docs/protocol.md §2):
   not about zero, so a feature whose mean dwarfs its spread (a massive-activation dimension)
   does not lose its variance to cancellation in ``Σxxᵀ - ΣxΣxᵀ/n``. Statistics with different
   shifts are re-based exactly before they are added.
-* **Scale-free solve.** The centered Gram is scaled to unit diagonal (a correlation matrix)
-  before the eigendecomposition; the OLS projection does not depend on column scale, and
-  scaling makes the rank decision independent of it.
-* **Rank tolerance.** Eigenvalues of the scaled Gram below ``rtol * λ_max`` (default
-  ``rtol = 1e-11``: singular values of the standardized design under ~3e-6 of the largest) are
-  treated as zero, giving the least-squares projection on rank-deficient inputs: LayerNorm
-  outputs (always rank ≤ d-1), dead and duplicated columns. Why this value: the float64 Gram's
-  noise floor is about ``d * eps`` relative (under 2e-12 even at d = 8192), so exact null
-  directions are cut; genuine directions of real features (tested down to ~6e-11 after a
-  massive-activation LayerNorm) are kept; directions holding only float32 rounding noise
-  (singular value ~1e-7 of the largest, eigenvalue ~1e-14) are dropped, where
-  ``numpy.linalg.lstsq`` keeps them and fits noise (an error ~1/n in PR). bf16 rounding noise
-  (~1e-3) cannot be told from signal by any tolerance: compute normalized features in
-  float64, as :mod:`lawwatch.capture` does.
-* A feature column whose centered sum of squares is under ``64 * eps`` of its uncentered one
-  (about the shift) is constant up to rounding and is dropped as dead.
+* **Precision.** Every sum is float64. With ``precision="mixed"`` each batch's Gram ``uᵀu`` of
+  the shifted features (the shift subtracted in float64 first) is computed in float32, with
+  TF32 and bf16 matmul modes switched off for the product whatever the global setting
+  (:func:`exact_float32_matmul`), and added into the float64 sums; ``Σu``, ``Σuwᵀ`` and the
+  target sums stay float64. The float32 Gram's rounding moves the Rayleigh quotient of an exact
+  null direction (a LayerNorm's) to about ±5e-9 of ``λ_max`` (measured at d = 64 … 1024,
+  batches of 512 … 8192 tokens), so the rank rule's default tolerance is ``MIXED_RTOL = 1e-7``
+  there: such directions are still cut, while genuine directions below ~1e-7 of ``λ_max`` are
+  lost with them. What it costs in PR: ≤ 1.2e-7 at d = 48 (bounded by 1e-6 in
+  ``tests/test_residual.py``), ≤ 7e-7 at d = 256 and ≤ 1.4e-6 at d = 1024 on LayerNorm'd,
+  massive-activation and outlier inputs (``bench/bench_solve.py``); on one CPU core the update
+  runs ~1.3x faster. The default stays ``"float64"``.
+* **Rank rule and solve.** See :mod:`lawwatch.solver`: directions of the standardized
+  coefficient space with Rayleigh quotient under ``rtol * λ_max`` are dropped (least-squares
+  projection onto the rest). LayerNorm outputs are always rank ≤ d-1; dead and duplicated
+  columns are handled too.
+* **Memory.** Batches are turned into products a few entries at a time (bounded workspace), and
+  the solve and the collectives also go entry group by entry group: nothing of the size of the
+  statistics is allocated twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from lawwatch.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
+
 Target = Literal["token_id", "onehot"]
 TARGETS: tuple[str, ...] = ("token_id", "onehot")
+Precision = Literal["float64", "mixed"]
+PRECISIONS: tuple[str, ...] = ("float64", "mixed")
+ComputeOn = Literal["stats", "features"]
+COMPUTE_ON: tuple[str, ...] = ("stats", "features")
+
+__all__ = [
+    "DEFAULT_RTOL",
+    "MIXED_RTOL",
+    "ResidualStats",
+    "Solved",
+    "exact_float32_matmul",
+    "prediction_residuals",
+]
 
 _EPS = torch.finfo(torch.float64).eps
-DEFAULT_RTOL = 1e-11
+MIXED_RTOL = 1e-7
+# workspace per group of entries: float64 features and products in `update`, the matrices of
+# the solve in `compute`, one collective's payload in `all_reduce` / `reduce_scatter_compute`
+WORKSPACE_BYTES = 256 * 2**20
+COLLECTIVE_BYTES = 64 * 2**20
+
+
+@contextlib.contextmanager
+def exact_float32_matmul() -> Iterator[None]:
+    """Run float32 matmuls in IEEE float32 inside the block, whatever the global setting.
+
+    ``torch.set_float32_matmul_precision("high")`` (or the per-backend ``fp32_precision``
+    switches) let float32 matmuls run in TF32 on CUDA and in bf16 on CPUs with AMX: ~1e-3
+    relative, useless for a Gram matrix. The per-backend switches are set to ``"ieee"`` and
+    restored on exit (the per-backend API works whether the user set the legacy or the new one;
+    torch before 2.9 has only the legacy switches, which are used there).
+    """
+    cuda = torch.backends.cuda.matmul
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    if not hasattr(cuda, "fp32_precision") or mkldnn is None:  # torch < 2.9
+        legacy = (torch.get_float32_matmul_precision(), cuda.allow_tf32)
+        torch.set_float32_matmul_precision("highest")
+        cuda.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy[0])
+            cuda.allow_tf32 = legacy[1]
+        return
+    before = (cuda.fp32_precision, mkldnn.fp32_precision)
+    cuda.fp32_precision = "ieee"
+    mkldnn.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        cuda.fp32_precision, mkldnn.fp32_precision = before
+
+
+@dataclass(frozen=True)
+class Solved:
+    """Prediction residuals of some entries and how each was solved.
+
+    Attributes:
+        pr: ``(entries,)`` float64 ``RSS / TSS``.
+        eigh: ``(entries,)`` bool, True where the eigendecomposition (not the Cholesky fast
+            path) solved the entry; see :mod:`lawwatch.solver` for when that happens.
+    """
+
+    pr: torch.Tensor
+    eigh: torch.Tensor
 
 
 class ResidualStats:
@@ -50,7 +121,7 @@ class ResidualStats:
     Holds, per layer, the example count and the sums ``Σu``, ``Σuuᵀ``, ``Σu wᵀ`` of the shifted
     features ``u = x - shift_x`` and targets ``w = y - shift_y`` (plus ``Σw``, ``Σw²``, which
     every layer shares), all in float64. Like a torchmetrics ``Metric``: ``update`` with batches,
-    ``merge`` or ``all_reduce`` across workers, ``compute`` once.
+    ``merge``, ``all_reduce`` or ``reduce_scatter_compute`` across workers, ``compute`` once.
 
     Args:
         num_layers: Number of layers (hidden-state entries) measured together.
@@ -60,11 +131,19 @@ class ResidualStats:
             (multi-output PR, ``‖Y - XW‖²_F / ‖Y - Ȳ‖²_F``).
         classes: For ``"onehot"``: the distinct target ids (1-D integer tensor) the probe can
             produce. Memory grows as ``num_layers * dim * len(classes)``.
-        device: Where the statistics live (default CPU). Features on another device are moved.
-        rtol: Relative eigenvalue tolerance of the solve (see the module docstring).
+        device: Where the statistics live (default CPU).
+        rtol: Relative eigenvalue tolerance of the rank rule (see :mod:`lawwatch.solver`).
+            Default ``DEFAULT_RTOL`` (1e-11) for ``precision="float64"``, ``MIXED_RTOL``
+            (1e-7) for ``"mixed"``.
         layers: The hidden-state entry index of each layer, when a subset of entries is
             measured (default ``0 … num_layers-1``). Carried along (statistics of different
             entries refuse to merge) so the law is fitted on the true indices.
+        precision: ``"float64"`` (every product in float64) or ``"mixed"`` (each batch's
+            ``uᵀu`` in IEEE float32, accumulated in float64; see the module docstring).
+        compute_on: Where each batch's products are computed. ``"stats"``: features are moved
+            to ``device`` first. ``"features"``: on the features' device (e.g. the GPU that
+            produced them), a few entries at a time; only the ``(d, d)`` products travel to
+            ``device`` (e.g. host memory) and are added there.
     """
 
     def __init__(
@@ -75,16 +154,25 @@ class ResidualStats:
         target: Target = "token_id",
         classes: torch.Tensor | None = None,
         device: torch.device | str | None = None,
-        rtol: float = DEFAULT_RTOL,
+        rtol: float | None = None,
         layers: Sequence[int] | None = None,
+        precision: Precision = "float64",
+        compute_on: ComputeOn = "stats",
     ) -> None:
         if num_layers < 1 or dim < 1:
             raise ValueError(f"num_layers and dim must be positive, got {num_layers} and {dim}.")
         if target not in TARGETS:
             raise ValueError(f"Unknown target {target!r}; choose one of {TARGETS}.")
+        if precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
+        if compute_on not in COMPUTE_ON:
+            raise ValueError(f"Unknown compute_on {compute_on!r}; choose one of {COMPUTE_ON}.")
+        if rtol is None:
+            rtol = MIXED_RTOL if precision == "mixed" else DEFAULT_RTOL
         if not 0.0 < rtol < 1.0:
             raise ValueError(f"rtol must lie in (0, 1), got {rtol}.")
         self.num_layers, self.dim, self.target, self.rtol = num_layers, dim, target, rtol
+        self.precision, self.compute_on = precision, compute_on
         self.layers = tuple(range(num_layers)) if layers is None else tuple(map(int, layers))
         if (
             len(self.layers) != num_layers
@@ -109,6 +197,7 @@ class ResidualStats:
             self.classes = None
             k = 1
         self.num_outputs = k
+        self._consumed = False
         f64 = {"dtype": torch.float64, "device": self.device}
         self.count = torch.zeros((), **f64)
         self.shift_x = torch.zeros(num_layers, dim, **f64)  # (L, d)
@@ -121,25 +210,40 @@ class ResidualStats:
 
     # -- accumulation -------------------------------------------------------------------------
 
-    def _targets(self, targets: torch.Tensor) -> torch.Tensor:
+    def _check_usable(self) -> None:
+        if self._consumed:
+            raise RuntimeError(
+                "These statistics were consumed by reduce_scatter_compute (each process kept "
+                "only its own entries' sums); call reset() before using them again."
+            )
+
+    def _targets(self, targets: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         """Integer ids (n,) -> float64 target matrix (n, K), or class indices for one-hot."""
-        if self.classes is None:
+        if classes is None:
             return targets.to(torch.float64).unsqueeze(1)  # (n, 1)
-        index = torch.searchsorted(self.classes, targets)
-        index_ok = index.clamp(max=self.classes.numel() - 1)
-        if not bool((self.classes[index_ok] == targets).all()):  # host sync
-            missing = targets[self.classes[index_ok] != targets].unique()[:10].tolist()
+        index = torch.searchsorted(classes, targets)
+        index_ok = index.clamp(max=classes.numel() - 1)
+        if not bool((classes[index_ok] == targets).all()):  # host sync
+            missing = targets[classes[index_ok] != targets].unique()[:10].tolist()
             raise ValueError(
                 f"Target ids {missing} are not among the `classes` given for target='onehot'; "
                 "build the statistics with every id the probe can produce."
             )
         return index
 
+    def _entry_groups(self, per_entry_bytes: int, entries: range | None = None) -> list[slice]:
+        """Consecutive entries in groups whose workspace stays under ``WORKSPACE_BYTES``."""
+        entries = range(self.num_layers) if entries is None else entries
+        size = max(1, WORKSPACE_BYTES // max(1, per_entry_bytes))
+        starts = range(entries.start, entries.stop, size)
+        return [slice(lo, min(lo + size, entries.stop)) for lo in starts]
+
     def update(self, features: torch.Tensor, targets: torch.Tensor) -> ResidualStats:
         """Add a batch of examples.
 
         Args:
-            features: ``(num_layers, n, dim)`` features of any float dtype (upcast to float64).
+            features: ``(num_layers, n, dim)`` features of any float dtype (upcast to float64),
+                on any device (see ``compute_on``).
             targets: ``(n,)`` integer target token ids.
 
         Returns:
@@ -162,50 +266,84 @@ class ResidualStats:
             )
         if targets.is_floating_point() or targets.is_complex():
             raise TypeError(f"targets must be integer token ids, got {targets.dtype}.")
+        self._check_usable()
         n = features.shape[1]
         if n == 0:
             return self
-        x = features.to(self.device, torch.float64)  # (L, n, d)
-        targets = targets.to(self.device)
-        if not bool(torch.isfinite(x).all()):  # host sync
+        # one pass, before any sum changes: a NaN or Inf makes its column's sum non-finite
+        # (cheaper than isfinite; sums of features under ~1e300 cannot overflow in float64)
+        if not bool(torch.isfinite(features.sum(dim=1, dtype=torch.float64)).all()):  # sync
             raise ValueError("features contain NaN or Inf; PR is undefined for them.")
-        y = self._targets(targets)
-        if self.count.item() == 0:  # host sync; first batch fixes the shift
-            self.shift_x = x.mean(dim=1)
-            if self.classes is None:
-                self.shift_y = y.mean(dim=0)
-        u = x - self.shift_x.unsqueeze(1)  # (L, n, d)
-        self.count += n
-        self.sum_x += u.sum(dim=1)
-        self.sum_xx += u.transpose(1, 2) @ u  # (L, d, d)
-        if self.classes is None:
-            w = y - self.shift_y  # (n, 1)
-            self.sum_y += w.sum(dim=0)
-            self.sum_yy += (w * w).sum(dim=0)
-            self.sum_xy += u.transpose(1, 2) @ w  # (L, d, 1)
+        work = features.device if self.compute_on == "features" else self.device
+        classes = None if self.classes is None else self.classes.to(work)
+        y = self._targets(targets.to(work), classes)  # (n, 1) float64, or (n,) class index
+        first = self.count.item() == 0  # host sync; the first batch fixes the shift
+        if first and classes is None:
+            self.shift_y = y.mean(dim=0).to(self.device)
+        if classes is None:
+            w = y - self.shift_y.to(work)  # (n, 1)
+            self.sum_y += w.sum(dim=0).to(self.device)
+            self.sum_yy += (w * w).sum(dim=0).to(self.device)
         else:
-            # one-hot without materializing (n, K): per-class feature sums and counts
+            # one-hot without materializing (n, K): per-class counts and feature sums
+            index = y.to(self.device)
             ones = torch.ones(n, dtype=torch.float64, device=self.device)
-            self.sum_y.index_add_(0, y, ones)
-            self.sum_yy.index_add_(0, y, ones)
-            self.sum_xy.index_add_(2, y, u.transpose(1, 2))  # (L, d, K) += (L, d, n) by class
+            self.sum_y.index_add_(0, index, ones)
+            self.sum_yy.index_add_(0, index, ones)
+        # "features": each product is its own tensor, moved to `device` and added there (on
+        # one device too, so the path a GPU takes is the one CPU tests run)
+        staged = self.compute_on == "features"
+        gram_bytes = self.dim * self.dim * (4 if self.precision == "mixed" else 8)
+        per_entry = n * self.dim * 12 + (gram_bytes if staged or self.precision == "mixed" else 0)
+        per_entry += self.dim * self.num_outputs * 8 if staged and classes is not None else 0
+        for part in self._entry_groups(per_entry):
+            x = features[part].to(work, torch.float64, copy=True)  # (l, n, d), ours to modify
+            if first:
+                self.shift_x[part] = x.mean(dim=1).to(self.device)
+            u = x.sub_(self.shift_x[part].to(work).unsqueeze(1))  # shifted, in float64
+            self.sum_x[part] += u.sum(dim=1).to(self.device)
+            self._add_gram(part, u, staged)
+            if classes is None:
+                self.sum_xy[part] += (u.transpose(1, 2) @ w).to(self.device)  # (l, d, 1)
+            elif staged:
+                by_class = torch.zeros(
+                    u.shape[0], self.dim, self.num_outputs, dtype=u.dtype, device=work
+                )
+                by_class.index_add_(2, y, u.transpose(1, 2))  # (l, d, K): sums by class
+                self.sum_xy[part] += by_class.to(self.device)
+            else:
+                self.sum_xy[part].index_add_(2, y, u.transpose(1, 2))
+        self.count += n
         return self
+
+    def _add_gram(self, part: slice, u: torch.Tensor, staged: bool) -> None:
+        """``Σuuᵀ[part] += uᵀu`` for ``u`` of shape (l, n, d), in the configured precision."""
+        if self.precision == "mixed":
+            u32 = u.to(torch.float32)  # rounded after the float64 shift
+            with exact_float32_matmul():
+                gram = u32.transpose(1, 2) @ u32  # (l, d, d) float32
+            self.sum_xx[part] += gram.to(self.device)  # accumulated in float64
+        elif staged:
+            self.sum_xx[part] += (u.transpose(1, 2) @ u).to(self.device)
+        else:
+            self.sum_xx[part].baddbmm_(u.transpose(1, 2), u)  # in place, no (l, d, d) temporary
 
     def _rebase(self, shift_x: torch.Tensor, shift_y: torch.Tensor) -> None:
         """Re-base the sums on new shifts, exactly: Σ(u-δ)(u-δ)ᵀ = Σuuᵀ - Σuδᵀ - δΣuᵀ + nδδᵀ."""
         dx = shift_x - self.shift_x  # (L, d)
         dy = shift_y - self.shift_y  # (K,)
         n, sx, sy = self.count, self.sum_x, self.sum_y
-        self.sum_xx += (
-            n * dx.unsqueeze(2) * dx.unsqueeze(1)
-            - sx.unsqueeze(2) * dx.unsqueeze(1)
-            - dx.unsqueeze(2) * sx.unsqueeze(1)
-        )
-        self.sum_xy += (
-            n * dx.unsqueeze(2) * dy.view(1, 1, -1)
-            - sx.unsqueeze(2) * dy.view(1, 1, -1)
-            - dx.unsqueeze(2) * sy.view(1, 1, -1)
-        )
+        per_entry = 3 * self.dim * (self.dim + self.num_outputs) * 8
+        for part in self._entry_groups(per_entry):  # bounded temporaries
+            a, s = dx[part], sx[part]  # (l, d)
+            self.sum_xx[part] += (
+                n * a.unsqueeze(2) * a.unsqueeze(1)
+                - s.unsqueeze(2) * a.unsqueeze(1)
+                - a.unsqueeze(2) * s.unsqueeze(1)
+            )
+            # Σ(u-δ)(w-ε)ᵀ = Σuwᵀ - Σu εᵀ - δ Σwᵀ + n δ εᵀ
+            moved = (n * a - s).unsqueeze(2)  # (l, d, 1)
+            self.sum_xy[part] += moved * dy.view(1, 1, -1) - a.unsqueeze(2) * sy.view(1, 1, -1)
         self.sum_yy += n * dy * dy - 2 * sy * dy
         self.sum_x -= n * dx
         self.sum_y -= n * dy
@@ -235,6 +373,8 @@ class ResidualStats:
             ``self``, so calls chain.
         """
         self._check_compatible(other)
+        self._check_usable()
+        other._check_usable()
         if other.count.item() == 0:
             return self
         other = other.clone().to(self.device)
@@ -245,19 +385,16 @@ class ResidualStats:
             getattr(self, name).add_(getattr(other, name))
         return self
 
-    def all_reduce(self, group: object | None = None) -> ResidualStats:
-        """Sum the statistics of every process in ``group`` in place (``torch.distributed``).
+    # -- distributed --------------------------------------------------------------------------
 
-        Two collectives: a small one, ``(L, d + K + 1)`` floats, finds the global means; each
-        process re-bases its sums about them; one sum all-reduce of the rest follows. Every
-        process then holds the statistics of all examples.
+    def _rebase_on_global_mean(self, group: object | None) -> bool:
+        """The small collective: every process re-bases on the global means; False if empty.
 
-        Returns:
-            ``self``, so calls chain.
+        Sums about different shifts cannot be added, so first a ``(L, 1 + d + K)`` all-reduce
+        of the totals about zero finds the global means, and each process re-bases on them.
         """
         import torch.distributed as dist
 
-        # totals about zero: Σx = Σu + n·shift (cheap, only to choose a common shift)
         k = self.num_outputs
         head = torch.cat(
             [
@@ -270,18 +407,112 @@ class ResidualStats:
         dist.all_reduce(head, group=group)
         total = head[0, 0]
         if total.item() == 0:  # host sync
-            return self
+            return False
         mean_x = head[:, 1 : 1 + self.dim] / total
         mean_y = head[0, 1 + self.dim :] / total if self.classes is None else self.shift_y
         self._rebase(mean_x, mean_y)
-        flat = torch.cat([getattr(self, name).reshape(-1) for name in _SUMS])
-        dist.all_reduce(flat, group=group)  # the one large reduction
-        offset = 0
+        return True
+
+    def all_reduce(self, group: object | None = None) -> ResidualStats:
+        """Sum the statistics of every process in ``group`` in place (``torch.distributed``).
+
+        A small all-reduce finds the global means and each process re-bases its sums on them;
+        then the sums are all-reduced in place, in slices of at most ``COLLECTIVE_BYTES``
+        (no flat copy of the statistics). Every process then holds the statistics of all
+        examples.
+
+        Returns:
+            ``self``, so calls chain.
+        """
+        import torch.distributed as dist
+
+        self._check_usable()
+        if not self._rebase_on_global_mean(group):
+            return self
         for name in _SUMS:
-            t = getattr(self, name)
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+            for piece in _slices(getattr(self, name).view(-1)):
+                dist.all_reduce(piece, group=group)
         return self
+
+    def owned_entries(self, rank: int, world: int) -> range:
+        """The entries process ``rank`` of ``world`` solves in ``reduce_scatter_compute``.
+
+        Consecutive blocks whose sizes differ by at most one (``num_layers`` need not divide
+        by ``world``; processes beyond ``num_layers`` own none).
+        """
+        return range(rank * self.num_layers // world, (rank + 1) * self.num_layers // world)
+
+    def reduce_scatter_compute(
+        self, group: object | None = None, *, method: Method = "auto"
+    ) -> torch.Tensor:
+        """Sum the statistics across ``group`` entry by entry, solve a share, gather the PRs.
+
+        1. The small all-reduce of :meth:`all_reduce` finds the global means; every process
+           re-bases on them (sums about one shift add up).
+        2. The count and the target sums are all-reduced (a few numbers). The per-entry sums
+           ``Σu``, ``Σuuᵀ``, ``Σuwᵀ`` of the entries of :meth:`owned_entries` are *reduced* to
+           their owner, in place, in slices of at most ``COLLECTIVE_BYTES``: no process holds
+           a second copy of the statistics, and the traffic is that of a reduce-scatter
+           (about half an all-reduce's).
+        3. Each process solves its own entries, then the PRs are all-gathered. A failure of
+           the solve on one process is raised on every process (none is left waiting).
+
+        The statistics are consumed: afterwards each process holds complete sums only for its
+        own entries, and this object refuses further use until :meth:`reset`.
+
+        Args:
+            group: The process group (default: the world).
+            method: The solve method (see :mod:`lawwatch.solver`).
+
+        Returns:
+            ``(num_layers,)`` float64 prediction residuals, the same on every process, on the
+            statistics' device.
+
+        Raises:
+            ValueError: As :meth:`compute`, on every process alike.
+        """
+        import torch.distributed as dist
+
+        self._check_usable()
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if not self._rebase_on_global_mean(group):
+            self._check_solvable()  # no examples anywhere: the same error on every process
+        small = torch.cat([self.count.reshape(1), self.sum_y, self.sum_yy])  # (1 + 2K,)
+        dist.all_reduce(small, group=group)
+        k = self.num_outputs
+        self.count.copy_(small[0])
+        self.sum_y.copy_(small[1 : 1 + k])
+        self.sum_yy.copy_(small[1 + k :])
+        self._consumed = True  # from here on only the owned entries are complete
+        for owner in range(world):
+            entries = self.owned_entries(owner, world)
+            for name in ("sum_x", "sum_xx", "sum_xy"):
+                per_entry = getattr(self, name).view(self.num_layers, -1)  # (L, size)
+                flat = per_entry[entries.start : entries.stop].view(-1)  # contiguous rows
+                for piece in _slices(flat):
+                    _reduce(piece, owner, group)
+        self._check_solvable()  # global count and TSS: identical on every process
+        mine = self.owned_entries(rank, world)
+        share = -(-self.num_layers // world)  # the largest share: every buffer the same size
+        mine_pr = torch.full((share + 1,), float("nan"), dtype=torch.float64, device=self.device)
+        mine_pr[0] = 0.0  # status: 0 ok, 1 the solve failed here
+        error: BaseException | None = None
+        try:
+            if len(mine) > 0:
+                mine_pr[1 : 1 + len(mine)] = self._solve(mine, method).pr
+        except Exception as caught:  # decided collectively below
+            error = caught
+            mine_pr[0] = 1.0
+        gathered = [torch.empty_like(mine_pr) for _ in range(world)]
+        dist.all_gather(gathered, mine_pr, group=group)
+        failed = [r for r, g in enumerate(gathered) if g[0].item() != 0.0]  # host sync
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"lawwatch: the solve failed on process(es) {failed} of the group.")
+        return torch.cat(
+            [g[1 : 1 + len(self.owned_entries(r, world))] for r, g in enumerate(gathered)]
+        )
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -289,6 +520,7 @@ class ResidualStats:
         """Forget every example (keeps shape, target, classes and device)."""
         for name in (*_SUMS, "shift_x", "shift_y"):
             getattr(self, name).zero_()
+        self._consumed = False
 
     def clone(self) -> ResidualStats:
         """A deep copy."""
@@ -309,7 +541,60 @@ class ResidualStats:
 
     # -- the solve ----------------------------------------------------------------------------
 
-    def compute(self) -> torch.Tensor:
+    def _check_solvable(self) -> None:
+        """Raise if PR is undefined: too few examples, or a constant target."""
+        n = self.count.item()  # host sync
+        if n <= self.dim + 1:
+            raise ValueError(
+                f"Too few probe examples: {int(n)} (position, next-token) pairs for hidden size "
+                f"{self.dim}. OLS with intercept interpolates unless n > d + 1, so at least "
+                f"{self.dim + 2} are needed (and ~{10 * self.dim} for a low-noise PR); use more "
+                "or longer probe sequences."
+            )
+        sy = self.sum_y
+        tss = (self.sum_yy - sy * sy / n).sum()
+        if tss.item() <= _EPS * self.sum_yy.sum().item():  # host sync
+            raise ValueError(
+                "The targets take a single distinct value, so their variance is 0 and PR is "
+                "undefined; the probe needs at least two different next tokens."
+            )
+
+    def _solve(self, entries: range, method: Method) -> Solved:
+        """PR of ``entries`` from the sums, a bounded group of entries at a time."""
+        n = self.count
+        sy = self.sum_y
+        tss = (self.sum_yy - sy * sy / n).sum()
+        prs, eighs = [], []
+        for part in self._entry_groups(2 * self.dim * self.dim * 8, entries):
+            sx = self.sum_x[part]  # (l, d)
+
+            def cross(outputs: slice, part: slice = part, sx: torch.Tensor = sx) -> torch.Tensor:
+                return self.sum_xy[part, :, outputs] - sx.unsqueeze(2) * sy[outputs] / n
+
+            solution = explained_sum_of_squares(
+                self.sum_xx[part], sx, n, cross, self.num_outputs, rtol=self.rtol, method=method
+            )
+            prs.append((tss - solution.explained) / tss)
+            eighs.append(solution.eigh)
+        return Solved(torch.cat(prs), torch.cat(eighs))
+
+    def solve(self, *, method: Method = "auto") -> Solved:
+        """Solve all layers: the PRs and, per entry, whether the eigendecomposition was used.
+
+        Args:
+            method: ``"auto"`` (Cholesky fast path, the eigendecomposition for entries it
+                cannot prove safe) or ``"eigh"`` (the reference for every entry); see
+                :mod:`lawwatch.solver`.
+
+        Raises:
+            ValueError: Too few examples (``n <= d + 1`` interpolates and every PR would be 0),
+                or a target with a single distinct value (TSS = 0).
+        """
+        self._check_usable()
+        self._check_solvable()
+        return self._solve(range(self.num_layers), method)
+
+    def compute(self, *, method: Method = "auto") -> torch.Tensor:
         """Solve all layers together.
 
         Returns:
@@ -320,45 +605,25 @@ class ResidualStats:
             ValueError: Too few examples (``n <= d + 1`` interpolates and every PR would be 0),
                 or a target with a single distinct value (TSS = 0).
         """
-        n = self.count.item()  # host sync
-        if n <= self.dim + 1:
-            raise ValueError(
-                f"Too few probe examples: {int(n)} (position, next-token) pairs for hidden size "
-                f"{self.dim}. OLS with intercept interpolates unless n > d + 1, so at least "
-                f"{self.dim + 2} are needed (and ~{10 * self.dim} for a low-noise PR); use more "
-                "or longer probe sequences."
-            )
-        # centered second moments (about the mean) from the shifted sums
-        sx, sy = self.sum_x, self.sum_y
-        gram = self.sum_xx - sx.unsqueeze(2) * sx.unsqueeze(1) / n  # (L, d, d)
-        tss = (self.sum_yy - sy * sy / n).sum()
-        if tss.item() <= _EPS * self.sum_yy.sum().item():  # host sync
-            raise ValueError(
-                "The targets take a single distinct value, so their variance is 0 and PR is "
-                "undefined; the probe needs at least two different next tokens."
-            )
-        # drop dead columns; scale the rest to unit diagonal
-        var = gram.diagonal(dim1=1, dim2=2)  # (L, d)
-        raw = self.sum_xx.diagonal(dim1=1, dim2=2)
-        alive = var > 64 * _EPS * raw
-        scale = torch.where(alive, var.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
-        corr = gram * scale.unsqueeze(2) * scale.unsqueeze(1)
-        evals, evecs = torch.linalg.eigh(corr)  # batched over layers: (L, d), (L, d, d)
-        keep = evals > self.rtol * evals[:, -1:].clamp_min(0.0)  # eigh sorts ascending
-        inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)  # (L, d)
-        # outputs in 8 chunks: the one-hot solve's workspace is ~3/8 of Σx·yᵀ, not 3 copies
-        k = self.num_outputs
-        chunk = max(1, -(-k // 8)) if k > 1 else 1
-        explained = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
-        for start in range(0, k, chunk):
-            part = slice(start, start + chunk)
-            cross = self.sum_xy[:, :, part] - sx.unsqueeze(2) * sy[part].view(1, 1, -1) / n
-            proj = evecs.transpose(1, 2) @ (cross * scale.unsqueeze(2))  # (L, d, chunk)
-            explained += (inv.unsqueeze(2) * proj * proj).sum(dim=(1, 2))
-        return (tss - explained) / tss
+        return self.solve(method=method).pr
 
 
 _SUMS = ("count", "sum_x", "sum_xx", "sum_xy", "sum_y", "sum_yy")
+
+
+def _slices(flat: torch.Tensor) -> list[torch.Tensor]:
+    """Contiguous views of the 1-D ``flat``, of at most ``COLLECTIVE_BYTES`` each."""
+    step = max(1, COLLECTIVE_BYTES // flat.element_size())
+    return [flat[i : i + step] for i in range(0, flat.numel(), step)]
+
+
+def _reduce(piece: torch.Tensor, owner: int, group: object | None) -> None:
+    """Sum ``piece`` over ``group`` into process ``owner`` (a rank within the group)."""
+    import torch.distributed as dist
+
+    dist.reduce(
+        piece, dst=dist.get_global_rank(group, owner) if group is not None else owner, group=group
+    )
 
 
 def prediction_residuals(
@@ -366,7 +631,8 @@ def prediction_residuals(
     targets: torch.Tensor,
     *,
     target: Target = "token_id",
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
+    method: Method = "auto",
 ) -> torch.Tensor:
     """Prediction residual of every layer, in one batched computation.
 
@@ -374,7 +640,8 @@ def prediction_residuals(
         features: ``(layers, n, d)`` features of any float dtype.
         targets: ``(n,)`` integer next-token ids.
         target: ``"token_id"`` (the paper's scalar id) or ``"onehot"`` (over the ids present).
-        rtol: Relative eigenvalue tolerance (see :mod:`lawwatch.residual`).
+        rtol: Relative eigenvalue tolerance (see :mod:`lawwatch.solver`).
+        method: ``"auto"`` or ``"eigh"`` (see :mod:`lawwatch.solver`).
 
     Returns:
         ``(layers,)`` float64 ``PR = RSS / TSS = 1 - R²``, on ``features``' device.
@@ -390,4 +657,4 @@ def prediction_residuals(
         device=features.device,
         rtol=rtol,
     )
-    return stats.update(features, targets).compute()
+    return stats.update(features, targets).compute(method=method)

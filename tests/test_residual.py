@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from lawwatch import ResidualStats, prediction_residuals
+from lawwatch import ResidualStats, prediction_residuals, residual
+from lawwatch.residual import exact_float32_matmul
 from tests.reference import layer_norm, ols_pr, onehot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -11,12 +12,16 @@ TOL = 1e-8
 
 
 def _check(features: np.ndarray, ids: np.ndarray, target: str = "token_id") -> torch.Tensor:
-    """PR from lawwatch equals the lstsq reference, layer by layer, to TOL."""
-    got = prediction_residuals(torch.from_numpy(features), torch.from_numpy(ids), target=target)
+    """PR from lawwatch equals the lstsq reference, layer by layer, to TOL, by either solve
+    method (the default Cholesky fast path and the eigendecomposition)."""
     y = ids.astype(np.float64) if target == "token_id" else onehot(ids)
     want = np.array([ols_pr(f, y) for f in features])
-    assert got.dtype == torch.float64 and got.shape == (features.shape[0],)
-    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=TOL)
+    for method in ("eigh", "auto"):
+        got = prediction_residuals(
+            torch.from_numpy(features), torch.from_numpy(ids), target=target, method=method
+        )
+        assert got.dtype == torch.float64 and got.shape == (features.shape[0],)
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=TOL)
     return got
 
 
@@ -197,3 +202,140 @@ def test_reset_and_dtype_and_float32_input():
     want = np.array([ols_pr(f, ids) for f in x.astype(np.float32).astype(np.float64)])
     np.testing.assert_allclose(pr32.numpy(), want, rtol=0, atol=TOL)
     prediction_residuals(torch.from_numpy(x).bfloat16(), torch.from_numpy(ids))
+
+
+# -- precision, where products are computed, bounded workspace --------------------------------
+
+
+def _hostile(rng, family: str, n: int = 3000, d: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """The adversarial families of the float64 tests, at a size where float32 sums matter."""
+    x, ids = _data(rng, n=n, d=d)
+    if family == "layernorm":
+        x = layer_norm(x)
+    elif family == "outliers":  # a huge mean with unit spread, a column 1e5 times the others
+        x[:, :, 5] = 1e6 + rng.standard_normal((3, n))
+        x[:, :, 7] *= 1e5
+    elif family == "massive activations":  # ~1e4 x the median on every token, then LayerNorm
+        x[:, :, 5] = 1e4 * (1 + 0.01 * rng.standard_normal((3, n)))
+        x = layer_norm(x)
+    elif family == "dead and duplicated":
+        x[:, :, 3] = 0.0
+        x[:, :, 4] = 0.1
+        x[:, :, 6] = x[:, :, 0]
+    return x, ids
+
+
+def _streamed(x: np.ndarray, ids: np.ndarray, batch: int = 500, **options) -> ResidualStats:
+    stats = ResidualStats(x.shape[0], x.shape[2], **options)
+    xt, it = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(ids))
+    for lo in range(0, x.shape[1], batch):
+        stats.update(xt[:, lo : lo + batch], it[lo : lo + batch])
+    return stats
+
+
+MIXED_TOL = 1e-6  # measured <= 1.2e-7 here; bench/bench_solve.py measures larger d
+
+
+@pytest.mark.parametrize(
+    "family", ["random", "layernorm", "outliers", "massive activations", "dead and duplicated"]
+)
+def test_mixed_precision_error_is_bounded(family):
+    """precision="mixed" (float32 batch Grams, float64 sums) stays within MIXED_TOL of float64
+    on the hostile inputs, and within MIXED_TOL + TOL of lstsq."""
+    rng = np.random.default_rng(20)
+    x, ids = _hostile(rng, family)
+    exact = _streamed(x, ids).compute().numpy()
+    mixed = _streamed(x, ids, precision="mixed")
+    assert mixed.rtol == 1e-7  # the mixed default: above the float32 Gram's noise floor
+    got = mixed.compute().numpy()
+    assert 0 < np.abs(got - exact).max() <= MIXED_TOL  # > 0: the float32 product really ran
+    want = np.array([ols_pr(f, ids.astype(np.float64)) for f in x])
+    np.testing.assert_allclose(got, want, rtol=0, atol=MIXED_TOL + TOL)
+
+
+def test_mixed_precision_ignores_global_tf32_and_bf16_matmul_settings():
+    """A user's TF32 / bf16 float32-matmul setting must not reach the Gram; it is restored."""
+    rng = np.random.default_rng(21)
+    x, ids = _hostile(rng, "layernorm")
+    exact = _streamed(x, ids).compute().numpy()
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    before = (cuda.fp32_precision, mkldnn.fp32_precision)
+    try:
+        cuda.fp32_precision, mkldnn.fp32_precision = "tf32", "bf16"
+        a = torch.from_numpy(x[0]).float()
+        trap = ((a.T @ a).double() - torch.from_numpy(x[0].T @ x[0])).abs().max().item()
+        got = _streamed(x, ids, precision="mixed").compute().numpy()
+        assert (cuda.fp32_precision, mkldnn.fp32_precision) == ("tf32", "bf16")
+    finally:
+        cuda.fp32_precision, mkldnn.fp32_precision = before
+    assert np.abs(got - exact).max() <= MIXED_TOL
+    # on CPUs with bf16 matmul (AMX) the setting is live: plain float32 products degrade
+    if trap > 1.0:
+        assert np.abs(got - exact).max() < 1e-3 * trap
+
+
+def test_exact_float32_matmul_restores_the_legacy_setting():
+    torch.set_float32_matmul_precision("high")  # the legacy API, as many training scripts do
+    try:
+        with exact_float32_matmul():
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+@pytest.mark.parametrize("target", ["token_id", "onehot"])
+def test_products_on_the_features_device_match(precision, target):
+    """compute_on="features": each product is formed where the features are and added into the
+    statistics (here both on CPU: the same code path a GPU takes, minus the copy)."""
+    rng = np.random.default_rng(22)
+    x, ids = _data(rng, n=700, d=24, vocab=30)
+    x[:, :, 2] += 500.0
+    classes = torch.unique(torch.from_numpy(ids)) if target == "onehot" else None
+    options = {"target": target, "classes": classes, "precision": precision}
+    here = _streamed(x, ids, batch=128, **options)
+    there = _streamed(x.astype(np.float32), ids, batch=128, compute_on="features", **options)
+    want = _streamed(x.astype(np.float32), ids, batch=128, **options)
+    assert there.device == torch.device("cpu") and there.sum_xx.dtype == torch.float64
+    for name in ("sum_x", "sum_xx", "sum_xy", "sum_y", "sum_yy", "count"):
+        torch.testing.assert_close(getattr(there, name), getattr(want, name), rtol=1e-12, atol=0)
+    torch.testing.assert_close(there.compute(), here.compute(), rtol=0, atol=1e-6)
+
+
+def test_update_leaves_float64_features_alone():
+    rng = np.random.default_rng(23)
+    x, ids = _data(rng, n=100, d=8)
+    xt = torch.from_numpy(x)
+    before = xt.clone()
+    for options in ({}, {"compute_on": "features"}, {"precision": "mixed"}):
+        ResidualStats(3, 8, **options).update(xt, torch.from_numpy(ids))
+        assert torch.equal(xt, before)
+
+
+@pytest.mark.parametrize("target", ["token_id", "onehot"])
+def test_bounded_workspace_gives_the_same_result(monkeypatch, target):
+    """One entry at a time (the smallest workspace) in update, rebase and solve."""
+    rng = np.random.default_rng(24)
+    x, ids = _data(rng, layers=5, n=400, d=16, vocab=25)
+    x[:, :, 1] += 40.0
+    classes = torch.unique(torch.from_numpy(ids)) if target == "onehot" else None
+    whole = _streamed(x, ids, batch=150, target=target, classes=classes)
+    monkeypatch.setattr(residual, "WORKSPACE_BYTES", 1)
+    parts = _streamed(x, ids, batch=150, target=target, classes=classes)
+    other = _streamed(x[:, ::-1] + 1.0, ids[::-1], batch=150, target=target, classes=classes)
+    torch.testing.assert_close(parts.compute(), whole.compute(), rtol=0, atol=1e-12)
+    merged = parts.clone().merge(other)  # merge re-bases entry group by entry group
+    monkeypatch.setattr(residual, "WORKSPACE_BYTES", 2**28)
+    torch.testing.assert_close(
+        merged.compute(), whole.clone().merge(other).compute(), atol=1e-12, rtol=0
+    )
+
+
+def test_bad_options_named():
+    with pytest.raises(ValueError, match=r"Unknown precision 'bf16'"):
+        ResidualStats(1, 4, precision="bf16")
+    with pytest.raises(ValueError, match=r"Unknown compute_on 'gpu'"):
+        ResidualStats(1, 4, compute_on="gpu")
+    assert ResidualStats(1, 4).rtol == 1e-11 and ResidualStats(1, 4, precision="mixed").rtol == 1e-7

@@ -1,0 +1,333 @@
+"""The least-squares solve behind a prediction residual, for a batch of entries.
+
+For one entry, OLS with intercept explains ``E = bᵀ G⁺ b`` of the target's sum of squares,
+where ``G`` is the centered Gram of the features (``d × d``) and ``b`` the centered cross term
+(``d × K``; ``bᵀ G⁺ b`` is summed over the ``K`` outputs). :class:`~lawwatch.residual.ResidualStats`
+turns it into ``PR = 1 - E / TSS``. Only this number is needed, not eigenvectors, so the solve
+can be a Cholesky factorization (``d³/3`` flops) instead of an eigendecomposition (~9 d³, at a
+lower flop rate): 12x faster at d = 2048 and 23-29x at d = 4096 on one CPU core
+(``bench/bench_solve.py``, BENCHMARKS.md).
+
+**Scaling.** ``G`` is scaled to unit diagonal (a correlation matrix ``C = S G S``, ``b → S b``);
+the least-squares projection does not depend on column scale, and the rank decision then does
+not either. A column whose centered sum of squares is under ``64 * eps`` of its sum of squares
+about the shift is constant up to rounding and is dropped as dead.
+
+**Rank rule.** Directions of the (standardized) coefficient space whose Rayleigh quotient on
+``C`` is below ``cut = rtol * λ_max(C)`` are dropped, and the target is projected onto the span
+of the rest. Default ``rtol = 1e-11``, i.e. singular values of the standardized design under
+~3e-6 of the largest. Why this value: the float64 Gram's noise floor is about ``d * eps``
+relative (under 2e-12 even at d = 8192), so exact null directions are cut; genuine directions of
+real features (tested down to ~6e-11 after a massive-activation LayerNorm) are kept; directions
+holding only float32 rounding noise (singular value ~1e-7 of the largest, eigenvalue ~1e-14) are
+dropped, where ``numpy.linalg.lstsq`` at machine precision keeps them and fits noise (an error
+~1/n in PR). bf16 rounding noise (~1e-3) cannot be told from signal by any tolerance: compute
+normalized features in float64.
+
+Two paths apply the rule:
+
+* **Eigendecomposition (the reference, ``method="eigh"``).** ``C = V Λ Vᵀ``; eigenvectors with
+  ``λ < cut`` are dropped (the pseudo-inverse with a relative eigenvalue cutoff). It handles any
+  spectrum, at 6-29x the cost (d = 768 … 4096).
+* **Cholesky (the fast path, ``method="auto"``).** A LayerNorm output always has an exact null
+  direction (its features sum to zero for every token), so a plain Cholesky of ``C`` would break
+  down; the fast path takes one column out first. Let ``j`` be the live column with the largest
+  variance (for a LayerNorm with unit weight the null direction is proportional to the column
+  standard deviations, so ``j`` is its largest component: removing it removes the null
+  direction) and ``A`` the correlation matrix of the other columns, ``c`` their correlations
+  with column ``j``. ``A = R Rᵀ`` is factored, and the entry stays on this path only if:
+
+  1. ``λ_min(A) ≥ 10 * rtol * ‖C‖_F`` (the factorization succeeded; the smallest squared pivot
+     and two steps of block inverse iteration from random starts, both upper bounds on
+     ``λ_min(A)`` and tight for an isolated small eigenvalue, pass). As ``‖C‖_F ≥ λ_max``, by
+     eigenvalue interlacing every eigenvalue of ``C`` but the smallest is then at least ten
+     times the cut: the eigen rule keeps them all, and the only candidate for the cut is the
+     dependency of column ``j`` on the others, ``q = (-A⁻¹c, 1)``.
+  2. Its Rayleigh quotient ``μ = z / (1 + |A⁻¹c|²)`` (``z = 1 - cᵀA⁻¹c``, column ``j``'s
+     residual variance given the others) is decidable against the cut: ``μ < rtol`` (below the
+     cut, as ``λ_max ≥ 1`` for a correlation matrix) drops ``q`` and the target is projected
+     onto the other columns; ``μ ≥ rtol * ‖C‖_F`` (above the cut) keeps it: the exact inverse,
+     through the Schur complement ``z``.
+
+  As ``μ ≥ λ_min(C)``, a drop here is a drop for the eigen rule too. A keep can differ from it
+  only if ``λ_min(C) < cut ≤ μ``; ``μ`` exceeds ``λ_min(C)`` by at most ``μ² |A⁻¹c|² /
+  (λ_2 - μ)`` (Temple's bound), so only within a band of relative width ``μ |A⁻¹c|² / λ_min(A)
+  ≤ |A⁻¹c|² / 10`` above the cut, where any tolerance is arbitrary. The result is always the
+  exact least-squares projection onto a set of columns. Where both paths drop the direction,
+  the fast path removes column ``j``'s residual given the others and the eigen path the exact
+  eigenvector; the two differ by the small tilt between them (7e-10 in PR in the tests, for a
+  direction at 1e-15 of ``λ_max`` that carries target signal; 0 for an exact null direction).
+
+The fast path is used for every entry that passes both checks. The others go to the
+eigendecomposition: two or more (near-)dependent directions (duplicated or linearly dependent
+columns, several exact null directions), a genuine direction within a factor ``10 ‖C‖_F / λ_max``
+of the cut, or ``μ`` between ``rtol`` and ``rtol * ‖C‖_F``. So the rule applied is the eigen
+rule wherever the fast path cannot show that it makes the same decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Method = Literal["auto", "eigh"]
+METHODS: tuple[str, ...] = ("auto", "eigh")
+
+DEFAULT_RTOL = 1e-11
+GUARD = 10.0  # the fast path needs λ_min(A) >= GUARD * rtol * ‖C‖_F
+_EPS = torch.finfo(torch.float64).eps
+_BLOCK = 4  # start vectors of the inverse iteration
+_INVERSE_STEPS = 2  # block inverse iteration for λ_min(A)
+_PANEL = 64  # columns per block of the Cholesky factorization
+_CACHE_ELEMENTS = 2**17  # ~1 MB of float64: a row block of C built while it sits in cache
+_OUTPUT_CHUNKS = 8  # one-hot: the solve's workspace is ~1/8 of the cross term per copy
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Explained sums of squares of a batch of entries, and how each was solved.
+
+    Attributes:
+        explained: ``(entries,)`` float64 ``bᵀ G⁺ b`` (summed over outputs).
+        eigh: ``(entries,)`` bool, True where the eigendecomposition solved the entry.
+    """
+
+    explained: torch.Tensor
+    eigh: torch.Tensor
+
+
+def explained_sum_of_squares(
+    sum_uu: torch.Tensor,
+    sum_u: torch.Tensor,
+    count: torch.Tensor | float,
+    cross: Callable[[slice], torch.Tensor],
+    num_outputs: int,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    method: Method = "auto",
+) -> Solution:
+    """``bᵀ G⁺ b`` for every entry, under the rank rule of :mod:`lawwatch.solver`.
+
+    Args:
+        sum_uu: ``(entries, d, d)`` float64 Gram ``Σuuᵀ`` of the features about a shift (not
+            modified). The centered Gram is ``G = Σuuᵀ - Σu Σuᵀ / n``.
+        sum_u: ``(entries, d)`` the shifted features' sums ``Σu``.
+        count: ``n``.
+        cross: ``cross(part)`` returns the ``(entries, d, k)`` centered cross term ``b`` for
+            the outputs ``part`` (a slice of ``range(num_outputs)``); called once per chunk
+            of outputs, so a one-hot ``b`` is never copied whole.
+        num_outputs: ``K``.
+        rtol: Relative eigenvalue tolerance of the rank rule.
+        method: ``"auto"`` (Cholesky fast path, eigendecomposition where it cannot be used)
+            or ``"eigh"`` (the eigendecomposition for every entry).
+
+    Returns:
+        The explained sums of squares and which entries the eigendecomposition solved.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown solve method {method!r}; choose one of {METHODS}.")
+    entries, device = sum_uu.shape[0], sum_uu.device
+    raw = sum_uu.diagonal(dim1=1, dim2=2)  # (entries, d)
+    var = raw - sum_u * sum_u / count  # the centered diagonal
+    alive = var > 64 * _EPS * raw
+    scale = torch.where(alive, var.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+    corr, frobenius = _correlation(sum_uu, sum_u, float(count), scale)  # C: dead rows/cols 0
+
+    fast, spectral = None, None
+    if method == "auto":
+        fast = _Cholesky(corr, alive, var, frobenius, rtol)
+        use_eigh = ~fast.ok
+    else:
+        use_eigh = torch.ones(entries, dtype=torch.bool)
+    eigh_index = use_eigh.nonzero().flatten().to(device)
+    if fast is None:
+        spectral = _Eigh(corr, rtol)
+    elif eigh_index.numel() > 0:
+        log.debug("lawwatch solve: entries %s use the eigendecomposition", eigh_index.tolist())
+        spectral = _Eigh(fast.original(eigh_index), rtol)
+    del corr  # from here on the fast path's factor and the eigen path's vectors hold the work
+
+    explained = torch.zeros(entries, dtype=torch.float64, device=device)
+    chunk = max(1, -(-num_outputs // _OUTPUT_CHUNKS)) if num_outputs > 1 else 1
+    for start in range(0, num_outputs, chunk):
+        b = cross(slice(start, start + chunk)) * scale.unsqueeze(2)  # (entries, d, k)
+        if fast is not None:
+            explained += torch.where(fast.ok.to(device), fast.explained(b), 0.0)
+        if spectral is not None:
+            explained[eigh_index] += spectral.explained(b[eigh_index])
+    return Solution(explained, use_eigh.to(device))
+
+
+def _correlation(
+    sum_uu: torch.Tensor, sum_u: torch.Tensor, count: float, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C = S (Σuuᵀ - Σu Σuᵀ / n) S`` and its Frobenius norm, in one pass over memory.
+
+    On CPU the rows are built a cache-sized block at a time, so the three elementwise steps and
+    the norm read the block from cache; on other devices in one go.
+    """
+    entries, d = sum_uu.shape[0], sum_uu.shape[1]
+    corr = torch.empty_like(sum_uu)
+    mean = sum_u * scale  # (entries, d): the scaled sums
+    squares = torch.zeros(entries, dtype=sum_uu.dtype, device=sum_uu.device)
+    step = max(1, _CACHE_ELEMENTS // (entries * d)) if sum_uu.device.type == "cpu" else d
+    for lo in range(0, d, step):
+        rows = slice(lo, min(lo + step, d))
+        block = corr[:, rows]  # (entries, rows, d) view
+        torch.mul(sum_uu[:, rows], scale[:, rows].unsqueeze(2), out=block)
+        block.mul_(scale.unsqueeze(1))
+        block.addcmul_(mean[:, rows].unsqueeze(2), mean.unsqueeze(1), value=-1.0 / count)
+        squares += block.square().sum(dim=(1, 2))
+    return corr, squares.sqrt()
+
+
+class _Eigh:
+    """The reference path: ``C = V Λ Vᵀ``, eigenvalues under the cut dropped."""
+
+    def __init__(self, corr: torch.Tensor, rtol: float) -> None:
+        evals, self.evecs = torch.linalg.eigh(corr)  # (e, d), (e, d, d); ascending
+        keep = evals > rtol * evals[:, -1:].clamp_min(0.0)
+        self.inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)  # (e, d)
+
+    def explained(self, b: torch.Tensor) -> torch.Tensor:
+        proj = self.evecs.transpose(1, 2) @ b  # (e, d, k)
+        return (self.inv.unsqueeze(2) * proj * proj).sum(dim=(1, 2))
+
+
+class _Cholesky:
+    """The fast path: Cholesky of ``C`` without its largest-variance column, plus a border.
+
+    Decides per entry whether the path applies (``ok``) and, if so, whether the removed
+    column is kept (``keep``). The factor is written over the lower triangle of ``corr``; its
+    strict upper triangle still holds ``C`` (restored where the factoring changed it), from
+    which :meth:`original` rebuilds ``C`` for the entries the eigen path takes.
+    """
+
+    def __init__(
+        self,
+        corr: torch.Tensor,
+        alive: torch.Tensor,
+        var: torch.Tensor,
+        frobenius: torch.Tensor,
+        rtol: float,
+    ) -> None:
+        entries, d = corr.shape[0], corr.shape[1]
+        device = corr.device
+        rows = torch.arange(entries, device=device)
+        # the column taken out: the live one of largest variance (dead columns have var ~ 0)
+        last = torch.where(alive, var, -1.0).argmax(dim=1)  # (entries,)
+        self.rows, self.last, self.alive = rows, last, alive
+        column = corr[rows, :, last].clone()  # (entries, d), its own diagonal is 1
+        # A: C with row and column `last` replaced by a unit vector, dead columns by unit
+        # vectors too (their rows and columns are already 0): the same inverse on the rest
+        corr[rows, last, :] = 0.0
+        corr[rows, :, last] = 0.0
+        diagonal = corr.diagonal(dim1=1, dim2=2)
+        diagonal[rows, last] = 1.0
+        diagonal.masked_fill_(~alive, 1.0)
+        failed = _cholesky_lower_(corr)  # lower triangle of corr := R, A = R Rᵀ
+        self.factor = corr
+        # the strict upper triangle of row and column `last`, zeroed above, holds C again
+        index = torch.arange(d, device=device)
+        above = index.unsqueeze(0) > last.unsqueeze(1)  # (entries, d): j > last
+        corr[rows, last, :] = torch.where(above, column, corr[rows, last, :])
+        below = index.unsqueeze(0) < last.unsqueeze(1)
+        corr[rows, :, last] = torch.where(below, column, corr[rows, :, last])
+
+        # border: A⁻¹c and the Schur complement z of the removed column, solved together
+        # with the first step of the inverse iteration (one pass over R each way)
+        c = column
+        c[rows, last] = 0.0
+        start = torch.randn(
+            entries, d, _BLOCK, generator=_generator(device), dtype=corr.dtype, device=device
+        )
+        start = start / start.norm(dim=1, keepdim=True)
+        forward = torch.linalg.solve_triangular(
+            corr, torch.cat([c.unsqueeze(2), start], dim=2), upper=False
+        )  # R⁻¹[c, Y]
+        solved = _back(corr, forward)  # A⁻¹[c, Y]: (entries, d, 1 + _BLOCK)
+        self.w = solved[:, :, :1]  # A⁻¹c
+        self.z = 1.0 - forward[:, :, 0].square().sum(dim=1)  # (entries,)
+        mu = self.z / (1.0 + self.w.square().sum(dim=(1, 2)))  # Rayleigh quotient of q
+        y = solved[:, :, 1:]
+        growth = y.norm(dim=1)  # (entries, block): |A⁻¹y| <= 1 / λ_min for |y| = 1
+        for _ in range(_INVERSE_STEPS - 1):
+            y = y / growth.unsqueeze(1)
+            y = _back(corr, torch.linalg.solve_triangular(corr, y, upper=False))  # A⁻¹y
+            growth = y.norm(dim=1)
+        pivots = corr.diagonal(dim1=1, dim2=2).square().amin(dim=1)  # >= λ_min(A)
+        smallest = torch.minimum(pivots, 1.0 / growth.amax(dim=1))  # both upper bounds
+
+        high = rtol * frobenius  # >= the cut rtol·λ_max; rtol itself is <= it (λ_max >= 1)
+        ok = ~failed & (smallest >= GUARD * high)
+        ok &= (mu < rtol) | (mu >= high)  # else μ may lie on either side of the cut
+        self.keep = alive[rows, last] & (mu >= high)
+        self.ok = (ok & torch.isfinite(mu) & torch.isfinite(smallest)).cpu()  # host sync
+
+    def original(self, index: torch.Tensor) -> torch.Tensor:
+        """``C`` of the entries ``index``, rebuilt from the strict upper triangle."""
+        upper = self.factor[index].triu(1)  # (e, d, d)
+        full = upper + upper.transpose(1, 2)
+        full.diagonal(dim1=1, dim2=2).copy_(self.alive[index].to(full.dtype))
+        return full
+
+    def explained(self, b: torch.Tensor) -> torch.Tensor:
+        """``bᵀ C⁺ b`` under the decision taken: ``|R⁻¹b_A|²`` plus the border's share."""
+        b = b.clone()
+        b_last = b[self.rows, self.last, :]  # (entries, k)
+        b[self.rows, self.last, :] = 0.0  # b_A
+        s = torch.linalg.solve_triangular(self.factor, b, upper=False)  # R⁻¹ b_A
+        total = s.square().sum(dim=(1, 2))
+        t = b_last - (self.w.transpose(1, 2) @ b).squeeze(1)  # b_last - cᵀA⁻¹b_A: (entries, k)
+        z = torch.where(self.keep, self.z, 1.0)
+        return total + torch.where(self.keep, t.square().sum(dim=1) / z, 0.0)
+
+
+def _cholesky_lower_(a: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of each symmetric ``a`` written over its lower triangle, in place.
+
+    Blocked, left-looking: block column ``j`` is updated by one matrix product with the
+    finished columns to its left, its diagonal block factored, the rest solved against it.
+    Only the lower triangle is read or written, so the strict upper triangle keeps ``a``.
+    This runs at matrix-product speed (on CPU about twice LAPACK's ``potrf`` through torch).
+
+    Returns:
+        ``(entries,)`` bool: True where a diagonal block was not positive definite (that
+        entry's factor is then meaningless, but finite).
+    """
+    entries, d = a.shape[0], a.shape[1]
+    failed = torch.zeros(entries, dtype=torch.bool, device=a.device)
+    eye = torch.eye(min(_PANEL, d), dtype=a.dtype, device=a.device)
+    for j in range(0, d, _PANEL):
+        jb = min(_PANEL, d - j)
+        panel = a[:, j:, j : j + jb]  # (e, d - j, jb): still the original lower part
+        if j > 0:
+            left = a[:, j:, :j]  # finished factor columns, rows j..d
+            panel = torch.baddbmm(panel, left, left[:, :jb].transpose(1, 2), alpha=-1.0)
+        diag, info = torch.linalg.cholesky_ex(panel[:, :jb])  # reads the lower triangle
+        bad = info != 0
+        failed |= bad
+        diag = torch.where(bad.view(-1, 1, 1), eye[:jb, :jb], diag)
+        block = a[:, j : j + jb, j : j + jb]
+        block.copy_(diag + block.triu(1))  # the factor below the diagonal, ``a`` above
+        if j + jb < d:  # rows below the block: X Rⱼⱼᵀ = panel
+            a[:, j + jb :, j : j + jb] = torch.linalg.solve_triangular(
+                diag.transpose(1, 2), panel[:, jb:], upper=True, left=False
+            )
+    return failed
+
+
+def _back(factor: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``R⁻ᵀ y`` (``torch.cholesky_solve`` is several times slower on CPU than two of these)."""
+    return torch.linalg.solve_triangular(factor.transpose(1, 2), y, upper=True)
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """A fixed seed: the inverse iteration's start vectors, hence the results, reproducible."""
+    return torch.Generator(device=device).manual_seed(0x5EED)
