@@ -292,13 +292,21 @@ class History:
 
         The record is one line written, flushed and synced to disk at once: after a crash it is
         whole or (but for a torn tail, which the next :class:`~lawwatch.sinks.LocalHistory`
-        sets aside) absent. The PR matrix is then replaced whole.
+        sets aside) absent; a write that fails (a full disk) leaves no part of it, in the file
+        or in this history. The PR matrix is then replaced whole.
         """
         line = (json.dumps(record) + "\n").encode()
         with (Path(directory) / HISTORY_FILE).open("ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+            end = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:  # a full disk: no part of a record stays to join the next one
+                f.truncate(end)
+                if self.records and self.records[-1] is record:
+                    self.records.pop()  # nor does the record stay here (it would reach the matrix)
+                raise
         self.write_matrix(directory)
 
     def write_matrix(self, directory: str | Path) -> None:

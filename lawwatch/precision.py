@@ -19,7 +19,8 @@ code runs as the model's code defines it, without recompiling for the probe's sh
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,5 +109,9 @@ def plain_forward(model: nn.Module) -> Iterator[None]:
     """The context of a probe forward through ``model``: eager, autocast off, weights' dtype."""
     param = next(model.parameters(), None)
     device = param.device.type if param is not None else "cpu"
-    with _accelerate_forward_unwrapped(model), torch.autocast(device, enabled=False), _eager():
+    try:
+        no_autocast: Any = torch.autocast(device, enabled=False)
+    except RuntimeError:  # a device type autocast does not know: nothing to turn off
+        no_autocast = nullcontext()
+    with _accelerate_forward_unwrapped(model), no_autocast, _eager():
         yield

@@ -134,6 +134,27 @@ def test_rewrites_replace_whole_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [HISTORY_FILE, MATRIX_FILE]
 
 
+def test_a_failed_append_leaves_no_part_of_its_record(tmp_path, monkeypatch):
+    """A full disk while appending: the record is absent, the next one lands on its own line."""
+    written(tmp_path)
+    before = (tmp_path / HISTORY_FILE).read_bytes()
+    local = LocalHistory(tmp_path)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", full)
+        with pytest.raises(OSError, match="No space"):
+            local.write(snap(8))
+    assert (tmp_path / HISTORY_FILE).read_bytes() == before
+    assert local.history.steps == [0, 1, 2, 4]
+    local.write(snap(16))
+    local.close()
+    assert steps_on_disk(tmp_path) == [0, 1, 2, 4, 16]
+    assert load_file(tmp_path / MATRIX_FILE)["steps"].tolist() == [0, 1, 2, 4, 16]
+
+
 def test_no_stale_matrix_is_left(tmp_path):
     written(tmp_path)
     local = LocalHistory(tmp_path)
