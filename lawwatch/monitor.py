@@ -88,7 +88,9 @@ class LawWatch:
     gather of hidden states), every process solves the same statistics, and rank 0 alone writes
     to the sinks. Which module runs the probe is decided from the model's wrapping (see
     :func:`lawwatch.models.measured_module`): the module inside DDP; the root of an FSDP
-    or ZeRO-3 model, on every rank.
+    or ZeRO-3 model, on every rank. The probe forward runs eagerly with autocast off, in the
+    weights' dtype (:mod:`lawwatch.precision`), and every record says what it was measured
+    with (:meth:`series`): a resumed history of another series is not continued.
 
     Args:
         model: The model being trained, as the training framework wraps it (DDP, FSDP, …).
