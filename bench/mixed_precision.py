@@ -1,10 +1,13 @@
 """How much does a bf16 forward move PR and the law? (CPU; a small GPT-2 trained here.)
 
-Under DDP lawwatch runs the probe through the module inside the wrapper, which accelerate's
-autocast does not reach: the forward is float32. Under FSDP2 with a bf16 ``MixedPrecisionPolicy``
-or DeepSpeed bf16 the forward is the training one, in bf16. Features are upcast to float64 in
-either case, but rounding already in the residual stream stays. This script trains the smoke
-config's model shape for a few hundred steps, then measures the same probe four ways.
+lawwatch runs the probe forward with autocast off, in the weights' dtype: float32 weights
+trained under bf16 autocast are measured in float32. Under FSDP2 with a bf16
+``MixedPrecisionPolicy`` or DeepSpeed bf16 the weights only exist in bf16 during a forward, so
+that is what is measured. Features are upcast to float64 in every case, but rounding already in
+the residual stream stays. This script trains the smoke config's model shape for a few hundred
+steps, then measures the same probe four ways: float32 (what lawwatch measures), float64, bf16
+autocast (what a forward inside training's autocast would give: the forward is wrapped in
+autocast as a training wrapper does it) and bf16 weights.
 
     python bench/mixed_precision.py [--steps 300] [--tiny]
 """
@@ -46,12 +49,14 @@ def main() -> None:
     probe = lawwatch.ProbeSet.from_texts(heldout, tok, max_length=128)
     print(probe)
 
-    # measure runs a Hugging Face model whole, from its root (as under FSDP2 and ZeRO-3), so an
-    # autocast region around it or bf16 weights reach the forward as they do there
-    reference = lawwatch.measure(model, probe)  # float32 forward: the DDP path
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerate's autocast, FSDP2 path
-        autocast_pr = lawwatch.measure(model, probe).pr
-    bf16_pr = lawwatch.measure(copy.deepcopy(model).to(torch.bfloat16), probe).pr  # ZeRO-3
+    def under_autocast(m: torch.nn.Module) -> torch.Tensor:
+        m = copy.deepcopy(m)  # its forward wrapped in bf16 autocast, inside lawwatch's context
+        m.forward = torch.autocast("cpu", dtype=torch.bfloat16)(m.forward)
+        return lawwatch.measure(m, probe).pr
+
+    reference = lawwatch.measure(model, probe)  # what lawwatch measures: the float32 forward
+    autocast_pr = under_autocast(model)
+    bf16_pr = lawwatch.measure(copy.deepcopy(model).to(torch.bfloat16), probe).pr  # ZeRO-3 bf16
     f64_pr = lawwatch.measure(copy.deepcopy(model).double(), probe).pr
     print(f"float32 forward: r={reference.fit.pearson_r:+.4f} rho={reference.fit.rho:.5f}")
     variants = {"float64": f64_pr, "bf16 autocast": autocast_pr, "bf16 weights": bf16_pr}

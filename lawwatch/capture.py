@@ -17,7 +17,8 @@ only rounding noise, which least squares would fit. So entries ``0 … L-1`` go 
 and entry ``L`` is the final norm re-applied in float64 to its captured input, with its weight
 and bias captured during the same forward (under FSDP and ZeRO-3 the parameters are only whole
 inside it). How each model family is run (from its root with ``logits_to_keep=1``, or as its
-base model) is :mod:`lawwatch.models`' knowledge.
+base model) is :mod:`lawwatch.models`' knowledge; the forward runs with autocast off, in the
+weights' dtype (:mod:`lawwatch.precision`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 
 from lawwatch.models import accepts, base_model, is_hf, undo_inference_rescaling
 from lawwatch.norms import NORMALIZE, Normalize, NormSpec, mismatch, normalizer, resolve_norm
+from lawwatch.precision import plain_forward
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
 
 __all__ = [
@@ -225,16 +227,18 @@ class Capture:
         try:
             for handle in self._hooks(hidden, positions):
                 handles.append(handle)
-            if self._hf:
-                inputs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
-                if self._logits_to_keep:
-                    # the whole model from its root (under FSDP and ZeRO-3 the forward must
-                    # enter there to gather parameters), with the logits of one position only
-                    self.model(**inputs, use_cache=False, logits_to_keep=1)
+            # autocast off, in the weights' dtype, whatever precision training runs at
+            with plain_forward(self.model):
+                if self._hf:
+                    inputs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
+                    if self._logits_to_keep:
+                        # the whole model from its root (under FSDP and ZeRO-3 the forward must
+                        # enter there to gather parameters), with the logits of one position
+                        self.model(**inputs, use_cache=False, logits_to_keep=1)
+                    else:
+                        self.base(**inputs, use_cache=False)
                 else:
-                    self.base(**inputs, use_cache=False)
-            else:
-                self.model(input_ids)
+                    self.model(input_ids)
         finally:
             for handle in handles:
                 handle.remove()

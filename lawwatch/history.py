@@ -11,8 +11,10 @@ matrix, steps × entries, float64).
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,23 @@ import torch
 
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, LawFit, emergence_step
 
-__all__ = ["HISTORY_FILE", "MATRIX_FILE", "History", "Snapshot", "entries", "law_points"]
+__all__ = [
+    "HISTORY_FILE",
+    "MATRIX_FILE",
+    "SERIES_FIELDS",
+    "History",
+    "Snapshot",
+    "entries",
+    "law_points",
+    "series",
+    "series_change",
+]
 
 HISTORY_FILE = "history.jsonl"
 MATRIX_FILE = "pr.safetensors"
 MATRIX_FORMAT = "lawwatch.history/1"
+
+log = logging.getLogger("lawwatch")
 
 _FIT_FIELDS = tuple(LawFit.__dataclass_fields__)  # rho, pearson_r, slope, intercept, r2
 _CORE_FIELDS = ("step", "pr", "layers", *_FIT_FIELDS, "n_tokens", "seconds")
@@ -106,6 +120,40 @@ def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
     """``(layers, log10 PR)`` of the entries the law is fitted on (the embeddings left out)."""
     pairs = [(e, v) for e, v in zip(entries(record), record["pr"], strict=True) if e != 0]
     return [e for e, _ in pairs], [math.log10(v) for _, v in pairs]
+
+
+# -- series -----------------------------------------------------------------------------------
+
+# what every record says it was measured with: the probe's content hash, the measurement options
+# (MeasureConfig.to_dict()) and the precision of the forward (lawwatch.precision)
+SERIES_FIELDS = ("probe", "config", "precision")
+# options that change what a snapshot costs, not what it measures: a change keeps the series
+COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes"})
+
+
+def series(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The series identity a record carries: those of :data:`SERIES_FIELDS` it holds."""
+    return {k: record[k] for k in SERIES_FIELDS if record.get(k) is not None}
+
+
+def series_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """How two series identities differ, one phrase per difference; empty for one series.
+
+    Only what both carry is compared (records written before these fields existed carry none;
+    an option one of them lacks came with another version), and options that change only the
+    cost (``batch_size``, ``max_onehot_bytes``) are left out.
+    """
+    changes = []
+    if before.get("probe") and after.get("probe") and before["probe"] != after["probe"]:
+        changes.append(f"probe (content hash {before['probe'][:12]}… → {after['probe'][:12]}…)")
+    old, new = before.get("config") or {}, after.get("config") or {}
+    for name in old:
+        if name in new and name not in COST_OPTIONS and old[name] != new[name]:
+            changes.append(f"{name}={old[name]!r} → {new[name]!r}")
+    old, new = before.get("precision"), after.get("precision")
+    if old and new and old != new:
+        changes.append(f"precision {old} → {new}")
+    return changes
 
 
 class History:
@@ -211,37 +259,163 @@ class History:
 
     @classmethod
     def read(cls, directory: str | Path) -> History:
-        """The history in ``directory`` (its ``history.jsonl``; empty if there is none)."""
-        path = Path(directory) / HISTORY_FILE
-        if not path.exists():
-            return cls()
-        with path.open() as f:
-            return cls(json.loads(line) for line in f if line.strip())
+        """The history in ``directory`` (its ``history.jsonl``; empty if there is none).
+
+        Lines that hold no record (a write cut short by a crash, garbage) are skipped with a
+        warning on the ``"lawwatch"`` logger; the file is left as it is
+        (:class:`~lawwatch.sinks.LocalHistory` repairs it when it opens the directory).
+        """
+        parsed = parse(Path(directory) / HISTORY_FILE)
+        if parsed.rejected:
+            log.warning(
+                "lawwatch: skipped %s of %s: %s",
+                _count(len(parsed.rejected), "unreadable line"),
+                Path(directory) / HISTORY_FILE,
+                parsed.describe(),
+            )
+        return parsed.history
 
     def write(self, directory: str | Path) -> None:
-        """Write ``history.jsonl`` and ``pr.safetensors`` in ``directory`` (created if missing)."""
+        """Replace ``history.jsonl`` and ``pr.safetensors`` in ``directory`` (created if missing).
+
+        Each file is written whole to a temporary file and then renamed over the old one, so a
+        crash leaves either the old file or the new one, never a part.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with (directory / HISTORY_FILE).open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        data = "".join(json.dumps(r) + "\n" for r in self.records).encode()
+        replace_file(directory / HISTORY_FILE, data)
         self.write_matrix(directory)
 
     def append_to(self, directory: str | Path, record: dict[str, Any]) -> None:
-        """Append ``record`` (already added with :meth:`append`) to the files in ``directory``."""
-        with (Path(directory) / HISTORY_FILE).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append ``record`` (already added with :meth:`append`) to the files in ``directory``.
+
+        The record is one line written, flushed and synced to disk at once: after a crash it is
+        whole or (but for a torn tail, which the next :class:`~lawwatch.sinks.LocalHistory`
+        sets aside) absent; a write that fails (a full disk) leaves no part of it, in the file
+        or in this history. The PR matrix is then replaced whole.
+        """
+        line = (json.dumps(record) + "\n").encode()
+        with (Path(directory) / HISTORY_FILE).open("ab") as f:
+            end = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:  # a full disk: no part of a record stays to join the next one
+                f.truncate(end)
+                if self.records and self.records[-1] is record:
+                    self.records.pop()  # nor does the record stay here (it would reach the matrix)
+                raise
         self.write_matrix(directory)
 
     def write_matrix(self, directory: str | Path) -> None:
-        """Write ``pr.safetensors`` (``steps``, ``layers``, ``pr``) if :meth:`pr_matrix` has one."""
-        from safetensors.torch import save_file
+        """Write ``pr.safetensors`` (``steps``, ``layers``, ``pr``) if :meth:`pr_matrix` has one.
 
+        Replaced whole (see :meth:`write`); removed when the records hold no matrix, so the
+        file never describes another set of records.
+        """
+        from safetensors.torch import save
+
+        path = Path(directory) / MATRIX_FILE
         matrix = self.pr_matrix()
         if matrix is None:
+            path.unlink(missing_ok=True)
             return
         steps, layers, pr = matrix
-        save_file(
-            {"steps": steps, "layers": layers, "pr": pr},
-            str(Path(directory) / MATRIX_FILE),
-            metadata={"format": MATRIX_FORMAT},
-        )
+        tensors = {"steps": steps, "layers": layers, "pr": pr}
+        replace_file(path, save(tensors, metadata={"format": MATRIX_FORMAT}))
+
+
+# -- files on disk ----------------------------------------------------------------------------
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+@dataclass
+class Parsed:
+    """What a ``history.jsonl`` holds, as read line by line.
+
+    Attributes:
+        history: The records of the lines that hold one, steps increasing.
+        rejected: ``(line number, raw bytes)`` of every line that does not: not JSON (a write
+            cut short, garbage), not a record with an integer step, or a step not after the
+            one before.
+        unterminated: The last line (a whole record) lacks its newline: the next append would
+            join it.
+    """
+
+    history: History
+    rejected: list[tuple[int, bytes]]
+    unterminated: bool
+
+    @property
+    def clean(self) -> bool:
+        """Whether the file can be appended to as it is."""
+        return not self.rejected and not self.unterminated
+
+    def describe(self) -> str:
+        """The rejected lines, for a message."""
+        shown = [f"line {n}: {_damage(raw)}" for n, raw in self.rejected[:3]]
+        more = len(self.rejected) - len(shown)
+        return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def _damage(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace").strip()
+    if text.startswith("{") and not text.endswith("}"):
+        return "a record cut short, as a crash during a write leaves it"
+    return f"not a record: {text[:40]!r}"
+
+
+def parse(path: Path) -> Parsed:
+    """Read ``path`` (a ``history.jsonl``; missing means empty), keeping every whole record."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return Parsed(History(), [], False)
+    history, rejected = History(), []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            history.append(record)  # refuses a record without an int step, or out of order
+        except (ValueError, TypeError, AttributeError):
+            rejected.append((number, raw))
+    # a whole last record without its newline (a torn one is rejected above)
+    last = data.count(b"\n") + 1
+    unterminated = not data.endswith(b"\n") and bool(data.rsplit(b"\n", 1)[-1].strip())
+    unterminated = unterminated and not any(n == last for n, _ in rejected)
+    return Parsed(history, rejected, unterminated)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a synced temporary file renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot open)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

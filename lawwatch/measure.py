@@ -14,11 +14,12 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.law import fit_law
 from lawwatch.models import check_probe
+from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.residual import ResidualStats
 from lawwatch.targets import Targets
 
-__all__ = ["accumulate", "measure", "model_device", "prepare", "solve"]
+__all__ = ["accumulate", "identity", "measure", "model_device", "prepare", "solve"]
 
 # below this many examples per feature dimension PR is noisy (OLS with d + 1 parameters)
 _EXAMPLES_PER_DIM = 10
@@ -50,6 +51,20 @@ def solve(stats: ResidualStats, *, seconds: float, step: int | None = None) -> S
         step=step,
         layers=stats.layers,
     )
+
+
+def identity(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> dict[str, Any]:
+    """What a record says it was measured with: ``probe``, ``config`` and ``precision``.
+
+    The probe's content hash, the options (:meth:`MeasureConfig.to_dict`) and the precision of
+    the forward through ``model`` (:func:`lawwatch.precision.forward_precision`): records that
+    differ in any of them are different series (:func:`lawwatch.history.series_change`).
+    """
+    return {
+        "probe": probe.content_hash(),
+        "config": config.to_dict(),
+        "precision": forward_precision(model),
+    }
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -167,7 +182,8 @@ def measure(
             (``measure(model, probe, target="onehot", layers=4)``).
 
     Returns:
-        A :class:`~lawwatch.history.Snapshot` (``step`` unset).
+        A :class:`~lawwatch.history.Snapshot` (``step`` unset; its ``extra`` holds what it was
+        measured with: see :func:`identity`).
 
     Raises:
         TypeError: An option that is not a field of MeasureConfig.
@@ -183,4 +199,6 @@ def measure(
             f"The probe gives no example at offset={config.offset}; build it with sequences of "
             "at least two tokens."
         )
-    return solve(stats, seconds=time.perf_counter() - start)
+    snapshot = solve(stats, seconds=time.perf_counter() - start)
+    snapshot.extra.update(identity(model, probe, config))
+    return snapshot

@@ -5,6 +5,8 @@
 * DDP, ``DataParallel``, DeepSpeed's engine and ``torch.compile`` replicate or compile it
   without changing what it computes. They are stripped before a probe forward: DDP's forward
   would broadcast buffers, and every replica holds the full weights anyway.
+* PEFT's ``PeftModel`` with adapters inside the model's modules (LoRA, IA³, …) is stripped
+  too: the Hugging Face model within runs the adapters, with ``logits_to_keep=1``.
 * FSDP (1 and 2) and DeepSpeed ZeRO-3 shard the weights, so every forward is a collective that
   must enter at the *root* module: its forward hooks gather the parameters no inner unit owns
   (embeddings, final norm), and FSDP2 makes the first module ever to run forward its root. A
@@ -79,14 +81,28 @@ def _fsdp_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _injected_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT wrapper whose adapters live inside the model's own modules.
+
+    LoRA, IA³ and the other tuners replace layers inside the model, so the model within runs
+    the adapters; prompt-learning adapters add virtual tokens in the wrapper's forward instead.
+    """
+    peft = sys.modules.get("peft")  # a model can only be one if peft was imported
+    if peft is None or not isinstance(model, peft.PeftModel):
+        return False
+    return not getattr(model.active_peft_config, "is_prompt_learning", True)
+
+
 def _strip_replication(model: nn.Module) -> nn.Module:
-    """Remove DDP / DataParallel / DeepSpeedEngine / ``torch.compile`` wrappers."""
+    """Remove DDP / DataParallel / DeepSpeedEngine / ``torch.compile`` / PEFT wrappers."""
     while True:
         replicated = isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel)
         if replicated or type(model).__name__ == "DeepSpeedEngine":  # DeepSpeed is optional
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
             model = model._orig_mod
+        elif _injected_peft(model):  # the model inside runs the adapters, logits_to_keep too
+            model = model.get_base_model()
         else:
             return model
 
@@ -116,7 +132,8 @@ def measured_module(
 ) -> nn.Module:
     """The module a probe forward runs through, for ``model`` as training wraps it.
 
-    Replication wrappers are stripped (DDP, DataParallel, DeepSpeedEngine, ``torch.compile``);
+    Replication wrappers are stripped (DDP, DataParallel, DeepSpeedEngine, ``torch.compile``,
+    PEFT's ``PeftModel`` around adapters injected into the model's modules);
     anything else — a sharded FSDP or ZeRO-3 root included, whose forward the capture runs from
     the root with ``logits_to_keep=1`` — is returned as is.
 

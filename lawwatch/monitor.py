@@ -21,10 +21,11 @@ from torch import nn
 
 from lawwatch.config import MeasureConfig
 from lawwatch.distributed import Layout, layout, vote
-from lawwatch.history import History, Snapshot
+from lawwatch.history import History, Snapshot, series, series_change
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.measure import accumulate, model_device, prepare, solve
 from lawwatch.models import measured_module
+from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
 from lawwatch.residual import ResidualStats
 from lawwatch.sinks import Sink, Sinks
@@ -87,7 +88,9 @@ class LawWatch:
     gather of hidden states), every process solves the same statistics, and rank 0 alone writes
     to the sinks. Which module runs the probe is decided from the model's wrapping (see
     :func:`lawwatch.models.measured_module`): the module inside DDP; the root of an FSDP
-    or ZeRO-3 model, on every rank.
+    or ZeRO-3 model, on every rank. The probe forward runs eagerly with autocast off, in the
+    weights' dtype (:mod:`lawwatch.precision`), and every record says what it was measured
+    with (:meth:`series`): a resumed history of another series is not continued.
 
     Args:
         model: The model being trained, as the training framework wraps it (DDP, FSDP, …).
@@ -147,8 +150,10 @@ class LawWatch:
         self.history = History()
         self.last_step: int | None = None
         self._shards: dict[tuple[int, int], ProbeSet] = {}
+        self._probe_hash = probe.content_hash()
         # 48 bits of the probe's content hash: the vote checks every rank holds the same probe
-        self._probe_key = int(probe.content_hash()[:12], 16)
+        self._probe_key = int(self._probe_hash[:12], 16)
+        self._precision: str | None = None  # of the latest forward
 
     # -- schedule -----------------------------------------------------------------------------
 
@@ -204,6 +209,7 @@ class LawWatch:
         except Exception as error:  # identical statistics fail identically on every rank
             log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
             return None
+        snapshot.extra.update(self.series(self._precision))
         self.history.append(snapshot)
         if where.rank == 0:
             self.sinks.write(snapshot)
@@ -215,6 +221,7 @@ class LawWatch:
         stats = None
         try:
             model = measured_module(self.model, self.unwrap)
+            self._precision = forward_precision(model)
             device = model_device(model)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 # the RNG state is left as found
@@ -247,6 +254,19 @@ class LawWatch:
             log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
         return reason is None
 
+    # -- the series ----------------------------------------------------------------------------
+
+    def series(self, precision: str | None = None) -> dict[str, Any]:
+        """What this monitor's records say they were measured with (every record holds it).
+
+        ``probe`` (the probe's content hash), ``config`` (:meth:`MeasureConfig.to_dict`) and
+        ``precision`` (:func:`lawwatch.precision.forward_precision` of the module the probe
+        runs through; given, or read off the model now). See :mod:`lawwatch.history`.
+        """
+        if precision is None:
+            precision = forward_precision(measured_module(self.model, self.unwrap))
+        return {"probe": self._probe_hash, "config": self.config.to_dict(), "precision": precision}
+
     # -- summary and state --------------------------------------------------------------------
 
     @property
@@ -264,9 +284,13 @@ class LawWatch:
         Load the same state on every rank (e.g. rank 0's, as ``accelerator.load_state`` does):
         the schedule then agrees on every rank. On rank 0, :class:`~lawwatch.sinks.Rewindable`
         sinks (e.g. :class:`~lawwatch.sinks.LocalHistory`) drop what the run wrote after the
-        restored point, so the resumed run continues one sequence of steps.
+        restored point, so the resumed run continues one sequence of steps. A history measured
+        with another probe, other options or at another precision is not continued: a new
+        series starts (with a warning).
         """
         history = History(state.get("history", []))
+        if history.records:
+            history = self._same_series(history)
         last = state.get("last_step", history.last_step)
         if resume_step is not None:
             history.drop_after(resume_step)
@@ -274,6 +298,27 @@ class LawWatch:
         self.history, self.last_step = history, last
         if last is not None and layout(self.accelerator).rank == 0:
             self.sinks.drop_after(last)
+
+    def _same_series(self, history: History) -> History:
+        """``history`` if this monitor continues its series, else an empty one (with a warning)."""
+        try:
+            current = self.series()
+        except Exception:  # the model cannot say its precision (yet): compare the rest
+            current = {"probe": self._probe_hash, "config": self.config.to_dict()}
+        changes = series_change(series(history[-1]), current)
+        if not changes:
+            return history
+        log.warning(
+            "lawwatch: the restored history (%d records, steps %s to %s) is another series "
+            "than this run's: %s. This run starts a new series from its checkpoint; to "
+            "continue that history, resume with the probe, options and precision it was "
+            "measured with.",
+            len(history),
+            history.steps[0],
+            history.last_step,
+            "; ".join(changes),
+        )
+        return History()
 
     def close(self) -> None:
         """Close the sinks (end of training)."""

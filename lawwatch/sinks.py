@@ -9,12 +9,25 @@ directory: the record a resumed run continues. :class:`WandbSink` logs into a li
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import os
+import weakref
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from lawwatch.history import History, Snapshot, entries, law_points
+from lawwatch.history import (
+    HISTORY_FILE,
+    MATRIX_FILE,
+    History,
+    Snapshot,
+    entries,
+    law_points,
+    parse,
+    series_change,
+)
+from lawwatch.history import series as series_of
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 
 log = logging.getLogger("lawwatch")
@@ -125,21 +138,46 @@ class Sinks:
 
 
 class LocalHistory:
-    """A :class:`~lawwatch.history.History` kept in files in a directory.
+    """A :class:`~lawwatch.history.History` kept in files in a directory: one series, whole.
 
     ``<directory>/history.jsonl`` holds the records, ``<directory>/pr.safetensors`` the PR
     matrix (steps × entries). On creation it reads what a previous run left; :meth:`drop_after`
     forgets records past a resume point, so a resumed run writes one increasing sequence of
     steps with no duplicates.
 
+    - **Crash-safe.** Each record is one line written, flushed and synced; rewrites replace
+      whole files. Lines a crash cut short (or any line that holds no record) are moved to
+      ``history.jsonl.torn-<n>`` with a warning when the directory is opened, and a last record
+      that lacks its newline gets it: recording goes on.
+    - **One series.** A snapshot measured with another probe, other options or at another
+      precision than the records held (see :func:`~lawwatch.history.series_change`) starts a
+      new series: the files held so far move to ``<directory>/series-<n>/`` and a warning says
+      what changed. ``series=`` checks the records already there when the directory opens.
+    - **One writer.** Two open ``LocalHistory`` of one process never share a directory: the
+      second is refused until the first is closed.
+
     Args:
         directory: Where the files live (created if missing).
+        series: The identity (``probe``, ``config``, ``precision``) of what will be written, to
+            check the records already there against at once (a resumed run); default: checked
+            at the first write.
+
+    Raises:
+        ValueError: Another open LocalHistory of this process writes to ``directory``.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, series: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.history = History.read(self.directory)
+        self.closed = False
+        _claim(self)
+        try:
+            self.history = self._open()
+            if series is not None and self.history.records:
+                self._check_series(series, "this run")
+        except BaseException:
+            _release(self)
+            raise
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -157,11 +195,114 @@ class LocalHistory:
             self.history.write(self.directory)
 
     def write(self, snapshot: Snapshot) -> None:
-        """Append the snapshot; a step at or before the last recorded one is refused."""
-        self.history.append_to(self.directory, self.history.append(snapshot))
+        """Append the snapshot; a step at or before the last recorded one is refused.
+
+        A snapshot of another series (probe, options, precision) first sets the records held
+        so far aside (see the class documentation).
+        """
+        record = snapshot.to_record()
+        if self.history.records:
+            self._check_series(series_of(record), f"step {snapshot.step}")
+        self.history.append_to(self.directory, self.history.append(record))
 
     def close(self) -> None:
-        """Nothing to flush: every write is complete on disk."""
+        """Release the directory (every write is already complete on disk)."""
+        self.closed = True
+        _release(self)
+
+    # -- what a previous run left -------------------------------------------------------------
+
+    def _open(self) -> History:
+        """The records in the directory; a torn or unterminated file is repaired first."""
+        path = self.directory / HISTORY_FILE
+        parsed = parse(path)
+        if parsed.clean:
+            return parsed.history
+        if parsed.rejected:
+            torn = _free_name(self.directory, f"{HISTORY_FILE}.torn-")
+            torn.write_bytes(b"".join(raw + b"\n" for _, raw in parsed.rejected))
+            log.warning(
+                "lawwatch: %s held %s (%s); moved to %s, the %s kept",
+                path,
+                _plural(len(parsed.rejected), "unreadable line"),
+                parsed.describe(),
+                torn,
+                _plural(len(parsed.history), "whole record"),
+            )
+        parsed.history.write(self.directory)  # whole lines only, each with its newline
+        return parsed.history
+
+    def _check_series(self, identity: dict[str, Any], what: str) -> None:
+        """Start a new series if ``identity`` is not the series of the records held."""
+        changes = series_change(series_of(self.history[-1]), identity)
+        if not changes:
+            return
+        moved = _free_name(self.directory, "series-")
+        moved.mkdir()
+        held = self.history
+        for name in (HISTORY_FILE, MATRIX_FILE, "law.png"):
+            if (self.directory / name).exists():
+                os.replace(self.directory / name, moved / name)
+        self.history = History()
+        log.warning(
+            "lawwatch: %s differs from the %s in %s (steps %s to %s): %s. Those moved to %s "
+            "and a new series starts here. One directory holds one series: to continue the "
+            "old one, measure with the probe, options and precision it was measured with; to "
+            "keep series apart from the start, give each its own directory.",
+            what,
+            _plural(len(held), "record"),
+            self.directory,
+            held.steps[0],
+            held.last_step,
+            "; ".join(changes),
+            moved,
+        )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _free_name(directory: Path, prefix: str) -> Path:
+    """``directory / f"{prefix}{n}"`` for the first n >= 1 not taken."""
+    n = 1
+    while (directory / f"{prefix}{n}").exists():
+        n += 1
+    return directory / f"{prefix}{n}"
+
+
+# the directories open LocalHistory objects of this process write to (weakly: a history nobody
+# holds any more frees its directory)
+_OPEN: dict[Path, weakref.ref[LocalHistory]] = {}
+
+
+def _holder(key: Path) -> LocalHistory | None:
+    ref = _OPEN.get(key)
+    holder = ref() if ref is not None else None
+    return None if holder is None or holder.closed else holder
+
+
+def _claim(local: LocalHistory) -> None:
+    """Register ``local``'s directory, refusing one another open LocalHistory writes to."""
+    key = local.directory.resolve()
+    if _holder(key) is not None:
+        gc.collect()  # a holder only a reference cycle keeps alive is no holder
+    holder = _holder(key)
+    if holder is not None:
+        raise ValueError(
+            f"{local.directory} is already written by another lawwatch monitor of this process "
+            f"(its LocalHistory holds {_plural(len(holder.records), 'record')}); two monitors "
+            "in one directory would interleave one history.jsonl. Give each LawWatchCallback "
+            "or AcceleratorWatch its own directory=, or close() the other monitor first."
+        )
+    _OPEN[key] = weakref.ref(local)
+
+
+def _release(local: LocalHistory) -> None:
+    key = local.directory.resolve()
+    ref = _OPEN.get(key)
+    if ref is not None and ref() is local:
+        del _OPEN[key]
 
 
 # -- Weights & Biases -------------------------------------------------------------------------

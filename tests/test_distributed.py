@@ -166,6 +166,19 @@ def test_fsdp2_failed_rank_makes_every_rank_skip(fsdp, name):
 
 
 @pytest.mark.slow
+def test_fsdp2_snapshots_run_without_autocast_at_the_policy_precision(fsdp):
+    (r0, r1), _ = fsdp
+    for r in (r0, r1):
+        # a bf16 autocast region around the snapshot changes nothing
+        assert r["float32_inside"] == r["float32_outside"]
+        assert r["policy_inside"] == r["policy_outside"]
+    assert r0["float32_precision"] == r1["float32_precision"] == "float32"
+    # the policy's bf16 is the sharding's own precision: measured, and recorded as such
+    assert r0["policy_precision"] == "bfloat16 (FSDP mixed-precision policy)"
+    assert max_diff(r0["policy_outside"], r0["float32_outside"]) > 1e-6
+
+
+@pytest.mark.slow
 def test_half_sharded_model_is_refused_with_the_fix(fsdp):
     (r0, _), _ = fsdp
     assert "is not itself the FSDP root" in r0["llama_half_sharded"]
@@ -320,3 +333,27 @@ def test_scalars(gpt2, probe):
     snapshot.extra.update(note="text", lr=0.5)
     values = scalars(snapshot)
     assert values["lawwatch/lr"] == 0.5 and "lawwatch/note" not in values
+
+
+# -- the precision of a snapshot under accelerate's bf16 autocast -------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_ddp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16")
+    launch("tests.dist.precision_worker", out)
+    return results(out)
+
+
+@pytest.mark.slow
+def test_ddp_under_bf16_autocast_snapshots_the_float32_weights(bf16_ddp):
+    r0, r1 = bf16_ddp
+    assert r0["world"] == 2 and r0["wrapper"] == "DistributedDataParallel"
+    assert r0["forward_wrapped"]  # accelerate wrapped the forward in autocast …
+    assert r0["training_dtypes"] == ["torch.bfloat16"]  # … and training runs under it
+    assert r0["snapshot_dtypes"] == ["torch.float32"]  # the probe forward does not
+    for step in (0, 1):
+        for r in (r0, r1):
+            assert max_diff(r[f"step{step}"], r0[f"ref{step}"]) <= TOL
+    assert r0["precision0"] == r1["precision0"] == "float32"
+    assert r0["forward_restored"] and r1["forward_restored"]  # training keeps its autocast

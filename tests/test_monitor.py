@@ -61,6 +61,7 @@ def test_history_sink_and_resume(tmp_path, gpt2, probe):
     assert matrix["pr"].shape == (5, 5) and matrix["steps"].tolist() == [0, 1, 2, 4, 8]
     # resume from a checkpoint at step 4: later records are dropped, then redone in order
     state = watch.state_dict()
+    watch.close()  # the first run ends; the resumed one opens the directory again
     again = LocalHistory(tmp_path / "lw")
     again.drop_after(4)
     resumed = LawWatch(gpt2, probe, every=4, sinks=[again])

@@ -26,7 +26,7 @@ from lawwatch.history import Snapshot
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.monitor import LawWatch
 from lawwatch.probe import ProbeSet
-from lawwatch.sinks import LocalHistory, Sink, scalars
+from lawwatch.sinks import LocalHistory, Sink, Sinks, scalars
 
 
 class TrackerSink:
@@ -62,7 +62,7 @@ class AcceleratorWatch(LawWatch):
         probe: The full probe set; each process measures its shard.
         config: The measurement options (see :class:`~lawwatch.config.MeasureConfig`).
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors``
-            (:class:`~lawwatch.sinks.LocalHistory`); None for none.
+            (:class:`~lawwatch.sinks.LocalHistory`: one series, one writer); None for none.
         sinks: More sinks (main process only).
         every, schedule, last_step, emergence_threshold, unwrap: As in
             :class:`~lawwatch.LawWatch`.
@@ -85,11 +85,6 @@ class AcceleratorWatch(LawWatch):
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
         **options: Any,
     ) -> None:
-        chosen: list[Sink] = []
-        if accelerator.is_main_process:
-            if directory is not None:
-                chosen.append(LocalHistory(directory))
-            chosen += [TrackerSink(accelerator), *(sinks or [])]
         super().__init__(
             model,
             probe,
@@ -97,9 +92,15 @@ class AcceleratorWatch(LawWatch):
             every=every,
             schedule=schedule,
             last_step=last_step,
-            sinks=chosen,
             accelerator=accelerator,
             emergence_threshold=emergence_threshold,
             unwrap=unwrap,
             **options,
         )
+        # opened once the options are known good; records of another series are set aside
+        chosen: list[Sink] = []
+        if accelerator.is_main_process:
+            if directory is not None:
+                chosen.append(LocalHistory(directory, series=self.series()))
+            chosen += [TrackerSink(accelerator), *(sinks or [])]
+        self.sinks = Sinks(chosen)

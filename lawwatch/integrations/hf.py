@@ -22,7 +22,7 @@ from lawwatch.config import MeasureConfig
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.monitor import LawWatch, Schedule
 from lawwatch.probe import ProbeSet
-from lawwatch.sinks import LocalHistory, Sink, WandbSink
+from lawwatch.sinks import LocalHistory, Sink, Sinks, WandbSink
 
 log = logging.getLogger("lawwatch")
 
@@ -60,7 +60,11 @@ class LawWatchCallback(TrainerCallback):
     Resume (``trainer.train(resume_from_checkpoint=...)``): the local history is the record.
     Records after the checkpoint's step are dropped (they are measured again), a fresh W&B run
     is given the history up to the checkpoint, and a resumed W&B run is not sent a step twice.
-    A run started from step 0 replaces any history left in the directory.
+    A run started from step 0 replaces any history left in the directory. A history measured
+    with another probe, other options or at another precision is not continued: it is moved to
+    ``<directory>/series-<n>/`` and a new series starts (with a warning). Two callbacks never
+    share a directory: the second one's local history is refused (logged), so give each its own
+    ``directory=``.
 
     Args:
         probe: The held-out probe set.
@@ -130,12 +134,10 @@ class LawWatchCallback(TrainerCallback):
     @_never_raises
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Open the sinks (main process), restore a resumed history, measure step 0."""
+        if self.local is not None:  # a previous train() that ended without on_train_end
+            self.local.close()
         self.monitor, self.local, self.wandb, self.report_path = None, None, None, None
         start = state.global_step  # > 0 when resuming from a checkpoint
-        # a sink that fails to open costs that sink only: every process must still take part
-        # in every snapshot, or the others would wait for it forever
-        sinks = self._open_sinks(args, start) if state.is_world_process_zero else []
-        records = self.local.records if self.local is not None else []
         self.monitor = LawWatch(
             kwargs["model"],
             self.probe,
@@ -143,9 +145,13 @@ class LawWatchCallback(TrainerCallback):
             every=self.every,
             schedule=self.schedule,
             last_step=state.max_steps or None,
-            sinks=sinks,
             emergence_threshold=self.emergence_threshold,
         )
+        # a sink that fails to open costs that sink only: every process must still take part
+        # in every snapshot, or the others would wait for it forever
+        sinks = self._open_sinks(args, start) if state.is_world_process_zero else []
+        self.monitor.sinks = Sinks(sinks)
+        records = self.local.records if self.local is not None else []
         # the same last step on every process (only the main one has the records), so every
         # process agrees on the schedule and enters each snapshot's collectives together
         if start > 0:
@@ -188,7 +194,8 @@ class LawWatchCallback(TrainerCallback):
         sinks: list[Sink] = []
         try:
             self.directory = self._directory or Path(args.output_dir) / "lawwatch"
-            self.local = LocalHistory(self.directory)
+            # records of another probe, options or precision are set aside: a new series
+            self.local = LocalHistory(self.directory, series=self._series())
             if start == 0 and self.local.records:
                 log.warning(
                     "lawwatch: training starts from step 0; replacing the %d records in %s",
@@ -208,6 +215,13 @@ class LawWatchCallback(TrainerCallback):
             except Exception:
                 log.exception("lawwatch: not logging to W&B")
         return sinks + self.extra_sinks
+
+    def _series(self) -> dict[str, Any] | None:
+        """What this run's records will say they were measured with (None: not known yet)."""
+        try:
+            return self.monitor.series()
+        except Exception:
+            return None
 
     def _wandb_sink(self, records: list[dict[str, Any]]) -> WandbSink | None:
         import wandb

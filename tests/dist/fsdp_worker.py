@@ -105,6 +105,28 @@ def shard_gpt2_like_accelerate(model) -> str:
     return ""
 
 
+def precision(rank: int, probe, results: dict) -> None:
+    """Float32 GPT-2s, every block and the root sharded: one without a mixed-precision policy,
+    one whose policy gathers the weights in bf16. A snapshot taken inside a bf16 autocast
+    region (the user's own) equals one taken outside: autocast is off for the probe forward;
+    the policy's bf16 is the sharding's, measured and recorded as such."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for name, mp in (("float32", None), ("policy", policy)):
+        model = tiny_gpt2(seed=2)
+        options = {} if mp is None else {"mp_policy": mp}
+        for block in model.transformer.h:
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+        watch = lawwatch.LawWatch(model, probe, every=1, batch_size=2)
+        outside = watch.snapshot(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = watch.snapshot(1)
+        results[f"{name}_outside"], results[f"{name}_inside"] = pr_list(outside), pr_list(inside)
+        results[f"{name}_precision"] = outside.extra.get("precision")
+
+
 def main() -> None:
     out = setup()
     dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT_S))
@@ -115,6 +137,7 @@ def main() -> None:
     run("llama", llama, shard_llama, rank, probe, results, "model.layers.1")
     gpt2 = tiny_gpt2(seed=1).double()
     run("gpt2", gpt2, shard_gpt2_like_accelerate, rank, probe, results, "transformer.h.2")
+    precision(rank, probe, results)
     write(out, rank, results)
     dist.barrier()
     dist.destroy_process_group()

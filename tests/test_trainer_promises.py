@@ -1,0 +1,106 @@
+"""What the Trainer callback promises under abuse, in a real ``transformers.Trainer``.
+
+Training is unchanged by the monitor (dropout, gradient accumulation, gradient checkpointing);
+two callbacks never share one history; a resume with other options starts a new series.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from transformers import Trainer, TrainingArguments
+
+from lawwatch import measure
+from lawwatch.history import History
+from lawwatch.integrations.hf import LawWatchCallback
+from tests.conftest import ragged_probe, tiny_gpt2
+from tests.test_hf import Tokens, make_trainer
+
+pytestmark = pytest.mark.slow
+
+
+def losses(trainer: Trainer) -> list[float]:
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def train(out, callbacks, **options) -> Trainer:
+    """A Trainer of the tiny GPT-2 (dropout 0.1 everywhere, as GPT-2's config has it)."""
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **options,
+    )
+    model = tiny_gpt2(0)
+    assert model.config.resid_pdrop > 0 and model.config.attn_pdrop > 0  # dropout is on
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"gradient_accumulation_steps": 2, "gradient_checkpointing": True}],
+    ids=["dropout", "accumulation_and_checkpointing"],
+)
+def test_training_is_unchanged_by_the_monitor(tmp_path, options):
+    """Bit-identical losses with and without snapshots at every step (dropout draws from the
+    RNG the snapshot leaves untouched); snapshots at optimizer steps; each a measurement of the
+    weights of that step."""
+    probe = ragged_probe()
+    without = train(tmp_path / "without", [], **options)
+    callback = LawWatchCallback(probe, every=1)
+    watched = train(tmp_path / "with", [callback], **options)
+    assert losses(watched) == losses(without) and len(losses(watched)) == 3
+    records = History.read(tmp_path / "with" / "lawwatch").records
+    assert [r["step"] for r in records] == [0, 1, 2, 3]  # optimizer steps, not micro-batches
+    assert records[0]["pr"] == pytest.approx(measure(tiny_gpt2(0), probe).pr.tolist(), abs=1e-12)
+    final = measure(watched.model, probe).pr.tolist()
+    assert records[-1]["pr"] == pytest.approx(final, abs=1e-12)
+    assert records[-1]["pr"] != records[0]["pr"]
+
+
+def test_two_callbacks_never_share_one_history(tmp_path, caplog):
+    """Two probes, one output directory: the second local history is refused with the fix; the
+    first keeps its own steps, whole (neither interleaved nor rewritten by the other)."""
+    first = LawWatchCallback(ragged_probe(seed=0), every=2)
+    second = LawWatchCallback(ragged_probe(seed=1), every=2)
+    with caplog.at_level(logging.ERROR, logger="lawwatch"):
+        make_trainer(tmp_path / "out", [first, second], max_steps=4).train()
+    records = History.read(tmp_path / "out" / "lawwatch").records
+    assert [r["step"] for r in records] == [0, 1, 2, 4]
+    assert {r["probe"] for r in records} == {ragged_probe(seed=0).content_hash()}
+    assert "already written by another lawwatch monitor" in caplog.text
+    assert "its own directory=" in caplog.text
+    assert [h["step"] for h in second.monitor.history] == [0, 1, 2, 4]  # it still measured
+    # with a directory each, both histories are kept
+    third = LawWatchCallback(ragged_probe(seed=1), every=2, directory=tmp_path / "second")
+    make_trainer(tmp_path / "two", [LawWatchCallback(ragged_probe()), third], max_steps=2).train()
+    assert History.read(tmp_path / "two" / "lawwatch").steps == [0, 1, 2]
+    assert History.read(tmp_path / "second").steps == [0, 1, 2]
+
+
+def test_resume_with_other_options_starts_a_new_series(tmp_path, caplog):
+    out = tmp_path / "out"
+    first = LawWatchCallback(ragged_probe(), every=2)
+    make_trainer(out, [first], max_steps=6, save_steps=3).train()
+    before = History.read(out / "lawwatch")
+    assert before.steps == [0, 1, 2, 4, 6]
+    callback = LawWatchCallback(ragged_probe(), every=2, offset=2)  # another target position
+    trainer = make_trainer(out, [callback], max_steps=6, save_steps=3)
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    assert "offset=1 → 2" in caplog.text and "series-1" in caplog.text
+    assert History.read(out / "lawwatch" / "series-1") == before  # set aside whole
+    after = History.read(out / "lawwatch").records
+    assert [r["step"] for r in after] == [4, 6]  # the new series: nothing of the old one
+    assert {r["config"]["offset"] for r in after} == {2}
+    assert [h["step"] for h in callback.monitor.history] == [4, 6]
