@@ -22,6 +22,7 @@ TINY = {
         "training losses identical with and without the callback: True",
     ),
     "bench_residual.py": (["--tiny"], "| layers | n | d |"),
+    "bench_solve.py": (["--tiny"], "max abs PR diff, mixed vs float64"),
     "mixed_precision.py": (["--tiny"], "bf16 weights:"),
 }
 SLOW = {"bench_overhead.py"}  # three processes, two of them training runs
