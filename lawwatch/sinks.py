@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lawwatch.history import History, Snapshot, entries, law_points
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
+
+if TYPE_CHECKING:
+    from lawwatch.alerts import Alert
 
 log = logging.getLogger("lawwatch")
 
@@ -269,6 +273,20 @@ class WandbSink:
 
         step = self.history.last_step or 0
         self.run.log({key: wandb.Image(str(path)), self.step_key: step})
+
+    def log_report(self, image: Path | None, files: Sequence[Path] = ()) -> None:
+        """The end-of-training report: the PNG as ``lawwatch/report`` (the files stay local)."""
+        if image is not None:
+            self.log_image(image)
+
+    def alert(self, alert: Alert) -> None:
+        """A W&B alert (``run.alert``: e-mail or Slack, as the user's W&B settings say)."""
+        import wandb
+
+        level = wandb.AlertLevel.INFO if alert.level == "INFO" else wandb.AlertLevel.WARN
+        # W&B holds back a second alert of the same title for wait_duration: each alert of
+        # lawwatch's is raised once, so none should wait
+        self.run.alert(title=alert.title[:63], text=alert.text, level=level, wait_duration=1)
 
     def close(self) -> None:
         """Nothing to do: the run belongs to whoever created it (the Trainer's W&B callback)."""

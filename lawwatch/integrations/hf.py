@@ -2,8 +2,9 @@
 
 A thin adapter around :class:`lawwatch.monitor.LawWatch`: it decides *when* (step 0 before any
 update, the schedule after each optimizer step, the final step) and *where* results go (local
-history always; the Trainer's own W&B run when ``report_to`` includes ``"wandb"``; a PNG of the
-law at train end). Every process measures (the probe is sharded and the statistics reduced);
+history always; every tracker in ``report_to`` that lawwatch logs to, in the run the Trainer's
+own reporting callback made (see :mod:`lawwatch.trackers`); a PNG of the law at train end;
+alerts when asked for). Every process measures (the probe is sharded and the statistics reduced);
 only the main process writes. Nothing here may stop training: a failure is logged to the
 ``"lawwatch"`` logger and training goes on.
 """
@@ -12,17 +13,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
+from lawwatch.history import HISTORY_FILE, MATRIX_FILE
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.monitor import LawWatch, Schedule
 from lawwatch.probe import ProbeSet
 from lawwatch.sinks import LocalHistory, Sink, WandbSink
+from lawwatch.trackers import TRACKERS, Reporting, open_tracker, reported_trackers
 
 log = logging.getLogger("lawwatch")
 
@@ -40,6 +45,25 @@ def _never_raises(event: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
+def _trainer_callbacks(depth: int = 16) -> list[Any]:
+    """The callbacks of the Trainer whose event is running now (empty outside a Trainer).
+
+    The Trainer hands a callback no reference to the others, but the ``CallbackHandler``
+    calling this event holds them all: it is the ``self`` of a frame a few levels up.
+    """
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            break
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler):
+            return list(handler.callbacks)
+        frame = frame.f_back
+    return []
+
+
 class LawWatchCallback(TrainerCallback):
     """Measure the law of equi-learning while a ``transformers.Trainer`` trains.
 
@@ -53,13 +77,20 @@ class LawWatchCallback(TrainerCallback):
     - ``<output_dir>/lawwatch/history.jsonl`` and ``pr.safetensors`` (see
       :class:`lawwatch.sinks.LocalHistory`), and ``law.png`` at train end
       (:func:`lawwatch.report.plot_law`, when matplotlib is installed);
-    - with ``"wandb"`` in ``args.report_to``: the scalars, table, chart and summary of
-      :class:`lawwatch.sinks.WandbSink`, in the run the Trainer's ``WandbCallback`` created
-      (it runs first: the Trainer puts its reporting callbacks before the user's).
+    - for each tracker in ``args.report_to`` (``"all"`` included): the same keys
+      (:func:`lawwatch.scalars`) at the training step, in the run, writer or experiment the
+      Trainer's own reporting callback created (it runs first: the Trainer puts its reporting
+      callbacks before the user's): W&B, TensorBoard, MLflow (and DagsHub), trackio, Comet,
+      DVCLive (:mod:`lawwatch.trackers`); a tracker that cannot be opened is reported and the
+      others still run. At train end the PNG (and, where the tracker keeps files, the history
+      files) go to each of them;
+    - with ``alerts``: each alert once, as a WARNING on the ``"lawwatch"`` logger and in the
+      trackers that have alerts (W&B ``run.alert``, trackio), see :mod:`lawwatch.alerts`.
 
     Resume (``trainer.train(resume_from_checkpoint=...)``): the local history is the record.
-    Records after the checkpoint's step are dropped (they are measured again), a fresh W&B run
-    is given the history up to the checkpoint, and a resumed W&B run is not sent a step twice.
+    Records after the checkpoint's step are dropped (they are measured again), each tracker's
+    fresh run is given the history up to the checkpoint, and a resumed W&B or MLflow run is not
+    sent a step twice; alerts of the restored history are not raised again.
     A run started from step 0 replaces any history left in the directory.
 
     Args:
@@ -73,12 +104,15 @@ class LawWatchCallback(TrainerCallback):
         directory: Where the local files go. Default: ``<args.output_dir>/lawwatch``.
         sinks: More sinks for every snapshot (main process only), e.g. a live display.
         emergence_threshold: r at or below which the law counts as emerged.
+        alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts` with its tolerances) raises
+            an alert when the law emerges, when it breaks after emerging, and when a layer's PR
+            stops falling. Off by default.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s
             (``batch_size``, ``target``, ``layers``, …).
 
     Raises:
-        TypeError: An option that is not a field of MeasureConfig, or a probe that is not a
-            :class:`~lawwatch.ProbeSet`.
+        TypeError: An option that is not a field of MeasureConfig, a probe that is not a
+            :class:`~lawwatch.ProbeSet`, or ``alerts`` neither a bool nor an ``Alerts``.
         ValueError: An invalid option value or schedule period, or an empty probe.
 
     Attributes:
@@ -86,6 +120,7 @@ class LawWatchCallback(TrainerCallback):
         directory: Where the local files are (set at train begin on the main process).
         report_path: The PNG written at train end, if any.
         wandb: The W&B sink, when logging to W&B.
+        trackers: ``report_to`` name -> its sink, for the trackers logged to.
     """
 
     def __init__(
@@ -98,6 +133,7 @@ class LawWatchCallback(TrainerCallback):
         directory: str | Path | None = None,
         sinks: list[Sink] | None = None,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+        alerts: bool | Alerts = False,
         **options: Any,
     ) -> None:
         # bad settings fail here, where the user builds the callback, not mid-training
@@ -112,12 +148,14 @@ class LawWatchCallback(TrainerCallback):
         self.config = MeasureConfig.build(config, **options)
         self.probe, self.every, self.schedule = probe, every, schedule
         self.emergence_threshold = emergence_threshold
+        self.alerts = Alerts.of(alerts)
         self.extra_sinks = list(sinks or [])
         self._directory = None if directory is None else Path(directory)
         self.monitor: LawWatch | None = None
         self.directory: Path | None = None
         self.local: LocalHistory | None = None
         self.wandb: WandbSink | None = None
+        self.trackers: dict[str, Sink] = {}
         self.report_path: Path | None = None
 
     @property
@@ -131,6 +169,7 @@ class LawWatchCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Open the sinks (main process), restore a resumed history, measure step 0."""
         self.monitor, self.local, self.wandb, self.report_path = None, None, None, None
+        self.trackers = {}
         start = state.global_step  # > 0 when resuming from a checkpoint
         # a sink that fails to open costs that sink only: every process must still take part
         # in every snapshot, or the others would wait for it forever
@@ -170,8 +209,7 @@ class LawWatchCallback(TrainerCallback):
             self._measure(state.global_step)
             if state.is_world_process_zero and self.local is not None and self.local.records:
                 self.report_path = self._plot(self.local.records)
-                if self.report_path is not None and self.wandb is not None:
-                    self.wandb.log_image(self.report_path)
+                self._report(self.report_path)
         finally:
             self.monitor.close()
 
@@ -200,25 +238,62 @@ class LawWatchCallback(TrainerCallback):
         except Exception:
             log.exception("lawwatch: no local history (%s)", self.directory)
             self.local = None
-        if "wandb" in (args.report_to or []):
-            try:
-                self.wandb = self._wandb_sink(self.local.records if self.local else [])
-                if self.wandb is not None:
-                    sinks.append(self.wandb)
-            except Exception:
-                log.exception("lawwatch: not logging to W&B")
-        return sinks + self.extra_sinks
-
-    def _wandb_sink(self, records: list[dict[str, Any]]) -> WandbSink | None:
-        import wandb
-
-        if wandb.run is None:
-            log.warning(
-                "lawwatch: report_to includes wandb but no W&B run is active; "
-                "writing the local history only"
+        records = self.local.records if self.local else []
+        self.trackers = self._open_trackers(args.report_to, records)
+        sinks += [*self.trackers.values(), *self.extra_sinks]
+        if self.alerts is not None:
+            targets = [s for s in sinks if isinstance(s, Alerting)]
+            sinks.append(
+                AlertSink(
+                    self.alerts,
+                    threshold=self.emergence_threshold,
+                    targets=targets,
+                    history=records,
+                )
             )
-            return None
-        return WandbSink(wandb.run, history=records, emergence_threshold=self.emergence_threshold)
+        return sinks
+
+    def _open_trackers(
+        self, report_to: str | list[str] | None, records: list[dict[str, Any]]
+    ) -> dict[str, Sink]:
+        """A sink for each ``report_to`` tracker lawwatch logs to, on the Trainer's own run."""
+        # the Trainer's reporting callbacks ran on_train_begin before this one: their runs and
+        # writers exist; the TensorBoard writer and the DVCLive Live live on the callbacks
+        peers = _trainer_callbacks()
+        opened: dict[str, Sink] = {}
+        for name in reported_trackers(report_to):
+            if TRACKERS.get(name) in {TRACKERS.get(n) for n in opened}:
+                continue  # "mlflow" and "dagshub" share MLflow's run
+            try:
+                sink = open_tracker(
+                    name,
+                    peers=peers,
+                    history=records,
+                    emergence_threshold=self.emergence_threshold,
+                )
+            except LookupError as error:
+                log.warning("lawwatch: %s; not logging to %s", error, name)
+                continue
+            except Exception:
+                log.exception("lawwatch: not logging to %s", name)
+                continue
+            if sink is None:
+                log.info("lawwatch: %s has no lawwatch sink; not logging to it", name)
+                continue
+            opened[name] = sink
+        self.wandb = opened.get("wandb")  # type: ignore[assignment]
+        return opened
+
+    def _report(self, image: Path | None) -> None:
+        """The PNG and the history files to every tracker that takes them."""
+        files = [self.directory / name for name in (HISTORY_FILE, MATRIX_FILE)]
+        files = [path for path in files if path.exists()]
+        for name, sink in self.trackers.items():
+            if isinstance(sink, Reporting):
+                try:
+                    sink.log_report(image, files)
+                except Exception:
+                    log.exception("lawwatch: the report did not reach %s", name)
 
     def _plot(self, records: list[dict[str, Any]]) -> Path | None:
         try:
