@@ -281,12 +281,17 @@ class WandbSink:
 
     def alert(self, alert: Alert) -> None:
         """A W&B alert (``run.alert``: e-mail or Slack, as the user's W&B settings say)."""
-        import wandb
-
-        level = wandb.AlertLevel.INFO if alert.level == "INFO" else wandb.AlertLevel.WARN
-        # W&B holds back a second alert of the same title for wait_duration: each alert of
-        # lawwatch's is raised once, so none should wait
-        self.run.alert(title=alert.title[:63], text=alert.text, level=level, wait_duration=1)
+        wandb_alert(self.run, alert)
 
     def close(self) -> None:
         """Nothing to do: the run belongs to whoever created it (the Trainer's W&B callback)."""
+
+
+def wandb_alert(run: Any, alert: Alert) -> None:
+    """Raise a lawwatch alert in a W&B run (``run.alert``), at once."""
+    import wandb
+
+    level = wandb.AlertLevel.INFO if alert.level == "INFO" else wandb.AlertLevel.WARN
+    # W&B holds back a second alert of the same title for wait_duration; lawwatch raises each
+    # alert once, so none should wait (W&B titles: under 64 characters)
+    run.alert(title=alert.title[:63], text=alert.text, level=level, wait_duration=1)

@@ -294,10 +294,15 @@ class TrackioSink(Tracker):
 
     def alert(self, alert: Alert) -> None:
         """A trackio alert (stored with the run, shown in the dashboard)."""
-        from trackio import AlertLevel
+        trackio_alert(self.run, alert)
 
-        level = AlertLevel.INFO if alert.level == "INFO" else AlertLevel.WARN
-        self.run.alert(title=alert.title, text=alert.text, level=level, step=alert.at)
+
+def trackio_alert(run: Any, alert: Alert) -> None:
+    """Raise a lawwatch alert in a trackio run, at the step of the snapshot that raised it."""
+    from trackio import AlertLevel
+
+    level = AlertLevel.INFO if alert.level == "INFO" else AlertLevel.WARN
+    run.alert(title=alert.title, text=alert.text, level=level, step=alert.at)
 
 
 # -- Comet --------------------------------------------------------------------------------------

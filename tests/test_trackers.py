@@ -282,3 +282,153 @@ def test_a_tracker_that_fails_to_open_costs_only_itself(
     steps = [p.step for p in read_events(run).Scalars("lawwatch/pearson_r")]
     assert steps == STEPS
     assert math.isfinite(records[-1]["pearson_r"])
+
+
+# -- accelerate custom loops --------------------------------------------------------------------
+
+
+def test_accelerate_loop_logs_to_every_tracker(tmp_path, mlflow_store, offline_wandb, caplog):
+    import torch
+    from accelerate import Accelerator
+    from mlflow import MlflowClient
+
+    from lawwatch.alerts import Alerts
+    from lawwatch.integrations.accelerate import AcceleratorWatch
+    from tests.wandb_offline import history_rows, inspect_run
+
+    accelerator = Accelerator(
+        cpu=True, log_with=["tensorboard", "mlflow", "wandb"], project_dir=str(tmp_path / "acc")
+    )
+    accelerator.init_trackers("lawwatch-accelerate")
+    model = tiny_gpt2(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # threshold 1: every r counts as emerged, so the emergence alert fires at step 0
+    watch = AcceleratorWatch(
+        accelerator,
+        model,
+        ragged_probe(),
+        every=2,
+        last_step=4,
+        directory=tmp_path / "lawwatch",
+        alerts=Alerts(threshold=1.0, stalled=False),
+    )
+    data = Tokens()
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        for step in range(5):
+            if step > 0:
+                batch = data.ids[8 * (step - 1) : 8 * step]
+                loss = model(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                accelerator.log({"train/loss": loss.item()}, step=step)
+            watch.maybe_snapshot(step)
+    run_dir = accelerator.get_tracker("wandb", unwrap=True).settings.sync_dir
+    accelerator.end_training()
+    records = History.read(tmp_path / "lawwatch").records
+    assert [r["step"] for r in records] == STEPS
+    expected = expected_scalars(records)
+    assert "lawwatch: the law emerged (step 0)" in caplog.text
+
+    # TensorBoard: the tracker's own directory
+    events = read_events(tmp_path / "acc" / "lawwatch-accelerate")
+    for key in expected[0]:
+        points = events.Scalars(key)
+        assert [p.step for p in points] == STEPS
+        assert [p.value for p in points] == pytest.approx(
+            [expected[s][key] for s in STEPS], rel=1e-6, abs=1e-6
+        )
+    assert [p.step for p in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+    # MLflow: one run, the loop's loss and the law in it
+    client = MlflowClient(tracking_uri=mlflow_store)
+    (run,) = client.search_runs(
+        experiment_ids=[e.experiment_id for e in client.search_experiments()]
+    )
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
+    for key in expected[0]:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == STEPS
+        for m in history:
+            assert m.value == pytest.approx(expected[m.step][key], rel=1e-12)
+
+    # W&B (offline): the rows at the training step, and the alert
+    logged = inspect_run(run_dir)
+    rows = [row for row in history_rows(logged) if "lawwatch/rho" in row]
+    assert [row["_step"] for row in rows] == STEPS
+    for row in rows:
+        for key, value in expected[row["_step"]].items():
+            assert row[key] == pytest.approx(value, rel=1e-12)
+    alerts = [r["alert"] for r in logged if r["type"] == "alert"]
+    assert [a["title"] for a in alerts] == ["lawwatch: the law emerged"]
+
+
+# -- alerts through the callback; resumed runs --------------------------------------------------
+
+
+def test_callback_alerts_reach_the_trackers_that_have_them(tmp_path, offline_wandb, caplog):
+    from trackio.sqlite_storage import SQLiteStorage
+
+    from lawwatch.alerts import Alerts
+    from tests.wandb_offline import finish_run, inspect_run
+
+    project = f"lawwatch-{uuid.uuid4().hex[:8]}"
+    # threshold 1: every r counts as emerged, so the emergence alert fires at step 0
+    callback = LawWatchCallback(
+        ragged_probe(), every=2, alerts=Alerts(threshold=1.0, stalled=False)
+    )
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        train(
+            tmp_path / "out",
+            ["wandb", "trackio", "tensorboard"],
+            callback,
+            project=project,
+            run_name="run",
+        )
+    run_dir = finish_run()
+    assert caplog.text.count("lawwatch: the law emerged (step 0)") == 1
+    alerts = [r["alert"] for r in inspect_run(run_dir) if r["type"] == "alert"]
+    assert [(a["title"], a["level"]) for a in alerts] == [("lawwatch: the law emerged", "INFO")]
+    stored = SQLiteStorage.get_alerts(project, run_name="run")
+    assert [(a["title"], a["step"]) for a in stored] == [("lawwatch: the law emerged", 0)]
+    assert sorted(callback.trackers) == ["tensorboard", "trackio", "wandb"]
+
+
+def test_a_reattached_mlflow_run_gets_each_step_once(tmp_path, mlflow_store):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from lawwatch.trackers import MlflowSink
+    from tests.test_alerts import line, snap
+
+    snaps = [snap(step, line(noise=0.01, seed=step)) for step in (0, 1, 2, 4)]
+    run_id = mlflow.start_run().info.run_id
+    first = MlflowSink(run_id, tracking_uri=mlflow_store)
+    for s in snaps[:3]:
+        first.write(s)
+    mlflow.end_run()
+    # the resumed training reattaches to the run, and replays the history up to its checkpoint
+    second = MlflowSink(run_id, tracking_uri=mlflow_store, history=first.records[:2])
+    assert second.logged_step == 2
+    second.write(snaps[3])
+    history = MlflowClient(tracking_uri=mlflow_store).get_metric_history(
+        run_id, "lawwatch/pearson_r"
+    )
+    assert sorted(m.step for m in history) == STEPS
+    assert [r["step"] for r in second.records] == [0, 1, 4]
+
+
+def test_a_fresh_tensorboard_writer_gets_the_history_replayed(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lawwatch.trackers import TensorBoardSink
+    from tests.test_alerts import line, snap
+
+    records = [snap(step, line(noise=0.01, seed=step)).to_record() for step in (0, 1, 2)]
+    sink = TensorBoardSink(SummaryWriter(str(tmp_path / "tb")), history=records)
+    sink.write(snap(4, line()))
+    sink.close()
+    points = read_events(tmp_path / "tb").Scalars("lawwatch/pearson_r")
+    assert [p.step for p in points] == STEPS
+    assert points[0].value == pytest.approx(records[0]["pearson_r"], rel=1e-6)
