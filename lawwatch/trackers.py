@@ -14,6 +14,7 @@ tracker has tables, and the report PNG and history files at train end (:meth:`lo
 | ``"trackio"`` | :class:`TrackioSink` | trackio's current run |
 | ``"comet_ml"`` | :class:`CometSink` | ``comet_ml.get_running_experiment()`` |
 | ``"dvclive"`` | :class:`DVCLiveSink` | ``DVCLiveCallback.live`` |
+| ``"clearml"`` | :class:`ClearMLSink` | ``clearml.Task.current_task()`` |
 
 Each tracker package is imported only when its sink is opened. A sink holds the history it
 has logged: a resumed run hands it the records up to the checkpoint (:meth:`Tracker.replay`),
@@ -37,6 +38,7 @@ from lawwatch.sinks import PREFIX, STEP_KEY, Sink, WandbSink, scalars
 
 __all__ = [
     "TRACKERS",
+    "ClearMLSink",
     "CometSink",
     "DVCLiveSink",
     "MlflowSink",
@@ -386,6 +388,60 @@ class DVCLiveSink(Tracker):
         self.live.make_summary()
 
 
+# -- ClearML -----------------------------------------------------------------------------------
+
+
+class ClearMLSink(Tracker):
+    """Snapshots into a ClearML task (online or offline), through its logger.
+
+    Each key of :func:`~lawwatch.sinks.scalars` is reported as ``title/series`` (the split at
+    its last ``/``, as the Trainer's ``ClearMLCallback`` reports ``train/loss`` as title
+    ``train``, series ``loss``): every ``lawwatch/pr/layer_XX`` is one series of the chart
+    ``lawwatch/pr``; the fit's values are series of the chart ``lawwatch``. The iteration is
+    the training step. Each snapshot also reports the table ``lawwatch/pr_table`` (layer, pr,
+    log10_pr); at train end the report PNG goes in as image ``lawwatch/report`` and the history
+    files as artifacts.
+
+    Args:
+        task: The task (the Trainer's: ``clearml.Task.current_task()``).
+        history: Records to replay first (a resumed run).
+    """
+
+    name = "clearml"
+
+    def __init__(self, task: Any, *, history: Iterable[dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self.task = task
+        self.logger = task.get_logger()
+        self.replay(history)
+
+    def _log(self, snapshot: Snapshot, record: dict[str, Any]) -> None:
+        step = record["step"]
+        for key, value in scalars(snapshot).items():
+            title, series = key.rsplit("/", 1)
+            self.logger.report_scalar(title=title, series=series, value=value, iteration=step)
+        rows = [["layer", "pr", "log10_pr"]]
+        rows += [[layer, pr, lg] for _, layer, pr, lg in table_rows(record)]
+        self.logger.report_table(
+            title=f"{PREFIX}pr_table", series="pr", iteration=step, table_plot=rows
+        )
+
+    def log_report(self, image: Path | None, files: Sequence[Path] = ()) -> None:
+        """The PNG as an image; the files as artifacts ``lawwatch_<name>``."""
+        if image is not None:
+            self.logger.report_image(
+                title=f"{PREFIX}report",
+                series="law",
+                iteration=self.history.last_step or 0,
+                local_path=str(image),
+            )
+        for path in files:
+            self.task.upload_artifact(
+                f"lawwatch_{Path(path).name}", artifact_object=str(path), wait_on_upload=True
+            )
+        self.logger.flush()
+
+
 # -- choosing from report_to --------------------------------------------------------------------
 
 
@@ -458,6 +514,15 @@ def _open_dvclive(peers: Sequence[Any], history: list[dict[str, Any]], _: float)
     return DVCLiveSink(live, history=history)
 
 
+def _open_clearml(peers: Sequence[Any], history: list[dict[str, Any]], _: float) -> Any:
+    from clearml import Task
+
+    task = Task.current_task()
+    if task is None:
+        raise LookupError("report_to includes clearml but no ClearML task is running")
+    return ClearMLSink(task, history=history)
+
+
 Opener = Callable[[Sequence[Any], list[dict[str, Any]], float], Sink]
 
 TRACKERS: dict[str, Opener] = {
@@ -468,6 +533,7 @@ TRACKERS: dict[str, Opener] = {
     "trackio": _open_trackio,
     "comet_ml": _open_comet,
     "dvclive": _open_dvclive,
+    "clearml": _open_clearml,
 }
 """``report_to`` name -> how its sink is opened from the Trainer's callbacks."""
 

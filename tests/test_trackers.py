@@ -432,3 +432,47 @@ def test_a_fresh_tensorboard_writer_gets_the_history_replayed(tmp_path):
     points = read_events(tmp_path / "tb").Scalars("lawwatch/pearson_r")
     assert [p.step for p in points] == STEPS
     assert points[0].value == pytest.approx(records[0]["pearson_r"], rel=1e-6)
+
+
+# -- ClearML (offline) --------------------------------------------------------------------------
+
+
+def test_clearml_offline_holds_the_law(tmp_path, monkeypatch):
+    from clearml import Task
+
+    monkeypatch.setenv("CLEARML_OFFLINE_MODE", "1")
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml"))
+    Task.set_offline(offline_mode=True)
+    # the task made before the Trainer, as ClearML's callback allows: without the repository
+    # detection, which under pytest waits out its 300 s timeout when the task closes
+    task = Task.init(
+        project_name="lawwatch-tests",
+        task_name="trackers",
+        auto_connect_frameworks={"detect_repository": False},
+        auto_resource_monitoring=False,
+        auto_connect_streams=False,
+    )
+    task_id = task.id
+    try:
+        callback, records = train(tmp_path / "out", ["clearml"])
+        assert callback.trackers["clearml"].task is task
+    finally:
+        task.close()  # (ClearML stays offline in this process: going online needs a server)
+    (session,) = (tmp_path / "clearml").rglob(f"{task_id}/metrics.jsonl")
+    events = [e for line in session.read_text().splitlines() for e in json.loads(line)]
+    scalars_ = [e for e in events if e["type"] == "training_stats_scalar"]
+    expected = expected_scalars(records)
+    for key in expected[0]:
+        title, series = key.rsplit("/", 1)
+        logged = [
+            (e["iter"], e["value"])
+            for e in scalars_
+            if (e["metric"], e["variant"]) == (title, series)
+        ]
+        assert [s for s, _ in logged] == STEPS, key
+        assert [v for _, v in logged] == pytest.approx([expected[s][key] for s in STEPS], rel=1e-12)
+    assert any(e["metric"] == "train" and e["variant"] == "loss" for e in scalars_)
+    plots = [e for e in events if e["type"] == "plot" and e["metric"] == "lawwatch/pr_table"]
+    assert [e["iter"] for e in plots] == STEPS
+    images = [e for e in events if e["type"] == "training_debug_image"]
+    assert [(e["metric"], e["iter"]) for e in images] == [("lawwatch/report", 4)]

@@ -70,7 +70,8 @@ class LawWatchCallback(TrainerCallback):
     ``trainer = Trainer(..., callbacks=[LawWatchCallback(probe, every=100)])``. Snapshots: step 0
     (in ``on_train_begin``, before any update), the schedule (``on_step_end``, on every process:
     each measures its shard of the probe), and the final step (``state.max_steps``, or
-    ``state.global_step`` at ``on_train_end`` when training stops early).
+    ``state.global_step`` when training stops early: in the last ``on_epoch_end``, while the
+    trackers are open, or else at ``on_train_end``).
 
     Written by the main process:
 
@@ -157,6 +158,7 @@ class LawWatchCallback(TrainerCallback):
         self.wandb: WandbSink | None = None
         self.trackers: dict[str, Sink] = {}
         self.report_path: Path | None = None
+        self._finished = False
 
     @property
     def emergence_step(self) -> int | None:
@@ -169,7 +171,7 @@ class LawWatchCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Open the sinks (main process), restore a resumed history, measure step 0."""
         self.monitor, self.local, self.wandb, self.report_path = None, None, None, None
-        self.trackers = {}
+        self.trackers, self._finished = {}, False
         start = state.global_step  # > 0 when resuming from a checkpoint
         # a sink that fails to open costs that sink only: every process must still take part
         # in every snapshot, or the others would wait for it forever
@@ -201,19 +203,36 @@ class LawWatchCallback(TrainerCallback):
             self.monitor.maybe_snapshot(state.global_step)
 
     @_never_raises
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Training stops after this epoch: the final snapshot and the report, now.
+
+        Now rather than at ``on_train_end``, where the Trainer's reporting callbacks (which run
+        first) have already ended their runs and closed their writers.
+        """
+        if control.should_training_stop:
+            self._finish(state)
+
+    @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Measure the final step if not yet done; write the PNG; close the sinks."""
+        """The final snapshot and the report if not yet done; close the sinks."""
         if self.monitor is None:
             return
         try:
-            self._measure(state.global_step)
-            if state.is_world_process_zero and self.local is not None and self.local.records:
-                self.report_path = self._plot(self.local.records)
-                self._report(self.report_path)
+            self._finish(state)
         finally:
             self.monitor.close()
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _finish(self, state: Any) -> None:
+        """Measure the final step if not yet done; write the PNG; report to the trackers."""
+        if self.monitor is None or self._finished:
+            return
+        self._finished = True
+        self._measure(state.global_step)
+        if state.is_world_process_zero and self.local is not None and self.local.records:
+            self.report_path = self._plot(self.local.records)
+            self._report(self.report_path)
 
     def _measure(self, step: int) -> None:
         """Measure ``step`` unless already attempted (on or off the schedule)."""
