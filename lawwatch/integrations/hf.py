@@ -82,9 +82,9 @@ class LawWatchCallback(TrainerCallback):
       (:func:`lawwatch.scalars`) at the training step, in the run, writer or experiment the
       Trainer's own reporting callback created (it runs first: the Trainer puts its reporting
       callbacks before the user's): W&B, TensorBoard, MLflow (and DagsHub), trackio, Comet,
-      ClearML, DVCLive (:mod:`lawwatch.trackers`); a tracker that cannot be opened is reported and the
-      others still run. At train end the PNG (and, where the tracker keeps files, the history
-      files) go to each of them;
+      ClearML, DVCLive (:mod:`lawwatch.trackers`); a tracker that cannot be opened is reported
+      and the others still run. At train end the PNG (and, where the tracker keeps files, the
+      history files) go to each of them;
     - with ``alerts``: each alert once, as a WARNING on the ``"lawwatch"`` logger and in the
       trackers that have alerts (W&B ``run.alert``, trackio), see :mod:`lawwatch.alerts`.
 
