@@ -14,8 +14,9 @@ import logging
 import math
 import os
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lawwatch.history import (
     HISTORY_FILE,
@@ -29,6 +30,9 @@ from lawwatch.history import (
 )
 from lawwatch.history import series as series_of
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
+
+if TYPE_CHECKING:
+    from lawwatch.alerts import Alert
 
 log = logging.getLogger("lawwatch")
 
@@ -411,5 +415,24 @@ class WandbSink:
         step = self.history.last_step or 0
         self.run.log({key: wandb.Image(str(path)), self.step_key: step})
 
+    def log_report(self, image: Path | None, files: Sequence[Path] = ()) -> None:
+        """The end-of-training report: the PNG as ``lawwatch/report`` (the files stay local)."""
+        if image is not None:
+            self.log_image(image)
+
+    def alert(self, alert: Alert) -> None:
+        """A W&B alert (``run.alert``: e-mail or Slack, as the user's W&B settings say)."""
+        wandb_alert(self.run, alert)
+
     def close(self) -> None:
         """Nothing to do: the run belongs to whoever created it (the Trainer's W&B callback)."""
+
+
+def wandb_alert(run: Any, alert: Alert) -> None:
+    """Raise a lawwatch alert in a W&B run (``run.alert``), at once."""
+    import wandb
+
+    level = wandb.AlertLevel.INFO if alert.level == "INFO" else wandb.AlertLevel.WARN
+    # W&B holds back a second alert of the same title for wait_duration; lawwatch raises each
+    # alert once, so none should wait (W&B titles: under 64 characters)
+    run.alert(title=alert.title[:63], text=alert.text, level=level, wait_duration=1)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
+
+# Before any tracker package is imported (transformers imports comet_ml with its integrations):
+# comet_ml would otherwise patch MLflow to mirror every MLflow run into a Comet experiment and
+# report its own errors over the network; trackio reads its directory once, on import (a
+# scratch one, not the user's cache).
+os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
+os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="lawwatch-trackio-"))
 
 import pytest
 import torch

@@ -9,8 +9,9 @@ A custom training loop needs three lines::
 
 Every snapshot goes, on the main process, to the accelerator's trackers through
 :class:`TrackerSink` (once ``accelerator.init_trackers`` has been called: W&B, TensorBoard, any
-``GeneralTracker``; keys from :func:`lawwatch.scalars`) and, with ``directory``, to a
-:class:`~lawwatch.sinks.LocalHistory` there, besides any sinks given.
+``GeneralTracker``; keys from :func:`lawwatch.scalars`, at the training step) and, with
+``directory``, to a :class:`~lawwatch.sinks.LocalHistory` there, besides any sinks given.
+``alerts=True`` adds :class:`~lawwatch.alerts.AlertSink` (W&B and trackio trackers get the alerts).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from typing import Any
 
 from torch import nn
 
+from lawwatch.alerts import Alert, Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.monitor import LawWatch
 from lawwatch.probe import ProbeSet
-from lawwatch.sinks import LocalHistory, Sink, Sinks, scalars
+from lawwatch.sinks import LocalHistory, Sink, Sinks, scalars, wandb_alert
 
 
 class TrackerSink:
@@ -52,6 +54,29 @@ class TrackerSink:
         """Nothing to release: ``accelerator.end_training()`` finishes the trackers."""
 
 
+class TrackerAlerts:
+    """Raises lawwatch alerts in the accelerator's trackers that have alerts (W&B, trackio).
+
+    The trackers are looked up at each alert, so ``init_trackers`` may come after the watch.
+
+    Args:
+        accelerator: The ``accelerate.Accelerator`` of the training run.
+    """
+
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+
+    def alert(self, alert: Alert) -> None:
+        """Pass the alert to each W&B and trackio tracker."""
+        for tracker in getattr(self.accelerator, "trackers", None) or []:
+            if tracker.name == "wandb":
+                wandb_alert(tracker.tracker, alert)
+            elif tracker.name == "trackio":
+                from lawwatch.trackers import trackio_alert
+
+                trackio_alert(tracker.tracker, alert)
+
+
 class AcceleratorWatch(LawWatch):
     """:class:`~lawwatch.LawWatch` for an accelerate loop: its layout, trackers and files.
 
@@ -64,6 +89,9 @@ class AcceleratorWatch(LawWatch):
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors``
             (:class:`~lawwatch.sinks.LocalHistory`: one series, one writer); None for none.
         sinks: More sinks (main process only).
+        alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts`) raises an alert when the law
+            emerges, breaks, or a layer's PR stops falling: a WARNING on the ``"lawwatch"``
+            logger and an alert in the W&B and trackio trackers (main process).
         every, schedule, last_step, emergence_threshold, unwrap: As in
             :class:`~lawwatch.LawWatch`.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
@@ -78,6 +106,7 @@ class AcceleratorWatch(LawWatch):
         *,
         directory: str | Path | None = None,
         sinks: list[Sink] | None = None,
+        alerts: bool | Alerts = False,
         every: int = 100,
         schedule: Callable[[int], bool] | Iterable[int] | None = None,
         last_step: int | None = None,
@@ -85,6 +114,7 @@ class AcceleratorWatch(LawWatch):
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
         **options: Any,
     ) -> None:
+        wanted = Alerts.of(alerts)  # checked on every process, before anything opens
         super().__init__(
             model,
             probe,
@@ -103,4 +133,9 @@ class AcceleratorWatch(LawWatch):
             if directory is not None:
                 chosen.append(LocalHistory(directory, series=self.series()))
             chosen += [TrackerSink(accelerator), *(sinks or [])]
+            if wanted is not None:
+                targets = [TrackerAlerts(accelerator)] + [
+                    s for s in sinks or [] if isinstance(s, Alerting)
+                ]
+                chosen.append(AlertSink(wanted, threshold=emergence_threshold, targets=targets))
         self.sinks = Sinks(chosen)

@@ -2,8 +2,9 @@
 
 A thin adapter around :class:`lawwatch.monitor.LawWatch`: it decides *when* (step 0 before any
 update, the schedule after each optimizer step, the final step) and *where* results go (local
-history always; the Trainer's own W&B run when ``report_to`` includes ``"wandb"``; a PNG of the
-law at train end). Every process measures (the probe is sharded and the statistics reduced);
+history always; every tracker in ``report_to`` that lawwatch logs to, in the run the Trainer's
+own reporting callback made (see :mod:`lawwatch.trackers`); a PNG of the law at train end;
+alerts when asked for). Every process measures (the probe is sharded and the statistics reduced);
 only the main process writes. Nothing here may stop training: a failure is logged to the
 ``"lawwatch"`` logger and training goes on.
 """
@@ -12,17 +13,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
+from lawwatch.history import HISTORY_FILE, MATRIX_FILE
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.monitor import LawWatch, Schedule
 from lawwatch.probe import ProbeSet
 from lawwatch.sinks import LocalHistory, Sink, Sinks, WandbSink
+from lawwatch.trackers import TRACKERS, Reporting, open_tracker, reported_trackers
 
 log = logging.getLogger("lawwatch")
 
@@ -40,31 +45,58 @@ def _never_raises(event: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
+def _trainer_callbacks(depth: int = 16) -> list[Any]:
+    """The callbacks of the Trainer whose event is running now (empty outside a Trainer).
+
+    The Trainer hands a callback no reference to the others, but the ``CallbackHandler``
+    calling this event holds them all: it is the ``self`` of a frame a few levels up.
+    """
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            break
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler):
+            return list(handler.callbacks)
+        frame = frame.f_back
+    return []
+
+
 class LawWatchCallback(TrainerCallback):
     """Measure the law of equi-learning while a ``transformers.Trainer`` trains.
 
     ``trainer = Trainer(..., callbacks=[LawWatchCallback(probe, every=100)])``. Snapshots: step 0
     (in ``on_train_begin``, before any update), the schedule (``on_step_end``, on every process:
     each measures its shard of the probe), and the final step (``state.max_steps``, or
-    ``state.global_step`` at ``on_train_end`` when training stops early).
+    ``state.global_step`` when training stops early: in the last ``on_epoch_end``, while the
+    trackers are open, or else at ``on_train_end``).
 
     Written by the main process:
 
     - ``<output_dir>/lawwatch/history.jsonl`` and ``pr.safetensors`` (see
       :class:`lawwatch.sinks.LocalHistory`), and ``law.png`` at train end
       (:func:`lawwatch.report.plot_law`, when matplotlib is installed);
-    - with ``"wandb"`` in ``args.report_to``: the scalars, table, chart and summary of
-      :class:`lawwatch.sinks.WandbSink`, in the run the Trainer's ``WandbCallback`` created
-      (it runs first: the Trainer puts its reporting callbacks before the user's).
+    - for each tracker in ``args.report_to`` (``"all"`` included): the same keys
+      (:func:`lawwatch.scalars`) at the training step, in the run, writer or experiment the
+      Trainer's own reporting callback created (it runs first: the Trainer puts its reporting
+      callbacks before the user's): W&B, TensorBoard, MLflow (and DagsHub), trackio, Comet,
+      ClearML, DVCLive (:mod:`lawwatch.trackers`); a tracker that cannot be opened is reported
+      and the others still run. At train end the PNG (and, where the tracker keeps files, the
+      history files) go to each of them;
+    - with ``alerts``: each alert once, as a WARNING on the ``"lawwatch"`` logger and in the
+      trackers that have alerts (W&B ``run.alert``, trackio), see :mod:`lawwatch.alerts`.
 
     Resume (``trainer.train(resume_from_checkpoint=...)``): the local history is the record.
-    Records after the checkpoint's step are dropped (they are measured again), a fresh W&B run
-    is given the history up to the checkpoint, and a resumed W&B run is not sent a step twice.
-    A run started from step 0 replaces any history left in the directory. A history measured
-    with another probe, other options or at another precision is not continued: it is moved to
-    ``<directory>/series-<n>/`` and a new series starts (with a warning). Two callbacks never
-    share a directory: the second one's local history is refused (logged), so give each its own
-    ``directory=``.
+    Records after the checkpoint's step are dropped (they are measured again), each tracker's
+    fresh run is given the history up to the checkpoint, and a resumed W&B or MLflow run is not
+    sent a step twice; alerts of the restored history are not raised again.
+    A run started from step 0 replaces any history left in the directory.
+    A history measured with another probe, other options or at another precision is not
+    continued: it is moved to ``<directory>/series-<n>/`` and a new series starts (with a
+    warning). Two callbacks never share a directory: the second one's local history is refused
+    (logged), so give each its own ``directory=``.
 
     Args:
         probe: The held-out probe set.
@@ -77,12 +109,15 @@ class LawWatchCallback(TrainerCallback):
         directory: Where the local files go. Default: ``<args.output_dir>/lawwatch``.
         sinks: More sinks for every snapshot (main process only), e.g. a live display.
         emergence_threshold: r at or below which the law counts as emerged.
+        alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts` with its tolerances) raises
+            an alert when the law emerges, when it breaks after emerging, and when a layer's PR
+            stops falling. Off by default.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s
             (``batch_size``, ``target``, ``layers``, …).
 
     Raises:
-        TypeError: An option that is not a field of MeasureConfig, or a probe that is not a
-            :class:`~lawwatch.ProbeSet`.
+        TypeError: An option that is not a field of MeasureConfig, a probe that is not a
+            :class:`~lawwatch.ProbeSet`, or ``alerts`` neither a bool nor an ``Alerts``.
         ValueError: An invalid option value or schedule period, or an empty probe.
 
     Attributes:
@@ -90,6 +125,7 @@ class LawWatchCallback(TrainerCallback):
         directory: Where the local files are (set at train begin on the main process).
         report_path: The PNG written at train end, if any.
         wandb: The W&B sink, when logging to W&B.
+        trackers: ``report_to`` name -> its sink, for the trackers logged to.
     """
 
     def __init__(
@@ -102,6 +138,7 @@ class LawWatchCallback(TrainerCallback):
         directory: str | Path | None = None,
         sinks: list[Sink] | None = None,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+        alerts: bool | Alerts = False,
         **options: Any,
     ) -> None:
         # bad settings fail here, where the user builds the callback, not mid-training
@@ -116,13 +153,16 @@ class LawWatchCallback(TrainerCallback):
         self.config = MeasureConfig.build(config, **options)
         self.probe, self.every, self.schedule = probe, every, schedule
         self.emergence_threshold = emergence_threshold
+        self.alerts = Alerts.of(alerts)
         self.extra_sinks = list(sinks or [])
         self._directory = None if directory is None else Path(directory)
         self.monitor: LawWatch | None = None
         self.directory: Path | None = None
         self.local: LocalHistory | None = None
         self.wandb: WandbSink | None = None
+        self.trackers: dict[str, Sink] = {}
         self.report_path: Path | None = None
+        self._finished = False
 
     @property
     def emergence_step(self) -> int | None:
@@ -137,6 +177,7 @@ class LawWatchCallback(TrainerCallback):
         if self.local is not None:  # a previous train() that ended without on_train_end
             self.local.close()
         self.monitor, self.local, self.wandb, self.report_path = None, None, None, None
+        self.trackers, self._finished = {}, False
         start = state.global_step  # > 0 when resuming from a checkpoint
         self.monitor = LawWatch(
             kwargs["model"],
@@ -168,20 +209,36 @@ class LawWatchCallback(TrainerCallback):
             self.monitor.maybe_snapshot(state.global_step)
 
     @_never_raises
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Training stops after this epoch: the final snapshot and the report, now.
+
+        Now rather than at ``on_train_end``, where the Trainer's reporting callbacks (which run
+        first) have already ended their runs and closed their writers.
+        """
+        if control.should_training_stop:
+            self._finish(state)
+
+    @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Measure the final step if not yet done; write the PNG; close the sinks."""
+        """The final snapshot and the report if not yet done; close the sinks."""
         if self.monitor is None:
             return
         try:
-            self._measure(state.global_step)
-            if state.is_world_process_zero and self.local is not None and self.local.records:
-                self.report_path = self._plot(self.local.records)
-                if self.report_path is not None and self.wandb is not None:
-                    self.wandb.log_image(self.report_path)
+            self._finish(state)
         finally:
             self.monitor.close()
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _finish(self, state: Any) -> None:
+        """Measure the final step if not yet done; write the PNG; report to the trackers."""
+        if self.monitor is None or self._finished:
+            return
+        self._finished = True
+        self._measure(state.global_step)
+        if state.is_world_process_zero and self.local is not None and self.local.records:
+            self.report_path = self._plot(self.local.records)
+            self._report(self.report_path)
 
     def _measure(self, step: int) -> None:
         """Measure ``step`` unless already attempted (on or off the schedule)."""
@@ -207,14 +264,20 @@ class LawWatchCallback(TrainerCallback):
         except Exception:
             log.exception("lawwatch: no local history (%s)", self.directory)
             self.local = None
-        if "wandb" in (args.report_to or []):
-            try:
-                self.wandb = self._wandb_sink(self.local.records if self.local else [])
-                if self.wandb is not None:
-                    sinks.append(self.wandb)
-            except Exception:
-                log.exception("lawwatch: not logging to W&B")
-        return sinks + self.extra_sinks
+        records = self.local.records if self.local else []
+        self.trackers = self._open_trackers(args.report_to, records)
+        sinks += [*self.trackers.values(), *self.extra_sinks]
+        if self.alerts is not None:
+            targets = [s for s in sinks if isinstance(s, Alerting)]
+            sinks.append(
+                AlertSink(
+                    self.alerts,
+                    threshold=self.emergence_threshold,
+                    targets=targets,
+                    history=records,
+                )
+            )
+        return sinks
 
     def _series(self) -> dict[str, Any] | None:
         """What this run's records will say they were measured with (None: not known yet)."""
@@ -223,16 +286,47 @@ class LawWatchCallback(TrainerCallback):
         except Exception:
             return None
 
-    def _wandb_sink(self, records: list[dict[str, Any]]) -> WandbSink | None:
-        import wandb
+    def _open_trackers(
+        self, report_to: str | list[str] | None, records: list[dict[str, Any]]
+    ) -> dict[str, Sink]:
+        """A sink for each ``report_to`` tracker lawwatch logs to, on the Trainer's own run."""
+        # the Trainer's reporting callbacks ran on_train_begin before this one: their runs and
+        # writers exist; the TensorBoard writer and the DVCLive Live live on the callbacks
+        peers = _trainer_callbacks()
+        opened: dict[str, Sink] = {}
+        for name in reported_trackers(report_to):
+            if TRACKERS.get(name) in {TRACKERS.get(n) for n in opened}:
+                continue  # "mlflow" and "dagshub" share MLflow's run
+            try:
+                sink = open_tracker(
+                    name,
+                    peers=peers,
+                    history=records,
+                    emergence_threshold=self.emergence_threshold,
+                )
+            except LookupError as error:
+                log.warning("lawwatch: %s; not logging to %s", error, name)
+                continue
+            except Exception:
+                log.exception("lawwatch: not logging to %s", name)
+                continue
+            if sink is None:
+                log.info("lawwatch: %s has no lawwatch sink; not logging to it", name)
+                continue
+            opened[name] = sink
+        self.wandb = opened.get("wandb")  # type: ignore[assignment]
+        return opened
 
-        if wandb.run is None:
-            log.warning(
-                "lawwatch: report_to includes wandb but no W&B run is active; "
-                "writing the local history only"
-            )
-            return None
-        return WandbSink(wandb.run, history=records, emergence_threshold=self.emergence_threshold)
+    def _report(self, image: Path | None) -> None:
+        """The PNG and the history files to every tracker that takes them."""
+        files = [self.directory / name for name in (HISTORY_FILE, MATRIX_FILE)]
+        files = [path for path in files if path.exists()]
+        for name, sink in self.trackers.items():
+            if isinstance(sink, Reporting):
+                try:
+                    sink.log_report(image, files)
+                except Exception:
+                    log.exception("lawwatch: the report did not reach %s", name)
 
     def _plot(self, records: list[dict[str, Any]]) -> Path | None:
         try:
