@@ -36,6 +36,9 @@ CASES = {
     "batch_size": ({}, 5),  # the same PRs, in fewer forward passes
     "seed": ({"target": "token_id_shuffled"}, 7),
     "rtol": ({}, 0.5),  # drops most directions of the solve
+    "metric": ({}, "separation_fuzziness"),
+    "split": ({}, 0.3),  # out-of-sample PR
+    "jackknife": ({}, 13),  # refused: 13 groups for 12 sequences leave a group empty
 }
 
 
@@ -198,6 +201,10 @@ def test_the_command_line_builds_the_config():
             "9",
             "--rtol",
             "1e-9",
+            "--split",
+            "0.25",
+            "--jackknife",
+            "4",
         ]
     )
     assert measure_config(args) == MeasureConfig(
@@ -212,6 +219,8 @@ def test_the_command_line_builds_the_config():
         batch_size=3,
         seed=9,
         rtol=1e-9,
+        split=0.25,
+        jackknife=4,
     )
     assert measure_config(parser.parse_args(["--layers", "4"])).layers == 4
     help_text = parser.format_help()
@@ -240,6 +249,17 @@ def test_the_command_line_builds_the_config():
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"rtol": 0.0}, ValueError, r"rtol must lie in \(0, 1\)"),
         ({"rtol": "tiny"}, TypeError, "rtol must be a float"),
+        ({"metric": "sf"}, ValueError, "Unknown metric"),
+        (
+            {"metric": "separation_fuzziness", "target": "token_id_shuffled"},
+            ValueError,
+            "use target='token_id' or 'onehot'",
+        ),
+        ({"split": 1.0}, ValueError, r"split must lie in \(0, 1\)"),
+        ({"split": "half"}, TypeError, "split must be a fraction"),
+        ({"split": 0.5, "metric": "separation_fuzziness"}, ValueError, "metric='pr' only"),
+        ({"jackknife": 1}, ValueError, "at least 2 groups"),
+        ({"jackknife": 2.0}, TypeError, "jackknife must be an int"),
         ({"layer": 3}, TypeError, r"Unknown measurement options \['layer'\]"),
     ],
 )
