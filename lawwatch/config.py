@@ -22,9 +22,11 @@ from lawwatch.residual import DEFAULT_RTOL
 from lawwatch.structure import BlockSpec, FinalNormSpec
 from lawwatch.targets import DEFAULT_MAX_ONEHOT_BYTES, MEASURE_TARGETS, MeasureTarget
 
-__all__ = ["METRICS", "MeasureConfig", "field_docs"]
+__all__ = ["ENTRIES", "METRICS", "MeasureConfig", "field_docs"]
 
 Metric = Literal["pr", "separation_fuzziness"]
+Entries = Literal["hooks", "hidden_states"]
+ENTRIES: tuple[str, ...] = ("hooks", "hidden_states")
 METRICS: tuple[str, ...] = ("pr", "separation_fuzziness")
 
 
@@ -82,6 +84,12 @@ class MeasureConfig:
     residual, the paper's) or 'separation_fuzziness' (He & Su's alternative, Tr(SS_w SS_b⁺) over
     the target-id classes: keeps entries × d × classes one-hot sums, bounded by onehot_top_k and
     max_onehot_bytes; target must be 'token_id' or 'onehot')."""
+    entries: Entries = "hooks"
+    """How hidden-state entries are numbered: 'hooks' (entry 0 = the embeddings, entry l = block
+    l's output, the last = the final norm's output) or 'hidden_states' (as the model's
+    output_hidden_states: for Mamba and RWKV, which omit the embeddings, entry k = block k+1's
+    output; the same as 'hooks' for other models). 'hidden_states' reproduces the authors'
+    numbers for Mamba and RWKV."""
     split: float | None = None
     """Out-of-sample PR: the fraction of probe sequences held out for evaluation (sequence i is
     held out when frac(i·0.618…) < split); OLS is fitted on the rest and PR is the held-out
@@ -116,6 +124,8 @@ class MeasureConfig:
         if self.metric not in METRICS:
             raise ValueError(f"Unknown metric={self.metric!r}; choose one of {METRICS}.")
         fuzziness = self.metric == "separation_fuzziness"
+        if self.entries not in ENTRIES:
+            raise ValueError(f"Unknown entries={self.entries!r}; choose one of {ENTRIES}.")
         if fuzziness and self.target not in ("token_id", "onehot"):
             raise ValueError(
                 f"metric='separation_fuzziness' groups examples by target id; target="

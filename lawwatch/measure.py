@@ -141,6 +141,7 @@ def accumulate(
         blocks=config.blocks,
         final_norm=config.final_norm,
         layers=config.layers,
+        entries=config.entries,
     )
     offset = config.offset
     stats: ResidualStats | PartitionedStats | None = None

@@ -210,3 +210,23 @@ def test_analyze_reports_the_jackknife_by_default(tmp_path):
     assert record["pearson_r_se"] == pytest.approx(live.extra["pearson_r_se"], abs=1e-12)
     assert record["rho_se"] == pytest.approx(live.extra["rho_se"], abs=1e-12)
     assert record["jackknife_groups"] == 8
+
+
+def test_the_report_shows_the_standard_errors(tmp_path):
+    from lawwatch.history import History
+    from lawwatch.report import write_report
+
+    model, probe = tiny_gpt2(seed=3), ragged_probe(seed=4, rows=40, max_len=24)
+    history = History()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in (0, 10):
+            snapshot = measure(model, probe, jackknife=4)
+            snapshot.step = step
+            history.append(snapshot)
+    history.write(tmp_path / "run")
+    write_report([tmp_path / "run"], tmp_path / "report", formats=("svg",))
+    page = (tmp_path / "report" / "report.html").read_text()
+    se = history.records[-1]["pearson_r_se"]
+    assert f'data-field="pearson_r_se" data-value="{se!r}"' in page
+    assert 'data-field="rho_se"' in page
