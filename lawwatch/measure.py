@@ -161,7 +161,10 @@ def accumulate(
                 ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
                 if stats is None:
                     targets.check_memory(
-                        len(capture.layers), features.shape[2], config.max_onehot_bytes
+                        len(capture.layers),
+                        features.shape[2],
+                        config.max_onehot_bytes,
+                        copies=PartitionedStats.copies(config.split, config.jackknife),
                     )
                     stats = _statistics(
                         config,

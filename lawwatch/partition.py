@@ -97,6 +97,12 @@ class PartitionedStats:
         first = self.cells[0]
         self.dim, self.layers, self.num_layers = first.dim, first.layers, first.num_layers
 
+    @staticmethod
+    def copies(split: float | None, groups: int | None) -> int:
+        """Sets of statistics kept for these options: ``(groups + 1) × parts``, or ``parts``."""
+        parts = 2 if split is not None else 1
+        return parts * (groups + 1) if groups is not None else parts
+
     @property
     def device(self) -> torch.device:
         """Where the statistics live."""

@@ -230,3 +230,16 @@ def test_the_report_shows_the_standard_errors(tmp_path):
     se = history.records[-1]["pearson_r_se"]
     assert f'data-field="pearson_r_se" data-value="{se!r}"' in page
     assert 'data-field="rho_se"' in page
+
+
+def test_the_onehot_budget_counts_every_set_of_statistics():
+    model, probe = tiny_gpt2(seed=3), ragged_probe(seed=4, rows=40, max_len=24)
+    classes = probe.target_ids().numel()
+    one_set = 5 * 16 * classes * 8  # 5 entries x d 16 x classes, float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measure(model, probe, metric="separation_fuzziness", max_onehot_bytes=one_set)
+        with pytest.raises(ValueError, match=r"in 8 sets \(split / jackknife\)") as error:
+            measure(model, probe, target="onehot", split=0.5, jackknife=3, max_onehot_bytes=one_set)
+    fits = int(str(error.value).split("onehot_top_k=")[1].split(" ")[0])
+    assert fits == one_set // 8 // (5 * 16 * 8) - 1  # the budget of one set, less OTHER
