@@ -147,10 +147,9 @@ def accumulate(
     stats: ResidualStats | PartitionedStats | None = None
     # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
     rank, _ = probe.meta.get("shard", (0, 1))
-    first_row = rank * len(probe) - config.batch_size
     with evaluating(model):
-        for input_ids, attention_mask in probe.batches(config.batch_size):
-            first_row += config.batch_size
+        for batch, (input_ids, attention_mask) in enumerate(probe.batches(config.batch_size)):
+            first_row = rank * len(probe) + batch * config.batch_size
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             positions = example_mask(attention_mask, offset)  # (batch, length)
             hidden = capture.forward(input_ids, attention_mask, positions)
