@@ -44,11 +44,20 @@ from lawwatch.measure import measure
 from lawwatch.probe import ProbeSet
 from lawwatch.sinks import LocalHistory
 
-__all__ = ["PROBE_FILE", "SweepResult", "analyze", "check_compatible", "log_to_wandb"]
+__all__ = [
+    "ANALYZE_JACKKNIFE",
+    "PROBE_FILE",
+    "SweepResult",
+    "analyze",
+    "check_compatible",
+    "log_to_wandb",
+]
 
 log = logging.getLogger("lawwatch")
 
 PROBE_FILE = "probe.safetensors"
+ANALYZE_JACKKNIFE = 8
+"""Jackknife groups of a sweep whose config leaves ``jackknife`` unset."""
 """The probe a sweep measured with, saved beside its history."""
 HASH_FILE = "weights-sha256.json"
 """The weight files' digests, so a sweep run again hashes no unchanged file twice."""
@@ -139,7 +148,10 @@ def analyze(
         probe: The probe every checkpoint is measured with (saved as ``out/probe.safetensors``).
         out: The output directory (created if missing): ``history.jsonl``,
             ``pr.safetensors``, the probe and the weight digests.
-        config: The measurement options (default: the paper's protocol).
+        config: The measurement options (default: the paper's protocol). Unless ``jackknife``
+            is set, checkpoints are measured with ``ANALYZE_JACKKNIFE`` (8) groups: every record
+            carries the jackknife standard errors of ``r`` and ``rho`` (statistics kept per
+            group: memory × 9). The PRs are the same, and the records keep ``config`` as given.
         load: How checkpoints are loaded (dtype, device, device_map, hub cache).
         progress: Show progress bars (checkpoints and probe batches); None: on a terminal.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
@@ -229,7 +241,12 @@ def _sweep_one(
         if _copy(ckpt, weights, local, result):
             return
     loaded = time.perf_counter()
-    snapshot = measure(model, probe, config)
+    # offline, the uncertainty of r and rho is always reported; the jackknife leaves the headline
+    # numbers as they are, so the records keep the config as given (one series with a live run)
+    measured = (
+        config if config.jackknife is not None else config.replace(jackknife=ANALYZE_JACKKNIFE)
+    )
+    snapshot = measure(model, probe, measured)
     del model
     snapshot.step = ckpt.step
     snapshot.extra.update(

@@ -31,7 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lawwatch.models import accepts, base_model, is_hf, undo_inference_rescaling
+from lawwatch.models import (
+    accepts,
+    base_model,
+    hidden_states_skip_embeddings,
+    is_hf,
+    undo_inference_rescaling,
+)
 from lawwatch.norms import NORMALIZE, Normalize, NormSpec, mismatch, normalizer, resolve_norm
 from lawwatch.precision import plain_forward
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
@@ -111,6 +117,12 @@ class Capture:
             :class:`NormSpec` for a model without a final norm module (then every entry, the
             last too, goes through ``normalize``). Default: found by name.
         layers: Which entries to measure (see :func:`select_layers`); default all.
+        entries: How entries are numbered. ``"hooks"``: entry 0 is the embeddings (the input of
+            the first block), entry ``l`` block ``l``'s output, entry ``L`` the final norm's
+            output. ``"hidden_states"``: as the model's ``output_hidden_states`` numbers them;
+            for Mamba and RWKV, whose hidden states omit the embeddings, entry ``k < L`` is then
+            block ``k+1``'s output (so entry ``L-1`` is the last block's output before the final
+            norm); for every other model the two are the same.
 
     Attributes:
         blocks: Block names, in order.
@@ -127,7 +139,10 @@ class Capture:
         blocks: BlockSpec | None = None,
         final_norm: FinalNormSpec | None = None,
         layers: LayerSpec | None = None,
+        entries: str = "hooks",
     ) -> None:
+        if entries not in ("hooks", "hidden_states"):
+            raise ValueError(f"Unknown entries={entries!r}; choose 'hooks' or 'hidden_states'.")
         if normalize not in NORMALIZE:
             raise ValueError(f"Unknown normalize={normalize!r}; choose one of {NORMALIZE}.")
         self.model = model
@@ -138,6 +153,10 @@ class Capture:
         self.blocks, self.final_norm = structure.blocks, structure.final_norm
         self.num_entries = structure.num_entries
         self.layers = select_layers(layers, self.num_entries)
+        # measured entry -> the captured one (0: first block's input, l: block l's output)
+        skip = entries == "hidden_states" and hidden_states_skip_embeddings(model)
+        last = self.num_entries - 1
+        self._source = {e: e + 1 if skip and e < last else e for e in self.layers}
         self._structure = structure
         self._normalize_name = normalize
         self.spec: NormSpec | None = (
@@ -154,9 +173,10 @@ class Capture:
 
     def _hooks(self, hidden: Hidden, positions: torch.Tensor) -> Iterator[Any]:
         """Register the hooks that fill ``hidden``; yields their handles."""
-        wanted = set(self.layers)
         last = self.num_entries - 1
         norm = self._norm_module
+        # the captured entries: the final norm's output (entry L) comes from its own hooks
+        wanted = {s for e, s in self._source.items() if e < last or norm is None}
 
         def keep(entry: int, value: torch.Tensor | None, what: str) -> None:
             if value is None or value.ndim != 3 or value.shape[:2] != positions.shape:
@@ -179,7 +199,7 @@ class Capture:
             yield first.register_forward_pre_hook(first_input, with_kwargs=True)
         for i, name in enumerate(self.blocks):
             entry = i + 1
-            store = entry in wanted and (entry < last or norm is None)
+            store = entry in wanted
 
             def block_output(_m, _args, output, i=i, entry=entry, store=store, name=name):
                 hidden.fired.append(i)
@@ -308,7 +328,8 @@ class Capture:
             if entry == last and norm is not None:
                 out.append(self.spec.apply(x, weight, bias))  # the model's own final norm
             else:
-                out.append(self._normalize(hidden.entries[entry].to(torch.float64)))
+                source = hidden.entries[self._source[entry]]
+                out.append(self._normalize(source.to(torch.float64)))
         return torch.stack(out)  # (len(layers), n, d)
 
     def __call__(

@@ -15,14 +15,19 @@ import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 from lawwatch.norms import NORMALIZE, Normalize
 from lawwatch.residual import DEFAULT_RTOL
 from lawwatch.structure import BlockSpec, FinalNormSpec
 from lawwatch.targets import DEFAULT_MAX_ONEHOT_BYTES, MEASURE_TARGETS, MeasureTarget
 
-__all__ = ["MeasureConfig", "field_docs"]
+__all__ = ["ENTRIES", "METRICS", "MeasureConfig", "field_docs"]
+
+Metric = Literal["pr", "separation_fuzziness"]
+Entries = Literal["hooks", "hidden_states"]
+ENTRIES: tuple[str, ...] = ("hooks", "hidden_states")
+METRICS: tuple[str, ...] = ("pr", "separation_fuzziness")
 
 
 def _is_int(value: Any) -> bool:
@@ -61,8 +66,9 @@ class MeasureConfig:
     """The model's final norm: a module name or module, or a NormSpec for a model without one.
     Default: found by name (ln_f, norm, final_layer_norm, norm_f, ln_out, final_layernorm)."""
     onehot_top_k: int | None = None
-    """For target='onehot': a class for each of the k most frequent target ids plus one class
-    for all others (no example is dropped), to bound memory. Default: a class per id."""
+    """For target='onehot' (and metric='separation_fuzziness'): a class for each of the k most
+    frequent target ids plus one class for all others (no example is dropped), to bound memory.
+    Default: a class per id."""
     max_onehot_bytes: int = DEFAULT_MAX_ONEHOT_BYTES
     """Refuse one-hot statistics (entries × d × classes × 8 bytes) above this many bytes; the
     error names the onehot_top_k that fits."""
@@ -73,6 +79,26 @@ class MeasureConfig:
     rtol: float = DEFAULT_RTOL
     """Rank tolerance of the least-squares solve: directions of the correlation-scaled Gram
     with eigenvalue below rtol × the largest are treated as exactly dependent."""
+    metric: Metric = "pr"
+    """What is measured per entry and fitted against depth (log10): 'pr' (the prediction
+    residual, the paper's) or 'separation_fuzziness' (He & Su's alternative, Tr(SS_w SS_b⁺) over
+    the target-id classes: keeps entries × d × classes one-hot sums, bounded by onehot_top_k and
+    max_onehot_bytes; target must be 'token_id' or 'onehot')."""
+    entries: Entries = "hooks"
+    """How hidden-state entries are numbered: 'hooks' (entry 0 = the embeddings, entry l = block
+    l's output, the last = the final norm's output) or 'hidden_states' (as the model's
+    output_hidden_states: for Mamba and RWKV, which omit the embeddings, entry k = block k+1's
+    output; the same as 'hooks' for other models). 'hidden_states' reproduces the authors'
+    numbers for Mamba and RWKV."""
+    split: float | None = None
+    """Out-of-sample PR: the fraction of probe sequences held out for evaluation (sequence i is
+    held out when frac(i·0.618…) < split); OLS is fitted on the rest and PR is the held-out
+    part's residual sum of squares over its total sum of squares about its own mean. None:
+    in-sample (the paper's; biased low by about d/n). Doubles the statistics' memory."""
+    jackknife: int | None = None
+    """Jackknife standard errors of r and rho (pearson_r_se, rho_se in the record) over this many
+    groups of probe sequences (sequence i in group i mod groups). Keeps statistics per group
+    and their total: memory × (groups + 1). None: off (`lawwatch analyze` uses 8)."""
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
@@ -95,11 +121,24 @@ class MeasureConfig:
                 raise ValueError(f"layers={self.layers}: every k-th entry needs k >= 1.")
         if isinstance(self.blocks, list):
             object.__setattr__(self, "blocks", tuple(self.blocks))
+        if self.metric not in METRICS:
+            raise ValueError(f"Unknown metric={self.metric!r}; choose one of {METRICS}.")
+        fuzziness = self.metric == "separation_fuzziness"
+        if self.entries not in ENTRIES:
+            raise ValueError(f"Unknown entries={self.entries!r}; choose one of {ENTRIES}.")
+        if fuzziness and self.target not in ("token_id", "onehot"):
+            raise ValueError(
+                f"metric='separation_fuzziness' groups examples by target id; target="
+                f"{self.target!r} does not apply: use target='token_id' or 'onehot'."
+            )
         if self.onehot_top_k is not None and (
-            not _is_int(self.onehot_top_k) or self.onehot_top_k < 1 or self.target != "onehot"
+            not _is_int(self.onehot_top_k)
+            or self.onehot_top_k < 1
+            or (self.target != "onehot" and not fuzziness)
         ):
             raise ValueError(
-                f"onehot_top_k={self.onehot_top_k} needs target='onehot' and a positive count."
+                f"onehot_top_k={self.onehot_top_k} needs target='onehot' (or metric="
+                "'separation_fuzziness') and a positive count."
             )
         for name in ("max_onehot_bytes", "batch_size"):
             value = getattr(self, name)
@@ -113,6 +152,23 @@ class MeasureConfig:
             raise TypeError(f"rtol must be a float, got {self.rtol!r}.")
         if not 0.0 < self.rtol < 1.0:
             raise ValueError(f"rtol must lie in (0, 1), got {self.rtol}.")
+        if self.split is not None:
+            if isinstance(self.split, bool) or not isinstance(self.split, int | float):
+                raise TypeError(f"split must be a fraction or None, got {self.split!r}.")
+            if not 0.0 < self.split < 1.0:
+                raise ValueError(
+                    f"split must lie in (0, 1) (the held-out fraction of sequences), got "
+                    f"{self.split}."
+                )
+            if fuzziness:
+                raise ValueError(
+                    "split applies to metric='pr' only: separation fuzziness fits nothing."
+                )
+        if self.jackknife is not None:
+            if not _is_int(self.jackknife):
+                raise TypeError(f"jackknife must be an int or None, got {self.jackknife!r}.")
+            if self.jackknife < 2:
+                raise ValueError(f"jackknife needs at least 2 groups, got {self.jackknife}.")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.law import fit_law
 from lawwatch.models import check_probe
+from lawwatch.partition import PartitionedStats
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.residual import ResidualStats
@@ -25,8 +27,14 @@ __all__ = ["accumulate", "identity", "measure", "model_device", "prepare", "solv
 _EXAMPLES_PER_DIM = 10
 
 
-def solve(stats: ResidualStats, *, seconds: float, step: int | None = None) -> Snapshot:
+def solve(
+    stats: ResidualStats | PartitionedStats, *, seconds: float, step: int | None = None
+) -> Snapshot:
     """Solve ``stats`` (all processes' examples, after any reduction) and fit the law.
+
+    With the options kept per part of the probe (:class:`~lawwatch.partition.PartitionedStats`)
+    ``pr`` holds the measure (out-of-sample PR or separation fuzziness) and, with
+    ``jackknife``, the record gets ``pearson_r_se``, ``rho_se`` and ``jackknife_groups``.
 
     Warns when the examples are fewer than 10 per feature dimension (PR is noisy there).
 
@@ -43,7 +51,7 @@ def solve(stats: ResidualStats, *, seconds: float, step: int | None = None) -> S
             stacklevel=2,
         )
     pr = stats.compute().cpu()
-    return Snapshot(
+    snapshot = Snapshot(
         pr=pr,
         fit=fit_law(pr, layers=stats.layers),
         n_tokens=n,
@@ -51,6 +59,9 @@ def solve(stats: ResidualStats, *, seconds: float, step: int | None = None) -> S
         step=step,
         layers=stats.layers,
     )
+    if isinstance(stats, PartitionedStats):  # split / fuzziness / jackknife
+        snapshot.extra.update(stats.uncertainty())
+    return snapshot
 
 
 def identity(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> dict[str, Any]:
@@ -83,8 +94,10 @@ def prepare(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets
         The targets every batch (of any shard of ``probe``) is regressed on.
     """
     check_probe(model, probe)
+    # separation fuzziness needs the per-class sums of the one-hot statistics
+    fuzziness = config.metric == "separation_fuzziness"
     return Targets.build(
-        config.target,
+        "onehot" if fuzziness else config.target,
         probe,
         offset=config.offset,
         seed=config.seed,
@@ -128,11 +141,15 @@ def accumulate(
         blocks=config.blocks,
         final_norm=config.final_norm,
         layers=config.layers,
+        entries=config.entries,
     )
     offset = config.offset
-    stats: ResidualStats | None = None
+    stats: ResidualStats | PartitionedStats | None = None
+    # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
+    rank, _ = probe.meta.get("shard", (0, 1))
     with evaluating(model):
-        for input_ids, attention_mask in probe.batches(config.batch_size):
+        for batch, (input_ids, attention_mask) in enumerate(probe.batches(config.batch_size)):
+            first_row = rank * len(probe) + batch * config.batch_size
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             positions = example_mask(attention_mask, offset)  # (batch, length)
             hidden = capture.forward(input_ids, attention_mask, positions)
@@ -143,23 +160,45 @@ def accumulate(
                 ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
                 if stats is None:
                     targets.check_memory(
-                        len(capture.layers), features.shape[2], config.max_onehot_bytes
-                    )
-                    stats = ResidualStats(
-                        features.shape[0],
+                        len(capture.layers),
                         features.shape[2],
-                        target=targets.kind,
-                        classes=targets.classes,
-                        device=device,
-                        rtol=config.rtol,
-                        layers=capture.layers,
+                        config.max_onehot_bytes,
+                        copies=PartitionedStats.copies(config.split, config.jackknife),
                     )
-                stats.update(features, ids)
+                    stats = _statistics(
+                        config,
+                        lambda features=features: ResidualStats(
+                            features.shape[0],
+                            features.shape[2],
+                            target=targets.kind,
+                            classes=targets.classes,
+                            device=device,
+                            rtol=config.rtol,
+                            layers=capture.layers,
+                        ),
+                    )
+                if isinstance(stats, PartitionedStats):  # each example's sequence in the probe
+                    rows = first_row + positions.nonzero()[:, 0]  # (n,) row-major like `ids`
+                    stats.update(features, ids, rows)
+                else:
+                    stats.update(features, ids)
             except Exception as error:
                 if errors is None:
                     raise
                 errors.append(error)
     return stats
+
+
+def _statistics(
+    config: MeasureConfig, make: Callable[[], ResidualStats]
+) -> ResidualStats | PartitionedStats:
+    """One ``ResidualStats`` for the paper's measurement, one per cell for the rest.
+
+    The options that need parts of the probe: see :mod:`lawwatch.partition`.
+    """
+    if config.split is None and config.metric == "pr" and config.jackknife is None:
+        return make()
+    return PartitionedStats(make, split=config.split, metric=config.metric, groups=config.jackknife)
 
 
 def measure(

@@ -169,6 +169,21 @@ def is_hf(module: nn.Module) -> bool:
     return transformers is not None and isinstance(module, transformers.PreTrainedModel)
 
 
+# Hugging Face families whose `output_hidden_states` holds the block outputs and the final
+# norm's output but not the embeddings (checked against transformers 5 in tests/test_entries.py)
+HIDDEN_STATES_WITHOUT_EMBEDDINGS = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv"})
+
+
+def hidden_states_skip_embeddings(model: nn.Module) -> bool:
+    """Whether ``model``'s ``output_hidden_states`` omits the embeddings (Mamba, RWKV).
+
+    Such a model's ``hidden_states[k]`` is block ``k+1``'s output for ``k < L`` and the final
+    norm's output for ``k = L``; other models' start with the embeddings.
+    """
+    config = getattr(base_model(model), "config", None)
+    return getattr(config, "model_type", None) in HIDDEN_STATES_WITHOUT_EMBEDDINGS
+
+
 def accepts(model: nn.Module, name: str) -> bool:
     """Whether ``model``'s forward takes keyword ``name`` (looking inside an FSDP1 wrapper)."""
     inner = model.module if type(model).__name__ == "FullyShardedDataParallel" else model

@@ -99,6 +99,15 @@ def plot_law(
     law.xaxis.get_major_locator().set_params(integer=True)
 
     trend.plot(steps, [r["pearson_r"] for r in records], color="C0", marker="o", label="r")
+    if any("pearson_r_se" in r for r in records):  # jackknife standard errors: ±1 SE bars
+        trend.errorbar(
+            steps,
+            [r["pearson_r"] for r in records],
+            yerr=[r.get("pearson_r_se", 0.0) for r in records],
+            fmt="none",
+            ecolor="C0",
+            capsize=2,
+        )
     trend.axhline(
         emergence_threshold, color="C0", linestyle=":", label=f"threshold {emergence_threshold}"
     )
@@ -412,6 +421,13 @@ def _training_figure(runs: list[Run], threshold: float) -> Any:
             run.steps, [r["rho"] for r in run.records], color=color, marker="s", markersize=3,
             label=run.label,
         )  # fmt: skip
+        if any("pearson_r_se" in r for r in run.records):  # jackknife: ±1 standard error
+            for ax, key in ((r_ax, "pearson_r"), (rho_ax, "rho")):
+                ax.errorbar(
+                    run.steps, [r[key] for r in run.records],
+                    yerr=[r.get(f"{key}_se", 0.0) for r in run.records],
+                    fmt="none", ecolor=color, capsize=2, linewidth=0.8,
+                )  # fmt: skip
         emerged = run.emergence_step(threshold)
         if emerged is not None:
             for ax in (r_ax, rho_ax):
@@ -595,6 +611,8 @@ _CAPTIONS = {
 def _run_tables(index: int, run: Run) -> list[str]:
     last = run.records[-1]
     columns = ("step", "rho", "pearson_r", "slope", "intercept", "r2", "n_tokens")
+    if any("pearson_r_se" in r for r in run.records):  # jackknife standard errors
+        columns = (*columns[:3], "rho_se", "pearson_r_se", *columns[3:])
     has_checkpoint = any("checkpoint" in r for r in run.records)
     parts = [
         f"<h3>{html.escape(run.label)}</h3>",
@@ -624,6 +642,7 @@ def _run_tables(index: int, run: Run) -> list[str]:
         + "</tr>",
     ]
     formats = {"rho": ".4f", "pearson_r": "+.4f", "slope": ".5f", "intercept": ".4f", "r2": ".4f"}
+    formats.update(rho_se=".2g", pearson_r_se=".2g")
     for record in run.records:
         cells = "".join(_num(record.get(c), c, formats.get(c, "d")) for c in columns)
         if has_checkpoint:

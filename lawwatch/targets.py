@@ -138,23 +138,31 @@ class Targets:
             return ids
         return self.table.to(ids.device)[ids]
 
-    def check_memory(self, num_layers: int, dim: int, max_bytes: int) -> None:
+    def check_memory(self, num_layers: int, dim: int, max_bytes: int, copies: int = 1) -> None:
         """Refuse one-hot statistics larger than ``max_bytes``, naming the knobs that fit.
 
+        Args:
+            num_layers: Entries measured.
+            dim: Feature dimension.
+            max_bytes: The budget.
+            copies: Sets of statistics kept (parts and jackknife groups; 1 normally).
+
         Raises:
-            ValueError: ``layers × d × classes × 8`` bytes exceed ``max_bytes``.
+            ValueError: ``copies × layers × d × classes × 8`` bytes exceed ``max_bytes``.
         """
         if self.classes is None:
             return
         k = self.classes.numel()
-        need = onehot_bytes(num_layers, dim, k)
+        need = copies * onehot_bytes(num_layers, dim, k)
         if need <= max_bytes:
             return
+        sets = f" in {copies} sets (split / jackknife)" if copies > 1 else ""
         over = (
             f"target='onehot' over {k} classes at {num_layers} entries x {dim} dims needs "
-            f"{human_bytes(need)} of float64 statistics (Σx·yᵀ), over "
+            f"{human_bytes(need)} of float64 statistics (Σx·yᵀ){sets}, over "
             f"max_onehot_bytes={max_bytes} ({human_bytes(max_bytes)})."
         )
+        max_bytes //= copies  # the budget of one set
         fits = max_bytes // onehot_bytes(num_layers, dim, 1) - 1  # kept ids, plus OTHER
         if fits >= 1:
             raise ValueError(
@@ -170,7 +178,7 @@ class Targets:
         )
         raise ValueError(
             f"{over} Even onehot_top_k=1 (2 classes: the most frequent id and the rest pooled) "
-            f"needs {human_bytes(onehot_bytes(num_layers, dim, 2))}: {fewer}, or raise "
-            f"max_onehot_bytes (at least {onehot_bytes(num_layers, dim, 2)} for every entry "
-            "with onehot_top_k=1)."
+            f"needs {human_bytes(copies * onehot_bytes(num_layers, dim, 2))}: {fewer}, or "
+            f"raise max_onehot_bytes (at least {copies * onehot_bytes(num_layers, dim, 2)} for "
+            "every entry with onehot_top_k=1)."
         )

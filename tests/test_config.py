@@ -20,7 +20,7 @@ from lawwatch import LawWatch, MeasureConfig, NormSpec, measure
 from lawwatch.cli import add_measure_arguments, measure_config
 from lawwatch.config import field_docs
 from lawwatch.integrations.hf import LawWatchCallback
-from tests.conftest import ragged_probe, tiny_gpt2
+from tests.conftest import VOCAB, ragged_probe, tiny_gpt2
 from tests.test_configs import recipe_common
 
 # each field set to a value that changes what is measured; `base` holds what it needs besides
@@ -36,7 +36,25 @@ CASES = {
     "batch_size": ({}, 5),  # the same PRs, in fewer forward passes
     "seed": ({"target": "token_id_shuffled"}, 7),
     "rtol": ({}, 0.5),  # drops most directions of the solve
+    "metric": ({}, "separation_fuzziness"),
+    "entries": ({}, "hidden_states"),  # on a tiny Mamba (MODELS): its hidden states lack entry 0
+    "split": ({}, 0.3),  # out-of-sample PR
+    "jackknife": ({}, 13),  # refused: 13 groups for 12 sequences leave a group empty
 }
+
+
+def tiny_mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(5)
+    config = MambaConfig(vocab_size=VOCAB, hidden_size=8, state_size=4, num_hidden_layers=3)
+    model = MambaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) < 20_000
+    return model
+
+
+# fields whose effect shows on another model than the tiny GPT-2 of `setup`
+MODELS = {"entries": tiny_mamba}
 
 
 def test_every_field_has_a_case_and_a_docstring():
@@ -135,6 +153,8 @@ def through_analyze(model, probe, tmp_path, config):
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_field_reaches_the_measurement_from_every_entry_point(setup, name, tmp_path):
     model, probe = setup
+    if name in MODELS:
+        model = MODELS[name]()
     base, value = CASES[name]
     config = MeasureConfig(**base, **{name: value})
     expected = outcome(lambda: measure(model, probe, config), model)
@@ -198,6 +218,12 @@ def test_the_command_line_builds_the_config():
             "9",
             "--rtol",
             "1e-9",
+            "--entries",
+            "hidden_states",
+            "--split",
+            "0.25",
+            "--jackknife",
+            "4",
         ]
     )
     assert measure_config(args) == MeasureConfig(
@@ -212,6 +238,9 @@ def test_the_command_line_builds_the_config():
         batch_size=3,
         seed=9,
         rtol=1e-9,
+        entries="hidden_states",
+        split=0.25,
+        jackknife=4,
     )
     assert measure_config(parser.parse_args(["--layers", "4"])).layers == 4
     help_text = parser.format_help()
@@ -240,6 +269,18 @@ def test_the_command_line_builds_the_config():
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"rtol": 0.0}, ValueError, r"rtol must lie in \(0, 1\)"),
         ({"rtol": "tiny"}, TypeError, "rtol must be a float"),
+        ({"metric": "sf"}, ValueError, "Unknown metric"),
+        (
+            {"metric": "separation_fuzziness", "target": "token_id_shuffled"},
+            ValueError,
+            "use target='token_id' or 'onehot'",
+        ),
+        ({"entries": "outputs"}, ValueError, "Unknown entries"),
+        ({"split": 1.0}, ValueError, r"split must lie in \(0, 1\)"),
+        ({"split": "half"}, TypeError, "split must be a fraction"),
+        ({"split": 0.5, "metric": "separation_fuzziness"}, ValueError, "metric='pr' only"),
+        ({"jackknife": 1}, ValueError, "at least 2 groups"),
+        ({"jackknife": 2.0}, TypeError, "jackknife must be an int"),
         ({"layer": 3}, TypeError, r"Unknown measurement options \['layer'\]"),
     ],
 )

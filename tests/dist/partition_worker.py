@@ -1,0 +1,52 @@
+"""The options kept per part of the probe (split, metric, jackknife) on a gloo group.
+
+Run by tests/test_metrics_distributed.py as
+``torchrun --nproc_per_node 2 -m tests.dist.partition_worker OUT``. Each rank measures through
+``LawWatch`` on its shard (the cells of each sequence decided by its index in the whole probe);
+rank 0 adds ``lawwatch.measure`` on the whole probe as the one-process reference.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import lawwatch
+from tests.conftest import ragged_probe, tiny_gpt2
+from tests.dist.common import TIMEOUT_S, setup, write
+
+OPTIONS = {
+    "split": {"split": 0.4},
+    "jackknife": {"jackknife": 3},
+    "split_jackknife_onehot": {"split": 0.5, "jackknife": 3, "target": "onehot"},
+    "fuzziness": {"metric": "separation_fuzziness", "jackknife": 2},
+}
+
+
+def numbers(snapshot) -> dict | None:
+    if snapshot is None:
+        return None
+    keys = ("pearson_r_se", "rho_se")
+    return {"pr": snapshot.pr.tolist(), **{k: snapshot.extra.get(k) for k in keys}}
+
+
+def main() -> None:
+    out = setup()
+    dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT_S))
+    rank = dist.get_rank()
+    model = tiny_gpt2(seed=0).double()  # float64: the comparison sees the reduction only
+    probe = ragged_probe(seed=3, rows=31, max_len=24)  # 16 + 15 (+1 masked) rows
+    results: dict = {"world": dist.get_world_size()}
+    for name, options in OPTIONS.items():
+        watch = lawwatch.LawWatch(model, probe, every=1, batch_size=3, **options)
+        results[name] = {"watch": numbers(watch.snapshot(0))}
+        if rank == 0:
+            results[name]["reference"] = numbers(lawwatch.measure(model, probe, **options))
+    write(out, rank, results)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
