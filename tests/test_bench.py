@@ -17,15 +17,17 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 # script -> (arguments of its tiny mode, a line its output must contain)
 TINY = {
     "bench_capture.py": (["--tiny", "--threads", "1"], "measure, layers=4"),
+    "bench_e2e.py": (["--tiny", "--threads", "1"], "| 4 x 32 | 16 x 64 (1008) | 8 |"),
     "bench_overhead.py": (
         ["--tiny"],
         "training losses identical with and without the callback: True",
     ),
     "bench_residual.py": (["--tiny"], "| layers | n | d |"),
-    "bench_solve.py": (["--tiny"], "max abs PR diff, mixed vs float64"),
+    "bench_solve.py": (["--tiny", "--threads", "1"], "| family | d | n | max abs PR diff"),
     "mixed_precision.py": (["--tiny"], "bf16 weights:"),
 }
-SLOW = {"bench_overhead.py"}  # three processes, two of them training runs
+# bench_overhead: three processes, two of them training runs; bench_e2e: four processes
+SLOW = {"bench_e2e.py", "bench_overhead.py"}
 
 
 def test_every_bench_script_has_a_tiny_run():
