@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 import warnings
 from typing import Any
@@ -14,26 +16,46 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.law import fit_law
 from lawwatch.models import check_probe
-from lawwatch.precision import forward_precision
+from lawwatch.precision import forward_precision, stats_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.residual import ResidualStats
 from lawwatch.targets import Targets
 
-__all__ = ["accumulate", "identity", "measure", "model_device", "prepare", "solve"]
+__all__ = [
+    "accumulate",
+    "identity",
+    "measure",
+    "model_device",
+    "prepare",
+    "solve",
+    "statistics_device",
+]
+
+log = logging.getLogger("lawwatch")
 
 # below this many examples per feature dimension PR is noisy (OLS with d + 1 parameters)
 _EXAMPLES_PER_DIM = 10
 
 
-def solve(stats: ResidualStats, *, seconds: float, step: int | None = None) -> Snapshot:
+def solve(
+    stats: ResidualStats,
+    *,
+    seconds: float,
+    step: int | None = None,
+    pr: torch.Tensor | None = None,
+) -> Snapshot:
     """Solve ``stats`` (all processes' examples, after any reduction) and fit the law.
 
     Warns when the examples are fewer than 10 per feature dimension (PR is noisy there).
 
     Args:
-        stats: The summed statistics.
+        stats: The summed statistics (after :meth:`ResidualStats.reduce_scatter_compute` only
+            their count and entries are read).
         seconds: Wall time of the measurement so far (recorded in the snapshot).
         step: The training step, if any.
+        pr: ``(entries,)`` prediction residuals already computed from ``stats`` (e.g. by
+            ``reduce_scatter_compute``, which solves each entry on one process and gathers
+            them); default: ``stats.compute()``.
     """
     n = int(stats.count.item())
     if stats.dim + 1 < n < _EXAMPLES_PER_DIM * stats.dim:
@@ -42,7 +64,9 @@ def solve(stats: ResidualStats, *, seconds: float, step: int | None = None) -> S
             f"{_EXAMPLES_PER_DIM}x; PR is noisy there. Use more or longer probe sequences.",
             stacklevel=2,
         )
-    pr = stats.compute().cpu()
+    pr = (stats.compute() if pr is None else pr).cpu()
+    if pr.shape != (stats.num_layers,):
+        raise ValueError(f"pr must have shape ({stats.num_layers},), got {tuple(pr.shape)}.")
     return Snapshot(
         pr=pr,
         fit=fit_law(pr, layers=stats.layers),
@@ -50,6 +74,7 @@ def solve(stats: ResidualStats, *, seconds: float, step: int | None = None) -> S
         seconds=seconds,
         step=step,
         layers=stats.layers,
+        extra={"stats_precision": stats.precision},
     )
 
 
@@ -130,6 +155,7 @@ def accumulate(
         layers=config.layers,
     )
     offset = config.offset
+    stats_device = statistics_device(config, device)
     stats: ResidualStats | None = None
     with evaluating(model):
         for input_ids, attention_mask in probe.batches(config.batch_size):
@@ -139,27 +165,76 @@ def accumulate(
             if errors:
                 continue  # keep the forward passes in step with the other ranks
             try:
-                features = capture.features(hidden)  # (len(layers), n, d)
+                # (g, n, d) float64 groups of entries, made one at a time
+                groups = capture.feature_groups(hidden, FEATURE_GROUP_BYTES)
                 ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
                 if stats is None:
-                    targets.check_memory(
-                        len(capture.layers), features.shape[2], config.max_onehot_bytes
-                    )
+                    head = next(groups)
+                    groups = itertools.chain([head], groups)
+                    dim = head[1].shape[2]
+                    targets.check_memory(len(capture.layers), dim, config.max_onehot_bytes)
+                    precision = stats_precision(config.precision, device)
+                    _log_precision_once(config.precision, precision, device)
                     stats = ResidualStats(
-                        features.shape[0],
-                        features.shape[2],
+                        len(capture.layers),
+                        dim,
                         target=targets.kind,
                         classes=targets.classes,
-                        device=device,
+                        device=stats_device,
                         rtol=config.rtol,
                         layers=capture.layers,
+                        precision=precision,
+                        # products where the features are; only (d, d) sums travel
+                        compute_on="stats" if stats_device == device else "features",
                     )
-                stats.update(features, ids)
+                    del head
+                stats.update_groups(groups, ids, owned=True)
+                del groups, hidden
             except Exception as error:
                 if errors is None:
                     raise
                 errors.append(error)
     return stats
+
+
+# float64 features of one batch are made this many bytes of entries at a time (at least one
+# entry): the transient of the statistics update, whatever the number of entries
+FEATURE_GROUP_BYTES = 64 * 2**20
+_logged: set[tuple[str, str, str]] = set()
+
+
+def _log_precision_once(choice: str, resolved: str, device: torch.device) -> None:
+    """Say once per process and device which statistics precision ``"auto"`` chose."""
+    key = (choice, resolved, str(device))
+    if choice == "auto" and key not in _logged:
+        _logged.add(key)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        log.info(
+            "lawwatch: statistics precision %s on %s (precision='auto'; set precision= to choose)",
+            resolved,
+            name,
+        )
+
+
+def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:
+    """Where the statistics live: ``config.stats_device``, else ``device`` (the model's).
+
+    Raises:
+        ValueError: A CUDA device that this process does not have.
+    """
+    if config.stats_device is None:
+        return device
+    chosen = torch.device(config.stats_device)
+    if chosen.type == "cuda" and (
+        not torch.cuda.is_available()
+        or (chosen.index is not None and chosen.index >= torch.cuda.device_count())
+    ):
+        raise ValueError(
+            f"stats_device={config.stats_device!r}, but this process has "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); "
+            "use 'cpu' or None (the model's device)."
+        )
+    return chosen
 
 
 def measure(

@@ -2,9 +2,11 @@
 
 Every rank calls :meth:`LawWatch.maybe_snapshot` at the same steps. Each runs its shard of the
 probe (all shards have the same number of batches: under FSDP and ZeRO-3 each forward is a
-collective), one vote decides whether every rank succeeded, the per-layer statistics are summed
-with one all-reduce, every rank solves them and rank 0 writes to the sinks. A failure on any
-rank makes every rank skip that snapshot, and training goes on. Nothing here touches
+collective), one vote decides whether every rank succeeded, the per-layer statistics are
+reduced entry by entry to the rank that solves them (each rank solves about entries / world of
+them), the PRs are gathered on every rank and rank 0 writes to the sinks. A failure on any
+rank, in the measurement or in its share of the solve, makes every rank skip that snapshot, and
+training goes on. Nothing here touches
 gradients, the optimizer or the RNG state.
 """
 
@@ -84,9 +86,11 @@ class LawWatch:
 
     On several processes (an ``accelerate.Accelerator``, or any initialized
     ``torch.distributed`` process group) each measures a shard of the probe; every shard has
-    the same number of forward passes. The statistics are summed with one all-reduce (never a
-    gather of hidden states), every process solves the same statistics, and rank 0 alone writes
-    to the sinks. Which module runs the probe is decided from the model's wrapping (see
+    the same number of forward passes. The statistics are reduced entry by entry to the process
+    that solves them (never a gather of hidden states, never a second copy of the statistics:
+    :meth:`~lawwatch.residual.ResidualStats.reduce_scatter_compute`), each process solves its
+    share of the entries, the PRs are gathered on every process, and rank 0 alone writes to
+    the sinks. Which module runs the probe is decided from the model's wrapping (see
     :func:`lawwatch.models.measured_module`): the module inside DDP; the root of an FSDP
     or ZeRO-3 model, on every rank. The probe forward runs eagerly with autocast off, in the
     weights' dtype (:mod:`lawwatch.precision`), and every record says what it was measured
@@ -184,13 +188,14 @@ class LawWatch:
         Each process measures its shard of the probe; then one vote (a 7-element all-reduce)
         decides whether every process succeeded, at the same step, on the same probe. If not —
         an exception, non-finite features, no statistics, a rank out of step — every process
-        skips this snapshot. Otherwise the statistics are all-reduced (the snapshot's one large
-        collective) and every process solves them.
+        skips this snapshot. Otherwise the statistics are reduced entry by entry to the process
+        that solves them (the snapshot's one large collective), each process solves its share
+        and the PRs are gathered; a solve that fails on one process is reported on all of them.
 
         Returns:
-            The :class:`~lawwatch.history.Snapshot` on every process (all of them solve the same
-            reduced statistics; only rank 0 writes it to the sinks), or None on every process
-            when the snapshot was skipped. Never raises for a measurement failure: it is logged
+            The :class:`~lawwatch.history.Snapshot` on every process (the same PRs everywhere;
+            only rank 0 writes it to the sinks), or None on every process when the snapshot was
+            skipped. Never raises for a measurement failure: it is logged
             to the ``"lawwatch"`` logger and training goes on.
         """
         self.last_step = step
@@ -199,13 +204,15 @@ class LawWatch:
         stats, error = self._measure_shard(where)
         if error is not None:
             log.error("lawwatch: rank %d could not measure step %d: %r", where.rank, step, error)
+        pr = None
         if where.world > 1:
-            if not self._reduce(stats, error is None, where, step, self._probe_key):
+            pr = self._reduce(stats, error is None, where, step, self._probe_key)
+            if pr is None:
                 return None
         elif error is not None:
             return None
         try:
-            snapshot = solve(stats, seconds=time.perf_counter() - start, step=step)
+            snapshot = solve(stats, seconds=time.perf_counter() - start, step=step, pr=pr)
         except Exception as error:  # identical statistics fail identically on every rank
             log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
             return None
@@ -241,18 +248,25 @@ class LawWatch:
         return stats, errors[0] if errors else None
 
     @staticmethod
-    def _reduce(stats: ResidualStats | None, ok: bool, where: Layout, step: int, key: int) -> bool:
-        """Vote, then (if every rank agrees) sum the statistics; whether to go on and solve."""
+    def _reduce(
+        stats: ResidualStats | None, ok: bool, where: Layout, step: int, key: int
+    ) -> torch.Tensor | None:
+        """Vote, then (if every rank agrees) the sharded solve: all PRs, or None to skip.
+
+        ``reduce_scatter_compute`` raises on every rank alike (too few examples, a constant
+        target, a solve that failed on any rank), so every rank logs and skips together.
+        """
         try:
             reason = vote(ok, where, step=step, probe=key)
             if reason is None:
-                stats.all_reduce()  # the one large reduction of the snapshot
-        except Exception as error:  # a broken process group: nothing more to do here
+                # the one large collective of the snapshot; consumes the statistics
+                return stats.reduce_scatter_compute()
+        except Exception as error:  # decided on every rank alike, or a broken process group
             log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
-            return False
-        if reason is not None and ok:  # a failed rank has said why already
+            return None
+        if ok:  # a failed rank has said why already
             log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
-        return reason is None
+        return None
 
     # -- the series ----------------------------------------------------------------------------
 

@@ -36,6 +36,10 @@ CASES = {
     "batch_size": ({}, 5),  # the same PRs, in fewer forward passes
     "seed": ({"target": "token_id_shuffled"}, 7),
     "rtol": ({}, 0.5),  # drops most directions of the solve
+    "precision": ({}, "mixed"),  # float32 Gram (and its rank tolerance): PRs move by ~1e-8
+    # a device this process lacks is refused with the fix (on CPU, statistics on the host
+    # give the PRs of the model's device: tests/test_scale.py)
+    "stats_device": ({}, "cuda:99"),
 }
 
 
@@ -198,6 +202,10 @@ def test_the_command_line_builds_the_config():
             "9",
             "--rtol",
             "1e-9",
+            "--precision",
+            "mixed",
+            "--stats-device",
+            "cpu",
         ]
     )
     assert measure_config(args) == MeasureConfig(
@@ -212,6 +220,8 @@ def test_the_command_line_builds_the_config():
         batch_size=3,
         seed=9,
         rtol=1e-9,
+        precision="mixed",
+        stats_device="cpu",
     )
     assert measure_config(parser.parse_args(["--layers", "4"])).layers == 4
     help_text = parser.format_help()
@@ -240,6 +250,9 @@ def test_the_command_line_builds_the_config():
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"rtol": 0.0}, ValueError, r"rtol must lie in \(0, 1\)"),
         ({"rtol": "tiny"}, TypeError, "rtol must be a float"),
+        ({"precision": "float32"}, ValueError, "Unknown precision"),
+        ({"stats_device": "gpu0"}, ValueError, "is not a device name"),
+        ({"stats_device": 0}, TypeError, "stats_device must be a device name"),
         ({"layer": 3}, TypeError, r"Unknown measurement options \['layer'\]"),
     ],
 )
