@@ -21,6 +21,7 @@ TINY = {
         ["--tiny"],
         "training losses identical with and without the callback: True",
     ),
+    "bench_memory.py": (["--tiny"], "| tiny | 5 × 32 |"),
     "bench_residual.py": (["--tiny"], "| layers | n | d |"),
     "mixed_precision.py": (["--tiny"], "bf16 weights:"),
 }
