@@ -1,13 +1,14 @@
 """Peak host memory of a snapshot at the shapes people pretrain (numbers in BENCHMARKS.md).
 
     PYTHONPATH=. .venv/bin/python bench/bench_memory.py [--shapes gpt2-small,llama-1.1b,7b]
-        [--rows 9] [--length 512] [--batch-size 8] [--precision float64] [--tiny]
+        [--rows 9] [--length 512] [--batch-size 8] [--precision auto] [--dtype float32] [--tiny]
 
 What lawwatch allocates depends only on the number of entries, the width d and the tokens per
 batch, not on what the blocks compute. So each shape is a stand-in model with the right number
 of blocks and width whose blocks are cheap (an elementwise residual update, no matmul) and
 whose embeddings mix token and position (the features have full rank, as a real model's do):
-GPT-2 small (12 blocks, d 768), TinyLlama 1.1B (22, 2048), a 7B (32, 4096). Weights float32.
+GPT-2 small (12 blocks, d 768), TinyLlama 1.1B (22, 2048), a 7B (32, 4096). Weights float32
+or bfloat16 (``--dtype``: the captured hidden states are kept in the weights' dtype).
 
 Method: the Linux peak resident set size. Before each phase the high-water mark is reset
 (``echo 5 > /proc/self/clear_refs``) and the resident size noted; the phase's peak is
@@ -102,7 +103,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     blocks, dim = SHAPES[args.shape]
-    model = StandIn(blocks, dim, args.length).eval()
+    model = StandIn(blocks, dim, args.length).to(getattr(torch, args.dtype)).eval()
     probe = ProbeSet.from_tokens(torch.randint(1, VOCAB, (args.rows, args.length)))
 
     def forward():
@@ -139,6 +140,7 @@ def child(args: argparse.Namespace) -> dict:
         "tokens_per_batch": args.batch_size * (args.length - 1),
         "examples": snapshot.n_tokens,
         "precision": snapshot.extra["stats_precision"],
+        "dtype": args.dtype,
         "stats_bytes": stats_bytes,
         "snapshot_peak": peak,
         "beyond_stats": peak - stats_bytes,
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", default="auto", choices=("auto", "float64", "mixed"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--tiny", action="store_true", help="a 4 x 32 stand-in (tests)")
     args = parser.parse_args()
     if args.shape:
@@ -168,9 +171,9 @@ def main() -> None:
     gb = 1e9
     print(
         "| shape | entries × d | tokens/batch | precision | stats GB | snapshot peak GB "
-        "| beyond stats GB | bare forward peak GB | snapshot s |"
+        "| beyond stats GB | bare forward peak GB | snapshot s | weights |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         command = [
             sys.executable,
@@ -179,7 +182,7 @@ def main() -> None:
             shape,
             *("--rows", str(args.rows), "--length", str(args.length)),
             *("--batch-size", str(args.batch_size), "--precision", args.precision),
-            *("--threads", str(args.threads)),
+            *("--threads", str(args.threads), "--dtype", args.dtype),
         ]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
         if done.returncode != 0:
@@ -189,7 +192,7 @@ def main() -> None:
             f"| {shape} | {r['entries']} × {r['d']} | {r['tokens_per_batch']} | {r['precision']} "
             f"| {r['stats_bytes'] / gb:.3f} | {r['snapshot_peak'] / gb:.3f} "
             f"| {r['beyond_stats'] / gb:.3f} | {r['forward_peak'] / gb:.3f} "
-            f"| {r['snapshot_s']:.1f} |",
+            f"| {r['snapshot_s']:.1f} | {r['dtype']} |",
             flush=True,
         )
 
