@@ -82,6 +82,13 @@ def test_a_solve_that_fails_on_one_of_three_processes_is_skipped_by_all(three):
     assert "the solve failed on process(es) [2]" in log
 
 
+@pytest.mark.slow
+def test_the_overhead_budget_is_agreed_by_all_processes(three):
+    ranks, _ = three
+    # alone, rank 0 would snapshot every 10 steps and rank 2 every 60: the largest times decide
+    assert [r["budget_steps"] for r in ranks] == [[0, 1, 31]] * 3
+
+
 # -- DDP through Accelerator(cpu=True) ----------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ OUT``. Five entries over three processes is an uneven split (1, 2, 2 under
 ``ResidualStats.owned_entries``); layer subsets of four entries split 1, 1, 2. Rank 0
 adds single-process references (``lawwatch.measure`` on the full probe, same weights, float64).
 Then the solve fails on rank 2 alone (its share raises): every rank must skip that snapshot,
-with a log line, and go on.
+with a log line, and go on. Last, an overhead budget with different times on each rank.
 """
 
 from __future__ import annotations
@@ -56,6 +56,23 @@ def main() -> None:
     ResidualStats._solve = original
     results["after_failure"] = pr_list(watch.snapshot(3))
     results["history_steps"] = [h["step"] for h in watch.history]
+
+    # the overhead budget: rank 2's snapshots are slowest, rank 0's steps; the largest of each
+    # decide, so every rank skips the same steps (3 s / (0.5 x 0.2 s) = 30 steps per snapshot)
+    budget = lawwatch.LawWatch(model, probe, batch_size=2, every=1, max_overhead=0.5)
+    clock = {"now": 0.0}
+    budget._clock = lambda: clock["now"]
+    inner = budget._snapshot
+
+    def slow(step, where):
+        clock["now"] += 1.0 + rank
+        return inner(step, where)
+
+    budget._snapshot = slow
+    for step in range(40):
+        budget.maybe_snapshot(step)
+        clock["now"] += 0.2 if rank == 0 else 0.1
+    results["budget_steps"] = budget.history.steps
     write(out, rank, results)
     dist.barrier()
     dist.destroy_process_group()
