@@ -292,7 +292,28 @@ class Capture:
             )
 
     def features(self, hidden: Hidden) -> torch.Tensor:
-        """Float64 features ``(len(layers), n, d)`` of the measured entries.
+        """Float64 features ``(len(layers), n, d)`` of the measured entries, as one block.
+
+        For tests and small models; :meth:`feature_groups` bounds the memory.
+
+        Raises:
+            RuntimeError: A hook found the blocks or final norm not as named.
+            TypeError: The final norm cannot be re-applied (see :mod:`lawwatch.norms`).
+        """
+        return torch.cat([group for _, group in self.feature_groups(hidden)])
+
+    def feature_groups(
+        self, hidden: Hidden, max_bytes: int | None = None
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Float64 features of the measured entries, a bounded group of entries at a time.
+
+        Yields ``(part, features)``: ``part`` a slice of ``range(len(layers))`` (consecutive,
+        in order, covering every measured entry once) and ``features`` a fresh
+        ``(part.stop - part.start, n, d)`` float64 tensor the caller may modify. A group holds
+        as many entries as fit in ``max_bytes`` (at least one; default: all of them), so the
+        float64 features of a batch never exist for every entry at once: the peak is one group
+        plus one entry's float64 temporaries of the norm, plus the final norm's float64 input.
+        Everything is checked before the first group is yielded.
 
         Raises:
             RuntimeError: A hook found the blocks or final norm not as named.
@@ -302,14 +323,20 @@ class Capture:
         norm = self._norm_module
         first = hidden.norm_input if norm is not None else next(iter(hidden.entries.values()))
         n, d = first.shape
+        count = len(self.layers)
         if n == 0:  # a batch without examples (e.g. a shard's padding rows)
-            return torch.zeros(len(self.layers), 0, d, dtype=torch.float64, device=first.device)
+            yield (
+                slice(0, count),
+                torch.zeros(count, 0, d, dtype=torch.float64, device=first.device),
+            )
+            return
         captured = [*hidden.entries.values(), *([hidden.norm_input] if norm is not None else [])]
         if not all(bool(torch.isfinite(t).all()) for t in captured):  # host sync
             raise ValueError(
                 f"The hidden states of {type(self.model).__name__} contain NaN or Inf; PR is "
                 "undefined for them."
             )
+        x = weight = bias = None
         if norm is not None:
             x = hidden.norm_input.to(torch.float64)  # (n, d)
             weight, bias = hidden.norm_params
@@ -323,14 +350,20 @@ class Capture:
         if self._normalize is None:
             self._normalize = normalizer(self._normalize_name, self.spec)
         last = self.num_entries - 1
-        out = []
-        for entry in self.layers:
-            if entry == last and norm is not None:
-                out.append(self.spec.apply(x, weight, bias))  # the model's own final norm
-            else:
-                source = hidden.entries[self._source[entry]]
-                out.append(self._normalize(source.to(torch.float64)))
-        return torch.stack(out)  # (len(layers), n, d)
+        per_group = count if max_bytes is None else max(1, max_bytes // max(1, n * d * 8))
+        for lo in range(0, count, per_group):
+            part = slice(lo, min(lo + per_group, count))
+            out = torch.empty(
+                part.stop - lo, n, d, dtype=torch.float64, device=first.device
+            )  # (g, n, d)
+            for i, entry in enumerate(self.layers[part]):
+                if entry == last and norm is not None:
+                    out[i] = self.spec.apply(x, weight, bias)  # the model's own final norm
+                else:
+                    source = hidden.entries[self._source[entry]]
+                    out[i] = self._normalize(source.to(torch.float64))
+            yield part, out
+            del out  # before the next group is allocated
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor

@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
+import torch
+
 from lawwatch.norms import NORMALIZE, Normalize
-from lawwatch.residual import DEFAULT_RTOL
+from lawwatch.precision import STATS_PRECISIONS, StatsPrecision
 from lawwatch.structure import BlockSpec, FinalNormSpec
 from lawwatch.targets import DEFAULT_MAX_ONEHOT_BYTES, MEASURE_TARGETS, MeasureTarget
 
@@ -76,9 +78,10 @@ class MeasureConfig:
     """Probe sequences per forward pass: the snapshot's peak activation memory."""
     seed: int = 0
     """Seed of the shuffled-vocabulary permutation (target='token_id_shuffled')."""
-    rtol: float = DEFAULT_RTOL
+    rtol: float | None = None
     """Rank tolerance of the least-squares solve: directions of the correlation-scaled Gram
-    with eigenvalue below rtol × the largest are treated as exactly dependent."""
+    with eigenvalue below rtol × the largest are treated as exactly dependent. Default: the
+    statistics precision's (1e-11 for 'float64', 1e-7 for 'mixed')."""
     metric: Metric = "pr"
     """What is measured per entry and fitted against depth (log10): 'pr' (the prediction
     residual, the paper's) or 'separation_fuzziness' (He & Su's alternative, Tr(SS_w SS_b⁺) over
@@ -99,6 +102,17 @@ class MeasureConfig:
     """Jackknife standard errors of r and rho (pearson_r_se, rho_se in the record) over this many
     groups of probe sequences (sequence i in group i mod groups). Keeps statistics per group
     and their total: memory × (groups + 1). None: off (`lawwatch analyze` uses 8)."""
+    precision: StatsPrecision = "auto"
+    """Precision of the statistics: 'float64' (every product in float64), 'mixed' (each
+    batch's Gram in IEEE float32, never TF32, accumulated in float64: PR within ~1e-6) or
+    'auto': float64 on CPU and on GPUs with fast FP64 (compute capability 6.0, 7.0, 8.0, 9.0,
+    10.0: P100, V100, A100, H100/H200, B200; AMD Instinct), mixed on other accelerators
+    (consumer and L40S-class GPUs, whose FP64 runs at 1/64 of FP32). Resolved at the first
+    snapshot and logged once."""
+    stats_device: str | None = None
+    """Where the float64 statistics (entries × d² × 8 bytes) live: None (the model's device)
+    or a device such as 'cpu' (accelerator memory for statistics near zero: each batch's
+    products are computed on the model's device and added to the statistics on the host)."""
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
@@ -148,10 +162,11 @@ class MeasureConfig:
                 raise ValueError(f"{name} must be positive, got {value}.")
         if not _is_int(self.seed):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
-        if isinstance(self.rtol, bool) or not isinstance(self.rtol, int | float):
-            raise TypeError(f"rtol must be a float, got {self.rtol!r}.")
-        if not 0.0 < self.rtol < 1.0:
-            raise ValueError(f"rtol must lie in (0, 1), got {self.rtol}.")
+        if self.rtol is not None:
+            if isinstance(self.rtol, bool) or not isinstance(self.rtol, int | float):
+                raise TypeError(f"rtol must be a float, got {self.rtol!r}.")
+            if not 0.0 < self.rtol < 1.0:
+                raise ValueError(f"rtol must lie in (0, 1), got {self.rtol}.")
         if self.split is not None:
             if isinstance(self.split, bool) or not isinstance(self.split, int | float):
                 raise TypeError(f"split must be a fraction or None, got {self.split!r}.")
@@ -169,6 +184,23 @@ class MeasureConfig:
                 raise TypeError(f"jackknife must be an int or None, got {self.jackknife!r}.")
             if self.jackknife < 2:
                 raise ValueError(f"jackknife needs at least 2 groups, got {self.jackknife}.")
+        if self.precision not in STATS_PRECISIONS:
+            raise ValueError(
+                f"Unknown precision={self.precision!r}; choose one of {STATS_PRECISIONS}."
+            )
+        if self.stats_device is not None:
+            if not isinstance(self.stats_device, str):
+                raise TypeError(
+                    f"stats_device must be a device name such as 'cpu' or 'cuda:0', got "
+                    f"{self.stats_device!r}."
+                )
+            try:
+                torch.device(self.stats_device)
+            except RuntimeError:
+                raise ValueError(
+                    f"stats_device={self.stats_device!r} is not a device name; use e.g. 'cpu' "
+                    "or 'cuda:0' (None: the model's device)."
+                ) from None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

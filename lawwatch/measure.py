@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -16,19 +18,33 @@ from lawwatch.history import Snapshot
 from lawwatch.law import fit_law
 from lawwatch.models import check_probe
 from lawwatch.partition import PartitionedStats
-from lawwatch.precision import forward_precision
+from lawwatch.precision import forward_precision, stats_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.residual import ResidualStats
 from lawwatch.targets import Targets
 
-__all__ = ["accumulate", "identity", "measure", "model_device", "prepare", "solve"]
+__all__ = [
+    "accumulate",
+    "identity",
+    "measure",
+    "model_device",
+    "prepare",
+    "solve",
+    "statistics_device",
+]
+
+log = logging.getLogger("lawwatch")
 
 # below this many examples per feature dimension PR is noisy (OLS with d + 1 parameters)
 _EXAMPLES_PER_DIM = 10
 
 
 def solve(
-    stats: ResidualStats | PartitionedStats, *, seconds: float, step: int | None = None
+    stats: ResidualStats | PartitionedStats,
+    *,
+    seconds: float,
+    step: int | None = None,
+    pr: torch.Tensor | None = None,
 ) -> Snapshot:
     """Solve ``stats`` (all processes' examples, after any reduction) and fit the law.
 
@@ -39,9 +55,13 @@ def solve(
     Warns when the examples are fewer than 10 per feature dimension (PR is noisy there).
 
     Args:
-        stats: The summed statistics.
+        stats: The summed statistics (after :meth:`ResidualStats.reduce_scatter_compute` only
+            their count and entries are read).
         seconds: Wall time of the measurement so far (recorded in the snapshot).
         step: The training step, if any.
+        pr: ``(entries,)`` prediction residuals already computed from ``stats`` (e.g. by
+            ``reduce_scatter_compute``, which solves each entry on one process and gathers
+            them); default: ``stats.compute()``.
     """
     n = int(stats.count.item())
     if stats.dim + 1 < n < _EXAMPLES_PER_DIM * stats.dim:
@@ -50,7 +70,9 @@ def solve(
             f"{_EXAMPLES_PER_DIM}x; PR is noisy there. Use more or longer probe sequences.",
             stacklevel=2,
         )
-    pr = stats.compute().cpu()
+    pr = (stats.compute() if pr is None else pr).cpu()
+    if pr.shape != (stats.num_layers,):
+        raise ValueError(f"pr must have shape ({stats.num_layers},), got {tuple(pr.shape)}.")
     snapshot = Snapshot(
         pr=pr,
         fit=fit_law(pr, layers=stats.layers),
@@ -58,6 +80,7 @@ def solve(
         seconds=seconds,
         step=step,
         layers=stats.layers,
+        extra={"stats_precision": stats.precision},
     )
     if isinstance(stats, PartitionedStats):  # split / fuzziness / jackknife
         snapshot.extra.update(stats.uncertainty())
@@ -144,6 +167,7 @@ def accumulate(
         entries=config.entries,
     )
     offset = config.offset
+    stats_device = statistics_device(config, device)
     stats: ResidualStats | PartitionedStats | None = None
     # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
     rank, _ = probe.meta.get("shard", (0, 1))
@@ -156,32 +180,47 @@ def accumulate(
             if errors:
                 continue  # keep the forward passes in step with the other ranks
             try:
-                features = capture.features(hidden)  # (len(layers), n, d)
+                # (g, n, d) float64 groups of entries, made one at a time
+                groups = capture.feature_groups(hidden, FEATURE_GROUP_BYTES)
                 ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
                 if stats is None:
+                    head = next(groups)
+                    groups = itertools.chain([head], groups)
+                    dim = head[1].shape[2]
                     targets.check_memory(
                         len(capture.layers),
-                        features.shape[2],
+                        dim,
                         config.max_onehot_bytes,
                         copies=PartitionedStats.copies(config.split, config.jackknife),
                     )
+                    precision = stats_precision(config.precision, device)
+                    _log_precision_once(config.precision, precision, device)
                     stats = _statistics(
                         config,
-                        lambda features=features: ResidualStats(
-                            features.shape[0],
-                            features.shape[2],
+                        lambda dim=dim, precision=precision: ResidualStats(
+                            len(capture.layers),
+                            dim,
                             target=targets.kind,
                             classes=targets.classes,
-                            device=device,
+                            device=stats_device,
                             rtol=config.rtol,
                             layers=capture.layers,
+                            precision=precision,
+                            # products where the features are; only (d, d) sums travel
+                            compute_on="stats" if stats_device == device else "features",
                         ),
                     )
-                if isinstance(stats, PartitionedStats):  # each example's sequence in the probe
+                    del head
+                if isinstance(stats, PartitionedStats):
+                    # the cells need every entry of an example together: this batch's features
+                    # for all entries at once (the default measurement never builds this)
+                    features = torch.cat([part for _, part in groups])  # (L, n, d)
                     rows = first_row + positions.nonzero()[:, 0]  # (n,) row-major like `ids`
                     stats.update(features, ids, rows)
+                    del features
                 else:
-                    stats.update(features, ids)
+                    stats.update_groups(groups, ids, owned=True)
+                del groups, hidden
             except Exception as error:
                 if errors is None:
                     raise
@@ -199,6 +238,46 @@ def _statistics(
     if config.split is None and config.metric == "pr" and config.jackknife is None:
         return make()
     return PartitionedStats(make, split=config.split, metric=config.metric, groups=config.jackknife)
+
+
+# float64 features of one batch are made this many bytes of entries at a time (at least one
+# entry): the transient of the statistics update, whatever the number of entries
+FEATURE_GROUP_BYTES = 64 * 2**20
+_logged: set[tuple[str, str, str]] = set()
+
+
+def _log_precision_once(choice: str, resolved: str, device: torch.device) -> None:
+    """Say once per process and device which statistics precision ``"auto"`` chose."""
+    key = (choice, resolved, str(device))
+    if choice == "auto" and key not in _logged:
+        _logged.add(key)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        log.info(
+            "lawwatch: statistics precision %s on %s (precision='auto'; set precision= to choose)",
+            resolved,
+            name,
+        )
+
+
+def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:
+    """Where the statistics live: ``config.stats_device``, else ``device`` (the model's).
+
+    Raises:
+        ValueError: A CUDA device that this process does not have.
+    """
+    if config.stats_device is None:
+        return device
+    chosen = torch.device(config.stats_device)
+    if chosen.type == "cuda" and (
+        not torch.cuda.is_available()
+        or (chosen.index is not None and chosen.index >= torch.cuda.device_count())
+    ):
+        raise ValueError(
+            f"stats_device={config.stats_device!r}, but this process has "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); "
+            "use 'cpu' or None (the model's device)."
+        )
+    return chosen
 
 
 def measure(

@@ -2,15 +2,18 @@
 
 Every rank calls :meth:`LawWatch.maybe_snapshot` at the same steps. Each runs its shard of the
 probe (all shards have the same number of batches: under FSDP and ZeRO-3 each forward is a
-collective), one vote decides whether every rank succeeded, the per-layer statistics are summed
-with one all-reduce, every rank solves them and rank 0 writes to the sinks. A failure on any
-rank makes every rank skip that snapshot, and training goes on. Nothing here touches
+collective), one vote decides whether every rank succeeded, the per-layer statistics are
+reduced entry by entry to the rank that solves them (each rank solves about entries / world of
+them), the PRs are gathered on every rank and rank 0 writes to the sinks. A failure on any
+rank, in the measurement or in its share of the solve, makes every rank skip that snapshot, and
+training goes on. Nothing here touches
 gradients, the optimizer or the RNG state.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -84,9 +87,11 @@ class LawWatch:
 
     On several processes (an ``accelerate.Accelerator``, or any initialized
     ``torch.distributed`` process group) each measures a shard of the probe; every shard has
-    the same number of forward passes. The statistics are summed with one all-reduce (never a
-    gather of hidden states), every process solves the same statistics, and rank 0 alone writes
-    to the sinks. Which module runs the probe is decided from the model's wrapping (see
+    the same number of forward passes. The statistics are reduced entry by entry to the process
+    that solves them (never a gather of hidden states, never a second copy of the statistics:
+    :meth:`~lawwatch.residual.ResidualStats.reduce_scatter_compute`), each process solves its
+    share of the entries, the PRs are gathered on every process, and rank 0 alone writes to
+    the sinks. Which module runs the probe is decided from the model's wrapping (see
     :func:`lawwatch.models.measured_module`): the module inside DDP; the root of an FSDP
     or ZeRO-3 model, on every rank. The probe forward runs eagerly with autocast off, in the
     weights' dtype (:mod:`lawwatch.precision`), and every record says what it was measured
@@ -106,6 +111,11 @@ class LawWatch:
         accelerator: An ``accelerate.Accelerator``, for the process layout. Without one, an
             initialized ``torch.distributed`` process group is detected.
         emergence_threshold: r at or below which the law counts as emerged.
+        max_overhead: A budget for the monitor's share of training time (e.g. ``0.02``): after
+            each snapshot, scheduled steps are skipped until the training time since then is
+            at least ``snapshot time / max_overhead`` (logged when it happens). Snapshot and
+            step times are the largest over the processes (one 2-element all-reduce per
+            snapshot), so every process skips the same steps. Default: no budget.
         unwrap: Applied to ``model`` before the automatic unwrapping, for a wrapper lawwatch
             does not recognize. Rarely needed.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s
@@ -134,10 +144,16 @@ class LawWatch:
         accelerator: Any | None = None,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
+        max_overhead: float | None = None,
         **options: Any,
     ) -> None:
         if len(probe) == 0:
             raise ValueError("The probe set is empty.")
+        if max_overhead is not None and not 0.0 < max_overhead < 1.0:
+            raise ValueError(
+                f"max_overhead is a fraction of training time in (0, 1) (0.02: 2%), got "
+                f"{max_overhead!r}."
+            )
         self.config = MeasureConfig.build(config, **options)
         self.model, self.probe = model, probe
         self.schedule = _as_schedule(every, schedule, last_step)
@@ -154,20 +170,53 @@ class LawWatch:
         # 48 bits of the probe's content hash: the vote checks every rank holds the same probe
         self._probe_key = int(self._probe_hash[:12], 16)
         self._precision: str | None = None  # of the latest forward
+        # the overhead budget: training time per step, the earliest step it allows
+        self.max_overhead, self._final_step = max_overhead, last_step
+        self._clock: Callable[[], float] = time.perf_counter
+        self._last_call: tuple[int, float] | None = None  # (step, time) after the last call
+        self._step_seconds: float | None = None
+        self._not_before: int | None = None
+        self._told: int | None = None  # the snapshot whose stretch was logged
 
     # -- schedule -----------------------------------------------------------------------------
 
     def should_snapshot(self, step: int) -> bool:
         """Whether ``step`` is due and not already attempted.
 
-        Decided from the step alone, identically on every rank, so all ranks enter a snapshot
-        together (a rank entering alone would wait in its collectives forever).
+        Decided from the step (and, with ``max_overhead``, from times agreed on by every rank),
+        identically on every rank, so all ranks enter a snapshot together (a rank entering
+        alone would wait in its collectives forever).
         """
-        return (self.last_step is None or step > self.last_step) and self.schedule(step)
+        due = (self.last_step is None or step > self.last_step) and self.schedule(step)
+        if not due or self._not_before is None or step >= self._not_before:
+            return due
+        if step == self._final_step:  # the final step is always measured
+            return True
+        if self._told != self.last_step:
+            self._told = self.last_step
+            log.info(
+                "lawwatch: scheduled step %d skipped to keep snapshots under max_overhead=%g of "
+                "training time; the next snapshot comes at step %d or later.",
+                step,
+                self.max_overhead,
+                self._not_before,
+            )
+        return False
 
     def maybe_snapshot(self, step: int) -> Snapshot | None:
-        """Snapshot if ``step`` is on the schedule; see :meth:`snapshot` for what is returned."""
-        return self.snapshot(step) if self.should_snapshot(step) else None
+        """Snapshot if ``step`` is on the schedule; see :meth:`snapshot` for what is returned.
+
+        With ``max_overhead``, the time between calls measures a training step (the time of a
+        snapshot itself excluded).
+        """
+        if self.max_overhead is not None:
+            now = self._clock()
+            if self._last_call is not None and step > self._last_call[0]:
+                self._step_seconds = (now - self._last_call[1]) / (step - self._last_call[0])
+        result = self.snapshot(step) if self.should_snapshot(step) else None
+        if self.max_overhead is not None:
+            self._last_call = (step, self._clock())
+        return result
 
     # -- measurement --------------------------------------------------------------------------
 
@@ -184,28 +233,39 @@ class LawWatch:
         Each process measures its shard of the probe; then one vote (a 7-element all-reduce)
         decides whether every process succeeded, at the same step, on the same probe. If not —
         an exception, non-finite features, no statistics, a rank out of step — every process
-        skips this snapshot. Otherwise the statistics are all-reduced (the snapshot's one large
-        collective) and every process solves them.
+        skips this snapshot. Otherwise the statistics are reduced entry by entry to the process
+        that solves them (the snapshot's one large collective), each process solves its share
+        and the PRs are gathered; a solve that fails on one process is reported on all of them.
 
         Returns:
-            The :class:`~lawwatch.history.Snapshot` on every process (all of them solve the same
-            reduced statistics; only rank 0 writes it to the sinks), or None on every process
-            when the snapshot was skipped. Never raises for a measurement failure: it is logged
+            The :class:`~lawwatch.history.Snapshot` on every process (the same PRs everywhere;
+            only rank 0 writes it to the sinks), or None on every process when the snapshot was
+            skipped. Never raises for a measurement failure: it is logged
             to the ``"lawwatch"`` logger and training goes on.
         """
         self.last_step = step
-        start = time.perf_counter()
+        began = self._clock()
         where = layout(self.accelerator)
+        try:
+            return self._snapshot(step, where)
+        finally:
+            if self.max_overhead is not None:
+                self._stretch(step, self._clock() - began, where)
+
+    def _snapshot(self, step: int, where: Layout) -> Snapshot | None:
+        start = time.perf_counter()
         stats, error = self._measure_shard(where)
         if error is not None:
             log.error("lawwatch: rank %d could not measure step %d: %r", where.rank, step, error)
+        pr = None
         if where.world > 1:
-            if not self._reduce(stats, error is None, where, step, self._probe_key):
+            pr = self._reduce(stats, error is None, where, step, self._probe_key)
+            if pr is None:
                 return None
         elif error is not None:
             return None
         try:
-            snapshot = solve(stats, seconds=time.perf_counter() - start, step=step)
+            snapshot = solve(stats, seconds=time.perf_counter() - start, step=step, pr=pr)
         except Exception as error:  # identical statistics fail identically on every rank
             log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
             return None
@@ -214,6 +274,24 @@ class LawWatch:
         if where.rank == 0:
             self.sinks.write(snapshot)
         return snapshot
+
+    def _stretch(self, step: int, seconds: float, where: Layout) -> None:
+        """After a snapshot of ``seconds``: the earliest step the overhead budget allows."""
+        times = torch.tensor([seconds, self._step_seconds or 0.0], dtype=torch.float64)
+        if where.world > 1:
+            import torch.distributed as dist
+
+            try:  # every rank is here after every snapshot: the largest times decide
+                times = times.to(where.device)
+                dist.all_reduce(times, op=dist.ReduceOp.MAX)
+            except Exception as error:  # a broken process group: no stretch from this one
+                log.error("lawwatch: the overhead budget could not be agreed on: %r", error)
+                return
+        snapshot_s, step_s = times.tolist()
+        if step_s <= 0.0:  # no training step timed yet
+            return
+        # steps of training the snapshot's time buys, rounded up (float noise aside)
+        self._not_before = step + math.ceil(snapshot_s / (self.max_overhead * step_s) - 1e-9)
 
     def _measure_shard(self, where: Layout) -> tuple[ResidualStats | None, BaseException | None]:
         """This rank's statistics, or the first error (after every forward pass has run)."""
@@ -241,18 +319,25 @@ class LawWatch:
         return stats, errors[0] if errors else None
 
     @staticmethod
-    def _reduce(stats: ResidualStats | None, ok: bool, where: Layout, step: int, key: int) -> bool:
-        """Vote, then (if every rank agrees) sum the statistics; whether to go on and solve."""
+    def _reduce(
+        stats: ResidualStats | None, ok: bool, where: Layout, step: int, key: int
+    ) -> torch.Tensor | None:
+        """Vote, then (if every rank agrees) the sharded solve: all PRs, or None to skip.
+
+        ``reduce_scatter_compute`` raises on every rank alike (too few examples, a constant
+        target, a solve that failed on any rank), so every rank logs and skips together.
+        """
         try:
             reason = vote(ok, where, step=step, probe=key)
             if reason is None:
-                stats.all_reduce()  # the one large reduction of the snapshot
-        except Exception as error:  # a broken process group: nothing more to do here
+                # the one large collective of the snapshot; consumes the statistics
+                return stats.reduce_scatter_compute()
+        except Exception as error:  # decided on every rank alike, or a broken process group
             log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
-            return False
-        if reason is not None and ok:  # a failed rank has said why already
+            return None
+        if ok:  # a failed rank has said why already
             log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
-        return reason is None
+        return None
 
     # -- the series ----------------------------------------------------------------------------
 

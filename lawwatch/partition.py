@@ -96,6 +96,7 @@ class PartitionedStats:
         self.totals = [make() for _ in range(self.parts)] if groups is not None else None
         first = self.cells[0]
         self.dim, self.layers, self.num_layers = first.dim, first.layers, first.num_layers
+        self.precision = first.precision
 
     @staticmethod
     def copies(split: float | None, groups: int | None) -> int:

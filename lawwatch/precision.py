@@ -20,12 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["forward_precision", "plain_forward"]
+__all__ = ["STATS_PRECISIONS", "forward_precision", "plain_forward", "stats_precision"]
+
+StatsPrecision = Literal["auto", "float64", "mixed"]
+STATS_PRECISIONS: tuple[str, ...] = ("auto", "float64", "mixed")
+# CUDA compute capabilities whose FP64 runs at 1/2 of FP32 (P100, V100, A100, H100/H200,
+# B200); the others (consumer cards, L4/L40S, RTX 6000: 8.6, 8.9, 12.x, ...) run it at 1/64
+FAST_FP64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -115,3 +121,27 @@ def plain_forward(model: nn.Module) -> Iterator[None]:
         no_autocast = nullcontext()
     with _accelerate_forward_unwrapped(model), no_autocast, _eager():
         yield
+
+
+def stats_precision(choice: str, device: torch.device) -> str:
+    """The statistics precision ``choice`` (a MeasureConfig ``precision``) means on ``device``.
+
+    ``"float64"`` and ``"mixed"`` are kept. ``"auto"`` gives ``"float64"`` on CPU, on CUDA GPUs
+    with fast FP64 (compute capability in ``FAST_FP64_CAPABILITIES``) and on ROCm GPUs (the
+    Instinct line has fast FP64), ``"mixed"`` on every other accelerator: there a float64
+    Gram runs at ~1/64 of the float32 rate. ``device`` is where each batch's products are
+    computed (the model's device).
+    """
+    if choice != "auto":
+        return choice
+    if device.type == "cpu":
+        return "float64"
+    if device.type == "cuda":  # untested here: no GPU in the test suite
+        if getattr(torch.version, "hip", None):
+            return "float64"
+        return (
+            "float64"
+            if torch.cuda.get_device_capability(device) in FAST_FP64_CAPABILITIES
+            else "mixed"
+        )
+    return "mixed"

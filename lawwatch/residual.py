@@ -38,7 +38,7 @@ Numerics (see docs/protocol.md §2):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -249,35 +249,102 @@ class ResidualStats:
         Returns:
             ``self``, so calls chain.
         """
-        if (
-            features.ndim != 3
-            or features.shape[0] != self.num_layers
-            or features.shape[2] != self.dim
-        ):
+        if features.ndim != 3 or features.shape[0] != self.num_layers:
             raise ValueError(
                 f"features must have shape (num_layers={self.num_layers}, n, dim={self.dim}), "
                 f"got {tuple(features.shape)}."
             )
-        if not features.is_floating_point():
-            raise TypeError(f"features must be a float tensor, got {features.dtype}.")
-        if targets.ndim != 1 or targets.shape[0] != features.shape[1]:
-            raise ValueError(
-                f"targets must have shape (n={features.shape[1]},), got {tuple(targets.shape)}."
-            )
+        return self.update_groups([(slice(0, self.num_layers), features)], targets)
+
+    def update_groups(
+        self,
+        groups: Iterable[tuple[slice, torch.Tensor]],
+        targets: torch.Tensor,
+        *,
+        owned: bool = False,
+    ) -> ResidualStats:
+        """Add a batch of examples whose features arrive a group of entries at a time.
+
+        The float64 features of every entry never need to exist at once: ``groups`` may be a
+        generator (e.g. :meth:`lawwatch.capture.Capture.feature_groups`) that makes each group
+        only when the previous one has been added.
+
+        Args:
+            groups: ``(part, features)`` pairs: ``part`` a slice of entries and ``features`` of
+                shape ``(part.stop - part.start, n, dim)``, any float dtype, any device. The
+                parts must be consecutive, in order, and cover ``0 … num_layers-1``.
+            targets: ``(n,)`` integer target token ids.
+            owned: The feature tensors are the caller's temporaries: when they are float64 on
+                the device the products are computed on, they are shifted in place instead of
+                copied (the caller must not use them afterwards).
+
+        Returns:
+            ``self``, so calls chain.
+
+        Raises:
+            ValueError: A group of the wrong shape, non-finite features, or parts that do not
+                cover the entries in order. Each group is checked before it changes any sum; a
+                batch refused after its first group leaves the statistics inconsistent (discard
+                them). A batch given as one group is refused before any sum changes.
+        """
+        if targets.ndim != 1:
+            raise ValueError(f"targets must have shape (n,), got {tuple(targets.shape)}.")
         if targets.is_floating_point() or targets.is_complex():
             raise TypeError(f"targets must be integer token ids, got {targets.dtype}.")
         self._check_usable()
-        n = features.shape[1]
-        if n == 0:
-            return self
-        # one pass, before any sum changes: a NaN or Inf makes its column's sum non-finite
-        # (cheaper than isfinite; sums of features under ~1e300 cannot overflow in float64)
-        if not bool(torch.isfinite(features.sum(dim=1, dtype=torch.float64)).all()):  # sync
-            raise ValueError("features contain NaN or Inf; PR is undefined for them.")
-        work = features.device if self.compute_on == "features" else self.device
+        n = targets.shape[0]
+        done = 0  # entries added so far
+        first = self.count.item() == 0  # host sync; the first batch fixes the shifts
+        w = y = classes = None
+        for part, features in groups:
+            lo, hi = part.start or 0, part.stop
+            if (
+                lo != done
+                or hi is None
+                or not lo < hi <= self.num_layers
+                or part.step not in (None, 1)
+                or features.ndim != 3
+                or features.shape[0] != hi - lo
+                or features.shape[2] != self.dim
+            ):
+                raise ValueError(
+                    f"features of entries {part} must have shape ({hi} - {lo}, n, "
+                    f"dim={self.dim}) and follow entry {done}, got {tuple(features.shape)}."
+                )
+            if not features.is_floating_point():
+                raise TypeError(f"features must be a float tensor, got {features.dtype}.")
+            if features.shape[1] != n:
+                raise ValueError(
+                    f"targets must have shape (n={features.shape[1]},), got {tuple(targets.shape)}."
+                )
+            done = hi
+            if n == 0:
+                continue
+            # one pass, before any sum changes: a NaN or Inf makes its column's sum non-finite
+            # (cheaper than isfinite; sums of features under ~1e300 cannot overflow in float64)
+            if not bool(torch.isfinite(features.sum(dim=1, dtype=torch.float64)).all()):  # sync
+                raise ValueError("features contain NaN or Inf; PR is undefined for them.")
+            work = features.device if self.compute_on == "features" else self.device
+            if y is None:  # the target sums, once per batch
+                w, y, classes = self._add_targets(targets, work, first)
+            self._add_features(part, features, w, y, classes, work, first, owned)
+            del features  # the generator's next group is made without this one alive
+        if done != self.num_layers:
+            raise ValueError(
+                f"the feature groups covered entries 0 … {done - 1}, not all {self.num_layers}."
+            )
+        if n:
+            self.count += n
+        return self
+
+    def _add_targets(
+        self, targets: torch.Tensor, work: torch.device, first: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Add a batch's target sums: (shifted targets, targets or class index, classes)."""
         classes = None if self.classes is None else self.classes.to(work)
         y = self._targets(targets.to(work), classes)  # (n, 1) float64, or (n,) class index
-        first = self.count.item() == 0  # host sync; the first batch fixes the shift
+        n = y.shape[0]
+        w = None
         if first and classes is None:
             self.shift_y = y.mean(dim=0).to(self.device)
         if classes is None:
@@ -290,31 +357,50 @@ class ResidualStats:
             ones = torch.ones(n, dtype=torch.float64, device=self.device)
             self.sum_y.index_add_(0, index, ones)
             self.sum_yy.index_add_(0, index, ones)
+        return w, y, classes
+
+    def _add_features(
+        self,
+        part: slice,
+        features: torch.Tensor,
+        w: torch.Tensor | None,
+        y: torch.Tensor,
+        classes: torch.Tensor | None,
+        work: torch.device,
+        first: bool,
+        owned: bool,
+    ) -> None:
+        """Add the per-entry sums of the entries ``part`` from ``features`` (l, n, d)."""
+        n = features.shape[1]
         # "features": each product is its own tensor, moved to `device` and added there (on
         # one device too, so the path a GPU takes is the one CPU tests run)
         staged = self.compute_on == "features"
+        in_place = owned and features.dtype == torch.float64 and features.device == work
         gram_bytes = self.dim * self.dim * (4 if self.precision == "mixed" else 8)
-        per_entry = n * self.dim * 12 + (gram_bytes if staged or self.precision == "mixed" else 0)
+        per_entry = n * self.dim * (4 if in_place else 12)
+        per_entry += gram_bytes if staged or self.precision == "mixed" else 0
         per_entry += self.dim * self.num_outputs * 8 if staged and classes is not None else 0
-        for part in self._entry_groups(per_entry):
-            x = features[part].to(work, torch.float64, copy=True)  # (l, n, d), ours to modify
+        base = part.start or 0
+        for sub in self._entry_groups(per_entry, range(base, part.stop)):
+            rows = slice(sub.start - base, sub.stop - base)
+            # (l, n, d) float64 that is ours to modify: the caller's, or a copy
+            x = features[rows] if in_place else features[rows].to(work, torch.float64, copy=True)
             if first:
-                self.shift_x[part] = x.mean(dim=1).to(self.device)
-            u = x.sub_(self.shift_x[part].to(work).unsqueeze(1))  # shifted, in float64
-            self.sum_x[part] += u.sum(dim=1).to(self.device)
-            self._add_gram(part, u, staged)
+                self.shift_x[sub] = x.mean(dim=1).to(self.device)
+            u = x.sub_(self.shift_x[sub].to(work).unsqueeze(1))  # shifted, in float64
+            self.sum_x[sub] += u.sum(dim=1).to(self.device)
+            self._add_gram(sub, u, staged)
             if classes is None:
-                self.sum_xy[part] += (u.transpose(1, 2) @ w).to(self.device)  # (l, d, 1)
+                self.sum_xy[sub] += (u.transpose(1, 2) @ w).to(self.device)  # (l, d, 1)
             elif staged:
                 by_class = torch.zeros(
                     u.shape[0], self.dim, self.num_outputs, dtype=u.dtype, device=work
                 )
                 by_class.index_add_(2, y, u.transpose(1, 2))  # (l, d, K): sums by class
-                self.sum_xy[part] += by_class.to(self.device)
+                self.sum_xy[sub] += by_class.to(self.device)
             else:
-                self.sum_xy[part].index_add_(2, y, u.transpose(1, 2))
-        self.count += n
-        return self
+                self.sum_xy[sub].index_add_(2, y, u.transpose(1, 2))
+            del x, u
 
     def _add_gram(self, part: slice, u: torch.Tensor, staged: bool) -> None:
         """``Σuuᵀ[part] += uᵀu`` for ``u`` of shape (l, n, d), in the configured precision."""

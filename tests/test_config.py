@@ -40,6 +40,10 @@ CASES = {
     "entries": ({}, "hidden_states"),  # on a tiny Mamba (MODELS): its hidden states lack entry 0
     "split": ({}, 0.3),  # out-of-sample PR
     "jackknife": ({}, 13),  # refused: 13 groups for 12 sequences leave a group empty
+    "precision": ({}, "mixed"),  # float32 Gram (and its rank tolerance): PRs move by ~1e-8
+    # a device this process lacks is refused with the fix (on CPU, statistics on the host
+    # give the PRs of the model's device: tests/test_scale.py)
+    "stats_device": ({}, "cuda:99"),
 }
 
 
@@ -224,6 +228,10 @@ def test_the_command_line_builds_the_config():
             "0.25",
             "--jackknife",
             "4",
+            "--precision",
+            "mixed",
+            "--stats-device",
+            "cpu",
         ]
     )
     assert measure_config(args) == MeasureConfig(
@@ -241,6 +249,8 @@ def test_the_command_line_builds_the_config():
         entries="hidden_states",
         split=0.25,
         jackknife=4,
+        precision="mixed",
+        stats_device="cpu",
     )
     assert measure_config(parser.parse_args(["--layers", "4"])).layers == 4
     help_text = parser.format_help()
@@ -281,6 +291,9 @@ def test_the_command_line_builds_the_config():
         ({"split": 0.5, "metric": "separation_fuzziness"}, ValueError, "metric='pr' only"),
         ({"jackknife": 1}, ValueError, "at least 2 groups"),
         ({"jackknife": 2.0}, TypeError, "jackknife must be an int"),
+        ({"precision": "float32"}, ValueError, "Unknown precision"),
+        ({"stats_device": "gpu0"}, ValueError, "is not a device name"),
+        ({"stats_device": 0}, TypeError, "stats_device must be a device name"),
         ({"layer": 3}, TypeError, r"Unknown measurement options \['layer'\]"),
     ],
 )

@@ -47,6 +47,48 @@ def max_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
+# -- three processes: an uneven split of the entries, the solve sharded ------------------------
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    out = tmp_path_factory.mktemp("three")
+    log = run([*torchrun(3), "-m", "tests.dist.three_worker", str(out)])
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(3)], log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["token_id", "onehot_subset", "shuffled_subset"])
+def test_three_processes_solve_their_share_and_equal_one_process(three, case):
+    ranks, _ = three
+    assert [r["world"] for r in ranks] == [3, 3, 3]
+    ref = ranks[0][f"ref_{case}"]
+    for r in ranks:  # every rank returns every PR, equal to one process
+        assert max_diff(r[case], ref) <= TOL
+        assert r[f"{case}_layers"] == ranks[0][f"{case}_layers"]
+    assert ranks[0]["onehot_subset_layers"] == [0, 1, 3, 4]
+    assert ranks[0]["shuffled_subset_layers"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_solve_that_fails_on_one_of_three_processes_is_skipped_by_all(three):
+    ranks, log = three
+    for r in ranks:
+        assert r["failed_solve"] is None
+        assert r["after_failure"] is not None and r["after_failure"] == ranks[0]["token_id"]
+        assert r["history_steps"] == [3]
+    assert log.count("lawwatch: snapshot at step 2 skipped") == 3  # every rank says so
+    assert "injected solve failure on rank 2" in log
+    assert "the solve failed on process(es) [2]" in log
+
+
+@pytest.mark.slow
+def test_the_overhead_budget_is_agreed_by_all_processes(three):
+    ranks, _ = three
+    # alone, rank 0 would snapshot every 10 steps and rank 2 every 60: the largest times decide
+    assert [r["budget_steps"] for r in ranks] == [[0, 1, 31]] * 3
+
+
 # -- DDP through Accelerator(cpu=True) ----------------------------------------------------------
 
 

@@ -1,3 +1,4 @@
+import itertools
 import json
 import logging
 import random
@@ -113,3 +114,55 @@ def test_emergence_from_history(gpt2, probe):
         {"step": s, "rho": 0.9, "pearson_r": r} for s, r in [(0, 0.5), (10, -0.97), (20, -0.99)]
     )
     assert watch.emergence_step == 10
+
+
+class FakeClock:
+    """Training and snapshot time as the test says: deterministic, whatever the machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Slow:
+    """A sink that makes each snapshot take ``seconds`` on the fake clock."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    def write(self, snapshot) -> None:
+        self.clock.now += self.seconds
+
+    def close(self) -> None:
+        pass
+
+
+def test_max_overhead_stretches_the_schedule(gpt2, probe, caplog):
+    clock = FakeClock()
+    # a snapshot takes 1 s, a step 0.1 s: 2% allows one snapshot per 1 / (0.02 * 0.1) = 500 steps
+    watch = LawWatch(gpt2, probe, every=1, last_step=1200, max_overhead=0.02)
+    watch._clock = clock
+    watch.sinks = Sinks([Slow(clock, 1.0)])
+    with caplog.at_level(logging.INFO, logger="lawwatch"):
+        for step in range(1201):
+            watch.maybe_snapshot(step)
+            clock.now += 0.1  # one training step
+    # step 0: no step timed yet, so no stretch; then every 500 steps, and the final step
+    assert watch.history.steps == [0, 1, 501, 1001, 1200]
+    told = [r.message for r in caplog.records if "max_overhead" in r.message]
+    assert len(told) == 3  # once per stretched snapshot, not once per skipped step
+    assert "scheduled step 2 skipped" in told[0] and "step 501 or later" in told[0]
+    # the budget, held: each snapshot after the first timed step follows >= 1 s / 2% of training
+    steps = watch.history.steps[1:-1]
+    assert all((b - a) * 0.1 * 0.02 >= 1.0 - 1e-9 for a, b in itertools.pairwise(steps))
+
+
+def test_without_a_budget_the_schedule_is_kept(gpt2, probe):
+    watch = LawWatch(gpt2, probe, every=1)
+    for step in range(4):
+        watch.maybe_snapshot(step)
+    assert watch.history.steps == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"max_overhead is a fraction of training time"):
+        LawWatch(gpt2, probe, max_overhead=2.0)

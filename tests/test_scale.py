@@ -1,0 +1,153 @@
+"""What keeps a snapshot's memory bounded and its precision chosen: entry groups, where the
+statistics live, the statistics precision policy.
+
+Every comparison is against the unbounded path (all entries' float64 features at once, the
+statistics on the model's device, float64), itself checked against numpy in test_measure.py
+and test_residual.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from lawwatch import measure
+from lawwatch.capture import Capture
+from lawwatch.precision import FAST_FP64_CAPABILITIES, stats_precision
+from lawwatch.residual import ResidualStats
+from tests.conftest import ragged_probe, tiny_gpt2
+from tests.reference import ols_pr
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+measure_mod = __import__("lawwatch.measure", fromlist=["measure"])  # the module, not the function
+
+
+@pytest.fixture(scope="module")
+def model_probe():
+    model = tiny_gpt2(seed=5).double()  # float64: group sizes cannot change a rounding
+    probe = ragged_probe(seed=6, rows=20, max_len=24)
+    assert probe.num_examples() > 10 * 16
+    return model, probe
+
+
+class GroupSizes:
+    """Records the shape of every float64 feature group made while measuring."""
+
+    def __init__(self, monkeypatch):
+        self.shapes: list[tuple[int, ...]] = []
+        original = Capture.feature_groups
+
+        def recording(capture, hidden, max_bytes=None):
+            for part, group in original(capture, hidden, max_bytes):
+                self.shapes.append(tuple(group.shape))
+                yield part, group
+
+        monkeypatch.setattr(Capture, "feature_groups", recording)
+
+
+@pytest.mark.parametrize("target", ["token_id", "onehot"])
+def test_entry_groups_give_the_same_prs_with_bounded_feature_blocks(
+    model_probe, monkeypatch, target
+):
+    model, probe = model_probe
+    whole = measure(model, probe, target=target, batch_size=4)  # default: one group per batch
+    sizes = GroupSizes(monkeypatch)
+    budget = 2 * 60 * 16 * 8  # two entries of a 60-example batch
+    monkeypatch.setattr(measure_mod, "FEATURE_GROUP_BYTES", budget)
+    grouped = measure(model, probe, target=target, batch_size=4)
+    assert sizes.shapes, "no group was recorded"
+    # a group fits the budget, or is a single entry (the least a group can be)
+    assert all(g == 1 or g * n * d * 8 <= budget for g, n, d in sizes.shapes)
+    assert any(n > 60 for _, n, _ in sizes.shapes)  # batches the budget had to split
+    assert max(g for g, n, _ in sizes.shapes if n > 60) < 5
+    np.testing.assert_allclose(grouped.pr.numpy(), whole.pr.numpy(), rtol=0, atol=1e-12)
+
+
+def test_one_entry_per_group_at_the_smallest_budget(model_probe, monkeypatch):
+    model, probe = model_probe
+    whole = measure(model, probe, batch_size=4)
+    sizes = GroupSizes(monkeypatch)
+    monkeypatch.setattr(measure_mod, "FEATURE_GROUP_BYTES", 1)
+    grouped = measure(model, probe, batch_size=4)
+    assert {s[0] for s in sizes.shapes} == {1}  # never all 5 entries at once
+    np.testing.assert_allclose(grouped.pr.numpy(), whole.pr.numpy(), rtol=0, atol=1e-12)
+
+
+def test_update_groups_equals_update_and_numpy():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 300, 12, generator=gen, dtype=torch.float64) * 3 + 7  # (L, n, d)
+    y = torch.randint(0, 50, (300,), generator=gen)
+    one = ResidualStats(5, 12).update(x[:, :150], y[:150]).update(x[:, 150:], y[150:])
+    groups = ResidualStats(5, 12)
+    for half in (slice(0, 150), slice(150, 300)):
+        parts = [
+            (slice(0, 2), x[0:2, half]),
+            (slice(2, 3), x[2:3, half]),
+            (slice(3, 5), x[3:5, half]),
+        ]
+        groups.update_groups(((p, g.clone()) for p, g in parts), y[half], owned=True)
+    want = [ols_pr(x[i].numpy(), y.numpy().astype(np.float64)) for i in range(5)]
+    np.testing.assert_allclose(groups.compute().numpy(), one.compute().numpy(), atol=1e-13, rtol=0)
+    np.testing.assert_allclose(groups.compute().numpy(), want, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("parts", "match"),
+    [
+        ([slice(0, 2), slice(3, 5)], "follow entry 2"),  # a gap
+        ([slice(0, 3), slice(0, 5)], "follow entry 3"),  # a repeat
+        ([slice(0, 2)], r"covered entries 0 … 1, not all 5"),  # incomplete
+    ],
+)
+def test_update_groups_refuses_parts_out_of_order(parts, match):
+    x = torch.randn(5, 40, 3, dtype=torch.float64)
+    y = torch.randint(0, 9, (40,))
+    with pytest.raises(ValueError, match=match):
+        ResidualStats(5, 3).update_groups(((p, x[p]) for p in parts), y)
+
+
+def test_statistics_on_the_host_give_the_same_prs(model_probe):
+    """stats_device='cpu' takes the path a GPU model takes (products where the features are,
+    (d, d) sums added on the statistics' device); on a CPU model both devices are the host."""
+    model, probe = model_probe
+    for target in ("token_id", "onehot"):
+        here = measure(model, probe, target=target, batch_size=4)
+        host = measure(model, probe, target=target, batch_size=4, stats_device="cpu")
+        np.testing.assert_allclose(host.pr.numpy(), here.pr.numpy(), rtol=0, atol=1e-12)
+
+
+def test_a_device_this_process_lacks_is_refused_with_the_fix(model_probe):
+    model, probe = model_probe
+    with pytest.raises(ValueError, match=r"stats_device='cuda:99'.*use 'cpu' or None"):
+        measure(model, probe, stats_device="cuda:99")
+
+
+def test_precision_policy_is_recorded_and_logged_once(model_probe, caplog):
+    model, probe = model_probe
+    measure_mod._logged.clear()
+    with caplog.at_level(logging.INFO, logger="lawwatch"):
+        auto = measure(model, probe, batch_size=4)
+        measure(model, probe, batch_size=4)
+    lines = [r.message for r in caplog.records if "statistics precision" in r.message]
+    assert lines == [
+        "lawwatch: statistics precision float64 on cpu (precision='auto'; set precision= to choose)"
+    ]
+    mixed = measure(model, probe, batch_size=4, precision="mixed")
+    assert auto.extra["stats_precision"] == "float64" and mixed.extra["stats_precision"] == "mixed"
+    assert auto.to_record()["stats_precision"] == "float64"
+    assert auto.extra["config"]["precision"] == "auto"
+    diff = (mixed.pr - auto.pr).abs().max().item()
+    assert 0 < diff < 1e-6  # a float32 Gram: not bitwise float64, within the mixed bar
+
+
+def test_the_auto_rule():
+    assert stats_precision("auto", torch.device("cpu")) == "float64"
+    assert stats_precision("mixed", torch.device("cpu")) == "mixed"
+    assert stats_precision("float64", torch.device("mps")) == "float64"
+    assert stats_precision("auto", torch.device("mps")) == "mixed"  # no fast FP64 there
+    assert {(8, 0), (9, 0)} <= FAST_FP64_CAPABILITIES
+    assert not {(8, 6), (8, 9), (12, 0)} & FAST_FP64_CAPABILITIES  # consumer / L40S class
