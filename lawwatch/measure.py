@@ -87,18 +87,15 @@ def solve(
     return snapshot
 
 
-def identity(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> dict[str, Any]:
+def identity(probe_hash: str, config: MeasureConfig, precision: str) -> dict[str, Any]:
     """What a record says it was measured with: ``probe``, ``config`` and ``precision``.
 
-    The probe's content hash, the options (:meth:`MeasureConfig.to_dict`) and the precision of
-    the forward through ``model`` (:func:`lawwatch.precision.forward_precision`): records that
-    differ in any of them are different series (:func:`lawwatch.history.series_change`).
+    The probe's content hash (:meth:`ProbeSet.content_hash`), the options
+    (:meth:`MeasureConfig.to_dict`) and the precision of the forward
+    (:func:`lawwatch.precision.forward_precision`): records that differ in any of them are
+    different series (:func:`lawwatch.history.series_change`).
     """
-    return {
-        "probe": probe.content_hash(),
-        "config": config.to_dict(),
-        "precision": forward_precision(model),
-    }
+    return {"probe": probe_hash, "config": config.to_dict(), "precision": precision}
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -318,5 +315,5 @@ def measure(
             "at least two tokens."
         )
     snapshot = solve(stats, seconds=time.perf_counter() - start)
-    snapshot.extra.update(identity(model, probe, config))
+    snapshot.extra.update(identity(probe.content_hash(), config, forward_precision(model)))
     return snapshot

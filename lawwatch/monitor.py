@@ -26,7 +26,7 @@ from lawwatch.config import MeasureConfig
 from lawwatch.distributed import Layout, layout, vote
 from lawwatch.history import History, Snapshot, series, series_change
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.measure import accumulate, model_device, prepare, solve
+from lawwatch.measure import accumulate, identity, model_device, prepare, solve
 from lawwatch.models import measured_module
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
@@ -350,7 +350,7 @@ class LawWatch:
         """
         if precision is None:
             precision = forward_precision(measured_module(self.model, self.unwrap))
-        return {"probe": self._probe_hash, "config": self.config.to_dict(), "precision": precision}
+        return identity(self._probe_hash, self.config, precision)
 
     # -- summary and state --------------------------------------------------------------------
 
