@@ -7,9 +7,11 @@ that is what is measured. Features are upcast to float64 in every case, but roun
 the residual stream stays. This script trains the smoke config's model shape for a few hundred
 steps, then measures the same probe four ways: float32 (what lawwatch measures), float64, bf16
 autocast (what a forward inside training's autocast would give: the forward is wrapped in
-autocast as a training wrapper does it) and bf16 weights.
+autocast as a training wrapper does it) and bf16 weights. A fifth row measures the float32
+forward with the statistics in ``precision="mixed"`` (float32 Gram per batch, float64 sums:
+what ``precision="auto"`` picks on GPUs without fast FP64) against the float64 statistics.
 
-    python bench/mixed_precision.py [--steps 300] [--tiny]
+    python bench/mixed_precision.py [--steps 300] [--width 64] [--tiny]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lawwatch import corpus
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--width", type=int, default=64, help="hidden size (4 heads, 4 blocks)")
     parser.add_argument("--tiny", action="store_true", help="3 steps: a smoke run (seconds)")
     args = parser.parse_args()
     if args.tiny:
@@ -36,7 +39,9 @@ def main() -> None:
     train, heldout = corpus.split_texts(corpus.python_texts("topics"), 0.1)
     tok = corpus.train_tokenizer(train, 512)
     blocks = corpus.pack_texts(train, tok, 128)  # (blocks, 128): documents joined by EOS
-    config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=4, n_head=4, n_positions=128)
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=args.width, n_layer=4, n_head=4, n_positions=128
+    )
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     start = time.perf_counter()
@@ -58,8 +63,10 @@ def main() -> None:
     autocast_pr = under_autocast(model)
     bf16_pr = lawwatch.measure(copy.deepcopy(model).to(torch.bfloat16), probe).pr  # ZeRO-3 bf16
     f64_pr = lawwatch.measure(copy.deepcopy(model).double(), probe).pr
+    mixed_pr = lawwatch.measure(model, probe, precision="mixed").pr  # float32 Gram per batch
     print(f"float32 forward: r={reference.fit.pearson_r:+.4f} rho={reference.fit.rho:.5f}")
     variants = {"float64": f64_pr, "bf16 autocast": autocast_pr, "bf16 weights": bf16_pr}
+    variants["mixed stats"] = mixed_pr
     for name, pr in variants.items():
         fit = lawwatch.fit_law(pr)
         rel = ((pr - reference.pr).abs() / reference.pr).max().item()
