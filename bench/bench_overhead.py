@@ -12,6 +12,12 @@ pair. Reported per variant: wall and CPU time of ``trainer.train()``, the median
 between two step ends), peak RSS; for the monitored run also the time spent inside the
 callback's events, per snapshot, and what one snapshot costs in steps of the plain run. The
 losses of the two variants are compared too: a snapshot must not change training.
+
+A third variant, in the same run: the callback with ``background=True`` (the solve, the fit
+and the local history on a worker thread). Side by side with the foreground callback: the
+training stall per snapshot (the wall time of the event that takes a snapshot, and all the
+callback's time, including collecting background results and the train-end flush, divided by
+the snapshots), and whether the two give the same records (all but ``seconds``).
 """
 
 from __future__ import annotations
@@ -118,8 +124,13 @@ def child(args: argparse.Namespace) -> None:
     clock = StepClock()
     callbacks: list = [clock]
     watch = None
-    if args.child == "lawwatch":
-        watch = TimedCallback(probe, every=args.every, batch_size=config.probe_batch_size)
+    if args.child in ("lawwatch", "background"):
+        watch = TimedCallback(
+            probe,
+            every=args.every,
+            batch_size=config.probe_batch_size,
+            background=args.child == "background",
+        )
         callbacks.append(watch)
     with tempfile.TemporaryDirectory() as out:
         train_args = training_arguments(config, out, logging_steps=10)  # the demo's settings
@@ -147,6 +158,7 @@ def child(args: argparse.Namespace) -> None:
             snapshot_events=watch.snapshots,
             other_events=watch.other,
             examples=probe.num_examples(),
+            records=[{k: v for k, v in r.items() if k != "seconds"} for r in records],
         )
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -234,7 +246,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="40 steps, every=20, one pair")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, 10 steps (tests)")
-    parser.add_argument("--child", choices=["plain", "lawwatch"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["plain", "lawwatch", "background"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -248,12 +262,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         data = make_data(data_dir, demo_config(args))
-        pairs = []
+        pairs, backgrounds = [], []
         for i in range(args.repeat):
-            order = ["plain", "lawwatch"] if i % 2 == 0 else ["lawwatch", "plain"]
-            runs = {variant: launch(variant, data_dir, args) for variant in order}
+            order = ["plain", "lawwatch", "background"]
+            runs = {v: launch(v, data_dir, args) for v in (order if i % 2 == 0 else order[::-1])}
             pairs.append((runs["plain"], runs["lawwatch"]))
+            backgrounds.append((runs["lawwatch"], runs["background"]))
     report(pairs, args, data)
+    report_background(backgrounds)
+
+
+def stall(run: dict) -> tuple[float, float]:
+    """Median wall s of a snapshot-taking event after step 0; all callback s per snapshot."""
+    events = run["snapshot_events"]
+    total = sum(e["wall"] for e in events) + run["other_events"]["wall"]
+    return statistics.median(e["wall"] for e in events[1:]), total / len(events)
+
+
+def report_background(runs: list[tuple[dict, dict]]) -> None:
+    """Foreground vs background callback, side by side: what training waits per snapshot."""
+    print(
+        "| run | foreground: snapshot event s (median) | background: snapshot event s | "
+        "foreground: callback s per snapshot | background: callback s per snapshot | "
+        "wall s fg / bg | records identical |"
+    )
+    print("|" + "---|" * 7)
+    for i, (fore, back) in enumerate(runs):
+        (fe, ft), (be, bt) = stall(fore), stall(back)
+        print(
+            f"| {i} | {fe:.3f} | {be:.3f} | {ft:.3f} | {bt:.3f} | {fore['wall']:.1f} / "
+            f"{back['wall']:.1f} | {fore['records'] == back['records']} |"
+        )
+    same = all(f["records"] == b["records"] for f, b in runs)
+    fe = statistics.median(stall(f)[0] for f, _ in runs)
+    be = statistics.median(stall(b)[0] for _, b in runs)
+    print(
+        f"training stall per snapshot (median event after step 0): foreground {fe:.3f} s, "
+        f"background {be:.3f} s; background records identical to foreground: {same}"
+    )
 
 
 if __name__ == "__main__":

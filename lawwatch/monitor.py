@@ -8,6 +8,10 @@ them), the PRs are gathered on every rank and rank 0 writes to the sinks. A fail
 rank, in the measurement or in its share of the solve, makes every rank skip that snapshot, and
 training goes on. Nothing here touches
 gradients, the optimizer or the RNG state.
+
+With ``background=True`` what follows the collectives (the solve, the law's fit and the
+writing of the thread-safe sinks) runs on one worker thread beside training, and each result
+is recorded a few steps later under the step it was measured at (see :class:`LawWatch`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +35,7 @@ from lawwatch.measure import accumulate, identity, model_device, prepare, solve
 from lawwatch.models import measured_module
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
-from lawwatch.residual import ResidualStats
+from lawwatch.residual import Owned, ResidualStats
 from lawwatch.sinks import Sink, Sinks
 
 log = logging.getLogger("lawwatch")
@@ -66,6 +71,19 @@ class Schedule:
     def steps(self, until: int) -> list[int]:
         """The scheduled steps in ``[0, until]``."""
         return [s for s in range(until + 1) if self(s)]
+
+
+@dataclass
+class _Pending:
+    """A snapshot whose solve runs on the worker: its future and what recording it needs."""
+
+    step: int
+    future: Future  # Snapshot | None (one process), or Owned (a sharded solve's share)
+    stats: Any  # the statistics (their count, layers and ownership build the record)
+    seconds: float
+    precision: str | None
+    where: Layout
+    began: float = field(default_factory=time.perf_counter)
 
 
 def _as_schedule(
@@ -115,7 +133,28 @@ class LawWatch:
             each snapshot, scheduled steps are skipped until the training time since then is
             at least ``snapshot time / max_overhead`` (logged when it happens). Snapshot and
             step times are the largest over the processes (one 2-element all-reduce per
-            snapshot), so every process skips the same steps. Default: no budget.
+            snapshot), so every process skips the same steps. With ``background`` the
+            snapshot time is what training waited for (the forwards and the collectives).
+            Default: no budget.
+        background: Run the solve, the law's fit and the writing of the thread-safe sinks
+            (:func:`lawwatch.sinks.threadsafe`: the local history) on one worker thread, so
+            training waits only for the probe's forwards and the statistics' reduction. The
+            record of a snapshot taken at step ``s`` says step ``s`` and is the same as without
+            ``background`` (same PRs, same fit; only ``seconds``, the time training waited
+            before the solve, may differ); it is added to :attr:`history` and written to the
+            other sinks (trackers) on the training thread a few steps later: on one process
+            at the first call after its solve has finished; on several, at the first call at
+            or after step ``s + background_lag`` (a step every process agrees on without
+            communicating: the PRs are gathered there, waiting for the solve if it is not
+            done). Before the next snapshot, and in :meth:`flush`, :meth:`close` and
+            :meth:`state_dict`, every pending result is collected (on several processes these
+            are collective: call them on every process). Off by default: results come late,
+            :meth:`snapshot` returns None, and the statistics (``entries · d² · 8`` bytes)
+            stay allocated until their solve is done; worth it where the solve is a
+            noticeable share of a training step (large ``d``, a slow float64 device). A
+            failing solve or sink in the worker is logged and training goes on.
+        background_lag: On several processes, the steps after a background snapshot at which
+            its PRs are gathered (see ``background``).
         unwrap: Applied to ``model`` before the automatic unwrapping, for a wrapper lawwatch
             does not recognize. Rarely needed.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s
@@ -145,10 +184,18 @@ class LawWatch:
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
         max_overhead: float | None = None,
+        background: bool = False,
+        background_lag: int = 4,
         **options: Any,
     ) -> None:
         if len(probe) == 0:
             raise ValueError("The probe set is empty.")
+        if not isinstance(background, bool):
+            raise TypeError(f"background is True or False, got {background!r}.")
+        if isinstance(background_lag, bool) or not isinstance(background_lag, int):
+            raise TypeError(f"background_lag is a number of steps, got {background_lag!r}.")
+        if background_lag < 1:
+            raise ValueError(f"background_lag must be at least 1 step, got {background_lag}.")
         if max_overhead is not None and not 0.0 < max_overhead < 1.0:
             raise ValueError(
                 f"max_overhead is a fraction of training time in (0, 1) (0.02: 2%), got "
@@ -177,6 +224,11 @@ class LawWatch:
         self._step_seconds: float | None = None
         self._not_before: int | None = None
         self._told: int | None = None  # the snapshot whose stretch was logged
+        # the background worker: one thread, so its jobs run in the order they were given
+        self.background, self.background_lag = background, background_lag
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: list[_Pending] = []  # solves handed to the worker, steps increasing
+        self._writes: list[Future] = []  # thread-safe sink writes handed to the worker
 
     # -- schedule -----------------------------------------------------------------------------
 
@@ -213,6 +265,8 @@ class LawWatch:
             now = self._clock()
             if self._last_call is not None and step > self._last_call[0]:
                 self._step_seconds = (now - self._last_call[1]) / (step - self._last_call[0])
+        if self._pending:
+            self._collect(step)
         result = self.snapshot(step) if self.should_snapshot(step) else None
         if self.max_overhead is not None:
             self._last_call = (step, self._clock())
@@ -237,12 +291,17 @@ class LawWatch:
         that solves them (the snapshot's one large collective), each process solves its share
         and the PRs are gathered; a solve that fails on one process is reported on all of them.
 
+        With ``background``, the results pending are collected first; this snapshot's solve
+        then goes to the worker, and its record comes later (see :class:`LawWatch`).
+
         Returns:
             The :class:`~lawwatch.history.Snapshot` on every process (the same PRs everywhere;
             only rank 0 writes it to the sinks), or None on every process when the snapshot was
-            skipped. Never raises for a measurement failure: it is logged
-            to the ``"lawwatch"`` logger and training goes on.
+            skipped (always None with ``background``). Never raises for a measurement failure:
+            it is logged to the ``"lawwatch"`` logger and training goes on.
         """
+        if self._pending:
+            self._collect(None)  # every pending result first: one set of statistics at a time
         self.last_step = step
         began = self._clock()
         where = layout(self.accelerator)
@@ -259,10 +318,17 @@ class LawWatch:
             log.error("lawwatch: rank %d could not measure step %d: %r", where.rank, step, error)
         pr = None
         if where.world > 1:
+            if self.background:
+                if self._reduce_only(stats, error is None, where, step, self._probe_key):
+                    self._submit(step, stats, time.perf_counter() - start, where)
+                return None
             pr = self._reduce(stats, error is None, where, step, self._probe_key)
             if pr is None:
                 return None
         elif error is not None:
+            return None
+        elif self.background:
+            self._submit(step, stats, time.perf_counter() - start, where)
             return None
         try:
             snapshot = solve(stats, seconds=time.perf_counter() - start, step=step, pr=pr)
@@ -270,10 +336,112 @@ class LawWatch:
             log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
             return None
         snapshot.extra.update(self.series(self._precision))
-        self.history.append(snapshot)
-        if where.rank == 0:
-            self.sinks.write(snapshot)
+        self._record(snapshot, where)
         return snapshot
+
+    def _record(self, snapshot: Snapshot, where: Layout) -> None:
+        """Add to the history; rank 0 writes the sinks (thread-safe ones on the worker)."""
+        self.history.append(snapshot)
+        if where.rank != 0:
+            return
+        if self.background:
+            self.sinks.write(snapshot, threads=False)
+            self._writes.append(self._executor().submit(self.sinks.write, snapshot, threads=True))
+        else:
+            self.sinks.write(snapshot)
+
+    # -- the background worker ------------------------------------------------------------------
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._worker is None:  # one thread: jobs run in the order given
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="lawwatch-worker")
+        return self._worker
+
+    def _submit(self, step: int, stats: Any, seconds: float, where: Layout) -> None:
+        """Hand the solve of ``stats`` (reduced already) to the worker."""
+        sharded = where.world > 1 and isinstance(stats, ResidualStats)
+        job = _side_stream(stats.device)
+        if sharded:
+            future = self._executor().submit(job, stats.solve_owned)
+        else:
+            future = self._executor().submit(
+                job, self._solve_job, stats, seconds, step, self._precision
+            )
+        self._pending.append(_Pending(step, future, stats, seconds, self._precision, where))
+
+    def _solve_job(
+        self, stats: Any, seconds: float, step: int, precision: str | None
+    ) -> Snapshot | None:
+        """On the worker: the solve and the fit of one process's (or every process's) sums."""
+        try:
+            snapshot = solve(stats, seconds=seconds, step=step)
+        except Exception as error:  # identical statistics fail identically on every rank
+            log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
+            return None
+        snapshot.extra.update(self.series(precision))
+        return snapshot
+
+    def _collect(self, step: int | None) -> None:
+        """Record the pending results that are due at ``step`` (None: all of them, waiting).
+
+        One process: those whose solve has finished (in step order). Several: those taken at
+        least ``background_lag`` steps before ``step`` (waiting for their solve: every
+        process gathers the same snapshots at the same call).
+        """
+        while self._pending:
+            pending = self._pending[0]
+            if step is not None:
+                if pending.where.world > 1:
+                    if step < pending.step + self.background_lag:
+                        return
+                elif not pending.future.done():
+                    return
+            self._pending.pop(0)
+            snapshot = self._finish(pending)
+            if snapshot is not None:
+                self._record(snapshot, pending.where)
+
+    def _finish(self, pending: _Pending) -> Snapshot | None:
+        """The snapshot of a pending solve, or None (the failure is logged)."""
+        try:
+            result = pending.future.result()
+        except Exception as error:  # the job itself broke (its own errors are caught)
+            log.error("lawwatch: snapshot at step %d skipped: %r", pending.step, error)
+            result = None
+        if not isinstance(result, Owned):
+            return result
+        stats, step = pending.stats, pending.step
+        try:  # the PR all-gather: every process is here at the same call
+            pr = stats.gather_owned(result)
+            snapshot = solve(stats, seconds=pending.seconds, step=step, pr=pr)
+        except Exception as error:  # raised on every rank alike
+            log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
+            return None
+        snapshot.extra.update(self.series(pending.precision))
+        return snapshot
+
+    def flush(self) -> None:
+        """Record every pending background result and finish the worker's sink writes.
+
+        Nothing to do without ``background``. On several processes the pending PRs are
+        gathered: call it on every process.
+        """
+        self._collect(None)
+        writes, self._writes = self._writes, []
+        for write in writes:
+            try:
+                write.result()
+            except Exception:  # Sinks.write reports its sinks' errors; this is the job's
+                log.exception("lawwatch: a background sink write failed")
+
+    def _shutdown(self) -> None:
+        """Flush, then end the worker thread (joined)."""
+        try:
+            self.flush()
+        finally:
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.shutdown(wait=True)
 
     def _stretch(self, step: int, seconds: float, where: Layout) -> None:
         """After a snapshot of ``seconds``: the earliest step the overhead budget allows."""
@@ -339,6 +507,29 @@ class LawWatch:
             log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
         return None
 
+    @staticmethod
+    def _reduce_only(stats: Any, ok: bool, where: Layout, step: int, key: int) -> bool:
+        """Vote, then (if every rank agrees) the reduction before a background solve.
+
+        ``ResidualStats``: the reduce-scatter by entry (each rank then solves its share);
+        partitioned statistics: the all-reduce (every rank solves everything, identically).
+        Returns whether the solve may go on; on every rank alike.
+        """
+        try:
+            reason = vote(ok, where, step=step, probe=key)
+            if reason is None:
+                if isinstance(stats, ResidualStats):
+                    stats.reduce_scatter()
+                else:
+                    stats.all_reduce()
+                return True
+        except Exception as error:  # decided on every rank alike, or a broken process group
+            log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
+            return False
+        if ok:  # a failed rank has said why already
+            log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
+        return False
+
     # -- the series ----------------------------------------------------------------------------
 
     def series(self, precision: str | None = None) -> dict[str, Any]:
@@ -360,7 +551,13 @@ class LawWatch:
         return self.history.emergence_step(self.emergence_threshold)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the snapshot records and the last step attempted."""
+        """What a resumed run needs: the snapshot records and the last step attempted.
+
+        With ``background`` the pending results are recorded first (:meth:`flush`; on several
+        processes call it on every process, as ``accelerator.save_state`` does), so the state
+        holds every snapshot attempted.
+        """
+        self.flush()
         return {"history": [dict(r) for r in self.history], "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any], *, resume_step: int | None = None) -> None:
@@ -406,5 +603,36 @@ class LawWatch:
         return History()
 
     def close(self) -> None:
-        """Close the sinks (end of training)."""
-        self.sinks.close()
+        """End of training: record every pending result, end the worker, close the sinks.
+
+        With ``background`` on several processes, call it on every process (the pending PRs
+        are gathered). No thread of lawwatch's outlives it.
+        """
+        try:
+            self._shutdown()
+        finally:
+            self.sinks.close()
+
+
+def _side_stream(device: torch.device) -> Callable[..., Any]:
+    """A job runner for the worker: on CUDA, on its own stream, after the work queued so far.
+
+    The statistics were produced on the training thread's stream; the worker's stream waits
+    for an event recorded there now, and synchronizes before the job returns (so the tensors
+    it used are not freed while its kernels run). On the CPU: the job as it is.
+    """
+    if device.type != "cuda":
+        return lambda job, *args: job(*args)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(device))
+    stream = torch.cuda.Stream(device)
+
+    def run(job: Callable[..., Any], *args: Any) -> Any:
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            try:
+                return job(*args)
+            finally:
+                stream.synchronize()
+
+    return run

@@ -115,6 +115,21 @@ class Solved:
     eigh: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Owned:
+    """One process's share of a sharded solve (:meth:`ResidualStats.solve_owned`).
+
+    Attributes:
+        buffer: ``(1 + largest share,)`` float64: status (0 solved, 1 failed) then the PRs of
+            the process's entries (NaN-padded to the largest share, so every process gathers
+            the same size).
+        error: The exception of a failed solve on this process, else None.
+    """
+
+    buffer: torch.Tensor
+    error: BaseException | None
+
+
 class ResidualStats:
     """Additive sufficient statistics for per-layer OLS prediction residuals.
 
@@ -533,6 +548,10 @@ class ResidualStats:
     ) -> torch.Tensor:
         """Sum the statistics across ``group`` entry by entry, solve a share, gather the PRs.
 
+        The three phases, each also callable on its own (a monitor runs the solve beside
+        training, between the collectives: :meth:`reduce_scatter`, :meth:`solve_owned`,
+        :meth:`gather_owned`):
+
         1. The small all-reduce of :meth:`all_reduce` finds the global means; every process
            re-bases on them (sums about one shift add up).
         2. The count and the target sums are all-reduced (a few numbers). The per-entry sums
@@ -540,8 +559,9 @@ class ResidualStats:
            their owner, in place, in slices of at most ``COLLECTIVE_BYTES``: no process holds
            a second copy of the statistics, and the traffic is that of a reduce-scatter
            (about half an all-reduce's).
-        3. Each process solves its own entries, then the PRs are all-gathered. A failure of
-           the solve on one process is raised on every process (none is left waiting).
+        3. Each process solves its own entries (no communication), then the PRs are
+           all-gathered. A failure of the solve on one process is raised on every process
+           (none is left waiting).
 
         The statistics are consumed: afterwards each process holds complete sums only for its
         own entries, and this object refuses further use until :meth:`reset`.
@@ -557,10 +577,23 @@ class ResidualStats:
         Raises:
             ValueError: As :meth:`compute`, on every process alike.
         """
+        self.reduce_scatter(group)
+        return self.gather_owned(self.solve_owned(group, method=method), group)
+
+    def reduce_scatter(self, group: object | None = None) -> None:
+        """Phases 1 and 2 of :meth:`reduce_scatter_compute`: the collectives before the solve.
+
+        Afterwards each process holds the summed statistics of its :meth:`owned_entries` (and
+        the global count and target sums); the statistics are consumed.
+
+        Raises:
+            ValueError: As :meth:`compute` (too few examples, constant target), on every
+                process alike.
+        """
         import torch.distributed as dist
 
         self._check_usable()
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        world = dist.get_world_size(group)
         if not self._rebase_on_global_mean(group):
             self._check_solvable()  # no examples anywhere: the same error on every process
         small = torch.cat([self.count.reshape(1), self.sum_y, self.sum_yy])  # (1 + 2K,)
@@ -578,22 +611,43 @@ class ResidualStats:
                 for piece in _slices(flat):
                     _reduce(piece, owner, group)
         self._check_solvable()  # global count and TSS: identical on every process
+
+    def solve_owned(self, group: object | None = None, *, method: Method = "auto") -> Owned:
+        """Phase 3a: solve this process's entries after :meth:`reduce_scatter`; no collective.
+
+        Never raises: a failure is kept in the result (and becomes an error on every process
+        in :meth:`gather_owned`). Safe to run on another thread than the collectives'.
+        """
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
         mine = self.owned_entries(rank, world)
         share = -(-self.num_layers // world)  # the largest share: every buffer the same size
         mine_pr = torch.full((share + 1,), float("nan"), dtype=torch.float64, device=self.device)
         mine_pr[0] = 0.0  # status: 0 ok, 1 the solve failed here
-        error: BaseException | None = None
         try:
             if len(mine) > 0:
                 mine_pr[1 : 1 + len(mine)] = self._solve(mine, method).pr
-        except Exception as caught:  # decided collectively below
-            error = caught
+        except Exception as caught:  # decided collectively in gather_owned
             mine_pr[0] = 1.0
-        gathered = [torch.empty_like(mine_pr) for _ in range(world)]
-        dist.all_gather(gathered, mine_pr, group=group)
+            return Owned(mine_pr, caught)
+        return Owned(mine_pr, None)
+
+    def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
+        """Phase 3b: all-gather every process's :meth:`solve_owned` result: all PRs.
+
+        Raises:
+            Exception: The solve failed on some process: its own error there, a
+                ``RuntimeError`` naming the failed processes on the others.
+        """
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        gathered = [torch.empty_like(owned.buffer) for _ in range(world)]
+        dist.all_gather(gathered, owned.buffer, group=group)
         failed = [r for r, g in enumerate(gathered) if g[0].item() != 0.0]  # host sync
-        if error is not None:
-            raise error
+        if owned.error is not None:
+            raise owned.error
         if failed:
             raise RuntimeError(f"lawwatch: the solve failed on process(es) {failed} of the group.")
         return torch.cat(

@@ -101,6 +101,17 @@ class Rewindable(Protocol):
         """Forget every snapshot after ``step``."""
 
 
+def threadsafe(sink: Sink) -> bool:
+    """Whether ``sink`` may be written from the monitor's background worker thread.
+
+    A sink says so with a true ``threadsafe`` attribute: it must share no state with the
+    training thread (:class:`LocalHistory`, which writes lawwatch's own files, does). The
+    others (trackers, whose run or writer the training loop logs into too) are written on the
+    training thread when the monitor collects a background result.
+    """
+    return bool(getattr(sink, "threadsafe", False))
+
+
 class Sinks:
     """Fan-out to several sinks; a failing sink is reported and the others still run.
 
@@ -110,9 +121,16 @@ class Sinks:
     def __init__(self, sinks: list[Sink] | None = None) -> None:
         self.sinks: list[Sink] = list(sinks or [])
 
-    def write(self, snapshot: Snapshot) -> None:
-        """Pass the snapshot to every sink."""
+    def write(self, snapshot: Snapshot, *, threads: bool | None = None) -> None:
+        """Pass the snapshot to every sink.
+
+        Args:
+            snapshot: The snapshot.
+            threads: If given, only the sinks whose :func:`threadsafe` is this value.
+        """
         for sink in self.sinks:
+            if threads is not None and threadsafe(sink) != threads:
+                continue
             try:
                 sink.write(snapshot)
             except Exception:
@@ -169,6 +187,8 @@ class LocalHistory:
     Raises:
         ValueError: Another open LocalHistory of this process writes to ``directory``.
     """
+
+    threadsafe = True  # lawwatch's own files: the background worker may write them
 
     def __init__(self, directory: str | Path, *, series: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)

@@ -66,21 +66,25 @@ def check_launch(num_processes: int) -> None:
         )
 
 
+# the ``lawwatch:`` keys that are keyword arguments of the monitor and the callback
+MONITOR_SETTINGS = ("every", "emergence_threshold", "max_overhead", "background", "background_lag")
+
+
 def watch_settings(section: dict[str, Any]) -> tuple[dict[str, Any], lawwatch.MeasureConfig]:
     """The ``lawwatch:`` section: the monitor's settings and the measurement options.
 
     Returns:
-        ``every`` and ``emergence_threshold`` (keyword arguments of the monitor and the
+        The :data:`MONITOR_SETTINGS` given (keyword arguments of the monitor and the
         callback), and the :class:`lawwatch.MeasureConfig` built from ``measure:``, whose field
         names are checked (a misspelled option stops the recipe before training).
     """
     settings = dict(section)
     config = lawwatch.MeasureConfig.from_dict(settings.pop("measure", None))
-    unknown = set(settings) - {"every", "emergence_threshold"}
+    unknown = set(settings) - set(MONITOR_SETTINGS)
     if unknown:
         raise SystemExit(
-            f"lawwatch: {sorted(unknown)} are not monitor settings (every, "
-            "emergence_threshold); measurement options go under lawwatch.measure."
+            f"lawwatch: {sorted(unknown)} are not monitor settings ({', '.join(MONITOR_SETTINGS)}"
+            "); measurement options go under lawwatch.measure."
         )
     return settings, config
 

@@ -9,6 +9,7 @@ own loader accepts them (it rejects unknown keys).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -100,7 +101,14 @@ def test_recipe_config_builds_the_promised_model(path):
     settings, measure = recipe_common().watch_settings(cfg["lawwatch"])
     assert set(cfg["lawwatch"]["measure"]) == set(MeasureConfig.names())
     assert measure.to_dict() == cfg["lawwatch"]["measure"]
-    assert set(settings) <= {"every", "emergence_threshold"}
+    assert set(settings) <= {"every", "emergence_threshold", *recipe_common().MONITOR_SETTINGS}
+    # every monitor setting is named (defaults to be seen) and reaches both integrations
+    assert set(settings) == set(recipe_common().MONITOR_SETTINGS)
+    from lawwatch.integrations.accelerate import AcceleratorWatch
+    from lawwatch.integrations.hf import LawWatchCallback
+
+    for integration in (LawWatchCallback, AcceleratorWatch):
+        assert set(settings) <= set(inspect.signature(integration).parameters)
 
 
 def test_overrides_are_parsed_as_yaml():

@@ -16,6 +16,7 @@ Every snapshot goes, on the main process, to the accelerator's trackers through
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,26 @@ from lawwatch.history import Snapshot
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.monitor import LawWatch
 from lawwatch.probe import ProbeSet
-from lawwatch.sinks import LocalHistory, Sink, Sinks, scalars, wandb_alert
+from lawwatch.sinks import PREFIX, LocalHistory, Sink, Sinks, scalars, wandb_alert
+
+log = logging.getLogger("lawwatch")
+
+# the x-axis of lawwatch's W&B charts in an accelerate loop: the step each snapshot was taken at
+STEP_METRIC = f"{PREFIX}step"
 
 
 class TrackerSink:
-    """Writes snapshots through ``accelerator.log`` (its trackers, main process only).
+    """Writes snapshots to the accelerator's trackers (main process only), at their step.
+
+    Each tracker gets :func:`~lawwatch.sinks.scalars` with the snapshot's training step, as
+    ``accelerator.log(values, step=step)`` would give it (a tracker that fails is reported,
+    the others still get the snapshot). W&B is the exception: its rows have one increasing
+    ``step`` and it drops a row logged at an earlier step than it holds, which is what a
+    background snapshot is (``LawWatch(background=True)`` records step ``s`` a few steps
+    later). So every lawwatch row in W&B also carries ``lawwatch/step``, the x-axis of the
+    ``lawwatch/*`` charts (``define_metric``), and a row whose step W&B has passed is logged
+    without ``step`` (into W&B's current row): it lands at its own ``lawwatch/step`` on the
+    dashboard. TensorBoard, MLflow, Comet and ClearML take any step.
 
     Does nothing while the accelerator has no tracker (``init_trackers`` not called, or
     ``log_with`` unset), so it can always be attached.
@@ -43,12 +59,30 @@ class TrackerSink:
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
+        self._defined: set[int] = set()  # W&B runs given the lawwatch/step axis
 
     def write(self, snapshot: Snapshot) -> None:
         """Log the snapshot's :func:`~lawwatch.sinks.scalars` at its training step."""
-        if not getattr(self.accelerator, "trackers", None):
-            return
-        self.accelerator.log(scalars(snapshot), step=snapshot.step)
+        values = scalars(snapshot)
+        for tracker in getattr(self.accelerator, "trackers", None) or []:
+            try:
+                if tracker.name == "wandb":
+                    self._wandb(tracker.tracker, values, snapshot.step)
+                else:
+                    tracker.log(values, step=snapshot.step)
+            except Exception:
+                log.exception("lawwatch: tracker %s failed at step %s", tracker.name, snapshot.step)
+
+    def _wandb(self, run: Any, values: dict[str, float], step: int) -> None:
+        if id(run) not in self._defined:
+            run.define_metric(STEP_METRIC)
+            run.define_metric(f"{PREFIX}*", step_metric=STEP_METRIC)
+            self._defined.add(id(run))
+        row = {**values, STEP_METRIC: step}
+        if step >= run.step:  # W&B's row for this step is still open (or to come)
+            run.log(row, step=step)
+        else:  # W&B has passed this step: its current row, at lawwatch/step = step
+            run.log(row)
 
     def close(self) -> None:
         """Nothing to release: ``accelerator.end_training()`` finishes the trackers."""
@@ -92,8 +126,10 @@ class AcceleratorWatch(LawWatch):
         alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts`) raises an alert when the law
             emerges, breaks, or a layer's PR stops falling: a WARNING on the ``"lawwatch"``
             logger and an alert in the W&B and trackio trackers (main process).
-        every, schedule, last_step, emergence_threshold, unwrap: As in
-            :class:`~lawwatch.LawWatch`.
+        every, schedule, last_step, emergence_threshold, unwrap, max_overhead, background,
+            background_lag: As in :class:`~lawwatch.LawWatch` (with ``background``, call
+            :meth:`~lawwatch.LawWatch.close` on every process before
+            ``accelerator.end_training()``, so the last records reach the trackers).
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
     """
 
@@ -112,6 +148,9 @@ class AcceleratorWatch(LawWatch):
         last_step: int | None = None,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
+        max_overhead: float | None = None,
+        background: bool = False,
+        background_lag: int = 4,
         **options: Any,
     ) -> None:
         wanted = Alerts.of(alerts)  # checked on every process, before anything opens
@@ -125,6 +164,9 @@ class AcceleratorWatch(LawWatch):
             accelerator=accelerator,
             emergence_threshold=emergence_threshold,
             unwrap=unwrap,
+            max_overhead=max_overhead,
+            background=background,
+            background_lag=background_lag,
             **options,
         )
         # opened once the options are known good; records of another series are set aside

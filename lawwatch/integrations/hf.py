@@ -45,6 +45,25 @@ def _never_raises(event: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
+def _check_monitor_settings(
+    max_overhead: float | None, background: bool, background_lag: int
+) -> None:
+    """Refuse bad monitor settings where the callback is built, as LawWatch would."""
+    if max_overhead is not None and not (
+        isinstance(max_overhead, int | float) and 0.0 < max_overhead < 1.0
+    ):
+        raise ValueError(
+            f"max_overhead is a fraction of training time in (0, 1) (0.02: 2%), got "
+            f"{max_overhead!r}."
+        )
+    if not isinstance(background, bool):
+        raise TypeError(f"background is True or False, got {background!r}.")
+    if isinstance(background_lag, bool) or not isinstance(background_lag, int):
+        raise TypeError(f"background_lag is a number of steps, got {background_lag!r}.")
+    if background_lag < 1:
+        raise ValueError(f"background_lag must be at least 1 step, got {background_lag}.")
+
+
 def _trainer_callbacks(depth: int = 16) -> list[Any]:
     """The callbacks of the Trainer whose event is running now (empty outside a Trainer).
 
@@ -112,6 +131,17 @@ class LawWatchCallback(TrainerCallback):
         alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts` with its tolerances) raises
             an alert when the law emerges, when it breaks after emerging, and when a layer's PR
             stops falling. Off by default.
+        max_overhead: A budget for the monitor's share of training time (e.g. ``0.02``):
+            scheduled steps are skipped while snapshots would exceed it (see
+            :class:`~lawwatch.monitor.LawWatch`). Step 0 and the final step are measured in
+            any case. Default: no budget.
+        background: Solve, fit and write the local history on a worker thread beside training
+            (see :class:`~lawwatch.monitor.LawWatch`); each record is logged a few steps later
+            under its own step. Pending results are recorded at each checkpoint save
+            (``on_save``) and at train end, before the report; the worker is joined at train
+            end. Off by default.
+        background_lag: On several processes, the steps after which a background snapshot's
+            PRs are gathered.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s
             (``batch_size``, ``target``, ``layers``, …).
 
@@ -139,6 +169,9 @@ class LawWatchCallback(TrainerCallback):
         sinks: list[Sink] | None = None,
         emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         alerts: bool | Alerts = False,
+        max_overhead: float | None = None,
+        background: bool = False,
+        background_lag: int = 4,
         **options: Any,
     ) -> None:
         # bad settings fail here, where the user builds the callback, not mid-training
@@ -150,6 +183,9 @@ class LawWatchCallback(TrainerCallback):
         if len(probe) == 0 or probe.num_examples() == 0:
             raise ValueError("The probe set has no (token, next token) pair to measure.")
         Schedule(every)  # validates every
+        _check_monitor_settings(max_overhead, background, background_lag)
+        self.max_overhead, self.background = max_overhead, background
+        self.background_lag = background_lag
         self.config = MeasureConfig.build(config, **options)
         self.probe, self.every, self.schedule = probe, every, schedule
         self.emergence_threshold = emergence_threshold
@@ -187,6 +223,9 @@ class LawWatchCallback(TrainerCallback):
             schedule=self.schedule,
             last_step=state.max_steps or None,
             emergence_threshold=self.emergence_threshold,
+            max_overhead=self.max_overhead,
+            background=self.background,
+            background_lag=self.background_lag,
         )
         # a sink that fails to open costs that sink only: every process must still take part
         # in every snapshot, or the others would wait for it forever
@@ -207,6 +246,12 @@ class LawWatchCallback(TrainerCallback):
         """Measure when the schedule says so (on every process)."""
         if self.monitor is not None:
             self.monitor.maybe_snapshot(state.global_step)
+
+    @_never_raises
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A checkpoint was saved: record the pending background results (every process)."""
+        if self.monitor is not None:
+            self.monitor.flush()
 
     @_never_raises
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -236,6 +281,7 @@ class LawWatchCallback(TrainerCallback):
             return
         self._finished = True
         self._measure(state.global_step)
+        self.monitor.flush()  # background results, while the trackers are open
         if state.is_world_process_zero and self.local is not None and self.local.records:
             self.report_path = self._plot(self.local.records)
             self._report(self.report_path)

@@ -1,0 +1,159 @@
+"""Background snapshots through the integrations: a real Trainer and a real accelerate loop,
+read back from the local history, TensorBoard and an offline W&B run (``wandb leet inspect``).
+
+A background record of step ``s`` reaches the trackers at a later training step: each must
+still show it at ``s``."""
+
+import logging
+import threading
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from lawwatch.history import History
+from lawwatch.integrations.hf import LawWatchCallback
+from tests.conftest import ragged_probe, tiny_gpt2
+from tests.test_hf import Tokens
+from tests.test_trackers import STEPS, expected_scalars, read_events
+from tests.wandb_offline import finish_run, history_rows, inspect_run
+
+
+def workers():
+    return [t for t in threading.enumerate() if t.name.startswith("lawwatch-worker")]
+
+
+def without_seconds(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def trainer_run(out, callback, report_to=(), max_steps=4):
+    arguments = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=list(report_to),
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    Trainer(
+        model=tiny_gpt2(0), args=arguments, train_dataset=Tokens(), callbacks=[callback]
+    ).train()
+    return History.read(out / "lawwatch").records
+
+
+def test_trainer_background_equals_foreground_in_every_tracker(tmp_path, offline_wandb):
+    fore = trainer_run(tmp_path / "fore", LawWatchCallback(ragged_probe(), every=2))
+    callback = LawWatchCallback(ragged_probe(), every=2, background=True)
+    back = trainer_run(tmp_path / "back", callback, report_to=["wandb", "tensorboard"])
+    assert callback.monitor.background and not workers()  # joined at train end
+    # flushed at train end: the history is complete, the records those of the foreground
+    assert [r["step"] for r in back] == STEPS
+    assert without_seconds(back) == without_seconds(fore)
+    assert callback.monitor.history.steps == STEPS
+    expected = expected_scalars(back)
+    # W&B: each lawwatch row at its own train/global_step (logged one step late or more)
+    rows = [r for r in history_rows(inspect_run(finish_run())) if "lawwatch/rho" in r]
+    assert [r["train/global_step"] for r in rows] == STEPS
+    for row in rows:
+        for key, value in expected[row["train/global_step"]].items():
+            assert row[key] == pytest.approx(value, rel=1e-12)
+    # TensorBoard: explicit steps
+    (events_dir,) = {p.parent for p in (tmp_path / "back").rglob("events.out.tfevents.*")}
+    events = read_events(events_dir)
+    assert [p.step for p in events.Scalars("lawwatch/rho")] == STEPS
+
+
+def test_trainer_failing_solve_in_the_worker_training_completes(tmp_path, caplog):
+    from lawwatch import ProbeSet
+
+    callback = LawWatchCallback(ProbeSet.from_tokens([[1, 2, 3, 4]]), every=2, background=True)
+    with caplog.at_level(logging.ERROR, logger="lawwatch"):
+        arguments = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=4,
+            per_device_train_batch_size=8,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=tiny_gpt2(0), args=arguments, train_dataset=Tokens(), callbacks=[callback]
+        )
+        trainer.train()
+    assert trainer.state.global_step == 4
+    assert caplog.text.count("Too few probe examples") == len(STEPS)
+    assert callback.monitor.history.steps == [] and not workers()
+
+
+def test_trainer_max_overhead_stretches_the_schedule(tmp_path, caplog):
+    plain = LawWatchCallback(ragged_probe(), every=1)
+    trainer_run(tmp_path / "plain", plain, max_steps=8)
+    assert plain.monitor.history.steps == list(range(9))
+    # a budget of 0.1% of training time: after the first timed step, the scheduled steps are
+    # skipped (a snapshot costs far more than 0.1% of 6 steps); the final step is measured
+    budget = LawWatchCallback(ragged_probe(), every=1, max_overhead=1e-3)
+    with caplog.at_level(logging.INFO, logger="lawwatch"):
+        trainer_run(tmp_path / "budget", budget, max_steps=8)
+    assert budget.monitor.max_overhead == 1e-3
+    assert budget.monitor.history.steps == [0, 1, 2, 8]
+    assert "skipped to keep snapshots under max_overhead=0.001" in caplog.text
+    with pytest.raises(ValueError, match="max_overhead is a fraction"):
+        LawWatchCallback(ragged_probe(), max_overhead=1.5)
+
+
+def test_accelerate_background_lands_at_its_step_in_wandb(tmp_path, offline_wandb):
+    from accelerate import Accelerator
+
+    from lawwatch.integrations.accelerate import AcceleratorWatch
+
+    accelerator = Accelerator(
+        cpu=True, log_with=["tensorboard", "wandb"], project_dir=str(tmp_path / "acc")
+    )
+    accelerator.init_trackers("lawwatch-accelerate")
+    model = tiny_gpt2(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    watch = AcceleratorWatch(
+        accelerator,
+        model,
+        ragged_probe(),
+        every=2,
+        last_step=4,
+        directory=tmp_path / "lawwatch",
+        background=True,
+    )
+    assert watch.background
+    data = Tokens()
+    for step in range(5):
+        if step > 0:
+            batch = data.ids[8 * (step - 1) : 8 * step]
+            loss = model(input_ids=batch, labels=batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            # the loop logs first: every background record reaches W&B after its step
+            accelerator.log({"train/loss": loss.item()}, step=step)
+        watch.maybe_snapshot(step)
+    watch.close()  # before end_training: the last records reach the open trackers
+    assert not workers()
+    run_dir = accelerator.get_tracker("wandb", unwrap=True).settings.sync_dir
+    accelerator.end_training()
+    records = History.read(tmp_path / "lawwatch").records
+    assert [r["step"] for r in records] == STEPS
+    expected = expected_scalars(records)
+    rows = history_rows(inspect_run(run_dir))
+    ours = [r for r in rows if "lawwatch/rho" in r]
+    assert [r["lawwatch/step"] for r in ours] == STEPS  # the x-axis of the lawwatch charts
+    for row in ours:
+        for key, value in expected[row["lawwatch/step"]].items():
+            assert row[key] == pytest.approx(value, rel=1e-12)
+    # the loop's own rows are all there, at their steps
+    assert [r["_step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    events = read_events(tmp_path / "acc" / "lawwatch-accelerate")
+    assert [p.step for p in events.Scalars("lawwatch/rho")] == STEPS
