@@ -128,7 +128,7 @@ def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
 # (MeasureConfig.to_dict()) and the precision of the forward (lawwatch.precision)
 SERIES_FIELDS = ("probe", "config", "precision")
 # options that change what a snapshot costs, not what it measures: a change keeps the series
-COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes"})
+COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes", "stats_device"})
 
 
 def series(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def series_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[s
 
     Only what both carry is compared (records written before these fields existed carry none;
     an option one of them lacks came with another version), and options that change only the
-    cost (``batch_size``, ``max_onehot_bytes``) are left out.
+    cost (``batch_size``, ``max_onehot_bytes``, ``stats_device``) are left out.
     """
     changes = []
     if before.get("probe") and after.get("probe") and before["probe"] != after["probe"]:

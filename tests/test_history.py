@@ -168,10 +168,19 @@ def test_no_stale_matrix_is_left(tmp_path):
 
 
 def test_what_makes_another_series():
-    config = {"layers": None, "target": "token_id", "batch_size": 8, "max_onehot_bytes": 9}
+    config = {
+        "layers": None,
+        "target": "token_id",
+        "batch_size": 8,
+        "max_onehot_bytes": 9,
+        "stats_device": None,
+    }
     a = {"probe": "a" * 64, "config": config, "precision": "float32"}
     assert series_change(a, dict(a)) == []
-    cheaper = {**a, "config": {**config, "batch_size": 2, "max_onehot_bytes": 5}}
+    cheaper = {
+        **a,
+        "config": {**config, "batch_size": 2, "max_onehot_bytes": 5, "stats_device": "cpu"},
+    }
     assert series_change(a, cheaper) == []  # what a snapshot costs, not what it measures
     assert series_change(a, {**a, "probe": "b" * 64}) == [
         "probe (content hash aaaaaaaaaaaa… → bbbbbbbbbbbb…)"
