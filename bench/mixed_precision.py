@@ -8,10 +8,10 @@ the residual stream stays. This script trains the smoke config's model shape for
 steps, then measures the same probe four ways: float32 (what lawwatch measures), float64, bf16
 autocast (what a forward inside training's autocast would give: the forward is wrapped in
 autocast as a training wrapper does it) and bf16 weights. A fifth row measures the float32
-forward with the statistics in ``precision="mixed"`` (float32 Gram per batch, float64 sums:
-what ``precision="auto"`` picks on GPUs without fast FP64) against the float64 statistics.
+forward with the statistics in ``precision="mixed"`` (float32 Gram per batch, float64 sums)
+against the float64 statistics: at ``--width 256`` it shows why float64 is the default.
 
-    python bench/mixed_precision.py [--steps 300] [--width 64] [--tiny]
+    python bench/mixed_precision.py [--steps 300] [--width 64] [--extra-docs 0] [--tiny]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import argparse
 import copy
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lawwatch
@@ -31,6 +33,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--width", type=int, default=64, help="hidden size (4 heads, 4 blocks)")
+    parser.add_argument(
+        "--extra-docs",
+        type=int,
+        default=0,
+        help="add this many training documents to the probe (more examples; a precision "
+        "comparison, not a held-out measurement)",
+    )
     parser.add_argument("--tiny", action="store_true", help="3 steps: a smoke run (seconds)")
     args = parser.parse_args()
     if args.tiny:
@@ -51,7 +60,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
     print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f}s")
-    probe = lawwatch.ProbeSet.from_texts(heldout, tok, max_length=128)
+    probe = lawwatch.ProbeSet.from_texts(heldout + train[: args.extra_docs], tok, max_length=128)
     print(probe)
 
     def under_autocast(m: torch.nn.Module) -> torch.Tensor:
@@ -75,6 +84,47 @@ def main() -> None:
             f"(d={fit.pearson_r - reference.fit.pearson_r:+.1e})  rho={fit.rho:.5f} "
             f"(d={fit.rho - reference.fit.rho:+.1e})"
         )
+    gap = (reference.pr - lstsq_pr(model.eval(), probe)).abs().max().item()
+    print(f"float64 statistics vs numpy lstsq: max |dPR| = {gap:.1e}")
+    if gap > 1e-8:
+        raise SystemExit(f"float64 statistics disagree with numpy lstsq by {gap:.1e} (> 1e-8)")
+
+
+def lstsq_pr(model: torch.nn.Module, probe: lawwatch.ProbeSet) -> torch.Tensor:
+    """PR by materialized features and numpy's float64 lstsq: an independent reference.
+
+    Entries 0 … L-1 from ``output_hidden_states`` through a fresh LayerNorm, the last as the
+    final norm ``ln_f`` of its input (grabbed by a pre-hook), all in float64: a float32 norm
+    output holds a direction of pure rounding noise, which lstsq would fit.
+    """
+    norm = model.transformer.ln_f
+    weight, bias = norm.weight.detach().double(), norm.bias.detach().double()
+    grabbed: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda _m, args: grabbed.append(args[0]))
+    features, targets = [], []
+    try:
+        with torch.no_grad():
+            for ids, mask in probe.batches(8):
+                keep = mask[:, 1:].bool() & mask[:, :-1].bool()  # t predicts token t + 1
+                out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                states = [h[:, :-1][keep].double() for h in out.hidden_states[:-1]]
+                eps = norm.eps
+                entries = [F.layer_norm(h, h.shape[-1:], eps=eps) for h in states]
+                last = grabbed.pop()[:, :-1][keep].double()
+                entries.append(F.layer_norm(last, last.shape[-1:], weight, bias, eps=eps))
+                features.append(entries)
+                targets.append(ids[:, 1:][keep].double())
+    finally:
+        handle.remove()
+    y = torch.cat(targets).numpy()
+    tss = ((y - y.mean()) ** 2).sum()
+    prs = []
+    for entry in range(len(features[0])):
+        x = torch.cat([f[entry] for f in features]).numpy()
+        design = np.hstack([x, np.ones((len(x), 1))])
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        prs.append(((y - design @ coef) ** 2).sum() / tss)
+    return torch.tensor(prs, dtype=torch.float64)
 
 
 if __name__ == "__main__":

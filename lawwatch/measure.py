@@ -18,7 +18,7 @@ from lawwatch.history import Snapshot
 from lawwatch.law import fit_law
 from lawwatch.models import check_probe
 from lawwatch.partition import PartitionedStats
-from lawwatch.precision import forward_precision, stats_precision
+from lawwatch.precision import forward_precision, log_statistics_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.residual import ResidualStats
 from lawwatch.targets import Targets
@@ -190,8 +190,8 @@ def accumulate(
                         config.max_onehot_bytes,
                         copies=PartitionedStats.copies(config.split, config.jackknife),
                     )
-                    precision = stats_precision(config.precision, device)
-                    _log_precision_once(config.precision, precision, device)
+                    precision = config.precision
+                    log_statistics_precision(precision, device)
                     stats = _statistics(
                         config,
                         lambda dim=dim, precision=precision: ResidualStats(
@@ -240,20 +240,6 @@ def _statistics(
 # float64 features of one batch are made this many bytes of entries at a time (at least one
 # entry): the transient of the statistics update, whatever the number of entries
 FEATURE_GROUP_BYTES = 64 * 2**20
-_logged: set[tuple[str, str, str]] = set()
-
-
-def _log_precision_once(choice: str, resolved: str, device: torch.device) -> None:
-    """Say once per process and device which statistics precision ``"auto"`` chose."""
-    key = (choice, resolved, str(device))
-    if choice == "auto" and key not in _logged:
-        _logged.add(key)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        log.info(
-            "lawwatch: statistics precision %s on %s (precision='auto'; set precision= to choose)",
-            resolved,
-            name,
-        )
 
 
 def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:

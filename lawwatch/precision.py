@@ -18,6 +18,7 @@ code runs as the model's code defines it, without recompiling for the probe's sh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
@@ -25,10 +26,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["STATS_PRECISIONS", "forward_precision", "plain_forward", "stats_precision"]
+__all__ = [
+    "STATS_PRECISIONS",
+    "forward_precision",
+    "log_statistics_precision",
+    "plain_forward",
+    "slow_fp64",
+]
 
-StatsPrecision = Literal["auto", "float64", "mixed"]
-STATS_PRECISIONS: tuple[str, ...] = ("auto", "float64", "mixed")
+log = logging.getLogger("lawwatch")
+
+StatsPrecision = Literal["float64", "mixed"]
+STATS_PRECISIONS: tuple[str, ...] = ("float64", "mixed")
 # CUDA compute capabilities whose FP64 runs at 1/2 of FP32 (P100, V100, A100, H100/H200,
 # B200); the others (consumer cards, L4/L40S, RTX 6000: 8.6, 8.9, 12.x, ...) run it at 1/64
 FAST_FP64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
@@ -123,25 +132,43 @@ def plain_forward(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def stats_precision(choice: str, device: torch.device) -> str:
-    """The statistics precision ``choice`` (a MeasureConfig ``precision``) means on ``device``.
+def slow_fp64(device: torch.device) -> bool:
+    """Whether float64 matrix products on ``device`` run far below the float32 rate.
 
-    ``"float64"`` and ``"mixed"`` are kept. ``"auto"`` gives ``"float64"`` on CPU, on CUDA GPUs
-    with fast FP64 (compute capability in ``FAST_FP64_CAPABILITIES``) and on ROCm GPUs (the
-    Instinct line has fast FP64), ``"mixed"`` on every other accelerator: there a float64
-    Gram runs at ~1/64 of the float32 rate. ``device`` is where each batch's products are
-    computed (the model's device).
+    True on NVIDIA GPUs outside ``FAST_FP64_CAPABILITIES`` (1/64 of FP32) and on accelerators
+    other than CUDA/ROCm and the CPU; False on the CPU (about 1/2), on NVIDIA's datacenter GPUs
+    with FP64 units and on ROCm GPUs (the Instinct line).
     """
-    if choice != "auto":
-        return choice
     if device.type == "cpu":
-        return "float64"
+        return False
     if device.type == "cuda":  # untested here: no GPU in the test suite
         if getattr(torch.version, "hip", None):
-            return "float64"
-        return (
-            "float64"
-            if torch.cuda.get_device_capability(device) in FAST_FP64_CAPABILITIES
-            else "mixed"
+            return False
+        return torch.cuda.get_device_capability(device) not in FAST_FP64_CAPABILITIES
+    return True
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def log_statistics_precision(precision: str, device: torch.device) -> None:
+    """Say once per process and device in which precision the statistics are formed.
+
+    ``device`` is where each batch's products are computed (the model's device). On a device
+    with slow float64 (:func:`slow_fp64`) the message says what that costs and what
+    ``precision="mixed"`` would cost in accuracy.
+    """
+    key = (precision, str(device))
+    if key in _logged:
+        return
+    _logged.add(key)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if precision == "float64" and slow_fp64(device):
+        log.warning(
+            "lawwatch: statistics in float64 on %s, whose float64 runs at a small fraction of "
+            "its float32 rate: snapshots cost more here. precision='mixed' is faster but moves "
+            "PR by percents on trained models (see MeasureConfig.precision).",
+            name,
         )
-    return "mixed"
+    else:
+        log.info("lawwatch: statistics precision %s on %s", precision, name)

@@ -16,7 +16,8 @@ import torch
 
 from lawwatch import measure
 from lawwatch.capture import Capture
-from lawwatch.precision import FAST_FP64_CAPABILITIES, stats_precision
+from lawwatch.config import MeasureConfig
+from lawwatch.precision import FAST_FP64_CAPABILITIES, slow_fp64
 from lawwatch.residual import ResidualStats
 from tests.conftest import ragged_probe, tiny_gpt2
 from tests.reference import ols_pr
@@ -24,6 +25,7 @@ from tests.reference import ols_pr
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 measure_mod = __import__("lawwatch.measure", fromlist=["measure"])  # the module, not the function
+precision_mod = __import__("lawwatch.precision", fromlist=["slow_fp64"])
 
 
 @pytest.fixture(scope="module")
@@ -126,28 +128,27 @@ def test_a_device_this_process_lacks_is_refused_with_the_fix(model_probe):
         measure(model, probe, stats_device="cuda:99")
 
 
-def test_precision_policy_is_recorded_and_logged_once(model_probe, caplog):
+def test_statistics_precision_is_recorded_and_logged_once(model_probe, caplog):
     model, probe = model_probe
-    measure_mod._logged.clear()
+    precision_mod._logged.clear()
     with caplog.at_level(logging.INFO, logger="lawwatch"):
-        auto = measure(model, probe, batch_size=4)
+        exact = measure(model, probe, batch_size=4)
         measure(model, probe, batch_size=4)
-    lines = [r.message for r in caplog.records if "statistics precision" in r.message]
-    assert lines == [
-        "lawwatch: statistics precision float64 on cpu (precision='auto'; set precision= to choose)"
-    ]
+    lines = [r.message for r in caplog.records if "statistics" in r.message]
+    assert lines == ["lawwatch: statistics precision float64 on cpu"]
     mixed = measure(model, probe, batch_size=4, precision="mixed")
-    assert auto.extra["stats_precision"] == "float64" and mixed.extra["stats_precision"] == "mixed"
-    assert auto.to_record()["stats_precision"] == "float64"
-    assert auto.extra["config"]["precision"] == "auto"
-    diff = (mixed.pr - auto.pr).abs().max().item()
-    assert 0 < diff < 1e-6  # a float32 Gram: not bitwise float64, within the mixed bar
+    assert exact.extra["stats_precision"] == "float64" and mixed.extra["stats_precision"] == "mixed"
+    assert exact.to_record()["stats_precision"] == "float64"
+    assert exact.extra["config"]["precision"] == "float64"
+    diff = (mixed.pr - exact.pr).abs().max().item()
+    assert 0 < diff < 1e-6  # a float32 Gram: not bitwise float64 (random weights: well-posed)
 
 
-def test_the_auto_rule():
-    assert stats_precision("auto", torch.device("cpu")) == "float64"
-    assert stats_precision("mixed", torch.device("cpu")) == "mixed"
-    assert stats_precision("float64", torch.device("mps")) == "float64"
-    assert stats_precision("auto", torch.device("mps")) == "mixed"  # no fast FP64 there
+def test_float64_is_the_default_everywhere_and_slow_fp64_is_named():
+    with pytest.raises(ValueError, match=r"precision='auto' is gone.*'float64'"):
+        MeasureConfig(precision="auto")
+    assert MeasureConfig().precision == "float64"
+    assert not slow_fp64(torch.device("cpu"))
+    assert slow_fp64(torch.device("mps"))  # no FP64 units at all
     assert {(8, 0), (9, 0)} <= FAST_FP64_CAPABILITIES
     assert not {(8, 6), (8, 9), (12, 0)} & FAST_FP64_CAPABILITIES  # consumer / L40S class
