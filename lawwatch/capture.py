@@ -387,17 +387,22 @@ class Capture:
         return out
 
     def calibrate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        device: torch.device | None = None,
     ) -> None:
         """Read the final norm's kind and epsilon off a short forward, once per Capture.
 
         What :meth:`stream` needs before its first batch (entries ``0 … L-1`` are normalized
-        before the final norm runs). Runs the model on the sequence of this batch with the
-        most example ``positions``, cut to at most ``CALIBRATION_TOKENS`` tokens, with hooks on
-        the final norm only, and reads the norm at those examples. Does nothing if the reading
-        is known (a :class:`NormSpec`, or an earlier call). Never raises: a failure is kept
-        and raised by :meth:`stream` when a batch has examples. Every process of a sharded
-        model must call it alike (it runs a forward): on its first batch.
+        before the final norm runs). Runs the model on the sequence of ``input_ids`` (the
+        probe, or this process's shard of it) with the most example ``positions``, cut to at
+        most ``CALIBRATION_TOKENS`` tokens and moved to ``device``, with hooks on the final
+        norm only, and reads the norm at those examples. Does nothing if the reading is known
+        (a :class:`NormSpec`, or an earlier call). Never raises: a failure is kept and raised
+        by :meth:`stream` when a batch has examples. Every process of a sharded model must
+        call it alike (it runs one forward), before its first batch.
         """
         if self.spec is not None or self._norm_module is None or self._calibrated:
             return
@@ -406,9 +411,8 @@ class Capture:
         row = int(counts.argmax())
         count = max(1, min(CALIBRATION_TOKENS, int(counts[row])))
         part = (slice(row, row + 1), slice(0, count))
-        hidden = self._run(
-            input_ids[part], attention_mask[part], positions[part], None, entries=False
-        )
+        ids, mask, where = (t[part].to(device) for t in (input_ids, attention_mask, positions))
+        hidden = self._run(ids, mask, where, None, entries=False)
         try:
             self._check(hidden)
             x = hidden.norm_input

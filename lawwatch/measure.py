@@ -196,13 +196,15 @@ def accumulate(
     # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
     rank, _ = probe.meta.get("shard", (0, 1))
     with evaluating(model):
+        if not partitioned and len(probe) > 0:
+            # the final norm's reading, before any entry streams: one short forward on every
+            # process (a collective under FSDP), on the sequence with the most examples
+            mask = probe.attention_mask
+            capture.calibrate(probe.input_ids, mask, example_mask(mask, offset), device)
         for batch, (input_ids, attention_mask) in enumerate(probe.batches(config.batch_size)):
             first_row = rank * len(probe) + batch * config.batch_size
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             positions = example_mask(attention_mask, offset)  # (batch, length)
-            if not partitioned and batch == 0:
-                # the final norm's reading, before any entry streams (every rank: a forward)
-                capture.calibrate(input_ids, attention_mask, positions)
             if errors:
                 capture.run_bare(input_ids, attention_mask)  # in step with the other ranks
                 continue
