@@ -414,14 +414,12 @@ class ResidualStats:
         dx = shift_x - self.shift_x  # (L, d)
         dy = shift_y - self.shift_y  # (K,)
         n, sx, sy = self.count, self.sum_x, self.sum_y
-        per_entry = 3 * self.dim * (self.dim + self.num_outputs) * 8
-        for part in self._entry_groups(per_entry):  # bounded temporaries
+        per_entry = 3 * self.dim * self.num_outputs * 8
+        for part in self._entry_groups(per_entry):  # bounded temporaries, none (d, d)
             a, s = dx[part], sx[part]  # (l, d)
-            self.sum_xx[part] += (
-                n * a.unsqueeze(2) * a.unsqueeze(1)
-                - s.unsqueeze(2) * a.unsqueeze(1)
-                - a.unsqueeze(2) * s.unsqueeze(1)
-            )
+            # two rank-one updates in place: + (nδ - Σu) δᵀ - δ Σuᵀ
+            self.sum_xx[part].baddbmm_((n * a - s).unsqueeze(2), a.unsqueeze(1))
+            self.sum_xx[part].baddbmm_(a.unsqueeze(2), s.unsqueeze(1), alpha=-1.0)
             # Σ(u-δ)(w-ε)ᵀ = Σuwᵀ - Σu εᵀ - δ Σwᵀ + n δ εᵀ
             moved = (n * a - s).unsqueeze(2)  # (l, d, 1)
             self.sum_xy[part] += moved * dy.view(1, 1, -1) - a.unsqueeze(2) * sy.view(1, 1, -1)
