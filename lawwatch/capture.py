@@ -7,7 +7,7 @@ Hugging Face models the last hidden state already has the final norm applied (se
 ``docs/protocol.md``). Hooks on the blocks and the final norm (located by
 :mod:`lawwatch.structure`) capture them during one forward pass, so any ``torch.nn.Module``
 works and no ``output_hidden_states`` is needed; only the example positions of the entries
-being measured are kept, for one batch. Hooks rather than ``output_hidden_states`` also because
+being measured are used, and (streaming, below) one entry at a time. Hooks rather than ``output_hidden_states`` also because
 the latter is not the same sequence for every family: Mamba's and RWKV's hold the block outputs
 and the final norm's output, without the embeddings.
 

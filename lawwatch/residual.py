@@ -30,9 +30,16 @@ Numerics (see docs/protocol.md §2):
   coefficient space with Rayleigh quotient under ``rtol * λ_max`` are dropped (least-squares
   projection onto the rest). LayerNorm outputs are always rank ≤ d-1; dead and duplicated
   columns are handled too.
-* **Memory.** Batches are turned into products a few entries at a time (bounded workspace), and
-  the solve and the collectives also go entry group by entry group: nothing of the size of the
-  statistics is allocated twice.
+* **Gram.** ``uᵀu`` is symmetric: each batch computes its upper triangle only, in row panels
+  (``gram_panel``: ``d / 8`` rows, at least 128; ~9/16 of the full product's flops), and the
+  lower triangle of ``Σuuᵀ`` is copied from the upper one.
+* **Memory.** Batches are turned into products a few entries at a time (bounded workspace; a
+  caller that owns float64 features, e.g. the hooks of :meth:`lawwatch.capture.Capture.stream`
+  through :meth:`ResidualStats.begin`, has them shifted in place: no copy), and the solve and
+  the collectives also go entry group by entry group: nothing of the size of the statistics is
+  allocated twice. The solve holds one ``d × d`` matrix per entry of a group of at most
+  ``WORKSPACE_BYTES / 2`` (one entry at d = 4096), plus LAPACK's ``2 d²`` workspace for an
+  entry that needs the eigendecomposition (one at a time; :mod:`lawwatch.solver`).
 """
 
 from __future__ import annotations
