@@ -7,9 +7,9 @@ Hugging Face models the last hidden state already has the final norm applied (se
 ``docs/protocol.md``). Hooks on the blocks and the final norm (located by
 :mod:`lawwatch.structure`) capture them during one forward pass, so any ``torch.nn.Module``
 works and no ``output_hidden_states`` is needed; only the example positions of the entries
-being measured are used, and (streaming, below) one entry at a time. Hooks rather than ``output_hidden_states`` also because
-the latter is not the same sequence for every family: Mamba's and RWKV's hold the block outputs
-and the final norm's output, without the embeddings.
+being measured are used, and (streaming, below) one entry at a time. Hooks rather than
+``output_hidden_states`` also because the latter is not the same sequence for every family:
+Mamba's and RWKV's hold the block outputs and the final norm's output, without the embeddings.
 
 Features are float64: a norm's output computed in float32 (or bf16) has a direction that holds
 only rounding noise, which least squares would fit. So entries ``0 … L-1`` go through
