@@ -6,7 +6,10 @@
 What lawwatch allocates depends only on the number of entries, the width d and the tokens per
 batch, not on what the blocks compute. So each shape is a stand-in model with the right number
 of blocks and width whose blocks are cheap (an elementwise residual update, no matmul) and
-whose embeddings mix token and position (the features have full rank, as a real model's do):
+whose embeddings mix token and position multiplicatively (``E[token] ⊙ (1 + P[position])``:
+the features have full rank, as a real model's do; a sum ``E[token] + P[position]`` would
+span at most ``vocabulary + length - 1`` = 1535 dimensions, less than d at the larger shapes,
+and send every entry to the solve's eigendecomposition fallback):
 GPT-2 small (12 blocks, d 768), TinyLlama 1.1B (22, 2048), a 7B (32, 4096). Weights float32
 or bfloat16 (``--dtype``: the captured hidden states are kept in the weights' dtype).
 
@@ -25,7 +28,10 @@ with hooks that turn each entry into float64 features and statistics as its bloc
 * ``beyond stats``: snapshot peak - stats (what a snapshot costs on top of the statistics);
 * ``accumulate beyond stats``: the accumulation's peak - stats (one entry's float64 features,
   the final norm's kept input, the forward's activations with the hooks on);
-* ``solve``: the solve's peak above the statistics (its workspace);
+* ``solve``: the solve's peak above the statistics (its workspace), and how many entries
+  the fast path sent to the eigendecomposition;
+* ``one entry by the eigen path``: the peak of the eigendecomposition's solve of one entry
+  (statistics of the first entry alone, ``method="eigh"``): the fallback's workspace;
 * ``forward peak``: the bare forward alone, for comparison.
 """
 
@@ -37,6 +43,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,7 +82,7 @@ class StandIn(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embed(input_ids) + self.position(positions)  # (batch, length, d)
+        x = self.embed(input_ids) * (1 + self.position(positions))  # (batch, length, d)
         for block in self.blocks:
             x = block(x)
         return self.final_norm(x)
@@ -105,6 +112,7 @@ def child(args: argparse.Namespace) -> dict:
     from lawwatch import ProbeSet, measure
     from lawwatch.config import MeasureConfig
     from lawwatch.measure import accumulate, prepare, solve
+    from lawwatch.residual import ResidualStats
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -140,8 +148,17 @@ def child(args: argparse.Namespace) -> dict:
         stats, accumulate_peak, accumulate_s = peak_of(
             lambda: accumulate(model, probe, config, targets)
         )
-        snapshot, solve_peak, solve_s = peak_of(lambda: solve(stats, seconds=0.0))
+        solved, solve_peak, solve_s = peak_of(stats.solve)
         seconds = time.perf_counter() - began
+        # the eigen path's workspace (the fallback for entries the fast path cannot prove
+        # safe), measured on the first entry alone: statistics of one entry, then its solve
+        one = ResidualStats(1, stats.dim, layers=stats.layers[:1])
+        for name in ("count", "sum_y", "sum_yy", "shift_y"):
+            getattr(one, name).copy_(getattr(stats, name))
+        for name in ("shift_x", "sum_x", "sum_xx", "sum_xy"):
+            getattr(one, name).copy_(getattr(stats, name)[:1])
+        _, eigh_peak, eigh_s = peak_of(partial(one.solve, method="eigh"))
+    snapshot = solve(stats, seconds=seconds, pr=solved.pr)
     entries = blocks + 1
     # count, shift_x, sum_x, sum_xx, sum_xy (K = 1), shift_y, sum_y, sum_yy: float64
     stats_bytes = (1 + entries * (dim + dim + dim * dim + dim) + 3) * 8
@@ -161,6 +178,9 @@ def child(args: argparse.Namespace) -> dict:
         "solve_peak": solve_peak,
         "accumulate_s": accumulate_s,
         "solve_s": solve_s,
+        "eigh_fallbacks": int(solved.eigh.sum()),
+        "eigh_entry_peak": eigh_peak,
+        "eigh_entry_s": eigh_s,
         "forward_peak": forward_peak,
         "snapshot_s": seconds,
         "forward_s": forward_s,
@@ -188,10 +208,11 @@ def main() -> None:
     gb = 1e9
     print(
         "| shape | entries × d | tokens/batch | precision | stats GB | snapshot peak GB "
-        "| beyond stats GB | accumulate beyond stats GB | solve GB | bare forward peak GB "
+        "| beyond stats GB | accumulate beyond stats GB | solve GB (eigen fallbacks) "
+        "| one entry by the eigen path GB | bare forward peak GB "
         "| snapshot s (accumulate + solve) | weights |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         command = [
             sys.executable,
@@ -210,7 +231,8 @@ def main() -> None:
             f"| {shape} | {r['entries']} × {r['d']} | {r['tokens_per_batch']} | {r['precision']} "
             f"| {r['stats_bytes'] / gb:.3f} | {r['snapshot_peak'] / gb:.3f} "
             f"| {r['beyond_stats'] / gb:.3f} | {r['accumulate_beyond_stats'] / gb:.3f} "
-            f"| {r['solve_peak'] / gb:.3f} | {r['forward_peak'] / gb:.3f} "
+            f"| {r['solve_peak'] / gb:.3f} ({r['eigh_fallbacks']}) "
+            f"| {r['eigh_entry_peak'] / gb:.3f} | {r['forward_peak'] / gb:.3f} "
             f"| {r['snapshot_s']:.1f} ({r['accumulate_s']:.1f} + {r['solve_s']:.1f}) "
             f"| {r['dtype']} |",
             flush=True,
