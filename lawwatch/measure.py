@@ -138,6 +138,13 @@ def accumulate(
     The model is run in eval mode under ``torch.no_grad()`` and each module's train/eval flag is
     restored afterwards. Returns None when the probe has no batch at all.
 
+    Each measured entry is added to the statistics inside its hook, as its block's output
+    arrives (:meth:`~lawwatch.capture.Capture.stream`), so a batch holds one entry's float64
+    features at a time; the final norm's reading is taken first, from one short forward on
+    the probe's sequence with the most examples (:meth:`~lawwatch.capture.Capture.calibrate`).
+    The measures kept per part of the probe (``split``, ``jackknife``, separation fuzziness)
+    need every entry of an example together and keep a batch's entries instead.
+
     Args:
         model: The module the probe runs through.
         probe: The probe, or this process's shard of it.
