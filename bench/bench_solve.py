@@ -5,9 +5,11 @@
    Cholesky fast path (a verbatim copy below) and by today's ``compute()``, in one process, for
    d in {768, 2048, 4096}; wall and CPU seconds, the ratio, the largest PR difference and how
    many entries fell back to the eigendecomposition.
-2. **Update throughput.** ``ResidualStats.update`` in GFLOP/s (``2·L·n·d²`` per call) with
-   ``precision="float64"`` and ``"mixed"``, against this machine's measured batched matmul rate
-   in float64 and float32 on the same shapes.
+2. **Update throughput.** ``ResidualStats.update`` in GFLOP/s (``2·L·n·d²`` per call: the
+   full product's flops, so the upper-triangular Gram can exceed the matmul rate) with
+   ``precision="float64"`` and ``"mixed"``, today's Gram (upper-triangular panels) and the
+   earlier full ``uᵀu`` side by side, against this machine's measured batched matmul rate in
+   float64 and float32 on the same shapes.
 3. **Mixed precision error.** ``|PR(mixed) - PR(float64)|`` on hostile inputs.
 
 Run: ``.venv/bin/python bench/bench_solve.py [--threads 2] [--tiny]`` (``--tiny``: small
@@ -24,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from lawwatch.residual import ResidualStats
+from lawwatch.residual import ResidualStats, exact_float32_matmul
 
 _EPS = torch.finfo(torch.float64).eps
 
@@ -68,8 +70,26 @@ def features(
     return torch.nn.functional.layer_norm(x, (d,)), ids
 
 
-def accumulate(x: torch.Tensor, ids: torch.Tensor, batch: int, **options) -> ResidualStats:
-    stats = ResidualStats(x.shape[0], x.shape[2], **options)
+class FullGram(ResidualStats):
+    """``ResidualStats`` with the float64 Gram of before: the full ``uᵀu`` of every batch (a
+    verbatim copy of the earlier ``_add_gram``), to compare with the upper-triangular panels."""
+
+    def _add_gram(self, part, u, staged):
+        if self.precision == "mixed":
+            u32 = u.to(torch.float32)
+            with exact_float32_matmul():
+                gram = u32.transpose(1, 2) @ u32
+            self.sum_xx[part] += gram.to(self.device)
+        elif staged:
+            self.sum_xx[part] += (u.transpose(1, 2) @ u).to(self.device)
+        else:
+            self.sum_xx[part].baddbmm_(u.transpose(1, 2), u)
+
+
+def accumulate(
+    x: torch.Tensor, ids: torch.Tensor, batch: int, cls: type = ResidualStats, **options
+) -> ResidualStats:
+    stats = cls(x.shape[0], x.shape[2], **options)
     for lo in range(0, x.shape[1], batch):
         stats.update(x[:, lo : lo + batch], ids[lo : lo + batch])
     return stats
@@ -125,15 +145,26 @@ def update_table(layers: int, n: int, d: int, batch: int) -> None:
     f32 = matmul_rate(layers, batch, d, torch.float32)
     print(f"| batched matmul uᵀu, float64 | — | {f64:.1f} | 100% |")
     print(f"| batched matmul uᵀu, float32 | — | {f32:.1f} | {100 * f32 / f64:.0f}% |")
+    results = {}
     for precision in ("float64", "mixed"):
-        accumulate(x[:, :batch], ids[:batch], batch, precision=precision)  # warm up
-        wall = min(
-            timed(lambda p=precision: accumulate(x, ids, batch, precision=p))[0] for _ in range(2)
-        )
-        rate = flops / wall / 1e9
-        print(
-            f"| update, precision={precision} | {wall:.2f} | {rate:.1f} | {100 * rate / f64:.0f}% |"
-        )
+        for name, cls in (("full uᵀu (before)", FullGram), ("upper panels", ResidualStats)):
+            accumulate(x[:, :batch], ids[:batch], batch, cls, precision=precision)  # warm up
+            walls = []
+            for _ in range(2):
+                wall, _, stats = timed(
+                    lambda p=precision, c=cls: accumulate(x, ids, batch, c, precision=p)
+                )
+                walls.append(wall)
+            results[precision, name] = stats.compute()
+            wall = min(walls)
+            rate = flops / wall / 1e9  # flops of the full product: the work done before
+            print(
+                f"| update, precision={precision}, {name} | {wall:.2f} | {rate:.1f} "
+                f"| {100 * rate / f64:.0f}% |",
+                flush=True,
+            )
+        diff = (results[precision, "upper panels"] - results[precision, "full uᵀu (before)"]).abs()
+        print(f"| (precision={precision}: max abs PR diff, panels vs full: {diff.max():.1e}) |||")
 
 
 def mixed_table(dims: list[int]) -> None:
@@ -152,7 +183,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="small sizes: runs in seconds")
+    parser.add_argument(
+        "--parts", default="solve,update,mixed", help="which tables: solve, update, mixed"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
@@ -164,14 +199,13 @@ def main() -> None:
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, load average {load:.1f}"
     )
-    if args.tiny:
-        solve_table([(3, 64), (2, 128)])
-        update_table(2, 1024, 64, 256)
-        mixed_table([32])
-    else:
-        solve_table([(13, 768), (4, 2048), (2, 4096)])
-        update_table(4, 8192, 1024, 2048)
-        mixed_table([256, 1024])
+    tiny = args.tiny
+    if "solve" in parts:
+        solve_table([(3, 64), (2, 128)] if tiny else [(13, 768), (4, 2048), (2, 4096)])
+    if "update" in parts:
+        update_table(*((2, 1024, 64, 256) if tiny else (4, 8192, 1024, 2048)))
+    if "mixed" in parts:
+        mixed_table([32] if tiny else [256, 1024])
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ Hugging Face models the last hidden state already has the final norm applied (se
 ``docs/protocol.md``). Hooks on the blocks and the final norm (located by
 :mod:`lawwatch.structure`) capture them during one forward pass, so any ``torch.nn.Module``
 works and no ``output_hidden_states`` is needed; only the example positions of the entries
-being measured are kept, for one batch. Hooks rather than ``output_hidden_states`` also because
-the latter is not the same sequence for every family: Mamba's and RWKV's hold the block outputs
-and the final norm's output, without the embeddings.
+being measured are used, and (streaming, below) one entry at a time. Hooks rather than
+``output_hidden_states`` also because the latter is not the same sequence for every family:
+Mamba's and RWKV's hold the block outputs and the final norm's output, without the embeddings.
 
 Features are float64: a norm's output computed in float32 (or bf16) has a direction that holds
 only rounding noise, which least squares would fit. So entries ``0 … L-1`` go through
@@ -19,6 +19,20 @@ and bias captured during the same forward (under FSDP and ZeRO-3 the parameters 
 inside it). How each model family is run (from its root with ``logits_to_keep=1``, or as its
 base model) is :mod:`lawwatch.models`' knowledge; the forward runs with autocast off, in the
 weights' dtype (:mod:`lawwatch.precision`).
+
+**Streaming** (:meth:`Capture.stream`, what :func:`lawwatch.measure.accumulate` runs): each
+entry is turned into float64 features inside its hook, as its block's output arrives, handed
+to a callback (which adds it to the statistics) and dropped, so a batch never holds more than
+one entry's features: ``n × d`` float64 (``n`` example positions), made a row chunk of
+``_CHUNK_BYTES`` at a time from the model's own tensor (the norm's float64 temporaries are
+those of one chunk). The final norm's input is kept in the model's dtype from its pre-hook to
+its post-hook (``n × d``). Entries ``0 … L-1`` need the final norm's reading (kind, epsilon)
+before it runs, so it is read once per :class:`Capture` off a short forward
+(:meth:`Capture.calibrate`: the longest sequence of the first batch, at most
+``CALIBRATION_TOKENS`` tokens) and still checked on every batch against the norm's output at
+all example positions. :meth:`Capture.forward` (every measured entry kept for one batch) and
+:meth:`Capture.feature_groups` remain for what needs all entries of an example together (the
+split, jackknife and fuzziness measures, :mod:`lawwatch.partition`).
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from lawwatch.models import (
     undo_inference_rescaling,
 )
 from lawwatch.norms import NORMALIZE, Normalize, NormSpec, mismatch, normalizer, resolve_norm
+from lawwatch.norms import _tolerance as norm_tolerance
 from lawwatch.precision import plain_forward
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
 
@@ -71,6 +86,15 @@ class Hidden:
         norm_calls: How often the final norm ran.
         problems: What went wrong inside hooks (raised by :meth:`Capture.features`, after the
             forward completed: a hook that raises would break a collective forward).
+        norm_ok: The final norm took and returned a ``(batch, length, d)`` tensor.
+        seen: Streaming: the entries already handed on (each must come once).
+        error: Streaming: the first exception raised while making or adding features inside
+            a hook (raised by :meth:`Capture.stream` after the forward).
+        finite: Streaming: the sum of every captured hidden state at the examples, a device
+            scalar that is NaN or Inf once one of them was (checked once, after the forward:
+            no host synchronization per block).
+        norm_mismatch: Streaming: the largest deviation of the float64 re-application of the
+            final norm from its output, in units of the dtype's tolerance (device tensor).
     """
 
     entries: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -80,6 +104,29 @@ class Hidden:
     fired: list[int] = field(default_factory=list)
     norm_calls: int = 0
     problems: list[str] = field(default_factory=list)
+    norm_ok: bool = False
+    seen: set[int] = field(default_factory=set)
+    error: BaseException | None = None
+    finite: torch.Tensor | None = None
+    norm_mismatch: torch.Tensor | None = None
+
+
+# streaming: float64 features are made this many bytes of rows at a time (the temporaries of
+# the norm re-applied in float64 are those of one chunk)
+_CHUNK_BYTES = 2 * 2**20  # 2 MiB: the chunk and its temporaries stay in cache
+# the final norm's reading is taken from at most this many tokens of the first batch
+CALIBRATION_TOKENS = 64
+AddEntry = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class _Stream:
+    """What the hooks of a streamed forward need: where the examples are, where they go."""
+
+    add: AddEntry  # (index in `layers`, (n, d) float64 features the callee may modify)
+    rows: tuple[torch.Tensor, torch.Tensor]  # (n,) batch and position index of each example
+    index: dict[int, int]  # captured entry -> its index in `layers`
+    last: int | None  # index in `layers` of entry L when it is the final norm's output
 
 
 def _tensor(value: Any) -> torch.Tensor | None:
@@ -164,6 +211,8 @@ class Capture:
         )
         # built once the final norm's reading is known (its epsilon serves every normalize)
         self._normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._calibrated = False
+        self._calibration_error: BaseException | None = None
 
     @property
     def _norm_module(self) -> nn.Module | None:
@@ -171,12 +220,22 @@ class Capture:
 
     # -- the forward pass ---------------------------------------------------------------------
 
-    def _hooks(self, hidden: Hidden, positions: torch.Tensor) -> Iterator[Any]:
-        """Register the hooks that fill ``hidden``; yields their handles."""
+    def _hooks(
+        self,
+        hidden: Hidden,
+        positions: torch.Tensor,
+        stream: _Stream | None = None,
+        *,
+        entries: bool = True,
+    ) -> Iterator[Any]:
+        """Register the hooks that fill ``hidden`` (or feed ``stream``); yields their handles.
+
+        ``entries=False``: only the final norm's input and output are taken (calibration).
+        """
         last = self.num_entries - 1
         norm = self._norm_module
         # the captured entries: the final norm's output (entry L) comes from its own hooks
-        wanted = {s for e, s in self._source.items() if e < last or norm is None}
+        wanted = {s for e, s in self._source.items() if (e < last or norm is None) and entries}
 
         def keep(entry: int, value: torch.Tensor | None, what: str) -> None:
             if value is None or value.ndim != 3 or value.shape[:2] != positions.shape:
@@ -185,10 +244,13 @@ class Capture:
                     f"{what} is not a (batch, length, d) tensor of batch and length "
                     f"{tuple(positions.shape)} (got {shape})."
                 )
-            elif entry in hidden.entries:
+            elif entry in hidden.entries or entry in hidden.seen:
                 hidden.problems.append(f"{what} ran more than once in one forward.")
-            else:
+            elif stream is None:
                 hidden.entries[entry] = value.detach()[positions]  # (n, d)
+            else:
+                hidden.seen.add(entry)
+                self._emit(hidden, stream, stream.index[entry], value.detach(), None)
 
         if 0 in wanted:
             first = self._structure.modules[self.blocks[0]]
@@ -214,6 +276,7 @@ class Capture:
                 x = _first_arg(args, kwargs)
                 if hidden.norm_calls == 1 and x is not None and x.shape[:2] == positions.shape:
                     hidden.norm_input = x.detach()[positions]  # (n, d)
+                    # the parameters are whole here, inside the forward (FSDP, ZeRO-3)
                     hidden.norm_params = tuple(
                         p.detach().to(torch.float64).clone()
                         if isinstance(p, torch.Tensor)
@@ -223,11 +286,207 @@ class Capture:
 
             def norm_output(_m, _args, output):
                 y = _tensor(output)
-                if hidden.norm_calls == 1 and y is not None and y.shape[:2] == positions.shape:
-                    hidden.norm_output = y.detach()[positions]  # (n, d)
+                if (
+                    hidden.norm_calls == 1
+                    and hidden.norm_input is not None
+                    and y is not None
+                    and y.shape[:2] == positions.shape
+                ):
+                    hidden.norm_ok = True
+                    if stream is None:
+                        hidden.norm_output = y.detach()[positions]  # (n, d)
+                    else:
+                        self._emit(hidden, stream, stream.last, None, y.detach())
 
             yield norm.register_forward_pre_hook(norm_input, with_kwargs=True)
             yield norm.register_forward_hook(norm_output)
+
+    # -- streaming: features made and handed on inside the hooks ------------------------------
+
+    def _emit(
+        self,
+        hidden: Hidden,
+        stream: _Stream,
+        index: int | None,
+        value: torch.Tensor | None,
+        norm_output: torch.Tensor | None,
+    ) -> None:
+        """Make one entry's float64 features and hand them on; never raises (see Hidden).
+
+        ``value``: a block's ``(batch, length, d)`` tensor; or ``norm_output``: the final
+        norm's output (then the norm is checked, and entry L made if ``index`` is not None).
+        """
+        if hidden.error is not None or hidden.problems:
+            return  # the batch fails anyway: spare the work
+        try:
+            if norm_output is not None:
+                features = self._norm_features(hidden, stream, norm_output, index is not None)
+                hidden.norm_input = None  # (n, d): no longer needed
+            else:
+                features = self._entry_features(hidden, stream, value)
+            if features is not None:
+                stream.add(index, features)
+        except Exception as error:  # a raising hook would break a collective forward
+            hidden.error = error
+
+    def _finite(self, hidden: Hidden, chunk: torch.Tensor) -> None:
+        """Fold ``chunk``'s finiteness into the batch's device flag (no host sync).
+
+        ``chunk`` is float64: a NaN or Inf makes its sum non-finite, and a sum of finite
+        hidden states cannot overflow float64 (float32 states are under 3.4e38, so under
+        ~1e49 summed), which one pass over the chunk in cache checks more cheaply than
+        ``isfinite``.
+        """
+        total = chunk.sum()
+        hidden.finite = total if hidden.finite is None else hidden.finite + total
+
+    def _entry_features(self, hidden: Hidden, stream: _Stream, value: torch.Tensor) -> torch.Tensor:
+        """``(n, d)`` float64 ``normalize`` of ``value`` at the examples, a row chunk at a time."""
+        batch, position = stream.rows
+        n, d = batch.shape[0], value.shape[-1]
+        out = torch.empty(n, d, dtype=torch.float64, device=value.device)
+        if n == 0:
+            return out
+        if self._normalize is None:
+            if self.spec is None and self._calibration_error is not None:
+                raise self._calibration_error  # the final norm could not be read: why
+            self._normalize = normalizer(self._normalize_name, self.spec)
+        step = max(1, _CHUNK_BYTES // (8 * d))
+        for lo in range(0, n, step):
+            rows = slice(lo, lo + step)
+            chunk = value[batch[rows], position[rows]].to(torch.float64)  # (rows, d)
+            self._finite(hidden, chunk)
+            out[rows] = self._normalize(chunk)
+        return out
+
+    def _norm_features(
+        self, hidden: Hidden, stream: _Stream, y: torch.Tensor, wanted: bool
+    ) -> torch.Tensor | None:
+        """Check the final norm's reading at every example; entry L's features if ``wanted``.
+
+        The reading's deviation from the module's output (as :func:`lawwatch.norms.mismatch`,
+        a row chunk at a time) is kept as a device tensor and judged after the forward.
+        """
+        x = hidden.norm_input  # (n, d) in the model's dtype
+        batch, position = stream.rows
+        n, d = x.shape
+        out = torch.empty(n, d, dtype=torch.float64, device=x.device) if wanted else None
+        if n == 0:
+            return out
+        if self.spec is None:  # the calibration could not read it: say why
+            raise self._calibration_error or RuntimeError(
+                f"The final norm {self.final_norm!r} could not be read before the first batch."
+            )
+        weight, bias = hidden.norm_params
+        worst = torch.zeros((), dtype=torch.float64, device=x.device)
+        step = max(1, _CHUNK_BYTES // (8 * d))
+        for lo in range(0, n, step):
+            rows = slice(lo, lo + step)
+            chunk = x[rows].to(torch.float64)
+            self._finite(hidden, chunk)
+            ref = self.spec.apply(chunk, weight, bias)  # (rows, d)
+            scale = ref.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(ref.dtype).tiny)
+            module = y[batch[rows], position[rows]].to(torch.float64)
+            worst = torch.maximum(worst, ((ref - module).abs() / scale).max())
+            if out is not None:
+                out[rows] = ref
+        hidden.norm_mismatch = worst / norm_tolerance(y.dtype)
+        return out
+
+    def calibrate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        device: torch.device | None = None,
+    ) -> None:
+        """Read the final norm's kind and epsilon off a short forward, once per Capture.
+
+        What :meth:`stream` needs before its first batch (entries ``0 … L-1`` are normalized
+        before the final norm runs). Runs the model on the sequence of ``input_ids`` (the
+        probe, or this process's shard of it) with the most example ``positions``, cut to at
+        most ``CALIBRATION_TOKENS`` tokens and moved to ``device``, with hooks on the final
+        norm only, and reads the norm at those examples. Does nothing if the reading is known
+        (a :class:`NormSpec`, or an earlier call). Never raises: a failure is kept and raised
+        by :meth:`stream` when a batch has examples. Every process of a sharded model must
+        call it alike (it runs one forward), before its first batch.
+        """
+        if self.spec is not None or self._norm_module is None or self._calibrated:
+            return
+        self._calibrated = True
+        counts = positions.sum(dim=1)  # (batch,) example positions: a prefix of each row
+        row = int(counts.argmax())
+        count = max(1, min(CALIBRATION_TOKENS, int(counts[row])))
+        part = (slice(row, row + 1), slice(0, count))
+        ids, mask, where = (t[part].to(device) for t in (input_ids, attention_mask, positions))
+        hidden = self._run(ids, mask, where, None, entries=False)
+        try:
+            self._check(hidden)
+            x = hidden.norm_input
+            if x.shape[0] == 0:
+                return
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"The hidden states of {type(self.model).__name__} contain NaN or Inf; PR "
+                    "is undefined for them."
+                )
+            weight, bias = hidden.norm_params
+            self.spec = resolve_norm(
+                self._norm_module,
+                x.to(torch.float64),
+                hidden.norm_output,
+                weight,
+                bias,
+                self.final_norm,
+            )
+        except Exception as error:  # raised by `stream` when it needs the reading
+            self._calibration_error = error
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        add: AddEntry,
+    ) -> None:
+        """Run the model once, handing each measured entry's float64 features to ``add``.
+
+        ``add(index, features)`` is called inside the hooks, in the order of ``layers``
+        (``index`` into ``layers``), with ``(n, d)`` float64 features at ``positions`` that
+        the callee may modify; they are dropped when it returns. Call :meth:`calibrate` on the
+        first batch before (for the final norm's reading). Nothing raises inside the forward,
+        so every process of a sharded model completes the same forward passes; after it, what
+        went wrong is raised, as :meth:`feature_groups` would (and then whatever ``add``
+        raised). A batch that raises may have been handed on in part: discard what ``add``
+        built.
+
+        Raises:
+            RuntimeError: A hook found the blocks or final norm not as named.
+            ValueError: NaN or Inf in the hidden states.
+            TypeError: The final norm cannot be re-applied, or no longer matches its reading.
+        """
+        last = self.num_entries - 1
+        norm = self._norm_module
+        # captured entry -> index in `layers`, for the entries that come from the blocks
+        # (with entries="hidden_states" entry L-1 is captured as L: the last block's output)
+        index = {self._source[e]: i for i, e in enumerate(self.layers) if e < last or norm is None}
+        take_last = norm is not None and self.layers[-1] == last
+        rows = positions.nonzero(as_tuple=True)  # row-major, like `value[positions]`
+        plan = _Stream(add, rows, index, len(self.layers) - 1 if take_last else None)
+        hidden = self._run(input_ids, attention_mask, positions, plan)
+        self._check(hidden)
+        if hidden.finite is not None and not bool(torch.isfinite(hidden.finite)):  # one sync
+            raise ValueError(
+                f"The hidden states of {type(self.model).__name__} contain NaN or Inf; PR is "
+                "undefined for them."
+            )
+        if hidden.error is not None:
+            raise hidden.error
+        if hidden.norm_mismatch is not None and float(hidden.norm_mismatch) > 1:
+            raise TypeError(
+                f"The final norm {self.final_norm!r} no longer matches {self.spec} re-applied "
+                "in float64: its behaviour changed between batches."
+            )
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
@@ -242,27 +501,49 @@ class Capture:
             attention_mask: ``(batch, length)``, right-padded.
             positions: ``(batch, length)`` bool: the example positions to keep.
         """
+        return self._run(input_ids, attention_mask, positions, None)
+
+    def run_bare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """The model's forward as :meth:`forward` runs it, without hooks (nothing kept).
+
+        For a process that measures nothing more this round but must keep its forward passes
+        in step with the others (each is a collective under FSDP and ZeRO-3).
+        """
+        self._call_model(input_ids, attention_mask)
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        stream: _Stream | None,
+        *,
+        entries: bool = True,
+    ) -> Hidden:
         hidden = Hidden()
         handles = []
         try:
-            for handle in self._hooks(hidden, positions):
+            for handle in self._hooks(hidden, positions, stream, entries=entries):
                 handles.append(handle)
-            # autocast off, in the weights' dtype, whatever precision training runs at
-            with plain_forward(self.model):
-                if self._hf:
-                    inputs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
-                    if self._logits_to_keep:
-                        # the whole model from its root (under FSDP and ZeRO-3 the forward must
-                        # enter there to gather parameters), with the logits of one position
-                        self.model(**inputs, use_cache=False, logits_to_keep=1)
-                    else:
-                        self.base(**inputs, use_cache=False)
-                else:
-                    self.model(input_ids)
+            self._call_model(input_ids, attention_mask)
         finally:
             for handle in handles:
                 handle.remove()
         return hidden
+
+    def _call_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        # autocast off, in the weights' dtype, whatever precision training runs at
+        with plain_forward(self.model):
+            if self._hf:
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
+                if self._logits_to_keep:
+                    # the whole model from its root (under FSDP and ZeRO-3 the forward must
+                    # enter there to gather parameters), with the logits of one position
+                    self.model(**inputs, use_cache=False, logits_to_keep=1)
+                else:
+                    self.base(**inputs, use_cache=False)
+            else:
+                self.model(input_ids)
 
     # -- features -----------------------------------------------------------------------------
 
@@ -280,7 +561,7 @@ class Capture:
                     f"the final norm {self.final_norm!r} ran {hidden.norm_calls} times in one "
                     "forward, not once."
                 )
-            elif hidden.norm_input is None or hidden.norm_output is None:
+            elif not hidden.norm_ok:
                 problems.append(
                     f"the final norm {self.final_norm!r} did not take and return a "
                     "(batch, length, d) tensor."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 import warnings
@@ -20,7 +19,7 @@ from lawwatch.models import check_probe
 from lawwatch.partition import PartitionedStats
 from lawwatch.precision import forward_precision, log_statistics_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
-from lawwatch.residual import ResidualStats
+from lawwatch.residual import BatchUpdate, ResidualStats
 from lawwatch.targets import Targets
 
 __all__ = [
@@ -139,6 +138,13 @@ def accumulate(
     The model is run in eval mode under ``torch.no_grad()`` and each module's train/eval flag is
     restored afterwards. Returns None when the probe has no batch at all.
 
+    Each measured entry is added to the statistics inside its hook, as its block's output
+    arrives (:meth:`~lawwatch.capture.Capture.stream`), so a batch holds one entry's float64
+    features at a time; the final norm's reading is taken first, from one short forward on
+    the probe's sequence with the most examples (:meth:`~lawwatch.capture.Capture.calibrate`).
+    The measures kept per part of the probe (``split``, ``jackknife``, separation fuzziness)
+    need every entry of an example together and keep a batch's entries instead.
+
     Args:
         model: The module the probe runs through.
         probe: The probe, or this process's shard of it.
@@ -165,63 +171,130 @@ def accumulate(
     )
     offset = config.offset
     stats_device = statistics_device(config, device)
+    partitioned = _partitioned(config)  # the cells' path: every entry of a batch at once
     stats: ResidualStats | PartitionedStats | None = None
+
+    def make(dim: int) -> ResidualStats | PartitionedStats:
+        """The statistics, once the width is known (the first batch)."""
+        targets.check_memory(
+            len(capture.layers),
+            dim,
+            config.max_onehot_bytes,
+            copies=PartitionedStats.copies(config.split, config.jackknife),
+        )
+        log_statistics_precision(config.precision, device)
+        return _statistics(
+            config,
+            lambda: ResidualStats(
+                len(capture.layers),
+                dim,
+                target=targets.kind,
+                classes=targets.classes,
+                device=stats_device,
+                rtol=config.rtol,
+                layers=capture.layers,
+                precision=config.precision,
+                # products where the features are; only (d, d) sums travel
+                compute_on="stats" if stats_device == device else "features",
+            ),
+        )
+
     # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
     rank, _ = probe.meta.get("shard", (0, 1))
     with evaluating(model):
+        if not partitioned and len(probe) > 0:
+            # the final norm's reading, before any entry streams: one short forward on every
+            # process (a collective under FSDP), on the sequence with the most examples
+            mask = probe.attention_mask
+            capture.calibrate(probe.input_ids, mask, example_mask(mask, offset), device)
         for batch, (input_ids, attention_mask) in enumerate(probe.batches(config.batch_size)):
             first_row = rank * len(probe) + batch * config.batch_size
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             positions = example_mask(attention_mask, offset)  # (batch, length)
-            hidden = capture.forward(input_ids, attention_mask, positions)
             if errors:
-                continue  # keep the forward passes in step with the other ranks
+                capture.run_bare(input_ids, attention_mask)  # in step with the other ranks
+                continue
             try:
-                # (g, n, d) float64 groups of entries, made one at a time
-                groups = capture.feature_groups(hidden, FEATURE_GROUP_BYTES)
-                ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
-                if stats is None:
-                    head = next(groups)
-                    groups = itertools.chain([head], groups)
-                    dim = head[1].shape[2]
-                    targets.check_memory(
-                        len(capture.layers),
-                        dim,
-                        config.max_onehot_bytes,
-                        copies=PartitionedStats.copies(config.split, config.jackknife),
-                    )
-                    precision = config.precision
-                    log_statistics_precision(precision, device)
-                    stats = _statistics(
-                        config,
-                        lambda dim=dim, precision=precision: ResidualStats(
-                            len(capture.layers),
-                            dim,
-                            target=targets.kind,
-                            classes=targets.classes,
-                            device=stats_device,
-                            rtol=config.rtol,
-                            layers=capture.layers,
-                            precision=precision,
-                            # products where the features are; only (d, d) sums travel
-                            compute_on="stats" if stats_device == device else "features",
-                        ),
-                    )
-                    del head
-                if isinstance(stats, PartitionedStats):
-                    # the cells need every entry of an example together: this batch's features
-                    # for all entries at once (the default measurement never builds this)
-                    features = torch.cat([part for _, part in groups])  # (L, n, d)
-                    rows = first_row + positions.nonzero()[:, 0]  # (n,) row-major like `ids`
-                    stats.update(features, ids, rows)
-                    del features
+                ids = None
+                if partitioned:
+                    stats = _add_partitioned(
+                        capture, stats, make, input_ids, attention_mask, positions, targets,
+                        offset, first_row,
+                    )  # fmt: skip
                 else:
-                    stats.update_groups(groups, ids, owned=True)
-                del groups, hidden
+                    ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
+                    stats = _add_streamed(
+                        capture, stats, make, input_ids, attention_mask, positions, ids
+                    )
             except Exception as error:
                 if errors is None:
                     raise
                 errors.append(error)
+                if ids is None and not partitioned:  # failed before its forward ran
+                    capture.run_bare(input_ids, attention_mask)
+    return stats
+
+
+def _add_streamed(
+    capture: Capture,
+    stats: ResidualStats | None,
+    make: Callable[[int], ResidualStats | PartitionedStats],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    ids: torch.Tensor,
+) -> ResidualStats:
+    """One batch, its entries added to the statistics inside the hooks as each block runs.
+
+    Each entry's ``(n, d)`` float64 features are added to the statistics (in place: shifted,
+    then their products accumulated) and dropped before the next block runs, so the batch's
+    transient is one entry's features plus what the forward itself holds. The NaN/Inf check
+    is a device flag judged once, after the forward. Returns the statistics (made on the
+    first batch, when the width is known).
+    """
+    update: BatchUpdate | None = None
+
+    def add(index: int, features: torch.Tensor) -> None:
+        nonlocal stats, update
+        if stats is None:
+            stats = make(features.shape[1])
+        if update is None:
+            update = stats.begin(ids, deferred_check=True)
+        update.add(slice(index, index + 1), features.unsqueeze(0), owned=True)
+
+    capture.stream(input_ids, attention_mask, positions, add)
+    if update is None:  # no measured entry handed on: cannot happen after a clean forward
+        raise RuntimeError("lawwatch: the forward handed on no measured entry.")
+    update.finish()
+    return stats
+
+
+def _add_partitioned(
+    capture: Capture,
+    stats: PartitionedStats | None,
+    make: Callable[[int], ResidualStats | PartitionedStats],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    targets: Targets,
+    offset: int,
+    first_row: int,
+) -> PartitionedStats:
+    """One batch for the cells of :mod:`lawwatch.partition`: every entry of it at once.
+
+    The cells need every entry of an example together, so this path keeps the measured
+    entries' hidden states for the whole forward and makes this batch's float64 features for
+    all entries (``entries × n × d × 8`` bytes): the plain measurement never builds this.
+    """
+    hidden = capture.forward(input_ids, attention_mask, positions)
+    groups = capture.feature_groups(hidden, FEATURE_GROUP_BYTES)
+    ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
+    features = torch.cat([part for _, part in groups])  # (L, n, d)
+    del hidden, groups
+    if stats is None:
+        stats = make(features.shape[2])
+    rows = first_row + positions.nonzero()[:, 0]  # (n,) row-major like `ids`
+    stats.update(features, ids, rows)
     return stats
 
 
@@ -232,9 +305,14 @@ def _statistics(
 
     The options that need parts of the probe: see :mod:`lawwatch.partition`.
     """
-    if config.split is None and config.metric == "pr" and config.jackknife is None:
+    if not _partitioned(config):
         return make()
     return PartitionedStats(make, split=config.split, metric=config.metric, groups=config.jackknife)
+
+
+def _partitioned(config: MeasureConfig) -> bool:
+    """Whether the options need statistics per part of the probe (:mod:`lawwatch.partition`)."""
+    return config.split is not None or config.metric != "pr" or config.jackknife is not None
 
 
 # float64 features of one batch are made this many bytes of entries at a time (at least one

@@ -15,7 +15,11 @@ its first row), so a distributed run and a single process put every sequence in 
 Memory: one ``ResidualStats`` per cell, plus, with ``jackknife``, one per split part holding
 all groups (the headline values then come from statistics accumulated exactly as the plain
 measurement's, bit for bit): ``(groups + 1) × (2 with split, else 1)`` times the plain
-measurement's.
+measurement's. And per batch more than the plain measurement's transient: a cell needs every
+entry of an example together, so these options do not stream entries through the hooks
+(:meth:`lawwatch.capture.Capture.stream`); they keep the measured entries' hidden states of a
+batch in the model's dtype and make that batch's float64 features for all entries at once
+(``entries × n × d × (8 + bytes of the dtype)``, ``n`` the batch's examples).
 """
 
 from __future__ import annotations

@@ -24,15 +24,25 @@ Numerics (see docs/protocol.md §2):
   there: such directions are still cut, while genuine directions below ~1e-7 of ``λ_max`` are
   lost with them. What it costs in PR: ≤ 1.2e-7 at d = 48 (bounded by 1e-6 in
   ``tests/test_residual.py``), ≤ 7e-7 at d = 256 and ≤ 1.4e-6 at d = 1024 on LayerNorm'd,
-  massive-activation and outlier inputs (``bench/bench_solve.py``); on one CPU core the update
-  runs ~1.3x faster. The default stays ``"float64"``.
+  massive-activation and outlier inputs (``bench/bench_solve.py``), but 3-19% on a trained
+  GPT-2, whose entries have many genuine directions below that tolerance
+  (``bench/mixed_precision.py``); on one CPU core the update runs ~1.3x faster. The default
+  stays ``"float64"``.
 * **Rank rule and solve.** See :mod:`lawwatch.solver`: directions of the standardized
   coefficient space with Rayleigh quotient under ``rtol * λ_max`` are dropped (least-squares
   projection onto the rest). LayerNorm outputs are always rank ≤ d-1; dead and duplicated
   columns are handled too.
-* **Memory.** Batches are turned into products a few entries at a time (bounded workspace), and
-  the solve and the collectives also go entry group by entry group: nothing of the size of the
-  statistics is allocated twice.
+* **Gram.** ``uᵀu`` is symmetric: each batch computes its upper triangle only, in row panels
+  (``gram_panel``: ``d / 8`` rows, at least 192: 9/16 of the full product's flops from
+  d = 1536 on, 5/8 at d = 768; 1.3-1.5x faster on CPU), and the lower triangle of ``Σuuᵀ``
+  is copied from the upper one.
+* **Memory.** Batches are turned into products a few entries at a time (bounded workspace; a
+  caller that owns float64 features, e.g. the hooks of :meth:`lawwatch.capture.Capture.stream`
+  through :meth:`ResidualStats.begin`, has them shifted in place: no copy), and the solve and
+  the collectives also go entry group by entry group: nothing of the size of the statistics is
+  allocated twice. The solve holds one ``d × d`` matrix per entry of a group of at most
+  ``WORKSPACE_BYTES / 2`` (one entry at d = 4096), plus LAPACK's ``2 d²`` workspace for an
+  entry that needs the eigendecomposition (one at a time; :mod:`lawwatch.solver`).
 """
 
 from __future__ import annotations
@@ -56,9 +66,11 @@ COMPUTE_ON: tuple[str, ...] = ("stats", "features")
 __all__ = [
     "DEFAULT_RTOL",
     "MIXED_RTOL",
+    "BatchUpdate",
     "ResidualStats",
     "Solved",
     "exact_float32_matmul",
+    "gram_panel",
     "prediction_residuals",
 ]
 
@@ -282,7 +294,8 @@ class ResidualStats:
 
         The float64 features of every entry never need to exist at once: ``groups`` may be a
         generator (e.g. :meth:`lawwatch.capture.Capture.feature_groups`) that makes each group
-        only when the previous one has been added.
+        only when the previous one has been added. (:meth:`begin` does the same for features
+        that arrive one call at a time, e.g. from forward hooks.)
 
         Args:
             groups: ``(part, features)`` pairs: ``part`` a slice of entries and ``features`` of
@@ -302,55 +315,25 @@ class ResidualStats:
                 batch refused after its first group leaves the statistics inconsistent (discard
                 them). A batch given as one group is refused before any sum changes.
         """
-        if targets.ndim != 1:
-            raise ValueError(f"targets must have shape (n,), got {tuple(targets.shape)}.")
-        if targets.is_floating_point() or targets.is_complex():
-            raise TypeError(f"targets must be integer token ids, got {targets.dtype}.")
-        self._check_usable()
-        n = targets.shape[0]
-        done = 0  # entries added so far
-        first = self.count.item() == 0  # host sync; the first batch fixes the shifts
-        w = y = classes = None
+        batch = self.begin(targets)
         for part, features in groups:
-            lo, hi = part.start or 0, part.stop
-            if (
-                lo != done
-                or hi is None
-                or not lo < hi <= self.num_layers
-                or part.step not in (None, 1)
-                or features.ndim != 3
-                or features.shape[0] != hi - lo
-                or features.shape[2] != self.dim
-            ):
-                raise ValueError(
-                    f"features of entries {part} must have shape ({hi} - {lo}, n, "
-                    f"dim={self.dim}) and follow entry {done}, got {tuple(features.shape)}."
-                )
-            if not features.is_floating_point():
-                raise TypeError(f"features must be a float tensor, got {features.dtype}.")
-            if features.shape[1] != n:
-                raise ValueError(
-                    f"targets must have shape (n={features.shape[1]},), got {tuple(targets.shape)}."
-                )
-            done = hi
-            if n == 0:
-                continue
-            # one pass, before any sum changes: a NaN or Inf makes its column's sum non-finite
-            # (cheaper than isfinite; sums of features under ~1e300 cannot overflow in float64)
-            if not bool(torch.isfinite(features.sum(dim=1, dtype=torch.float64)).all()):  # sync
-                raise ValueError("features contain NaN or Inf; PR is undefined for them.")
-            work = features.device if self.compute_on == "features" else self.device
-            if y is None:  # the target sums, once per batch
-                w, y, classes = self._add_targets(targets, work, first)
-            self._add_features(part, features, w, y, classes, work, first, owned)
+            batch.add(part, features, owned=owned)
             del features  # the generator's next group is made without this one alive
-        if done != self.num_layers:
-            raise ValueError(
-                f"the feature groups covered entries 0 … {done - 1}, not all {self.num_layers}."
-            )
-        if n:
-            self.count += n
+        batch.finish()
         return self
+
+    def begin(self, targets: torch.Tensor, *, deferred_check: bool = False) -> BatchUpdate:
+        """Start adding a batch whose entries arrive one call at a time (see :class:`BatchUpdate`).
+
+        Args:
+            targets: ``(n,)`` integer target token ids of the batch.
+            deferred_check: Check the features for NaN and Inf once, in
+                :meth:`BatchUpdate.finish`, from a flag kept on the features' device, instead
+                of before each group changes any sum (one host synchronization per group).
+                A non-finite batch then leaves the statistics inconsistent: discard them when
+                ``finish`` raises.
+        """
+        return BatchUpdate(self, targets, deferred_check=deferred_check)
 
     def _add_targets(
         self, targets: torch.Tensor, work: torch.device, first: bool
@@ -384,8 +367,12 @@ class ResidualStats:
         work: torch.device,
         first: bool,
         owned: bool,
-    ) -> None:
-        """Add the per-entry sums of the entries ``part`` from ``features`` (l, n, d)."""
+    ) -> torch.Tensor:
+        """Add the per-entry sums of the entries ``part`` from ``features`` (l, n, d).
+
+        Returns:
+            ``(l, d)`` the batch's column sums ``Σu`` (on the statistics' device).
+        """
         n = features.shape[1]
         # "features": each product is its own tensor, moved to `device` and added there (on
         # one device too, so the path a GPU takes is the one CPU tests run)
@@ -396,6 +383,7 @@ class ResidualStats:
         per_entry += gram_bytes if staged or self.precision == "mixed" else 0
         per_entry += self.dim * self.num_outputs * 8 if staged and classes is not None else 0
         base = part.start or 0
+        sums = []
         for sub in self._entry_groups(per_entry, range(base, part.stop)):
             rows = slice(sub.start - base, sub.stop - base)
             # (l, n, d) float64 that is ours to modify: the caller's, or a copy
@@ -403,7 +391,9 @@ class ResidualStats:
             if first:
                 self.shift_x[sub] = x.mean(dim=1).to(self.device)
             u = x.sub_(self.shift_x[sub].to(work).unsqueeze(1))  # shifted, in float64
-            self.sum_x[sub] += u.sum(dim=1).to(self.device)
+            column_sums = u.sum(dim=1).to(self.device)  # (l, d)
+            sums.append(column_sums)
+            self.sum_x[sub] += column_sums
             self._add_gram(sub, u, staged)
             if classes is None:
                 self.sum_xy[sub] += (u.transpose(1, 2) @ w).to(self.device)  # (l, d, 1)
@@ -416,32 +406,45 @@ class ResidualStats:
             else:
                 self.sum_xy[sub].index_add_(2, y, u.transpose(1, 2))
             del x, u
+        return torch.cat(sums)
 
     def _add_gram(self, part: slice, u: torch.Tensor, staged: bool) -> None:
-        """``Σuuᵀ[part] += uᵀu`` for ``u`` of shape (l, n, d), in the configured precision."""
-        if self.precision == "mixed":
-            u32 = u.to(torch.float32)  # rounded after the float64 shift
-            with exact_float32_matmul():
-                gram = u32.transpose(1, 2) @ u32  # (l, d, d) float32
-            self.sum_xx[part] += gram.to(self.device)  # accumulated in float64
-        elif staged:
-            self.sum_xx[part] += (u.transpose(1, 2) @ u).to(self.device)
-        else:
-            self.sum_xx[part].baddbmm_(u.transpose(1, 2), u)  # in place, no (l, d, d) temporary
+        """``Σuuᵀ[part] += uᵀu`` for ``u`` of shape (l, n, d), in the configured precision.
+
+        ``uᵀu`` is symmetric, so only its upper triangle is computed, in row panels of
+        ``gram_panel(d)`` rows (panel ``i`` times the columns from ``i`` on: about
+        ``(1 + 1/panels) / 2`` of the flops of the full product), and the lower triangle of
+        the sums is then copied from the upper one (the sums stay exactly symmetric). A staged
+        or float32 product exists one panel at a time.
+        """
+        d = self.dim
+        sums = self.sum_xx[part]  # (l, d, d) view
+        u32 = u.to(torch.float32) if self.precision == "mixed" else None  # after the shift
+        step = gram_panel(d)
+        for lo in range(0, d, step):
+            hi = min(lo + step, d)
+            target = sums[:, lo:hi, lo:]  # (l, t, d - lo): the panel's upper part
+            if u32 is not None:
+                with exact_float32_matmul():
+                    product = u32[:, :, lo:hi].transpose(1, 2) @ u32[:, :, lo:]  # float32
+                target += product.to(self.device)  # accumulated in float64
+            elif staged:
+                target += (u[:, :, lo:hi].transpose(1, 2) @ u[:, :, lo:]).to(self.device)
+            else:  # in place, no temporary
+                target.baddbmm_(u[:, :, lo:hi].transpose(1, 2), u[:, :, lo:])
+        _mirror_upper(sums, step)
 
     def _rebase(self, shift_x: torch.Tensor, shift_y: torch.Tensor) -> None:
         """Re-base the sums on new shifts, exactly: Σ(u-δ)(u-δ)ᵀ = Σuuᵀ - Σuδᵀ - δΣuᵀ + nδδᵀ."""
         dx = shift_x - self.shift_x  # (L, d)
         dy = shift_y - self.shift_y  # (K,)
         n, sx, sy = self.count, self.sum_x, self.sum_y
-        per_entry = 3 * self.dim * (self.dim + self.num_outputs) * 8
-        for part in self._entry_groups(per_entry):  # bounded temporaries
+        per_entry = 3 * self.dim * self.num_outputs * 8
+        for part in self._entry_groups(per_entry):  # bounded temporaries, none (d, d)
             a, s = dx[part], sx[part]  # (l, d)
-            self.sum_xx[part] += (
-                n * a.unsqueeze(2) * a.unsqueeze(1)
-                - s.unsqueeze(2) * a.unsqueeze(1)
-                - a.unsqueeze(2) * s.unsqueeze(1)
-            )
+            # two rank-one updates in place: + (nδ - Σu) δᵀ - δ Σuᵀ
+            self.sum_xx[part].baddbmm_((n * a - s).unsqueeze(2), a.unsqueeze(1))
+            self.sum_xx[part].baddbmm_(a.unsqueeze(2), s.unsqueeze(1), alpha=-1.0)
             # Σ(u-δ)(w-ε)ᵀ = Σuwᵀ - Σu εᵀ - δ Σwᵀ + n δ εᵀ
             moved = (n * a - s).unsqueeze(2)  # (l, d, 1)
             self.sum_xy[part] += moved * dy.view(1, 1, -1) - a.unsqueeze(2) * sy.view(1, 1, -1)
@@ -748,7 +751,127 @@ class ResidualStats:
         return self.solve(method=method).pr
 
 
+class BatchUpdate:
+    """One batch being added to a :class:`ResidualStats`, its entries in any number of calls.
+
+    Made by :meth:`ResidualStats.begin`. :meth:`add` takes consecutive groups of entries in
+    order (e.g. one entry per call, from a forward hook, as each block's output arrives);
+    :meth:`finish` checks that every entry came and counts the batch's examples. The target
+    sums are added with the first group. Until ``finish`` the statistics hold part of a batch:
+    a batch that fails midway leaves them inconsistent (discard them).
+    """
+
+    def __init__(
+        self, stats: ResidualStats, targets: torch.Tensor, *, deferred_check: bool = False
+    ) -> None:
+        if targets.ndim != 1:
+            raise ValueError(f"targets must have shape (n,), got {tuple(targets.shape)}.")
+        if targets.is_floating_point() or targets.is_complex():
+            raise TypeError(f"targets must be integer token ids, got {targets.dtype}.")
+        stats._check_usable()
+        self.stats, self.targets, self.n = stats, targets, targets.shape[0]
+        self.done = 0  # entries added so far
+        self.first = stats.count.item() == 0  # host sync; the first batch fixes the shifts
+        self.deferred = deferred_check
+        self.finite: torch.Tensor | None = None  # deferred: all column sums finite so far
+        self._w = self._y = self._classes = None
+
+    def add(self, part: slice, features: torch.Tensor, *, owned: bool = False) -> None:
+        """Add the entries ``part`` from ``features`` ``(part.stop - part.start, n, dim)``.
+
+        Args:
+            part: The next entries: starts where the previous group stopped.
+            features: Any float dtype, any device (see ``compute_on``).
+            owned: See :meth:`ResidualStats.update_groups`.
+
+        Raises:
+            ValueError: Wrong shape or order; NaN or Inf (unless the check is deferred).
+        """
+        stats, n = self.stats, self.n
+        lo, hi = part.start or 0, part.stop
+        if (
+            lo != self.done
+            or hi is None
+            or not lo < hi <= stats.num_layers
+            or part.step not in (None, 1)
+            or features.ndim != 3
+            or features.shape[0] != hi - lo
+            or features.shape[2] != stats.dim
+        ):
+            raise ValueError(
+                f"features of entries {part} must have shape ({hi} - {lo}, n, "
+                f"dim={stats.dim}) and follow entry {self.done}, got {tuple(features.shape)}."
+            )
+        if not features.is_floating_point():
+            raise TypeError(f"features must be a float tensor, got {features.dtype}.")
+        if features.shape[1] != n:
+            raise ValueError(
+                f"targets must have shape (n={features.shape[1]},), "
+                f"got {tuple(self.targets.shape)}."
+            )
+        self.done = hi
+        if n == 0:
+            return
+        # unless deferred: one pass, before any sum changes (a NaN or Inf makes its column's sum
+        # non-finite: cheaper than isfinite; sums of features under ~1e300 cannot overflow)
+        if not self.deferred and not bool(
+            torch.isfinite(features.sum(dim=1, dtype=torch.float64)).all()  # host sync
+        ):
+            raise ValueError("features contain NaN or Inf; PR is undefined for them.")
+        work = features.device if stats.compute_on == "features" else stats.device
+        if self._y is None:  # the target sums, once per batch
+            self._w, self._y, self._classes = stats._add_targets(self.targets, work, self.first)
+        sums = stats._add_features(
+            part, features, self._w, self._y, self._classes, work, self.first, owned
+        )
+        if self.deferred:  # Σu of every entry, finite or not: no extra pass, no host sync
+            finite = torch.isfinite(sums).all()
+            self.finite = finite if self.finite is None else self.finite & finite
+
+    def finish(self) -> ResidualStats:
+        """Check that every entry came (and, if deferred, that all were finite); count ``n``.
+
+        Raises:
+            ValueError: Entries missing, or (deferred) NaN or Inf in the batch.
+        """
+        stats = self.stats
+        if self.done != stats.num_layers:
+            raise ValueError(
+                f"the feature groups covered entries 0 … {self.done - 1}, not all "
+                f"{stats.num_layers}."
+            )
+        if self.finite is not None and not bool(self.finite):  # one host sync per batch
+            raise ValueError("features contain NaN or Inf; PR is undefined for them.")
+        if self.n:
+            stats.count += self.n
+        return stats
+
+
 _SUMS = ("count", "sum_x", "sum_xx", "sum_xy", "sum_y", "sum_yy")
+# the float64 Gram is formed in row panels of this many rows at least (see `gram_panel`)
+_MIN_PANEL = 192
+
+
+def gram_panel(dim: int) -> int:
+    """Rows per panel of the upper-triangular Gram: ``d / 8``, at least 192.
+
+    Eight panels compute ``9/16`` of the full product's flops; narrower panels would save
+    little more and run the matrix product on thinner, slower shapes (measured on CPU at
+    d = 768 and 2048: 128-row panels were slower than 192).
+    """
+    return max(_MIN_PANEL, -(-dim // 8))
+
+
+def _mirror_upper(sums: torch.Tensor, step: int) -> None:
+    """Copy the strict upper triangle of each ``(d, d)`` in ``sums`` onto the lower one.
+
+    Panel by panel (the blocks below the diagonal blocks of ``step`` rows; the diagonal
+    blocks were computed whole), so no ``(d, d)`` temporary is made.
+    """
+    d = sums.shape[-1]
+    for lo in range(step, d, step):
+        hi = min(lo + step, d)
+        sums[:, lo:hi, :lo] = sums[:, :lo, lo:hi].transpose(1, 2)
 
 
 def _slices(flat: torch.Tensor) -> list[torch.Tensor]:

@@ -63,6 +63,14 @@ eigendecomposition: two or more (near-)dependent directions (duplicated or linea
 columns, several exact null directions), a genuine direction within a factor ``10 ‖C‖_F / λ_max``
 of the cut, or ``μ`` between ``rtol`` and ``rtol * ‖C‖_F``. So the rule applied is the eigen
 rule wherever the fast path cannot show that it makes the same decision.
+
+**Memory.** ``C`` is built in one ``(entries, d, d)`` buffer (made exactly symmetric: its upper
+triangle is copied below, so both paths see the same matrix to the bit), factored in place
+(panels of 64 columns: ``O(64 d)`` temporaries). An entry for the eigen path is done alone, in
+its own ``(d, d)`` slot: ``C`` is rebuilt there from the strict upper triangle and the
+diagonal kept aside, and LAPACK writes the eigenvectors over it (the transpose of a symmetric
+row-major matrix is the column-major one it wants), so its only other ``(d, d)`` memory is
+``syevd``'s workspace, about ``2 d²`` float64.
 """
 
 from __future__ import annotations
@@ -139,28 +147,34 @@ def explained_sum_of_squares(
     scale = torch.where(alive, var.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
     corr, frobenius = _correlation(sum_uu, sum_u, float(count), scale)  # C: dead rows/cols 0
 
-    fast, spectral = None, None
+    fast = None
     if method == "auto":
         fast = _Cholesky(corr, alive, var, frobenius, rtol)
         use_eigh = ~fast.ok
     else:
         use_eigh = torch.ones(entries, dtype=torch.bool)
-    eigh_index = use_eigh.nonzero().flatten().to(device)
-    if fast is None:
-        spectral = _Eigh(corr, rtol)
-    elif eigh_index.numel() > 0:
-        log.debug("lawwatch solve: entries %s use the eigendecomposition", eigh_index.tolist())
-        spectral = _Eigh(fast.original(eigh_index), rtol)
-    del corr  # from here on the fast path's factor and the eigen path's vectors hold the work
-
     explained = torch.zeros(entries, dtype=torch.float64, device=device)
     chunk = max(1, -(-num_outputs // _OUTPUT_CHUNKS)) if num_outputs > 1 else 1
-    for start in range(0, num_outputs, chunk):
-        b = cross(slice(start, start + chunk)) * scale.unsqueeze(2)  # (entries, d, k)
-        if fast is not None:
+    if fast is not None and bool(fast.ok.any()):
+        for start in range(0, num_outputs, chunk):
+            b = cross(slice(start, start + chunk)) * scale.unsqueeze(2)  # (entries, d, k)
             explained += torch.where(fast.ok.to(device), fast.explained(b), 0.0)
-        if spectral is not None:
-            explained[eigh_index] += spectral.explained(b[eigh_index])
+    eigh_index = use_eigh.nonzero().flatten().tolist()
+    if eigh_index and fast is not None:
+        log.debug("lawwatch solve: entries %s use the eigendecomposition", eigh_index)
+    # the eigen path one entry at a time, in that entry's own (d, d) slot: its factor is not
+    # needed, C is rebuilt there from the strict upper triangle, and the eigenvectors are
+    # written over it (LAPACK's workspace, ~2 d² for syevd, is the only other (d, d) memory)
+    for e in eigh_index:
+        c = corr[e]  # (d, d)
+        if fast is not None:
+            fast.restore_(e)
+        inv, vectors = _eigh_in_place(c, rtol)
+        for start in range(0, num_outputs, chunk):
+            b = cross(slice(start, start + chunk))[e] * scale[e].unsqueeze(1)  # (d, k)
+            proj = vectors.transpose(0, 1) @ b  # (d, k)
+            explained[e] += (inv.unsqueeze(1) * proj * proj).sum()
+        del vectors
     return Solution(explained, use_eigh.to(device))
 
 
@@ -184,20 +198,41 @@ def _correlation(
         block.mul_(scale.unsqueeze(1))
         block.addcmul_(mean[:, rows].unsqueeze(2), mean.unsqueeze(1), value=-1.0 / count)
         squares += block.square().sum(dim=(1, 2))
+    _upper_to_lower_(corr)
     return corr, squares.sqrt()
 
 
-class _Eigh:
-    """The reference path: ``C = V Λ Vᵀ``, eigenvalues under the cut dropped."""
+def _upper_to_lower_(a: torch.Tensor) -> None:
+    """Make each ``(d, d)`` of ``a`` exactly symmetric: its upper triangle copied below.
 
-    def __init__(self, corr: torch.Tensor, rtol: float) -> None:
-        evals, self.evecs = torch.linalg.eigh(corr)  # (e, d), (e, d, d); ascending
-        keep = evals > rtol * evals[:, -1:].clamp_min(0.0)
-        self.inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)  # (e, d)
+    ``C_ij`` and ``C_ji`` are computed in different orders and can differ in the last bit;
+    with one exact ``C`` the fast path's copy of it and the eigen path's agree to the bit
+    (a direction near the cut is sensitive to it). A panel at a time, no ``(d, d)``
+    temporary.
+    """
+    d = a.shape[-1]
+    for lo in range(0, d, _PANEL):
+        hi = min(lo + _PANEL, d)
+        a[..., lo:hi, :lo] = a[..., :lo, lo:hi].transpose(-1, -2)
+        block = a[..., lo:hi, lo:hi]
+        upper = block.triu(1)
+        block.copy_(upper + upper.transpose(-1, -2) + torch.diag_embed(block.diagonal(0, -2, -1)))
 
-    def explained(self, b: torch.Tensor) -> torch.Tensor:
-        proj = self.evecs.transpose(1, 2) @ b  # (e, d, k)
-        return (self.inv.unsqueeze(2) * proj * proj).sum(dim=(1, 2))
+
+def _eigh_in_place(c: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path for one entry: ``C = V Λ Vᵀ``, eigenvalues under the cut dropped.
+
+    ``c`` (``(d, d)``, symmetric) is overwritten with the eigenvectors: LAPACK works on a
+    column-major matrix, which the transpose of a symmetric row-major one is, so no copy is
+    made. Returns the inverted kept eigenvalues ``(d,)`` (0 for dropped ones) and ``V`` (a
+    view of ``c``'s memory; column ``i`` is eigenvector ``i``).
+    """
+    vectors = c.transpose(0, 1)  # column-major view: the same symmetric matrix
+    evals = torch.empty(c.shape[0], dtype=c.dtype, device=c.device)
+    torch.linalg.eigh(vectors, out=(evals, vectors))  # ascending
+    keep = evals > rtol * evals[-1:].clamp_min(0.0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)  # (d,)
+    return inv, vectors
 
 
 class _Cholesky:
@@ -206,7 +241,7 @@ class _Cholesky:
     Decides per entry whether the path applies (``ok``) and, if so, whether the removed
     column is kept (``keep``). The factor is written over the lower triangle of ``corr``; its
     strict upper triangle still holds ``C`` (restored where the factoring changed it), from
-    which :meth:`original` rebuilds ``C`` for the entries the eigen path takes.
+    which :meth:`restore_` rebuilds ``C`` in place for the entries the eigen path takes.
     """
 
     def __init__(
@@ -224,6 +259,7 @@ class _Cholesky:
         last = torch.where(alive, var, -1.0).argmax(dim=1)  # (entries,)
         self.rows, self.last, self.alive = rows, last, alive
         column = corr[rows, :, last].clone()  # (entries, d), its own diagonal is 1
+        self.diagonal = corr.diagonal(dim1=1, dim2=2).clone()  # (entries, d): C's, for restore_
         # A: C with row and column `last` replaced by a unit vector, dead columns by unit
         # vectors too (their rows and columns are already 0): the same inverse on the rest
         corr[rows, last, :] = 0.0
@@ -270,12 +306,15 @@ class _Cholesky:
         self.keep = alive[rows, last] & (mu >= high)
         self.ok = (ok & torch.isfinite(mu) & torch.isfinite(smallest)).cpu()  # host sync
 
-    def original(self, index: torch.Tensor) -> torch.Tensor:
-        """``C`` of the entries ``index``, rebuilt from the strict upper triangle."""
-        upper = self.factor[index].triu(1)  # (e, d, d)
-        full = upper + upper.transpose(1, 2)
-        full.diagonal(dim1=1, dim2=2).copy_(self.alive[index].to(full.dtype))
-        return full
+    def restore_(self, entry: int) -> None:
+        """Rebuild ``C`` of ``entry`` in place of its factor, from the strict upper triangle.
+
+        For an entry the eigen path takes (its factor is no longer needed); no ``(d, d)``
+        temporary (the lower triangle is copied from the upper one a panel at a time).
+        """
+        a = self.factor[entry]  # (d, d)
+        _upper_to_lower_(a)
+        a.diagonal().copy_(self.diagonal[entry])  # C's own (1 up to rounding; 0 if dead)
 
     def explained(self, b: torch.Tensor) -> torch.Tensor:
         """``bᵀ C⁺ b`` under the decision taken: ``|R⁻¹b_A|²`` plus the border's share."""

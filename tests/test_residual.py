@@ -339,3 +339,31 @@ def test_bad_options_named():
     with pytest.raises(ValueError, match=r"Unknown compute_on 'gpu'"):
         ResidualStats(1, 4, compute_on="gpu")
     assert ResidualStats(1, 4).rtol == 1e-11 and ResidualStats(1, 4, precision="mixed").rtol == 1e-7
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"precision": "mixed"}, {"compute_on": "features"}],
+    ids=["float64", "mixed", "staged"],
+)
+def test_gram_in_several_panels_equals_numpy(options):
+    """d = 450: three panels of the upper-triangular Gram (192, 192, 66 rows), mirrored."""
+    from lawwatch.residual import gram_panel
+
+    d = 450
+    assert -(-d // gram_panel(d)) == 3
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 1200, d)) * rng.uniform(0.5, 3.0, d) + 5.0
+    y = rng.integers(0, 500, 1200)
+    stats = ResidualStats(2, d, **options)
+    for lo in range(0, 1200, 500):
+        stats.update(torch.from_numpy(x[:, lo : lo + 500]), torch.from_numpy(y[lo : lo + 500]))
+    u = x - stats.shift_x.numpy()[:, None, :]
+    want = np.einsum("lni,lnj->lij", u, u)
+    got = stats.sum_xx.numpy()
+    assert np.array_equal(got, got.transpose(0, 2, 1))  # exactly symmetric
+    tol = 1e-5 if options.get("precision") == "mixed" else 1e-12
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    if "precision" not in options:
+        pr = [ols_pr(x[i], y.astype(np.float64)) for i in range(2)]
+        np.testing.assert_allclose(stats.compute().numpy(), pr, rtol=0, atol=1e-8)

@@ -60,7 +60,9 @@ def test_entry_groups_give_the_same_prs_with_bounded_feature_blocks(
     sizes = GroupSizes(monkeypatch)
     budget = 2 * 60 * 16 * 8  # two entries of a 60-example batch
     monkeypatch.setattr(measure_mod, "FEATURE_GROUP_BYTES", budget)
-    grouped = measure(model, probe, target=target, batch_size=4)
+    # the plain measurement streams entries one at a time inside the hooks; the jackknife's
+    # cells take the grouped path (its headline PRs are accumulated as the plain ones)
+    grouped = measure(model, probe, target=target, batch_size=4, jackknife=4)
     assert sizes.shapes, "no group was recorded"
     # a group fits the budget, or is a single entry (the least a group can be)
     assert all(g == 1 or g * n * d * 8 <= budget for g, n, d in sizes.shapes)
@@ -74,7 +76,7 @@ def test_one_entry_per_group_at_the_smallest_budget(model_probe, monkeypatch):
     whole = measure(model, probe, batch_size=4)
     sizes = GroupSizes(monkeypatch)
     monkeypatch.setattr(measure_mod, "FEATURE_GROUP_BYTES", 1)
-    grouped = measure(model, probe, batch_size=4)
+    grouped = measure(model, probe, batch_size=4, jackknife=4)  # the grouped path (above)
     assert {s[0] for s in sizes.shapes} == {1}  # never all 5 entries at once
     np.testing.assert_allclose(grouped.pr.numpy(), whole.pr.numpy(), rtol=0, atol=1e-12)
 
