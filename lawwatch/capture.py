@@ -53,7 +53,7 @@ from lawwatch.models import (
     undo_inference_rescaling,
 )
 from lawwatch.norms import NORMALIZE, Normalize, NormSpec, mismatch, normalizer, resolve_norm
-from lawwatch.norms import _tolerance as norm_tolerance
+from lawwatch.norms import tolerance as norm_tolerance
 from lawwatch.precision import plain_forward
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
 

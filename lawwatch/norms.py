@@ -103,7 +103,7 @@ def norm_candidates(module: nn.Module, input_dtype: torch.dtype) -> list[NormSpe
     return [NormSpec(kind, eps, offset) for kind in (first, second) for offset in offsets]
 
 
-def _tolerance(dtype: torch.dtype) -> float:
+def tolerance(dtype: torch.dtype) -> float:
     """Relative agreement expected between a module's output and its float64 re-application.
 
     Many modules compute in float32 whatever the model's dtype (Llama's RMSNorm upcasts), so
@@ -129,7 +129,7 @@ def mismatch(spec: NormSpec, x: torch.Tensor, y: torch.Tensor, weight, bias) -> 
     ref = spec.apply(x, weight, bias)  # (n, d) float64
     scale = ref.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     err = ((ref - y.to(torch.float64)).abs() / scale).max().item()  # host sync
-    return err / _tolerance(y.dtype)
+    return err / tolerance(y.dtype)
 
 
 def resolve_norm(
@@ -155,7 +155,7 @@ def resolve_norm(
     raise TypeError(
         f"The final norm {name!r} ({type(module).__name__}) behaves like no LayerNorm or RMSNorm "
         f"with eps={candidates[0].eps} and scale weight or 1 + weight (best relative mismatch "
-        f"{min(errors) * _tolerance(y.dtype):.2g}). Pass final_norm=NormSpec(kind, eps) to treat "
+        f"{min(errors) * tolerance(y.dtype):.2g}). Pass final_norm=NormSpec(kind, eps) to treat "
         "the model as having no final norm module (the last block's output then goes through "
         "that fresh norm), or name the right module with final_norm='…'."
     )
