@@ -86,6 +86,30 @@ class _Pending:
     began: float = field(default_factory=time.perf_counter)
 
 
+def check_monitor_settings(
+    max_overhead: float | None, background: bool, background_lag: int
+) -> None:
+    """Refuse a bad overhead budget or background setting (LawWatch and the callback).
+
+    Raises:
+        TypeError: ``background`` not a bool, ``background_lag`` not an int.
+        ValueError: ``max_overhead`` outside (0, 1), ``background_lag`` below 1.
+    """
+    if max_overhead is not None and not (
+        isinstance(max_overhead, int | float) and 0.0 < max_overhead < 1.0
+    ):
+        raise ValueError(
+            f"max_overhead is a fraction of training time in (0, 1) (0.02: 2%), got "
+            f"{max_overhead!r}."
+        )
+    if not isinstance(background, bool):
+        raise TypeError(f"background is True or False, got {background!r}.")
+    if isinstance(background_lag, bool) or not isinstance(background_lag, int):
+        raise TypeError(f"background_lag is a number of steps, got {background_lag!r}.")
+    if background_lag < 1:
+        raise ValueError(f"background_lag must be at least 1 step, got {background_lag}.")
+
+
 def _as_schedule(
     every: int, schedule: Callable[[int], bool] | Iterable[int] | None, last: int | None
 ) -> Callable[[int], bool]:
@@ -190,17 +214,7 @@ class LawWatch:
     ) -> None:
         if len(probe) == 0:
             raise ValueError("The probe set is empty.")
-        if not isinstance(background, bool):
-            raise TypeError(f"background is True or False, got {background!r}.")
-        if isinstance(background_lag, bool) or not isinstance(background_lag, int):
-            raise TypeError(f"background_lag is a number of steps, got {background_lag!r}.")
-        if background_lag < 1:
-            raise ValueError(f"background_lag must be at least 1 step, got {background_lag}.")
-        if max_overhead is not None and not 0.0 < max_overhead < 1.0:
-            raise ValueError(
-                f"max_overhead is a fraction of training time in (0, 1) (0.02: 2%), got "
-                f"{max_overhead!r}."
-            )
+        check_monitor_settings(max_overhead, background, background_lag)
         self.config = MeasureConfig.build(config, **options)
         self.model, self.probe = model, probe
         self.schedule = _as_schedule(every, schedule, last_step)
@@ -316,13 +330,17 @@ class LawWatch:
         stats, error = self._measure_shard(where)
         if error is not None:
             log.error("lawwatch: rank %d could not measure step %d: %r", where.rank, step, error)
-        pr = None
+        pr, key = None, self._probe_key
         if where.world > 1:
             if self.background:
-                if self._reduce_only(stats, error is None, where, step, self._probe_key):
+                # the reduction only: each rank then solves its share on the worker
+                if self._together(error is None, where, step, key, lambda: _reduce(stats)):
                     self._submit(step, stats, time.perf_counter() - start, where)
                 return None
-            pr = self._reduce(stats, error is None, where, step, self._probe_key)
+            # the one large collective of the snapshot (consumes the statistics): all PRs
+            pr = self._together(
+                error is None, where, step, key, lambda: stats.reduce_scatter_compute()
+            )
             if pr is None:
                 return None
         elif error is not None:
@@ -487,48 +505,25 @@ class LawWatch:
         return stats, errors[0] if errors else None
 
     @staticmethod
-    def _reduce(
-        stats: ResidualStats | None, ok: bool, where: Layout, step: int, key: int
-    ) -> torch.Tensor | None:
-        """Vote, then (if every rank agrees) the sharded solve: all PRs, or None to skip.
+    def _together(
+        ok: bool, where: Layout, step: int, key: int, collective: Callable[[], Any]
+    ) -> Any | None:
+        """Vote, then (if every rank agrees) run ``collective`` on every rank.
 
-        ``reduce_scatter_compute`` raises on every rank alike (too few examples, a constant
-        target, a solve that failed on any rank), so every rank logs and skips together.
+        Returns its result, or None on every rank alike when the snapshot is skipped: a rank
+        failed, or ``collective`` raised (the reductions and the sharded solve raise on every
+        rank alike: too few examples, a constant target, a solve that failed on any rank).
         """
         try:
             reason = vote(ok, where, step=step, probe=key)
             if reason is None:
-                # the one large collective of the snapshot; consumes the statistics
-                return stats.reduce_scatter_compute()
+                return collective()
         except Exception as error:  # decided on every rank alike, or a broken process group
             log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
             return None
         if ok:  # a failed rank has said why already
             log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
         return None
-
-    @staticmethod
-    def _reduce_only(stats: Any, ok: bool, where: Layout, step: int, key: int) -> bool:
-        """Vote, then (if every rank agrees) the reduction before a background solve.
-
-        ``ResidualStats``: the reduce-scatter by entry (each rank then solves its share);
-        partitioned statistics: the all-reduce (every rank solves everything, identically).
-        Returns whether the solve may go on; on every rank alike.
-        """
-        try:
-            reason = vote(ok, where, step=step, probe=key)
-            if reason is None:
-                if isinstance(stats, ResidualStats):
-                    stats.reduce_scatter()
-                else:
-                    stats.all_reduce()
-                return True
-        except Exception as error:  # decided on every rank alike, or a broken process group
-            log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
-            return False
-        if ok:  # a failed rank has said why already
-            log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
-        return False
 
     # -- the series ----------------------------------------------------------------------------
 
@@ -612,6 +607,19 @@ class LawWatch:
             self._shutdown()
         finally:
             self.sinks.close()
+
+
+def _reduce(stats: Any) -> bool:
+    """The reduction before a background solve; returns True.
+
+    ``ResidualStats`` are reduce-scattered by entry (each rank then solves its share),
+    partitioned statistics all-reduced (every rank solves everything, identically).
+    """
+    if isinstance(stats, ResidualStats):
+        stats.reduce_scatter()
+    else:
+        stats.all_reduce()
+    return True
 
 
 def _side_stream(device: torch.device) -> Callable[..., Any]:

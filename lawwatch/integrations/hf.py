@@ -24,7 +24,7 @@ from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import HISTORY_FILE, MATRIX_FILE
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.monitor import LawWatch, Schedule
+from lawwatch.monitor import LawWatch, Schedule, check_monitor_settings
 from lawwatch.probe import ProbeSet
 from lawwatch.sinks import LocalHistory, Sink, Sinks, WandbSink
 from lawwatch.trackers import TRACKERS, Reporting, open_tracker, reported_trackers
@@ -43,25 +43,6 @@ def _never_raises(event: Callable[..., None]) -> Callable[..., None]:
             log.exception("lawwatch: %s failed; training goes on", event.__name__)
 
     return guarded
-
-
-def _check_monitor_settings(
-    max_overhead: float | None, background: bool, background_lag: int
-) -> None:
-    """Refuse bad monitor settings where the callback is built, as LawWatch would."""
-    if max_overhead is not None and not (
-        isinstance(max_overhead, int | float) and 0.0 < max_overhead < 1.0
-    ):
-        raise ValueError(
-            f"max_overhead is a fraction of training time in (0, 1) (0.02: 2%), got "
-            f"{max_overhead!r}."
-        )
-    if not isinstance(background, bool):
-        raise TypeError(f"background is True or False, got {background!r}.")
-    if isinstance(background_lag, bool) or not isinstance(background_lag, int):
-        raise TypeError(f"background_lag is a number of steps, got {background_lag!r}.")
-    if background_lag < 1:
-        raise ValueError(f"background_lag must be at least 1 step, got {background_lag}.")
 
 
 def _trainer_callbacks(depth: int = 16) -> list[Any]:
@@ -183,7 +164,7 @@ class LawWatchCallback(TrainerCallback):
         if len(probe) == 0 or probe.num_examples() == 0:
             raise ValueError("The probe set has no (token, next token) pair to measure.")
         Schedule(every)  # validates every
-        _check_monitor_settings(max_overhead, background, background_lag)
+        check_monitor_settings(max_overhead, background, background_lag)
         self.max_overhead, self.background = max_overhead, background
         self.background_lag = background_lag
         self.config = MeasureConfig.build(config, **options)
