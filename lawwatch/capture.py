@@ -52,7 +52,15 @@ from lawwatch.models import (
     is_hf,
     undo_inference_rescaling,
 )
-from lawwatch.norms import NORMALIZE, Normalize, NormSpec, mismatch, normalizer, resolve_norm
+from lawwatch.norms import (
+    NORMALIZE,
+    Normalize,
+    NormSpec,
+    deviation,
+    mismatch,
+    normalizer,
+    resolve_norm,
+)
 from lawwatch.norms import tolerance as norm_tolerance
 from lawwatch.precision import plain_forward
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
@@ -385,9 +393,7 @@ class Capture:
             chunk = x[rows].to(torch.float64)
             self._finite(hidden, chunk)
             ref = self.spec.apply(chunk, weight, bias)  # (rows, d)
-            scale = ref.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(ref.dtype).tiny)
-            module = y[batch[rows], position[rows]].to(torch.float64)
-            worst = torch.maximum(worst, ((ref - module).abs() / scale).max())
+            worst = torch.maximum(worst, deviation(ref, y[batch[rows], position[rows]]))
             if out is not None:
                 out[rows] = ref
         hidden.norm_mismatch = worst / norm_tolerance(y.dtype)

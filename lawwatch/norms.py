@@ -112,6 +112,16 @@ def tolerance(dtype: torch.dtype) -> float:
     return 8 * max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
 
 
+def deviation(ref: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Largest deviation of ``y`` from the float64 ``ref``, relative to each row's largest.
+
+    ``ref`` and ``y`` are ``(n, d)`` with n ≥ 1; the result is a 0-d float64 tensor on
+    ``ref``'s device (no host sync).
+    """
+    scale = ref.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return ((ref - y.to(torch.float64)).abs() / scale).max()
+
+
 def mismatch(spec: NormSpec, x: torch.Tensor, y: torch.Tensor, weight, bias) -> float:
     """Largest deviation of ``spec`` applied to ``x`` from the module's output ``y``.
 
@@ -126,9 +136,7 @@ def mismatch(spec: NormSpec, x: torch.Tensor, y: torch.Tensor, weight, bias) -> 
     """
     if x.shape[0] == 0:
         return 0.0
-    ref = spec.apply(x, weight, bias)  # (n, d) float64
-    scale = ref.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    err = ((ref - y.to(torch.float64)).abs() / scale).max().item()  # host sync
+    err = deviation(spec.apply(x, weight, bias), y).item()  # host sync
     return err / tolerance(y.dtype)
 
 
