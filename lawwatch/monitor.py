@@ -348,13 +348,30 @@ class LawWatch:
         elif self.background:
             self._submit(step, stats, time.perf_counter() - start, where)
             return None
+        snapshot = self._solved(stats, step, time.perf_counter() - start, self._precision, pr)
+        if snapshot is not None:
+            self._record(snapshot, where)
+        return snapshot
+
+    def _solved(
+        self,
+        stats: Any,
+        step: int,
+        seconds: float,
+        precision: str | None,
+        pr: torch.Tensor | None = None,
+    ) -> Snapshot | None:
+        """The snapshot of ``stats`` (``pr``: already solved) with its series, or None.
+
+        A failing solve is logged and gives None (identical statistics fail identically on
+        every rank). Runs on the training thread or, with ``background``, on the worker.
+        """
         try:
-            snapshot = solve(stats, seconds=time.perf_counter() - start, step=step, pr=pr)
-        except Exception as error:  # identical statistics fail identically on every rank
+            snapshot = solve(stats, seconds=seconds, step=step, pr=pr)
+        except Exception as error:
             log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
             return None
-        snapshot.extra.update(self.series(self._precision))
-        self._record(snapshot, where)
+        snapshot.extra.update(self.series(precision))
         return snapshot
 
     def _record(self, snapshot: Snapshot, where: Layout) -> None:
@@ -383,21 +400,9 @@ class LawWatch:
             future = self._executor().submit(job, stats.solve_owned)
         else:
             future = self._executor().submit(
-                job, self._solve_job, stats, seconds, step, self._precision
+                job, self._solved, stats, step, seconds, self._precision
             )
         self._pending.append(_Pending(step, future, stats, seconds, self._precision, where))
-
-    def _solve_job(
-        self, stats: Any, seconds: float, step: int, precision: str | None
-    ) -> Snapshot | None:
-        """On the worker: the solve and the fit of one process's (or every process's) sums."""
-        try:
-            snapshot = solve(stats, seconds=seconds, step=step)
-        except Exception as error:  # identical statistics fail identically on every rank
-            log.error("lawwatch: snapshot at step %d skipped: %s", step, error)
-            return None
-        snapshot.extra.update(self.series(precision))
-        return snapshot
 
     def _collect(self, step: int | None) -> None:
         """Record the pending results that are due at ``step`` (None: all of them, waiting).
@@ -428,15 +433,12 @@ class LawWatch:
             result = None
         if not isinstance(result, Owned):
             return result
-        stats, step = pending.stats, pending.step
         try:  # the PR all-gather: every process is here at the same call
-            pr = stats.gather_owned(result)
-            snapshot = solve(stats, seconds=pending.seconds, step=step, pr=pr)
+            pr = pending.stats.gather_owned(result)
         except Exception as error:  # raised on every rank alike
-            log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
+            log.error("lawwatch: snapshot at step %d skipped: %r", pending.step, error)
             return None
-        snapshot.extra.update(self.series(pending.precision))
-        return snapshot
+        return self._solved(pending.stats, pending.step, pending.seconds, pending.precision, pr)
 
     def flush(self) -> None:
         """Record every pending background result and finish the worker's sink writes.
