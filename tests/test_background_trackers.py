@@ -15,7 +15,7 @@ from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
 from tests.conftest import ragged_probe, tiny_gpt2
 from tests.test_hf import Tokens
-from tests.test_trackers import STEPS, expected_scalars, read_events
+from tests.test_trackers import STEPS, accelerate_loop, expected_scalars, read_events
 from tests.wandb_offline import finish_run, history_rows, inspect_run
 
 
@@ -129,17 +129,8 @@ def test_accelerate_background_lands_at_its_step_in_wandb(tmp_path, offline_wand
         background=True,
     )
     assert watch.background
-    data = Tokens()
-    for step in range(5):
-        if step > 0:
-            batch = data.ids[8 * (step - 1) : 8 * step]
-            loss = model(input_ids=batch, labels=batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            # the loop logs first: every background record reaches W&B after its step
-            accelerator.log({"train/loss": loss.item()}, step=step)
-        watch.maybe_snapshot(step)
+    # the loop logs first: every background record reaches W&B after its step
+    accelerate_loop(accelerator, model, optimizer, watch)
     watch.close()  # before end_training: the last records reach the open trackers
     assert not workers()
     run_dir = accelerator.get_tracker("wandb", unwrap=True).settings.sync_dir

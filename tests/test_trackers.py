@@ -287,6 +287,20 @@ def test_a_tracker_that_fails_to_open_costs_only_itself(
 # -- accelerate custom loops --------------------------------------------------------------------
 
 
+def accelerate_loop(accelerator, model, optimizer, watch, steps: int = 4) -> None:
+    """Train ``steps`` steps of 8 sequences (the loss logged first), snapshots at 0 … steps."""
+    data = Tokens()
+    for step in range(steps + 1):
+        if step > 0:
+            batch = data.ids[8 * (step - 1) : 8 * step]
+            loss = model(input_ids=batch, labels=batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            accelerator.log({"train/loss": loss.item()}, step=step)
+        watch.maybe_snapshot(step)
+
+
 def test_accelerate_loop_logs_to_every_tracker(tmp_path, mlflow_store, offline_wandb, caplog):
     import torch
     from accelerate import Accelerator
@@ -313,17 +327,8 @@ def test_accelerate_loop_logs_to_every_tracker(tmp_path, mlflow_store, offline_w
         directory=tmp_path / "lawwatch",
         alerts=Alerts(threshold=1.0, stalled=False),
     )
-    data = Tokens()
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
-        for step in range(5):
-            if step > 0:
-                batch = data.ids[8 * (step - 1) : 8 * step]
-                loss = model(input_ids=batch, labels=batch).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-                accelerator.log({"train/loss": loss.item()}, step=step)
-            watch.maybe_snapshot(step)
+        accelerate_loop(accelerator, model, optimizer, watch)
     run_dir = accelerator.get_tracker("wandb", unwrap=True).settings.sync_dir
     accelerator.end_training()
     records = History.read(tmp_path / "lawwatch").records
