@@ -865,13 +865,17 @@ def gram_panel(dim: int) -> int:
 def _mirror_upper(sums: torch.Tensor, step: int) -> None:
     """Copy the strict upper triangle of each ``(d, d)`` in ``sums`` onto the lower one.
 
-    Panel by panel (the blocks below the diagonal blocks of ``step`` rows; the diagonal
-    blocks were computed whole), so no ``(d, d)`` temporary is made.
+    Block row by block row of ``step`` rows, so no ``(d, d)`` temporary is made. The diagonal
+    blocks are mirrored too: a BLAS product ``aᵀa`` is not bit-symmetric on every CPU, so
+    symmetry is made here, not left to the kernel.
     """
     d = sums.shape[-1]
-    for lo in range(step, d, step):
+    for lo in range(0, d, step):
         hi = min(lo + step, d)
         sums[:, lo:hi, :lo] = sums[:, :lo, lo:hi].transpose(1, 2)
+        rows, cols = torch.tril_indices(hi - lo, hi - lo, -1, device=sums.device)
+        block = sums[:, lo:hi, lo:hi]  # (l, t, t) view
+        block[:, rows, cols] = block[:, cols, rows]
 
 
 def _slices(flat: torch.Tensor) -> list[torch.Tensor]:
