@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lawwatch import ProbeSet, measure
 from lawwatch.capture import Capture
 from lawwatch.probe import example_mask
-from lawwatch.residual import ResidualStats
+from lawwatch.stats.residual import ResidualStats
 
 
 def best(fn, repeat):

@@ -18,7 +18,7 @@ Method: the Linux peak resident set size. Before each phase the high-water mark 
 ``VmHWM - VmRSS`` at its start (torch returns freed large blocks to the system, so the resident
 size follows the live tensors; every byte we allocate is written, so it is resident). Each shape
 runs in a fresh process. Phases: the bare forward over the probe (no hooks: the model's own
-activations), then ``lawwatch.measure`` in its two phases: ``accumulate`` (the forward passes
+activations), then ``lawwatch.measurement`` in its two phases: ``accumulate`` (the forward passes
 with hooks that turn each entry into float64 features and statistics as its block runs) and
 ``solve`` (the statistics exist when it starts). Reported:
 
@@ -111,8 +111,8 @@ def child(args: argparse.Namespace) -> dict:
 
     from lawwatch import ProbeSet, measure
     from lawwatch.config import MeasureConfig
-    from lawwatch.measure import accumulate, prepare, solve
-    from lawwatch.residual import ResidualStats
+    from lawwatch.measurement import accumulate, prepare, solve
+    from lawwatch.stats.residual import ResidualStats
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

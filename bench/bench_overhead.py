@@ -69,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     from lawwatch import History, ProbeSet
-    from lawwatch.corpus import Blocks
+    from lawwatch.demo.corpus import Blocks
     from lawwatch.demo.training import build_model, training_arguments
     from lawwatch.integrations.hf import LawWatchCallback
 

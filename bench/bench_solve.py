@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from lawwatch.residual import ResidualStats, exact_float32_matmul
+from lawwatch.stats.residual import ResidualStats, exact_float32_matmul
 
 _EPS = torch.finfo(torch.float64).eps
 

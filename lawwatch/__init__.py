@@ -8,12 +8,12 @@ trained LLM. lawwatch measures it exactly, cheaply and repeatedly during trainin
 from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot
 from lawwatch.law import LawFit, emergence_step, fit_law
-from lawwatch.measure import measure
-from lawwatch.monitor import LawWatch, Schedule
+from lawwatch.measurement import measure
 from lawwatch.norms import NormSpec
+from lawwatch.output.sinks import scalars
 from lawwatch.probe import ProbeSet
-from lawwatch.residual import ResidualStats, prediction_residuals
-from lawwatch.sinks import scalars
+from lawwatch.stats.residual import ResidualStats, prediction_residuals
+from lawwatch.watch.monitor import LawWatch, Schedule
 
 __version__ = "0.1.0"
 

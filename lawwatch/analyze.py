@@ -1,9 +1,9 @@
 """Offline sweeps: the law measured on saved checkpoints, with the numbers and files of live runs.
 
 :func:`analyze` loads each checkpoint in increasing step order, measures it with
-:func:`lawwatch.measure.measure` (the computation the live monitor runs) and writes
+:func:`lawwatch.measurement.measure` (the computation the live monitor runs) and writes
 ``history.jsonl`` and ``pr.safetensors`` in the output directory, as
-:class:`~lawwatch.sinks.LocalHistory` does during training. Each record also holds:
+:class:`~lawwatch.output.sinks.LocalHistory` does during training. Each record also holds:
 
 - ``checkpoint``: the checkpoint's name (path, hub id and revision, GGUF file);
 - ``probe``: the probe's content hash (:meth:`~lawwatch.probe.ProbeSet.content_hash`);
@@ -40,9 +40,9 @@ from lawwatch.checkpoints import (
 )
 from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot
-from lawwatch.measure import measure
+from lawwatch.measurement import measure
+from lawwatch.output.sinks import LocalHistory
 from lawwatch.probe import ProbeSet
-from lawwatch.sinks import LocalHistory
 
 __all__ = [
     "ANALYZE_JACKKNIFE",
@@ -303,7 +303,7 @@ def log_to_wandb(
 ) -> Path:
     """Log a sweep's whole history as one W&B run, the checkpoint step on the x-axis.
 
-    The run holds what :class:`~lawwatch.sinks.WandbSink` logs during training (the scalars
+    The run holds what :class:`~lawwatch.output.sinks.WandbSink` logs during training (the scalars
     under ``lawwatch/``, the PR table, the chart of the law, the summary), one row per step.
 
     Args:
@@ -322,7 +322,7 @@ def log_to_wandb(
     import wandb
 
     from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-    from lawwatch.sinks import WandbSink
+    from lawwatch.output.sinks import WandbSink
 
     run = wandb.init(
         project=project,

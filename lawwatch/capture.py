@@ -20,7 +20,7 @@ inside it). How each model family is run (from its root with ``logits_to_keep=1`
 base model) is :mod:`lawwatch.models`' knowledge; the forward runs with autocast off, in the
 weights' dtype (:mod:`lawwatch.precision`).
 
-**Streaming** (:meth:`Capture.stream`, what :func:`lawwatch.measure.accumulate` runs): each
+**Streaming** (:meth:`Capture.stream`, what :func:`lawwatch.measurement.accumulate` runs): each
 entry is turned into float64 features inside its hook, as its block's output arrives, handed
 to a callback (which adds it to the statistics) and dropped, so a batch never holds more than
 one entry's features: ``n × d`` float64 (``n`` example positions), made a row chunk of
@@ -32,7 +32,7 @@ before it runs, so it is read once per :class:`Capture` off a short forward
 ``CALIBRATION_TOKENS`` tokens) and still checked on every batch against the norm's output at
 all example positions. :meth:`Capture.forward` (every measured entry kept for one batch) and
 :meth:`Capture.feature_groups` remain for what needs all entries of an example together (the
-split, jackknife and fuzziness measures, :mod:`lawwatch.partition`).
+split, jackknife and fuzziness measures, :mod:`lawwatch.stats.partition`).
 """
 
 from __future__ import annotations

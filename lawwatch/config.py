@@ -1,7 +1,7 @@
 """MeasureConfig: every option of a measurement, documented and validated in one place.
 
-:func:`lawwatch.measure`, :class:`lawwatch.LawWatch`, :class:`lawwatch.LawWatchCallback`, the
-recipes' YAML (``lawwatch.measure:``) and the command line all take a :class:`MeasureConfig`;
+:func:`lawwatch.measurement`, :class:`lawwatch.LawWatch`, :class:`lawwatch.LawWatchCallback`, the
+recipes' YAML (``lawwatch.measurement:``) and the command line all take a :class:`MeasureConfig`;
 their keyword arguments are a convenience that builds one (:meth:`MeasureConfig.build`). Each
 field's docstring is its documentation everywhere, ``--help`` included.
 """

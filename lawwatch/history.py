@@ -263,7 +263,7 @@ class History:
 
         Lines that hold no record (a write cut short by a crash, garbage) are skipped with a
         warning on the ``"lawwatch"`` logger; the file is left as it is
-        (:class:`~lawwatch.sinks.LocalHistory` repairs it when it opens the directory).
+        (:class:`~lawwatch.output.sinks.LocalHistory` repairs it when it opens the directory).
         """
         parsed = parse(Path(directory) / HISTORY_FILE)
         if parsed.rejected:
@@ -291,7 +291,7 @@ class History:
         """Append ``record`` (already added with :meth:`append`) to the files in ``directory``.
 
         The record is one line written, flushed and synced to disk at once: after a crash it is
-        whole or (but for a torn tail, which the next :class:`~lawwatch.sinks.LocalHistory`
+        whole or (but for a torn tail, which the next :class:`~lawwatch.output.sinks.LocalHistory`
         sets aside) absent; a write that fails (a full disk) leaves no part of it, in the file
         or in this history. The PR matrix is then replaced whole.
         """

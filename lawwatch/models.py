@@ -271,7 +271,7 @@ def check_probe(model: nn.Module, probe: ProbeSet) -> None:
     """Refuse a probe that ``model`` cannot run: sequences too long, token ids out of range.
 
     Give it the *whole* probe (not a process's shard), so every process of a distributed run
-    decides alike, as :func:`lawwatch.measure.prepare` does. Limits lawwatch cannot read (see
+    decides alike, as :func:`lawwatch.measurement.prepare` does. Limits lawwatch cannot read (see
     :func:`max_positions`, :func:`embedding_rows`) are not checked.
 
     Raises:

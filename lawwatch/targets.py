@@ -82,7 +82,7 @@ class Targets:
 
     @property
     def kind(self) -> Literal["token_id", "onehot"]:
-        """The :class:`~lawwatch.residual.ResidualStats` target."""
+        """The :class:`~lawwatch.stats.residual.ResidualStats` target."""
         return "onehot" if self.target == "onehot" else "token_id"
 
     @classmethod

@@ -84,7 +84,7 @@ def watch_settings(section: dict[str, Any]) -> tuple[dict[str, Any], lawwatch.Me
     if unknown:
         raise SystemExit(
             f"lawwatch: {sorted(unknown)} are not monitor settings ({', '.join(MONITOR_SETTINGS)}"
-            "); measurement options go under lawwatch.measure."
+            "); measurement options go under lawwatch.measurement."
         )
     return settings, config
 

@@ -1,6 +1,6 @@
 """Pretrain a causal LM from scratch in an 🤗 Accelerate custom loop and watch the law emerge.
 
-The model comes from a config (random weights), the text from ``lawwatch.corpus`` (documents
+The model comes from a config (random weights), the text from ``lawwatch.demo.corpus`` (documents
 that ship with CPython: a train split, and a held-out split for the probe), the tokenizer is a
 byte-level BPE trained here on the train split (``recipes/common.py``, shared with the
 ``Trainer`` recipe). Everything is set in one YAML file under ``configs/``; its first lines give

@@ -43,7 +43,7 @@ from common import (
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from lawwatch.corpus import Blocks
+from lawwatch.demo.corpus import Blocks
 from lawwatch.integrations.hf import LawWatchCallback
 
 

@@ -6,9 +6,7 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 
-from lawwatch import Snapshot, fit_law
 from lawwatch.alerts import (
     Alerts,
     AlertSink,
@@ -18,35 +16,13 @@ from lawwatch.alerts import (
     stall_alerts,
 )
 from lawwatch.history import History
-from tests.wandb_offline import inspect_run
+from tests.helpers.snapshots import line, snap
+from tests.helpers.wandb_offline import inspect_run
 
 
 def rs(*pairs):
     """Records holding only what law_alerts reads: step and r."""
     return [{"step": s, "pearson_r": r} for s, r in pairs]
-
-
-def snap(step, log_pr, layers=None):
-    """A snapshot whose log10 PR per entry is ``log_pr`` (entry 0 first), fitted for real."""
-    pr = torch.tensor([10.0**v for v in log_pr], dtype=torch.float64)
-    return Snapshot(
-        pr=pr,
-        fit=fit_law(pr, layers=layers),
-        n_tokens=100,
-        seconds=0.0,
-        step=step,
-        layers=layers,
-    )
-
-
-def line(slope=-0.05, entries=9, noise=0.0, seed=0, stall=None, lag=1.0):
-    """log10 PR of a law with ``slope`` per layer; ``stall``: that entry lags by ``lag`` layers."""
-    gen = np.random.default_rng(seed)
-    values = [-0.01 + slope * (e - 1) + noise * gen.standard_normal() for e in range(entries)]
-    values[0] = 0.0  # the embeddings: not part of the law
-    if stall is not None:
-        values[stall] -= slope * lag  # slope < 0: higher PR
-    return values
 
 
 # -- emerged / broke ----------------------------------------------------------------------------
@@ -271,7 +247,7 @@ def test_a_resumed_run_does_not_raise_old_alerts():
 def test_wandb_offline_run_records_alerts(offline_wandb):
     import wandb
 
-    from lawwatch.sinks import WandbSink
+    from lawwatch.output.sinks import WandbSink
 
     live = wandb.init(project="lawwatch-tests", dir=str(offline_wandb))
     tracker = WandbSink(live)
@@ -295,7 +271,7 @@ def test_trackio_run_records_alerts():
     import trackio
     from trackio.sqlite_storage import SQLiteStorage
 
-    from lawwatch.trackers import TrackioSink
+    from lawwatch.output.trackers import TrackioSink
 
     project = f"lawwatch-{uuid.uuid4().hex[:8]}"
     run = trackio.init(project=project, name="alerts")

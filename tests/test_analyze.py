@@ -23,12 +23,12 @@ from lawwatch.checkpoints import (
     step_from_name,
     weights_hash,
 )
-from lawwatch.corpus import pydoc_topics
+from lawwatch.demo.corpus import pydoc_topics
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from tests.conftest import RECORD_KEYS, char_tokenizer, ragged_probe, tiny_gpt2
-from tests.test_hf import make_trainer
-from tests.wandb_offline import history_rows, inspect_run, lawwatch_steps
+from tests.helpers.models import RECORD_KEYS, char_tokenizer, ragged_probe, tiny_gpt2
+from tests.helpers.trainer import make_trainer
+from tests.helpers.wandb_offline import history_rows, inspect_run, lawwatch_steps
 
 IDENTITY = {"checkpoint", "probe", "config", "weights"}
 

@@ -9,9 +9,9 @@ import torch
 
 from lawwatch import ProbeSet
 from lawwatch.history import History
-from lawwatch.monitor import LawWatch
-from lawwatch.sinks import LocalHistory, threadsafe
-from tests.conftest import VOCAB, tiny_gpt2
+from lawwatch.output.sinks import LocalHistory, threadsafe
+from lawwatch.watch.monitor import LawWatch
+from tests.helpers.models import VOCAB, tiny_gpt2
 
 
 def workers() -> list[threading.Thread]:

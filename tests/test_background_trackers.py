@@ -13,10 +13,10 @@ from transformers import Trainer, TrainingArguments
 
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from tests.conftest import ragged_probe, tiny_gpt2
-from tests.test_hf import Tokens
-from tests.test_trackers import STEPS, accelerate_loop, expected_scalars, read_events
-from tests.wandb_offline import finish_run, history_rows, inspect_run
+from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.trackers import STEPS, accelerate_loop, expected_scalars, read_events
+from tests.helpers.trainer import Tokens
+from tests.helpers.wandb_offline import finish_run, history_rows, inspect_run
 
 
 def workers():

@@ -15,13 +15,12 @@ import torch
 
 from lawwatch import measure
 from lawwatch.capture import Capture, evaluating
-from lawwatch.measure import accumulate
+from lawwatch.measurement import accumulate
 from lawwatch.norms import NormSpec
 from lawwatch.probe import example_mask, example_targets
-from lawwatch.residual import BatchUpdate, ResidualStats
-from tests.conftest import ragged_probe
-from tests.reference import ols_pr
-from tests.test_capture import FAMILIES, NanoGPT, build
+from lawwatch.stats.residual import BatchUpdate, ResidualStats
+from tests.helpers.models import FAMILIES, NanoGPT, build, ragged_probe
+from tests.helpers.reference import ols_pr
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

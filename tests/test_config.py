@@ -20,8 +20,8 @@ from lawwatch import LawWatch, MeasureConfig, NormSpec, measure
 from lawwatch.cli import add_measure_arguments, measure_config
 from lawwatch.config import field_docs
 from lawwatch.integrations.hf import LawWatchCallback
-from tests.conftest import VOCAB, ragged_probe, tiny_gpt2
-from tests.test_configs import recipe_common
+from tests.helpers.models import VOCAB, ragged_probe, tiny_gpt2
+from tests.helpers.recipes import recipe_common
 
 # each field set to a value that changes what is measured; `base` holds what it needs besides
 CASES = {

@@ -8,7 +8,6 @@ own loader accepts them (it rejects unknown keys).
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lawwatch import MeasureConfig
+from tests.helpers.recipes import recipe_common
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -30,14 +30,6 @@ SIZES = {
     "gpt2_small.yaml": (100e6, 130e6),  # GPT-2 small: 124M with its own 50257-token vocabulary
     "llama_1b.yaml": (0.9e9, 1.3e9),
 }
-
-
-def recipe_common():
-    """recipes/common.py: the config loading both recipes share."""
-    spec = importlib.util.spec_from_file_location("common", ROOT / "recipes" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def header(path: Path) -> tuple[list[str], list[str]]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lawwatch.corpus import (
+from lawwatch.demo.corpus import (
     Blocks,
     pack,
     pack_texts,

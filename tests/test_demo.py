@@ -14,7 +14,7 @@ from lawwatch.cli import field_docs, main
 from lawwatch.demo import DemoConfig
 from lawwatch.demo.credentials import local_credentials, wandb_mode
 from lawwatch.history import History
-from tests.wandb_offline import final_summary, history_rows, inspect_run, lawwatch_steps
+from tests.helpers.wandb_offline import final_summary, history_rows, inspect_run, lawwatch_steps
 
 TINY = {
     "source": "topics",
@@ -183,7 +183,7 @@ def test_the_library_never_imports_the_demo():
     """The demo is an application of lawwatch: importing the library and its integrations
     (and the CLI module, which imports the demo only when it runs it) leaves it unloaded."""
     code = (
-        "import sys, lawwatch, lawwatch.cli, lawwatch.corpus, lawwatch.integrations.hf, "
+        "import sys, lawwatch, lawwatch.cli, lawwatch.demo.corpus, lawwatch.integrations.hf, "
         "lawwatch.integrations.accelerate, lawwatch.report\n"
         "print(sorted(m for m in sys.modules if m.startswith('lawwatch.demo')))"
     )

@@ -1,10 +1,10 @@
 """Multi-process snapshots: real ``torchrun`` jobs with 2 processes on gloo (CPU).
 
 Each job runs once per module (fixtures) and several tests read its result files. The workers
-live in ``tests/dist/``. Every comparison is against ``lawwatch.measure`` on the full probe in a
-single process with the same weights; the models are float64, so the bound (1e-9) tests the
-sharding and the reduction, not float32 differences between batch shapes (those alone reach
-~3e-9 on a float32 model).
+live in ``tests/helpers/dist/``. Every comparison is against ``lawwatch.measurement`` on the full
+probe in a single process with the same weights; the models are float64, so the bound (1e-9)
+tests the sharding and the reduction, not float32 differences between batch shapes (those alone
+reach ~3e-9 on a float32 model).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import torch
 
 import lawwatch
 from lawwatch import distributed, scalars
-from lawwatch.distributed import layout
-from lawwatch.measure import accumulate
+from lawwatch.measurement import accumulate
 from lawwatch.models import is_sharded, measured_module
-from lawwatch.monitor import LawWatch
 from lawwatch.probe import example_mask
-from tests.conftest import ragged_probe, tiny_gpt2, tiny_llama
-from tests.dist.common import uneven_probe
-from tests.dist.launch import run, torchrun
-from tests.test_measure import _gpt2_norm, _llama_norm, paper_reference
+from lawwatch.watch.distributed import layout
+from lawwatch.watch.monitor import LawWatch
+from tests.helpers.dist.common import uneven_probe
+from tests.helpers.dist.launch import run, torchrun
+from tests.helpers.models import ragged_probe, tiny_gpt2, tiny_llama
+from tests.helpers.paper import gpt2_norm, llama_norm, paper_reference
 
 TOL = 1e-9
 
@@ -53,7 +53,7 @@ def max_diff(a: list[float], b: list[float]) -> float:
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
     out = tmp_path_factory.mktemp("three")
-    log = run([*torchrun(3), "-m", "tests.dist.three_worker", str(out)])
+    log = run([*torchrun(3), "-m", "tests.helpers.dist.three_worker", str(out)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(3)], log
 
 
@@ -95,7 +95,7 @@ def test_the_overhead_budget_is_agreed_by_all_processes(three):
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    log = launch("tests.dist.ddp_worker", out)
+    log = launch("tests.helpers.dist.ddp_worker", out)
     return out, results(out), log
 
 
@@ -182,7 +182,7 @@ def test_ddp_snapshot_leaves_training_alone(ddp):
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    log = launch("tests.dist.fsdp_worker", out)
+    log = launch("tests.helpers.dist.fsdp_worker", out)
     return results(out), log
 
 
@@ -233,7 +233,7 @@ def test_half_sharded_model_is_refused_with_the_fix(fsdp):
 @pytest.fixture(scope="module")
 def misuse(tmp_path_factory):
     out = tmp_path_factory.mktemp("misuse")
-    log = launch("tests.dist.misuse_worker", out)
+    log = launch("tests.helpers.dist.misuse_worker", out)
     return results(out), log
 
 
@@ -275,7 +275,7 @@ def test_a_rank_that_skips_a_step_is_named(misuse):
 def test_a_rank_in_a_collective_of_another_size_is_recognisable(tmp_path):
     """gloo aborts on a size mismatch; with TORCH_DISTRIBUTED_DEBUG=DETAIL torch raises on both
     ranks, naming the vote by its fixed shape, and lawwatch adds what every rank must call."""
-    cmd = [*torchrun(2), "-m", "tests.dist.misuse_worker", str(tmp_path), "detail"]
+    cmd = [*torchrun(2), "-m", "tests.helpers.dist.misuse_worker", str(tmp_path), "detail"]
     log = run(cmd, env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"})
     r0, r1 = results(tmp_path)
     assert r0["step0"] is not None and r0["step1"] is None
@@ -315,7 +315,7 @@ def test_plain_model_is_measured_as_is(gpt2):
     assert measured_module(gpt2, unwrap=lambda m: m.transformer) is gpt2.transformer
 
 
-_FRESH = {tiny_gpt2: _gpt2_norm, tiny_llama: _llama_norm}
+_FRESH = {tiny_gpt2: gpt2_norm, tiny_llama: llama_norm}
 
 
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
@@ -364,7 +364,7 @@ def test_a_step_is_attempted_once_even_when_it_fails(gpt2, caplog):
 def test_scalars(gpt2, probe):
     """What TrackerSink hands accelerator.log (the sink itself runs against a real Accelerator
     and W&B offline in tests/test_recipes.py)."""
-    snapshot = lawwatch.measure(gpt2, probe)
+    snapshot = lawwatch.measurement(gpt2, probe)
     values = scalars(snapshot)
     assert values["lawwatch/pearson_r"] == snapshot.fit.pearson_r
     assert values["lawwatch/rho"] == snapshot.fit.rho
@@ -383,7 +383,7 @@ def test_scalars(gpt2, probe):
 @pytest.fixture(scope="module")
 def bf16_ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16")
-    launch("tests.dist.precision_worker", out)
+    launch("tests.helpers.dist.precision_worker", out)
     return results(out)
 
 

@@ -16,7 +16,7 @@ import transformers as tf
 
 from lawwatch import measure
 from lawwatch.probe import ProbeSet, example_mask, example_targets
-from tests.reference import layer_norm, ols_pr, rms_norm
+from tests.helpers.reference import layer_norm, ols_pr, rms_norm
 
 VOCAB = 64
 

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 import lawwatch
 from lawwatch import ProbeSet, emergence_step, measure
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from tests.conftest import VOCAB, ragged_probe, tiny_gpt2
-from tests.dist.launch import run, torchrun
-from tests.wandb_offline import (
+from tests.helpers.dist.launch import run, torchrun
+from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.trainer import PNG_MAGIC, make_trainer
+from tests.helpers.wandb_offline import (
     final_summary,
     finish_run,
     history_rows,
@@ -26,41 +27,6 @@ from tests.wandb_offline import (
 )
 
 pytestmark = pytest.mark.slow
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class Tokens(torch.utils.data.Dataset):
-    """Causal-LM examples: a few token patterns the tiny model can learn (labels = inputs)."""
-
-    def __init__(self, rows: int = 64, length: int = 16, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        start = torch.randint(1, VOCAB, (rows, 1), generator=gen)
-        stride = torch.randint(1, 4, (rows, 1), generator=gen)
-        self.ids = (start + stride * torch.arange(length)) % (VOCAB - 1) + 1
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def make_trainer(out, callbacks, *, max_steps, report_to=(), save_steps=None, seed=0):
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=max_steps,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        logging_steps=1,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        report_to=list(report_to),
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=seed,
-    )
-    return Trainer(model=tiny_gpt2(seed), args=args, train_dataset=Tokens(), callbacks=callbacks)
 
 
 # -- local history ------------------------------------------------------------------------------
@@ -278,7 +244,7 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
 
 
 def test_every_process_measures_only_the_main_one_writes(tmp_path):
-    script = Path(__file__).with_name("ddp_trainer.py")
+    script = Path(__file__).parent / "helpers" / "ddp_trainer.py"
     run([*torchrun(2), str(script), str(tmp_path / "out")], timeout=300)
     results = sorted((tmp_path / "out").glob("result_*.json"))
     by_rank = {line["rank"]: line for line in (json.loads(p.read_text()) for p in results)}

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from lawwatch import Snapshot, fit_law
 from lawwatch.history import HISTORY_FILE, MATRIX_FILE, History, series_change
-from lawwatch.monitor import LawWatch
-from lawwatch.sinks import LocalHistory
-from tests.conftest import ragged_probe
+from lawwatch.output.sinks import LocalHistory
+from lawwatch.watch.monitor import LawWatch
+from tests.helpers.models import ragged_probe
 
 SERIES = {"probe": "a" * 64, "config": {"layers": None, "target": "token_id"}, "precision": "f32"}
 

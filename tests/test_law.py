@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lawwatch import emergence_step, fit_law
-from tests.reference import line_fit
+from tests.helpers.reference import line_fit
 
 
 def test_exact_geometric_decay():

@@ -1,49 +1,20 @@
 """`measure` against a direct float64 re-implementation of He & Su's protocol."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
 from lawwatch import ProbeSet, Snapshot, fit_law, measure
-from lawwatch.measure import accumulate, solve
-from tests.conftest import RECORD_KEYS, VOCAB, ragged_probe, tiny_gpt2, tiny_llama
-from tests.reference import fit_line, ols_pr
+from lawwatch.measurement import accumulate, solve
+from tests.helpers.models import RECORD_KEYS, VOCAB, ragged_probe, tiny_gpt2, tiny_llama
+from tests.helpers.paper import gpt2_norm, llama_norm, paper_reference
+from tests.helpers.reference import fit_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def paper_reference(model, probe: ProbeSet, fresh_norm) -> np.ndarray:
-    """The protocol, literally: a float64 copy of the model, one unpadded sequence at a time,
-    a fresh norm module on every entry but the last, targets = next token ids, numpy lstsq."""
-    m = copy.deepcopy(model).double().eval()
-    feats, targets = None, []
-    for row, mask in zip(probe.input_ids, probe.attention_mask, strict=True):
-        ids = row[mask.bool()]
-        if ids.numel() < 2:
-            continue
-        with torch.no_grad():
-            hidden = m.base_model(ids[None], output_hidden_states=True).hidden_states
-        per_entry = [fresh_norm(h[0, :-1]) for h in hidden[:-1]] + [hidden[-1][0, :-1]]
-        feats = [[] for _ in per_entry] if feats is None else feats
-        for bucket, h in zip(feats, per_entry, strict=True):
-            bucket.append(h.numpy())
-        targets.append(ids[1:].numpy())
-    y = np.concatenate(targets).astype(np.float64)
-    return np.array([ols_pr(np.concatenate(f), y) for f in feats])
-
-
-def _gpt2_norm(d):
-    return torch.nn.LayerNorm(d, eps=1e-5, elementwise_affine=False).double()
-
-
-def _llama_norm(d):
-    return torch.nn.RMSNorm(d, eps=1e-6, elementwise_affine=False).double()
-
-
 @pytest.mark.parametrize(
-    ("make", "norm"), [(tiny_gpt2, _gpt2_norm), (tiny_llama, _llama_norm)], ids=["gpt2", "llama"]
+    ("make", "norm"), [(tiny_gpt2, gpt2_norm), (tiny_llama, llama_norm)], ids=["gpt2", "llama"]
 )
 def test_equals_paper_protocol(make, norm):
     model = make(seed=1)

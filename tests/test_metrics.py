@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from lawwatch import measure
-from lawwatch.fuzziness import separation_fuzziness
-from lawwatch.outofsample import out_of_sample_pr
-from lawwatch.partition import PartitionedStats, jackknife_se, sequence_cells
-from lawwatch.residual import ResidualStats
-from tests.conftest import ragged_probe, tiny_gpt2
-from tests.reference import layer_norm, line_fit, ols_pr, onehot
+from lawwatch.stats.fuzziness import separation_fuzziness
+from lawwatch.stats.outofsample import out_of_sample_pr
+from lawwatch.stats.partition import PartitionedStats, jackknife_se, sequence_cells
+from lawwatch.stats.residual import ResidualStats
+from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.reference import layer_norm, line_fit, ols_pr, onehot
 
 L, D = 3, 6
 

@@ -17,8 +17,7 @@ from lawwatch.models import (
     max_positions,
     measured_module,
 )
-from tests.conftest import VOCAB, ragged_probe, tiny_gpt2, tiny_llama
-from tests.test_capture import NanoGPT
+from tests.helpers.models import VOCAB, NanoGPT, ragged_probe, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,9 +9,9 @@ import torch
 
 from lawwatch import ProbeSet
 from lawwatch.history import History
-from lawwatch.monitor import LawWatch, Schedule
-from lawwatch.sinks import LocalHistory, Sinks
-from tests.conftest import RECORD_KEYS
+from lawwatch.output.sinks import LocalHistory, Sinks
+from lawwatch.watch.monitor import LawWatch, Schedule
+from tests.helpers.models import RECORD_KEYS
 
 
 def test_default_schedule():

@@ -19,7 +19,7 @@ from lawwatch import LawWatch, measure
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
 from lawwatch.precision import forward_precision
-from tests.conftest import ragged_probe, tiny_gpt2
+from tests.helpers.models import ragged_probe, tiny_gpt2
 
 TOL = 1e-9
 
@@ -80,7 +80,7 @@ def test_accelerate_bf16_one_process(bf16_accelerator):
 
 
 def test_trainer_bf16_snapshots_in_float32(tmp_path):
-    from tests.test_hf import Tokens
+    from tests.helpers.trainer import Tokens
 
     probe = ragged_probe()
     reference = measure(tiny_gpt2(0), probe)

@@ -5,7 +5,7 @@ import torch
 
 from lawwatch import ProbeSet
 from lawwatch.probe import example_mask, example_targets
-from tests.conftest import char_tokenizer, ragged_probe
+from tests.helpers.models import char_tokenizer, ragged_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from lawwatch import ProbeSet, cli
-from lawwatch.corpus import pydoc_topics
-from lawwatch.probe_spec import ProbeSpec, read_texts
-from tests.conftest import char_tokenizer
+from lawwatch.demo.corpus import pydoc_topics
+from lawwatch.probe.spec import ProbeSpec, read_texts
+from tests.helpers.models import char_tokenizer
 
 
 @pytest.fixture

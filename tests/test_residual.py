@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from lawwatch import ResidualStats, prediction_residuals, residual
-from lawwatch.residual import exact_float32_matmul
-from tests.reference import layer_norm, ols_pr, onehot
+from lawwatch.stats.residual import exact_float32_matmul
+from tests.helpers.reference import layer_norm, ols_pr, onehot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -348,7 +348,7 @@ def test_bad_options_named():
 )
 def test_gram_in_several_panels_equals_numpy(options):
     """d = 450: three panels of the upper-triangular Gram (192, 192, 66 rows), mirrored."""
-    from lawwatch.residual import gram_panel
+    from lawwatch.stats.residual import gram_panel
 
     d = 450
     assert -(-d // gram_panel(d)) == 3

@@ -18,13 +18,13 @@ from lawwatch import measure
 from lawwatch.capture import Capture
 from lawwatch.config import MeasureConfig
 from lawwatch.precision import FAST_FP64_CAPABILITIES, slow_fp64
-from lawwatch.residual import ResidualStats
-from tests.conftest import ragged_probe, tiny_gpt2
-from tests.reference import ols_pr
+from lawwatch.stats.residual import ResidualStats
+from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.reference import ols_pr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-measure_mod = __import__("lawwatch.measure", fromlist=["measure"])  # the module, not the function
+measure_mod = __import__("lawwatch.measurement", fromlist=["measure"])
 precision_mod = __import__("lawwatch.precision", fromlist=["slow_fp64"])
 
 

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from lawwatch import Snapshot, emergence_step, fit_law
-from lawwatch.sinks import Sinks, WandbSink, layer_key
-from tests.wandb_offline import final_summary, history_rows, inspect_run, table_files, table_rows
+from lawwatch.output.sinks import Sinks, WandbSink, layer_key
+from tests.helpers.wandb_offline import (
+    final_summary,
+    history_rows,
+    inspect_run,
+    table_files,
+    table_rows,
+)
 
 
 def snapshot(step: int, decay: float, entries: int = 5, seed: int = 0) -> Snapshot:
@@ -122,8 +128,8 @@ def test_a_layer_subset_keeps_its_true_indices(offline_wandb, tmp_path):
 
     from lawwatch import scalars
     from lawwatch.history import law_points
+    from lawwatch.output.sinks import LocalHistory
     from lawwatch.report import plot_law
-    from lawwatch.sinks import LocalHistory
 
     layers = (0, 3, 6, 9)
     snaps = []

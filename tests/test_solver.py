@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lawwatch.residual import ResidualStats
-from lawwatch.solver import DEFAULT_RTOL, explained_sum_of_squares
-from tests.reference import layer_norm, ols_pr, onehot, rms_norm, standardize
+from lawwatch.stats.residual import ResidualStats
+from lawwatch.stats.solver import DEFAULT_RTOL, explained_sum_of_squares
+from tests.helpers.reference import layer_norm, ols_pr, onehot, rms_norm, standardize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lawwatch import MeasureConfig, ProbeSet, measure
-from lawwatch.measure import accumulate, prepare
+from lawwatch.measurement import accumulate, prepare
 from lawwatch.targets import OTHER, Targets, human_bytes, onehot_bytes, shuffled_ids
-from tests.conftest import ragged_probe, tiny_gpt2
-from tests.reference import (
+from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.reference import (
     hf_residual_stream,
     layer_norm,
     onehot,
@@ -195,8 +195,8 @@ _TWO_RANKS = """
 import json, sys
 import torch
 import torch.distributed as dist
-from lawwatch.monitor import LawWatch
-from tests.conftest import ragged_probe, tiny_gpt2
+from lawwatch.watch.monitor import LawWatch
+from tests.helpers.models import ragged_probe, tiny_gpt2
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

@@ -18,14 +18,13 @@ from transformers import Trainer, TrainingArguments
 
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from lawwatch.sinks import layer_key, scalars
-from lawwatch.trackers import TRACKERS, open_tracker, reported_trackers
-from tests.conftest import ragged_probe, tiny_gpt2
-from tests.test_hf import PNG_MAGIC, Tokens
+from lawwatch.output.sinks import layer_key
+from lawwatch.output.trackers import TRACKERS, open_tracker, reported_trackers
+from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.trackers import STEPS, accelerate_loop, expected_scalars, read_events
+from tests.helpers.trainer import PNG_MAGIC, Tokens
 
 pytestmark = pytest.mark.slow
-
-STEPS = [0, 1, 2, 4]  # every=2, max_steps=4: step 0, powers of two, multiples of 2
 
 
 def train(out, report_to, callback=None, **args):
@@ -52,11 +51,6 @@ def train(out, report_to, callback=None, **args):
     return callback, records
 
 
-def expected_scalars(records):
-    """Step -> the scalars every tracker should hold, from the local history."""
-    return {r["step"]: scalars(History([r]).snapshots()[0]) for r in records}
-
-
 # -- choosing trackers --------------------------------------------------------------------------
 
 
@@ -73,16 +67,6 @@ def test_report_to_names():
 
 
 # -- TensorBoard --------------------------------------------------------------------------------
-
-
-def read_events(directory):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(
-        str(directory), size_guidance={"scalars": 0, "tensors": 0, "images": 0}
-    )
-    events.Reload()
-    return events
 
 
 def test_tensorboard_holds_the_law(tmp_path):
@@ -287,20 +271,6 @@ def test_a_tracker_that_fails_to_open_costs_only_itself(
 # -- accelerate custom loops --------------------------------------------------------------------
 
 
-def accelerate_loop(accelerator, model, optimizer, watch, steps: int = 4) -> None:
-    """Train ``steps`` steps of 8 sequences (the loss logged first), snapshots at 0 … steps."""
-    data = Tokens()
-    for step in range(steps + 1):
-        if step > 0:
-            batch = data.ids[8 * (step - 1) : 8 * step]
-            loss = model(input_ids=batch, labels=batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            accelerator.log({"train/loss": loss.item()}, step=step)
-        watch.maybe_snapshot(step)
-
-
 def test_accelerate_loop_logs_to_every_tracker(tmp_path, mlflow_store, offline_wandb, caplog):
     import torch
     from accelerate import Accelerator
@@ -308,7 +278,7 @@ def test_accelerate_loop_logs_to_every_tracker(tmp_path, mlflow_store, offline_w
 
     from lawwatch.alerts import Alerts
     from lawwatch.integrations.accelerate import AcceleratorWatch
-    from tests.wandb_offline import history_rows, inspect_run
+    from tests.helpers.wandb_offline import history_rows, inspect_run
 
     accelerator = Accelerator(
         cpu=True, log_with=["tensorboard", "mlflow", "wandb"], project_dir=str(tmp_path / "acc")
@@ -376,7 +346,7 @@ def test_callback_alerts_reach_the_trackers_that_have_them(tmp_path, offline_wan
     from trackio.sqlite_storage import SQLiteStorage
 
     from lawwatch.alerts import Alerts
-    from tests.wandb_offline import finish_run, inspect_run
+    from tests.helpers.wandb_offline import finish_run, inspect_run
 
     project = f"lawwatch-{uuid.uuid4().hex[:8]}"
     # threshold 1: every r counts as emerged, so the emergence alert fires at step 0
@@ -404,8 +374,8 @@ def test_a_reattached_mlflow_run_gets_each_step_once(tmp_path, mlflow_store):
     import mlflow
     from mlflow import MlflowClient
 
-    from lawwatch.trackers import MlflowSink
-    from tests.test_alerts import line, snap
+    from lawwatch.output.trackers import MlflowSink
+    from tests.helpers.snapshots import line, snap
 
     snaps = [snap(step, line(noise=0.01, seed=step)) for step in (0, 1, 2, 4)]
     run_id = mlflow.start_run().info.run_id
@@ -427,8 +397,8 @@ def test_a_reattached_mlflow_run_gets_each_step_once(tmp_path, mlflow_store):
 def test_a_fresh_tensorboard_writer_gets_the_history_replayed(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from lawwatch.trackers import TensorBoardSink
-    from tests.test_alerts import line, snap
+    from lawwatch.output.trackers import TensorBoardSink
+    from tests.helpers.snapshots import line, snap
 
     records = [snap(step, line(noise=0.01, seed=step)).to_record() for step in (0, 1, 2)]
     sink = TensorBoardSink(SummaryWriter(str(tmp_path / "tb")), history=records)

@@ -14,8 +14,8 @@ from transformers import Trainer, TrainingArguments
 from lawwatch import measure
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from tests.conftest import ragged_probe, tiny_gpt2
-from tests.test_hf import Tokens, make_trainer
+from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.trainer import Tokens, make_trainer
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import torch
 
 from lawwatch import LawWatch, measure
 from lawwatch.models import measured_module
-from tests.conftest import VOCAB, ragged_probe, tiny_gpt2
+from tests.helpers.models import VOCAB, ragged_probe, tiny_gpt2
 
 TOL = 1e-12
 

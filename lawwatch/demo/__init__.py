@@ -1,7 +1,7 @@
 """The demo application: watch the law of equi-learning emerge in a GPT-2 trained from scratch.
 
 ``lawwatch demo`` (what ``make demo`` runs) needs nothing from the network: the text is what
-CPython itself ships (:mod:`lawwatch.corpus`), the tokenizer is trained on it here, the model
+CPython itself ships (:mod:`lawwatch.demo.corpus`), the tokenizer is trained on it here, the model
 starts from random weights, and the Hugging Face ``Trainer`` trains it on CPU with
 :class:`~lawwatch.integrations.hf.LawWatchCallback` attached. W&B runs offline unless W&B
 credentials are configured on this machine. Every knob is a field of :class:`DemoConfig`.

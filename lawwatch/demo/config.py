@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lawwatch.corpus import Source
+from lawwatch.demo.corpus import Source
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 
 WandbMode = Literal["auto", "online", "offline", "disabled"]

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from lawwatch.corpus import Blocks, pack_texts, python_texts, split_texts, train_tokenizer
 from lawwatch.demo.config import DemoConfig
+from lawwatch.demo.corpus import Blocks, pack_texts, python_texts, split_texts, train_tokenizer
 from lawwatch.probe import ProbeSet
 
 

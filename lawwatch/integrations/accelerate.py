@@ -10,7 +10,7 @@ A custom training loop needs three lines::
 Every snapshot goes, on the main process, to the accelerator's trackers through
 :class:`TrackerSink` (once ``accelerator.init_trackers`` has been called: W&B, TensorBoard, any
 ``GeneralTracker``; keys from :func:`lawwatch.scalars`, at the training step) and, with
-``directory``, to a :class:`~lawwatch.sinks.LocalHistory` there, besides any sinks given.
+``directory``, to a :class:`~lawwatch.output.sinks.LocalHistory` there, besides any sinks given.
 ``alerts=True`` adds :class:`~lawwatch.alerts.AlertSink` (W&B and trackio trackers get the alerts).
 """
 
@@ -27,9 +27,9 @@ from lawwatch.alerts import Alert, Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.monitor import LawWatch
+from lawwatch.output.sinks import PREFIX, LocalHistory, Sink, Sinks, scalars, wandb_alert
 from lawwatch.probe import ProbeSet
-from lawwatch.sinks import PREFIX, LocalHistory, Sink, Sinks, scalars, wandb_alert
+from lawwatch.watch.monitor import LawWatch
 
 log = logging.getLogger("lawwatch")
 
@@ -40,7 +40,7 @@ STEP_METRIC = f"{PREFIX}step"
 class TrackerSink:
     """Writes snapshots to the accelerator's trackers (main process only), at their step.
 
-    Each tracker gets :func:`~lawwatch.sinks.scalars` with the snapshot's training step, as
+    Each tracker gets :func:`~lawwatch.output.sinks.scalars` with the snapshot's training step, as
     ``accelerator.log(values, step=step)`` would give it (a tracker that fails is reported,
     the others still get the snapshot). W&B is the exception: its rows have one increasing
     ``step`` and it drops a row logged at an earlier step than it holds, which is what a
@@ -62,7 +62,7 @@ class TrackerSink:
         self._defined: set[int] = set()  # W&B runs given the lawwatch/step axis
 
     def write(self, snapshot: Snapshot) -> None:
-        """Log the snapshot's :func:`~lawwatch.sinks.scalars` at its training step."""
+        """Log the snapshot's :func:`~lawwatch.output.sinks.scalars` at its training step."""
         values = scalars(snapshot)
         for tracker in getattr(self.accelerator, "trackers", None) or []:
             try:
@@ -106,7 +106,7 @@ class TrackerAlerts:
             if tracker.name == "wandb":
                 wandb_alert(tracker.tracker, alert)
             elif tracker.name == "trackio":
-                from lawwatch.trackers import trackio_alert
+                from lawwatch.output.trackers import trackio_alert
 
                 trackio_alert(tracker.tracker, alert)
 
@@ -121,7 +121,7 @@ class AcceleratorWatch(LawWatch):
         probe: The full probe set; each process measures its shard.
         config: The measurement options (see :class:`~lawwatch.config.MeasureConfig`).
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors``
-            (:class:`~lawwatch.sinks.LocalHistory`: one series, one writer); None for none.
+            (:class:`~lawwatch.output.sinks.LocalHistory`: one series, one writer); None for none.
         sinks: More sinks (main process only).
         alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts`) raises an alert when the law
             emerges, breaks, or a layer's PR stops falling: a WARNING on the ``"lawwatch"``

@@ -1,9 +1,9 @@
 """LawWatchCallback: the law of equi-learning, measured live inside a Hugging Face ``Trainer``.
 
-A thin adapter around :class:`lawwatch.monitor.LawWatch`: it decides *when* (step 0 before any
+A thin adapter around :class:`lawwatch.watch.monitor.LawWatch`: it decides *when* (step 0 before any
 update, the schedule after each optimizer step, the final step) and *where* results go (local
 history always; every tracker in ``report_to`` that lawwatch logs to, in the run the Trainer's
-own reporting callback made (see :mod:`lawwatch.trackers`); a PNG of the law at train end;
+own reporting callback made (see :mod:`lawwatch.output.trackers`); a PNG of the law at train end;
 alerts when asked for). Every process measures (the probe is sharded and the statistics reduced);
 only the main process writes. Nothing here may stop training: a failure is logged to the
 ``"lawwatch"`` logger and training goes on.
@@ -24,10 +24,10 @@ from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import HISTORY_FILE, MATRIX_FILE
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.monitor import LawWatch, Schedule, check_monitor_settings
+from lawwatch.output.sinks import LocalHistory, Sink, Sinks, WandbSink
+from lawwatch.output.trackers import TRACKERS, Reporting, open_tracker, reported_trackers
 from lawwatch.probe import ProbeSet
-from lawwatch.sinks import LocalHistory, Sink, Sinks, WandbSink
-from lawwatch.trackers import TRACKERS, Reporting, open_tracker, reported_trackers
+from lawwatch.watch.monitor import LawWatch, Schedule, check_monitor_settings
 
 log = logging.getLogger("lawwatch")
 
@@ -76,15 +76,15 @@ class LawWatchCallback(TrainerCallback):
     Written by the main process:
 
     - ``<output_dir>/lawwatch/history.jsonl`` and ``pr.safetensors`` (see
-      :class:`lawwatch.sinks.LocalHistory`), and ``law.png`` at train end
+      :class:`lawwatch.output.sinks.LocalHistory`), and ``law.png`` at train end
       (:func:`lawwatch.report.plot_law`, when matplotlib is installed);
     - for each tracker in ``args.report_to`` (``"all"`` included): the same keys
       (:func:`lawwatch.scalars`) at the training step, in the run, writer or experiment the
       Trainer's own reporting callback created (it runs first: the Trainer puts its reporting
       callbacks before the user's): W&B, TensorBoard, MLflow (and DagsHub), trackio, Comet,
-      ClearML, DVCLive (:mod:`lawwatch.trackers`); a tracker that cannot be opened is reported
-      and the others still run. At train end the PNG (and, where the tracker keeps files, the
-      history files) go to each of them;
+      ClearML, DVCLive (:mod:`lawwatch.output.trackers`); a tracker that cannot be opened is
+      reported and the others still run. At train end the PNG (and, where the tracker keeps
+      files, the history files) go to each of them;
     - with ``alerts``: each alert once, as a WARNING on the ``"lawwatch"`` logger and in the
       trackers that have alerts (W&B ``run.alert``, trackio), see :mod:`lawwatch.alerts`.
 
@@ -103,7 +103,7 @@ class LawWatchCallback(TrainerCallback):
         config: The measurement options (default: the paper's protocol), see
             :class:`~lawwatch.config.MeasureConfig`.
         every: Snapshot period after the log-spaced start (see
-            :class:`lawwatch.monitor.Schedule`).
+            :class:`lawwatch.watch.monitor.Schedule`).
         schedule: Instead of the default: a predicate ``step -> bool`` or a collection of
             steps. Step 0 and the final step are measured in any case.
         directory: Where the local files go. Default: ``<args.output_dir>/lawwatch``.
@@ -114,10 +114,10 @@ class LawWatchCallback(TrainerCallback):
             stops falling. Off by default.
         max_overhead: A budget for the monitor's share of training time (e.g. ``0.02``):
             scheduled steps are skipped while snapshots would exceed it (see
-            :class:`~lawwatch.monitor.LawWatch`). Step 0 and the final step are measured in
+            :class:`~lawwatch.watch.monitor.LawWatch`). Step 0 and the final step are measured in
             any case. Default: no budget.
         background: Solve, fit and write the local history on a worker thread beside training
-            (see :class:`~lawwatch.monitor.LawWatch`); each record is logged a few steps later
+            (see :class:`~lawwatch.watch.monitor.LawWatch`); each record is logged a few steps later
             under its own step. Pending results are recorded at each checkpoint save
             (``on_save``) and at train end, before the report; the worker is joined at train
             end. Off by default.
@@ -132,7 +132,7 @@ class LawWatchCallback(TrainerCallback):
         ValueError: An invalid option value or schedule period, or an empty probe.
 
     Attributes:
-        monitor: The :class:`lawwatch.monitor.LawWatch` of the current ``train()`` call.
+        monitor: The :class:`lawwatch.watch.monitor.LawWatch` of the current ``train()`` call.
         directory: Where the local files are (set at train begin on the main process).
         report_path: The PNG written at train end, if any.
         wandb: The W&B sink, when logging to W&B.

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lawwatch import ProbeSet
-from tests.conftest import VOCAB, ragged_probe
+from tests.helpers.models import VOCAB, ragged_probe
 
 TIMEOUT_S = 60  # process-group timeout: a hang becomes a failure, well inside the test's
 

@@ -1,8 +1,8 @@
 """DDP through ``Accelerator(cpu=True)``: sharded snapshots equal one process; failures agree.
 
-Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.dist.ddp_worker OUT``.
+Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.helpers.dist.ddp_worker OUT``.
 Each rank writes ``OUT/rank{r}.json``; rank 0 adds single-process references computed with
-``lawwatch.measure`` on the full probe and the same weights. The model is float64 so that the
+``lawwatch.measurement`` on the full probe and the same weights. The model is float64 so that the
 comparison sees the reduction, not float32 differences between batch shapes.
 """
 
@@ -15,9 +15,9 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs
 
 import lawwatch
-from lawwatch.sinks import LocalHistory
-from tests.conftest import VOCAB, tiny_gpt2
-from tests.dist.common import (
+from lawwatch.output.sinks import LocalHistory
+from tests.helpers.models import VOCAB, tiny_gpt2
+from tests.helpers.dist.common import (
     TIMEOUT_S,
     lopsided_probe,
     poison,
@@ -62,7 +62,7 @@ def main() -> None:
     }
 
     def reference(target: str = "token_id", on=probe) -> list[float] | None:
-        return lawwatch.measure(plain, on, target=target).pr.tolist() if rank == 0 else None
+        return lawwatch.measurement(plain, on, target=target).pr.tolist() if rank == 0 else None
 
     # step 0: before any training forward; then train and measure again
     results["step0"] = pr_list(watch.maybe_snapshot(0))

@@ -1,7 +1,7 @@
 """Statistics kept per part of the probe: out-of-sample PR, separation fuzziness, jackknife.
 
-The plain measurement keeps one :class:`~lawwatch.residual.ResidualStats`. The options that need
-more (``split``, ``metric="separation_fuzziness"``, ``jackknife``) keep a
+The plain measurement keeps one :class:`~lawwatch.stats.residual.ResidualStats`. The options that
+need more (``split``, ``metric="separation_fuzziness"``, ``jackknife``) keep a
 :class:`PartitionedStats` instead: one ``ResidualStats`` per *cell*, a cell being a (jackknife
 group, split part) pair, each example going to the cell of the probe sequence it comes from.
 Cells are assigned by the sequence's index ``i`` in the whole probe (a process's shard knows
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lawwatch.residual import ResidualStats
+from lawwatch.stats.residual import ResidualStats
 
 __all__ = ["GOLDEN", "PartitionedStats", "jackknife_se", "sequence_cells"]
 
@@ -71,7 +71,7 @@ def jackknife_se(values: torch.Tensor | list[float]) -> float:
 
 
 class PartitionedStats:
-    """One :class:`~lawwatch.residual.ResidualStats` per cell, and the measure they give.
+    """One :class:`~lawwatch.stats.residual.ResidualStats` per cell, and the measure they give.
 
     Offers what the measurement loop uses of ``ResidualStats``: ``update`` (with each example's
     sequence index), ``count``, ``dim``, ``layers``, ``to``, ``all_reduce``,
@@ -187,14 +187,14 @@ class PartitionedStats:
     def values(self, without: int | None = None) -> torch.Tensor:
         """The per-entry measure, leaving out jackknife group ``without`` if given."""
         if self.split is not None:
-            from lawwatch.outofsample import out_of_sample_pr
+            from lawwatch.stats.outofsample import out_of_sample_pr
 
             return out_of_sample_pr(
                 self.merged(part=0, without=without), self.merged(part=1, without=without)
             )
         merged = self.merged(without=without)
         if self.metric == "separation_fuzziness":
-            from lawwatch.fuzziness import separation_fuzziness
+            from lawwatch.stats.fuzziness import separation_fuzziness
 
             return separation_fuzziness(merged)
         return merged.compute()

@@ -4,12 +4,12 @@ In-sample PR is biased low: OLS with ``d`` features and an intercept fitted to `
 explains, on pure noise, an expected ``R² ≈ d / (n - 1)`` of the target's variance, so PR of a
 layer that knows nothing is about ``1 - d/n`` rather than 1. With ``split=`` the probe's
 sequences are divided into a fit part A and an evaluation part B (see
-:mod:`lawwatch.partition`) and
+:mod:`lawwatch.stats.partition`) and
 
     ``PR_out = Σ_{i∈B} ‖y_i − a − Bᵀx_i‖² / Σ_{i∈B} ‖y_i − ȳ_B‖²``
 
 where ``(a, B)`` are part A's OLS intercept and coefficients (the least-squares solution under
-the rank rule of :mod:`lawwatch.solver`: the minimum-norm solution in correlation-scaled
+the rank rule of :mod:`lawwatch.stats.solver`: the minimum-norm solution in correlation-scaled
 coordinates, eigenvalues of part A's correlation matrix below ``rtol · λ_max`` dropped) and
 ``ȳ_B`` is part B's own mean. Everything comes from the two parts' sufficient statistics, in
 float64: with part B's Gram ``G_B``, cross term ``b_B`` and target scatter ``g_B`` centered
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from lawwatch.residual import ResidualStats
+from lawwatch.stats.residual import ResidualStats
 
 __all__ = ["out_of_sample_pr"]
 

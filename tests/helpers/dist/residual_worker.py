@@ -1,7 +1,7 @@
 """Residual statistics across real gloo process groups: reduce to owners, solve, gather.
 
 Run by tests/test_residual_distributed.py as
-``torchrun --nproc_per_node W -m tests.dist.residual_worker OUT``. Every rank builds the same
+``torchrun --nproc_per_node W -m tests.helpers.dist.residual_worker OUT``. Every rank builds the same
 data from fixed seeds and keeps an uneven shard of the examples (one case leaves a rank with
 none); ``rank{r}.json`` holds, per case, the PRs from ``reduce_scatter_compute`` and from
 ``all_reduce`` + ``compute`` and, from the same rank, the one-process reference on all the data.
@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from lawwatch import residual
-from lawwatch.residual import ResidualStats, prediction_residuals
-from tests.dist.common import TIMEOUT_S, setup, write
+from lawwatch.stats.residual import ResidualStats, prediction_residuals
+from tests.helpers.dist.common import TIMEOUT_S, setup, write
 
 
 def data(layers: int, n: int, d: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

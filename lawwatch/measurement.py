@@ -16,10 +16,10 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.law import fit_law
 from lawwatch.models import check_probe
-from lawwatch.partition import PartitionedStats
 from lawwatch.precision import forward_precision, log_statistics_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
-from lawwatch.residual import BatchUpdate, ResidualStats
+from lawwatch.stats.partition import PartitionedStats
+from lawwatch.stats.residual import BatchUpdate, ResidualStats
 from lawwatch.targets import Targets
 
 __all__ = [
@@ -47,9 +47,10 @@ def solve(
 ) -> Snapshot:
     """Solve ``stats`` (all processes' examples, after any reduction) and fit the law.
 
-    With the options kept per part of the probe (:class:`~lawwatch.partition.PartitionedStats`)
-    ``pr`` holds the measure (out-of-sample PR or separation fuzziness) and, with
-    ``jackknife``, the record gets ``pearson_r_se``, ``rho_se`` and ``jackknife_groups``.
+    With the options kept per part of the probe
+    (:class:`~lawwatch.stats.partition.PartitionedStats`) ``pr`` holds the measure
+    (out-of-sample PR or separation fuzziness) and, with ``jackknife``, the record gets
+    ``pearson_r_se``, ``rho_se`` and ``jackknife_groups``.
 
     Warns when the examples are fewer than 10 per feature dimension (PR is noisy there).
 
@@ -280,7 +281,7 @@ def _add_partitioned(
     offset: int,
     first_row: int,
 ) -> PartitionedStats:
-    """One batch for the cells of :mod:`lawwatch.partition`: every entry of it at once.
+    """One batch for the cells of :mod:`lawwatch.stats.partition`: every entry of it at once.
 
     The cells need every entry of an example together, so this path keeps the measured
     entries' hidden states for the whole forward and makes this batch's float64 features for
@@ -303,7 +304,7 @@ def _statistics(
 ) -> ResidualStats | PartitionedStats:
     """One ``ResidualStats`` for the paper's measurement, one per cell for the rest.
 
-    The options that need parts of the probe: see :mod:`lawwatch.partition`.
+    The options that need parts of the probe: see :mod:`lawwatch.stats.partition`.
     """
     if not _partitioned(config):
         return make()
@@ -311,7 +312,7 @@ def _statistics(
 
 
 def _partitioned(config: MeasureConfig) -> bool:
-    """Whether the options need statistics per part of the probe (:mod:`lawwatch.partition`)."""
+    """Whether the options need statistics per part of the probe (:mod:`~.stats.partition`)."""
     return config.split is not None or config.metric != "pr" or config.jackknife is not None
 
 

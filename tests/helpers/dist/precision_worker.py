@@ -1,9 +1,9 @@
 """DDP under accelerate's bf16 mixed precision: snapshots still measure the float32 weights.
 
-Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.dist.precision_worker
+Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.helpers.dist.precision_worker
 OUT``. ``Accelerator(cpu=True, mixed_precision="bf16")`` wraps the model's forward in CPU bf16
 autocast; training runs under it, the probe forward must not. Rank 0's reference is
-``lawwatch.measure`` on an unwrapped float32 copy with the same weights, in the same batches
+``lawwatch.measurement`` on an unwrapped float32 copy with the same weights, in the same batches
 (12 probe rows, batch size 6: each rank's shard is one reference batch, so both run the same
 float32 forwards and only the float64 reduction differs).
 """
@@ -17,8 +17,8 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 import lawwatch
-from tests.conftest import VOCAB, ragged_probe, tiny_gpt2
-from tests.dist.common import TIMEOUT_S, pr_list, setup, write
+from tests.helpers.models import VOCAB, ragged_probe, tiny_gpt2
+from tests.helpers.dist.common import TIMEOUT_S, pr_list, setup, write
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
             return None
         weights = tiny_gpt2(seed=0)  # a plain float32 model (no autocast) with the same weights
         weights.load_state_dict(plain.state_dict())
-        return lawwatch.measure(weights, probe, batch_size=6).pr.tolist()
+        return lawwatch.measurement(weights, probe, batch_size=6).pr.tolist()
 
     patched = plain.__dict__.get("forward")
     snap = watch.maybe_snapshot(0)

@@ -18,8 +18,8 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from lawwatch import measure  # noqa: E402
 from lawwatch.history import History  # noqa: E402
 from lawwatch.integrations.hf import LawWatchCallback  # noqa: E402
-from tests.conftest import ragged_probe, tiny_gpt2  # noqa: E402
-from tests.test_hf import Tokens  # noqa: E402
+from tests.helpers.models import ragged_probe, tiny_gpt2  # noqa: E402
+from tests.helpers.trainer import Tokens  # noqa: E402
 
 out = sys.argv[1]
 probe = ragged_probe(rows=13)  # odd: the shards differ in size, one is padded

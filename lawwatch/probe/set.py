@@ -245,7 +245,7 @@ class ProbeSet:
             tokenizer, max_length, num_texts, seed, add_special_tokens, pack: As in
                 :meth:`from_texts`.
         """
-        from lawwatch.sources import dataset_texts
+        from lawwatch.probe.readers import dataset_texts
 
         texts, rows = dataset_texts(dataset, text_column, num_texts, seed)
         with warnings.catch_warnings(record=True) as caught:
@@ -287,7 +287,7 @@ class ProbeSet:
             key: The tensor of a ``.safetensors`` file (default ``input_ids`` or the only one;
                 an ``attention_mask`` tensor beside ``input_ids`` is used as the mask).
         """
-        from lawwatch.sources import read_token_file, stream_chunks
+        from lawwatch.probe.readers import read_token_file, stream_chunks
 
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2 (a token and its next), got {seq_len}.")

@@ -28,15 +28,15 @@ import torch
 from torch import nn
 
 from lawwatch.config import MeasureConfig
-from lawwatch.distributed import Layout, layout, vote
 from lawwatch.history import History, Snapshot, series, series_change
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.measure import accumulate, identity, model_device, prepare, solve
+from lawwatch.measurement import accumulate, identity, model_device, prepare, solve
 from lawwatch.models import measured_module
+from lawwatch.output.sinks import Sink, Sinks
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
-from lawwatch.residual import Owned, ResidualStats
-from lawwatch.sinks import Sink, Sinks
+from lawwatch.stats.residual import Owned, ResidualStats
+from lawwatch.watch.distributed import Layout, layout, vote
 
 log = logging.getLogger("lawwatch")
 
@@ -131,7 +131,7 @@ class LawWatch:
     ``torch.distributed`` process group) each measures a shard of the probe; every shard has
     the same number of forward passes. The statistics are reduced entry by entry to the process
     that solves them (never a gather of hidden states, never a second copy of the statistics:
-    :meth:`~lawwatch.residual.ResidualStats.reduce_scatter_compute`), each process solves its
+    :meth:`~lawwatch.stats.residual.ResidualStats.reduce_scatter_compute`), each process solves its
     share of the entries, the PRs are gathered on every process, and rank 0 alone writes to
     the sinks. Which module runs the probe is decided from the model's wrapping (see
     :func:`lawwatch.models.measured_module`): the module inside DDP; the root of an FSDP
@@ -161,7 +161,7 @@ class LawWatch:
             snapshot time is what training waited for (the forwards and the collectives).
             Default: no budget.
         background: Run the solve, the law's fit and the writing of the thread-safe sinks
-            (:func:`lawwatch.sinks.threadsafe`: the local history) on one worker thread, so
+            (:func:`lawwatch.output.sinks.threadsafe`: the local history) on one worker thread, so
             training waits only for the probe's forwards and the statistics' reduction. The
             record of a snapshot taken at step ``s`` says step ``s`` and is the same as without
             ``background`` (same PRs, same fit; only ``seconds``, the time training waited
@@ -561,9 +561,10 @@ class LawWatch:
         """Restore the history, dropping records after ``resume_step`` (they will be redone).
 
         Load the same state on every rank (e.g. rank 0's, as ``accelerator.load_state`` does):
-        the schedule then agrees on every rank. On rank 0, :class:`~lawwatch.sinks.Rewindable`
-        sinks (e.g. :class:`~lawwatch.sinks.LocalHistory`) drop what the run wrote after the
-        restored point, so the resumed run continues one sequence of steps. A history measured
+        the schedule then agrees on every rank. On rank 0,
+        :class:`~lawwatch.output.sinks.Rewindable` sinks (e.g.
+        :class:`~lawwatch.output.sinks.LocalHistory`) drop what the run wrote after the restored
+        point, so the resumed run continues one sequence of steps. A history measured
         with another probe, other options or at another precision is not continued: a new
         series starts (with a warning).
         """

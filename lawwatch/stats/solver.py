@@ -2,8 +2,9 @@
 
 For one entry, OLS with intercept explains ``E = bᵀ G⁺ b`` of the target's sum of squares,
 where ``G`` is the centered Gram of the features (``d × d``) and ``b`` the centered cross term
-(``d × K``; ``bᵀ G⁺ b`` is summed over the ``K`` outputs). :class:`~lawwatch.residual.ResidualStats`
-turns it into ``PR = 1 - E / TSS``. Only this number is needed, not eigenvectors, so the solve
+(``d × K``; ``bᵀ G⁺ b`` is summed over the ``K`` outputs).
+:class:`~lawwatch.stats.residual.ResidualStats` turns it into ``PR = 1 - E / TSS``. Only this
+number is needed, not eigenvectors, so the solve
 can be a Cholesky factorization (``d³/3`` flops) instead of an eigendecomposition (~9 d³, at a
 lower flop rate): 12x faster at d = 2048 and 23-29x at d = 4096 on one CPU core
 (``bench/bench_solve.py``, BENCHMARKS.md).
@@ -120,7 +121,7 @@ def explained_sum_of_squares(
     rtol: float = DEFAULT_RTOL,
     method: Method = "auto",
 ) -> Solution:
-    """``bᵀ G⁺ b`` for every entry, under the rank rule of :mod:`lawwatch.solver`.
+    """``bᵀ G⁺ b`` for every entry, under the rank rule of :mod:`lawwatch.stats.solver`.
 
     Args:
         sum_uu: ``(entries, d, d)`` float64 Gram ``Σuuᵀ`` of the features about a shift (not

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lawwatch.probe import ProbeSet
+from lawwatch.probe.set import ProbeSet
 
 __all__ = ["ProbeSpec", "read_texts"]
 
@@ -132,7 +132,7 @@ class ProbeSpec:
         return probe
 
     def _dataset(self) -> Any:
-        from lawwatch.sources import _import_datasets
+        from lawwatch.probe.readers import _import_datasets
 
         dataset = _import_datasets().load_from_disk(str(self.dataset))
         if isinstance(dataset, dict):  # a DatasetDict: a dict of splits

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 def add_probe_arguments(
     parser: argparse.ArgumentParser, flags: Mapping[str, str] | None = None
 ) -> None:
-    """The fields of :class:`~lawwatch.probe_spec.ProbeSpec` as an option group.
+    """The fields of :class:`~lawwatch.probe.spec.ProbeSpec` as an option group.
 
     Each lands under ``probe_<field>`` (see :func:`probe_spec`).
 
@@ -165,7 +165,7 @@ def add_probe_arguments(
         parser: The command's parser.
         flags: Field name -> option name, for fields whose names the command already uses.
     """
-    from lawwatch.probe_spec import ProbeSpec
+    from lawwatch.probe.spec import ProbeSpec
 
     group = parser.add_argument_group(
         "building a probe (from texts, a saved dataset or a token file)"
@@ -191,8 +191,8 @@ def add_probe_arguments(
 
 
 def probe_spec(args: argparse.Namespace) -> Any:
-    """The :class:`~lawwatch.probe_spec.ProbeSpec` of parsed command-line options."""
-    from lawwatch.probe_spec import ProbeSpec
+    """The :class:`~lawwatch.probe.spec.ProbeSpec` of parsed command-line options."""
+    from lawwatch.probe.spec import ProbeSpec
 
     return ProbeSpec(**{f.name: getattr(args, "probe_" + f.name) for f in fields(ProbeSpec)})
 

@@ -1,11 +1,11 @@
 """FSDP2 ``fully_shard`` on a plain gloo process group, no accelerator.
 
-Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.dist.fsdp_worker OUT``.
+Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.helpers.dist.fsdp_worker OUT``.
 Two layouts: (a) a Llama (RMSNorm) with every decoder layer and the root sharded; (b) a GPT-2
 (LayerNorm, tied embeddings) laid out as accelerate's FSDP2 plugin does it: blocks, a
 ``[final norm, embeddings, LM head]`` group kept unsharded after forward, then the root. The
 first snapshot runs before any training forward (the probe's forward is then the first the
-root ever sees). References: ``lawwatch.measure`` on rank 0 with an unsharded copy holding
+root ever sees). References: ``lawwatch.measurement`` on rank 0 with an unsharded copy holding
 the same weights (the full state dict gathered after training). Models are float64 so that the
 comparison sees the reduction, not float32 differences between batch shapes.
 """
@@ -24,8 +24,8 @@ import lawwatch
 from lawwatch.capture import Capture
 from lawwatch.models import is_sharded, measured_module
 from lawwatch.probe import example_mask
-from tests.conftest import VOCAB, tiny_gpt2, tiny_llama
-from tests.dist.common import TIMEOUT_S, poison, pr_list, setup, uneven_probe, write
+from tests.helpers.models import VOCAB, tiny_gpt2, tiny_llama
+from tests.helpers.dist.common import TIMEOUT_S, poison, pr_list, setup, uneven_probe, write
 
 
 def train_step(model, optimizer, rank: int, seed: int) -> float:
@@ -52,7 +52,7 @@ def full_copy(model, template, rank: int):
 
 def run(name, model, shard, rank, probe, results, poison_at: str) -> None:
     template = copy.deepcopy(model)
-    reference = lawwatch.measure(model, probe).pr.tolist() if rank == 0 else None
+    reference = lawwatch.measurement(model, probe).pr.tolist() if rank == 0 else None
     results[f"{name}_half_sharded"] = shard(model)
     results[f"{name}_root_is_fsdp"] = isinstance(model, FSDPModule)
     results[f"{name}_measured_as_is"] = measured_module(model) is model
@@ -79,7 +79,7 @@ def run(name, model, shard, rank, probe, results, poison_at: str) -> None:
     results[f"{name}_loss2"] = train_step(model, optimizer, rank, seed=2)
     results[f"{name}_step2"] = pr_list(watch.maybe_snapshot(2))
     plain = full_copy(model, template, rank)
-    results[f"{name}_ref2"] = lawwatch.measure(plain, probe).pr.tolist() if rank == 0 else None
+    results[f"{name}_ref2"] = lawwatch.measurement(plain, probe).pr.tolist() if rank == 0 else None
     results[f"{name}_loss3"] = train_step(model, optimizer, rank, seed=3)  # training goes on
 
 

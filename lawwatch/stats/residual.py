@@ -5,7 +5,7 @@ The prediction residual of layer ``l`` is ``PR_l = 1 - R^2`` of an ordinary leas
 OLS needs is a handful of sums over examples, so a probe set of any size streams through in
 batches with memory independent of its length, statistics from several processes merge with
 one all-reduce (or a reduce to the process that solves each entry), and one batched solve
-(:mod:`lawwatch.solver`: a Cholesky fast path, the eigendecomposition as the reference) gives
+(:mod:`lawwatch.stats.solver`: a Cholesky fast path, the eigendecomposition as the reference) gives
 every layer's PR.
 
 Numerics (see docs/protocol.md §2):
@@ -28,7 +28,7 @@ Numerics (see docs/protocol.md §2):
   GPT-2, whose entries have many genuine directions below that tolerance
   (``bench/mixed_precision.py``); on one CPU core the update runs ~1.3x faster. The default
   stays ``"float64"``.
-* **Rank rule and solve.** See :mod:`lawwatch.solver`: directions of the standardized
+* **Rank rule and solve.** See :mod:`lawwatch.stats.solver`: directions of the standardized
   coefficient space with Rayleigh quotient under ``rtol * λ_max`` are dropped (least-squares
   projection onto the rest). LayerNorm outputs are always rank ≤ d-1; dead and duplicated
   columns are handled too.
@@ -42,7 +42,7 @@ Numerics (see docs/protocol.md §2):
   the collectives also go entry group by entry group: nothing of the size of the statistics is
   allocated twice. The solve holds one ``d × d`` matrix per entry of a group of at most
   ``WORKSPACE_BYTES / 2`` (one entry at d = 4096), plus LAPACK's ``2 d²`` workspace for an
-  entry that needs the eigendecomposition (one at a time; :mod:`lawwatch.solver`).
+  entry that needs the eigendecomposition (one at a time; :mod:`lawwatch.stats.solver`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from typing import Literal
 
 import torch
 
-from lawwatch.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
+from lawwatch.stats.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
 
 Target = Literal["token_id", "onehot"]
 TARGETS: tuple[str, ...] = ("token_id", "onehot")
@@ -120,7 +120,7 @@ class Solved:
     Attributes:
         pr: ``(entries,)`` float64 ``RSS / TSS``.
         eigh: ``(entries,)`` bool, True where the eigendecomposition (not the Cholesky fast
-            path) solved the entry; see :mod:`lawwatch.solver` for when that happens.
+            path) solved the entry; see :mod:`lawwatch.stats.solver` for when that happens.
     """
 
     pr: torch.Tensor
@@ -159,7 +159,7 @@ class ResidualStats:
         classes: For ``"onehot"``: the distinct target ids (1-D integer tensor) the probe can
             produce. Memory grows as ``num_layers * dim * len(classes)``.
         device: Where the statistics live (default CPU).
-        rtol: Relative eigenvalue tolerance of the rank rule (see :mod:`lawwatch.solver`).
+        rtol: Relative eigenvalue tolerance of the rank rule (see :mod:`lawwatch.stats.solver`).
             Default ``DEFAULT_RTOL`` (1e-11) for ``precision="float64"``, ``MIXED_RTOL``
             (1e-7) for ``"mixed"``.
         layers: The hidden-state entry index of each layer, when a subset of entries is
@@ -571,7 +571,7 @@ class ResidualStats:
 
         Args:
             group: The process group (default: the world).
-            method: The solve method (see :mod:`lawwatch.solver`).
+            method: The solve method (see :mod:`lawwatch.stats.solver`).
 
         Returns:
             ``(num_layers,)`` float64 prediction residuals, the same on every process, on the
@@ -727,7 +727,7 @@ class ResidualStats:
         Args:
             method: ``"auto"`` (Cholesky fast path, the eigendecomposition for entries it
                 cannot prove safe) or ``"eigh"`` (the reference for every entry); see
-                :mod:`lawwatch.solver`.
+                :mod:`lawwatch.stats.solver`.
 
         Raises:
             ValueError: Too few examples (``n <= d + 1`` interpolates and every PR would be 0),
@@ -907,8 +907,8 @@ def prediction_residuals(
         features: ``(layers, n, d)`` features of any float dtype.
         targets: ``(n,)`` integer next-token ids.
         target: ``"token_id"`` (the paper's scalar id) or ``"onehot"`` (over the ids present).
-        rtol: Relative eigenvalue tolerance (see :mod:`lawwatch.solver`).
-        method: ``"auto"`` or ``"eigh"`` (see :mod:`lawwatch.solver`).
+        rtol: Relative eigenvalue tolerance (see :mod:`lawwatch.stats.solver`).
+        method: ``"auto"`` or ``"eigh"`` (see :mod:`lawwatch.stats.solver`).
 
     Returns:
         ``(layers,)`` float64 ``PR = RSS / TSS = 1 - R²``, on ``features``' device.

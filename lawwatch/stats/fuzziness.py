@@ -8,8 +8,8 @@ by default; with ``onehot_top_k`` the rarer ids pooled in one class),
     ``SF = Tr(SS_w · SS_b⁺)``.
 
 Small SF means classes well separated relative to their spread. The one-hot statistics of
-:class:`~lawwatch.residual.ResidualStats` hold everything: per-class counts ``n_c`` (``Σy``) and
-feature sums (``Σx yᵀ``), and the total scatter from ``Σxxᵀ``. With ``b_c = Σ_{i∈c}(x_i − x̄)``
+:class:`~lawwatch.stats.residual.ResidualStats` hold everything: per-class counts ``n_c`` (``Σy``)
+and feature sums (``Σx yᵀ``), and the total scatter from ``Σxxᵀ``. With ``b_c = Σ_{i∈c}(x_i − x̄)``
 (the centered cross term) and ``M = [b_c / √n_c]``, ``n·SS_b = M Mᵀ`` and
 ``n·SS_w = n·SS_total − M Mᵀ`` (the scatter decomposes exactly); the factors ``n`` cancel in
 the product.
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from lawwatch.residual import ResidualStats
+from lawwatch.stats.residual import ResidualStats
 
 __all__ = ["separation_fuzziness"]
 

@@ -1,9 +1,9 @@
 """The options kept per part of the probe (split, metric, jackknife) on a gloo group.
 
 Run by tests/test_metrics_distributed.py as
-``torchrun --nproc_per_node 2 -m tests.dist.partition_worker OUT``. Each rank measures through
+``torchrun --nproc_per_node 2 -m tests.helpers.dist.partition_worker OUT``. Each rank measures through
 ``LawWatch`` on its shard (the cells of each sequence decided by its index in the whole probe);
-rank 0 adds ``lawwatch.measure`` on the whole probe as the one-process reference.
+rank 0 adds ``lawwatch.measurement`` on the whole probe as the one-process reference.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 import lawwatch
-from tests.conftest import ragged_probe, tiny_gpt2
-from tests.dist.common import TIMEOUT_S, setup, write
+from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.dist.common import TIMEOUT_S, setup, write
 
 OPTIONS = {
     "split": {"split": 0.4},
@@ -43,7 +43,7 @@ def main() -> None:
         watch = lawwatch.LawWatch(model, probe, every=1, batch_size=3, **options)
         results[name] = {"watch": numbers(watch.snapshot(0))}
         if rank == 0:
-            results[name]["reference"] = numbers(lawwatch.measure(model, probe, **options))
+            results[name]["reference"] = numbers(lawwatch.measurement(model, probe, **options))
     write(out, rank, results)
     dist.destroy_process_group()
 

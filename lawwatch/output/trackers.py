@@ -2,13 +2,13 @@
 
 Each sink takes the tracker object the Trainer's own reporting callback made (its run, writer
 or experiment), so no second run is opened, and logs every snapshot's
-:func:`~lawwatch.sinks.scalars` (``lawwatch/rho``, ``lawwatch/pearson_r``, …,
+:func:`~lawwatch.output.sinks.scalars` (``lawwatch/rho``, ``lawwatch/pearson_r``, …,
 ``lawwatch/pr/layer_XX``) at the snapshot's training step, plus a table of PRs where the
 tracker has tables, and the report PNG and history files at train end (:meth:`log_report`).
 
 | ``report_to`` | sink | where the tracker object comes from |
 |---|---|---|
-| ``"wandb"`` | :class:`lawwatch.sinks.WandbSink` | ``wandb.run`` |
+| ``"wandb"`` | :class:`lawwatch.output.sinks.WandbSink` | ``wandb.run`` |
 | ``"tensorboard"`` | :class:`TensorBoardSink` | ``TensorBoardCallback.tb_writer`` |
 | ``"mlflow"``, ``"dagshub"`` | :class:`MlflowSink` | ``mlflow.active_run()`` |
 | ``"trackio"`` | :class:`TrackioSink` | trackio's current run |
@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 from lawwatch.alerts import Alert
 from lawwatch.history import History, Snapshot, entries
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.sinks import PREFIX, STEP_KEY, Sink, WandbSink, scalars
+from lawwatch.output.sinks import PREFIX, STEP_KEY, Sink, WandbSink, scalars
 
 __all__ = [
     "TRACKERS",
@@ -98,7 +98,7 @@ class Tracker:
             self._add(Snapshot.from_record(record))
 
     def write(self, snapshot: Snapshot) -> None:
-        """Log one snapshot (rank 0 calls this through :class:`~lawwatch.sinks.Sinks`)."""
+        """Log one snapshot (rank 0 calls this through :class:`~lawwatch.output.sinks.Sinks`)."""
         self._add(snapshot)
 
     def _add(self, snapshot: Snapshot) -> None:
@@ -124,8 +124,8 @@ class Tracker:
 class TensorBoardSink(Tracker):
     """Snapshots into a TensorBoard ``SummaryWriter`` (torch's or tensorboardX's).
 
-    Each snapshot: every :func:`~lawwatch.sinks.scalars` key as a scalar at the snapshot's step
-    (TensorBoard stores float32), and ``lawwatch/pr_table`` as a text (a markdown table of
+    Each snapshot: every :func:`~lawwatch.output.sinks.scalars` key as a scalar at the snapshot's
+    step (TensorBoard stores float32), and ``lawwatch/pr_table`` as a text (a markdown table of
     layer, PR, log10 PR). On creation a custom-scalars layout puts every ``lawwatch/pr/layer_XX``
     on one chart ("lawwatch / PR by layer", the CUSTOM SCALARS tab). At train end the report PNG
     goes in as the image ``lawwatch/report``.
@@ -190,7 +190,7 @@ class TensorBoardSink(Tracker):
 class MlflowSink(Tracker):
     """Snapshots into an MLflow run, through ``MlflowClient`` with the run's id.
 
-    Each snapshot: one ``log_batch`` of every :func:`~lawwatch.sinks.scalars` key at the
+    Each snapshot: one ``log_batch`` of every :func:`~lawwatch.output.sinks.scalars` key at the
     snapshot's step, and its rows appended to the table artifact ``lawwatch/pr_table.json``
     (``client.log_table``: step, layer, pr, log10_pr). At train end the report PNG and the
     history files are logged as artifacts under ``lawwatch/``. Working by run id, not through
@@ -249,7 +249,7 @@ class MlflowSink(Tracker):
 class TrackioSink(Tracker):
     """Snapshots into a trackio run.
 
-    Each snapshot is one ``run.log`` row of :func:`~lawwatch.sinks.scalars` plus
+    Each snapshot is one ``run.log`` row of :func:`~lawwatch.output.sinks.scalars` plus
     ``train/global_step``, as the Trainer's ``TrackioCallback`` logs its own rows (it lets
     trackio count its log calls, so an explicit step of lawwatch's would shift the Trainer's
     curves): choose ``train/global_step`` as the x-axis in the dashboard, as for the loss. The
@@ -313,7 +313,7 @@ def trackio_alert(run: Any, alert: Alert) -> None:
 class CometSink(Tracker):
     """Snapshots into a Comet experiment (online or offline).
 
-    Each snapshot: ``log_metrics`` of :func:`~lawwatch.sinks.scalars` at the snapshot's step
+    Each snapshot: ``log_metrics`` of :func:`~lawwatch.output.sinks.scalars` at the snapshot's step
     (the Trainer's ``CometCallback`` logs at the global step too). At train end: the PR table
     of every snapshot as ``lawwatch_pr_table.csv``, the report PNG as image
     ``lawwatch/report`` and the history files as assets.
@@ -355,7 +355,7 @@ class DVCLiveSink(Tracker):
 
     DVCLive takes the step of a metric from ``live.step`` (the Trainer's ``DVCLiveCallback``
     advances it once per log call): for each snapshot the sink sets it to the snapshot's
-    training step, logs every :func:`~lawwatch.sinks.scalars` key (files
+    training step, logs every :func:`~lawwatch.output.sinks.scalars` key (files
     ``<live dir>/plots/metrics/lawwatch/...tsv``), and puts the step back. At train end the
     report PNG goes to ``<live dir>/plots/images/lawwatch/law.png`` and the summary
     (``metrics.json``) is rewritten with the latest values.
@@ -394,7 +394,7 @@ class DVCLiveSink(Tracker):
 class ClearMLSink(Tracker):
     """Snapshots into a ClearML task (online or offline), through its logger.
 
-    Each key of :func:`~lawwatch.sinks.scalars` is reported as ``title/series`` (the split at
+    Each key of :func:`~lawwatch.output.sinks.scalars` is reported as ``title/series`` (the split at
     its last ``/``, as the Trainer's ``ClearMLCallback`` reports ``train/loss`` as title
     ``train``, series ``loss``): every ``lawwatch/pr/layer_XX`` is one series of the chart
     ``lawwatch/pr``; the fit's values are series of the chart ``lawwatch``. The iteration is
