@@ -65,7 +65,7 @@ def main():
 
     def hooked(capture):
         with torch.no_grad():
-            return capture.features(capture.forward(ids, mask, positions))
+            return capture(ids, mask, positions)
 
     def statistics(features):  # the accumulation measure adds per batch: O(entries n d^2)
         targets = ids[:, 1:][positions[:, :-1]]

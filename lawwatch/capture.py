@@ -30,9 +30,9 @@ its post-hook (``n × d``). Entries ``0 … L-1`` need the final norm's reading 
 before it runs, so it is read once per :class:`Capture` off a short forward
 (:meth:`Capture.calibrate`: the longest sequence of the first batch, at most
 ``CALIBRATION_TOKENS`` tokens) and still checked on every batch against the norm's output at
-all example positions. :meth:`Capture.forward` (every measured entry kept for one batch) and
-:meth:`Capture.feature_groups` remain for what needs all entries of an example together (the
-split, jackknife and fuzziness measures, :mod:`lawwatch.stats.partition`).
+all example positions. Every measure takes this one path (the partitioned statistics split
+each entry's rows among their cells as it arrives: :mod:`lawwatch.stats.partition`); calling a
+:class:`Capture` collects the entries of one batch, for tests and small models.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ from lawwatch.norms import (
     Normalize,
     NormSpec,
     deviation,
-    mismatch,
     normalizer,
     resolve_norm,
 )
@@ -84,28 +83,26 @@ class Hidden:
     """What one forward pass left behind, at the example positions only.
 
     Attributes:
-        entries: True entry index -> ``(n, d)`` tensor in the model's dtype, for the measured
-            entries that come from blocks.
         norm_input: ``(n, d)`` the final norm's input (always kept when the model has a final
-            norm module: with its output it tells the norm's kind and is checked every batch).
-        norm_output: ``(n, d)`` the final norm's output.
+            norm module: with its output it tells the norm's kind and is checked every batch),
+            until the norm's output arrives.
+        norm_output: Calibration: ``(n, d)`` the final norm's output.
         norm_params: The final norm's weight and bias, float64, captured inside the forward.
         fired: Indices of the blocks in the order they ran.
         norm_calls: How often the final norm ran.
-        problems: What went wrong inside hooks (raised by :meth:`Capture.features`, after the
-            forward completed: a hook that raises would break a collective forward).
+        problems: What went wrong inside hooks (raised after the forward completed: a hook
+            that raises would break a collective forward).
         norm_ok: The final norm took and returned a ``(batch, length, d)`` tensor.
-        seen: Streaming: the entries already handed on (each must come once).
-        error: Streaming: the first exception raised while making or adding features inside
+        seen: The entries already handed on (each must come once).
+        error: The first exception raised while making or adding features inside
             a hook (raised by :meth:`Capture.stream` after the forward).
-        finite: Streaming: the sum of every captured hidden state at the examples, a device
+        finite: The sum of every captured hidden state at the examples, a device
             scalar that is NaN or Inf once one of them was (checked once, after the forward:
             no host synchronization per block).
-        norm_mismatch: Streaming: the largest deviation of the float64 re-application of the
+        norm_mismatch: The largest deviation of the float64 re-application of the
             final norm from its output, in units of the dtype's tolerance (device tensor).
     """
 
-    entries: dict[int, torch.Tensor] = field(default_factory=dict)
     norm_input: torch.Tensor | None = None
     norm_output: torch.Tensor | None = None
     norm_params: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
@@ -229,21 +226,20 @@ class Capture:
     # -- the forward pass ---------------------------------------------------------------------
 
     def _hooks(
-        self,
-        hidden: Hidden,
-        positions: torch.Tensor,
-        stream: _Stream | None = None,
-        *,
-        entries: bool = True,
+        self, hidden: Hidden, positions: torch.Tensor, stream: _Stream | None
     ) -> Iterator[Any]:
-        """Register the hooks that fill ``hidden`` (or feed ``stream``); yields their handles.
+        """Register the hooks that feed ``stream`` (and fill ``hidden``); yields their handles.
 
-        ``entries=False``: only the final norm's input and output are taken (calibration).
+        ``stream=None`` (calibration): only the final norm's input and output are taken.
         """
         last = self.num_entries - 1
         norm = self._norm_module
         # the captured entries: the final norm's output (entry L) comes from its own hooks
-        wanted = {s for e, s in self._source.items() if (e < last or norm is None) and entries}
+        wanted = (
+            set()
+            if stream is None
+            else {s for e, s in self._source.items() if e < last or norm is None}
+        )
 
         def keep(entry: int, value: torch.Tensor | None, what: str) -> None:
             if value is None or value.ndim != 3 or value.shape[:2] != positions.shape:
@@ -252,10 +248,8 @@ class Capture:
                     f"{what} is not a (batch, length, d) tensor of batch and length "
                     f"{tuple(positions.shape)} (got {shape})."
                 )
-            elif entry in hidden.entries or entry in hidden.seen:
+            elif entry in hidden.seen:
                 hidden.problems.append(f"{what} ran more than once in one forward.")
-            elif stream is None:
-                hidden.entries[entry] = value.detach()[positions]  # (n, d)
             else:
                 hidden.seen.add(entry)
                 self._emit(hidden, stream, stream.index[entry], value.detach(), None)
@@ -425,7 +419,7 @@ class Capture:
         count = max(1, min(CALIBRATION_TOKENS, int(counts[row])))
         part = (slice(row, row + 1), slice(0, count))
         ids, mask, where = (t[part].to(device) for t in (input_ids, attention_mask, positions))
-        hidden = self._run(ids, mask, where, None, entries=False)
+        hidden = self._run(ids, mask, where, None)
         try:
             self._check(hidden)
             x = hidden.norm_input
@@ -462,9 +456,8 @@ class Capture:
         the callee may modify; they are dropped when it returns. Call :meth:`calibrate` on the
         first batch before (for the final norm's reading). Nothing raises inside the forward,
         so every process of a sharded model completes the same forward passes; after it, what
-        went wrong is raised, as :meth:`feature_groups` would (and then whatever ``add``
-        raised). A batch that raises may have been handed on in part: discard what ``add``
-        built.
+        went wrong is raised (and then whatever ``add`` raised). A batch that raises may have
+        been handed on in part: discard what ``add`` built.
 
         Raises:
             RuntimeError: A hook found the blocks or final norm not as named.
@@ -494,23 +487,8 @@ class Capture:
                 "in float64: its behaviour changed between batches."
             )
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
-    ) -> Hidden:
-        """Run the model once, keeping the measured entries at ``positions``.
-
-        Never raises for a hook's finding (they are raised by :meth:`features`), so every
-        process of a sharded model completes the same forward passes.
-
-        Args:
-            input_ids: ``(batch, length)`` token ids on the model's device.
-            attention_mask: ``(batch, length)``, right-padded.
-            positions: ``(batch, length)`` bool: the example positions to keep.
-        """
-        return self._run(input_ids, attention_mask, positions, None)
-
     def run_bare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """The model's forward as :meth:`forward` runs it, without hooks (nothing kept).
+        """The model's forward as :meth:`stream` runs it, without hooks (nothing kept).
 
         For a process that measures nothing more this round but must keep its forward passes
         in step with the others (each is a collective under FSDP and ZeRO-3).
@@ -523,13 +501,11 @@ class Capture:
         attention_mask: torch.Tensor,
         positions: torch.Tensor,
         stream: _Stream | None,
-        *,
-        entries: bool = True,
     ) -> Hidden:
         hidden = Hidden()
         handles = []
         try:
-            for handle in self._hooks(hidden, positions, stream, entries=entries):
+            for handle in self._hooks(hidden, positions, stream):
                 handles.append(handle)
             self._call_model(input_ids, attention_mask)
         finally:
@@ -578,85 +554,25 @@ class Capture:
                 + " ".join(problems)
             )
 
-    def features(self, hidden: Hidden) -> torch.Tensor:
-        """Float64 features ``(len(layers), n, d)`` of the measured entries, as one block.
-
-        For tests and small models; :meth:`feature_groups` bounds the memory.
-
-        Raises:
-            RuntimeError: A hook found the blocks or final norm not as named.
-            TypeError: The final norm cannot be re-applied (see :mod:`lawwatch.norms`).
-        """
-        return torch.cat([group for _, group in self.feature_groups(hidden)])
-
-    def feature_groups(
-        self, hidden: Hidden, max_bytes: int | None = None
-    ) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Float64 features of the measured entries, a bounded group of entries at a time.
-
-        Yields ``(part, features)``: ``part`` a slice of ``range(len(layers))`` (consecutive,
-        in order, covering every measured entry once) and ``features`` a fresh
-        ``(part.stop - part.start, n, d)`` float64 tensor the caller may modify. A group holds
-        as many entries as fit in ``max_bytes`` (at least one; default: all of them), so the
-        float64 features of a batch never exist for every entry at once: the peak is one group
-        plus one entry's float64 temporaries of the norm, plus the final norm's float64 input.
-        Everything is checked before the first group is yielded.
-
-        Raises:
-            RuntimeError: A hook found the blocks or final norm not as named.
-            TypeError: The final norm cannot be re-applied (see :mod:`lawwatch.norms`).
-        """
-        self._check(hidden)
-        norm = self._norm_module
-        first = hidden.norm_input if norm is not None else next(iter(hidden.entries.values()))
-        n, d = first.shape
-        count = len(self.layers)
-        if n == 0:  # a batch without examples (e.g. a shard's padding rows)
-            yield (
-                slice(0, count),
-                torch.zeros(count, 0, d, dtype=torch.float64, device=first.device),
-            )
-            return
-        captured = [*hidden.entries.values(), *([hidden.norm_input] if norm is not None else [])]
-        if not all(bool(torch.isfinite(t).all()) for t in captured):  # host sync
-            raise ValueError(
-                f"The hidden states of {type(self.model).__name__} contain NaN or Inf; PR is "
-                "undefined for them."
-            )
-        x = weight = bias = None
-        if norm is not None:
-            x = hidden.norm_input.to(torch.float64)  # (n, d)
-            weight, bias = hidden.norm_params
-            if self.spec is None:
-                self.spec = resolve_norm(norm, x, hidden.norm_output, weight, bias, self.final_norm)
-            elif mismatch(self.spec, x, hidden.norm_output, weight, bias) > 1:
-                raise TypeError(
-                    f"The final norm {self.final_norm!r} no longer matches {self.spec} re-applied "
-                    "in float64: its behaviour changed between batches."
-                )
-        if self._normalize is None:
-            self._normalize = normalizer(self._normalize_name, self.spec)
-        last = self.num_entries - 1
-        per_group = count if max_bytes is None else max(1, max_bytes // max(1, n * d * 8))
-        for lo in range(0, count, per_group):
-            part = slice(lo, min(lo + per_group, count))
-            out = torch.empty(
-                part.stop - lo, n, d, dtype=torch.float64, device=first.device
-            )  # (g, n, d)
-            for i, entry in enumerate(self.layers[part]):
-                if entry == last and norm is not None:
-                    out[i] = self.spec.apply(x, weight, bias)  # the model's own final norm
-                else:
-                    source = hidden.entries[self._source[entry]]
-                    out[i] = self._normalize(source.to(torch.float64))
-            yield part, out
-            del out  # before the next group is allocated
-
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """:meth:`forward` then :meth:`features`."""
-        return self.features(self.forward(input_ids, attention_mask, positions))
+        """Float64 features ``(len(layers), n, d)`` of one batch, every entry kept together.
+
+        :meth:`calibrate` (on this batch, if not done yet) then :meth:`stream`, collecting the
+        entries: for tests and small models (the measurement streams them into statistics).
+
+        Raises:
+            As :meth:`stream`.
+        """
+        self.calibrate(input_ids, attention_mask, positions)
+        kept: list[torch.Tensor] = []
+
+        def add(index: int, features: torch.Tensor) -> None:
+            kept.append(features)
+
+        self.stream(input_ids, attention_mask, positions, add)
+        return torch.stack(kept)
 
 
 @contextmanager

@@ -1,4 +1,9 @@
-"""One measurement of the law on a model: probe → features → statistics → PR → fit."""
+"""One measurement of the law on a model: probe → features → statistics → PR → fit.
+
+Owns the measurement loop (:func:`accumulate`: every batch's entries streamed from the capture
+hooks into the statistics, whichever kind they are), the solve and the law's fit on top of it
+(:func:`solve`, :func:`uncertainty`: the jackknife's refits) and :func:`measure`.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ from lawwatch.law import fit_law
 from lawwatch.models import check_probe
 from lawwatch.precision import forward_precision, log_statistics_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
-from lawwatch.stats.partition import PartitionedStats
-from lawwatch.stats.residual import BatchUpdate, ResidualStats
+from lawwatch.stats import Statistics, Update
+from lawwatch.stats.partition import PartitionedStats, jackknife_se
+from lawwatch.stats.residual import ResidualStats
 from lawwatch.targets import Targets
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "prepare",
     "solve",
     "statistics_device",
+    "uncertainty",
 ]
 
 log = logging.getLogger("lawwatch")
@@ -39,7 +46,7 @@ _EXAMPLES_PER_DIM = 10
 
 
 def solve(
-    stats: ResidualStats | PartitionedStats,
+    stats: Statistics,
     *,
     seconds: float,
     step: int | None = None,
@@ -50,18 +57,17 @@ def solve(
     With the options kept per part of the probe
     (:class:`~lawwatch.stats.partition.PartitionedStats`) ``pr`` holds the measure
     (out-of-sample PR or separation fuzziness) and, with ``jackknife``, the record gets
-    ``pearson_r_se``, ``rho_se`` and ``jackknife_groups``.
+    :func:`uncertainty`'s ``pearson_r_se``, ``rho_se`` and ``jackknife_groups``.
 
     Warns when the examples are fewer than 10 per feature dimension (PR is noisy there).
 
     Args:
-        stats: The summed statistics (after :meth:`ResidualStats.reduce_scatter_compute` only
-            their count and entries are read).
+        stats: The summed statistics (after ``reduce_scatter`` only their count, entries and
+            jackknife replicates are read).
         seconds: Wall time of the measurement so far (recorded in the snapshot).
         step: The training step, if any.
-        pr: ``(entries,)`` prediction residuals already computed from ``stats`` (e.g. by
-            ``reduce_scatter_compute``, which solves each entry on one process and gathers
-            them); default: ``stats.compute()``.
+        pr: ``(entries,)`` values already computed from ``stats`` (e.g. by ``gather_owned``,
+            after each process solved its share); default: ``stats.compute()``.
     """
     n = int(stats.count.item())
     if stats.dim + 1 < n < _EXAMPLES_PER_DIM * stats.dim:
@@ -82,9 +88,29 @@ def solve(
         layers=stats.layers,
         extra={"stats_precision": stats.precision},
     )
-    if isinstance(stats, PartitionedStats):  # split / fuzziness / jackknife
-        snapshot.extra.update(stats.uncertainty())
+    snapshot.extra.update(uncertainty(stats))
     return snapshot
+
+
+def uncertainty(stats: Statistics) -> dict[str, Any]:
+    """Jackknife standard errors of the law's ``r`` and ``rho`` (empty without groups).
+
+    Each group is left out in turn (the statistics' :meth:`~lawwatch.stats.Statistics.replicates`:
+    the measure from the other groups' statistics) and the law refitted; the standard errors
+    are those of :func:`~lawwatch.stats.partition.jackknife_se` over the ``groups`` refits.
+
+    Raises:
+        ValueError: A group without examples (fewer probe sequences than groups).
+    """
+    replicates = stats.replicates()
+    if replicates is None:
+        return {}
+    fits = [fit_law(values.cpu(), layers=stats.layers) for values in replicates]
+    return {
+        "pearson_r_se": jackknife_se([f.pearson_r for f in fits]),
+        "rho_se": jackknife_se([f.rho for f in fits]),
+        "jackknife_groups": len(fits),
+    }
 
 
 def identity(probe_hash: str, config: MeasureConfig, precision: str) -> dict[str, Any]:
@@ -133,7 +159,7 @@ def accumulate(
     *,
     errors: list[BaseException] | None = None,
     **options: Any,
-) -> ResidualStats | None:
+) -> Statistics | None:
     """Run ``probe`` through ``model`` and return its sufficient statistics (not yet solved).
 
     The model is run in eval mode under ``torch.no_grad()`` and each module's train/eval flag is
@@ -141,10 +167,9 @@ def accumulate(
 
     Each measured entry is added to the statistics inside its hook, as its block's output
     arrives (:meth:`~lawwatch.capture.Capture.stream`), so a batch holds one entry's float64
-    features at a time; the final norm's reading is taken first, from one short forward on
-    the probe's sequence with the most examples (:meth:`~lawwatch.capture.Capture.calibrate`).
-    The measures kept per part of the probe (``split``, ``jackknife``, separation fuzziness)
-    need every entry of an example together and keep a batch's entries instead.
+    features at a time, whatever the statistics (the partitioned ones copy each cell's rows
+    of that entry); the final norm's reading is taken first, from one short forward on the
+    probe's sequence with the most examples (:meth:`~lawwatch.capture.Capture.calibrate`).
 
     Args:
         model: The module the probe runs through.
@@ -172,10 +197,9 @@ def accumulate(
     )
     offset = config.offset
     stats_device = statistics_device(config, device)
-    partitioned = _partitioned(config)  # the cells' path: every entry of a batch at once
-    stats: ResidualStats | PartitionedStats | None = None
+    stats: Statistics | None = None
 
-    def make(dim: int) -> ResidualStats | PartitionedStats:
+    def make(dim: int) -> Statistics:
         """The statistics, once the width is known (the first batch)."""
         targets.check_memory(
             len(capture.layers),
@@ -203,7 +227,7 @@ def accumulate(
     # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
     rank, _ = probe.meta.get("shard", (0, 1))
     with evaluating(model):
-        if not partitioned and len(probe) > 0:
+        if len(probe) > 0:
             # the final norm's reading, before any entry streams: one short forward on every
             # process (a collective under FSDP), on the sequence with the most examples
             mask = probe.attention_mask
@@ -215,52 +239,50 @@ def accumulate(
             if errors:
                 capture.run_bare(input_ids, attention_mask)  # in step with the other ranks
                 continue
+            ids = None
             try:
-                ids = None
-                if partitioned:
-                    stats = _add_partitioned(
-                        capture, stats, make, input_ids, attention_mask, positions, targets,
-                        offset, first_row,
-                    )  # fmt: skip
-                else:
-                    ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
-                    stats = _add_streamed(
-                        capture, stats, make, input_ids, attention_mask, positions, ids
-                    )
+                # each example's sequence in the whole probe, row-major like `ids`
+                sequences = first_row + positions.nonzero()[:, 0]  # (n,)
+                ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
+                stats = _add_streamed(
+                    capture, stats, make, input_ids, attention_mask, positions, ids, sequences
+                )
             except Exception as error:
                 if errors is None:
                     raise
                 errors.append(error)
-                if ids is None and not partitioned:  # failed before its forward ran
+                if ids is None:  # failed before its forward ran
                     capture.run_bare(input_ids, attention_mask)
     return stats
 
 
 def _add_streamed(
     capture: Capture,
-    stats: ResidualStats | None,
-    make: Callable[[int], ResidualStats | PartitionedStats],
+    stats: Statistics | None,
+    make: Callable[[int], Statistics],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
     ids: torch.Tensor,
-) -> ResidualStats:
+    sequences: torch.Tensor,
+) -> Statistics:
     """One batch, its entries added to the statistics inside the hooks as each block runs.
 
     Each entry's ``(n, d)`` float64 features are added to the statistics (in place: shifted,
     then their products accumulated) and dropped before the next block runs, so the batch's
-    transient is one entry's features plus what the forward itself holds. The NaN/Inf check
-    is a device flag judged once, after the forward. Returns the statistics (made on the
-    first batch, when the width is known).
+    transient is one entry's features (and, for partitioned statistics, a copy of each cell's
+    rows of it) plus what the forward itself holds. The NaN/Inf check is a device flag judged
+    once, after the forward. Returns the statistics (made on the first batch, when the width
+    is known).
     """
-    update: BatchUpdate | None = None
+    update: Update | None = None
 
     def add(index: int, features: torch.Tensor) -> None:
         nonlocal stats, update
         if stats is None:
             stats = make(features.shape[1])
         if update is None:
-            update = stats.begin(ids, deferred_check=True)
+            update = stats.begin(ids, sequences, deferred_check=True)
         update.add(slice(index, index + 1), features.unsqueeze(0), owned=True)
 
     capture.stream(input_ids, attention_mask, positions, add)
@@ -270,38 +292,7 @@ def _add_streamed(
     return stats
 
 
-def _add_partitioned(
-    capture: Capture,
-    stats: PartitionedStats | None,
-    make: Callable[[int], ResidualStats | PartitionedStats],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    positions: torch.Tensor,
-    targets: Targets,
-    offset: int,
-    first_row: int,
-) -> PartitionedStats:
-    """One batch for the cells of :mod:`lawwatch.stats.partition`: every entry of it at once.
-
-    The cells need every entry of an example together, so this path keeps the measured
-    entries' hidden states for the whole forward and makes this batch's float64 features for
-    all entries (``entries × n × d × 8`` bytes): the plain measurement never builds this.
-    """
-    hidden = capture.forward(input_ids, attention_mask, positions)
-    groups = capture.feature_groups(hidden, FEATURE_GROUP_BYTES)
-    ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
-    features = torch.cat([part for _, part in groups])  # (L, n, d)
-    del hidden, groups
-    if stats is None:
-        stats = make(features.shape[2])
-    rows = first_row + positions.nonzero()[:, 0]  # (n,) row-major like `ids`
-    stats.update(features, ids, rows)
-    return stats
-
-
-def _statistics(
-    config: MeasureConfig, make: Callable[[], ResidualStats]
-) -> ResidualStats | PartitionedStats:
+def _statistics(config: MeasureConfig, make: Callable[[], ResidualStats]) -> Statistics:
     """One ``ResidualStats`` for the paper's measurement, one per cell for the rest.
 
     The options that need parts of the probe: see :mod:`lawwatch.stats.partition`.
@@ -314,11 +305,6 @@ def _statistics(
 def _partitioned(config: MeasureConfig) -> bool:
     """Whether the options need statistics per part of the probe (:mod:`~.stats.partition`)."""
     return config.split is not None or config.metric != "pr" or config.jackknife is not None
-
-
-# float64 features of one batch are made this many bytes of entries at a time (at least one
-# entry): the transient of the statistics update, whatever the number of entries
-FEATURE_GROUP_BYTES = 64 * 2**20
 
 
 def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:

@@ -1,8 +1,8 @@
 """Statistics made inside the hooks (Capture.stream), against the path that keeps every entry.
 
 The reference is the path every earlier test checked against numpy: all measured entries of a
-batch kept (``Capture.forward``), their float64 features made (``Capture.features``) and added
-with ``ResidualStats.update``. The streamed path must give the same PRs (to rounding, 1e-12),
+batch kept (``tests.helpers.kept``: its own hooks), their float64 features made and added with
+``ResidualStats.update``. The streamed path must give the same PRs (to rounding, 1e-12),
 hand on one entry at a time, make the final norm's reading before the first batch, and fail
 the way the old path failed.
 """
@@ -19,6 +19,7 @@ from lawwatch.measurement import accumulate
 from lawwatch.norms import NormSpec
 from lawwatch.probe import example_mask, example_targets
 from lawwatch.stats.residual import BatchUpdate, ResidualStats
+from tests.helpers.kept import kept_features
 from tests.helpers.models import FAMILIES, NanoGPT, build, ragged_probe
 from tests.helpers.reference import ols_pr
 
@@ -31,12 +32,13 @@ pytestmark = [
 def kept_path(model, probe, batch_size=4, target="token_id", offset=1, **capture_options):
     """PRs through the path that keeps every entry of a batch (the earlier default)."""
     capture = Capture(model, **capture_options)
+    normalize = capture_options.get("normalize", "auto")
     ids_all = probe.target_ids() if target == "onehot" else None
     stats = None
     with evaluating(model):
         for ids, mask in probe.batches(batch_size):
             positions = example_mask(mask, offset)
-            features = capture.features(capture.forward(ids, mask, positions))
+            features = kept_features(capture, ids, mask, positions, normalize)
             y = example_targets(ids, offset)[positions]
             if stats is None:
                 stats = ResidualStats(
@@ -74,7 +76,7 @@ def test_streamed_equals_numpy_on_one_batch():
     ids, mask = next(probe.batches(len(probe)))
     positions = example_mask(mask)
     with evaluating(model):
-        features = capture.features(capture.forward(ids, mask, positions)).numpy()
+        features = kept_features(capture, ids, mask, positions).numpy()
     y = example_targets(ids)[positions].numpy().astype(np.float64)
     want = [ols_pr(f, y) for f in features]
     np.testing.assert_allclose(streamed, want, rtol=0, atol=1e-8)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lawwatch import measure
+from lawwatch.measurement import uncertainty
 from lawwatch.stats.fuzziness import separation_fuzziness
 from lawwatch.stats.outofsample import out_of_sample_pr
 from lawwatch.stats.partition import PartitionedStats, jackknife_se, sequence_cells
@@ -145,7 +146,7 @@ def test_jackknife_matches_leave_one_group_out_in_numpy(split):
     x = noise / (1 + np.arange(depth))[:, None, None] + ids[None, :, None] * 0.02
     stats = PartitionedStats(lambda: ResidualStats(depth, D), split=split, groups=groups)
     stats.update(torch.tensor(x), torch.tensor(ids), torch.tensor(sequences))
-    found = stats.uncertainty()
+    found = uncertainty(stats)
 
     group = sequences % groups
     held = sequence_cells(torch.tensor(sequences), split, None).numpy() == 1
@@ -176,7 +177,7 @@ def test_jackknife_refuses_an_empty_group():
     stats = PartitionedStats(lambda: ResidualStats(4, 2), groups=3)
     stats.update(torch.randn(4, 20, 2), torch.arange(20), torch.zeros(20, dtype=torch.long))
     with pytest.raises(ValueError, match=r"group\(s\) \[1, 2\] hold no example"):
-        stats.uncertainty()
+        uncertainty(stats)
 
 
 def test_measure_records_the_options_on_a_tiny_model():

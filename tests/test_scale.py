@@ -1,9 +1,8 @@
-"""What keeps a snapshot's memory bounded and its precision chosen: entry groups, where the
-statistics live, the statistics precision policy.
+"""What keeps a snapshot's memory bounded and its precision chosen: one entry at a time for
+every measure, where the statistics live, the statistics precision policy.
 
-Every comparison is against the unbounded path (all entries' float64 features at once, the
-statistics on the model's device, float64), itself checked against numpy in test_measure.py
-and test_residual.py.
+Every comparison is against the plain path (the statistics on the model's device, float64),
+itself checked against numpy in test_measure.py and test_residual.py.
 """
 
 from __future__ import annotations
@@ -15,16 +14,15 @@ import pytest
 import torch
 
 from lawwatch import measure
-from lawwatch.capture import Capture
 from lawwatch.config import MeasureConfig
 from lawwatch.precision import FAST_FP64_CAPABILITIES, slow_fp64
+from lawwatch.stats.partition import PartitionedUpdate
 from lawwatch.stats.residual import ResidualStats
 from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.reference import ols_pr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-measure_mod = __import__("lawwatch.measurement", fromlist=["measure"])
 precision_mod = __import__("lawwatch.precision", fromlist=["slow_fp64"])
 
 
@@ -36,52 +34,45 @@ def model_probe():
     return model, probe
 
 
-class GroupSizes:
-    """Records the shape of every float64 feature group made while measuring."""
+class EntryShapes:
+    """Records the shape of every float64 feature block handed to partitioned statistics."""
 
     def __init__(self, monkeypatch):
         self.shapes: list[tuple[int, ...]] = []
-        original = Capture.feature_groups
+        original = PartitionedUpdate.add
 
-        def recording(capture, hidden, max_bytes=None):
-            for part, group in original(capture, hidden, max_bytes):
-                self.shapes.append(tuple(group.shape))
-                yield part, group
+        def recording(update, part, features, *, owned=False):
+            self.shapes.append(tuple(features.shape))
+            return original(update, part, features, owned=owned)
 
-        monkeypatch.setattr(Capture, "feature_groups", recording)
+        monkeypatch.setattr(PartitionedUpdate, "add", recording)
 
 
 @pytest.mark.parametrize("target", ["token_id", "onehot"])
-def test_entry_groups_give_the_same_prs_with_bounded_feature_blocks(
-    model_probe, monkeypatch, target
-):
+def test_partitioned_statistics_stream_one_entry_at_a_time(model_probe, monkeypatch, target):
     model, probe = model_probe
-    whole = measure(model, probe, target=target, batch_size=4)  # default: one group per batch
-    sizes = GroupSizes(monkeypatch)
-    budget = 2 * 60 * 16 * 8  # two entries of a 60-example batch
-    monkeypatch.setattr(measure_mod, "FEATURE_GROUP_BYTES", budget)
-    # the plain measurement streams entries one at a time inside the hooks; the jackknife's
-    # cells take the grouped path (its headline PRs are accumulated as the plain ones)
+    whole = measure(model, probe, target=target, batch_size=4)  # the plain streamed path
+    sizes = EntryShapes(monkeypatch)
+    # the jackknife's cells take the same streamed path (its headline PRs are accumulated as
+    # the plain ones): each entry's rows go to their cells as the entry arrives
     grouped = measure(model, probe, target=target, batch_size=4, jackknife=4)
-    assert sizes.shapes, "no group was recorded"
-    # a group fits the budget, or is a single entry (the least a group can be)
-    assert all(g == 1 or g * n * d * 8 <= budget for g, n, d in sizes.shapes)
-    assert any(n > 60 for _, n, _ in sizes.shapes)  # batches the budget had to split
+    assert sizes.shapes, "no entry was recorded"
+    assert all(g == 1 for g, _, _ in sizes.shapes)  # a single entry, the least there can be
+    assert any(n > 60 for _, n, _ in sizes.shapes)  # large batches too: one entry at a time
     assert max(g for g, n, _ in sizes.shapes if n > 60) < 5
     np.testing.assert_allclose(grouped.pr.numpy(), whole.pr.numpy(), rtol=0, atol=1e-12)
 
 
-def test_one_entry_per_group_at_the_smallest_budget(model_probe, monkeypatch):
+def test_never_all_entries_at_once(model_probe, monkeypatch):
     model, probe = model_probe
     whole = measure(model, probe, batch_size=4)
-    sizes = GroupSizes(monkeypatch)
-    monkeypatch.setattr(measure_mod, "FEATURE_GROUP_BYTES", 1)
-    grouped = measure(model, probe, batch_size=4, jackknife=4)  # the grouped path (above)
+    sizes = EntryShapes(monkeypatch)
+    grouped = measure(model, probe, batch_size=4, jackknife=4)  # the partitioned path (above)
     assert {s[0] for s in sizes.shapes} == {1}  # never all 5 entries at once
     np.testing.assert_allclose(grouped.pr.numpy(), whole.pr.numpy(), rtol=0, atol=1e-12)
 
 
-def test_update_groups_equals_update_and_numpy():
+def test_entries_in_calls_equal_update_and_numpy():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 300, 12, generator=gen, dtype=torch.float64) * 3 + 7  # (L, n, d)
     y = torch.randint(0, 50, (300,), generator=gen)
@@ -93,7 +84,10 @@ def test_update_groups_equals_update_and_numpy():
             (slice(2, 3), x[2:3, half]),
             (slice(3, 5), x[3:5, half]),
         ]
-        groups.update_groups(((p, g.clone()) for p, g in parts), y[half], owned=True)
+        batch = groups.begin(y[half])
+        for p, g in parts:
+            batch.add(p, g.clone(), owned=True)
+        batch.finish()
     want = [ols_pr(x[i].numpy(), y.numpy().astype(np.float64)) for i in range(5)]
     np.testing.assert_allclose(groups.compute().numpy(), one.compute().numpy(), atol=1e-13, rtol=0)
     np.testing.assert_allclose(groups.compute().numpy(), want, atol=1e-9, rtol=0)
@@ -107,11 +101,14 @@ def test_update_groups_equals_update_and_numpy():
         ([slice(0, 2)], r"covered entries 0 … 1, not all 5"),  # incomplete
     ],
 )
-def test_update_groups_refuses_parts_out_of_order(parts, match):
+def test_entries_in_calls_refuse_parts_out_of_order(parts, match):
     x = torch.randn(5, 40, 3, dtype=torch.float64)
     y = torch.randint(0, 9, (40,))
     with pytest.raises(ValueError, match=match):
-        ResidualStats(5, 3).update_groups(((p, x[p]) for p in parts), y)
+        batch = ResidualStats(5, 3).begin(y)
+        for p in parts:
+            batch.add(p, x[p])
+        batch.finish()
 
 
 def test_statistics_on_the_host_give_the_same_prs(model_probe):

@@ -1,11 +1,16 @@
-"""Statistics kept per part of the probe: out-of-sample PR, separation fuzziness, jackknife.
+"""The partitioned statistics: out-of-sample PR, separation fuzziness and the jackknife's groups.
 
-The plain measurement keeps one :class:`~lawwatch.stats.residual.ResidualStats`. The options that
-need more (``split``, ``metric="separation_fuzziness"``, ``jackknife``) keep a
-:class:`PartitionedStats` instead: one ``ResidualStats`` per *cell*, a cell being a (jackknife
-group, split part) pair, each example going to the cell of the probe sequence it comes from.
-Cells are assigned by the sequence's index ``i`` in the whole probe (a process's shard knows
-its first row), so a distributed run and a single process put every sequence in the same cell:
+Owns :class:`PartitionedStats` (the member of :class:`~lawwatch.stats.Statistics` for the
+options ``split``, ``metric="separation_fuzziness"`` and ``jackknife``), the assignment of
+examples to cells (:func:`sequence_cells`) and the jackknife's standard error. The refit of the
+law on each leave-one-group-out measure is not here: :func:`lawwatch.measurement.uncertainty`
+does it from :meth:`PartitionedStats.replicates`.
+
+A :class:`PartitionedStats` keeps one :class:`~lawwatch.stats.residual.ResidualStats` per
+*cell*, a cell being a (jackknife group, split part) pair, each example going to the cell of
+the probe sequence it comes from. Cells are assigned by the sequence's index ``i`` in the whole
+probe (a process's shard knows its first row), so a distributed run and a single process put
+every sequence in the same cell:
 
 * **split part**: sequence ``i`` is in the evaluation part when ``frac(i · φ) < split``
   (``φ = (√5 − 1) / 2``, a low-discrepancy sequence: of any ``N`` consecutive sequences the
@@ -15,24 +20,22 @@ its first row), so a distributed run and a single process put every sequence in 
 Memory: one ``ResidualStats`` per cell, plus, with ``jackknife``, one per split part holding
 all groups (the headline values then come from statistics accumulated exactly as the plain
 measurement's, bit for bit): ``(groups + 1) × (2 with split, else 1)`` times the plain
-measurement's. And per batch more than the plain measurement's transient: a cell needs every
-entry of an example together, so these options do not stream entries through the hooks
-(:meth:`lawwatch.capture.Capture.stream`); they keep the measured entries' hidden states of a
-batch in the model's dtype and make that batch's float64 features for all entries at once
-(``entries × n × d × (8 + bytes of the dtype)``, ``n`` the batch's examples).
+measurement's. A batch streams one entry at a time like the plain measurement's
+(:meth:`PartitionedStats.begin`): each cell takes a copy of its own rows of the entry, so the
+transient is about two entries' ``n × d`` float64 features (``n`` the batch's examples).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from lawwatch.stats.residual import ResidualStats
+from lawwatch.stats.residual import BatchUpdate, Owned, ResidualStats
+from lawwatch.stats.solver import Method
 
-__all__ = ["GOLDEN", "PartitionedStats", "jackknife_se", "sequence_cells"]
+__all__ = ["GOLDEN", "PartitionedStats", "PartitionedUpdate", "jackknife_se", "sequence_cells"]
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 """φ: sequence ``i`` is evaluated when ``frac(i · φ) < split``."""
@@ -73,10 +76,11 @@ def jackknife_se(values: torch.Tensor | list[float]) -> float:
 class PartitionedStats:
     """One :class:`~lawwatch.stats.residual.ResidualStats` per cell, and the measure they give.
 
-    Offers what the measurement loop uses of ``ResidualStats``: ``update`` (with each example's
-    sequence index), ``count``, ``dim``, ``layers``, ``to``, ``all_reduce``,
-    ``reduce_scatter_compute`` (here: all-reduce, then every process solves every entry) and
-    ``compute`` (the headline values); plus :meth:`uncertainty` for the jackknife.
+    A :class:`~lawwatch.stats.Statistics`: fed by :meth:`update` or, an entry at a time, by
+    :meth:`begin` (both with each example's sequence index), reduced across processes by
+    :meth:`reduce_scatter` (an all-reduce here: see there) and solved by :meth:`compute` or
+    :meth:`solve_owned` / :meth:`gather_owned`; :meth:`replicates` gives the jackknife's
+    leave-one-group-out measures.
 
     Args:
         make: Builds one empty ``ResidualStats`` (the same shape, target and classes for all).
@@ -101,6 +105,9 @@ class PartitionedStats:
         first = self.cells[0]
         self.dim, self.layers, self.num_layers = first.dim, first.layers, first.num_layers
         self.precision = first.precision
+        # (values, replicates) of the last solve_owned: the worker's solve, read back by
+        # `replicates` on the training thread; forgotten when the statistics change
+        self._solved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @staticmethod
     def copies(split: float | None, groups: int | None) -> int:
@@ -121,8 +128,40 @@ class PartitionedStats:
         """Examples in every cell together (a 0-d float64 tensor)."""
         return sum((c.count for c in self.cells[1:]), self.cells[0].count.clone())
 
+    # -- accumulation ---------------------------------------------------------------------------
+
+    def begin(
+        self,
+        targets: torch.Tensor,
+        sequences: torch.Tensor | None = None,
+        *,
+        deferred_check: bool = False,
+    ) -> PartitionedUpdate:
+        """Start adding a batch whose entries arrive one call at a time.
+
+        Args:
+            targets: ``(n,)`` integer target token ids.
+            sequences: ``(n,)`` the index in the whole probe of each example's sequence.
+            deferred_check: See :meth:`ResidualStats.begin`.
+
+        Raises:
+            ValueError: ``sequences`` missing or not shaped like ``targets``.
+        """
+        if sequences is None or sequences.shape != targets.shape:
+            raise ValueError(
+                "Partitioned statistics (split, jackknife, separation fuzziness) need the "
+                "sequence index of each example, shaped like the targets "
+                f"{tuple(targets.shape)}; got "
+                f"{None if sequences is None else tuple(sequences.shape)}."
+            )
+        self._solved = None
+        return PartitionedUpdate(self, targets, sequences, deferred_check)
+
     def update(
-        self, features: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        sequences: torch.Tensor | None = None,
     ) -> PartitionedStats:
         """Add a batch of examples.
 
@@ -131,34 +170,91 @@ class PartitionedStats:
             targets: ``(n,)`` integer target ids.
             sequences: ``(n,)`` the index in the whole probe of each example's sequence.
         """
-        cells = sequence_cells(sequences, self.split, self.groups).to(features.device)
-        for cell in torch.unique(cells).tolist():  # host sync: a few cells
-            chosen = cells == cell
-            self.cells[cell].update(features[:, chosen], targets[chosen.to(targets.device)])
-        if self.totals is not None:
-            if self.parts == 1:
-                self.totals[0].update(features, targets)
-            else:
-                for part, total in enumerate(self.totals):
-                    chosen = cells % self.parts == part
-                    total.update(features[:, chosen], targets[chosen.to(targets.device)])
-        return self
+        if features.ndim != 3 or features.shape[0] != self.num_layers:
+            raise ValueError(
+                f"features must have shape (num_layers={self.num_layers}, n, dim={self.dim}), "
+                f"got {tuple(features.shape)}."
+            )
+        batch = self.begin(targets, sequences)
+        batch.add(slice(0, self.num_layers), features)
+        return batch.finish()
 
     def to(self, device: torch.device | str) -> PartitionedStats:
         """Move every cell's statistics to ``device`` in place."""
+        self._solved = None
         for cell in self._all():
             cell.to(device)
         return self
 
+    # -- across processes -----------------------------------------------------------------------
+
     def all_reduce(self, group: object | None = None) -> PartitionedStats:
         """Sum every cell across the processes of ``group`` (cell by cell)."""
+        self._solved = None
         for cell in self._all():
             cell.all_reduce(group)
         return self
 
-    def reduce_scatter_compute(self, group: object | None = None, **_: Any) -> torch.Tensor:
-        """All-reduce, then :meth:`compute` on every process (no sharded solve for cells)."""
-        return self.all_reduce(group).compute()
+    def reduce_scatter(self, group: object | None = None) -> None:
+        """The collectives before the solve: here an **all-reduce** of every cell.
+
+        Not a reduce-scatter: the measure of an entry needs several cells (and the jackknife
+        every group's), so every process keeps every cell's sums and solves every entry
+        (:meth:`solve_owned`); the statistics stay usable afterwards.
+        """
+        self.all_reduce(group)
+
+    def solve_owned(self, group: object | None = None, *, method: Method = "auto") -> Owned:
+        """Solve every entry (and the jackknife's replicates) on this process; no collective.
+
+        Every process holds every cell after :meth:`reduce_scatter`, so each solves all
+        entries (the same numbers everywhere). Never raises: a failure is kept in the result
+        (and raised on every process by :meth:`gather_owned`). Safe to run on another thread
+        than the collectives'.
+
+        Args:
+            group: Unused (the signature of every :class:`~lawwatch.stats.Statistics`).
+            method: The solve of in-sample PR (:mod:`lawwatch.stats.solver`); out-of-sample PR
+                and separation fuzziness always use the eigendecomposition.
+        """
+        buffer = torch.full(
+            (1 + self.num_layers,), float("nan"), dtype=torch.float64, device=self.device
+        )
+        buffer[0] = 0.0  # status: 0 ok, 1 the solve failed here
+        try:
+            values = self.values(method=method)
+            self._solved = (values, self._replicates(method))
+            buffer[1:] = values
+        except Exception as caught:  # decided collectively in gather_owned
+            buffer[0] = 1.0
+            return Owned(buffer, caught)
+        return Owned(buffer, None)
+
+    def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
+        """The values :meth:`solve_owned` found, once every process's status is known.
+
+        Only the one-number status is all-reduced (every process solved everything).
+
+        Raises:
+            Exception: The solve failed on some process: its own error there, a
+                ``RuntimeError`` naming the failure on the others.
+        """
+        import torch.distributed as dist
+
+        status = owned.buffer[:1].clone()
+        dist.all_reduce(status, op=dist.ReduceOp.MAX, group=group)
+        if owned.error is not None:
+            raise owned.error
+        if status.item() != 0.0:  # host sync
+            raise RuntimeError("lawwatch: the solve failed on another process of the group.")
+        return owned.buffer[1:].clone()
+
+    def reduce_scatter_compute(
+        self, group: object | None = None, *, method: Method = "auto"
+    ) -> torch.Tensor:
+        """:meth:`reduce_scatter` (an all-reduce), :meth:`solve_owned`, :meth:`gather_owned`."""
+        self.reduce_scatter(group)
+        return self.gather_owned(self.solve_owned(group, method=method), group)
 
     # -- the measure ----------------------------------------------------------------------------
 
@@ -184,7 +280,7 @@ class PartitionedStats:
             total.merge(cell)
         return total
 
-    def values(self, without: int | None = None) -> torch.Tensor:
+    def values(self, without: int | None = None, *, method: Method = "auto") -> torch.Tensor:
         """The per-entry measure, leaving out jackknife group ``without`` if given."""
         if self.split is not None:
             from lawwatch.stats.outofsample import out_of_sample_pr
@@ -197,26 +293,27 @@ class PartitionedStats:
             from lawwatch.stats.fuzziness import separation_fuzziness
 
             return separation_fuzziness(merged)
-        return merged.compute()
+        return merged.compute(method=method)
 
-    def compute(self) -> torch.Tensor:
+    def compute(self, *, method: Method = "auto") -> torch.Tensor:
         """``(entries,)`` float64: PR (out of sample with ``split``) or separation fuzziness."""
-        return self.values()
+        return self.values(method=method)
 
-    def uncertainty(self) -> dict[str, Any]:
-        """Jackknife standard errors of the law's ``r`` and ``rho`` (empty without groups).
+    def replicates(self) -> torch.Tensor | None:
+        """``(groups, entries)``: the measure with each jackknife group left out; None without.
 
-        Each group is left out in turn, the measure recomputed from the other groups'
-        statistics and the law refitted; the standard errors are those of
-        :func:`jackknife_se` over the ``groups`` refits.
+        Those :meth:`solve_owned` found, if the statistics did not change since.
 
         Raises:
             ValueError: A group without examples (fewer probe sequences than groups).
         """
-        if self.groups is None:
-            return {}
-        from lawwatch.law import fit_law
+        if self._solved is not None:
+            return self._solved[1]
+        return self._replicates("auto")
 
+    def _replicates(self, method: Method) -> torch.Tensor | None:
+        if self.groups is None:
+            return None
         per_group = [
             sum(int(self.cells[g * self.parts + p].count.item()) for p in range(self.parts))
             for g in range(self.groups)
@@ -227,9 +324,61 @@ class PartitionedStats:
                 " hold no example (sequence i is in group i mod groups); use fewer groups than "
                 "the probe has sequences with examples."
             )
-        fits = [fit_law(self.values(g).cpu(), layers=self.layers) for g in range(self.groups)]
-        return {
-            "pearson_r_se": jackknife_se([f.pearson_r for f in fits]),
-            "rho_se": jackknife_se([f.rho for f in fits]),
-            "jackknife_groups": self.groups,
-        }
+        return torch.stack([self.values(g, method=method) for g in range(self.groups)])
+
+
+class PartitionedUpdate:
+    """One batch being added to a :class:`PartitionedStats`, its entries in any number of calls.
+
+    Made by :meth:`PartitionedStats.begin`: each cell present in the batch (and each total)
+    gets its own :class:`~lawwatch.stats.residual.BatchUpdate`, begun with its rows' targets;
+    :meth:`add` hands each a copy of its rows of the entries (the totals of a probe without
+    split take the caller's tensor itself, last). Same contract as ``BatchUpdate``.
+    """
+
+    def __init__(
+        self,
+        stats: PartitionedStats,
+        targets: torch.Tensor,
+        sequences: torch.Tensor,
+        deferred_check: bool,
+    ) -> None:
+        self.stats = stats
+        cells = sequence_cells(sequences, stats.split, stats.groups)  # (n,)
+        # (rows, update): rows None means every row
+        self.updates: list[tuple[torch.Tensor | None, BatchUpdate]] = []
+
+        def begin(stats_: ResidualStats, rows: torch.Tensor | None) -> None:
+            chosen = targets if rows is None else targets[rows.to(targets.device)]
+            self.updates.append((rows, stats_.begin(chosen, deferred_check=deferred_check)))
+
+        for cell in torch.unique(cells).tolist():  # host sync: a few cells
+            begin(stats.cells[cell], (cells == cell).nonzero().squeeze(1))
+        if stats.totals is not None:
+            if stats.parts == 1:
+                begin(stats.totals[0], None)  # last: it may shift the caller's tensor in place
+            else:
+                for part, total in enumerate(stats.totals):
+                    rows = (cells % stats.parts == part).nonzero().squeeze(1)
+                    if rows.numel():
+                        begin(total, rows)
+
+    def add(self, part: slice, features: torch.Tensor, *, owned: bool = False) -> None:
+        """Add the entries ``part`` from ``features`` ``(part.stop - part.start, n, dim)``.
+
+        Args:
+            part: The next entries (see :meth:`BatchUpdate.add`).
+            features: Any float dtype, any device.
+            owned: See :meth:`BatchUpdate.add`.
+        """
+        for rows, update in self.updates:
+            if rows is None:
+                update.add(part, features, owned=owned)
+            else:  # a fresh copy of the cell's rows: ours to shift in place
+                update.add(part, features.index_select(1, rows.to(features.device)), owned=True)
+
+    def finish(self) -> PartitionedStats:
+        """Finish every cell's batch (see :meth:`BatchUpdate.finish`)."""
+        for _, update in self.updates:
+            update.finish()
+        return self.stats

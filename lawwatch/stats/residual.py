@@ -1,12 +1,12 @@
-"""Prediction residuals from additive sufficient statistics.
+"""Prediction residuals from additive sufficient statistics: the plain measurement's statistics.
 
-The prediction residual of layer ``l`` is ``PR_l = 1 - R^2`` of an ordinary least-squares fit,
-*with intercept*, of a target on that layer's features (He & Su, arXiv 2408.13442). Everything
-OLS needs is a handful of sums over examples, so a probe set of any size streams through in
-batches with memory independent of its length, statistics from several processes merge with
-one all-reduce (or a reduce to the process that solves each entry), and one batched solve
-(:mod:`lawwatch.stats.solver`: a Cholesky fast path, the eigendecomposition as the reference) gives
-every layer's PR.
+Owns :class:`ResidualStats` (accumulation, merging, the distributed phases, the solve through
+:mod:`lawwatch.stats.solver`), the streamed update :class:`BatchUpdate` and
+:func:`prediction_residuals`. The prediction residual of layer ``l`` is ``PR_l = 1 - R^2`` of an
+ordinary least-squares fit, *with intercept*, of a target on that layer's features (He & Su,
+arXiv 2408.13442). Everything OLS needs is a handful of sums over examples, so a probe of any
+size streams through with memory independent of its length, and statistics from several
+processes merge with one all-reduce (or a reduce to the process that solves each entry).
 
 Numerics (see docs/protocol.md §2):
 
@@ -19,36 +19,31 @@ Numerics (see docs/protocol.md §2):
   TF32 and bf16 matmul modes switched off for the product whatever the global setting
   (:func:`exact_float32_matmul`), and added into the float64 sums; ``Σu``, ``Σuwᵀ`` and the
   target sums stay float64. The float32 Gram's rounding moves the Rayleigh quotient of an exact
-  null direction (a LayerNorm's) to about ±5e-9 of ``λ_max`` (measured at d = 64 … 1024,
-  batches of 512 … 8192 tokens), so the rank rule's default tolerance is ``MIXED_RTOL = 1e-7``
-  there: such directions are still cut, while genuine directions below ~1e-7 of ``λ_max`` are
-  lost with them. What it costs in PR: ≤ 1.2e-7 at d = 48 (bounded by 1e-6 in
-  ``tests/test_residual.py``), ≤ 7e-7 at d = 256 and ≤ 1.4e-6 at d = 1024 on LayerNorm'd,
-  massive-activation and outlier inputs (``bench/bench_solve.py``), but 3-19% on a trained
-  GPT-2, whose entries have many genuine directions below that tolerance
-  (``bench/mixed_precision.py``); on one CPU core the update runs ~1.3x faster. The default
-  stays ``"float64"``.
+  null direction (a LayerNorm's) to a few 1e-9 of ``λ_max``, so the rank rule's default
+  tolerance is ``MIXED_RTOL = 1e-7`` there: such directions are still cut, while genuine
+  directions below ~1e-7 of ``λ_max`` are lost with them. That costs little on synthetic
+  inputs but a trained model has many such directions (what it moves PR by, and the speed it
+  buys: BENCHMARKS.md); the default stays ``"float64"``.
 * **Rank rule and solve.** See :mod:`lawwatch.stats.solver`: directions of the standardized
   coefficient space with Rayleigh quotient under ``rtol * λ_max`` are dropped (least-squares
-  projection onto the rest). LayerNorm outputs are always rank ≤ d-1; dead and duplicated
-  columns are handled too.
+  projection onto the rest).
 * **Gram.** ``uᵀu`` is symmetric: each batch computes its upper triangle only, in row panels
-  (``gram_panel``: ``d / 8`` rows, at least 192: 9/16 of the full product's flops from
-  d = 1536 on, 5/8 at d = 768; 1.3-1.5x faster on CPU), and the lower triangle of ``Σuuᵀ``
-  is copied from the upper one.
+  (``gram_panel``: ``d / 8`` rows, at least 192, so about 9/16 of the full product's flops),
+  and the lower triangle of ``Σuuᵀ`` is copied from the upper one, diagonal blocks included,
+  so the sums are exactly symmetric on any CPU.
 * **Memory.** Batches are turned into products a few entries at a time (bounded workspace; a
   caller that owns float64 features, e.g. the hooks of :meth:`lawwatch.capture.Capture.stream`
   through :meth:`ResidualStats.begin`, has them shifted in place: no copy), and the solve and
   the collectives also go entry group by entry group: nothing of the size of the statistics is
   allocated twice. The solve holds one ``d × d`` matrix per entry of a group of at most
-  ``WORKSPACE_BYTES / 2`` (one entry at d = 4096), plus LAPACK's ``2 d²`` workspace for an
-  entry that needs the eigendecomposition (one at a time; :mod:`lawwatch.stats.solver`).
+  ``WORKSPACE_BYTES / 2``, plus LAPACK's ``2 d²`` workspace for an entry that needs the
+  eigendecomposition (one at a time; :mod:`lawwatch.stats.solver`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,12 +124,12 @@ class Solved:
 
 @dataclass(frozen=True)
 class Owned:
-    """One process's share of a sharded solve (:meth:`ResidualStats.solve_owned`).
+    """One process's share of a solve (``solve_owned`` of any :class:`~lawwatch.stats.Statistics`).
 
     Attributes:
-        buffer: ``(1 + largest share,)`` float64: status (0 solved, 1 failed) then the PRs of
-            the process's entries (NaN-padded to the largest share, so every process gathers
-            the same size).
+        buffer: ``(1 + size,)`` float64: status (0 solved, 1 failed) then the values this
+            process solved (for :class:`ResidualStats`: the PRs of its own entries, NaN-padded
+            to the largest share, so every process gathers the same size).
         error: The exception of a failed solve on this process, else None.
     """
 
@@ -147,8 +142,10 @@ class ResidualStats:
 
     Holds, per layer, the example count and the sums ``Σu``, ``Σuuᵀ``, ``Σu wᵀ`` of the shifted
     features ``u = x - shift_x`` and targets ``w = y - shift_y`` (plus ``Σw``, ``Σw²``, which
-    every layer shares), all in float64. Like a torchmetrics ``Metric``: ``update`` with batches,
-    ``merge``, ``all_reduce`` or ``reduce_scatter_compute`` across workers, ``compute`` once.
+    every layer shares), all in float64. Like a torchmetrics ``Metric``: ``update`` with batches
+    (or :meth:`begin` for a batch whose entries arrive one at a time), ``merge``, ``all_reduce``
+    or ``reduce_scatter_compute`` across workers, ``compute`` once. The plain member of
+    :class:`~lawwatch.stats.Statistics`.
 
     Args:
         num_layers: Number of layers (hidden-state entries) measured together.
@@ -265,68 +262,46 @@ class ResidualStats:
         starts = range(entries.start, entries.stop, size)
         return [slice(lo, min(lo + size, entries.stop)) for lo in starts]
 
-    def update(self, features: torch.Tensor, targets: torch.Tensor) -> ResidualStats:
+    def update(
+        self, features: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor | None = None
+    ) -> ResidualStats:
         """Add a batch of examples.
 
         Args:
             features: ``(num_layers, n, dim)`` features of any float dtype (upcast to float64),
                 on any device (see ``compute_on``).
             targets: ``(n,)`` integer target token ids.
+            sequences: Unused (every example goes to the same sums); accepted so that every
+                :class:`~lawwatch.stats.Statistics` is fed alike.
 
         Returns:
             ``self``, so calls chain.
+
+        Raises:
+            ValueError: Features of the wrong shape, or NaN or Inf in them (refused before any
+                sum changes).
         """
         if features.ndim != 3 or features.shape[0] != self.num_layers:
             raise ValueError(
                 f"features must have shape (num_layers={self.num_layers}, n, dim={self.dim}), "
                 f"got {tuple(features.shape)}."
             )
-        return self.update_groups([(slice(0, self.num_layers), features)], targets)
-
-    def update_groups(
-        self,
-        groups: Iterable[tuple[slice, torch.Tensor]],
-        targets: torch.Tensor,
-        *,
-        owned: bool = False,
-    ) -> ResidualStats:
-        """Add a batch of examples whose features arrive a group of entries at a time.
-
-        The float64 features of every entry never need to exist at once: ``groups`` may be a
-        generator (e.g. :meth:`lawwatch.capture.Capture.feature_groups`) that makes each group
-        only when the previous one has been added. (:meth:`begin` does the same for features
-        that arrive one call at a time, e.g. from forward hooks.)
-
-        Args:
-            groups: ``(part, features)`` pairs: ``part`` a slice of entries and ``features`` of
-                shape ``(part.stop - part.start, n, dim)``, any float dtype, any device. The
-                parts must be consecutive, in order, and cover ``0 … num_layers-1``.
-            targets: ``(n,)`` integer target token ids.
-            owned: The feature tensors are the caller's temporaries: when they are float64 on
-                the device the products are computed on, they are shifted in place instead of
-                copied (the caller must not use them afterwards).
-
-        Returns:
-            ``self``, so calls chain.
-
-        Raises:
-            ValueError: A group of the wrong shape, non-finite features, or parts that do not
-                cover the entries in order. Each group is checked before it changes any sum; a
-                batch refused after its first group leaves the statistics inconsistent (discard
-                them). A batch given as one group is refused before any sum changes.
-        """
         batch = self.begin(targets)
-        for part, features in groups:
-            batch.add(part, features, owned=owned)
-            del features  # the generator's next group is made without this one alive
-        batch.finish()
-        return self
+        batch.add(slice(0, self.num_layers), features)
+        return batch.finish()
 
-    def begin(self, targets: torch.Tensor, *, deferred_check: bool = False) -> BatchUpdate:
+    def begin(
+        self,
+        targets: torch.Tensor,
+        sequences: torch.Tensor | None = None,
+        *,
+        deferred_check: bool = False,
+    ) -> BatchUpdate:
         """Start adding a batch whose entries arrive one call at a time (see :class:`BatchUpdate`).
 
         Args:
             targets: ``(n,)`` integer target token ids of the batch.
+            sequences: Unused (see :meth:`update`).
             deferred_check: Check the features for NaN and Inf once, in
                 :meth:`BatchUpdate.finish`, from a flag kept on the features' device, instead
                 of before each group changes any sum (one host synchronization per group).
@@ -750,6 +725,10 @@ class ResidualStats:
         """
         return self.solve(method=method).pr
 
+    def replicates(self) -> None:
+        """None: the plain statistics have no jackknife groups (see ``Statistics.replicates``)."""
+        return None
+
 
 class BatchUpdate:
     """One batch being added to a :class:`ResidualStats`, its entries in any number of calls.
@@ -782,7 +761,9 @@ class BatchUpdate:
         Args:
             part: The next entries: starts where the previous group stopped.
             features: Any float dtype, any device (see ``compute_on``).
-            owned: See :meth:`ResidualStats.update_groups`.
+            owned: The tensor is the caller's temporary: when it is float64 on the device the
+                products are computed on, it is shifted in place instead of copied (the
+                caller must not use it afterwards).
 
         Raises:
             ValueError: Wrong shape or order; NaN or Inf (unless the check is deferred).
@@ -856,8 +837,7 @@ def gram_panel(dim: int) -> int:
     """Rows per panel of the upper-triangular Gram: ``d / 8``, at least 192.
 
     Eight panels compute ``9/16`` of the full product's flops; narrower panels would save
-    little more and run the matrix product on thinner, slower shapes (measured on CPU at
-    d = 768 and 2048: 128-row panels were slower than 192).
+    little more and run the matrix product on thinner, slower shapes (BENCHMARKS.md).
     """
     return max(_MIN_PANEL, -(-dim // 8))
 

@@ -1,13 +1,13 @@
 """The least-squares solve behind a prediction residual, for a batch of entries.
 
-For one entry, OLS with intercept explains ``E = bᵀ G⁺ b`` of the target's sum of squares,
-where ``G`` is the centered Gram of the features (``d × d``) and ``b`` the centered cross term
-(``d × K``; ``bᵀ G⁺ b`` is summed over the ``K`` outputs).
+Owns the rank rule (``DEFAULT_RTOL``) and the two paths that apply it; the statistics call
+:func:`explained_sum_of_squares`. For one entry, OLS with intercept explains ``E = bᵀ G⁺ b`` of
+the target's sum of squares, where ``G`` is the centered Gram of the features (``d × d``) and
+``b`` the centered cross term (``d × K``; ``bᵀ G⁺ b`` is summed over the ``K`` outputs).
 :class:`~lawwatch.stats.residual.ResidualStats` turns it into ``PR = 1 - E / TSS``. Only this
-number is needed, not eigenvectors, so the solve
-can be a Cholesky factorization (``d³/3`` flops) instead of an eigendecomposition (~9 d³, at a
-lower flop rate): 12x faster at d = 2048 and 23-29x at d = 4096 on one CPU core
-(``bench/bench_solve.py``, BENCHMARKS.md).
+number is needed, not eigenvectors, so the solve can be a Cholesky factorization (``d³/3``
+flops) instead of an eigendecomposition (~9 d³, at a lower flop rate); BENCHMARKS.md ("The
+solve") has the measured ratio.
 
 **Scaling.** ``G`` is scaled to unit diagonal (a correlation matrix ``C = S G S``, ``b → S b``);
 the least-squares projection does not depend on column scale, and the rank decision then does
@@ -29,7 +29,7 @@ Two paths apply the rule:
 
 * **Eigendecomposition (the reference, ``method="eigh"``).** ``C = V Λ Vᵀ``; eigenvectors with
   ``λ < cut`` are dropped (the pseudo-inverse with a relative eigenvalue cutoff). It handles any
-  spectrum, at 6-29x the cost (d = 768 … 4096).
+  spectrum, at several times the cost (BENCHMARKS.md).
 * **Cholesky (the fast path, ``method="auto"``).** A LayerNorm output always has an exact null
   direction (its features sum to zero for every token), so a plain Cholesky of ``C`` would break
   down; the fast path takes one column out first. Let ``j`` be the live column with the largest
@@ -56,8 +56,9 @@ Two paths apply the rule:
   ≤ |A⁻¹c|² / 10`` above the cut, where any tolerance is arbitrary. The result is always the
   exact least-squares projection onto a set of columns. Where both paths drop the direction,
   the fast path removes column ``j``'s residual given the others and the eigen path the exact
-  eigenvector; the two differ by the small tilt between them (7e-10 in PR in the tests, for a
-  direction at 1e-15 of ``λ_max`` that carries target signal; 0 for an exact null direction).
+  eigenvector; the two differ by the small tilt between them (bounded in
+  ``tests/test_solver.py`` for a direction at 1e-15 of ``λ_max`` that carries target signal;
+  0 for an exact null direction).
 
 The fast path is used for every entry that passes both checks. The others go to the
 eigendecomposition: two or more (near-)dependent directions (duplicated or linearly dependent

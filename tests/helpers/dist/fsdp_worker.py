@@ -59,14 +59,15 @@ def run(name, model, shard, rank, probe, results, poison_at: str) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     watch = lawwatch.LawWatch(model, probe, every=1, batch_size=2)
     results[f"{name}_step0"] = pr_list(watch.maybe_snapshot(0))
-    # the final norm's pre-hook fires inside the sharded forward (a float64 model would hide a
-    # fallback to the model's own final-norm output, so look at the hook itself)
+    # the final norm's pre-hook fires inside the sharded forward: the last entry's features are
+    # made from its input only (a capture whose pre-hook missed raises), so their shape is that
+    # of the input it took there
     capture = Capture(measured_module(model))
     ids, mask = next(probe.batches(2))
     positions = example_mask(mask)
     with torch.no_grad():
-        hidden = capture.forward(ids, mask, positions)
-    shape = None if hidden.norm_input is None else list(hidden.norm_input.shape)
+        features = capture(ids, mask, positions)  # (entries, n, d)
+    shape = list(features[-1].shape)
     results[f"{name}_hooked"] = shape == [int(positions.sum()), model.config.hidden_size]
     results[f"{name}_ref0"] = reference
     results[f"{name}_loss1"] = train_step(model, optimizer, rank, seed=1)
