@@ -21,6 +21,15 @@ def ranks(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+def _same(got, reference):
+    assert max(abs(a - b) for a, b in zip(got["pr"], reference["pr"], strict=True)) < 1e-9
+    for key in ("pearson_r_se", "rho_se"):
+        if reference[key] is None:
+            assert got[key] is None
+        else:
+            assert got[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_two_processes_give_the_one_process_numbers(ranks, name):
@@ -28,9 +37,13 @@ def test_two_processes_give_the_one_process_numbers(ranks, name):
     for r in ranks:
         got = r[name]["watch"]
         assert got is not None, f"rank {r} skipped the snapshot"
-        assert max(abs(a - b) for a, b in zip(got["pr"], reference["pr"], strict=True)) < 1e-9
-        for key in ("pearson_r_se", "rho_se"):
-            if reference[key] is None:
-                assert got[key] is None
-            else:
-                assert got[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-12)
+        _same(got, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*OPTIONS, "plain"])
+def test_the_three_phases_are_the_same_calls_on_every_statistics(ranks, name):
+    """reduce_scatter, solve_owned, gather_owned: no type switch, the one-process numbers."""
+    reference = ranks[0][name]["reference"]
+    for r in ranks:
+        _same(r[name]["phases"], reference)

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lawwatch import residual
+from lawwatch.stats import residual
 from lawwatch.stats.residual import ResidualStats, prediction_residuals
 from tests.helpers.dist.common import TIMEOUT_S, setup, write
 
