@@ -13,7 +13,9 @@ from lawwatch.norms import NormSpec
 from lawwatch.output.sinks import scalars
 from lawwatch.probe import ProbeSet
 from lawwatch.stats.residual import ResidualStats, prediction_residuals
-from lawwatch.watch.monitor import LawWatch, Schedule
+from lawwatch.watch.config import WatchConfig
+from lawwatch.watch.monitor import LawWatch
+from lawwatch.watch.schedule import Schedule
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,7 @@ __all__ = [
     "ResidualStats",
     "Schedule",
     "Snapshot",
+    "WatchConfig",
     "emergence_step",
     "fit_law",
     "measure",

@@ -1,9 +1,10 @@
 """MeasureConfig: every option of a measurement, documented and validated in one place.
 
-:func:`lawwatch.measurement`, :class:`lawwatch.LawWatch`, :class:`lawwatch.LawWatchCallback`, the
-recipes' YAML (``lawwatch.measurement:``) and the command line all take a :class:`MeasureConfig`;
+:func:`lawwatch.measure`, :class:`lawwatch.LawWatch`, :class:`lawwatch.LawWatchCallback`, the
+recipes' YAML (``lawwatch.measure:``) and the command line all take a :class:`MeasureConfig`;
 their keyword arguments are a convenience that builds one (:meth:`MeasureConfig.build`). Each
-field's docstring is its documentation everywhere, ``--help`` included.
+field's docstring is its documentation everywhere, ``--help`` included. :class:`Options` is
+what it shares with the monitor's settings (:class:`lawwatch.watch.config.WatchConfig`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
@@ -24,7 +25,7 @@ from lawwatch.precision import STATS_PRECISIONS, StatsPrecision
 from lawwatch.structure import BlockSpec, FinalNormSpec
 from lawwatch.targets import DEFAULT_MAX_ONEHOT_BYTES, MEASURE_TARGETS, MeasureTarget
 
-__all__ = ["ENTRIES", "METRICS", "MeasureConfig", "field_docs"]
+__all__ = ["ENTRIES", "METRICS", "MeasureConfig", "Options", "field_docs"]
 
 Metric = Literal["pr", "separation_fuzziness"]
 Entries = Literal["hooks", "hidden_states"]
@@ -36,14 +37,72 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_O = TypeVar("_O", bound="Options")
+
+
+class Options:
+    """What the option dataclasses share (:class:`MeasureConfig`, ``WatchConfig``).
+
+    A frozen dataclass whose fields are validated in ``__post_init__`` gets here: its field
+    names, building from a config plus keyword overrides (strict on names), a copy with changes,
+    and plain-dict conversion for YAML, JSON and the command line.
+    """
+
+    _what: ClassVar[str] = "options"  # what an unknown name is called in the error
+    _argument: ClassVar[str] = "config"  # the parameter a config is passed as
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The field names, in declaration order."""
+        return tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+
+    @classmethod
+    def build(cls: type[_O], config: _O | None = None, **options: Any) -> _O:
+        """``config`` (default: every field's default) with ``options`` overriding its fields.
+
+        Raises:
+            TypeError: An option that is not a field, naming the valid ones; a ``config`` of
+                another type.
+            ValueError: An invalid value (see the field's documentation).
+        """
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise TypeError(
+                f"Unknown {cls._what} {unknown}; the {cls._what} are the fields of "
+                f"lawwatch.{cls.__name__}: {list(cls.names())}."
+            )
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(
+                f"{cls._argument} must be a lawwatch.{cls.__name__}, got "
+                f"{type(config).__name__}; build one with {cls.__name__}(...) or "
+                f"{cls.__name__}.from_dict(...)."
+            )
+        return replace(config, **options) if config is not None else cls(**options)  # type: ignore[type-var]
+
+    @classmethod
+    def from_dict(cls: type[_O], values: Mapping[str, Any] | None) -> _O:
+        """From a plain mapping (a YAML section, parsed command-line options); strict on names."""
+        return cls.build(**dict(values or {}))
+
+    def replace(self: _O, **options: Any) -> _O:
+        """A copy with ``options`` changed (validated like the constructor)."""
+        return self.build(self, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (an object without a plain form: named by type)."""
+        return {name: _plain(getattr(self, name)) for name in self.names()}
+
+
 @dataclass(frozen=True)
-class MeasureConfig:
+class MeasureConfig(Options):
     """How the law is measured: the paper's protocol by default, every ablation as an option.
 
     Immutable; derive variants with :meth:`replace`. Invalid values are refused when the config
     is built, with the reason and the valid choices, so a bad setting fails before training
     starts rather than at every snapshot.
     """
+
+    _what: ClassVar[str] = "measurement options"
 
     normalize: Normalize = "auto"
     """Map applied to hidden-state entries 0 … L-1 before the regression: 'auto' (the paper's:
@@ -207,45 +266,6 @@ class MeasureConfig:
                     f"stats_device={self.stats_device!r} is not a device name; use e.g. 'cpu' "
                     "or 'cuda:0' (None: the model's device)."
                 ) from None
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        """The field names, in declaration order."""
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def build(cls, config: MeasureConfig | None = None, **options: Any) -> MeasureConfig:
-        """``config`` (default: the paper's protocol) with ``options`` overriding its fields.
-
-        Raises:
-            TypeError: An option that is not a field, naming the valid ones.
-            ValueError: An invalid value (see the field's documentation).
-        """
-        unknown = sorted(set(options) - set(cls.names()))
-        if unknown:
-            raise TypeError(
-                f"Unknown measurement options {unknown}; the options are the fields of "
-                f"lawwatch.MeasureConfig: {list(cls.names())}."
-            )
-        if config is not None and not isinstance(config, MeasureConfig):
-            raise TypeError(
-                f"config must be a lawwatch.MeasureConfig, got {type(config).__name__}; build "
-                "one with MeasureConfig(...) or MeasureConfig.from_dict(...)."
-            )
-        return replace(config, **options) if config is not None else cls(**options)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> MeasureConfig:
-        """From a plain mapping (a YAML section, parsed command-line options); strict on names."""
-        return cls.build(**dict(values or {}))
-
-    def replace(self, **options: Any) -> MeasureConfig:
-        """A copy with ``options`` changed (validated like the constructor)."""
-        return self.build(self, **options)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The options as JSON-ready values (a module given by object is named by its type)."""
-        return {name: _plain(getattr(self, name)) for name in self.names()}
 
 
 def _plain(value: Any) -> Any:

@@ -66,17 +66,19 @@ def check_launch(num_processes: int) -> None:
         )
 
 
-# the ``lawwatch:`` keys that are keyword arguments of the monitor and the callback
-MONITOR_SETTINGS = ("every", "emergence_threshold", "max_overhead", "background", "background_lag")
+# the ``lawwatch:`` keys: the monitor's settings (the recipe sets last_step from train.steps)
+MONITOR_SETTINGS = tuple(n for n in lawwatch.WatchConfig.names() if n != "last_step")
 
 
-def watch_settings(section: dict[str, Any]) -> tuple[dict[str, Any], lawwatch.MeasureConfig]:
+def watch_settings(
+    section: dict[str, Any],
+) -> tuple[lawwatch.WatchConfig, lawwatch.MeasureConfig]:
     """The ``lawwatch:`` section: the monitor's settings and the measurement options.
 
     Returns:
-        The :data:`MONITOR_SETTINGS` given (keyword arguments of the monitor and the
-        callback), and the :class:`lawwatch.MeasureConfig` built from ``measure:``, whose field
-        names are checked (a misspelled option stops the recipe before training).
+        The :class:`lawwatch.WatchConfig` built from the :data:`MONITOR_SETTINGS` given, and the
+        :class:`lawwatch.MeasureConfig` built from ``measure:``. Names are checked and values
+        validated: a misspelled or invalid setting stops the recipe before training.
     """
     settings = dict(section)
     config = lawwatch.MeasureConfig.from_dict(settings.pop("measure", None))
@@ -84,9 +86,13 @@ def watch_settings(section: dict[str, Any]) -> tuple[dict[str, Any], lawwatch.Me
     if unknown:
         raise SystemExit(
             f"lawwatch: {sorted(unknown)} are not monitor settings ({', '.join(MONITOR_SETTINGS)}"
-            "); measurement options go under lawwatch.measurement."
+            "); measurement options go under lawwatch.measure, the final step is train.steps."
         )
-    return settings, config
+    try:
+        watch = lawwatch.WatchConfig.from_dict(settings)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"lawwatch: {error}") from None
+    return watch, config
 
 
 def load_texts(source: str) -> list[str]:

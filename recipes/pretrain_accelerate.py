@@ -100,7 +100,12 @@ def main() -> None:
     settings, measure = watch_settings(watch_cfg)
     # snapshots go to the trackers and, on the main process, to out/lawwatch/history.jsonl
     watch = AcceleratorWatch(
-        accelerator, model, probe, measure, directory=out / "lawwatch", last_step=steps, **settings
+        accelerator,
+        model,
+        probe,
+        measure,
+        settings.replace(last_step=steps),
+        directory=out / "lawwatch",
     )
     accelerator.register_for_checkpointing(watch)  # its history goes with save_state
 

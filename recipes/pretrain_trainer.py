@@ -136,7 +136,7 @@ def main() -> None:
         run = wandb.init(project=output.get("project", "lawwatch"), config=cfg)
     console = Console()
     settings, measure = watch_settings(watch_cfg)
-    watch = LawWatchCallback(probe, measure, sinks=[console], **settings)
+    watch = LawWatchCallback(probe, measure, settings, sinks=[console])
     trainer = Trainer(
         model=model, args=args, train_dataset=Packed(blocks), callbacks=[console, watch]
     )

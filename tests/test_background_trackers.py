@@ -50,7 +50,7 @@ def test_trainer_background_equals_foreground_in_every_tracker(tmp_path, offline
     fore = trainer_run(tmp_path / "fore", LawWatchCallback(ragged_probe(), every=2))
     callback = LawWatchCallback(ragged_probe(), every=2, background=True)
     back = trainer_run(tmp_path / "back", callback, report_to=["wandb", "tensorboard"])
-    assert callback.monitor.background and not workers()  # joined at train end
+    assert callback.monitor.watch.background and not workers()  # joined at train end
     # flushed at train end: the history is complete, the records those of the foreground
     assert [r["step"] for r in back] == STEPS
     assert without_seconds(back) == without_seconds(fore)
@@ -100,7 +100,7 @@ def test_trainer_max_overhead_stretches_the_schedule(tmp_path, caplog):
     budget = LawWatchCallback(ragged_probe(), every=1, max_overhead=1e-3)
     with caplog.at_level(logging.INFO, logger="lawwatch"):
         trainer_run(tmp_path / "budget", budget, max_steps=8)
-    assert budget.monitor.max_overhead == 1e-3
+    assert budget.monitor.watch.max_overhead == 1e-3
     assert budget.monitor.history.steps == [0, 1, 2, 8]
     assert "skipped to keep snapshots under max_overhead=0.001" in caplog.text
     with pytest.raises(ValueError, match="max_overhead is a fraction"):
@@ -128,7 +128,7 @@ def test_accelerate_background_lands_at_its_step_in_wandb(tmp_path, offline_wand
         directory=tmp_path / "lawwatch",
         background=True,
     )
-    assert watch.background
+    assert watch.watch.background
     # the loop logs first: every background record reaches W&B after its step
     accelerate_loop(accelerator, model, optimizer, watch)
     watch.close()  # before end_training: the last records reach the open trackers

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from lawwatch import LawWatch, MeasureConfig, NormSpec, measure
+from lawwatch import LawWatch, MeasureConfig, NormSpec, WatchConfig, measure
 from lawwatch.cli import add_measure_arguments, measure_config
 from lawwatch.config import field_docs
 from lawwatch.integrations.hf import LawWatchCallback
@@ -124,13 +124,13 @@ def entry_points(model, probe, config, tmp_path):
         },
     }
     settings, from_yaml = recipe_common().watch_settings(yaml_section)
-    assert from_yaml == config and settings == {"every": 5}
+    assert from_yaml == config and settings == WatchConfig(every=5)
     return {
         "measure(config)": lambda: measure(model, probe, config),
         "measure(**options)": lambda: measure(model, probe, **options),
         "LawWatch(config)": lambda: LawWatch(model, probe, config).snapshot(0),
         "LawWatch(**options)": lambda: LawWatch(model, probe, **options).snapshot(0),
-        "LawWatch(yaml)": lambda: LawWatch(model, probe, from_yaml, **settings).snapshot(0),
+        "LawWatch(yaml)": lambda: LawWatch(model, probe, from_yaml, settings).snapshot(0),
         "LawWatchCallback(config)": lambda: through_callback(
             model, probe, tmp_path / "a", config=config
         ),

@@ -8,7 +8,6 @@ own loader accepts them (it rejects unknown keys).
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lawwatch import MeasureConfig
+from lawwatch import MeasureConfig, WatchConfig
+from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.recipes import recipe_common
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,17 +90,32 @@ def test_recipe_config_builds_the_promised_model(path):
     assert low <= params <= high, f"{path}: {params / 1e6:.1f}M parameters"
     assert cfg["probe"]["max_length"] <= cfg["data"]["seq_len"]
     # the lawwatch section names every measurement option (the defaults are there to be seen)
-    settings, measure = recipe_common().watch_settings(cfg["lawwatch"])
+    watch, measure = recipe_common().watch_settings(cfg["lawwatch"])
+    settings = {key: value for key, value in cfg["lawwatch"].items() if key != "measure"}
+    assert watch == WatchConfig.from_dict(settings)
     assert set(cfg["lawwatch"]["measure"]) == set(MeasureConfig.names())
     assert measure.to_dict() == cfg["lawwatch"]["measure"]
     assert set(settings) <= {"every", "emergence_threshold", *recipe_common().MONITOR_SETTINGS}
     # every monitor setting is named (defaults to be seen) and reaches both integrations
     assert set(settings) == set(recipe_common().MONITOR_SETTINGS)
+    from accelerate import Accelerator
+
     from lawwatch.integrations.accelerate import AcceleratorWatch
     from lawwatch.integrations.hf import LawWatchCallback
 
-    for integration in (LawWatchCallback, AcceleratorWatch):
-        assert set(settings) <= set(inspect.signature(integration).parameters)
+    probe, model = ragged_probe(), tiny_gpt2()
+    integrations = {  # as the recipes pass them, and as keyword arguments
+        "LawWatchCallback(watch)": lambda: LawWatchCallback(probe, measure, watch),
+        "LawWatchCallback(**settings)": lambda: LawWatchCallback(probe, measure, **settings),
+        "AcceleratorWatch(watch)": lambda: AcceleratorWatch(
+            Accelerator(cpu=True), model, probe, measure, watch
+        ),
+        "AcceleratorWatch(**settings)": lambda: AcceleratorWatch(
+            Accelerator(cpu=True), model, probe, measure, **settings
+        ),
+    }
+    for label, build in integrations.items():
+        assert build().watch == watch, label
 
 
 def test_overrides_are_parsed_as_yaml():

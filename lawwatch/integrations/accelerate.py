@@ -17,7 +17,7 @@ Every snapshot goes, on the main process, to the accelerator's trackers through
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,9 @@ from torch import nn
 from lawwatch.alerts import Alert, Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
-from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.output.sinks import PREFIX, LocalHistory, Sink, Sinks, scalars, wandb_alert
 from lawwatch.probe import ProbeSet
+from lawwatch.watch.config import WatchConfig
 from lawwatch.watch.monitor import LawWatch
 
 log = logging.getLogger("lawwatch")
@@ -120,17 +120,19 @@ class AcceleratorWatch(LawWatch):
         model: The model as ``accelerator.prepare`` returned it.
         probe: The full probe set; each process measures its shard.
         config: The measurement options (see :class:`~lawwatch.config.MeasureConfig`).
+        watch: When to measure and at what cost (see
+            :class:`~lawwatch.watch.config.WatchConfig`); with ``background``, call
+            :meth:`~lawwatch.LawWatch.close` on every process before
+            ``accelerator.end_training()``, so the last records reach the trackers.
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors``
             (:class:`~lawwatch.output.sinks.LocalHistory`: one series, one writer); None for none.
         sinks: More sinks (main process only).
         alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts`) raises an alert when the law
             emerges, breaks, or a layer's PR stops falling: a WARNING on the ``"lawwatch"``
             logger and an alert in the W&B and trackio trackers (main process).
-        every, schedule, last_step, emergence_threshold, unwrap, max_overhead, background,
-            background_lag: As in :class:`~lawwatch.LawWatch` (with ``background``, call
-            :meth:`~lawwatch.LawWatch.close` on every process before
-            ``accelerator.end_training()``, so the last records reach the trackers).
-        **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
+        unwrap: As in :class:`~lawwatch.LawWatch`.
+        **options: Fields of :class:`~lawwatch.config.MeasureConfig` or of
+            :class:`~lawwatch.watch.config.WatchConfig` overriding ``config``'s or ``watch``'s.
     """
 
     def __init__(
@@ -139,35 +141,17 @@ class AcceleratorWatch(LawWatch):
         model: nn.Module,
         probe: ProbeSet,
         config: MeasureConfig | None = None,
+        watch: WatchConfig | None = None,
         *,
         directory: str | Path | None = None,
         sinks: list[Sink] | None = None,
         alerts: bool | Alerts = False,
-        every: int = 100,
-        schedule: Callable[[int], bool] | Iterable[int] | None = None,
-        last_step: int | None = None,
-        emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
-        max_overhead: float | None = None,
-        background: bool = False,
-        background_lag: int = 4,
         **options: Any,
     ) -> None:
         wanted = Alerts.of(alerts)  # checked on every process, before anything opens
         super().__init__(
-            model,
-            probe,
-            config,
-            every=every,
-            schedule=schedule,
-            last_step=last_step,
-            accelerator=accelerator,
-            emergence_threshold=emergence_threshold,
-            unwrap=unwrap,
-            max_overhead=max_overhead,
-            background=background,
-            background_lag=background_lag,
-            **options,
+            model, probe, config, watch, accelerator=accelerator, unwrap=unwrap, **options
         )
         # opened once the options are known good; records of another series are set aside
         chosen: list[Sink] = []
@@ -179,5 +163,7 @@ class AcceleratorWatch(LawWatch):
                 targets = [TrackerAlerts(accelerator)] + [
                     s for s in sinks or [] if isinstance(s, Alerting)
                 ]
-                chosen.append(AlertSink(wanted, threshold=emergence_threshold, targets=targets))
+                chosen.append(
+                    AlertSink(wanted, threshold=self.watch.emergence_threshold, targets=targets)
+                )
         self.sinks = Sinks(chosen)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,11 @@ from transformers import TrainerCallback
 from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import HISTORY_FILE, MATRIX_FILE
-from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.output.sinks import LocalHistory, Sink, Sinks, WandbSink
 from lawwatch.output.trackers import TRACKERS, Reporting, open_tracker, reported_trackers
 from lawwatch.probe import ProbeSet
-from lawwatch.watch.monitor import LawWatch, Schedule, check_monitor_settings
+from lawwatch.watch.config import WatchConfig, build_configs
+from lawwatch.watch.monitor import LawWatch
 
 log = logging.getLogger("lawwatch")
 
@@ -71,7 +71,10 @@ class LawWatchCallback(TrainerCallback):
     (in ``on_train_begin``, before any update), the schedule (``on_step_end``, on every process:
     each measures its shard of the probe), and the final step (``state.max_steps``, or
     ``state.global_step`` when training stops early: in the last ``on_epoch_end``, while the
-    trackers are open, or else at ``on_train_end``).
+    trackers are open, or else at ``on_train_end``). Step 0 and the final step are measured
+    whatever the schedule and the overhead budget say. With ``background``, pending results
+    are recorded at each checkpoint save (``on_save``) and at train end, before the report;
+    the worker is joined at train end.
 
     Written by the main process:
 
@@ -102,36 +105,26 @@ class LawWatchCallback(TrainerCallback):
         probe: The held-out probe set.
         config: The measurement options (default: the paper's protocol), see
             :class:`~lawwatch.config.MeasureConfig`.
-        every: Snapshot period after the log-spaced start (see
-            :class:`lawwatch.watch.monitor.Schedule`).
-        schedule: Instead of the default: a predicate ``step -> bool`` or a collection of
-            steps. Step 0 and the final step are measured in any case.
+        watch: When to measure and at what cost, see
+            :class:`~lawwatch.watch.config.WatchConfig` (``last_step`` defaults to the
+            Trainer's ``max_steps``).
         directory: Where the local files go. Default: ``<args.output_dir>/lawwatch``.
         sinks: More sinks for every snapshot (main process only), e.g. a live display.
-        emergence_threshold: r at or below which the law counts as emerged.
         alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts` with its tolerances) raises
             an alert when the law emerges, when it breaks after emerging, and when a layer's PR
             stops falling. Off by default.
-        max_overhead: A budget for the monitor's share of training time (e.g. ``0.02``):
-            scheduled steps are skipped while snapshots would exceed it (see
-            :class:`~lawwatch.watch.monitor.LawWatch`). Step 0 and the final step are measured in
-            any case. Default: no budget.
-        background: Solve, fit and write the local history on a worker thread beside training
-            (see :class:`~lawwatch.watch.monitor.LawWatch`); each record is logged a few steps later
-            under its own step. Pending results are recorded at each checkpoint save
-            (``on_save``) and at train end, before the report; the worker is joined at train
-            end. Off by default.
-        background_lag: On several processes, the steps after which a background snapshot's
-            PRs are gathered.
-        **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s
-            (``batch_size``, ``target``, ``layers``, …).
+        **options: Fields of :class:`~lawwatch.config.MeasureConfig` or of
+            :class:`~lawwatch.watch.config.WatchConfig` overriding ``config``'s or ``watch``'s
+            (``batch_size``, ``layers``, ``every``, ``background``, …).
 
     Raises:
-        TypeError: An option that is not a field of MeasureConfig, a probe that is not a
+        TypeError: An option that is a field of neither config, a probe that is not a
             :class:`~lawwatch.ProbeSet`, or ``alerts`` neither a bool nor an ``Alerts``.
-        ValueError: An invalid option value or schedule period, or an empty probe.
+        ValueError: An invalid option value, or an empty probe.
 
     Attributes:
+        config: The measurement options.
+        watch: The monitor's settings.
         monitor: The :class:`lawwatch.watch.monitor.LawWatch` of the current ``train()`` call.
         directory: Where the local files are (set at train begin on the main process).
         report_path: The PNG written at train end, if any.
@@ -143,16 +136,11 @@ class LawWatchCallback(TrainerCallback):
         self,
         probe: ProbeSet,
         config: MeasureConfig | None = None,
+        watch: WatchConfig | None = None,
         *,
-        every: int = 100,
-        schedule: Callable[[int], bool] | Iterable[int] | None = None,
         directory: str | Path | None = None,
         sinks: list[Sink] | None = None,
-        emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
         alerts: bool | Alerts = False,
-        max_overhead: float | None = None,
-        background: bool = False,
-        background_lag: int = 4,
         **options: Any,
     ) -> None:
         # bad settings fail here, where the user builds the callback, not mid-training
@@ -163,13 +151,8 @@ class LawWatchCallback(TrainerCallback):
             )
         if len(probe) == 0 or probe.num_examples() == 0:
             raise ValueError("The probe set has no (token, next token) pair to measure.")
-        Schedule(every)  # validates every
-        check_monitor_settings(max_overhead, background, background_lag)
-        self.max_overhead, self.background = max_overhead, background
-        self.background_lag = background_lag
-        self.config = MeasureConfig.build(config, **options)
-        self.probe, self.every, self.schedule = probe, every, schedule
-        self.emergence_threshold = emergence_threshold
+        self.config, self.watch = build_configs(config, watch, **options)
+        self.probe = probe
         self.alerts = Alerts.of(alerts)
         self.extra_sinks = list(sinks or [])
         self._directory = None if directory is None else Path(directory)
@@ -180,6 +163,11 @@ class LawWatchCallback(TrainerCallback):
         self.trackers: dict[str, Sink] = {}
         self.report_path: Path | None = None
         self._finished = False
+
+    @property
+    def emergence_threshold(self) -> float:
+        """The Pearson r at or below which the law counts as emerged (:attr:`watch`'s)."""
+        return self.watch.emergence_threshold
 
     @property
     def emergence_step(self) -> int | None:
@@ -196,18 +184,10 @@ class LawWatchCallback(TrainerCallback):
         self.monitor, self.local, self.wandb, self.report_path = None, None, None, None
         self.trackers, self._finished = {}, False
         start = state.global_step  # > 0 when resuming from a checkpoint
-        self.monitor = LawWatch(
-            kwargs["model"],
-            self.probe,
-            self.config,
-            every=self.every,
-            schedule=self.schedule,
-            last_step=state.max_steps or None,
-            emergence_threshold=self.emergence_threshold,
-            max_overhead=self.max_overhead,
-            background=self.background,
-            background_lag=self.background_lag,
-        )
+        watch = self.watch
+        if watch.last_step is None:  # the Trainer knows the final step
+            watch = watch.replace(last_step=state.max_steps or None)
+        self.monitor = LawWatch(kwargs["model"], self.probe, self.config, watch)
         # a sink that fails to open costs that sink only: every process must still take part
         # in every snapshot, or the others would wait for it forever
         sinks = self._open_sinks(args, start) if state.is_world_process_zero else []

@@ -17,13 +17,17 @@ through is :func:`lawwatch.models.measured_module`'s business):
   expected and that rule (see ``docs/protocol.md``). The vote is always a float64 all-reduce
   of shape ``[7]``, so torch's own mismatch reports (``TORCH_DISTRIBUTED_DEBUG=DETAIL``, or
   gloo's "Received data size doesn't match expected size") that name it mean a rank skipped
-  a snapshot the others took.
+  a snapshot the others took. :func:`together` is that vote followed, when every rank agrees,
+  by the snapshot's collective.
+* **Agreed times.** The overhead budget decides from the largest times over the processes
+  (:func:`largest`), so every rank skips the same steps.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,3 +218,37 @@ def vote(ok: bool, where: Layout, *, step: int, probe: int) -> str | None:
     if differ:
         return f"the ranks disagree on {', '.join(differ)}"
     return "another rank failed" if reduced[2] > 0 else None
+
+
+def together(
+    ok: bool, where: Layout, step: int, probe: int, collective: Callable[[], Any]
+) -> Any | None:
+    """Vote, then (if every rank agrees) run ``collective`` on every rank.
+
+    Returns its result, or None on every rank alike when the snapshot is skipped: a rank
+    failed, or ``collective`` raised (the reductions and the sharded solve raise on every
+    rank alike: too few examples, a constant target, a solve that failed on any rank). Never
+    raises: the reason is logged.
+    """
+    try:
+        reason = vote(ok, where, step=step, probe=probe)
+        if reason is None:
+            return collective()
+    except Exception as error:  # decided on every rank alike, or a broken process group
+        log.error("lawwatch: snapshot at step %d skipped: %r", step, error)
+        return None
+    if ok:  # a failed rank has said why already
+        log.error("lawwatch: snapshot at step %d skipped: %s", step, reason)
+    return None
+
+
+def largest(values: list[float], where: Layout) -> list[float]:
+    """The element-wise largest of ``values`` over the processes (as given on one process).
+
+    One float64 all-reduce (MAX) of ``len(values)`` elements: every process must call it.
+    """
+    reduced = torch.tensor(values, dtype=torch.float64)
+    if where.world > 1:
+        reduced = reduced.to(where.device)
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    return reduced.tolist()

@@ -62,7 +62,7 @@ def main() -> None:
     }
 
     def reference(target: str = "token_id", on=probe) -> list[float] | None:
-        return lawwatch.measurement(plain, on, target=target).pr.tolist() if rank == 0 else None
+        return lawwatch.measure(plain, on, target=target).pr.tolist() if rank == 0 else None
 
     # step 0: before any training forward; then train and measure again
     results["step0"] = pr_list(watch.maybe_snapshot(0))

@@ -52,7 +52,7 @@ def full_copy(model, template, rank: int):
 
 def run(name, model, shard, rank, probe, results, poison_at: str) -> None:
     template = copy.deepcopy(model)
-    reference = lawwatch.measurement(model, probe).pr.tolist() if rank == 0 else None
+    reference = lawwatch.measure(model, probe).pr.tolist() if rank == 0 else None
     results[f"{name}_half_sharded"] = shard(model)
     results[f"{name}_root_is_fsdp"] = isinstance(model, FSDPModule)
     results[f"{name}_measured_as_is"] = measured_module(model) is model
@@ -80,7 +80,7 @@ def run(name, model, shard, rank, probe, results, poison_at: str) -> None:
     results[f"{name}_loss2"] = train_step(model, optimizer, rank, seed=2)
     results[f"{name}_step2"] = pr_list(watch.maybe_snapshot(2))
     plain = full_copy(model, template, rank)
-    results[f"{name}_ref2"] = lawwatch.measurement(plain, probe).pr.tolist() if rank == 0 else None
+    results[f"{name}_ref2"] = lawwatch.measure(plain, probe).pr.tolist() if rank == 0 else None
     results[f"{name}_loss3"] = train_step(model, optimizer, rank, seed=3)  # training goes on
 
 

@@ -51,7 +51,7 @@ def main() -> None:
             return None
         weights = tiny_gpt2(seed=0)  # a plain float32 model (no autocast) with the same weights
         weights.load_state_dict(plain.state_dict())
-        return lawwatch.measurement(weights, probe, batch_size=6).pr.tolist()
+        return lawwatch.measure(weights, probe, batch_size=6).pr.tolist()
 
     patched = plain.__dict__.get("forward")
     snap = watch.maybe_snapshot(0)

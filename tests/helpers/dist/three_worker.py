@@ -40,7 +40,7 @@ def main() -> None:
         results[name] = pr_list(snapshot)
         results[f"{name}_layers"] = None if snapshot is None else list(snapshot.layers)
         results[f"ref_{name}"] = (
-            lawwatch.measurement(plain, probe, **options).pr.tolist() if rank == 0 else None
+            lawwatch.measure(plain, probe, **options).pr.tolist() if rank == 0 else None
         )
 
     # the solve of rank 2's share fails; every rank skips, then the next snapshot succeeds
