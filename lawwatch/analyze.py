@@ -2,8 +2,8 @@
 
 :func:`analyze` loads each checkpoint in increasing step order, measures it with
 :func:`lawwatch.measurement.measure` (the computation the live monitor runs) and writes
-``history.jsonl`` and ``pr.safetensors`` in the output directory, as
-:class:`~lawwatch.output.sinks.LocalHistory` does during training. Each record also holds:
+``history.jsonl`` and ``pr.safetensors`` in the output directory through
+:class:`~lawwatch.output.store.LocalHistory`, as during training. Each record also holds:
 
 - ``checkpoint``: the checkpoint's name (path, hub id and revision, GGUF file);
 - ``probe``: the probe's content hash (:meth:`~lawwatch.probe.ProbeSet.content_hash`);
@@ -16,7 +16,8 @@
 A sweep run again over the same directory measures only what is new: a step already recorded
 from the same weights is skipped, and weights already measured at another step are copied. A
 checkpoint that fails to load or measure is reported and the sweep goes on. The directory holds
-one probe and one set of options: a sweep with others is refused (use another directory).
+one series (:func:`lawwatch.history.series_diff`, the rule a live run follows): a sweep with
+another probe or options that change what is measured is refused (use another directory).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from lawwatch.checkpoints import (
     weights_hash,
 )
 from lawwatch.config import MeasureConfig
-from lawwatch.history import History, Snapshot
+from lawwatch.history import History, Snapshot, series, series_diff
 from lawwatch.measurement import measure
-from lawwatch.output.sinks import LocalHistory
+from lawwatch.output.store import HISTORY_FILE, LocalHistory
 from lawwatch.probe import ProbeSet
 
 __all__ = [
@@ -56,9 +57,9 @@ __all__ = [
 log = logging.getLogger("lawwatch")
 
 PROBE_FILE = "probe.safetensors"
+"""The probe a sweep measured with, saved beside its history."""
 ANALYZE_JACKKNIFE = 8
 """Jackknife groups of a sweep whose config leaves ``jackknife`` unset."""
-"""The probe a sweep measured with, saved beside its history."""
 HASH_FILE = "weights-sha256.json"
 """The weight files' digests, so a sweep run again hashes no unchanged file twice."""
 
@@ -82,32 +83,24 @@ class SweepResult:
     history: History = field(default_factory=History)
 
 
-def _same_config(record: dict[str, Any], config: dict[str, Any]) -> bool:
-    """Whether a record was measured with ``config`` (a field it lacks is at its default)."""
-    recorded = record.get("config")
-    if not isinstance(recorded, dict):
-        return False
-    return {**MeasureConfig().to_dict(), **recorded} == config
-
-
 def check_compatible(history: History, probe_hash: str, config: MeasureConfig) -> None:
-    """Refuse a history measured with another probe or other options.
+    """Refuse a history of another series (:func:`~lawwatch.history.series_diff`).
 
     Raises:
         ValueError: A record with another probe or options, naming the difference.
     """
-    wanted = config.to_dict()
+    wanted = {"probe": probe_hash, "config": config.to_dict()}
     for record in history:
-        if record.get("probe") != probe_hash:
+        diff = series_diff(series(record), wanted)
+        if "probe" in diff:
             raise ValueError(
                 f"The history holds step {record['step']} measured with another probe "
                 f"({record.get('probe')!r}, not {probe_hash!r}); one history holds one probe: "
                 "write this sweep to another --out directory, or use the probe it was "
                 f"measured with (its {PROBE_FILE})."
             )
-        if not _same_config(record, wanted):
-            recorded = {**MeasureConfig().to_dict(), **(record.get("config") or {})}
-            changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+        changed = sorted(k.removeprefix("config.") for k in diff if k.startswith("config."))
+        if changed:
             raise ValueError(
                 f"The history holds step {record['step']} measured with other options "
                 f"(they differ in {changed}); one history holds one set of options: write "
@@ -177,7 +170,7 @@ def analyze(
     out = Path(out)
     local = LocalHistory(out)
     probe_hash = probe.content_hash()
-    check_compatible(local.history, probe_hash, config)
+    check_compatible(History(local.records), probe_hash, config)
     if not (out / PROBE_FILE).is_file() or ProbeSet.load(out / PROBE_FILE).content_hash() != (
         probe_hash
     ):
@@ -203,7 +196,7 @@ def analyze(
             finally:
                 gc.collect()
                 _empty_cuda_cache()
-    result.history = local.history
+    result.history = History(local.records)
     return result
 
 
@@ -228,7 +221,7 @@ def _sweep_one(
         return
     if at_step is not None:
         raise ValueError(
-            f"step {ckpt.step} is already in {local.directory / 'history.jsonl'} from other "
+            f"step {ckpt.step} is already in {local.directory / HISTORY_FILE} from other "
             f"weights ({at_step.get('checkpoint', 'a live run')}); write this sweep to another "
             "--out directory."
         )
@@ -278,9 +271,7 @@ def _record(local: LocalHistory, snapshot: Snapshot) -> None:
         local.write(snapshot)  # the usual case: appended
         return
     # a checkpoint earlier than what a previous sweep recorded: rewrite the files in order
-    records = [*local.records, snapshot.to_record()]
-    local.history = History(sorted(records, key=lambda r: r["step"]))
-    local.history.write(local.directory)
+    local.replace(sorted([*local.records, snapshot.to_record()], key=lambda r: r["step"]))
 
 
 def _empty_cuda_cache() -> None:
@@ -303,8 +294,9 @@ def log_to_wandb(
 ) -> Path:
     """Log a sweep's whole history as one W&B run, the checkpoint step on the x-axis.
 
-    The run holds what :class:`~lawwatch.output.sinks.WandbSink` logs during training (the scalars
-    under ``lawwatch/``, the PR table, the chart of the law, the summary), one row per step.
+    The run holds what :class:`~lawwatch.output.trackers.WandbSink` logs during training (the
+    scalars under ``lawwatch/``, the PR table, the chart of the law, the summary), one row per
+    step.
 
     Args:
         history: The sweep's history (steps increasing).
@@ -322,7 +314,7 @@ def log_to_wandb(
     import wandb
 
     from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-    from lawwatch.output.sinks import WandbSink
+    from lawwatch.output.trackers import WandbSink
 
     run = wandb.init(
         project=project,
@@ -338,7 +330,7 @@ def log_to_wandb(
         )
         sink = WandbSink(run, history=history.records, emergence_threshold=threshold)
         if image is not None:
-            sink.log_image(image)
+            sink.log_report(Path(image))
         return Path(run.settings.sync_dir)
     finally:
         run.finish()

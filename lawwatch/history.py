@@ -1,19 +1,15 @@
-"""The record of a snapshot, and a history of them: what ``history.jsonl`` holds.
+"""A snapshot, its record, a history of them, and what makes one series.
 
 A :class:`Snapshot` is one measurement; its *record* is the JSON object of one ``history.jsonl``
 line (:meth:`Snapshot.to_record`, :meth:`Snapshot.from_record`: lossless both ways). A
-:class:`History` is the records of one series in increasing step order: the monitor keeps one,
-the local and W&B sinks keep one, the report and the demo read one. On disk a history is two
-files in a directory: ``history.jsonl`` (one record a line) and ``pr.safetensors`` (the PR
-matrix, steps × entries, float64).
+:class:`History` is the records of one series in increasing step order. :func:`series_diff` is
+the one rule of what makes another series (the monitor, the history store, ``analyze`` and the
+report all ask it). The files a history is kept in are :mod:`lawwatch.output.store`'s.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +20,7 @@ import torch
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, LawFit, emergence_step
 
 __all__ = [
-    "HISTORY_FILE",
-    "MATRIX_FILE",
+    "COST_OPTIONS",
     "SERIES_FIELDS",
     "History",
     "Snapshot",
@@ -33,13 +28,8 @@ __all__ = [
     "law_points",
     "series",
     "series_change",
+    "series_diff",
 ]
-
-HISTORY_FILE = "history.jsonl"
-MATRIX_FILE = "pr.safetensors"
-MATRIX_FORMAT = "lawwatch.history/1"
-
-log = logging.getLogger("lawwatch")
 
 _FIT_FIELDS = tuple(LawFit.__dataclass_fields__)  # rho, pearson_r, slope, intercept, r2
 _CORE_FIELDS = ("step", "pr", "layers", *_FIT_FIELDS, "n_tokens", "seconds")
@@ -136,24 +126,39 @@ def series(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in SERIES_FIELDS if record.get(k) is not None}
 
 
-def series_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-    """How two series identities differ, one phrase per difference; empty for one series.
+def series_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """What makes two series identities two series: ``{what: (before, after)}``, empty for one.
 
-    Only what both carry is compared (records written before these fields existed carry none;
-    an option one of them lacks came with another version), and options that change only the
-    cost (``batch_size``, ``max_onehot_bytes``, ``stats_device``) are left out.
+    ``what`` is ``"probe"`` (the probe's content hash), ``"precision"`` (the forward's) or
+    ``"config.<option>"`` (a measurement option, the statistics' precision among them). Only
+    what both carry is compared (records written before these fields existed carry none; an
+    option one of them lacks came with another version), and :data:`COST_OPTIONS` change only
+    what a snapshot costs.
     """
-    changes = []
+    diff: dict[str, tuple[Any, Any]] = {}
     if before.get("probe") and after.get("probe") and before["probe"] != after["probe"]:
-        changes.append(f"probe (content hash {before['probe'][:12]}… → {after['probe'][:12]}…)")
+        diff["probe"] = (before["probe"], after["probe"])
     old, new = before.get("config") or {}, after.get("config") or {}
     for name in old:
         if name in new and name not in COST_OPTIONS and old[name] != new[name]:
-            changes.append(f"{name}={old[name]!r} → {new[name]!r}")
+            diff[f"config.{name}"] = (old[name], new[name])
     old, new = before.get("precision"), after.get("precision")
     if old and new and old != new:
-        changes.append(f"precision {old} → {new}")
-    return changes
+        diff["precision"] = (old, new)
+    return diff
+
+
+def series_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """:func:`series_diff` in words, one phrase per difference; empty for one series."""
+    phrases = []
+    for what, (old, new) in series_diff(before, after).items():
+        if what == "probe":
+            phrases.append(f"probe (content hash {old[:12]}… → {new[:12]}…)")
+        elif what == "precision":
+            phrases.append(f"precision {old} → {new}")
+        else:
+            phrases.append(f"{what.removeprefix('config.')}={old!r} → {new!r}")
+    return phrases
 
 
 class History:
@@ -255,167 +260,17 @@ class History:
             torch.tensor([r["pr"] for r in rows], dtype=torch.float64),
         )
 
-    # -- files --------------------------------------------------------------------------------
+    # -- files (see lawwatch.output.store) ----------------------------------------------------
 
     @classmethod
     def read(cls, directory: str | Path) -> History:
-        """The history in ``directory`` (its ``history.jsonl``; empty if there is none).
+        """The history in ``directory`` (see :func:`lawwatch.output.store.read`)."""
+        from lawwatch.output import store
 
-        Lines that hold no record (a write cut short by a crash, garbage) are skipped with a
-        warning on the ``"lawwatch"`` logger; the file is left as it is
-        (:class:`~lawwatch.output.sinks.LocalHistory` repairs it when it opens the directory).
-        """
-        parsed = parse(Path(directory) / HISTORY_FILE)
-        if parsed.rejected:
-            log.warning(
-                "lawwatch: skipped %s of %s: %s",
-                _count(len(parsed.rejected), "unreadable line"),
-                Path(directory) / HISTORY_FILE,
-                parsed.describe(),
-            )
-        return parsed.history
+        return store.read(directory)
 
     def write(self, directory: str | Path) -> None:
-        """Replace ``history.jsonl`` and ``pr.safetensors`` in ``directory`` (created if missing).
+        """Replace the files in ``directory`` (see :func:`lawwatch.output.store.write`)."""
+        from lawwatch.output import store
 
-        Each file is written whole to a temporary file and then renamed over the old one, so a
-        crash leaves either the old file or the new one, never a part.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        data = "".join(json.dumps(r) + "\n" for r in self.records).encode()
-        replace_file(directory / HISTORY_FILE, data)
-        self.write_matrix(directory)
-
-    def append_to(self, directory: str | Path, record: dict[str, Any]) -> None:
-        """Append ``record`` (already added with :meth:`append`) to the files in ``directory``.
-
-        The record is one line written, flushed and synced to disk at once: after a crash it is
-        whole or (but for a torn tail, which the next :class:`~lawwatch.output.sinks.LocalHistory`
-        sets aside) absent; a write that fails (a full disk) leaves no part of it, in the file
-        or in this history. The PR matrix is then replaced whole.
-        """
-        line = (json.dumps(record) + "\n").encode()
-        with (Path(directory) / HISTORY_FILE).open("ab") as f:
-            end = f.tell()
-            try:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            except BaseException:  # a full disk: no part of a record stays to join the next one
-                f.truncate(end)
-                if self.records and self.records[-1] is record:
-                    self.records.pop()  # nor does the record stay here (it would reach the matrix)
-                raise
-        self.write_matrix(directory)
-
-    def write_matrix(self, directory: str | Path) -> None:
-        """Write ``pr.safetensors`` (``steps``, ``layers``, ``pr``) if :meth:`pr_matrix` has one.
-
-        Replaced whole (see :meth:`write`); removed when the records hold no matrix, so the
-        file never describes another set of records.
-        """
-        from safetensors.torch import save
-
-        path = Path(directory) / MATRIX_FILE
-        matrix = self.pr_matrix()
-        if matrix is None:
-            path.unlink(missing_ok=True)
-            return
-        steps, layers, pr = matrix
-        tensors = {"steps": steps, "layers": layers, "pr": pr}
-        replace_file(path, save(tensors, metadata={"format": MATRIX_FORMAT}))
-
-
-# -- files on disk ----------------------------------------------------------------------------
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-@dataclass
-class Parsed:
-    """What a ``history.jsonl`` holds, as read line by line.
-
-    Attributes:
-        history: The records of the lines that hold one, steps increasing.
-        rejected: ``(line number, raw bytes)`` of every line that does not: not JSON (a write
-            cut short, garbage), not a record with an integer step, or a step not after the
-            one before.
-        unterminated: The last line (a whole record) lacks its newline: the next append would
-            join it.
-    """
-
-    history: History
-    rejected: list[tuple[int, bytes]]
-    unterminated: bool
-
-    @property
-    def clean(self) -> bool:
-        """Whether the file can be appended to as it is."""
-        return not self.rejected and not self.unterminated
-
-    def describe(self) -> str:
-        """The rejected lines, for a message."""
-        shown = [f"line {n}: {_damage(raw)}" for n, raw in self.rejected[:3]]
-        more = len(self.rejected) - len(shown)
-        return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
-
-
-def _damage(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace").strip()
-    if text.startswith("{") and not text.endswith("}"):
-        return "a record cut short, as a crash during a write leaves it"
-    return f"not a record: {text[:40]!r}"
-
-
-def parse(path: Path) -> Parsed:
-    """Read ``path`` (a ``history.jsonl``; missing means empty), keeping every whole record."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return Parsed(History(), [], False)
-    history, rejected = History(), []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-            history.append(record)  # refuses a record without an int step, or out of order
-        except (ValueError, TypeError, AttributeError):
-            rejected.append((number, raw))
-    # a whole last record without its newline (a torn one is rejected above)
-    last = data.count(b"\n") + 1
-    unterminated = not data.endswith(b"\n") and bool(data.rsplit(b"\n", 1)[-1].strip())
-    unterminated = unterminated and not any(n == last for n, _ in rejected)
-    return Parsed(history, rejected, unterminated)
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a synced temporary file renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _sync_directory(path.parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot open)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        store.write(self, directory)

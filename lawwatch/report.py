@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from lawwatch.history import HISTORY_FILE, History, entries, law_points
+from lawwatch.history import History, entries, law_points
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
+from lawwatch.output.store import HISTORY_FILE
 
 
 def plot_law(

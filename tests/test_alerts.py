@@ -247,7 +247,7 @@ def test_a_resumed_run_does_not_raise_old_alerts():
 def test_wandb_offline_run_records_alerts(offline_wandb):
     import wandb
 
-    from lawwatch.output.sinks import WandbSink
+    from lawwatch.output.trackers import WandbSink
 
     live = wandb.init(project="lawwatch-tests", dir=str(offline_wandb))
     tracker = WandbSink(live)

@@ -9,7 +9,8 @@ import torch
 
 from lawwatch import ProbeSet
 from lawwatch.history import History
-from lawwatch.output.sinks import LocalHistory, threadsafe
+from lawwatch.output.sinks import threadsafe
+from lawwatch.output.store import LocalHistory
 from lawwatch.watch.monitor import LawWatch
 from tests.helpers.models import VOCAB, tiny_gpt2
 

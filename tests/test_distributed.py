@@ -362,7 +362,7 @@ def test_a_step_is_attempted_once_even_when_it_fails(gpt2, caplog):
 
 
 def test_scalars(gpt2, probe):
-    """What TrackerSink hands accelerator.log (the sink itself runs against a real Accelerator
+    """What every tracker sink logs (the sink itself runs against a real Accelerator
     and W&B offline in tests/test_recipes.py)."""
     snapshot = lawwatch.measure(gpt2, probe)
     values = scalars(snapshot)

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from lawwatch import Snapshot, fit_law
-from lawwatch.history import HISTORY_FILE, MATRIX_FILE, History, series_change
-from lawwatch.output.sinks import LocalHistory
+from lawwatch.history import History, series_change
+from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, LocalHistory
 from lawwatch.watch.monitor import LawWatch
 from tests.helpers.models import ragged_probe
 

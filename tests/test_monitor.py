@@ -9,7 +9,8 @@ import torch
 
 from lawwatch import ProbeSet
 from lawwatch.history import History
-from lawwatch.output.sinks import LocalHistory, Sinks
+from lawwatch.output.sinks import Sinks
+from lawwatch.output.store import LocalHistory
 from lawwatch.watch.monitor import LawWatch
 from lawwatch.watch.schedule import Schedule
 from tests.helpers.models import RECORD_KEYS

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lawwatch import Snapshot, emergence_step, fit_law
-from lawwatch.output.sinks import Sinks, WandbSink, layer_key
+from lawwatch.output.sinks import Sinks, layer_key
+from lawwatch.output.trackers import WandbSink
 from tests.helpers.wandb_offline import (
     final_summary,
     history_rows,
@@ -128,7 +129,7 @@ def test_a_layer_subset_keeps_its_true_indices(offline_wandb, tmp_path):
 
     from lawwatch import scalars
     from lawwatch.history import law_points
-    from lawwatch.output.sinks import LocalHistory
+    from lawwatch.output.store import LocalHistory
     from lawwatch.report import plot_law
 
     layers = (0, 3, 6, 9)

@@ -8,9 +8,9 @@ A custom training loop needs three lines::
     watch.maybe_snapshot(step)  # on every process, after each optimizer step
 
 Every snapshot goes, on the main process, to the accelerator's trackers through
-:class:`TrackerSink` (once ``accelerator.init_trackers`` has been called: W&B, TensorBoard, any
-``GeneralTracker``; keys from :func:`lawwatch.scalars`, at the training step) and, with
-``directory``, to a :class:`~lawwatch.output.sinks.LocalHistory` there, besides any sinks given.
+:class:`AcceleratorTrackers` (once ``accelerator.init_trackers`` has been called: the tracker
+classes of :mod:`lawwatch.output.trackers`, at the training step) and, with ``directory``, to a
+:class:`~lawwatch.output.store.LocalHistory` there, besides any sinks given.
 ``alerts=True`` adds :class:`~lawwatch.alerts.AlertSink` (W&B and trackio trackers get the alerts).
 """
 
@@ -26,32 +26,26 @@ from torch import nn
 from lawwatch.alerts import Alert, Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
-from lawwatch.output.sinks import PREFIX, LocalHistory, Sink, Sinks, scalars, wandb_alert
+from lawwatch.output.sinks import Sink, Sinks, scalars
+from lawwatch.output.store import LocalHistory
+from lawwatch.output.trackers import accelerate_tracker
 from lawwatch.probe import ProbeSet
 from lawwatch.watch.config import WatchConfig
 from lawwatch.watch.monitor import LawWatch
 
 log = logging.getLogger("lawwatch")
 
-# the x-axis of lawwatch's W&B charts in an accelerate loop: the step each snapshot was taken at
-STEP_METRIC = f"{PREFIX}step"
 
+class AcceleratorTrackers:
+    """The accelerator's trackers as lawwatch sinks (main process only), at the training step.
 
-class TrackerSink:
-    """Writes snapshots to the accelerator's trackers (main process only), at their step.
-
-    Each tracker gets :func:`~lawwatch.output.sinks.scalars` with the snapshot's training step, as
-    ``accelerator.log(values, step=step)`` would give it (a tracker that fails is reported,
-    the others still get the snapshot). W&B is the exception: its rows have one increasing
-    ``step`` and it drops a row logged at an earlier step than it holds, which is what a
-    background snapshot is (``LawWatch(background=True)`` records step ``s`` a few steps
-    later). So every lawwatch row in W&B also carries ``lawwatch/step``, the x-axis of the
-    ``lawwatch/*`` charts (``define_metric``), and a row whose step W&B has passed is logged
-    without ``step`` (into W&B's current row): it lands at its own ``lawwatch/step`` on the
-    dashboard. TensorBoard, MLflow, Comet and ClearML take any step.
-
-    Does nothing while the accelerator has no tracker (``init_trackers`` not called, or
-    ``log_with`` unset), so it can always be attached.
+    Each tracker gets the sink of :mod:`lawwatch.output.trackers` made on its object
+    (``accelerator.get_tracker(name, unwrap=True)``: the classes the Trainer callback uses, see
+    :func:`~lawwatch.output.trackers.accelerate_tracker`); a tracker lawwatch has no class for
+    gets :func:`~lawwatch.output.sinks.scalars` through its own ``log(values, step=step)``.
+    Trackers are looked up at each snapshot and alert, so ``init_trackers`` may come after the
+    watch; until then this does nothing. A tracker that fails is reported, the others still
+    get the snapshot.
 
     Args:
         accelerator: The ``accelerate.Accelerator`` of the training run.
@@ -59,56 +53,41 @@ class TrackerSink:
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
-        self._defined: set[int] = set()  # W&B runs given the lawwatch/step axis
+        self.sinks: dict[str, Sink | None] = {}  # tracker name -> its sink (None: its own log)
+
+    def _trackers(self) -> list[Any]:
+        trackers = list(getattr(self.accelerator, "trackers", None) or [])
+        for tracker in trackers:
+            if tracker.name not in self.sinks:
+                try:
+                    unwrapped = self.accelerator.get_tracker(tracker.name, unwrap=True)
+                    self.sinks[tracker.name] = accelerate_tracker(tracker.name, unwrapped)
+                except Exception:
+                    log.exception("lawwatch: not logging to %s", tracker.name)
+                    self.sinks[tracker.name] = None
+        return trackers
 
     def write(self, snapshot: Snapshot) -> None:
-        """Log the snapshot's :func:`~lawwatch.output.sinks.scalars` at its training step."""
-        values = scalars(snapshot)
-        for tracker in getattr(self.accelerator, "trackers", None) or []:
+        """Log the snapshot to every tracker at its training step."""
+        for tracker in self._trackers():
             try:
-                if tracker.name == "wandb":
-                    self._wandb(tracker.tracker, values, snapshot.step)
+                sink = self.sinks[tracker.name]
+                if sink is not None:
+                    sink.write(snapshot)
                 else:
-                    tracker.log(values, step=snapshot.step)
+                    tracker.log(scalars(snapshot), step=snapshot.step)
             except Exception:
                 log.exception("lawwatch: tracker %s failed at step %s", tracker.name, snapshot.step)
 
-    def _wandb(self, run: Any, values: dict[str, float], step: int) -> None:
-        if id(run) not in self._defined:
-            run.define_metric(STEP_METRIC)
-            run.define_metric(f"{PREFIX}*", step_metric=STEP_METRIC)
-            self._defined.add(id(run))
-        row = {**values, STEP_METRIC: step}
-        if step >= run.step:  # W&B's row for this step is still open (or to come)
-            run.log(row, step=step)
-        else:  # W&B has passed this step: its current row, at lawwatch/step = step
-            run.log(row)
+    def alert(self, alert: Alert) -> None:
+        """Pass the alert to each tracker that has alerts (W&B, trackio)."""
+        self._trackers()
+        for sink in self.sinks.values():
+            if isinstance(sink, Alerting):
+                sink.alert(alert)
 
     def close(self) -> None:
         """Nothing to release: ``accelerator.end_training()`` finishes the trackers."""
-
-
-class TrackerAlerts:
-    """Raises lawwatch alerts in the accelerator's trackers that have alerts (W&B, trackio).
-
-    The trackers are looked up at each alert, so ``init_trackers`` may come after the watch.
-
-    Args:
-        accelerator: The ``accelerate.Accelerator`` of the training run.
-    """
-
-    def __init__(self, accelerator: Any) -> None:
-        self.accelerator = accelerator
-
-    def alert(self, alert: Alert) -> None:
-        """Pass the alert to each W&B and trackio tracker."""
-        for tracker in getattr(self.accelerator, "trackers", None) or []:
-            if tracker.name == "wandb":
-                wandb_alert(tracker.tracker, alert)
-            elif tracker.name == "trackio":
-                from lawwatch.output.trackers import trackio_alert
-
-                trackio_alert(tracker.tracker, alert)
 
 
 class AcceleratorWatch(LawWatch):
@@ -125,7 +104,7 @@ class AcceleratorWatch(LawWatch):
             :meth:`~lawwatch.LawWatch.close` on every process before
             ``accelerator.end_training()``, so the last records reach the trackers.
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors``
-            (:class:`~lawwatch.output.sinks.LocalHistory`: one series, one writer); None for none.
+            (:class:`~lawwatch.output.store.LocalHistory`: one series, one writer); None for none.
         sinks: More sinks (main process only).
         alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts`) raises an alert when the law
             emerges, breaks, or a layer's PR stops falling: a WARNING on the ``"lawwatch"``
@@ -158,11 +137,10 @@ class AcceleratorWatch(LawWatch):
         if accelerator.is_main_process:
             if directory is not None:
                 chosen.append(LocalHistory(directory, series=self.series()))
-            chosen += [TrackerSink(accelerator), *(sinks or [])]
+            trackers = AcceleratorTrackers(accelerator)
+            chosen += [trackers, *(sinks or [])]
             if wanted is not None:
-                targets = [TrackerAlerts(accelerator)] + [
-                    s for s in sinks or [] if isinstance(s, Alerting)
-                ]
+                targets = [trackers] + [s for s in sinks or [] if isinstance(s, Alerting)]
                 chosen.append(
                     AlertSink(wanted, threshold=self.watch.emergence_threshold, targets=targets)
                 )

@@ -1,19 +1,19 @@
 """LawWatchCallback: the law of equi-learning, measured live inside a Hugging Face ``Trainer``.
 
-A thin adapter around :class:`lawwatch.watch.monitor.LawWatch`: it decides *when* (step 0 before any
-update, the schedule after each optimizer step, the final step) and *where* results go (local
-history always; every tracker in ``report_to`` that lawwatch logs to, in the run the Trainer's
-own reporting callback made (see :mod:`lawwatch.output.trackers`); a PNG of the law at train end;
-alerts when asked for). Every process measures (the probe is sharded and the statistics reduced);
-only the main process writes. Nothing here may stop training: a failure is logged to the
-``"lawwatch"`` logger and training goes on.
+A thin adapter around :class:`lawwatch.watch.monitor.LawWatch`: it decides *when* (step 0 before
+any update, the schedule after each optimizer step, the final step) and *where* results go (local
+history always; every tracker in ``report_to`` that lawwatch logs to, see
+:mod:`lawwatch.output.trackers`; a PNG of the law after the final snapshot; alerts when asked
+for). Every process measures (the probe is sharded and the statistics reduced); only the main
+process writes. Nothing here may stop training: a failure is logged to the ``"lawwatch"`` logger
+and training goes on.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,15 @@ from transformers import TrainerCallback
 
 from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
-from lawwatch.history import HISTORY_FILE, MATRIX_FILE
-from lawwatch.output.sinks import LocalHistory, Sink, Sinks, WandbSink
-from lawwatch.output.trackers import TRACKERS, Reporting, open_tracker, reported_trackers
+from lawwatch.output.sinks import Sink, Sinks
+from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, LocalHistory
+from lawwatch.output.trackers import (
+    TRACKERS,
+    Reporting,
+    TrainerRun,
+    open_tracker,
+    reported_trackers,
+)
 from lawwatch.probe import ProbeSet
 from lawwatch.watch.config import WatchConfig, build_configs
 from lawwatch.watch.monitor import LawWatch
@@ -45,49 +51,31 @@ def _never_raises(event: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
-def _trainer_callbacks(depth: int = 16) -> list[Any]:
-    """The callbacks of the Trainer whose event is running now (empty outside a Trainer).
-
-    The Trainer hands a callback no reference to the others, but the ``CallbackHandler``
-    calling this event holds them all: it is the ``self`` of a frame a few levels up.
-    """
-    from transformers.trainer_callback import CallbackHandler
-
-    frame = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            break
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler):
-            return list(handler.callbacks)
-        frame = frame.f_back
-    return []
-
-
 class LawWatchCallback(TrainerCallback):
     """Measure the law of equi-learning while a ``transformers.Trainer`` trains.
 
     ``trainer = Trainer(..., callbacks=[LawWatchCallback(probe, every=100)])``. Snapshots: step 0
     (in ``on_train_begin``, before any update), the schedule (``on_step_end``, on every process:
-    each measures its shard of the probe), and the final step (``state.max_steps``, or
-    ``state.global_step`` when training stops early: in the last ``on_epoch_end``, while the
-    trackers are open, or else at ``on_train_end``). Step 0 and the final step are measured
-    whatever the schedule and the overhead budget say. With ``background``, pending results
-    are recorded at each checkpoint save (``on_save``) and at train end, before the report;
-    the worker is joined at train end.
+    each measures its shard of the probe), and the final step: ``state.max_steps`` in its own
+    ``on_step_end``, while every tracker's run is still open (the Trainer's callbacks end their
+    runs in ``on_train_end``), or, when training stops early, ``state.global_step`` at
+    ``on_train_end``. Step 0 and the final step are measured whatever the schedule and the
+    overhead budget say. With ``background``, pending results are recorded at each checkpoint
+    save (``on_save``) and at the final step, before the report; the worker is joined at train
+    end.
 
     Written by the main process:
 
     - ``<output_dir>/lawwatch/history.jsonl`` and ``pr.safetensors`` (see
-      :class:`lawwatch.output.sinks.LocalHistory`), and ``law.png`` at train end
+      :class:`lawwatch.output.store.LocalHistory`), and ``law.png`` after the final snapshot
       (:func:`lawwatch.report.plot_law`, when matplotlib is installed);
     - for each tracker in ``args.report_to`` (``"all"`` included): the same keys
-      (:func:`lawwatch.scalars`) at the training step, in the run, writer or experiment the
-      Trainer's own reporting callback created (it runs first: the Trainer puts its reporting
-      callbacks before the user's): W&B, TensorBoard, MLflow (and DagsHub), trackio, Comet,
-      ClearML, DVCLive (:mod:`lawwatch.output.trackers`); a tracker that cannot be opened is
-      reported and the others still run. At train end the PNG (and, where the tracker keeps
-      files, the history files) go to each of them;
+      (:func:`lawwatch.scalars`) at the training step: W&B, MLflow (and DagsHub), trackio,
+      Comet and ClearML in their current run (the one the Trainer's own callback uses);
+      TensorBoard through lawwatch's own writer in the Trainer's directory; DVCLive through
+      ``dvclive_live`` or lawwatch's own Live (:mod:`lawwatch.output.trackers`). A tracker
+      that cannot be opened is reported and the others still run. After the final snapshot the
+      PNG (and, where the tracker keeps files, the history files) go to each of them;
     - with ``alerts``: each alert once, as a WARNING on the ``"lawwatch"`` logger and in the
       trackers that have alerts (W&B ``run.alert``, trackio), see :mod:`lawwatch.alerts`.
 
@@ -110,6 +98,8 @@ class LawWatchCallback(TrainerCallback):
             Trainer's ``max_steps``).
         directory: Where the local files go. Default: ``<args.output_dir>/lawwatch``.
         sinks: More sinks for every snapshot (main process only), e.g. a live display.
+        dvclive_live: The ``dvclive.Live`` the Trainer's ``DVCLiveCallback`` was given, to log
+            into with ``report_to`` dvclive; default: lawwatch opens its own in ``./dvclive``.
         alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts` with its tolerances) raises
             an alert when the law emerges, when it breaks after emerging, and when a layer's PR
             stops falling. Off by default.
@@ -128,7 +118,6 @@ class LawWatchCallback(TrainerCallback):
         monitor: The :class:`lawwatch.watch.monitor.LawWatch` of the current ``train()`` call.
         directory: Where the local files are (set at train begin on the main process).
         report_path: The PNG written at train end, if any.
-        wandb: The W&B sink, when logging to W&B.
         trackers: ``report_to`` name -> its sink, for the trackers logged to.
     """
 
@@ -140,6 +129,7 @@ class LawWatchCallback(TrainerCallback):
         *,
         directory: str | Path | None = None,
         sinks: list[Sink] | None = None,
+        dvclive_live: Any = None,
         alerts: bool | Alerts = False,
         **options: Any,
     ) -> None:
@@ -155,19 +145,15 @@ class LawWatchCallback(TrainerCallback):
         self.probe = probe
         self.alerts = Alerts.of(alerts)
         self.extra_sinks = list(sinks or [])
+        self.dvclive_live = dvclive_live
+        self._built = time.time()  # event files written since are of this callback's trainings
         self._directory = None if directory is None else Path(directory)
         self.monitor: LawWatch | None = None
         self.directory: Path | None = None
         self.local: LocalHistory | None = None
-        self.wandb: WandbSink | None = None
         self.trackers: dict[str, Sink] = {}
         self.report_path: Path | None = None
         self._finished = False
-
-    @property
-    def emergence_threshold(self) -> float:
-        """The Pearson r at or below which the law counts as emerged (:attr:`watch`'s)."""
-        return self.watch.emergence_threshold
 
     @property
     def emergence_step(self) -> int | None:
@@ -181,7 +167,7 @@ class LawWatchCallback(TrainerCallback):
         """Open the sinks (main process), restore a resumed history, measure step 0."""
         if self.local is not None:  # a previous train() that ended without on_train_end
             self.local.close()
-        self.monitor, self.local, self.wandb, self.report_path = None, None, None, None
+        self.monitor, self.local, self.report_path = None, None, None
         self.trackers, self._finished = {}, False
         start = state.global_step  # > 0 when resuming from a checkpoint
         watch = self.watch
@@ -204,9 +190,12 @@ class LawWatchCallback(TrainerCallback):
 
     @_never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Measure when the schedule says so (on every process)."""
-        if self.monitor is not None:
-            self.monitor.maybe_snapshot(state.global_step)
+        """Measure when the schedule says so (on every process); the last step is the final one."""
+        if self.monitor is None:
+            return
+        self.monitor.maybe_snapshot(state.global_step)
+        if 0 < state.max_steps <= state.global_step or control.should_training_stop:
+            self._finish(state)
 
     @_never_raises
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -215,18 +204,8 @@ class LawWatchCallback(TrainerCallback):
             self.monitor.flush()
 
     @_never_raises
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Training stops after this epoch: the final snapshot and the report, now.
-
-        Now rather than at ``on_train_end``, where the Trainer's reporting callbacks (which run
-        first) have already ended their runs and closed their writers.
-        """
-        if control.should_training_stop:
-            self._finish(state)
-
-    @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """The final snapshot and the report if not yet done; close the sinks."""
+        """The final snapshot and the report if not yet done (an early stop); close the sinks."""
         if self.monitor is None:
             return
         try:
@@ -242,7 +221,7 @@ class LawWatchCallback(TrainerCallback):
             return
         self._finished = True
         self._measure(state.global_step)
-        self.monitor.flush()  # background results, while the trackers are open
+        self.monitor.flush()  # the background results, before the report
         if state.is_world_process_zero and self.local is not None and self.local.records:
             self.report_path = self._plot(self.local.records)
             self._report(self.report_path)
@@ -272,14 +251,14 @@ class LawWatchCallback(TrainerCallback):
             log.exception("lawwatch: no local history (%s)", self.directory)
             self.local = None
         records = self.local.records if self.local else []
-        self.trackers = self._open_trackers(args.report_to, records)
+        self.trackers = self._open_trackers(args, records)
         sinks += [*self.trackers.values(), *self.extra_sinks]
         if self.alerts is not None:
             targets = [s for s in sinks if isinstance(s, Alerting)]
             sinks.append(
                 AlertSink(
                     self.alerts,
-                    threshold=self.emergence_threshold,
+                    threshold=self.watch.emergence_threshold,
                     targets=targets,
                     history=records,
                 )
@@ -293,23 +272,19 @@ class LawWatchCallback(TrainerCallback):
         except Exception:
             return None
 
-    def _open_trackers(
-        self, report_to: str | list[str] | None, records: list[dict[str, Any]]
-    ) -> dict[str, Sink]:
-        """A sink for each ``report_to`` tracker lawwatch logs to, on the Trainer's own run."""
-        # the Trainer's reporting callbacks ran on_train_begin before this one: their runs and
-        # writers exist; the TensorBoard writer and the DVCLive Live live on the callbacks
-        peers = _trainer_callbacks()
+    def _open_trackers(self, args: Any, records: list[dict[str, Any]]) -> dict[str, Sink]:
+        """A sink for each ``report_to`` tracker lawwatch logs to."""
+        run = TrainerRun(args, since=self._built, dvclive_live=self.dvclive_live)
         opened: dict[str, Sink] = {}
-        for name in reported_trackers(report_to):
+        for name in reported_trackers(args.report_to):
             if TRACKERS.get(name) in {TRACKERS.get(n) for n in opened}:
                 continue  # "mlflow" and "dagshub" share MLflow's run
             try:
                 sink = open_tracker(
                     name,
-                    peers=peers,
+                    run,
                     history=records,
-                    emergence_threshold=self.emergence_threshold,
+                    emergence_threshold=self.watch.emergence_threshold,
                 )
             except LookupError as error:
                 log.warning("lawwatch: %s; not logging to %s", error, name)
@@ -321,7 +296,6 @@ class LawWatchCallback(TrainerCallback):
                 log.info("lawwatch: %s has no lawwatch sink; not logging to it", name)
                 continue
             opened[name] = sink
-        self.wandb = opened.get("wandb")  # type: ignore[assignment]
         return opened
 
     def _report(self, image: Path | None) -> None:
@@ -340,7 +314,9 @@ class LawWatchCallback(TrainerCallback):
             from lawwatch.report import plot_law
 
             return plot_law(
-                records, self.directory / "law.png", emergence_threshold=self.emergence_threshold
+                records,
+                self.directory / "law.png",
+                emergence_threshold=self.watch.emergence_threshold,
             )
         except ImportError as error:  # matplotlib is an optional dependency
             log.warning("lawwatch: no plot of the law (%s; pip install matplotlib)", error)

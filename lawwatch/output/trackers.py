@@ -1,40 +1,45 @@
-"""Every tracker the Trainer reports to: one small sink per tracker, one key scheme, one x-axis.
+"""Every tracker lawwatch logs to: one class per tracker, one key scheme, the training step.
 
-Each sink takes the tracker object the Trainer's own reporting callback made (its run, writer
-or experiment), so no second run is opened, and logs every snapshot's
+Each class takes the tracker's run, writer or experiment and logs every snapshot's
 :func:`~lawwatch.output.sinks.scalars` (``lawwatch/rho``, ``lawwatch/pearson_r``, …,
-``lawwatch/pr/layer_XX``) at the snapshot's training step, plus a table of PRs where the
-tracker has tables, and the report PNG and history files at train end (:meth:`log_report`).
+``lawwatch/pr/layer_XX``) at the snapshot's training step, a table of PRs where the tracker has
+tables, the report PNG and history files (:meth:`~Reporting.log_report`) and, where the tracker
+has alerts, lawwatch's alerts (``alert``). The Trainer callback and the accelerate watch feed
+the same classes:
 
-| ``report_to`` | sink | where the tracker object comes from |
-|---|---|---|
-| ``"wandb"`` | :class:`lawwatch.output.sinks.WandbSink` | ``wandb.run`` |
-| ``"tensorboard"`` | :class:`TensorBoardSink` | ``TensorBoardCallback.tb_writer`` |
-| ``"mlflow"``, ``"dagshub"`` | :class:`MlflowSink` | ``mlflow.active_run()`` |
-| ``"trackio"`` | :class:`TrackioSink` | trackio's current run |
-| ``"comet_ml"`` | :class:`CometSink` | ``comet_ml.get_running_experiment()`` |
-| ``"dvclive"`` | :class:`DVCLiveSink` | ``DVCLiveCallback.live`` |
-| ``"clearml"`` | :class:`ClearMLSink` | ``clearml.Task.current_task()`` |
+| tracker | class | Trainer (``report_to``) | accelerate (``get_tracker(name, unwrap=True)``) |
+|---|---|---|---|
+| W&B | :class:`WandbSink` | ``wandb.run`` | the run |
+| TensorBoard | :class:`TensorBoardSink` | lawwatch's writer, the Trainer's dir | the writer |
+| MLflow, DagsHub | :class:`MlflowSink` | ``mlflow.active_run()`` | the active run |
+| trackio | :class:`TrackioSink` | trackio's current run | the run |
+| Comet | :class:`CometSink` | ``comet_ml.get_running_experiment()`` | the experiment |
+| ClearML | :class:`ClearMLSink` | ``clearml.Task.current_task()`` | the task |
+| DVCLive | :class:`DVCLiveSink` | ``dvclive_live=`` given, or lawwatch's own ``Live`` | the Live |
 
-Each tracker package is imported only when its sink is opened. A sink holds the history it
-has logged: a resumed run hands it the records up to the checkpoint (:meth:`Tracker.replay`),
-so a fresh tracker run holds the whole history, and a step the tracker already holds (a run
-reattached to, where the tracker can say so) is not logged twice.
+A class closes only what it opened. Each tracker package is imported only when its sink is
+made. A sink holds the history it has logged: a resumed run hands it the records up to the
+checkpoint (:meth:`Tracker.replay`), so a fresh tracker run holds the whole history, and a step
+the tracker already holds (a run reattached to, where the tracker can say so) is not logged
+twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from lawwatch.alerts import Alert
-from lawwatch.history import History, Snapshot, entries
+from lawwatch.history import History, Snapshot, entries, law_points
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.output.sinks import PREFIX, STEP_KEY, Sink, WandbSink, scalars
+from lawwatch.output.sinks import PREFIX, STEP_KEY, Sink, scalars
 
 __all__ = [
     "TRACKERS",
@@ -46,6 +51,9 @@ __all__ = [
     "TensorBoardSink",
     "Tracker",
     "TrackioSink",
+    "TrainerRun",
+    "WandbSink",
+    "accelerate_tracker",
     "open_tracker",
     "reported_trackers",
 ]
@@ -53,6 +61,7 @@ __all__ = [
 log = logging.getLogger("lawwatch")
 
 TABLE_COLUMNS = ("step", "layer", "pr", "log10_pr")
+STEP_METRIC = f"{PREFIX}step"  # every lawwatch row carries its training step under this key
 
 
 @runtime_checkable
@@ -118,6 +127,120 @@ class Tracker:
         """Nothing to release: the tracker belongs to whoever created it."""
 
 
+# -- Weights & Biases ---------------------------------------------------------------------------
+
+
+class WandbSink(Tracker):
+    """Snapshots into a live W&B run: scalars, a growing table, a chart of the law, the summary.
+
+    Each snapshot is one ``run.log`` row holding :func:`~lawwatch.output.sinks.scalars`, the
+    rows of the ``lawwatch/pr_table`` table (step, layer, pr, log10_pr; logged incrementally,
+    so it grows), the ``lawwatch/law`` line chart (log10 PR against layer, one line per
+    snapshot), and the training step as ``lawwatch/step`` and as ``step_metric``, the x-axis
+    of the ``lawwatch/*`` charts. The run summary keeps the latest ``rho``, ``pearson_r`` and
+    ``step`` and the ``lawwatch/emergence_step``; alerts are ``run.alert``.
+
+    Where the run's own step is the training step (``run_step``: accelerate logs with
+    ``step=``), a row is logged at it; W&B drops a row at a step it has passed, which is what a
+    background snapshot is, so such a row goes into W&B's current row and lands at its own
+    ``lawwatch/step`` on the charts. Otherwise (the Trainer counts W&B's rows itself) every row
+    goes into W&B's current row.
+
+    A run holds each step at most once, in increasing order: a step at or before the last one
+    the run already holds (``lawwatch/step`` in its summary, which W&B restores when a run is
+    resumed) is kept for the chart but not logged again.
+
+    Args:
+        run: The run to log into.
+        history: Records measured before this sink existed (steps increasing), replayed.
+        emergence_threshold: r at or below which the law counts as emerged.
+        step_metric: The x-axis of the lawwatch charts: the Trainer's ``train/global_step``,
+            so the law's charts share the loss's x-axis, or ``lawwatch/step``.
+        run_step: Whether W&B's row index is the training step.
+        max_lines: Most snapshots drawn in the chart, evenly spread over the history (the first
+            and the latest always drawn); every snapshot stays in the table.
+    """
+
+    name = "wandb"
+
+    def __init__(
+        self,
+        run: Any,
+        *,
+        history: Iterable[dict[str, Any]] | None = None,
+        emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+        step_metric: str = STEP_KEY,
+        run_step: bool = False,
+        max_lines: int = 16,
+    ) -> None:
+        import wandb
+
+        if max_lines < 2:
+            raise ValueError(f"max_lines must be at least 2 (first and latest), got {max_lines}.")
+        super().__init__(logged_step=run.summary.get(STEP_METRIC))
+        self.run, self.step_metric, self.run_step = run, step_metric, run_step
+        self.emergence_threshold, self.max_lines = emergence_threshold, max_lines
+        self.table = wandb.Table(columns=list(TABLE_COLUMNS), log_mode="INCREMENTAL")
+        run.define_metric(step_metric)
+        run.define_metric(f"{PREFIX}*", step_metric=step_metric)
+        self.replay(history)
+
+    def _log(self, snapshot: Snapshot, record: dict[str, Any]) -> None:
+        step = record["step"]
+        for row in table_rows(record):
+            self.table.add_data(*row)
+        row = {**scalars(snapshot), f"{PREFIX}pr_table": self.table, f"{PREFIX}law": self._chart()}
+        self._row(row, step)
+        self.run.summary.update(
+            {
+                STEP_METRIC: step,
+                f"{PREFIX}rho": record["rho"],
+                f"{PREFIX}pearson_r": record["pearson_r"],
+                f"{PREFIX}emergence_step": self.history.emergence_step(self.emergence_threshold),
+            }
+        )
+
+    def _row(self, row: dict[str, Any], step: int) -> None:
+        row = {**row, STEP_METRIC: step, self.step_metric: step}
+        if self.run_step and step >= self.run.step:  # W&B's row for this step is still open
+            self.run.log(row, step=step)
+        else:
+            self.run.log(row)
+
+    def _chart(self) -> Any:
+        """``wandb.plot.line_series`` of log10 PR against layer (entries 1 … L: the law's fit)."""
+        import wandb
+
+        picked = self.history.records
+        if len(picked) > self.max_lines:
+            last = len(picked) - 1
+            picked = [picked[round(i * last / (self.max_lines - 1))] for i in range(self.max_lines)]
+        points = [law_points(r) for r in picked]
+        return wandb.plot.line_series(
+            xs=[xs for xs, _ in points],
+            ys=[ys for _, ys in points],
+            keys=[f"step {r['step']}" for r in picked],
+            title="log10 PR vs layer over training",
+            xname="layer",
+        )
+
+    def log_report(self, image: Path | None, files: Sequence[Path] = ()) -> None:
+        """The PNG as ``lawwatch/report`` at the latest measured step (the files stay local)."""
+        if image is not None:
+            import wandb
+
+            self._row({f"{PREFIX}report": wandb.Image(str(image))}, self.history.last_step or 0)
+
+    def alert(self, alert: Alert) -> None:
+        """A W&B alert (``run.alert``: e-mail or Slack, as the user's W&B settings say)."""
+        import wandb
+
+        level = wandb.AlertLevel.INFO if alert.level == "INFO" else wandb.AlertLevel.WARN
+        # W&B holds back a second alert of the same title for wait_duration; lawwatch raises
+        # each alert once, so none should wait (W&B titles: under 64 characters)
+        self.run.alert(title=alert.title[:63], text=alert.text, level=level, wait_duration=1)
+
+
 # -- TensorBoard --------------------------------------------------------------------------------
 
 
@@ -130,20 +253,19 @@ class TensorBoardSink(Tracker):
     on one chart ("lawwatch / PR by layer", the CUSTOM SCALARS tab). At train end the report PNG
     goes in as the image ``lawwatch/report``.
 
-    The Trainer's ``TensorBoardCallback`` closes its writer in its ``on_train_end``, before
-    lawwatch's final snapshot: a closed ``SummaryWriter`` reopens a new event file in the same
-    directory on the next write, which :meth:`close` closes again.
-
     Args:
-        writer: The writer (the Trainer's: ``TensorBoardCallback.tb_writer``).
+        writer: The writer.
         history: Records to replay first (a resumed run).
+        own: Whether :meth:`close` closes the writer (lawwatch opened it).
     """
 
     name = "tensorboard"
 
-    def __init__(self, writer: Any, *, history: Iterable[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, writer: Any, *, history: Iterable[dict[str, Any]] | None = None, own: bool = False
+    ) -> None:
         super().__init__()
-        self.writer = writer
+        self.writer, self.own = writer, own
         writer.add_custom_scalars(
             {
                 "lawwatch": {
@@ -180,8 +302,9 @@ class TensorBoardSink(Tracker):
         self.writer.flush()
 
     def close(self) -> None:
-        """Close the writer (harmless to its owner: a closed writer reopens when written to)."""
-        self.writer.close()
+        """Close the writer if lawwatch opened it."""
+        if self.own:
+            self.writer.close()
 
 
 # -- MLflow -------------------------------------------------------------------------------------
@@ -194,14 +317,13 @@ class MlflowSink(Tracker):
     snapshot's step, and its rows appended to the table artifact ``lawwatch/pr_table.json``
     (``client.log_table``: step, layer, pr, log10_pr). At train end the report PNG and the
     history files are logged as artifacts under ``lawwatch/``. Working by run id, not through
-    the fluent API, keeps logging after the Trainer's ``MLflowCallback`` has ended its run (it
-    ends it in ``on_train_end``, before lawwatch's final snapshot).
+    the fluent API, logs into that run whatever run is active in this thread.
 
     A run already holding lawwatch metrics (reattached with ``MLFLOW_RUN_ID``) is not sent a
     step at or before its latest one.
 
     Args:
-        run_id: The run (the Trainer's: ``mlflow.active_run().info.run_id``).
+        run_id: The run (``mlflow.active_run().info.run_id``).
         tracking_uri: Its tracking URI (default: MLflow's current one).
         history: Records to replay first (a resumed run).
     """
@@ -257,7 +379,7 @@ class TrackioSink(Tracker):
     the report PNG as ``lawwatch/report``, and alerts as trackio alerts.
 
     Args:
-        run: The run (the Trainer's: trackio's current run, kept after ``trackio.finish``).
+        run: The run (trackio's current run).
         history: Records to replay first (a resumed run).
         step_key: The x-axis metric every row carries.
     """
@@ -295,16 +417,11 @@ class TrackioSink(Tracker):
         )
 
     def alert(self, alert: Alert) -> None:
-        """A trackio alert (stored with the run, shown in the dashboard)."""
-        trackio_alert(self.run, alert)
+        """A trackio alert (stored with the run), at the step of the snapshot that raised it."""
+        from trackio import AlertLevel
 
-
-def trackio_alert(run: Any, alert: Alert) -> None:
-    """Raise a lawwatch alert in a trackio run, at the step of the snapshot that raised it."""
-    from trackio import AlertLevel
-
-    level = AlertLevel.INFO if alert.level == "INFO" else AlertLevel.WARN
-    run.alert(title=alert.title, text=alert.text, level=level, step=alert.at)
+        level = AlertLevel.INFO if alert.level == "INFO" else AlertLevel.WARN
+        self.run.alert(title=alert.title, text=alert.text, level=level, step=alert.at)
 
 
 # -- Comet --------------------------------------------------------------------------------------
@@ -319,7 +436,7 @@ class CometSink(Tracker):
     ``lawwatch/report`` and the history files as assets.
 
     Args:
-        experiment: The experiment (the Trainer's: ``comet_ml.get_running_experiment()``).
+        experiment: The experiment (``comet_ml.get_running_experiment()``).
         history: Records to replay first (a resumed run).
     """
 
@@ -353,24 +470,43 @@ class CometSink(Tracker):
 class DVCLiveSink(Tracker):
     """Snapshots into a ``dvclive.Live``.
 
-    DVCLive takes the step of a metric from ``live.step`` (the Trainer's ``DVCLiveCallback``
-    advances it once per log call): for each snapshot the sink sets it to the snapshot's
-    training step, logs every :func:`~lawwatch.output.sinks.scalars` key (files
-    ``<live dir>/plots/metrics/lawwatch/...tsv``), and puts the step back. At train end the
-    report PNG goes to ``<live dir>/plots/images/lawwatch/law.png`` and the summary
-    (``metrics.json``) is rewritten with the latest values.
+    DVCLive takes the step of a metric from ``live.step`` (a training loop advances it once per
+    log call): for each snapshot the sink sets it to the snapshot's training step, logs every
+    :func:`~lawwatch.output.sinks.scalars` key (files ``<live dir>/plots/metrics/lawwatch/
+    ...tsv``), and puts the step back. The report PNG goes to
+    ``<live dir>/plots/images/lawwatch/law.png`` and the latest values to the summary
+    (``metrics.json``, key ``lawwatch``).
+
+    A Live lawwatch opened itself (:meth:`open`, beside the training loop's own Live in the same
+    directory) resumes the directory, so it removes nothing of the other's, and writes no
+    ``dvc.yaml`` and no experiment; as the summary file is written whole by every Live of the
+    directory, lawwatch merges its ``lawwatch`` key into the file on disk at :meth:`log_report`
+    and :meth:`close`.
 
     Args:
-        live: The Live (the Trainer's: ``DVCLiveCallback.live``).
+        live: The Live.
         history: Records to replay first (a resumed run).
+        own: Whether lawwatch opened ``live`` (:meth:`open`).
     """
 
     name = "dvclive"
 
-    def __init__(self, live: Any, *, history: Iterable[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, live: Any, *, history: Iterable[dict[str, Any]] | None = None, own: bool = False
+    ) -> None:
         super().__init__()
-        self.live = live
+        self.live, self.own = live, own
         self.replay(history)
+
+    @classmethod
+    def open(
+        cls, directory: str | Path = "dvclive", *, history: Iterable[dict[str, Any]] | None = None
+    ) -> DVCLiveSink:
+        """A sink on lawwatch's own Live in ``directory`` (DVCLive's default: ``./dvclive``)."""
+        from dvclive import Live
+
+        live = Live(str(directory), resume=True, save_dvc_exp=False, dvcyaml=None)
+        return cls(live, history=history, own=True)
 
     def _log(self, snapshot: Snapshot, record: dict[str, Any]) -> None:
         before = self.live.step
@@ -382,10 +518,25 @@ class DVCLiveSink(Tracker):
             self.live.step = before
 
     def log_report(self, image: Path | None, files: Sequence[Path] = ()) -> None:
-        """The PNG as an image; the summary rewritten."""
+        """The PNG as an image; the summary written."""
         if image is not None:
             self.live.log_image(f"{PREFIX}law.png", str(image))
-        self.live.make_summary()
+        self._summarize()
+
+    def close(self) -> None:
+        """Write the summary once more, if lawwatch opened the Live."""
+        if self.own:
+            self._summarize()
+
+    def _summarize(self) -> None:
+        if not self.own:
+            self.live.make_summary()
+            return
+        key = PREFIX.rstrip("/")
+        path = Path(self.live.metrics_file)
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        summary[key] = self.live.summary.get(key, {})
+        path.write_text(json.dumps(summary, indent=4))
 
 
 # -- ClearML -----------------------------------------------------------------------------------
@@ -403,7 +554,7 @@ class ClearMLSink(Tracker):
     files as artifacts.
 
     Args:
-        task: The task (the Trainer's: ``clearml.Task.current_task()``).
+        task: The task (``clearml.Task.current_task()``).
         history: Records to replay first (a resumed run).
     """
 
@@ -442,7 +593,7 @@ class ClearMLSink(Tracker):
         self.logger.flush()
 
 
-# -- choosing from report_to --------------------------------------------------------------------
+# -- opening a tracker ------------------------------------------------------------------------
 
 
 def reported_trackers(report_to: str | Sequence[str] | None) -> list[str]:
@@ -459,12 +610,47 @@ def reported_trackers(report_to: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def _peer(peers: Sequence[Any], class_name: str) -> Any | None:
-    """The Trainer's callback of that class, if any."""
-    return next((p for p in peers if type(p).__name__ == class_name), None)
+@dataclass
+class TrainerRun:
+    """What a Trainer's tracker sinks are opened from.
+
+    Attributes:
+        args: The ``TrainingArguments``.
+        since: A time (``time.time()``) before this training began: event files written since
+            are this training's.
+        dvclive_live: A ``dvclive.Live`` to log into (the one given to the Trainer's
+            ``DVCLiveCallback``); None: lawwatch opens its own in ``./dvclive``.
+    """
+
+    args: Any = None
+    since: float = 0.0
+    dvclive_live: Any = None
+
+    def tensorboard_dir(self) -> Path:
+        """The Trainer's TensorBoard directory, where lawwatch's own writer writes too.
+
+        ``TENSORBOARD_LOGGING_DIR``, else ``args.logging_dir`` (transformers before 5), else
+        the ``<output_dir>/runs/<time>_<host>`` directory the Trainer's writer made for this
+        training, else a new one named alike. TensorBoard reads every event file of a directory
+        as one run.
+        """
+        chosen = os.getenv("TENSORBOARD_LOGGING_DIR") or getattr(self.args, "logging_dir", None)
+        if chosen:
+            return Path(chosen).expanduser()
+        runs = Path(self.args.output_dir) / "runs"
+        made = [
+            events.parent
+            for events in runs.glob("*/events.out.tfevents.*")
+            if events.stat().st_mtime >= self.since
+        ]
+        if made:
+            return max(made, key=lambda d: d.stat().st_mtime)
+        from transformers.integrations.integration_utils import default_logdir
+
+        return Path(self.args.output_dir) / default_logdir()
 
 
-def _open_wandb(peers: Sequence[Any], history: list[dict[str, Any]], threshold: float) -> Any:
+def _open_wandb(run: TrainerRun, history: list[dict[str, Any]], threshold: float) -> Sink:
     import wandb
 
     if wandb.run is None:
@@ -472,33 +658,35 @@ def _open_wandb(peers: Sequence[Any], history: list[dict[str, Any]], threshold: 
     return WandbSink(wandb.run, history=history, emergence_threshold=threshold)
 
 
-def _open_tensorboard(peers: Sequence[Any], history: list[dict[str, Any]], _: float) -> Any:
-    callback = _peer(peers, "TensorBoardCallback")
-    writer = getattr(callback, "tb_writer", None)
-    if writer is None:
-        raise LookupError("report_to includes tensorboard but the Trainer made no writer")
-    return TensorBoardSink(writer, history=history)
+def _open_tensorboard(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run.tensorboard_dir()))
+    return TensorBoardSink(writer, history=history, own=True)
 
 
-def _open_mlflow(peers: Sequence[Any], history: list[dict[str, Any]], _: float) -> Any:
+def _open_mlflow(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
     import mlflow
 
-    run = mlflow.active_run()
-    if run is None:
+    active = mlflow.active_run()
+    if active is None:
         raise LookupError("report_to includes mlflow but no MLflow run is active")
-    return MlflowSink(run.info.run_id, tracking_uri=mlflow.get_tracking_uri(), history=history)
+    return MlflowSink(active.info.run_id, tracking_uri=mlflow.get_tracking_uri(), history=history)
 
 
-def _open_trackio(peers: Sequence[Any], history: list[dict[str, Any]], _: float) -> Any:
+def _open_trackio(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
     from trackio import context_vars
 
-    run = context_vars.current_run.get()
-    if run is None:
+    current = context_vars.current_run.get()
+    if current is None:
         raise LookupError("report_to includes trackio but no trackio run is active")
-    return TrackioSink(run, history=history)
+    return TrackioSink(current, history=history)
 
 
-def _open_comet(peers: Sequence[Any], history: list[dict[str, Any]], _: float) -> Any:
+def _open_comet(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
     import comet_ml
 
     experiment = comet_ml.get_running_experiment()
@@ -507,14 +695,13 @@ def _open_comet(peers: Sequence[Any], history: list[dict[str, Any]], _: float) -
     return CometSink(experiment, history=history)
 
 
-def _open_dvclive(peers: Sequence[Any], history: list[dict[str, Any]], _: float) -> Any:
-    live = getattr(_peer(peers, "DVCLiveCallback"), "live", None)
-    if live is None:
-        raise LookupError("report_to includes dvclive but the Trainer made no dvclive.Live")
-    return DVCLiveSink(live, history=history)
+def _open_dvclive(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
+    if run.dvclive_live is not None:
+        return DVCLiveSink(run.dvclive_live, history=history)
+    return DVCLiveSink.open(history=history)
 
 
-def _open_clearml(peers: Sequence[Any], history: list[dict[str, Any]], _: float) -> Any:
+def _open_clearml(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
     from clearml import Task
 
     task = Task.current_task()
@@ -523,7 +710,7 @@ def _open_clearml(peers: Sequence[Any], history: list[dict[str, Any]], _: float)
     return ClearMLSink(task, history=history)
 
 
-Opener = Callable[[Sequence[Any], list[dict[str, Any]], float], Sink]
+Opener = Callable[[TrainerRun, list[dict[str, Any]], float], Sink]
 
 TRACKERS: dict[str, Opener] = {
     "wandb": _open_wandb,
@@ -535,24 +722,25 @@ TRACKERS: dict[str, Opener] = {
     "dvclive": _open_dvclive,
     "clearml": _open_clearml,
 }
-"""``report_to`` name -> how its sink is opened from the Trainer's callbacks."""
+"""``report_to`` name -> how its sink is opened for a Trainer."""
 
 
 def open_tracker(
     name: str,
+    run: TrainerRun | None = None,
     *,
-    peers: Sequence[Any] = (),
     history: list[dict[str, Any]] | None = None,
     emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
 ) -> Sink | None:
-    """The sink of one ``report_to`` tracker, on the object the Trainer's callback created.
+    """The sink of one ``report_to`` tracker of a Trainer.
 
-    Call it after the Trainer's reporting callbacks ran ``on_train_begin`` (they come before
-    the user's callbacks).
+    Global-run trackers (W&B, MLflow, trackio, Comet, ClearML) log into their current run, as
+    the Trainer's own callbacks do; TensorBoard into lawwatch's own writer in the Trainer's
+    directory; DVCLive into the Live given, or lawwatch's own.
 
     Args:
         name: A ``report_to`` name.
-        peers: The Trainer's callbacks (where the TensorBoard writer and the DVCLive Live are).
+        run: The Trainer's arguments and what the user gave (see :class:`TrainerRun`).
         history: Records to replay (a resumed run).
         emergence_threshold: r at or below which the law counts as emerged (W&B's summary).
 
@@ -560,10 +748,38 @@ def open_tracker(
         The sink, or None for a tracker lawwatch does not log to (e.g. "codecarbon").
 
     Raises:
-        LookupError: The tracker's object was not found (no active run, no writer).
+        LookupError: The tracker has no current run.
         ImportError: Its package is not installed.
     """
     opener = TRACKERS.get(name)
     if opener is None:
         return None
-    return opener(peers, list(history or []), emergence_threshold)
+    return opener(run or TrainerRun(), list(history or []), emergence_threshold)
+
+
+def accelerate_tracker(name: str, tracker: Any) -> Sink | None:
+    """The sink on an accelerate tracker's object (``accelerator.get_tracker(name, unwrap=True)``).
+
+    accelerate logs each row at the training step (``accelerator.log(values, step=step)``):
+    W&B's rows are logged at it too, with ``lawwatch/step`` as the charts' x-axis (see
+    :class:`WandbSink`). The tracker stays accelerate's: ``accelerator.end_training()`` ends it.
+
+    Returns:
+        The sink, or None for a tracker lawwatch has no class for.
+    """
+    if name == "wandb":
+        return WandbSink(tracker, step_metric=STEP_METRIC, run_step=True)
+    if name == "tensorboard":
+        return TensorBoardSink(tracker)
+    if name == "mlflow":
+        import mlflow
+
+        return MlflowSink(tracker.info.run_id, tracking_uri=mlflow.get_tracking_uri())
+    makers: dict[str, Callable[[Any], Sink]] = {
+        "trackio": TrackioSink,
+        "comet_ml": CometSink,
+        "clearml": ClearMLSink,
+        "dvclive": DVCLiveSink,
+    }
+    maker = makers.get(name)
+    return None if maker is None else maker(tracker)

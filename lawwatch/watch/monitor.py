@@ -315,7 +315,7 @@ class LawWatch:
         Load the same state on every rank (e.g. rank 0's, as ``accelerator.load_state`` does):
         the schedule then agrees on every rank. On rank 0,
         :class:`~lawwatch.output.sinks.Rewindable` sinks (e.g.
-        :class:`~lawwatch.output.sinks.LocalHistory`) drop what the run wrote after the restored
+        :class:`~lawwatch.output.store.LocalHistory`) drop what the run wrote after the restored
         point, so the resumed run continues one sequence of steps. A history measured
         with another probe, other options or at another precision is not continued: a new
         series starts (with a warning).

@@ -15,7 +15,7 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs
 
 import lawwatch
-from lawwatch.output.sinks import LocalHistory
+from lawwatch.output.store import LocalHistory
 from tests.helpers.models import VOCAB, tiny_gpt2
 from tests.helpers.dist.common import (
     TIMEOUT_S,
