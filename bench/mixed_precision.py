@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lawwatch
-from lawwatch import corpus
+from lawwatch.demo import corpus
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lawwatch.cli import field_docs, main
+from lawwatch.cli import main
+from lawwatch.config import field_docs
 from lawwatch.demo import DemoConfig
 from lawwatch.demo.credentials import local_credentials, wandb_mode
 from lawwatch.history import History
