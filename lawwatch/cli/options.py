@@ -107,9 +107,9 @@ class DataclassOptions:
 
     def build(self, args: argparse.Namespace) -> Any:
         """The dataclass of the parsed options (its own checks raise on a bad value)."""
-        return self.cls(
-            **{f.name: getattr(args, self._dest(f.name)) for f in _init_fields(self.cls)}
-        )
+        values = {f.name: getattr(args, self._dest(f.name)) for f in _init_fields(self.cls)}
+        # argparse gathers several values in a list; a frozen config keeps a tuple (hashable)
+        return self.cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _derived(kind: Any) -> dict[str, Any]:
