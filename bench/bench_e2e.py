@@ -10,7 +10,7 @@ Three pipelines on the same random GPT-2 and the same probe, each in its own chi
 
 - **forward** (the floor): the model's forward over the probe, batch by batch, no hooks, no
   hidden states kept, ``logits_to_keep=1``;
-- **lawwatch**: ``lawwatch.measurement(model, probe, batch_size=...)`` (hooks, float64 features,
+- **lawwatch**: ``lawwatch.measure(model, probe, batch_size=...)`` (hooks, float64 features,
   statistics accumulated batch by batch, one batched solve);
 - **theirs**: the authors' pipeline, all features in memory: the base model's forward with
   ``output_hidden_states=True``; entries ``0 .. L-1`` through a freshly initialized LayerNorm of

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lawwatch
-from lawwatch import corpus
+from lawwatch.demo import corpus
 
 
 def main() -> None:
@@ -66,13 +66,13 @@ def main() -> None:
     def under_autocast(m: torch.nn.Module) -> torch.Tensor:
         m = copy.deepcopy(m)  # its forward wrapped in bf16 autocast, inside lawwatch's context
         m.forward = torch.autocast("cpu", dtype=torch.bfloat16)(m.forward)
-        return lawwatch.measurement(m, probe).pr
+        return lawwatch.measure(m, probe).pr
 
-    reference = lawwatch.measurement(model, probe)  # what lawwatch measures: the float32 forward
+    reference = lawwatch.measure(model, probe)  # what lawwatch measures: the float32 forward
     autocast_pr = under_autocast(model)
-    bf16_pr = lawwatch.measurement(copy.deepcopy(model).to(torch.bfloat16), probe).pr  # ZeRO-3 bf16
-    f64_pr = lawwatch.measurement(copy.deepcopy(model).double(), probe).pr
-    mixed_pr = lawwatch.measurement(model, probe, precision="mixed").pr  # float32 Gram per batch
+    bf16_pr = lawwatch.measure(copy.deepcopy(model).to(torch.bfloat16), probe).pr  # ZeRO-3 bf16
+    f64_pr = lawwatch.measure(copy.deepcopy(model).double(), probe).pr
+    mixed_pr = lawwatch.measure(model, probe, precision="mixed").pr  # float32 Gram per batch
     print(f"float32 forward: r={reference.fit.pearson_r:+.4f} rho={reference.fit.rho:.5f}")
     variants = {"float64": f64_pr, "bf16 autocast": autocast_pr, "bf16 weights": bf16_pr}
     variants["mixed stats"] = mixed_pr

@@ -35,7 +35,6 @@ __all__ = [
     "LoadOptions",
     "find_checkpoints",
     "load_model",
-    "load_tokenizer",
     "step_from_name",
     "weights_hash",
 ]
@@ -349,32 +348,6 @@ def load_model(ckpt: Checkpoint, options: LoadOptions | None = None) -> Any:
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
     return model.eval()
-
-
-def load_tokenizer(name: str | Checkpoint, options: LoadOptions | None = None) -> Any:
-    """``AutoTokenizer.from_pretrained`` of a tokenizer name or path, or of a checkpoint's own.
-
-    Raises:
-        ValueError: No tokenizer could be loaded (the message says to pass ``--tokenizer``).
-    """
-    from transformers import AutoTokenizer
-
-    options = options or LoadOptions()
-    if isinstance(name, Checkpoint):
-        source, kwargs = name.source, options.hub_kwargs(name)
-    else:
-        source = name
-        kwargs = {"cache_dir": options.cache_dir} if options.cache_dir else {}
-        if options.offline:
-            kwargs["local_files_only"] = True
-    try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, TypeError) as error:
-        raise ValueError(
-            f"No tokenizer could be loaded from {source} ({type(error).__name__}: {error}); "
-            "name one with --tokenizer (a directory or hub id), or give a probe file with "
-            "--probe."
-        ) from error
 
 
 def hub_snapshot(ckpt: Checkpoint, options: LoadOptions | None = None) -> Path:

@@ -21,7 +21,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, set_seed
 
 import lawwatch
-from lawwatch import corpus
+from lawwatch.demo import corpus
 
 
 def load_config(path: str, overrides: list[str]) -> dict[str, Any]:

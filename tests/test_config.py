@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from lawwatch import LawWatch, MeasureConfig, NormSpec, WatchConfig, measure
-from lawwatch.cli import add_measure_arguments, measure_config
+from lawwatch.cli.analyze import MEASURE
 from lawwatch.config import field_docs
 from lawwatch.integrations.hf import LawWatchCallback
 from tests.helpers.models import VOCAB, ragged_probe, tiny_gpt2
@@ -196,8 +196,8 @@ def test_accelerator_watch_takes_the_config(setup):
 
 def test_the_command_line_builds_the_config():
     parser = argparse.ArgumentParser()
-    add_measure_arguments(parser)
-    assert measure_config(parser.parse_args([])) == MeasureConfig()
+    MEASURE.add(parser)
+    assert MEASURE.build(parser.parse_args([])) == MeasureConfig()
     args = parser.parse_args(
         [
             "--normalize",
@@ -234,7 +234,7 @@ def test_the_command_line_builds_the_config():
             "cpu",
         ]
     )
-    assert measure_config(args) == MeasureConfig(
+    assert MEASURE.build(args) == MeasureConfig(
         normalize="standardize",
         target="onehot",
         offset=-1,
@@ -252,7 +252,7 @@ def test_the_command_line_builds_the_config():
         precision="mixed",
         stats_device="cpu",
     )
-    assert measure_config(parser.parse_args(["--layers", "4"])).layers == 4
+    assert MEASURE.build(parser.parse_args(["--layers", "4"])).layers == 4
     help_text = parser.format_help()
     for doc in field_docs(MeasureConfig).values():
         assert doc.split()[0] in help_text  # the field's docstring is its help

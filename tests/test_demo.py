@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lawwatch.cli import field_docs, main
+from lawwatch.cli import main
+from lawwatch.config import field_docs
 from lawwatch.demo import DemoConfig
 from lawwatch.demo.credentials import local_credentials, wandb_mode
 from lawwatch.history import History
@@ -183,7 +184,7 @@ def test_the_library_never_imports_the_demo():
     """The demo is an application of lawwatch: importing the library and its integrations
     (and the CLI module, which imports the demo only when it runs it) leaves it unloaded."""
     code = (
-        "import sys, lawwatch, lawwatch.cli, lawwatch.demo.corpus, lawwatch.integrations.hf, "
+        "import sys, lawwatch, lawwatch.cli, lawwatch.integrations.hf, "
         "lawwatch.integrations.accelerate, lawwatch.report\n"
         "print(sorted(m for m in sys.modules if m.startswith('lawwatch.demo')))"
     )

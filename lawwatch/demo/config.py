@@ -11,7 +11,7 @@ from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoConfig:
     """Everything the demo does, as one flat config; ``lawwatch demo --help`` lists it."""
 

@@ -1,10 +1,11 @@
 """Training text without a hub: what every CPython ships, a tokenizer, packed blocks.
 
-No model or dataset hub is needed: the demo, the recipes and the tests train on the
-documentation topics in ``pydoc_data.topics`` (~0.47 MB) and the docstrings of the standard
-library's modules (~3 MB, read with ``ast`` — nothing is imported or executed). This module
-is the one place that turns documents into training data for all of them: split them, train a
-byte-level BPE on them, and pack the tokenized documents into fixed-length causal-LM blocks.
+No model or dataset hub is needed: the demo trains on the documentation topics in
+``pydoc_data.topics`` (~0.47 MB) and the docstrings of the standard library's modules (~3 MB,
+read with ``ast`` — nothing is imported or executed). This module turns documents into training
+data: split them, train a byte-level BPE on them, and pack the tokenized documents into
+fixed-length causal-LM blocks. The demo owns it; the recipes, benches and tests borrow it, and
+the library never imports it.
 """
 
 from __future__ import annotations

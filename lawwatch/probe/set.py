@@ -205,7 +205,8 @@ class ProbeSet:
             "seed": seed,
         }
         if pack:
-            rows, separator = _pack(encoded, max_length, getattr(tokenizer, "eos_token_id", None))
+            separator = getattr(tokenizer, "eos_token_id", None)
+            rows = _pack(encoded, max_length, separator)
             meta.update(pack=True, separator=separator, num_texts=len(texts))
             short = sum(len(r) == 0 for r in encoded)
             what = "are empty and add no token"
@@ -497,9 +498,7 @@ class ProbeSet:
         return f"ProbeSet({fields})"
 
 
-def _pack(
-    encoded: Sequence[Sequence[int]], length: int, separator: int | None
-) -> tuple[list[list[int]], int | None]:
+def _pack(encoded: Sequence[Sequence[int]], length: int, separator: int | None) -> list[list[int]]:
     """Concatenate documents (each followed by ``separator``) and cut into ``length`` chunks."""
     stream: list[int] = []
     for row in encoded:
@@ -508,7 +507,7 @@ def _pack(
             if separator is not None:
                 stream.append(int(separator))
     rows = [stream[i : i + length] for i in range(0, len(stream), length)]
-    return [r for r in rows if len(r) >= 2], separator
+    return [r for r in rows if len(r) >= 2]
 
 
 def _file_hash(version: str, content: str, meta: str) -> str:

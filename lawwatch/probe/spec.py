@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lawwatch.probe.set import ProbeSet
+from lawwatch.probe.tokenizer import load_tokenizer
 
 __all__ = ["ProbeSpec", "read_texts"]
 
@@ -110,8 +111,6 @@ class ProbeSpec:
             # the texts first: a path that matches nothing fails before a tokenizer loads
             documents = read_texts(self.texts, self.text_unit) if self.source == "texts" else None
             if self.tokenizer is not None:
-                from lawwatch.checkpoints import load_tokenizer
-
                 tokenizer = load_tokenizer(self.tokenizer)
             if tokenizer is None:
                 raise ValueError("Building a probe from texts needs a tokenizer: --tokenizer.")
