@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.helpers.dist.launch import run, torchrun
+from tests.helpers.workers.launch import run, torchrun
 
 STEPS = [0, 1, 2, 3, 6, 9]  # every=3, last 9: 0, powers of two below 3, multiples of 3
 
@@ -16,7 +16,7 @@ STEPS = [0, 1, 2, 3, 6, 9]  # every=3, last 9: 0, powers of two below 3, multipl
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("background")
-    log = run([*torchrun(2), "-m", "tests.helpers.dist.background_worker", str(out)])
+    log = run([*torchrun(2), "-m", "tests.helpers.workers.background_worker", str(out)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], log
 
 

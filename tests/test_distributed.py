@@ -1,7 +1,7 @@
 """Multi-process snapshots: real ``torchrun`` jobs with 2 processes on gloo (CPU).
 
 Each job runs once per module (fixtures) and several tests read its result files. The workers
-live in ``tests/helpers/dist/``. Every comparison is against ``lawwatch.measurement`` on the full
+live in ``tests/helpers/workers/``. Every comparison is against ``lawwatch.measurement`` on the full
 probe in a single process with the same weights; the models are float64, so the bound (1e-9)
 tests the sharding and the reduction, not float32 differences between batch shapes (those alone
 reach ~3e-9 on a float32 model).
@@ -25,10 +25,10 @@ from lawwatch.models import is_sharded, measured_module
 from lawwatch.probe import example_mask
 from lawwatch.watch.distributed import layout
 from lawwatch.watch.monitor import LawWatch
-from tests.helpers.dist.common import uneven_probe
-from tests.helpers.dist.launch import run, torchrun
 from tests.helpers.models import ragged_probe, tiny_gpt2, tiny_llama
 from tests.helpers.paper import gpt2_norm, llama_norm, paper_reference
+from tests.helpers.workers.common import uneven_probe
+from tests.helpers.workers.launch import run, torchrun
 
 TOL = 1e-9
 
@@ -53,7 +53,7 @@ def max_diff(a: list[float], b: list[float]) -> float:
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
     out = tmp_path_factory.mktemp("three")
-    log = run([*torchrun(3), "-m", "tests.helpers.dist.three_worker", str(out)])
+    log = run([*torchrun(3), "-m", "tests.helpers.workers.three_worker", str(out)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(3)], log
 
 
@@ -95,7 +95,7 @@ def test_the_overhead_budget_is_agreed_by_all_processes(three):
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    log = launch("tests.helpers.dist.ddp_worker", out)
+    log = launch("tests.helpers.workers.ddp_worker", out)
     return out, results(out), log
 
 
@@ -182,7 +182,7 @@ def test_ddp_snapshot_leaves_training_alone(ddp):
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    log = launch("tests.helpers.dist.fsdp_worker", out)
+    log = launch("tests.helpers.workers.fsdp_worker", out)
     return results(out), log
 
 
@@ -233,7 +233,7 @@ def test_half_sharded_model_is_refused_with_the_fix(fsdp):
 @pytest.fixture(scope="module")
 def misuse(tmp_path_factory):
     out = tmp_path_factory.mktemp("misuse")
-    log = launch("tests.helpers.dist.misuse_worker", out)
+    log = launch("tests.helpers.workers.misuse_worker", out)
     return results(out), log
 
 
@@ -275,7 +275,7 @@ def test_a_rank_that_skips_a_step_is_named(misuse):
 def test_a_rank_in_a_collective_of_another_size_is_recognisable(tmp_path):
     """gloo aborts on a size mismatch; with TORCH_DISTRIBUTED_DEBUG=DETAIL torch raises on both
     ranks, naming the vote by its fixed shape, and lawwatch adds what every rank must call."""
-    cmd = [*torchrun(2), "-m", "tests.helpers.dist.misuse_worker", str(tmp_path), "detail"]
+    cmd = [*torchrun(2), "-m", "tests.helpers.workers.misuse_worker", str(tmp_path), "detail"]
     log = run(cmd, env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"})
     r0, r1 = results(tmp_path)
     assert r0["step0"] is not None and r0["step1"] is None
@@ -383,7 +383,7 @@ def test_scalars(gpt2, probe):
 @pytest.fixture(scope="module")
 def bf16_ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16")
-    launch("tests.helpers.dist.precision_worker", out)
+    launch("tests.helpers.workers.precision_worker", out)
     return results(out)
 
 

@@ -14,7 +14,6 @@ import lawwatch
 from lawwatch import ProbeSet, emergence_step, measure
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from tests.helpers.dist.launch import run, torchrun
 from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.trainer import PNG_MAGIC, make_trainer
 from tests.helpers.wandb_offline import (
@@ -25,6 +24,7 @@ from tests.helpers.wandb_offline import (
     lawwatch_steps,
     table_rows,
 )
+from tests.helpers.workers.launch import run, torchrun
 
 pytestmark = pytest.mark.slow
 

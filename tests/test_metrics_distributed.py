@@ -10,14 +10,14 @@ import json
 
 import pytest
 
-from tests.helpers.dist.launch import run, torchrun
-from tests.helpers.dist.partition_worker import OPTIONS
+from tests.helpers.workers.launch import run, torchrun
+from tests.helpers.workers.partition_worker import OPTIONS
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("partition")
-    run([*torchrun(2), "-m", "tests.helpers.dist.partition_worker", str(out)])
+    run([*torchrun(2), "-m", "tests.helpers.workers.partition_worker", str(out)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

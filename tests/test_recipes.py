@@ -23,8 +23,8 @@ import yaml
 from lawwatch import ProbeSet, Schedule
 from lawwatch.history import History
 from lawwatch.output.sinks import layer_key
-from tests.helpers.dist.launch import ROOT, accelerate_launch, run, torchrun
 from tests.helpers.wandb_offline import history_rows, inspect_run, lawwatch_steps
+from tests.helpers.workers.launch import ROOT, accelerate_launch, run, torchrun
 
 RECIPE = ["recipes/pretrain_accelerate.py", "--config", "configs/smoke_cpu.yaml"]
 TRAINER = ["recipes/pretrain_trainer.py", "--config", "configs/smoke_cpu.yaml"]

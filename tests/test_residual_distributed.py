@@ -1,6 +1,6 @@
 """``ResidualStats`` across real ``torchrun`` gloo groups of 2 and 3 processes (CPU).
 
-The worker (``tests/helpers/dist/residual_worker.py``) gives each process an uneven shard of the
+The worker (``tests/helpers/workers/residual_worker.py``) gives each process an uneven shard of the
 same data; ``reduce_scatter_compute`` (sums reduced to the process that solves each entry, PRs
 gathered) and ``all_reduce`` + ``compute`` must both equal the one-process computation on all
 the data, for the scalar id and the one-hot target, with a process holding no example and with
@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from tests.helpers.dist.launch import run, torchrun
+from tests.helpers.workers.launch import run, torchrun
 
 TOL = 1e-9
 CASES = ("token_id", "onehot", "empty_rank", "fewer_entries_than_ranks")
@@ -24,7 +24,7 @@ CASES = ("token_id", "onehot", "empty_rank", "fewer_entries_than_ranks")
 def job(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"residual{world}")
-    run([*torchrun(world), "-m", "tests.helpers.dist.residual_worker", str(out)])
+    run([*torchrun(world), "-m", "tests.helpers.workers.residual_worker", str(out)])
     return world, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 

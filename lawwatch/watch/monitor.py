@@ -27,7 +27,8 @@ from lawwatch.models import measured_module
 from lawwatch.output.sinks import Sink, Sinks
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
-from lawwatch.stats.residual import Owned, ResidualStats
+from lawwatch.stats import Statistics
+from lawwatch.stats.residual import Owned
 from lawwatch.watch.config import WatchConfig, build_configs
 from lawwatch.watch.distributed import Layout, layout, together
 from lawwatch.watch.schedule import Budget, planned
@@ -181,10 +182,9 @@ class LawWatch:
         ok, key, pr = error is None, self._probe_key, None
         if where.world > 1:
             if self.watch.background:
-                # the reduction only: each rank then solves (its share) on the worker
-                owned = together(ok, where, step, key, lambda: _reduce(stats))
-                if owned is not None:
-                    self._submit(step, stats, time.perf_counter() - start, where, owned)
+                # the reduction only: each rank then solves its share on the worker
+                if together(ok, where, step, key, lambda: _reduced(stats)):
+                    self._submit(step, stats, time.perf_counter() - start, where)
                 return None
             # the one large collective of the snapshot (consumes the statistics): all PRs
             pr = together(ok, where, step, key, lambda: stats.reduce_scatter_compute())
@@ -193,7 +193,7 @@ class LawWatch:
         elif not ok:
             return None
         elif self.watch.background:
-            self._submit(step, stats, time.perf_counter() - start, where, owned=False)
+            self._submit(step, stats, time.perf_counter() - start, where)
             return None
         snapshot = self._solved(stats, step, time.perf_counter() - start, self._precision, pr)
         if snapshot is not None:
@@ -209,7 +209,7 @@ class LawWatch:
 
     def _solved(
         self,
-        stats: Any,
+        stats: Statistics,
         step: int,
         seconds: float,
         precision: str | None,
@@ -241,11 +241,16 @@ class LawWatch:
 
     # -- background results -------------------------------------------------------------------
 
-    def _submit(self, step: int, stats: Any, seconds: float, where: Layout, owned: bool) -> None:
-        """Hand the solve of ``stats`` (reduced already) to the worker: all, or ``owned``."""
+    def _submit(self, step: int, stats: Statistics, seconds: float, where: Layout) -> None:
+        """Hand the solve of ``stats`` (reduced already) to the worker.
+
+        On several processes this rank's share (the PRs are gathered when recorded), on one all.
+        """
         precision = self._precision
         job, args = (
-            (stats.solve_owned, ()) if owned else (self._solved, (stats, step, seconds, precision))
+            (stats.solve_owned, ())
+            if where.world > 1
+            else (self._solved, (stats, step, seconds, precision))
         )
         self._worker.solve(
             job, *args, step=step, stats=stats, seconds=seconds, precision=precision, where=where
@@ -367,16 +372,7 @@ class LawWatch:
             self.sinks.close()
 
 
-def _reduce(stats: Any) -> bool:
-    """Reduce across processes before a background solve; whether each rank solves its share.
-
-    The one place the statistics types are told apart, until both offer ``reduce_scatter``,
-    ``solve_owned`` and ``gather_owned``: ``ResidualStats`` are reduce-scattered by entry (each
-    rank solves its share, the PRs are gathered when recorded), partitioned statistics
-    all-reduced (every rank solves all of them, identically).
-    """
-    if isinstance(stats, ResidualStats):
-        stats.reduce_scatter()
-        return True
-    stats.all_reduce()
-    return False
+def _reduced(stats: Statistics) -> bool:
+    """Reduce ``stats`` to the processes that solve them (see ``Statistics.reduce_scatter``)."""
+    stats.reduce_scatter()
+    return True

@@ -19,13 +19,14 @@ from lawwatch.measurement import accumulate, model_device
 from lawwatch.models import measured_module
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
+from lawwatch.stats import Statistics
 from lawwatch.watch.distributed import Layout
 
 
 class Measured(NamedTuple):
     """What a rank's measurement gave."""
 
-    stats: Any | None  # the statistics of the shard (None when it failed)
+    stats: Statistics | None  # the statistics of the shard (None when it failed)
     error: BaseException | None  # the first error, if any
     precision: str | None  # of the forward (None when the model could not say)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lawwatch.stats import Statistics
 from lawwatch.watch.distributed import Layout
 
 log = logging.getLogger("lawwatch")
@@ -28,7 +29,7 @@ class Pending:
 
     step: int
     future: Future  # Snapshot | None (a whole solve), or Owned (this rank's share)
-    stats: Any  # the statistics (their count, layers and ownership build the record)
+    stats: Statistics  # the statistics (their count, layers and ownership build the record)
     seconds: float
     precision: str | None
     where: Layout
@@ -57,7 +58,7 @@ class Worker:
         job: Callable[..., Any],
         *args: Any,
         step: int,
-        stats: Any,
+        stats: Statistics,
         seconds: float,
         precision: str | None,
         where: Layout,

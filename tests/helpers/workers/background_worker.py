@@ -1,7 +1,8 @@
 """Two processes, DDP on gloo: LawWatch(background=True) equals the foreground path.
 
 Run by tests/test_background_distributed.py as ``torchrun --nproc_per_node 2 -m
-tests.helpers.dist.background_worker OUT``. The same (float64, tiny) model is trained with SGD twice,
+tests.helpers.workers.background_worker OUT``. The same (float64, tiny) model is trained with SGD
+twice,
 watched in the foreground and in the background; both histories go to ``rank{r}.json``. Then a
 background solve that fails on rank 1 alone: every rank must skip that snapshot (logged) and
 go on; then partitioned statistics (jackknife) in the background. Last, whether a lawwatch
@@ -20,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 import lawwatch
 from lawwatch.stats.residual import ResidualStats
 from tests.helpers.models import VOCAB, tiny_gpt2
-from tests.helpers.dist.common import TIMEOUT_S, setup, uneven_probe, write
+from tests.helpers.workers.common import TIMEOUT_S, setup, uneven_probe, write
 
 
 def train(background: bool, steps: int = 10, **options) -> list[dict]:

@@ -1,8 +1,9 @@
 """DDP through ``Accelerator(cpu=True)``: sharded snapshots equal one process; failures agree.
 
-Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.helpers.dist.ddp_worker OUT``.
+Run by tests/test_distributed.py as
+``torchrun --nproc_per_node 2 -m tests.helpers.workers.ddp_worker OUT``.
 Each rank writes ``OUT/rank{r}.json``; rank 0 adds single-process references computed with
-``lawwatch.measurement`` on the full probe and the same weights. The model is float64 so that the
+``lawwatch.measure`` on the full probe and the same weights. The model is float64 so that the
 comparison sees the reduction, not float32 differences between batch shapes.
 """
 
@@ -17,7 +18,7 @@ from accelerate.utils import InitProcessGroupKwargs
 import lawwatch
 from lawwatch.output.store import LocalHistory
 from tests.helpers.models import VOCAB, tiny_gpt2
-from tests.helpers.dist.common import (
+from tests.helpers.workers.common import (
     TIMEOUT_S,
     lopsided_probe,
     poison,

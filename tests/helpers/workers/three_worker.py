@@ -1,9 +1,10 @@
 """Three processes, plain DDP on gloo: the sharded solve equals one process; failures agree.
 
-Run by tests/test_distributed.py as ``torchrun --nproc_per_node 3 -m tests.helpers.dist.three_worker
-OUT``. Five entries over three processes is an uneven split (1, 2, 2 under
+Run by tests/test_distributed.py as
+``torchrun --nproc_per_node 3 -m tests.helpers.workers.three_worker OUT``.
+Five entries over three processes is an uneven split (1, 2, 2 under
 ``ResidualStats.owned_entries``); layer subsets of four entries split 1, 1, 2. Rank 0
-adds single-process references (``lawwatch.measurement`` on the full probe, same weights, float64).
+adds single-process references (``lawwatch.measure`` on the full probe, same weights, float64).
 Then the solve fails on rank 2 alone (its share raises): every rank must skip that snapshot,
 with a log line, and go on. Last, an overhead budget with different times on each rank.
 """
@@ -18,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 import lawwatch
 from lawwatch.stats.residual import ResidualStats
 from tests.helpers.models import tiny_gpt2
-from tests.helpers.dist.common import TIMEOUT_S, pr_list, setup, uneven_probe, write
+from tests.helpers.workers.common import TIMEOUT_S, pr_list, setup, uneven_probe, write
 
 
 def main() -> None:

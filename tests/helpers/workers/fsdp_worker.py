@@ -1,11 +1,12 @@
 """FSDP2 ``fully_shard`` on a plain gloo process group, no accelerator.
 
-Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.helpers.dist.fsdp_worker OUT``.
+Run by tests/test_distributed.py as
+``torchrun --nproc_per_node 2 -m tests.helpers.workers.fsdp_worker OUT``.
 Two layouts: (a) a Llama (RMSNorm) with every decoder layer and the root sharded; (b) a GPT-2
 (LayerNorm, tied embeddings) laid out as accelerate's FSDP2 plugin does it: blocks, a
 ``[final norm, embeddings, LM head]`` group kept unsharded after forward, then the root. The
 first snapshot runs before any training forward (the probe's forward is then the first the
-root ever sees). References: ``lawwatch.measurement`` on rank 0 with an unsharded copy holding
+root ever sees). References: ``lawwatch.measure`` on rank 0 with an unsharded copy holding
 the same weights (the full state dict gathered after training). Models are float64 so that the
 comparison sees the reduction, not float32 differences between batch shapes.
 """
@@ -25,7 +26,7 @@ from lawwatch.capture import Capture
 from lawwatch.models import is_sharded, measured_module
 from lawwatch.probe import example_mask
 from tests.helpers.models import VOCAB, tiny_gpt2, tiny_llama
-from tests.helpers.dist.common import TIMEOUT_S, poison, pr_list, setup, uneven_probe, write
+from tests.helpers.workers.common import TIMEOUT_S, poison, pr_list, setup, uneven_probe, write
 
 
 def train_step(model, optimizer, rank: int, seed: int) -> float:

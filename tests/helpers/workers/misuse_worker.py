@@ -1,7 +1,7 @@
 """Collective misuse on a plain gloo group: every rank must be told what went wrong and the fix.
 
 Run by tests/test_distributed.py as
-``torchrun --nproc_per_node 2 -m tests.helpers.dist.misuse_worker OUT``. In order:
+``torchrun --nproc_per_node 2 -m tests.helpers.workers.misuse_worker OUT``. In order:
 
 1. Before any group forms, an ``accelerate.Accelerator`` built without the launcher's variables
    reports one process while ``WORLD_SIZE=2``: ``layout`` warns, once per process.
@@ -30,7 +30,7 @@ import torch.distributed as dist
 import lawwatch
 from lawwatch.watch.distributed import layout
 from tests.helpers.models import tiny_gpt2
-from tests.helpers.dist.common import pr_list, setup, uneven_probe, write
+from tests.helpers.workers.common import pr_list, setup, uneven_probe, write
 
 TIMEOUT_S = 3  # the vote that meets no one fails after this long
 

@@ -1,8 +1,8 @@
 """Residual statistics across real gloo process groups: reduce to owners, solve, gather.
 
 Run by tests/test_residual_distributed.py as
-``torchrun --nproc_per_node W -m tests.helpers.dist.residual_worker OUT``. Every rank builds the same
-data from fixed seeds and keeps an uneven shard of the examples (one case leaves a rank with
+``torchrun --nproc_per_node W -m tests.helpers.workers.residual_worker OUT``. Every rank builds the
+same data from fixed seeds and keeps an uneven shard of the examples (one case leaves a rank with
 none); ``rank{r}.json`` holds, per case, the PRs from ``reduce_scatter_compute`` and from
 ``all_reduce`` + ``compute`` and, from the same rank, the one-process reference on all the data.
 The collectives go in slices of a few hundred bytes (``COLLECTIVE_BYTES`` lowered) so entries
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from lawwatch.stats import residual
 from lawwatch.stats.residual import ResidualStats, prediction_residuals
-from tests.helpers.dist.common import TIMEOUT_S, setup, write
+from tests.helpers.workers.common import TIMEOUT_S, setup, write
 
 
 def data(layers: int, n: int, d: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

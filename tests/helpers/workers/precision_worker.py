@@ -1,9 +1,10 @@
 """DDP under accelerate's bf16 mixed precision: snapshots still measure the float32 weights.
 
-Run by tests/test_distributed.py as ``torchrun --nproc_per_node 2 -m tests.helpers.dist.precision_worker
-OUT``. ``Accelerator(cpu=True, mixed_precision="bf16")`` wraps the model's forward in CPU bf16
+Run by tests/test_distributed.py as
+``torchrun --nproc_per_node 2 -m tests.helpers.workers.precision_worker OUT``.
+``Accelerator(cpu=True, mixed_precision="bf16")`` wraps the model's forward in CPU bf16
 autocast; training runs under it, the probe forward must not. Rank 0's reference is
-``lawwatch.measurement`` on an unwrapped float32 copy with the same weights, in the same batches
+``lawwatch.measure`` on an unwrapped float32 copy with the same weights, in the same batches
 (12 probe rows, batch size 6: each rank's shard is one reference batch, so both run the same
 float32 forwards and only the float64 reduction differs).
 """
@@ -18,7 +19,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 import lawwatch
 from tests.helpers.models import VOCAB, ragged_probe, tiny_gpt2
-from tests.helpers.dist.common import TIMEOUT_S, pr_list, setup, write
+from tests.helpers.workers.common import TIMEOUT_S, pr_list, setup, write
 
 
 def main() -> None:

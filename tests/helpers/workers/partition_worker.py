@@ -1,8 +1,8 @@
 """The options kept per part of the probe (split, metric, jackknife) on a gloo group.
 
 Run by tests/test_metrics_distributed.py as
-``torchrun --nproc_per_node 2 -m tests.helpers.dist.partition_worker OUT``. Each rank measures through
-``LawWatch`` on its shard (the cells of each sequence decided by its index in the whole probe);
+``torchrun --nproc_per_node 2 -m tests.helpers.workers.partition_worker OUT``. Each rank measures
+through ``LawWatch`` on its shard (the cells of each sequence decided by its index in the whole probe);
 rank 0 adds ``lawwatch.measure`` on the whole probe as the one-process reference. ``phases``:
 the same shard statistics driven by hand through the three distributed phases
 (``reduce_scatter``, ``solve_owned``, ``gather_owned``), the same calls on every kind of
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
 import lawwatch
 from lawwatch.config import MeasureConfig
 from lawwatch.measurement import accumulate, prepare, solve
 from tests.helpers.models import ragged_probe, tiny_gpt2
-from tests.helpers.dist.common import TIMEOUT_S, setup, write
+from tests.helpers.workers.common import TIMEOUT_S, setup, write
 
 OPTIONS = {
     "split": {"split": 0.4},
