@@ -3,8 +3,8 @@
 Run by tests/test_metrics_distributed.py as
 ``torchrun --nproc_per_node 2 -m tests.helpers.workers.partition_worker OUT``. Each rank measures
 through ``LawWatch`` on its shard (the cells of each sequence decided by its index in the whole
-probe); rank 0 adds ``lawwatch.measure`` on the whole probe as the one-process reference. ``phases``:
-the same shard statistics driven by hand through the three distributed phases
+probe); rank 0 adds ``lawwatch.measure`` on the whole probe as the one-process reference.
+``phases``: the same shard statistics driven by hand through the three distributed phases
 (``reduce_scatter``, ``solve_owned``, ``gather_owned``), the same calls on every kind of
 statistics (the plain measurement included), then ``lawwatch.measurement.solve``.
 """
