@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from lawwatch import ResidualStats
+from lawwatch.stats.residual import ResidualStats
 
 
 def _features(layers: int, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

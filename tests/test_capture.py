@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lawwatch import NormSpec, measure
+from lawwatch import measure
 from lawwatch.capture import Capture
 from lawwatch.measurement import accumulate
+from lawwatch.norms import NormSpec
 from lawwatch.probe import example_mask
 from tests.helpers.models import FAMILIES, LAYERS, VOCAB, D, NanoGPT, build, ragged_probe
 from tests.helpers.reference import hf_residual_stream, layer_norm, protocol_pr, rms_norm

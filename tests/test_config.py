@@ -16,10 +16,11 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from lawwatch import LawWatch, MeasureConfig, NormSpec, WatchConfig, measure
+from lawwatch import LawWatch, MeasureConfig, WatchConfig, measure
 from lawwatch.cli.analyze import MEASURE
 from lawwatch.config import field_docs
 from lawwatch.integrations.hf import LawWatchCallback
+from lawwatch.norms import NormSpec
 from tests.helpers.models import VOCAB, ragged_probe, tiny_gpt2
 from tests.helpers.recipes import recipe_common
 

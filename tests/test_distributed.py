@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import lawwatch
-from lawwatch import distributed, scalars
 from lawwatch.measurement import accumulate
 from lawwatch.models import is_sharded, measured_module
+from lawwatch.output.sinks import scalars
 from lawwatch.probe import example_mask
+from lawwatch.watch import distributed
 from lawwatch.watch.distributed import layout
 from lawwatch.watch.monitor import LawWatch
 from tests.helpers.models import ragged_probe, tiny_gpt2, tiny_llama

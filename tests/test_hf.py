@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import lawwatch
-from lawwatch import ProbeSet, emergence_step, measure
+from lawwatch import ProbeSet, measure
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
+from lawwatch.law import emergence_step
 from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.trainer import PNG_MAGIC, make_trainer
 from tests.helpers.wandb_offline import (

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lawwatch import emergence_step, fit_law
+from lawwatch import fit_law
+from lawwatch.law import emergence_step
 from tests.helpers.reference import line_fit
 
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 import yaml
 
-from lawwatch import ProbeSet, Schedule
+from lawwatch import ProbeSet
 from lawwatch.history import History
 from lawwatch.output.sinks import layer_key
+from lawwatch.watch.schedule import Schedule
 from tests.helpers.wandb_offline import history_rows, inspect_run, lawwatch_steps
 from tests.helpers.workers.launch import ROOT, accelerate_launch, run, torchrun
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lawwatch import History, emergence_step, fit_law
+from lawwatch import History, fit_law
+from lawwatch.law import emergence_step
 from lawwatch.report import FIGURES, plot_law, select_steps, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from lawwatch import ResidualStats, prediction_residuals, residual
-from lawwatch.stats.residual import exact_float32_matmul
+from lawwatch.stats import residual
+from lawwatch.stats.residual import ResidualStats, exact_float32_matmul, prediction_residuals
 from tests.helpers.reference import layer_norm, ols_pr, onehot
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lawwatch import Snapshot, emergence_step, fit_law
+from lawwatch import Snapshot, fit_law
+from lawwatch.law import emergence_step
 from lawwatch.output.sinks import Sinks, layer_key
 from lawwatch.output.trackers import WandbSink
 from tests.helpers.wandb_offline import (
@@ -127,8 +128,8 @@ def test_a_layer_subset_keeps_its_true_indices(offline_wandb, tmp_path):
     """Snapshots of entries 0, 3, 6, 9 (``layers=3``): every consumer names the true entries."""
     from safetensors.torch import load_file
 
-    from lawwatch import scalars
     from lawwatch.history import law_points
+    from lawwatch.output.sinks import scalars
     from lawwatch.output.store import LocalHistory
     from lawwatch.report import plot_law
 

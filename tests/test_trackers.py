@@ -3,7 +3,8 @@
 TensorBoard event files through tensorboard's EventAccumulator, MLflow's local store through
 MlflowClient, trackio's project database through its SQLiteStorage, Comet's offline archive,
 DVCLive's metric files. The Trainer's own reporting callback makes each run; lawwatch must log
-into that run (no second one), under the keys of ``lawwatch.scalars``, at the training step.
+into that run (no second one), under the keys of ``lawwatch.output.sinks.scalars``, at the
+training step.
 """
 
 import json

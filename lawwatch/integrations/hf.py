@@ -70,8 +70,8 @@ class LawWatchCallback(TrainerCallback):
       :class:`lawwatch.output.store.LocalHistory`), and ``law.png`` after the final snapshot
       (:func:`lawwatch.report.plot_law`, when matplotlib is installed);
     - for each tracker in ``args.report_to`` (``"all"`` included): the same keys
-      (:func:`lawwatch.scalars`) at the training step: W&B, MLflow (and DagsHub), trackio,
-      Comet and ClearML in their current run (the one the Trainer's own callback uses);
+      (:func:`lawwatch.output.sinks.scalars`) at the training step: W&B, MLflow (and DagsHub),
+      trackio, Comet and ClearML in their current run (the one the Trainer's own callback uses);
       TensorBoard through lawwatch's own writer in the Trainer's directory; DVCLive through
       ``dvclive_live`` or lawwatch's own Live (:mod:`lawwatch.output.trackers`). A tracker
       that cannot be opened is reported and the others still run. After the final snapshot the
