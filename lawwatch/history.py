@@ -121,6 +121,17 @@ SERIES_FIELDS = ("probe", "config", "precision")
 COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes", "stats_device"})
 
 
+def identity(probe: str, config: Mapping[str, Any], precision: str) -> dict[str, Any]:
+    """The series identity a new record carries (the fields of :data:`SERIES_FIELDS`).
+
+    Args:
+        probe: The probe's content hash (:meth:`~lawwatch.probe.ProbeSet.content_hash`).
+        config: The measurement options, :meth:`~lawwatch.config.MeasureConfig.to_dict`.
+        precision: The forward's (:func:`lawwatch.precision.forward_precision`).
+    """
+    return {"probe": probe, "config": dict(config), "precision": precision}
+
+
 def series(record: Mapping[str, Any]) -> dict[str, Any]:
     """The series identity a record carries: those of :data:`SERIES_FIELDS` it holds."""
     return {k: record[k] for k in SERIES_FIELDS if record.get(k) is not None}

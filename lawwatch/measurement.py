@@ -18,7 +18,7 @@ from torch import nn
 
 from lawwatch.capture import Capture, evaluating
 from lawwatch.config import MeasureConfig
-from lawwatch.history import Snapshot
+from lawwatch.history import Snapshot, identity
 from lawwatch.law import fit_law
 from lawwatch.models import check_probe
 from lawwatch.precision import forward_precision, log_statistics_precision
@@ -111,17 +111,6 @@ def uncertainty(stats: Statistics) -> dict[str, Any]:
         "rho_se": jackknife_se([f.rho for f in fits]),
         "jackknife_groups": len(fits),
     }
-
-
-def identity(probe_hash: str, config: MeasureConfig, precision: str) -> dict[str, Any]:
-    """What a record says it was measured with: ``probe``, ``config`` and ``precision``.
-
-    The probe's content hash (:meth:`ProbeSet.content_hash`), the options
-    (:meth:`MeasureConfig.to_dict`) and the precision of the forward
-    (:func:`lawwatch.precision.forward_precision`): records that differ in any of them are
-    different series (:func:`lawwatch.history.series_change`).
-    """
-    return {"probe": probe_hash, "config": config.to_dict(), "precision": precision}
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -366,5 +355,7 @@ def measure(
             "at least two tokens."
         )
     snapshot = solve(stats, seconds=time.perf_counter() - start)
-    snapshot.extra.update(identity(probe.content_hash(), config, forward_precision(model)))
+    snapshot.extra.update(
+        identity(probe.content_hash(), config.to_dict(), forward_precision(model))
+    )
     return snapshot

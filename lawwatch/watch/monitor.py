@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from lawwatch.config import MeasureConfig
-from lawwatch.history import History, Snapshot, series, series_change
-from lawwatch.measurement import identity, prepare, solve
+from lawwatch.history import History, Snapshot, identity, series, series_change
+from lawwatch.measurement import prepare, solve
 from lawwatch.models import measured_module
 from lawwatch.output.sinks import Sink, Sinks
 from lawwatch.precision import forward_precision
@@ -295,7 +295,7 @@ class LawWatch:
         """
         if precision is None:
             precision = forward_precision(measured_module(self.model, self.unwrap))
-        return identity(self._probe_hash, self.config, precision)
+        return identity(self._probe_hash, self.config.to_dict(), precision)
 
     # -- summary and state --------------------------------------------------------------------
 
