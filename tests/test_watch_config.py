@@ -142,7 +142,7 @@ def test_every_entry_point_takes_the_config(gpt2, probe):
     assert LawWatch(gpt2, probe, watch=watch, every=4).watch == watch.replace(every=4)
     callback = LawWatchCallback(probe, watch=watch, background=True)
     assert callback.watch == watch.replace(background=True)
-    assert callback.emergence_threshold == -0.8
+    assert callback.watch.emergence_threshold == -0.8
     accelerate = AcceleratorWatch(Accelerator(cpu=True), gpt2, probe, None, watch)
     assert accelerate.watch == watch
     with pytest.raises(ValueError, match="every must be a positive"):
