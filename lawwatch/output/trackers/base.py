@@ -1,0 +1,80 @@
+"""What every tracker class shares: the base class, the PR table, the report protocol."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from lawwatch.history import History, Snapshot, entries
+from lawwatch.output.sinks import PREFIX
+
+log = logging.getLogger("lawwatch")
+
+TABLE_COLUMNS = ("step", "layer", "pr", "log10_pr")
+STEP_METRIC = f"{PREFIX}step"  # every lawwatch row carries its training step under this key
+
+
+@runtime_checkable
+class Reporting(Protocol):
+    """A sink that takes the end-of-training report: the PNG and the history files."""
+
+    def log_report(self, image: Path | None, files: Sequence[Path] = ()) -> None:
+        """Log the report PNG (when there is one) and the files (history, PR matrix)."""
+
+
+def table_rows(record: dict[str, Any]) -> list[tuple[int, int, float, float | None]]:
+    """``(step, layer, pr, log10_pr)`` for each entry of a record (the PR table's rows)."""
+    return [
+        (record["step"], entry, pr, math.log10(pr) if pr > 0 else None)
+        for entry, pr in zip(entries(record), record["pr"], strict=True)
+    ]
+
+
+class Tracker:
+    """Base of the tracker sinks: a history, each step logged once, in increasing order.
+
+    Subclasses implement :meth:`_log` (one snapshot) and optionally :meth:`log_report`; they
+    call :meth:`replay` at the end of ``__init__``.
+
+    Args:
+        logged_step: The latest step the tracker already holds (a reattached run), if known.
+    """
+
+    name = "tracker"
+
+    def __init__(self, *, logged_step: int | None = None) -> None:
+        self.history = History()
+        self.logged_step = logged_step
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records this sink holds (replayed and written), steps increasing."""
+        return self.history.records
+
+    def replay(self, history: Iterable[dict[str, Any]] | None) -> None:
+        """Log records measured before this sink existed (a resumed run's history)."""
+        for record in history or []:
+            self._add(Snapshot.from_record(record))
+
+    def write(self, snapshot: Snapshot) -> None:
+        """Log one snapshot (rank 0 calls this through :class:`~lawwatch.output.sinks.Sinks`)."""
+        self._add(snapshot)
+
+    def _add(self, snapshot: Snapshot) -> None:
+        record = self.history.append(snapshot)
+        if self.logged_step is not None and record["step"] <= self.logged_step:
+            return  # the tracker already holds this step (a reattached run)
+        self._log(snapshot, record)
+        self.logged_step = record["step"]
+
+    def _log(self, snapshot: Snapshot, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def log_report(self, image: Path | None, files: Sequence[Path] = ()) -> None:
+        """Log the end-of-training report; the base class has nowhere to put it."""
+
+    def close(self) -> None:
+        """Nothing to release: the tracker belongs to whoever created it."""
