@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
-from lawwatch.norms import NORMALIZE, Normalize
+from lawwatch.norms import NORMALIZE, Normalize, NormSpec
 from lawwatch.precision import STATS_PRECISIONS, StatsPrecision
 from lawwatch.structure import BlockSpec, FinalNormSpec
 from lawwatch.targets import DEFAULT_MAX_ONEHOT_BYTES, MEASURE_TARGETS, MeasureTarget
@@ -121,11 +121,13 @@ class MeasureConfig(Options):
     indices (negative ones count from the end). Statistics cost entries × d² × 8 bytes."""
     blocks: BlockSpec | None = None
     """The residual-stream blocks: a module name (a ModuleList stands for its children), a glob
-    ('transformer.h.*'), a compiled regex (full match) or a list of names or modules. Default:
-    found automatically on Hugging Face models."""
+    ('transformer.h.*'), a compiled regex (full match; written 're:PATTERN' in a dict, YAML or
+    on the command line) or a list of names or modules. Default: found automatically on Hugging
+    Face models."""
     final_norm: FinalNormSpec | None = None
-    """The model's final norm: a module name or module, or a NormSpec for a model without one.
-    Default: found by name (ln_f, norm, final_layer_norm, norm_f, ln_out, final_layernorm)."""
+    """The model's final norm: a module name or module, or a NormSpec for a model without one
+    (written {kind, eps, weight_offset} in a dict or YAML). Default: found by name (ln_f, norm,
+    final_layer_norm, norm_f, ln_out, final_layernorm)."""
     onehot_top_k: int | None = None
     """For target='onehot' (and metric='separation_fuzziness'): a class for each of the k most
     frequent target ids plus one class for all others (no example is dropped), to bound memory.
@@ -194,6 +196,10 @@ class MeasureConfig(Options):
                 raise ValueError(f"layers={self.layers}: every k-th entry needs k >= 1.")
         if isinstance(self.blocks, list):
             object.__setattr__(self, "blocks", tuple(self.blocks))
+        if isinstance(self.blocks, str) and self.blocks.startswith(REGEX_PREFIX):
+            object.__setattr__(self, "blocks", _regex(self.blocks))
+        if isinstance(self.final_norm, Mapping):
+            object.__setattr__(self, "final_norm", _norm_spec(self.final_norm))
         if self.metric not in METRICS:
             raise ValueError(f"Unknown metric={self.metric!r}; choose one of {METRICS}.")
         fuzziness = self.metric == "separation_fuzziness"
@@ -268,15 +274,36 @@ class MeasureConfig(Options):
                 ) from None
 
 
+# a regex option in its plain form (to_dict, YAML, the command line): 're:PATTERN'
+REGEX_PREFIX = "re:"
+
+
+def _regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text.removeprefix(REGEX_PREFIX))
+    except re.error as error:
+        raise ValueError(f"blocks={text!r} is not a valid regular expression: {error}.") from error
+
+
+def _norm_spec(values: Mapping[str, Any]) -> NormSpec:
+    try:
+        return NormSpec(**values)
+    except TypeError as error:
+        raise ValueError(
+            f"final_norm={dict(values)!r}: a norm is written {{kind: layernorm | rmsnorm, eps: "
+            f"float, weight_offset: float (optional)}} ({error})."
+        ) from error
+
+
 def _plain(value: Any) -> Any:
-    """A JSON-ready stand-in for an option value."""
+    """A JSON-ready stand-in for an option value (reloadable, except a module: named)."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, re.Pattern):
-        return f"re:{value.pattern}"
+        return f"{REGEX_PREFIX}{value.pattern}"
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
-    if hasattr(value, "kind") and hasattr(value, "eps"):  # a NormSpec
+    if isinstance(value, NormSpec):
         return {"kind": value.kind, "eps": value.eps, "weight_offset": value.weight_offset}
     return f"<{type(value).__name__}>"
 

@@ -312,3 +312,27 @@ def test_config_is_frozen_hashable_and_round_trips():
         config.batch_size = 4
     with pytest.raises(TypeError, match=r"must be a lawwatch\.MeasureConfig"):
         MeasureConfig.build({"batch_size": 2})
+
+
+def test_regex_blocks_and_a_normspec_round_trip_through_a_dict_and_yaml(gpt2, probe):
+    """A record's config reloads: a regex stays a regex, a NormSpec stays a NormSpec."""
+    import re
+
+    import yaml
+
+    config = MeasureConfig(
+        blocks=re.compile(r"transformer\.h\.\d+"), final_norm=NormSpec("layernorm", 1e-5)
+    )
+    plain = config.to_dict()
+    assert plain["blocks"] == r"re:transformer\.h\.\d+"
+    assert plain["final_norm"] == {"kind": "layernorm", "eps": 1e-5, "weight_offset": 0.0}
+    assert MeasureConfig.from_dict(plain) == config
+    assert MeasureConfig.from_dict(yaml.safe_load(yaml.safe_dump(plain))) == config
+    # the reloaded config measures what the original measures
+    assert torch.equal(
+        measure(gpt2, probe, MeasureConfig.from_dict(plain)).pr, measure(gpt2, probe, config).pr
+    )
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        MeasureConfig(blocks="re:(unclosed")
+    with pytest.raises(ValueError, match="a norm is written"):
+        MeasureConfig(final_norm={"kind": "rmsnorm", "epsilon": 1e-6})
