@@ -161,3 +161,32 @@ def test_the_recipes_refuse_a_bad_section():
         common.watch_settings({"every": 0})
     with pytest.raises(SystemExit, match="not monitor settings"):
         common.watch_settings({"batch_size": 2})
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "match"),
+    [
+        ({"schedule": 10}, TypeError, "one number: for a period use every=10"),
+        ({"schedule": "abc"}, TypeError, "schedule must be a collection of steps"),
+        ({"schedule": [0, 3, "x"]}, TypeError, "schedule's steps must be ints"),
+        ({"every": 2.5}, TypeError, "every must be a whole number of steps"),
+        ({"every": True}, TypeError, "every must be a whole number of steps"),
+        ({"emergence_threshold": 5}, ValueError, r"Pearson r in \[-1, 1\]"),
+        ({"emergence_threshold": float("nan")}, ValueError, r"Pearson r in \[-1, 1\]"),
+        ({"sinks": [object()]}, TypeError, "is not a sink: a sink has write"),
+        ({"sinks": "history.jsonl"}, TypeError, "sinks must be a list of sinks"),
+    ],
+)
+def test_every_entry_point_refuses_bad_settings_when_built(gpt2, probe, settings, error, match):
+    """Not at train begin or at every snapshot, while training runs unmonitored."""
+    from accelerate import Accelerator
+
+    from lawwatch.integrations.accelerate import AcceleratorWatch
+    from lawwatch.integrations.hf import LawWatchCallback
+
+    with pytest.raises(error, match=match):
+        LawWatchCallback(probe, **settings)
+    with pytest.raises(error, match=match):
+        LawWatch(gpt2, probe, **settings)
+    with pytest.raises(error, match=match):
+        AcceleratorWatch(Accelerator(cpu=True), gpt2, probe, **settings)

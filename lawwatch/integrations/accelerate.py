@@ -129,6 +129,7 @@ class AcceleratorWatch(LawWatch):
         **options: Any,
     ) -> None:
         wanted = Alerts.of(alerts)  # checked on every process, before anything opens
+        extra = Sinks(sinks).sinks
         super().__init__(
             model, probe, config, watch, accelerator=accelerator, unwrap=unwrap, **options
         )
@@ -138,9 +139,9 @@ class AcceleratorWatch(LawWatch):
             if directory is not None:
                 chosen.append(LocalHistory(directory, series=self.series()))
             trackers = AcceleratorTrackers(accelerator)
-            chosen += [trackers, *(sinks or [])]
+            chosen += [trackers, *extra]
             if wanted is not None:
-                targets = [trackers] + [s for s in sinks or [] if isinstance(s, Alerting)]
+                targets = [trackers] + [s for s in extra if isinstance(s, Alerting)]
                 chosen.append(
                     AlertSink(wanted, threshold=self.watch.emergence_threshold, targets=targets)
                 )

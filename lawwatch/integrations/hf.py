@@ -144,7 +144,7 @@ class LawWatchCallback(TrainerCallback):
         self.config, self.watch = build_configs(config, watch, **options)
         self.probe = probe
         self.alerts = Alerts.of(alerts)
-        self.extra_sinks = list(sinks or [])
+        self.extra_sinks = Sinks(sinks).sinks  # refused now if not sinks
         self.dvclive_live = dvclive_live
         self._built = time.time()  # event files written since are of this callback's trainings
         self._directory = None if directory is None else Path(directory)

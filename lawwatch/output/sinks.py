@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 from lawwatch.history import Snapshot
@@ -98,7 +99,20 @@ class Sinks:
     """
 
     def __init__(self, sinks: list[Sink] | None = None) -> None:
+        """Refuse, when built, what is not a sink (so it cannot fail at every snapshot).
+
+        Raises:
+            TypeError: ``sinks`` not a list of objects with callable ``write`` and ``close``.
+        """
+        if isinstance(sinks, str | bytes) or not isinstance(sinks, Iterable | None):
+            raise TypeError(f"sinks must be a list of sinks, got {type(sinks).__name__}.")
         self.sinks: list[Sink] = list(sinks or [])
+        for sink in self.sinks:
+            if not all(callable(getattr(sink, verb, None)) for verb in ("write", "close")):
+                raise TypeError(
+                    f"{sink!r} is not a sink: a sink has write(snapshot) and close() methods "
+                    "(see lawwatch.output.sinks.Sink)."
+                )
 
     def write(self, snapshot: Snapshot, *, threads: bool | None = None) -> None:
         """Pass the snapshot to every sink.
