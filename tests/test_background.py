@@ -135,3 +135,40 @@ def test_background_options_are_checked(gpt2, probe):
         LawWatch(gpt2, probe, background="yes")
     with pytest.raises(ValueError, match="background_lag must be at least 1"):
         LawWatch(gpt2, probe, background=True, background_lag=0)
+
+
+EXIT_WITHOUT_CLOSE = """
+import sys
+import torch
+from lawwatch import ProbeSet
+from lawwatch.output.store import LocalHistory
+from lawwatch.watch.monitor import LawWatch
+from tests.helpers.models import VOCAB, tiny_gpt2
+
+torch.manual_seed(0)
+probe = ProbeSet.from_tokens(torch.randint(1, VOCAB, (16, 24)).tolist())
+watch = LawWatch(tiny_gpt2(), probe, every=2, background=True, sinks=[LocalHistory(sys.argv[1])])
+for step in range(5):
+    watch.maybe_snapshot(step)
+# no close(): the final snapshot's solve is still pending on the worker
+"""
+
+
+@pytest.mark.slow
+def test_a_loop_that_forgets_close_keeps_its_final_snapshot(tmp_path):
+    """At interpreter exit the pending results are recorded, with a warning naming close()."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITHOUT_CLOSE, str(tmp_path / "lawwatch")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert History.read(tmp_path / "lawwatch").steps == [0, 1, 2, 4]
+    assert "close()" in done.stderr and "not closed" in done.stderr

@@ -12,8 +12,10 @@ goes on. Nothing here touches gradients, the optimizer or the RNG state.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -247,6 +249,7 @@ class LawWatch:
         On several processes this rank's share (the PRs are gathered when recorded), on one all.
         """
         precision = self._precision
+        _UNCLOSED.add(self)  # finished at interpreter exit if close() is never called
         job, args = (
             (stats.solve_owned, ())
             if where.world > 1
@@ -363,6 +366,7 @@ class LawWatch:
         With ``background`` on several processes, call it on every process (the pending PRs
         are gathered). No thread of lawwatch's outlives it.
         """
+        _UNCLOSED.discard(self)
         try:
             try:
                 self.flush()
@@ -370,6 +374,44 @@ class LawWatch:
                 self._worker.shutdown()
         finally:
             self.sinks.close()
+
+    def _close_at_exit(self) -> None:
+        """The interpreter exits and :meth:`close` was never called: finish what is pending.
+
+        On one process the pending results are recorded and the sinks closed. On several the
+        pending PRs would need a collective the other processes may never join: they are lost,
+        and the warning says which.
+        """
+        steps = [pending.step for pending in self._worker.pending]
+        if not steps:
+            return
+        if any(pending.where.world > 1 for pending in self._worker.pending):
+            log.warning(
+                "lawwatch: LawWatch(background=True) was not closed; the snapshots of steps %s "
+                "are lost at exit. Call close() on every process at the end of training.",
+                steps,
+            )
+            return
+        log.warning(
+            "lawwatch: LawWatch(background=True) was not closed; recording the snapshots of "
+            "steps %s at exit. Call close() at the end of training.",
+            steps,
+        )
+        self.close()
+
+
+# background monitors with results pending and no close() yet (weakly held: a monitor that is
+# collected has nothing left to record)
+_UNCLOSED: weakref.WeakSet[LawWatch] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_unclosed() -> None:
+    for monitor in list(_UNCLOSED):
+        try:
+            monitor._close_at_exit()
+        except Exception:  # exiting: report, never raise
+            log.exception("lawwatch: the pending snapshots could not be recorded at exit")
 
 
 def _reduced(stats: Statistics) -> bool:

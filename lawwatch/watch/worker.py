@@ -68,8 +68,16 @@ class Worker:
         self.pending.append(Pending(step, future, stats, seconds, precision, where))
 
     def write(self, job: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``job(*args, **kwargs)`` (a write of the thread-safe sinks) on the worker."""
-        self._writes.append(self._executor().submit(job, *args, **kwargs))
+        """Run ``job(*args, **kwargs)`` (a write of the thread-safe sinks) on the worker.
+
+        At interpreter exit (threads no longer take jobs) it runs here, on the calling thread.
+        """
+        try:
+            future = self._executor().submit(job, *args, **kwargs)
+        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+            job(*args, **kwargs)
+            return
+        self._writes.append(future)
 
     def due(self, step: int | None) -> Iterator[Pending]:
         """The pending solves due at ``step``, taken off in step order (None: all of them).
