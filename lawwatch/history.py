@@ -109,6 +109,13 @@ def entries(record: dict[str, Any]) -> list[int]:
 def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
     """``(layers, log10 PR)`` of the entries the law is fitted on (the embeddings left out)."""
     pairs = [(e, v) for e, v in zip(entries(record), record["pr"], strict=True) if e != 0]
+    bad = [(e, v) for e, v in pairs if v <= 0]
+    if bad:
+        raise ValueError(
+            f"The record of step {record.get('step')} has PR {bad[0][1]!r} at entry {bad[0][0]}: "
+            "log10 PR needs PR > 0. PR 0 means OLS interpolated the probe (more feature "
+            "dimensions than examples): measure with a larger probe."
+        )
     return [e for e, _ in pairs], [math.log10(v) for _, v in pairs]
 
 

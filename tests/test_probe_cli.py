@@ -124,3 +124,34 @@ def test_read_texts_units(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ProbeSpec(texts=str(tmp_path / "x.txt")).texts == (str(tmp_path / "x.txt"),)
+
+
+def test_text_that_is_not_utf8_is_refused_with_the_file_and_the_fix(
+    tmp_path, tokenizer_dir, capsys
+):
+    (tmp_path / "latin.txt").write_bytes("café au lait, déjà vu".encode("latin-1"))
+    (tmp_path / "random.txt").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 400)))
+    out = tmp_path / "probe.safetensors"
+    for name in ("latin.txt", "random.txt"):
+        argv = ["probe", "build", "--texts", str(tmp_path / name), "--out", str(out)]
+        assert cli.main([*argv, "--tokenizer", str(tokenizer_dir), "--max-length", "8"]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "not utf-8 text" in err and "--encoding" in err
+        assert not out.exists()
+    # named, the encoding decodes: the same words, no replacement character
+    assert read_texts([str(tmp_path / "latin.txt")], encoding="latin-1") == [
+        "café au lait, déjà vu"
+    ]
+    argv = ["probe", "build", "--texts", str(tmp_path / "latin.txt"), "--out", str(out)]
+    argv += ["--tokenizer", str(tokenizer_dir), "--max-length", "8", "--encoding", "latin-1"]
+    assert cli.main(argv) == 0
+
+
+@pytest.mark.parametrize("size", [0, 7])
+def test_an_empty_or_odd_sized_token_file_names_the_file(tmp_path, capsys, size):
+    path = tmp_path / "val.bin"
+    path.write_bytes(b"\x01" * size)
+    argv = ["probe", "build", "--token-file", str(path), "--token-dtype", "uint16"]
+    assert cli.main([*argv, "--out", str(tmp_path / "p.safetensors"), "--max-length", "4"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and f"holds {size} bytes" in err and "--token-dtype" in err

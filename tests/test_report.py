@@ -188,3 +188,15 @@ def test_report_command(tmp_path, capsys):
     write_history(tmp_path / "single", [7])  # one snapshot: every figure still draws
     assert cli.main(["report", str(tmp_path / "single"), "--out", str(tmp_path / "s")]) == 0
     assert len(list((tmp_path / "s").glob("*.pdf"))) == 4
+
+
+def test_a_pr_of_zero_is_refused_with_the_reason(tmp_path, capsys):
+    from lawwatch import cli
+
+    pr = [0.9, 0.5, 0.0, 0.2]  # entry 2 interpolated: log10 0 is undefined
+    History([{"step": 3, "pr": pr, **fit_law(torch.tensor([0.9, 0.5, 0.3, 0.2])).as_dict(),
+              "n_tokens": 10, "seconds": 0.0}]).write(tmp_path / "run")  # fmt: skip
+    assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "step 3 has PR 0.0 at entry 2" in err and "larger probe" in err
+    assert "math domain error" not in err

@@ -122,7 +122,7 @@ def read_token_file(
                 f"{path.name} is a raw binary file: pass its element type, e.g. dtype='uint16' "
                 "for nanoGPT's train.bin / val.bin."
             )
-        ids = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        ids = _raw_tokens(path, dtype)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{path.name} holds {ids.dtype} values; token ids must be integers.")
     if ids.ndim not in (1, 2) or ids.size == 0:
@@ -160,3 +160,20 @@ def stream_chunks(
         starts = sorted(random.Random(seed).sample(range(total), num_sequences))
     chunks = np.stack([np.asarray(stream[s * seq_len : (s + 1) * seq_len]) for s in starts])
     return chunks.astype(np.int64), stream.shape[0] - total * seq_len
+
+
+def _raw_tokens(path: Path, dtype: str) -> np.ndarray:
+    """A raw binary token file as a 1-D array, refused with its name when it cannot be one."""
+    try:
+        kind = np.dtype(dtype)
+    except TypeError as error:
+        raise ValueError(
+            f"{dtype!r} is not a numpy element type (--token-dtype), for {path}: e.g. uint16."
+        ) from error
+    size = path.stat().st_size
+    if size == 0 or size % kind.itemsize:
+        raise ValueError(
+            f"{path} holds {size} bytes: not a whole, non-zero number of {kind} token ids "
+            f"({kind.itemsize} bytes each). Check the file (truncated?) and --token-dtype."
+        )
+    return np.memmap(path, dtype=kind, mode="r")

@@ -36,6 +36,9 @@ class ProbeSpec:
     """A datasets.Dataset saved with save_to_disk (its directory)."""
     dataset_split: str | None = None
     """The split to use when the saved dataset has several (a DatasetDict)."""
+    encoding: str = "utf-8"
+    """The text files' encoding; a file that does not decode with it is refused (never
+    decoded with replacement characters)."""
     text_column: str = "text"
     """The dataset column holding the documents."""
     token_file: str | None = None
@@ -109,7 +112,8 @@ class ProbeSpec:
             )
         else:
             # the texts first: a path that matches nothing fails before a tokenizer loads
-            documents = read_texts(self.texts, self.text_unit) if self.source == "texts" else None
+            texts = self.source == "texts"
+            documents = read_texts(self.texts, self.text_unit, self.encoding) if texts else None
             if self.tokenizer is not None:
                 tokenizer = load_tokenizer(self.tokenizer)
             if tokenizer is None:
@@ -151,11 +155,14 @@ class ProbeSpec:
         return dataset
 
 
-def read_texts(patterns: tuple[str, ...] | list[str], unit: TextUnit = "file") -> list[str]:
+def read_texts(
+    patterns: tuple[str, ...] | list[str], unit: TextUnit = "file", encoding: str = "utf-8"
+) -> list[str]:
     """The documents of text files named by paths or globs (sorted within each glob).
 
     Raises:
         FileNotFoundError: A path or glob that matches no file.
+        ValueError: A file that does not decode with ``encoding`` (named, with the offset).
     """
     documents: list[str] = []
     for pattern in patterns:
@@ -167,7 +174,7 @@ def read_texts(patterns: tuple[str, ...] | list[str], unit: TextUnit = "file") -
         if not paths:
             raise FileNotFoundError(f"No text file matches {pattern!r}.")
         for path in paths:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = _decoded(path, encoding)
             if unit == "file":
                 documents.append(text)
             elif unit == "line":
@@ -176,3 +183,18 @@ def read_texts(patterns: tuple[str, ...] | list[str], unit: TextUnit = "file") -
                 blocks = text.replace("\r\n", "\n").split("\n\n")
                 documents.extend(b.strip() for b in blocks if b.strip())
     return documents
+
+
+def _decoded(path: Path, encoding: str) -> str:
+    """The text of ``path`` in ``encoding``, strictly: a wrong byte is an error, not a '�'."""
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except LookupError as error:
+        raise ValueError(f"Unknown text encoding {encoding!r} (--encoding).") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not {encoding} text (byte {error.start}: {data[error.start:error.end]!r}"
+            "): a binary file, or text in another encoding. Leave the file out, or name its "
+            "encoding (--encoding latin-1, ProbeSpec(encoding=...))."
+        ) from error
