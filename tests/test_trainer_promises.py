@@ -7,6 +7,7 @@ two callbacks never share one history; a resume with other options starts a new 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from transformers import Trainer, TrainingArguments
@@ -104,3 +105,28 @@ def test_resume_with_other_options_starts_a_new_series(tmp_path, caplog):
     assert [r["step"] for r in after] == [4, 6]  # the new series: nothing of the old one
     assert {r["config"]["offset"] for r in after} == {2}
     assert [h["step"] for h in callback.monitor.history] == [4, 6]
+
+
+def test_a_kill_right_after_a_checkpoint_loses_no_background_snapshot(tmp_path):
+    """background=True: the records a checkpoint claims are on disk before it is written."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(mode):
+        return subprocess.run(
+            [sys.executable, "-m", "tests.helpers.checkpoint_kill", str(tmp_path), mode],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    killed = run("kill")
+    assert killed.returncode == -9, killed.stderr  # a real SIGKILL, in the Trainer's on_save
+    assert (tmp_path / "checkpoint-8").is_dir()
+    assert 8 in History.read(tmp_path / "lawwatch").steps  # durable before the checkpoint
+    resumed = run("resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert History.read(tmp_path / "lawwatch").steps == [0, 1, 2, 4, 8, 12]

@@ -194,14 +194,21 @@ class LawWatchCallback(TrainerCallback):
         if self.monitor is None:
             return
         self.monitor.maybe_snapshot(state.global_step)
+        self._before_checkpoint(control)
         if 0 < state.max_steps <= state.global_step or control.should_training_stop:
             self._finish(state)
 
     @_never_raises
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """A checkpoint was saved: record the pending background results (every process)."""
-        if self.monitor is not None:
-            self.monitor.flush()
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """An epoch's checkpoint comes next: its records first."""
+        self._before_checkpoint(control)
+
+    @_never_raises
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """``save_strategy="best"`` decides to save after evaluating: the records first."""
+        strategy = getattr(args, "save_strategy", None)
+        if getattr(strategy, "value", strategy) == "best":
+            self._before_checkpoint(control, always=True)
 
     @_never_raises
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -214,6 +221,16 @@ class LawWatchCallback(TrainerCallback):
             self.monitor.close()
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _before_checkpoint(self, control: Any, *, always: bool = False) -> None:
+        """Record the pending background results before the Trainer writes a checkpoint.
+
+        The Trainer decides ``should_save`` before this callback runs and writes the checkpoint
+        after it, so a checkpoint never claims a step whose record is not on disk yet (a kill
+        right after the write loses nothing). On every process: with several, it gathers.
+        """
+        if self.monitor is not None and (always or control.should_save):
+            self.monitor.flush()
 
     def _finish(self, state: Any) -> None:
         """Measure the final step if not yet done; write the PNG; report to the trackers."""
