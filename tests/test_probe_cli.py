@@ -126,9 +126,7 @@ def test_read_texts_units(tmp_path):
         assert ProbeSpec(texts=str(tmp_path / "x.txt")).texts == (str(tmp_path / "x.txt"),)
 
 
-def test_text_that_is_not_utf8_is_refused_with_the_file_and_the_fix(
-    tmp_path, tokenizer_dir, capsys
-):
+def test_text_not_in_utf8_is_refused_with_the_file_and_the_fix(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "latin.txt").write_bytes("café au lait, déjà vu".encode("latin-1"))
     (tmp_path / "random.txt").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 400)))
     out = tmp_path / "probe.safetensors"
