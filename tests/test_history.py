@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lawwatch import Snapshot, fit_law
 from lawwatch.history import History, series_change
-from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, LocalHistory
+from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, LocalHistory, append
 from lawwatch.watch.monitor import LawWatch
 from tests.helpers.models import ragged_probe
 
@@ -135,10 +135,14 @@ def test_rewrites_replace_whole_files(tmp_path, monkeypatch):
 
 
 def test_a_failed_append_leaves_no_part_of_its_record(tmp_path, monkeypatch):
-    """A full disk while appending: the record is absent, the next one lands on its own line."""
+    """A failing sync while appending: the record is absent, the next one lands on its own line.
+
+    The primitive :func:`~lawwatch.output.store.append` (LocalHistory holds a refused record
+    instead: see tests/test_faults.py for real full disks).
+    """
     written(tmp_path)
     before = (tmp_path / HISTORY_FILE).read_bytes()
-    local = LocalHistory(tmp_path)
+    history = History.read(tmp_path)
 
     def full(fd):
         raise OSError(28, "No space left on device")
@@ -146,11 +150,10 @@ def test_a_failed_append_leaves_no_part_of_its_record(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", full)
         with pytest.raises(OSError, match="No space"):
-            local.write(snap(8))
+            append(history, tmp_path, history.append(snap(8).to_record()))
     assert (tmp_path / HISTORY_FILE).read_bytes() == before
-    assert local.history.steps == [0, 1, 2, 4]
-    local.write(snap(16))
-    local.close()
+    assert history.steps == [0, 1, 2, 4]
+    append(history, tmp_path, history.append(snap(16).to_record()))
     assert steps_on_disk(tmp_path) == [0, 1, 2, 4, 16]
     assert load_file(tmp_path / MATRIX_FILE)["steps"].tolist() == [0, 1, 2, 4, 16]
 

@@ -5,15 +5,18 @@ One directory holds one series of records (see :func:`lawwatch.history.series_ch
 (the PR matrix, steps × entries, float64, replaced whole) and, when another series came,
 ``series-<n>/`` directories holding the earlier ones. :func:`read` and :func:`write` read and
 replace a directory's history; :class:`LocalHistory` is the sink that keeps one during training
-or a sweep, one writer per directory.
+or a sweep, one writer per directory: it repairs what a crash left when it opens a directory,
+and holds the records a full or read-only disk refuses until they can be written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import os
+import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -71,24 +74,53 @@ def write(history: History, directory: str | Path) -> None:
 def append(history: History, directory: Path, record: dict[str, Any]) -> None:
     """Append ``record`` (the last of ``history`` already) to the files in ``directory``.
 
-    The record is one line written, flushed and synced at once: after a crash it is whole or
-    (but for a torn tail, which the next :class:`LocalHistory` sets aside) absent; a write that
-    fails (a full disk) leaves no part of it, in the file or in ``history``. The PR matrix is
-    then replaced whole.
+    The record is one line written and synced at once: after a crash it is whole or (but for
+    a torn tail, which the next :class:`LocalHistory` sets aside) absent; a write that fails
+    (a full disk) leaves no part of it, in the file or in ``history``, and raises. The PR
+    matrix is then replaced whole.
     """
-    line = (json.dumps(record) + "\n").encode()
-    with (directory / HISTORY_FILE).open("ab") as f:
-        end = f.tell()
-        try:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        except BaseException:  # a full disk: no part of a record stays to join the next one
-            f.truncate(end)
-            if history.records and history.records[-1] is record:
-                history.records.pop()  # nor does the record stay (it would reach the matrix)
-            raise
+    path = directory / HISTORY_FILE
+    try:
+        append_bytes(path, (json.dumps(record) + "\n").encode(), _size(path) or 0)
+    except BaseException:
+        if history.records and history.records[-1] is record:
+            history.records.pop()  # nor does the record stay (it would reach the matrix)
+        raise
     write_matrix(history, directory)
+
+
+def append_bytes(path: Path, data: bytes, at: int) -> None:
+    """Write ``data`` at byte ``at`` of ``path`` (created if missing), synced; whole or absent.
+
+    Bytes past ``at`` (what an earlier write cut short left) are cut away first. A write that
+    fails part way (a full disk writes what fits, then fails) is cut back to ``at``, so no
+    partial line stays to join the next one; the error is raised.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            if os.fstat(fd).st_size != at:
+                os.ftruncate(fd, at)
+            os.lseek(fd, at, os.SEEK_SET)
+            view = memoryview(data)
+            while view:  # a short write returns what fit; the next call raises the error
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            # needs no space (shrinking frees it); if it fails, the next write cuts first
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, at)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _size(path: Path) -> int | None:
+    """The size of ``path`` in bytes, or None when it does not exist."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def write_matrix(history: History, directory: Path) -> None:
@@ -166,7 +198,11 @@ def parse(path: Path) -> Parsed:
 
 
 def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a synced temporary file renamed over it."""
+    """Write ``data`` to ``path`` atomically: a synced temporary file renamed over it.
+
+    The temporary file is ``.<name>.<pid>.tmp`` beside it; one a killed process left is removed
+    by the next :class:`LocalHistory` that opens the directory.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as f:
@@ -175,9 +211,49 @@ def replace_file(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # a directory that went away or went read-only: the original error says it
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     _sync_directory(path.parent)
+
+
+# the temporary files of replace_file: the name replaced and the writer's process id
+_TEMPORARY = re.compile(rf"\.({re.escape(HISTORY_FILE)}|{re.escape(MATRIX_FILE)})\.(\d+)\.tmp")
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Remove the temporary files of writers that are gone (killed during a replace).
+
+    A process of this id that is alive keeps its file (the id may have been reused: its file
+    is then removed once that process ends); this process's own are leftovers, as no other
+    LocalHistory of it writes here.
+    """
+    removed = []
+    for path in directory.glob(".*.tmp"):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None:
+            continue
+        pid = int(match.group(2))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except OSError:
+            pass
+    if removed:
+        log.info("lawwatch: removed %s left by killed writers", ", ".join(removed))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
 
 
 def _sync_directory(directory: Path) -> None:
@@ -203,10 +279,18 @@ class LocalHistory:
     On creation it reads what a previous run left; :meth:`drop_after` forgets records past a
     resume point, so a resumed run writes one increasing sequence of steps with no duplicates.
 
-    - **Crash-safe.** Each record is one line written, flushed and synced; rewrites replace
-      whole files. Lines a crash cut short (or any line that holds no record) are moved to
-      ``history.jsonl.torn-<n>`` with a warning when the directory is opened, and a last record
-      that lacks its newline gets it: recording goes on.
+    - **Crash-safe.** Each record is one line written and synced; rewrites replace whole
+      files. When the directory is opened, lines a crash cut short (or any line that holds no
+      record) are moved to ``history.jsonl.torn-<n>`` with a warning, a last record that lacks
+      its newline gets it, a ``pr.safetensors`` that describes other records than
+      ``history.jsonl`` (a kill between the two files' writes) is rebuilt from it, and the
+      temporary files of killed writers are removed: recording goes on.
+    - **A full or read-only disk.** A record that cannot be written (no space, a file size
+      limit, a read-only or removed directory) leaves no part of it in the file: one warning
+      says the history is not being written (later outages are logged at INFO), the records
+      are held in memory, and they are
+      written in order at the first write that succeeds (a removed directory is made again).
+      ``pr.safetensors`` then describes the records in ``history.jsonl``, or is absent.
     - **One series.** A snapshot of another series than the records held (see
       :func:`~lawwatch.history.series_change`) starts a new one: the files held so far move to
       ``<directory>/series-<n>/`` and a warning says what changed. ``series=`` checks the
@@ -230,6 +314,12 @@ class LocalHistory:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.closed = False
+        self._unwritten: list[dict[str, Any]] = []  # held, not yet in history.jsonl, in order
+        self._size = 0  # the bytes of history.jsonl that hold the written records
+        self._whole = False  # history.jsonl must be rewritten from the records held
+        self._matrix = False  # pr.safetensors must be written again
+        self._failing: OSError | None = None  # why the files are not being written (warned)
+        self._outages = 0  # times the disk began refusing (the first is warned about)
         _claim(self)
         try:
             self.history = self._open()
@@ -241,7 +331,7 @@ class LocalHistory:
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        """The records, steps increasing."""
+        """The records, steps increasing (those a full disk holds back included)."""
         return self.history.records
 
     @property
@@ -249,50 +339,149 @@ class LocalHistory:
         """The latest step recorded, or None."""
         return self.history.last_step
 
+    @property
+    def unwritten(self) -> list[int]:
+        """The steps held in memory that ``history.jsonl`` lacks (a full or read-only disk)."""
+        return [r["step"] for r in self._unwritten]
+
     def drop_after(self, step: int) -> None:
         """Forget (and rewrite the files without) every record with a step above ``step``."""
         if self.history.drop_after(step):
-            write(self.history, self.directory)
+            self._rewrite()
 
     def write(self, snapshot: Snapshot) -> None:
         """Append the snapshot; a step at or before the last recorded one is refused.
 
         A snapshot of another series first sets the records held so far aside (see the class
-        documentation).
+        documentation). A disk that refuses the write does not raise: the record is held (see
+        the class documentation).
         """
         record = snapshot.to_record()
         if self.history.records:
             self._check_series(series(record), f"step {snapshot.step}")
-        append(self.history, self.directory, self.history.append(record))
+        self._unwritten.append(self.history.append(record))
+        self._flush()
 
     def replace(self, records: Iterable[dict[str, Any]]) -> None:
         """Hold ``records`` (steps increasing) instead, and rewrite the files with them."""
         self.history = History(records)
-        write(self.history, self.directory)
+        self._rewrite()
 
     def close(self) -> None:
-        """Release the directory (every write is already complete on disk)."""
-        self.closed = True
-        _release(self)
+        """Release the directory; records a full disk still holds back are tried once more."""
+        try:
+            self._flush()
+            if self._unwritten:
+                log.error(
+                    "lawwatch: %s lacks %s (steps %s to %s): %s. They are in the monitor's "
+                    "history (LawWatch.history, state_dict()).",
+                    self.directory / HISTORY_FILE,
+                    _plural(len(self._unwritten), "record"),
+                    self._unwritten[0]["step"],
+                    self._unwritten[-1]["step"],
+                    self._failing,
+                )
+        finally:
+            self.closed = True
+            _release(self)
+
+    # -- the files ----------------------------------------------------------------------------
+
+    def _rewrite(self) -> None:
+        """Replace both files with the records held (raises if the disk refuses)."""
+        self._unwritten, self._whole = [], True
+        write(self.history, self.directory)
+        self._whole = self._matrix = False
+        self._size = _size(self.directory / HISTORY_FILE) or 0
+
+    def _flush(self) -> None:
+        """Write what the files lack; a disk that refuses is warned about once, not raised."""
+        if not (self._unwritten or self._whole or self._matrix):
+            return
+        path, held = self.directory / HISTORY_FILE, len(self._unwritten)
+        try:
+            on_disk = _size(path)
+            if not self._whole and (on_disk or 0) < self._size:
+                # removed or cut by someone else: every record held goes back
+                log.warning(
+                    "lawwatch: %s was removed or cut during the run; writing it again from "
+                    "the %s held",
+                    path,
+                    _plural(len(self.history), "record"),
+                )
+                self._whole = True
+            if self._whole:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                data = "".join(json.dumps(r) + "\n" for r in self.history.records).encode()
+                replace_file(path, data)
+                size = len(data)
+            else:
+                data = "".join(json.dumps(r) + "\n" for r in self._unwritten).encode()
+                append_bytes(path, data, self._size)
+                size = self._size + len(data)
+            self._size, self._unwritten, self._whole = size, [], False
+            self._matrix = True
+            write_matrix(self.history, self.directory)
+            self._matrix = False
+        except OSError as error:
+            self._refused(error)
+            return
+        if self._failing is not None:
+            log.log(
+                logging.INFO if self._outages > 1 else logging.WARNING,
+                "lawwatch: %s is written again; what was held meanwhile (%s) is in it, in order",
+                path,
+                _plural(held, "record"),
+            )
+            self._failing = None
+
+    def _refused(self, error: OSError) -> None:
+        """The disk refused a write: hold the records, warn once, never describe others."""
+        if self._matrix:  # history.jsonl moved on without it
+            # a read-only or removed directory: the matrix is then as old as the file
+            with contextlib.suppress(OSError):
+                (self.directory / MATRIX_FILE).unlink(missing_ok=True)
+        if self._failing is None:
+            # a disk on the edge of full refuses and accepts by turns: one warning, then info
+            self._outages += 1
+            log.log(
+                logging.INFO if self._outages > 1 else logging.WARNING,
+                "lawwatch: %s is not being written (%s). The records are held in memory and "
+                "written, in order, as soon as a write succeeds; until then the file lacks "
+                "them.",
+                self.directory / HISTORY_FILE,
+                error,
+            )
+        self._failing = error
 
     def _open(self) -> History:
-        """The records in the directory; a torn or unterminated file is repaired first."""
+        """The records in the directory, repaired first: torn lines, the matrix, leftovers."""
+        _remove_leftovers(self.directory)
         path = self.directory / HISTORY_FILE
         parsed = parse(path)
-        if parsed.clean:
-            return parsed.history
-        if parsed.rejected:
-            torn = _free_name(self.directory, f"{HISTORY_FILE}.torn-")
-            torn.write_bytes(b"".join(raw + b"\n" for _, raw in parsed.rejected))
+        if not parsed.clean:
+            if parsed.rejected:
+                torn = _free_name(self.directory, f"{HISTORY_FILE}.torn-")
+                torn.write_bytes(b"".join(raw + b"\n" for _, raw in parsed.rejected))
+                log.warning(
+                    "lawwatch: %s held %s (%s); moved to %s, the %s kept",
+                    path,
+                    _plural(len(parsed.rejected), "unreadable line"),
+                    parsed.describe(),
+                    torn,
+                    _plural(len(parsed.history), "whole record"),
+                )
+            write(parsed.history, self.directory)  # whole lines only, each with its newline
+        elif not _matrix_matches(parsed.history, self.directory):
             log.warning(
-                "lawwatch: %s held %s (%s); moved to %s, the %s kept",
+                "lawwatch: %s did not describe the %s in %s (a process killed between the "
+                "two files' writes); rebuilt from it",
+                self.directory / MATRIX_FILE,
+                _plural(len(parsed.history), "record"),
                 path,
-                _plural(len(parsed.rejected), "unreadable line"),
-                parsed.describe(),
-                torn,
-                _plural(len(parsed.history), "whole record"),
             )
-        write(parsed.history, self.directory)  # whole lines only, each with its newline
+            write_matrix(parsed.history, self.directory)
+        self._size = _size(path) or 0
         return parsed.history
 
     def _check_series(self, identity: dict[str, Any], what: str) -> None:
@@ -300,18 +489,21 @@ class LocalHistory:
         changes = series_change(series(self.history[-1]), identity)
         if not changes:
             return
+        self._flush()  # the old series whole in its files, if the disk lets it
+        lost = self.unwritten
         moved = _free_name(self.directory, "series-")
         moved.mkdir()
         held = self.history
         for name in _SERIES_FILES:
             if (self.directory / name).exists():
                 os.replace(self.directory / name, moved / name)
-        self.history = History()
+        self.history, self._unwritten, self._size = History(), [], 0
+        self._whole = self._matrix = False
         log.warning(
             "lawwatch: %s differs from the %s in %s (steps %s to %s): %s. Those moved to %s "
             "and a new series starts here. One directory holds one series: to continue the "
             "old one, measure with the probe, options and precision it was measured with; to "
-            "keep series apart from the start, give each its own directory.",
+            "keep series apart from the start, give each its own directory.%s",
             what,
             _plural(len(held), "record"),
             self.directory,
@@ -319,7 +511,30 @@ class LocalHistory:
             held.last_step,
             "; ".join(changes),
             moved,
+            f" The disk refused steps {lost} of the old series: they are not in it."
+            if lost
+            else "",
         )
+
+
+def _matrix_matches(history: History, directory: Path) -> bool:
+    """Whether ``pr.safetensors`` in ``directory`` is the matrix of ``history`` (absent if none)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = directory / MATRIX_FILE
+    expected = history.pr_matrix()
+    if expected is None or not path.exists():
+        return expected is None and not path.exists()
+    try:
+        found = load_file(path)
+        return all(
+            torch.equal(found[name], tensor)
+            for name, tensor in zip(("steps", "layers", "pr"), expected, strict=True)
+        )
+    except (SafetensorError, OSError, KeyError, RuntimeError):
+        return False  # unreadable: rebuilt
 
 
 def _plural(n: int, noun: str) -> str:

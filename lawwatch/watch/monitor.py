@@ -26,7 +26,7 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot, identity, series, series_change
 from lawwatch.measurement import prepare, solve
 from lawwatch.models import measured_module
-from lawwatch.output.sinks import Sink, Sinks
+from lawwatch.output.sinks import Rewindable, Sink, Sinks
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
 from lawwatch.stats import Statistics
@@ -113,6 +113,7 @@ class LawWatch:
         self._clock: Callable[[], float] = time.perf_counter
         self._budget = Budget(self.watch.max_overhead, self.watch.last_step)
         self._worker = Worker(self.watch.background_lag)
+        self._fresh = True  # no state loaded: the first record replaces what sinks hold
 
     # -- when ---------------------------------------------------------------------------------
 
@@ -235,6 +236,8 @@ class LawWatch:
         self.history.append(snapshot)
         if where.rank != 0:
             return
+        if self._fresh:
+            self._replace_earlier_run()
         if self.watch.background:
             self.sinks.write(snapshot, threads=False)
             self._worker.write(self.sinks.write, snapshot, threads=True)
@@ -336,8 +339,30 @@ class LawWatch:
             history.drop_after(resume_step)
             last = resume_step if last is None else min(last, resume_step)
         self.history, self.last_step = history, last
+        self._fresh = last is None
         if last is not None and layout(self.accelerator).rank == 0:
             self.sinks.drop_after(last)
+
+    def _replace_earlier_run(self) -> None:
+        """A run that loaded no state starts a new history: rewindable sinks drop what they hold.
+
+        As the Trainer callback does for a run from step 0 (with a warning), so an earlier
+        run's records in the same directory are never continued by this one.
+        """
+        self._fresh = False
+        for sink in self.sinks.sinks:
+            held = getattr(sink, "records", None)
+            if isinstance(sink, Rewindable) and held:
+                log.warning(
+                    "lawwatch: this monitor loaded no state, so it starts a new history; "
+                    "replacing the %d records (steps %s to %s) in %s. To continue them, load "
+                    "the run's state first (load_state_dict, accelerator.load_state).",
+                    len(held),
+                    held[0]["step"],
+                    held[-1]["step"],
+                    getattr(sink, "directory", type(sink).__name__),
+                )
+        self.sinks.drop_after(-1)
 
     def _same_series(self, history: History) -> History:
         """``history`` if this monitor continues its series, else an empty one (with a warning)."""

@@ -1,0 +1,272 @@
+"""Real faults on the history store: kill -9 at random instants, full and read-only disks.
+
+Nothing is patched: a crash is a SIGKILL of a process running a real monitor, a full disk is a
+real short write (a 64 kB tmpfs, RLIMIT_FSIZE), a read-only disk a tmpfs remounted read-only,
+a removed directory an ``rmtree``. The kills and the file size limit run in one worker process
+(tests/helpers/workers/fault_worker.py), seeded and bounded: the imports are paid once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lawwatch import LawWatch
+from lawwatch.history import History
+from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, LocalHistory
+from tests.helpers.faults import (
+    assert_matrix_describes,
+    fill,
+    raw_steps,
+    remount,
+    temporary_files,
+    tmpfs,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED, KILLS = 18, 6  # per mode; each a forked child killed within about a second
+HELD = "is not being written"
+
+
+def lawwatch_records(caplog, level: int = logging.WARNING) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "lawwatch" and r.levelno >= level]
+
+
+# -- kill -9 at random instants ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults")
+    command = [sys.executable, "-m", "tests.helpers.workers.fault_worker", str(out), str(SEED)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [*command, str(KILLS)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["foreground", "background"])
+def test_kill_9_at_random_instants_leaves_one_repairable_history(faults, mode, caplog):
+    """Each kill's directory, reopened: readable, each step once, the matrix its history's."""
+    done = json.loads((faults / "done.json").read_text())[mode]
+    assert all(t["killed"] for t in done["trials"]) and done["last_exit"] == 0
+    for n in range(KILLS):
+        left = faults / "kills" / f"{mode}-{n}"
+        lw = left / "lw"
+        if not (lw / HISTORY_FILE).exists():
+            continue  # killed before its first record
+        # as the kill left it: whole lines (a write is one call) and no step twice
+        steps = raw_steps(lw)
+        assert steps == sorted(set(steps)), (n, steps)
+        with caplog.at_level(logging.WARNING, logger="lawwatch"):
+            LocalHistory(lw).close()  # what the next run opens: repaired here
+        assert raw_steps(lw) == steps and History.read(lw).steps == steps
+        assert_matrix_describes(lw)
+        assert temporary_files(lw) == [], n
+        checkpoint = left / "checkpoint.json"
+        if checkpoint.exists():  # no step the checkpoint claims is missing
+            claimed = [r["step"] for r in json.loads(checkpoint.read_text())["history"]]
+            assert set(claimed) <= set(steps), (n, claimed, steps)
+    # the run that went on after every kill: one history, each step once, from 0 on
+    lw = faults / mode / "lw"
+    steps = raw_steps(lw)
+    assert steps == list(range(len(steps))) and len(steps) >= 4
+    assert_matrix_describes(lw)
+    assert temporary_files(faults / mode) == []
+    log = (faults / f"{mode}.log").read_text()
+    assert "ERROR" not in log and "Traceback" not in log
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(done.stdout)
+
+
+def test_a_stale_matrix_and_killed_writers_files_are_repaired_on_open(
+    tmp_path, gpt2, probe, caplog
+):
+    """What a kill between the history's append and the matrix's rename leaves, and a rewrite's."""
+    local = LocalHistory(tmp_path)
+    watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+    for step in range(3):
+        watch.maybe_snapshot(step)
+    matrix = (tmp_path / MATRIX_FILE).read_bytes()  # of steps 0 to 2
+    watch.maybe_snapshot(3)
+    watch.close()
+    (tmp_path / MATRIX_FILE).write_bytes(matrix)  # the append landed, the rename did not
+    pid = dead_pid()
+    leftovers = [f".{MATRIX_FILE}.{pid}.tmp", f".{HISTORY_FILE}.{pid}.tmp"]
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"killed during a replace")
+    alive = tmp_path / f".{MATRIX_FILE}.1.tmp"  # pid 1 lives: its writer may still rename it
+    alive.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        local = LocalHistory(tmp_path)
+    assert "did not describe" in caplog.text and History.read(tmp_path).steps == [0, 1, 2, 3]
+    assert_matrix_describes(tmp_path)
+    assert temporary_files(tmp_path) == [alive.name]
+    # a resume's rewrite killed between the two files: the history rewritten, the matrix old
+    matrix = (tmp_path / MATRIX_FILE).read_bytes()
+    local.drop_after(1)
+    local.close()
+    (tmp_path / MATRIX_FILE).write_bytes(matrix)
+    LocalHistory(tmp_path).close()
+    assert History.read(tmp_path).steps == [0, 1]
+    assert_matrix_describes(tmp_path)
+    # a matrix without records, and an unreadable one
+    (tmp_path / MATRIX_FILE).write_bytes(b"garbage")
+    LocalHistory(tmp_path).close()
+    assert_matrix_describes(tmp_path)
+    save_file({"steps": torch.tensor([0])}, tmp_path / "other.safetensors")
+    local = LocalHistory(tmp_path)
+    local.drop_after(-1)
+    local.close()
+    shutil.copy(tmp_path / "other.safetensors", tmp_path / MATRIX_FILE)
+    LocalHistory(tmp_path).close()
+    assert not (tmp_path / MATRIX_FILE).exists()
+
+
+# -- full, read-only and removed directories --------------------------------------------------
+
+
+def test_a_file_size_limit_cuts_writes_short_and_no_line_is_glued(faults):
+    """RLIMIT_FSIZE: each append writes what fits, then fails (EFBIG); nothing of it stays."""
+    assert json.loads((faults / "done.json").read_text())["fsize_exit"] == 0
+    result = json.loads((faults / "fsize.json").read_text())
+    # while refused, the file never grew: the part of a record that fit was cut away
+    assert result["sizes"] == [result["size"]] * 4 and result["held"] == [4, 5, 6, 7]
+    # the limit raised again: the held records were written in order, then the next ones
+    assert raw_steps(faults / "fsize") == list(range(10))
+    assert_matrix_describes(faults / "fsize")
+    log = (faults / "fsize.log").read_text()
+    assert log.count(HELD) == 1 and "File too large" in log and "written again" in log
+    assert "ERROR" not in log and "Traceback" not in log
+
+
+def test_a_full_disk_holds_the_records_and_writes_them_in_order(tmp_path, gpt2, probe, caplog):
+    """A 64 kB tmpfs filled up: one warning, no part of a record, the records written later."""
+    with tmpfs(tmp_path / "disk") as disk:
+        local = LocalHistory(disk / "lw")
+        watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+        with caplog.at_level(logging.WARNING, logger="lawwatch"):
+            for step in range(3):
+                watch.maybe_snapshot(step)
+            filler = fill(disk)
+            # each append fills the file's last page (a record may still fit whole), then fails
+            for step in range(3, 7):
+                watch.maybe_snapshot(step)
+                on_disk = raw_steps(disk / "lw")  # whole lines only, each with its newline
+                assert on_disk + local.unwritten == list(range(step + 1))
+                assert_matrix_describes(disk / "lw", or_absent=True)
+            assert on_disk[:3] == [0, 1, 2] and 6 in local.unwritten
+            assert local.history.steps == list(range(7))
+            held = lawwatch_records(caplog)
+            # one warning (a disk on the edge of full may take a record between refusals)
+            assert sum(HELD in r.getMessage() for r in held) == 1
+            assert all(HELD in r.getMessage() or "written again" in r.getMessage() for r in held)
+            assert "No space left" in held[0].getMessage()
+            filler.unlink()  # space returns
+            watch.maybe_snapshot(7)
+            watch.close()
+        assert raw_steps(disk / "lw") == list(range(8)) and local.unwritten == []
+        assert_matrix_describes(disk / "lw")
+        assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+        assert "written again" in caplog.text and temporary_files(disk) == []
+
+
+def test_a_read_only_directory_that_becomes_writable(tmp_path, gpt2, probe, caplog):
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        local = LocalHistory(disk / "lw")
+        watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+        with caplog.at_level(logging.WARNING, logger="lawwatch"):
+            watch.maybe_snapshot(0)
+            remount(disk, "ro")
+            try:
+                for step in range(1, 4):
+                    watch.maybe_snapshot(step)
+                assert raw_steps(disk / "lw") == [0] and local.unwritten == [1, 2, 3]
+            finally:
+                remount(disk, "rw")
+            watch.maybe_snapshot(4)
+            watch.close()
+        assert raw_steps(disk / "lw") == [0, 1, 2, 3, 4]
+        assert_matrix_describes(disk / "lw")
+        messages = [r.getMessage() for r in lawwatch_records(caplog)]
+        assert sum(HELD in m for m in messages) == 1 and "Read-only" in caplog.text
+        assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+
+
+def test_a_directory_removed_mid_run_is_written_again_whole(tmp_path, gpt2, probe, caplog):
+    local = LocalHistory(tmp_path / "lw")
+    watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        for step in range(3):
+            watch.maybe_snapshot(step)
+        shutil.rmtree(tmp_path / "lw")
+        for step in range(3, 5):
+            watch.maybe_snapshot(step)
+        watch.close()
+    assert raw_steps(tmp_path / "lw") == list(range(5))
+    assert_matrix_describes(tmp_path / "lw")
+    assert caplog.text.count("was removed or cut") == 1
+    assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+
+
+# -- a fresh run into a directory holding an earlier run --------------------------------------
+
+
+def earlier_run(directory: Path, gpt2, probe) -> None:
+    watch = LawWatch(gpt2, probe, every=4, sinks=[LocalHistory(directory)])
+    for step in range(13):
+        watch.maybe_snapshot(step)
+    watch.close()
+    assert raw_steps(directory) == [0, 1, 2, 4, 8, 12]
+
+
+@pytest.mark.parametrize("entry", ["LawWatch", "AcceleratorWatch"])
+def test_a_fresh_run_replaces_an_earlier_run_with_a_warning(tmp_path, gpt2, probe, entry, caplog):
+    """As the Trainer callback does: the new run's history alone, one warning, no error."""
+    earlier_run(tmp_path, gpt2, probe)
+    if entry == "LawWatch":
+        watch = LawWatch(gpt2, probe, every=4, sinks=[LocalHistory(tmp_path)])
+    else:
+        from accelerate import Accelerator
+
+        from lawwatch.integrations.accelerate import AcceleratorWatch
+
+        watch = AcceleratorWatch(Accelerator(cpu=True), gpt2, probe, every=4, directory=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        for step in range(9):
+            watch.maybe_snapshot(step)
+        watch.close()
+    assert raw_steps(tmp_path) == [0, 1, 2, 4, 8]
+    assert_matrix_describes(tmp_path)
+    warned = lawwatch_records(caplog)
+    assert len(warned) == 1 and "loaded no state" in warned[0].getMessage()
+    assert "replacing the 6 records" in warned[0].getMessage()
+    # a run that loads the state continues it instead
+    state = {"history": History.read(tmp_path).records, "last_step": 8}
+    resumed = LawWatch(gpt2, probe, every=4, sinks=[LocalHistory(tmp_path)])
+    resumed.load_state_dict(state, resume_step=8)
+    for step in range(9, 17):
+        resumed.maybe_snapshot(step)
+    resumed.close()
+    assert raw_steps(tmp_path) == [0, 1, 2, 4, 8, 12, 16]
