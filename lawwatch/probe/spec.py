@@ -194,7 +194,7 @@ def _decoded(path: Path, encoding: str) -> str:
         raise ValueError(f"Unknown text encoding {encoding!r} (--encoding).") from error
     except UnicodeDecodeError as error:
         raise ValueError(
-            f"{path} is not {encoding} text (byte {error.start}: {data[error.start:error.end]!r}"
+            f"{path} is not {encoding} text (byte {error.start}: {data[error.start : error.end]!r}"
             "): a binary file, or text in another encoding. Leave the file out, or name its "
             "encoding (--encoding latin-1, ProbeSpec(encoding=...))."
         ) from error
