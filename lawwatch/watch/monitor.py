@@ -63,6 +63,10 @@ class LawWatch:
         sinks: Where snapshots go (rank 0 only). Default: none (results are still returned).
             For an accelerate loop's trackers and local files, see
             :class:`lawwatch.integrations.accelerate.AcceleratorWatch`.
+            A monitor that loads no state (:meth:`load_state_dict`) starts a new history: at
+            its first record, :class:`~lawwatch.output.sinks.Rewindable` sinks (a
+            :class:`~lawwatch.output.store.LocalHistory`) drop what an earlier run left, with
+            a warning.
         accelerator: An ``accelerate.Accelerator``, for the process layout. Without one, an
             initialized ``torch.distributed`` process group is detected.
         unwrap: Applied to ``model`` before the automatic unwrapping, for a wrapper lawwatch
