@@ -7,7 +7,6 @@ Its measurement options are the fields of :class:`~lawwatch.config.MeasureConfig
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from lawwatch.checkpoints import Checkpoint, LoadOptions
 from lawwatch.cli import fail
 from lawwatch.cli.options import DataclassOptions
 from lawwatch.cli.probe import PROBE
-from lawwatch.config import MeasureConfig
+from lawwatch.config import REGEX_PREFIX, MeasureConfig
 from lawwatch.probe import ProbeSet
 
 
@@ -30,10 +29,10 @@ def _layers(text: str) -> int | tuple[int, ...]:
         ) from None
 
 
-def _blocks(text: str) -> str | re.Pattern[str] | tuple[str, ...]:
-    """A name or glob; ``re:PATTERN`` for a regex; ``a,b,c`` for a list of names."""
-    if text.startswith("re:"):
-        return re.compile(text[3:])
+def _blocks(text: str) -> str | tuple[str, ...]:
+    """A name or glob; ``re:PATTERN`` for a regex (MeasureConfig compiles it); ``a,b,c`` a list."""
+    if text.startswith(REGEX_PREFIX):
+        return text
     return tuple(text.split(",")) if "," in text else text
 
 
