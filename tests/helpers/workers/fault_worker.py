@@ -34,7 +34,7 @@ from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.workers.common import setup
 
 CHECKPOINT = "checkpoint.json"
-STEPS = 40  # per child: more than a kill ever leaves it time for
+FOREVER = 10**9  # a killed child's steps: it is always killed mid-run, never after its end
 
 
 def monitor(model: torch.nn.Module, probe: ProbeSet, local: LocalHistory, mode: str) -> LawWatch:
@@ -89,14 +89,15 @@ def kills(model: torch.nn.Module, probe: ProbeSet, out: Path, rng: random.Random
         run_dir.mkdir()
         trials = []
         for n in range(count):
-            pid = child(out / f"{mode}.log", run, model, probe, run_dir, mode, STEPS)
+            pid = child(out / f"{mode}.log", run, model, probe, run_dir, mode, FOREVER)
             # half early (the open, the resume's rewrite), half during snapshots and appends
             delay = rng.uniform(0.0, 0.08) if n % 2 else rng.uniform(0.05, 1.2)
             time.sleep(delay)
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
             shutil.copytree(run_dir, out / "kills" / f"{mode}-{n}")
-            trials.append({"delay": delay, "killed": os.WIFSIGNALED(status)})
+            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            trials.append({"delay": delay, "killed": killed, "status": status})
         pid = child(out / f"{mode}.log", run, model, probe, run_dir, mode, 4)
         _, status = os.waitpid(pid, 0)
         done[mode] = {"trials": trials, "last_exit": os.waitstatus_to_exitcode(status)}
