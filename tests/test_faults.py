@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from lawwatch import LawWatch
 from lawwatch.history import History
-from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, LocalHistory
+from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, HistoryBusy, LocalHistory
 from tests.helpers.faults import (
     assert_matrix_describes,
     fill,
@@ -271,3 +271,28 @@ def test_a_fresh_run_replaces_an_earlier_run_with_a_warning(tmp_path, gpt2, prob
         resumed.maybe_snapshot(step)
     resumed.close()
     assert raw_steps(tmp_path) == [0, 1, 2, 4, 8, 12, 16]
+
+
+def test_another_process_writing_the_directory_is_refused_until_it_is_killed(tmp_path):
+    """Two processes, one directory: the second writer is refused (never two interleaved
+    histories); a SIGKILL of the first frees the directory without any cleanup."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from lawwatch.output.store import LocalHistory; "
+            f"h = LocalHistory({str(tmp_path)!r}); print('open', flush=True); time.sleep(600)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(HistoryBusy, match="already written by another process"):
+            LocalHistory(tmp_path)
+    finally:
+        holder.kill()  # SIGKILL: the lock goes with the process
+        holder.wait(timeout=60)
+    LocalHistory(tmp_path).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock leaves no file

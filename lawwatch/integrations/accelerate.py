@@ -27,7 +27,7 @@ from lawwatch.alerts import Alert, Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.output.sinks import Sink, Sinks, scalars
-from lawwatch.output.store import LocalHistory
+from lawwatch.output.store import HistoryBusy, LocalHistory
 from lawwatch.output.trackers import accelerate_tracker
 from lawwatch.probe import ProbeSet
 from lawwatch.watch.config import WatchConfig
@@ -137,7 +137,10 @@ class AcceleratorWatch(LawWatch):
         chosen: list[Sink] = []
         if accelerator.is_main_process:
             if directory is not None:
-                chosen.append(LocalHistory(directory, series=self.series()))
+                try:
+                    chosen.append(LocalHistory(directory, series=self.series()))
+                except HistoryBusy as busy:  # another writer there: this monitor writes none
+                    log.error("lawwatch: %s", busy)
             trackers = AcceleratorTrackers(accelerator)
             chosen += [trackers, *extra]
             if wanted is not None:

@@ -12,6 +12,8 @@ and holds the records a full or read-only disk refuses until they can be written
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import gc
 import json
 import logging
@@ -25,7 +27,7 @@ from typing import Any
 
 from lawwatch.history import History, Snapshot, series, series_change
 
-__all__ = ["HISTORY_FILE", "MATRIX_FILE", "LocalHistory", "read", "write"]
+__all__ = ["HISTORY_FILE", "MATRIX_FILE", "HistoryBusy", "LocalHistory", "read", "write"]
 
 HISTORY_FILE = "history.jsonl"
 MATRIX_FILE = "pr.safetensors"
@@ -295,8 +297,9 @@ class LocalHistory:
       :func:`~lawwatch.history.series_change`) starts a new one: the files held so far move to
       ``<directory>/series-<n>/`` and a warning says what changed. ``series=`` checks the
       records already there when the directory opens.
-    - **One writer.** Two open ``LocalHistory`` of one process never share a directory: the
-      second is refused until the first is closed.
+    - **One writer.** Two open ``LocalHistory`` never share a directory, in one process or
+      in two (an advisory lock on the directory, which the system releases when its process
+      ends, even by ``kill -9``): the second is refused until the first is closed.
 
     Args:
         directory: Where the files live (created if missing).
@@ -305,7 +308,8 @@ class LocalHistory:
             at the first write.
 
     Raises:
-        ValueError: Another open LocalHistory of this process writes to ``directory``.
+        HistoryBusy: Another open LocalHistory, of this process or another, writes to
+            ``directory``.
     """
 
     threadsafe = True  # lawwatch's own files: the background worker may write them
@@ -320,6 +324,7 @@ class LocalHistory:
         self._matrix = False  # pr.safetensors must be written again
         self._failing: OSError | None = None  # why the files are not being written (warned)
         self._outages = 0  # times the disk began refusing (the first is warned about)
+        self._lock: weakref.finalize | None = None  # closes the descriptor holding the lock
         _claim(self)
         try:
             self.history = self._open()
@@ -554,6 +559,10 @@ def _free_name(directory: Path, prefix: str) -> Path:
 _OPEN: dict[Path, weakref.ref[LocalHistory]] = {}
 
 
+class HistoryBusy(ValueError):
+    """Another open :class:`LocalHistory`, of this process or another, writes the directory."""
+
+
 def _holder(key: Path) -> LocalHistory | None:
     ref = _OPEN.get(key)
     holder = ref() if ref is not None else None
@@ -567,12 +576,13 @@ def _claim(local: LocalHistory) -> None:
         gc.collect()  # a holder only a reference cycle keeps alive is no holder
     holder = _holder(key)
     if holder is not None:
-        raise ValueError(
+        raise HistoryBusy(
             f"{local.directory} is already written by another lawwatch monitor of this process "
             f"(its LocalHistory holds {_plural(len(holder.records), 'record')}); two monitors "
             "in one directory would interleave one history.jsonl. Give each LawWatchCallback "
             "or AcceleratorWatch its own directory=, or close() the other monitor first."
         )
+    _lock(local)
     _OPEN[key] = weakref.ref(local)
 
 
@@ -581,3 +591,33 @@ def _release(local: LocalHistory) -> None:
     ref = _OPEN.get(key)
     if ref is not None and ref() is local:
         del _OPEN[key]
+    if local._lock is not None:
+        local._lock()  # closes the descriptor: the lock is released
+        local._lock = None
+
+
+def _lock(local: LocalHistory) -> None:
+    """Take ``local``'s directory's lock for this process, or refuse: another process writes it.
+
+    The lock is a ``flock`` on the directory itself (no file to leave behind); a file system
+    without locks (some network mounts) leaves the directory unlocked.
+    """
+    try:
+        fd = os.open(local.directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return  # no locks here
+        raise HistoryBusy(
+            f"{local.directory} is already written by another process; two processes writing "
+            "one directory would interleave one history.jsonl, so this one writes nothing "
+            "there. If they are one training run, they did not form a process group (each "
+            "trains alone): launch them so that they do (torchrun, or accelerate launch with "
+            "ACCELERATE_USE_CPU=1 on a machine without GPUs). If they are separate runs, give "
+            "each its own directory."
+        ) from None
+    local._lock = weakref.finalize(local, os.close, fd)  # a history nobody holds frees it

@@ -102,15 +102,26 @@ def warn_unformed(accelerator: Any | None = None) -> bool:
             if accelerator is not None
             else "no torch.distributed process group is initialized, so lawwatch sees "
         )
+        if accelerator is not None:
+            fix = (
+                "An Accelerator forms the group when it is created inside the launched "
+                "processes (accelerate launch, torchrun) and, on a machine without GPUs, only "
+                "when asked for the CPU: launch with ACCELERATE_USE_CPU=1 (`ACCELERATE_USE_CPU=1 "
+                "accelerate launch --multi_gpu --num_processes 2 train.py`) or create it as "
+                "Accelerator(cpu=True)."
+            )
+        else:
+            fix = (
+                "Form the process group before the first snapshot: call "
+                "torch.distributed.init_process_group() in every process, or pass the "
+                "accelerate.Accelerator of a multi-process launch as LawWatch(accelerator=...)."
+            )
         log.warning(
             "lawwatch: this process was started as one of WORLD_SIZE=%d, but %sa single "
-            "process: every process will measure the whole probe and write its results as if "
-            "it were alone. Form the process group before the first snapshot: call "
-            "torch.distributed.init_process_group() in every process, or create the "
-            "accelerate.Accelerator inside the launched processes with a multi-process "
-            "configuration and pass it to LawWatch(accelerator=...).",
+            "process: each process trains alone and measures the whole probe. %s",
             world,
             source,
+            fix,
         )
     return True
 
