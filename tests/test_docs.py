@@ -167,7 +167,7 @@ def executed(tmp_path_factory):
         env=environment(scratch / "bin"),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # generous: a loaded CI machine is slow, not hung
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return json.loads(result.read_text())
