@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 # torch pinned to the locally served CPU wheel in the dev environment only
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench clean docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,11 +22,16 @@ demo: install
 	$(VENV)/bin/lawwatch demo
 
 lint: install
-	$(VENV)/bin/ruff check lawwatch tests bench recipes
-	$(VENV)/bin/ruff format --check lawwatch tests bench recipes
+	$(VENV)/bin/ruff check lawwatch tests bench recipes docs/hooks.py
+	$(VENV)/bin/ruff format --check lawwatch tests bench recipes docs/hooks.py
+
+# the documentation site (README.md as its front page, docs/, BENCHMARKS.md) into site/;
+# --strict: a broken link or anchor, or a page missing from the nav, fails the build
+docs: install
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
 
 # bench_overhead --quick: ~1 min; BENCHMARKS.md's numbers come from the full run (no --quick)
 bench: install
