@@ -1,9 +1,9 @@
 """Where the residual stream lives in a model: its blocks, its final norm, its entries.
 
 Hugging Face models are read automatically: the blocks are the ``nn.ModuleList`` of
-``config.num_hidden_layers`` modules, the final norm the module named ``ln_f``, ``norm``,
-``final_layer_norm``, ``norm_f``, ``ln_out`` or ``final_layernorm`` outside them
-(:data:`lawwatch.models.FINAL_NORM_NAMES`). Any other
+``config.num_hidden_layers`` modules (``config.n_layer`` for nanoGPT's ``GPT``), the final
+norm the module named ``ln_f``, ``norm``, ``final_layer_norm``, ``norm_f``, ``ln_out`` or
+``final_layernorm`` outside them (:data:`lawwatch.models.FINAL_NORM_NAMES`). Any other
 module names its blocks (a name, a glob, a regex or a list) and, unless it has one of those
 names, its final norm. Names are those of ``model.named_modules()``, without the components
 that wrappers insert (FSDP, activation checkpointing, ``torch.compile``).
@@ -97,20 +97,25 @@ def resolve_blocks(
 
 def _auto_blocks(model: nn.Module, names: dict[str, nn.Module]) -> list[str]:
     config = getattr(base_model(model), "config", None)
-    depth = getattr(config, "num_hidden_layers", None) if config is not None else None
+    # Hugging Face's config.num_hidden_layers, else nanoGPT's GPTConfig.n_layer
+    depth = getattr(config, "num_hidden_layers", getattr(config, "n_layer", None))
     lists = _module_lists(names)
     hits = [n for n, k in lists if k == depth]
     hits = [n for n in hits if not any(o != n and _within(n, o) for o in hits)]
     if len(hits) != 1:
         found = ", ".join(f"{n} ({k})" for n, k in lists) or "none"
+        outer = [n for n, _ in lists if not any(o != n and _within(n, o) for o, _ in lists)]
+        fix = f"blocks={outer[0]!r}" if len(outer) == 1 else "blocks='<name>'"
         raise ValueError(
             f"Cannot tell the blocks of {type(model).__name__}: "
             + (
                 f"{len(hits)} ModuleLists hold config.num_hidden_layers={depth} modules"
                 if depth is not None
-                else "it is not a Hugging Face model with config.num_hidden_layers"
+                else "it has no config.num_hidden_layers (Hugging Face) or config.n_layer"
             )
-            + f". Pass blocks='<name>.*' (its ModuleLists, with lengths: {found})."
+            + f". Pass {fix}, the ModuleList of its blocks (its ModuleLists, with lengths: "
+            f"{found}), and final_norm='<name>' unless the norm after the last block is named "
+            f"{'/'.join(FINAL_NORM_NAMES)}."
         )
     return [n for n in names if n.startswith(hits[0] + ".") and "." not in n[len(hits[0]) + 1 :]]
 

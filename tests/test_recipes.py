@@ -24,6 +24,7 @@ from lawwatch import ProbeSet
 from lawwatch.history import History
 from lawwatch.output.sinks import layer_key
 from lawwatch.watch.schedule import Schedule
+from tests.helpers.recipes import recipe
 from tests.helpers.wandb_offline import history_rows, inspect_run, lawwatch_steps
 from tests.helpers.workers.launch import ROOT, accelerate_launch, run, torchrun
 
@@ -233,3 +234,25 @@ def test_launch_without_cpu_is_refused_on_a_machine_without_gpus(tmp_path):
     assert "2 processes were launched (WORLD_SIZE=2) but did not form one group" in log
     assert "--set train.cpu=true" in log
     assert not (tmp_path / "out" / "tokenizer").exists()  # refused before writing anything
+
+
+# -- the nanoGPT recipe: a raw torch loop, in this process -----------------------------------------
+
+NANO = ["--n-layer", "3", "--n-embd", "16", "--n-head", "2", "--seq-len", "32"]
+NANO += ["--batch-size", "4", "--every", "2", "--ckpt-every", "4", "--log-every", "2"]
+
+
+def test_nanogpt_recipe_writes_and_resumes(tmp_path, capsys):
+    main = recipe("pretrain_nanogpt").main
+    out = tmp_path / "out"
+    main(["--out", str(out), "--steps", "6", *NANO])
+    first = History.read(out / "lawwatch").records
+    assert [r["step"] for r in first] == [0, 1, 2, 4, 6]  # step 0: the initial weights
+    assert (out / "lawwatch" / "law.png").read_bytes()[:4] == b"\x89PNG"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    main(["--out", str(out), "--steps", "10", "--resume", *NANO])
+    log = capsys.readouterr().out
+    assert "from step 6 to 10" in log and "step 10: loss" in log
+    records = History.read(out / "lawwatch").records
+    assert [r["step"] for r in records] == [0, 1, 2, 4, 6, 8, 10]  # the history continued
+    assert records[:5] == first

@@ -27,7 +27,6 @@ from lawwatch.alerts import Alert, Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
 from lawwatch.output.sinks import Sink, Sinks, scalars
-from lawwatch.output.store import HistoryBusy, LocalHistory
 from lawwatch.output.trackers import accelerate_tracker
 from lawwatch.probe import ProbeSet
 from lawwatch.watch.config import WatchConfig
@@ -104,7 +103,8 @@ class AcceleratorWatch(LawWatch):
             :meth:`~lawwatch.LawWatch.close` on every process before
             ``accelerator.end_training()``, so the last records reach the trackers.
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors``
-            (:class:`~lawwatch.output.store.LocalHistory`: one series, one writer); None for none.
+            (:class:`~lawwatch.output.store.LocalHistory`: one series, one writer) and, at
+            :meth:`~lawwatch.LawWatch.close`, ``law.png``; None for none.
         sinks: More sinks (main process only).
         alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts`) raises an alert when the law
             emerges, breaks, or a layer's PR stops falling: a WARNING on the ``"lawwatch"``
@@ -130,19 +130,21 @@ class AcceleratorWatch(LawWatch):
     ) -> None:
         wanted = Alerts.of(alerts)  # checked on every process, before anything opens
         extra = Sinks(sinks).sinks
+        # the local history in ``directory``, on the main process: LawWatch's
         super().__init__(
-            model, probe, config, watch, accelerator=accelerator, unwrap=unwrap, **options
+            model,
+            probe,
+            config,
+            watch,
+            directory=directory,
+            accelerator=accelerator,
+            unwrap=unwrap,
+            **options,
         )
-        # opened once the options are known good; records of another series are set aside
         chosen: list[Sink] = []
         if accelerator.is_main_process:
-            if directory is not None:
-                try:
-                    chosen.append(LocalHistory(directory, series=self.series()))
-                except HistoryBusy as busy:  # another writer there: this monitor writes none
-                    log.error("lawwatch: %s", busy)
             trackers = AcceleratorTrackers(accelerator)
-            chosen += [trackers, *extra]
+            chosen += [*self.sinks.sinks, trackers, *extra]
             if wanted is not None:
                 targets = [trackers] + [s for s in extra if isinstance(s, Alerting)]
                 chosen.append(

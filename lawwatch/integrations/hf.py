@@ -23,15 +23,15 @@ from transformers import TrainerCallback
 from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.output.sinks import Sink, Sinks
-from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, LocalHistory
+from lawwatch.output.store import LocalHistory
 from lawwatch.output.trackers import (
     TRACKERS,
-    Reporting,
     TrainerRun,
     open_tracker,
     reported_trackers,
 )
 from lawwatch.probe import ProbeSet
+from lawwatch.report import finish_run
 from lawwatch.watch.config import WatchConfig, build_configs
 from lawwatch.watch.monitor import LawWatch
 
@@ -68,7 +68,7 @@ class LawWatchCallback(TrainerCallback):
 
     - ``<output_dir>/lawwatch/history.jsonl`` and ``pr.safetensors`` (see
       :class:`lawwatch.output.store.LocalHistory`), and ``law.png`` after the final snapshot
-      (:func:`lawwatch.report.plot_law`, when matplotlib is installed);
+      (:func:`lawwatch.report.finish_run`, when matplotlib is installed);
     - for each tracker in ``args.report_to`` (``"all"`` included): the same keys
       (:func:`lawwatch.output.sinks.scalars`) at the training step: W&B, MLflow (and DagsHub),
       trackio, Comet and ClearML in their current run (the one the Trainer's own callback uses);
@@ -240,8 +240,12 @@ class LawWatchCallback(TrainerCallback):
         self._measure(state.global_step)
         self.monitor.flush()  # the background results, before the report
         if state.is_world_process_zero and self.local is not None and self.local.records:
-            self.report_path = self._plot(self.local.records)
-            self._report(self.report_path)
+            self.report_path = finish_run(
+                self.directory,
+                self.local.records,
+                self.trackers,
+                emergence_threshold=self.watch.emergence_threshold,
+            )
 
     def _measure(self, step: int) -> None:
         """Measure ``step`` unless already attempted (on or off the schedule)."""
@@ -314,27 +318,3 @@ class LawWatchCallback(TrainerCallback):
                 continue
             opened[name] = sink
         return opened
-
-    def _report(self, image: Path | None) -> None:
-        """The PNG and the history files to every tracker that takes them."""
-        files = [self.directory / name for name in (HISTORY_FILE, MATRIX_FILE)]
-        files = [path for path in files if path.exists()]
-        for name, sink in self.trackers.items():
-            if isinstance(sink, Reporting):
-                try:
-                    sink.log_report(image, files)
-                except Exception:
-                    log.exception("lawwatch: the report did not reach %s", name)
-
-    def _plot(self, records: list[dict[str, Any]]) -> Path | None:
-        try:
-            from lawwatch.report import plot_law
-
-            return plot_law(
-                records,
-                self.directory / "law.png",
-                emergence_threshold=self.watch.emergence_threshold,
-            )
-        except ImportError as error:  # matplotlib is an optional dependency
-            log.warning("lawwatch: no plot of the law (%s; pip install matplotlib)", error)
-            return None

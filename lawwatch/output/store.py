@@ -308,8 +308,9 @@ class LocalHistory:
             at the first write.
 
     Raises:
-        HistoryBusy: Another open LocalHistory, of this process or another, writes to
-            ``directory``.
+        ValueError: Another open LocalHistory of this process writes to ``directory``.
+        HistoryBusy: Another process writes to ``directory`` (a monitor logs it and writes
+            no files, training goes on).
     """
 
     threadsafe = True  # lawwatch's own files: the background worker may write them
@@ -560,7 +561,7 @@ _OPEN: dict[Path, weakref.ref[LocalHistory]] = {}
 
 
 class HistoryBusy(ValueError):
-    """Another open :class:`LocalHistory`, of this process or another, writes the directory."""
+    """Another process holds the directory: an open :class:`LocalHistory` writes it there."""
 
 
 def _holder(key: Path) -> LocalHistory | None:
@@ -576,7 +577,7 @@ def _claim(local: LocalHistory) -> None:
         gc.collect()  # a holder only a reference cycle keeps alive is no holder
     holder = _holder(key)
     if holder is not None:
-        raise HistoryBusy(
+        raise ValueError(
             f"{local.directory} is already written by another lawwatch monitor of this process "
             f"(its LocalHistory holds {_plural(len(holder.records), 'record')}); two monitors "
             "in one directory would interleave one history.jsonl. Give each LawWatchCallback "

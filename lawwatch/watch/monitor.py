@@ -16,7 +16,8 @@ import atexit
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ from lawwatch.history import History, Snapshot, identity, series, series_change
 from lawwatch.measurement import prepare, solve
 from lawwatch.models import measured_module
 from lawwatch.output.sinks import Rewindable, Sink, Sinks
+from lawwatch.output.store import HistoryBusy, LocalHistory
+from lawwatch.output.trackers import Tracker, check_trackers, open_trackers
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
 from lawwatch.stats import Statistics
@@ -44,13 +47,16 @@ class LawWatch:
     """Measure the law of equi-learning on a schedule while a model trains.
 
     Call :meth:`maybe_snapshot` after each optimizer step on every process, with the same step
-    count on every process; it measures when :attr:`watch` says so. On several processes (an
-    ``accelerate.Accelerator``, or any initialized ``torch.distributed`` process group) each
-    measures a shard of the probe and solves its share of the entries (see :meth:`snapshot`);
-    rank 0 alone writes to the sinks. The probe runs through the module the model's wrapping
-    points to (:func:`lawwatch.models.measured_module`), eagerly with autocast off, in the
-    weights' dtype (:mod:`lawwatch.precision`), and every record says what it was measured
-    with (:meth:`series`): a resumed history of another series is not continued.
+    count on every process; it measures when :attr:`watch` says so, and at its first call
+    (a monitor that loaded no state measures the start of its history whatever the schedule
+    says, as the Trainer callback measures step 0). Call :meth:`close` at the end of training.
+    On several processes (an ``accelerate.Accelerator``, or any initialized
+    ``torch.distributed`` process group) each measures a shard of the probe and solves its
+    share of the entries (see :meth:`snapshot`); rank 0 alone writes to the sinks. The probe
+    runs through the module the model's wrapping points to
+    (:func:`lawwatch.models.measured_module`), eagerly with autocast off, in the weights' dtype
+    (:mod:`lawwatch.precision`), and every record says what it was measured with
+    (:meth:`series`): a resumed history of another series is not continued.
 
     Args:
         model: The model being trained, as the training framework wraps it (DDP, FSDP, …).
@@ -60,8 +66,18 @@ class LawWatch:
         watch: When to measure and at what cost (default: every 100 steps after the
             log-spaced start, in the foreground, no budget), see
             :class:`~lawwatch.watch.config.WatchConfig`.
-        sinks: Where snapshots go (rank 0 only). Default: none (results are still returned).
-            For an accelerate loop's trackers and local files, see
+        directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors`` (a
+            :class:`~lawwatch.output.store.LocalHistory`: one series, one writer) and, at
+            :meth:`close`, ``law.png`` (:func:`lawwatch.report.finish_run`). None for no files.
+        trackers: Tracker names (``"wandb"``, ``"tensorboard"``, ``"mlflow"``, ``"trackio"``,
+            ``"comet"``, ``"dvclive"``, ``"clearml"``), opened on the main process as a
+            Trainer's ``report_to`` is (:func:`lawwatch.output.trackers.open_trackers`: W&B,
+            MLflow, trackio, Comet and ClearML log into their current run, so start it first;
+            TensorBoard writes in ``<directory>/tensorboard``), or tracker sinks. A resumed
+            run's trackers are given the restored history (:meth:`load_state_dict`); at
+            :meth:`close` they get ``law.png`` and the history files.
+        sinks: More sinks (rank 0 only). Default: none (results are still returned).
+            For an accelerate loop's trackers, see
             :class:`lawwatch.integrations.accelerate.AcceleratorWatch`.
             A monitor that loads no state (:meth:`load_state_dict`) starts a new history: at
             its first record, :class:`~lawwatch.output.sinks.Rewindable` sinks (a
@@ -76,14 +92,20 @@ class LawWatch:
             (``batch_size``, ``layers``, ``every``, ``background``, …).
 
     Raises:
-        TypeError: An option that is a field of neither.
-        ValueError: An invalid option, or a probe that does not fit the model.
+        TypeError: An option that is a field of neither, or ``trackers`` not names and sinks.
+        ValueError: An invalid option, an unknown tracker name, a probe that does not fit the
+            model, or a ``directory`` another open monitor of this process writes to.
+        LookupError: A tracker with no current run (the message says how to start one).
 
     Attributes:
         config: The measurement options.
         watch: The monitor's settings.
         history: The snapshots taken (identical on every rank).
         last_step: The last step attempted, success or not (identical on every rank).
+        local: The :class:`~lawwatch.output.store.LocalHistory` in ``directory`` (main process),
+            or None.
+        trackers: Name -> tracker sink, opened from ``trackers`` (main process).
+        report_path: The ``law.png`` :meth:`close` wrote, or None.
     """
 
     def __init__(
@@ -93,6 +115,8 @@ class LawWatch:
         config: MeasureConfig | None = None,
         watch: WatchConfig | None = None,
         *,
+        directory: str | Path | None = None,
+        trackers: Sequence[str | Sink] | None = None,
         sinks: list[Sink] | Sinks | None = None,
         accelerator: Any | None = None,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
@@ -104,6 +128,7 @@ class LawWatch:
         self.model, self.probe = model, probe
         self.schedule = planned(self.watch)
         self.sinks = sinks if isinstance(sinks, Sinks) else Sinks(sinks)
+        wanted = check_trackers(trackers)  # on every process, before anything opens
         self.accelerator, self.unwrap = accelerator, unwrap
         # resolved once, on the whole probe: every shard of every rank regresses the same targets
         self.targets = prepare(measured_module(model, unwrap), probe, self.config)
@@ -118,6 +143,42 @@ class LawWatch:
         self._budget = Budget(self.watch.max_overhead, self.watch.last_step)
         self._worker = Worker(self.watch.background_lag)
         self._fresh = True  # no state loaded: the first record replaces what sinks hold
+        self._loaded = False  # state loaded (the same on every rank, unlike _fresh)
+        self.directory = None if directory is None else Path(directory)
+        self.local: LocalHistory | None = None
+        self.trackers: dict[str, Sink] = {}
+        self.report_path: Path | None = None
+        if layout(accelerator).rank == 0:
+            self._open_outputs(wanted)
+
+    def _open_outputs(self, trackers: list[str | Sink]) -> None:
+        """The main process's files and trackers, ahead of the sinks given.
+
+        Opened once the options are known good; records of another series already in the
+        directory are set aside (see :class:`~lawwatch.output.store.LocalHistory`).
+        """
+        opened: list[Sink] = []
+        if self.directory is not None:
+            try:
+                identity: dict[str, Any] | None = self.series()
+            except Exception:  # the model cannot say its precision yet: checked at 1st write
+                identity = None
+            try:
+                self.local = LocalHistory(self.directory, series=identity)
+                opened.append(self.local)
+            except HistoryBusy as busy:  # another writer there: this monitor writes none
+                log.error("lawwatch: %s", busy)
+        try:
+            self.trackers = open_trackers(
+                trackers,
+                directory=self.directory,
+                emergence_threshold=self.watch.emergence_threshold,
+            )
+        except BaseException:
+            if self.local is not None:
+                self.local.close()  # the directory is free for the monitor built after the fix
+            raise
+        self.sinks = Sinks([*opened, *self.trackers.values(), *self.sinks.sinks])
 
     # -- when ---------------------------------------------------------------------------------
 
@@ -134,13 +195,19 @@ class LawWatch:
     def maybe_snapshot(self, step: int) -> Snapshot | None:
         """Snapshot if ``step`` is on the schedule; see :meth:`snapshot` for what is returned.
 
+        The first call of a monitor that loaded no state measures whatever the schedule and the
+        budget say: the history starts where training is when the loop first calls (step 1 of
+        a loop that calls after each update; step 0 of one that calls before it), as the
+        Trainer callback measures step 0. Decided from the calls, so alike on every rank.
+
         Background results due at ``step`` are recorded first. With ``max_overhead``, the time
         between calls measures a training step (the time of a snapshot itself excluded).
         """
         self._budget.called(step, self._clock())
         if self._worker.pending:
             self._collect(step)
-        result = self.snapshot(step) if self.should_snapshot(step) else None
+        first = self.last_step is None and not self._loaded and step >= 0
+        result = self.snapshot(step) if first or self.should_snapshot(step) else None
         self._budget.returned(step, self._clock())
         return result
 
@@ -317,6 +384,12 @@ class LawWatch:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the snapshot records and the last step attempted.
 
+        Plain Python values only (dicts, lists, strings, numbers, None), so a raw loop keeps it
+        in its checkpoint and reads it back with ``torch.load(path, weights_only=True)``::
+
+            ckpt["lawwatch"] = watch.state_dict()                          # torch.save(ckpt, …)
+            watch.load_state_dict(ckpt["lawwatch"], resume_step=ckpt["step"])  # on resume
+
         With ``background`` the pending results are recorded first (:meth:`flush`; on several
         processes call it on every process, as ``accelerator.save_state`` does), so the state
         holds every snapshot attempted.
@@ -344,8 +417,19 @@ class LawWatch:
             last = resume_step if last is None else min(last, resume_step)
         self.history, self.last_step = history, last
         self._fresh = last is None
+        self._loaded = True
         if last is not None and layout(self.accelerator).rank == 0:
             self.sinks.drop_after(last)
+            self._replay(history)
+
+    def _replay(self, history: History) -> None:
+        """Trackers opened by name that hold nothing yet get the restored history (a resume)."""
+        for name, sink in self.trackers.items():
+            if isinstance(sink, Tracker) and not sink.records:
+                try:
+                    sink.replay(history.records)
+                except Exception:
+                    log.exception("lawwatch: the restored history did not reach %s", name)
 
     def _replace_earlier_run(self) -> None:
         """A run that loaded no state starts a new history: rewindable sinks drop what they hold.
@@ -392,8 +476,10 @@ class LawWatch:
     def close(self) -> None:
         """End of training: record every pending result, end the worker, close the sinks.
 
-        With ``background`` on several processes, call it on every process (the pending PRs
-        are gathered). No thread of lawwatch's outlives it.
+        With ``directory``, the main process then writes ``law.png`` there and hands it and the
+        history files to the trackers (:func:`lawwatch.report.finish_run`). With
+        ``background`` on several processes, call it on every process (the pending PRs are
+        gathered). No thread of lawwatch's outlives it.
         """
         _UNCLOSED.discard(self)
         try:
@@ -402,7 +488,26 @@ class LawWatch:
             finally:
                 self._worker.shutdown()
         finally:
-            self.sinks.close()
+            try:
+                self._finish_run()
+            finally:
+                self.sinks.close()
+
+    def _finish_run(self) -> None:
+        """``law.png`` and the report to the trackers (main process, with records)."""
+        if self.local is None or self.local.closed or not self.local.records:
+            return
+        try:
+            from lawwatch.report import finish_run
+
+            self.report_path = finish_run(
+                self.local.directory,
+                self.local.records,
+                self.trackers,
+                emergence_threshold=self.watch.emergence_threshold,
+            )
+        except Exception:  # the end-of-run picture never stops the run
+            log.exception("lawwatch: no plot of the law in %s", self.local.directory)
 
     def _close_at_exit(self) -> None:
         """The interpreter exits and :meth:`close` was never called: finish what is pending.

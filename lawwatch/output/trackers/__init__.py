@@ -33,7 +33,9 @@ from lawwatch.output.trackers.opening import (
     TRACKERS,
     TrainerRun,
     accelerate_tracker,
+    check_trackers,
     open_tracker,
+    open_trackers,
     reported_trackers,
 )
 from lawwatch.output.trackers.tensorboard import TensorBoardSink
@@ -53,6 +55,8 @@ __all__ = [
     "TrainerRun",
     "WandbSink",
     "accelerate_tracker",
+    "check_trackers",
     "open_tracker",
+    "open_trackers",
     "reported_trackers",
 ]

@@ -1,10 +1,18 @@
-"""Opening a tracker's sink: from a Trainer's ``report_to``, or on an accelerate tracker."""
+"""Opening a tracker's sink: by name (a Trainer's ``report_to``, a raw loop's ``trackers``).
+
+Or on an accelerate tracker's object (:func:`accelerate_tracker`).
+The Trainer callback and :class:`~lawwatch.LawWatch` (``trackers=["wandb", ...]``) open a
+tracker by name the same way (:func:`open_tracker`): global-run trackers log into their current
+run, TensorBoard into lawwatch's own writer, DVCLive into the Live given or lawwatch's own.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +49,19 @@ class TrainerRun:
     """What a Trainer's tracker sinks are opened from.
 
     Attributes:
-        args: The ``TrainingArguments``.
+        args: The ``TrainingArguments`` (None for a loop without a Trainer).
         since: A time (``time.time()``) before this training began: event files written since
             are this training's.
         dvclive_live: A ``dvclive.Live`` to log into (the one given to the Trainer's
             ``DVCLiveCallback``); None: lawwatch opens its own in ``./dvclive``.
+        logging_dir: TensorBoard's directory for a loop without a Trainer (a raw loop's
+            ``<directory>/tensorboard``); None: the Trainer's, or ``runs/<time>_<host>``.
     """
 
     args: Any = None
     since: float = 0.0
     dvclive_live: Any = None
+    logging_dir: Path | None = None
 
     def tensorboard_dir(self) -> Path:
         """The Trainer's TensorBoard directory, where lawwatch's own writer writes too.
@@ -58,11 +69,18 @@ class TrainerRun:
         ``TENSORBOARD_LOGGING_DIR``, else ``args.logging_dir`` (transformers before 5), else
         the ``<output_dir>/runs/<time>_<host>`` directory the Trainer's writer made for this
         training, else a new one named alike. TensorBoard reads every event file of a directory
-        as one run.
+        as one run. Without a Trainer: ``TENSORBOARD_LOGGING_DIR``, else :attr:`logging_dir`,
+        else ``runs/<time>_<host>`` (``SummaryWriter``'s default).
         """
-        chosen = os.getenv("TENSORBOARD_LOGGING_DIR") or getattr(self.args, "logging_dir", None)
+        chosen = (
+            os.getenv("TENSORBOARD_LOGGING_DIR")
+            or self.logging_dir
+            or getattr(self.args, "logging_dir", None)
+        )
         if chosen:
             return Path(chosen).expanduser()
+        if self.args is None:
+            return Path("runs") / f"{datetime.now():%b%d_%H-%M-%S}_{socket.gethostname()}"
         runs = Path(self.args.output_dir) / "runs"
         made = [
             events.parent
@@ -80,7 +98,7 @@ def _open_wandb(run: TrainerRun, history: list[dict[str, Any]], threshold: float
     import wandb
 
     if wandb.run is None:
-        raise LookupError("report_to includes wandb but no W&B run is active")
+        raise LookupError("no W&B run is active: call wandb.init(project=...) before training")
     return WandbSink(wandb.run, history=history, emergence_threshold=threshold)
 
 
@@ -99,7 +117,7 @@ def _open_mlflow(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Si
 
     active = mlflow.active_run()
     if active is None:
-        raise LookupError("report_to includes mlflow but no MLflow run is active")
+        raise LookupError("no MLflow run is active: call mlflow.start_run() before training")
     return MlflowSink(active.info.run_id, tracking_uri=mlflow.get_tracking_uri(), history=history)
 
 
@@ -108,7 +126,9 @@ def _open_trackio(run: TrainerRun, history: list[dict[str, Any]], _: float) -> S
 
     current = context_vars.current_run.get()
     if current is None:
-        raise LookupError("report_to includes trackio but no trackio run is active")
+        raise LookupError(
+            "no trackio run is active: call trackio.init(project=...) before training"
+        )
     return TrackioSink(current, history=history)
 
 
@@ -117,7 +137,9 @@ def _open_comet(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sin
 
     experiment = comet_ml.get_running_experiment()
     if experiment is None:
-        raise LookupError("report_to includes comet_ml but no Comet experiment is running")
+        raise LookupError(
+            "no Comet experiment is running: call comet_ml.start(...) before training"
+        )
     return CometSink(experiment, history=history)
 
 
@@ -132,7 +154,7 @@ def _open_clearml(run: TrainerRun, history: list[dict[str, Any]], _: float) -> S
 
     task = Task.current_task()
     if task is None:
-        raise LookupError("report_to includes clearml but no ClearML task is running")
+        raise LookupError("no ClearML task is running: call clearml.Task.init(...) before training")
     return ClearMLSink(task, history=history)
 
 
@@ -181,6 +203,83 @@ def open_tracker(
     if opener is None:
         return None
     return opener(run or TrainerRun(), list(history or []), emergence_threshold)
+
+
+# names a raw loop may also use for a tracker (the Trainer spells it as its callback does)
+ALIASES = {"comet": "comet_ml"}
+
+
+def check_trackers(trackers: Sequence[str | Sink] | None) -> list[str | Sink]:
+    """A raw loop's ``trackers``, checked before anything opens: names known, sinks sinks.
+
+    Raises:
+        TypeError: ``trackers`` not a list, or an item neither a name nor a sink.
+        ValueError: A name lawwatch has no tracker for.
+    """
+    if trackers is None:
+        return []
+    if isinstance(trackers, str | bytes) or not isinstance(trackers, Sequence):
+        raise TypeError(
+            f"trackers must be a list of tracker names or sinks, got {trackers!r}; "
+            'e.g. trackers=["tensorboard"].'
+        )
+    known = sorted({*TRACKERS, *ALIASES})
+    for item in trackers:
+        if isinstance(item, str):
+            if ALIASES.get(item, item) not in TRACKERS:
+                raise ValueError(f"trackers: unknown tracker {item!r}; choose from {known}.")
+        elif not all(callable(getattr(item, verb, None)) for verb in ("write", "close")):
+            raise TypeError(
+                f"trackers: {item!r} is neither a tracker name ({known}) nor a sink (an "
+                "object with write(snapshot) and close(), see lawwatch.output.sinks.Sink)."
+            )
+    return list(trackers)
+
+
+def open_trackers(
+    trackers: Sequence[str | Sink],
+    *,
+    directory: Path | None = None,
+    emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+) -> dict[str, Sink]:
+    """The sinks of a raw loop's ``trackers`` (main process), opened by name or given.
+
+    Each name is opened as the Trainer's ``report_to`` is (:func:`open_tracker`); a sink is
+    kept as given.
+
+    Args:
+        trackers: Names and sinks, checked by :func:`check_trackers`.
+        directory: The loop's local directory: TensorBoard writes in ``<directory>/tensorboard``
+            (default ``runs/<time>_<host>``).
+        emergence_threshold: r at or below which the law counts as emerged (W&B's summary).
+
+    Returns:
+        Name (a sink's class name for a sink given) -> its sink, in the order given.
+
+    Raises:
+        LookupError: A tracker has no current run; the message says how to start one.
+        ImportError: A tracker's package is not installed.
+    """
+    run = TrainerRun(logging_dir=None if directory is None else Path(directory) / "tensorboard")
+    opened: dict[str, Sink] = {}
+    for item in trackers:
+        if not isinstance(item, str):
+            opened[f"{type(item).__name__}#{len(opened)}"] = item
+            continue
+        name = ALIASES.get(item, item)
+        if name in opened:
+            continue
+        try:
+            sink = open_tracker(name, run, emergence_threshold=emergence_threshold)
+        except LookupError as error:
+            raise LookupError(f"trackers includes {item!r}, but {error}") from None
+        except ImportError as error:
+            raise ImportError(
+                f"trackers includes {item!r}, but its package is not installed ({error})"
+            ) from error
+        if sink is not None:
+            opened[name] = sink
+    return opened
 
 
 def accelerate_tracker(name: str, tracker: Any) -> Sink | None:
