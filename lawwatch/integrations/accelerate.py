@@ -137,7 +137,7 @@ class AcceleratorWatch(LawWatch):
         chosen: list[Sink] = []
         if accelerator.is_main_process:
             if directory is not None:
-                chosen.append(LocalHistory(directory, series=self.series()))
+                chosen.append(LocalHistory(directory, series=self.series(), probe=probe))
             trackers = AcceleratorTrackers(accelerator)
             chosen += [trackers, *extra]
             if wanted is not None:

@@ -337,9 +337,16 @@ class ProbeSet:
         The file hash covers the format, the content hash and the provenance JSON exactly as
         stored, so :meth:`load` refuses a file whose tokens, mask or ``meta`` were changed.
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
+        data = self.to_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def to_bytes(self) -> bytes:
+        """The bytes :meth:`save` writes (for a caller that writes files its own way)."""
+        from safetensors.torch import save
+
         try:
             meta = json.dumps(self.meta)
         except (TypeError, ValueError) as error:
@@ -354,10 +361,8 @@ class ProbeSet:
             "content_hash": content,
             "hash": _file_hash(FORMAT, content, meta),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        save_file(tensors, str(path), metadata=metadata)
-        return path
+        return save(tensors, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeSet:
