@@ -232,7 +232,7 @@ def describe(checkpoints: Sequence[Checkpoint]) -> str:
     parts = [_count(len(folders), "checkpoint")] if folders else []
     for c in finals:
         name = Path(c.source).name
-        same = f", the weights of {name}" if _CHECKPOINT_DIR.fullmatch(name) else ""
+        same = f", measured as {name}" if _CHECKPOINT_DIR.fullmatch(name) else ""
         parts.append(f"the final model (step {c.step}{same})")
     if others:
         parts.append(_count(others, "model" if parts else "checkpoint"))

@@ -120,7 +120,8 @@ def add(commands: Any) -> None:
         choices=("online", "offline"),
         help="(default: W&B's own: online when logged in)",
     )
-    PROBE.add(analyze, flags={"seed": "probe_seed"})
+    # --gguf-file names each checkpoint's GGUF file; the probe's tokenizer's is another option
+    PROBE.add(analyze, flags={"seed": "probe_seed", "gguf_file": "tokenizer_gguf_file"})
     MEASURE.add(analyze)
     analyze.set_defaults(run=run)
 

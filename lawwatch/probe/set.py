@@ -192,11 +192,15 @@ class ProbeSet:
             if text is not None and not isinstance(text, str):
                 raise TypeError(f"Probe text {i} is a {type(text).__name__}, not a str.")
         texts = [text or "" for text in texts]
+        # packed, whole documents are tokenized and cut here into max_length chunks: the
+        # tokenizer's warning that one is longer than the model takes is not true of the probe
+        quiet = {"verbose": False} if pack else {}
         encoded = tokenizer(
             texts,
             add_special_tokens=add_special_tokens,
             truncation=not pack,
             max_length=None if pack else max_length,
+            **quiet,
         )["input_ids"]
         meta = {
             "source": "texts",
