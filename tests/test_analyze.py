@@ -207,7 +207,7 @@ def test_refusals_and_failures(tmp_path, capsys):
     assert cli.main([*base, str(good), str(broken), str(late)]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and "broken" in captured.err and "(step 5)" in captured.err
-    assert "1 measured" in captured.out
+    assert "2 measured" in captured.out
     assert [r["step"] for r in History.read(out).records] == [0, 9]
 
     # one directory holds one probe and one set of options
