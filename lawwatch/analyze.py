@@ -22,9 +22,11 @@ another probe or options that change what is measured is refused (use another di
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ from lawwatch.checkpoints import (
 from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot, series, series_diff
 from lawwatch.measurement import measure
-from lawwatch.output.store import HISTORY_FILE, LocalHistory
+from lawwatch.output.store import HISTORY_FILE, PROBE_FILE, LocalHistory, keep_probe
 from lawwatch.probe import ProbeSet
 
 __all__ = [
@@ -56,8 +58,6 @@ __all__ = [
 
 log = logging.getLogger("lawwatch")
 
-PROBE_FILE = "probe.safetensors"
-"""The probe a sweep measured with, saved beside its history."""
 ANALYZE_JACKKNIFE = 8
 """Jackknife groups of a sweep whose config leaves ``jackknife`` unset."""
 HASH_FILE = "weights-sha256.json"
@@ -146,7 +146,8 @@ def analyze(
             carries the jackknife standard errors of ``r`` and ``rho`` (statistics kept per
             group: memory × 9). The PRs are the same, and the records keep ``config`` as given.
         load: How checkpoints are loaded (dtype, device, device_map, hub cache).
-        progress: Show progress bars (checkpoints and probe batches); None: on a terminal.
+        progress: Show progress bars (checkpoints and probe batches, and transformers' own
+            while a checkpoint loads); None: on a terminal.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
 
     Returns:
@@ -171,16 +172,15 @@ def analyze(
     local = LocalHistory(out)
     probe_hash = probe.content_hash()
     check_compatible(History(local.records), probe_hash, config)
-    if not (out / PROBE_FILE).is_file() or ProbeSet.load(out / PROBE_FILE).content_hash() != (
-        probe_hash
-    ):
-        probe.save(out / PROBE_FILE)
+    keep_probe(probe, out, local.history)  # the probe a sweep measured with, beside its history
     cache = HashCache(out / HASH_FILE)
     identity = {"probe": probe_hash, "config": config.to_dict()}
     result = SweepResult()
 
     disable = None if progress is None else not progress
+    shown = _on_terminal() if progress is None else progress
     with (
+        _transformers_bars(shown),
         tqdm(ordered, desc="checkpoints", unit="ckpt", disable=disable, position=0) as outer,
         tqdm(desc="probe batches", unit="batch", disable=disable, position=1, leave=False) as bar,
     ):
@@ -272,6 +272,36 @@ def _record(local: LocalHistory, snapshot: Snapshot) -> None:
         return
     # a checkpoint earlier than what a previous sweep recorded: rewrite the files in order
     local.replace(sorted([*local.records, snapshot.to_record()], key=lambda r: r["step"]))
+
+
+def _on_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+@contextlib.contextmanager
+def _transformers_bars(shown: bool) -> Iterator[None]:
+    """The progress bars of transformers (its "Loading weights", once per checkpoint), on or off.
+
+    Off, they are turned off for the sweep and restored after it, with the hub's own.
+    """
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hub_off = hub.are_progress_bars_disabled()
+    if shown or not was:
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        if hub_off:
+            hub.disable_progress_bars()
 
 
 def _empty_cuda_cache() -> None:

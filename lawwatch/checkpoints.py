@@ -3,7 +3,10 @@
 A checkpoint is named as any of:
 
 - a Hugging Face model directory (``config.json`` and weights);
-- a ``Trainer`` ``output_dir``: its ``checkpoint-N`` folders, each one checkpoint;
+- a ``Trainer`` ``output_dir``: its ``checkpoint-N`` folders, each one checkpoint, and the
+  final model ``trainer.save_model()`` wrote into the folder itself (at ``trainer_state.json``'s
+  ``global_step``; when a ``checkpoint-N`` is at that step, it stands for the final model, which
+  holds the same weights);
 - a GGUF file (a path ending in ``.gguf``), or a directory or hub repository with
   ``gguf_file=`` naming the file in it (loaded by transformers' GGUF loader, which needs the
   ``gguf`` package);
@@ -25,7 +28,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ __all__ = [
     "Checkpoint",
     "HashCache",
     "LoadOptions",
+    "describe",
     "find_checkpoints",
     "load_model",
     "step_from_name",
@@ -77,6 +81,8 @@ class Checkpoint:
         revision: The hub revision (branch, tag or commit), if any.
         gguf_file: The GGUF file inside ``source``, if the weights are GGUF.
         local: Whether ``source`` is a local directory.
+        final: It is (or, a ``checkpoint-N`` at the same step, stands for) the final model of a
+            Trainer ``output_dir``.
     """
 
     source: str
@@ -84,6 +90,7 @@ class Checkpoint:
     revision: str | None = None
     gguf_file: str | None = None
     local: bool = True
+    final: bool = False
 
     @property
     def name(self) -> str:
@@ -150,24 +157,30 @@ def _resolve(spec: str, given: int | None, gguf_file: str | None) -> list[Checkp
         is_model = (folder / "config.json").is_file() or (
             gguf_file is not None and (folder / gguf_file).is_file()
         )
-        if is_model:
+        subdirs = sorted(
+            (d for d in folder.iterdir() if d.is_dir() and _CHECKPOINT_DIR.fullmatch(d.name)),
+            key=lambda d: int(d.name.split("-")[1]),
+        )
+        if is_model and not subdirs:
             step = given if given is not None else _step_of_dir(folder)
             return [_with_step(Checkpoint(str(folder), step, gguf_file=gguf_file), spec)]
-        subdirs = [d for d in folder.iterdir() if d.is_dir() and _CHECKPOINT_DIR.fullmatch(d.name)]
         if not subdirs:
             raise ValueError(
                 f"{spec} is neither a model directory (no config.json) nor a Trainer output_dir "
                 "(no checkpoint-N folders)."
             )
-        if given is not None:
+        if given is not None and not is_model:
             raise ValueError(
                 f"--step names one step, but {spec} holds {len(subdirs)} checkpoints (each "
                 "folder's own step is used); leave its --step out or name one folder."
             )
-        return [
+        found = [
             _with_step(Checkpoint(str(d), _step_of_dir(d), gguf_file=gguf_file), str(d))
             for d in subdirs
         ]
+        if is_model:  # the final model trainer.save_model() wrote beside its checkpoints
+            found = _with_final(found, folder, spec, given, gguf_file)
+        return found
     repo, at, revision = spec.rpartition("@")
     if not at:
         repo, revision = spec, ""
@@ -179,6 +192,51 @@ def _resolve(spec: str, given: int | None, gguf_file: str | None) -> list[Checkp
     step = given if given is not None else (step_from_name(revision) if revision else None)
     ckpt = Checkpoint(repo, step, revision=revision or None, gguf_file=gguf_file, local=False)
     return [_with_step(ckpt, spec)]
+
+
+def _with_final(
+    found: list[Checkpoint], folder: Path, spec: str, given: int | None, gguf_file: str | None
+) -> list[Checkpoint]:
+    """An output_dir's checkpoints and its final model; a checkpoint at its step stands for it.
+
+    The final model's step is ``given``, else ``trainer_state.json``'s (``trainer.save_state()``
+    writes it beside the model). Only that file's (or ``given``) counts: a step spelled by the
+    folder's name could be any run's.
+    """
+    state_step = _step_of_dir(folder) if (folder / "trainer_state.json").is_file() else None
+    step = given if given is not None else state_step
+    if step is None:
+        raise ValueError(
+            f"{spec} holds {_count(len(found), 'checkpoint-N folder')} and a final model "
+            "(config.json) whose step is unknown: no trainer_state.json beside it "
+            "(trainer.save_state() writes it). Give the final model's step with --step N (the "
+            "checkpoint-N folders keep their own), or name the checkpoint folders alone."
+        )
+    same = next((i for i, c in enumerate(found) if c.step == step), None)
+    if same is not None:  # save_model at the step of the last save: the same weights, measured once
+        found[same] = replace(found[same], final=True)
+        return found
+    final = Checkpoint(str(folder), step, gguf_file=gguf_file, final=True)
+    return [*found, _with_step(final, spec)]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def describe(checkpoints: Sequence[Checkpoint]) -> str:
+    """What a sweep found, for a message: ``3 checkpoints + the final model (step 60)``."""
+    finals = [c for c in checkpoints if c.final]
+    folders = [c for c in checkpoints if c.local and _CHECKPOINT_DIR.fullmatch(Path(c.source).name)]
+    others = len(checkpoints) - len({id(c) for c in [*finals, *folders]})
+    parts = [_count(len(folders), "checkpoint")] if folders else []
+    for c in finals:
+        name = Path(c.source).name
+        same = f", measured as {name}" if _CHECKPOINT_DIR.fullmatch(name) else ""
+        parts.append(f"the final model (step {c.step}{same})")
+    if others:
+        parts.append(_count(others, "model" if parts else "checkpoint"))
+    return " + ".join(parts) or "no checkpoint"
 
 
 def _with_step(ckpt: Checkpoint, spec: str) -> Checkpoint:

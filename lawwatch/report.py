@@ -22,6 +22,7 @@ import html
 import io
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lawwatch.history import History, entries, law_points
+from lawwatch.history import History, entries, law_points, series, series_change
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
 from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE
 
@@ -224,11 +225,14 @@ class Run:
         label: Its name in legends and tables.
         records: Its snapshot records with PRs, steps increasing.
         source: Where it was read from.
+        set_aside: The ``series-<n>/`` directories beside its history (earlier series the
+            store set aside when the probe, options or precision changed); not drawn.
     """
 
     label: str
     records: list[dict[str, Any]]
     source: str = ""
+    set_aside: list[Path] = field(default_factory=list)
 
     @classmethod
     def read(cls, path: str | Path, label: str | None = None) -> Run:
@@ -255,7 +259,20 @@ class Run:
         if not records:
             raise ValueError(f"{path / HISTORY_FILE} holds no snapshot with PRs to report.")
         name = path.parent.name if path.name == "lawwatch" else path.name
-        return cls(label or name, records, str(path))
+        if path.name.startswith("series-"):  # an earlier series: named with its directory's run
+            parent = path.parent
+            owner = parent.parent.name if parent.name == "lawwatch" else parent.name
+            name = f"{owner}/{path.name}"
+        set_aside = sorted(
+            (d for d in path.glob("series-*") if (d / HISTORY_FILE).is_file()),
+            key=lambda d: (len(d.name), d.name),
+        )
+        return cls(label or name, records, str(path), set_aside)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What its latest snapshot was measured with (:func:`lawwatch.history.series`)."""
+        return series(self.records[-1])
 
     @property
     def steps(self) -> list[int]:
@@ -276,10 +293,47 @@ class Report:
     Attributes:
         html: The self-contained page.
         figures: Figure stem -> format -> path.
+        warnings: What :func:`check_runs` found (each also issued as a :class:`ReportWarning`).
     """
 
     html: Path
     figures: dict[str, dict[str, Path]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class ReportWarning(UserWarning):
+    """Runs that are not comparable, or a history not drawn whole (see :func:`check_runs`)."""
+
+
+def check_runs(runs: Sequence[Run]) -> list[str]:
+    """What makes the runs of one report not comparable, or not whole, in words.
+
+    Runs measured with another probe, other measurement options or at another precision than
+    the first run (:func:`lawwatch.history.series_change`, the rule that splits a series), and
+    histories with earlier series set aside in ``series-<n>/`` directories, which are not drawn.
+    """
+    if not runs:
+        return []
+    found, first = [], runs[0]
+    for run in runs[1:]:
+        changes = series_change(first.identity, run.identity)
+        if changes:
+            found.append(
+                f"{run.label!r} ({run.source}) was measured differently from {first.label!r} "
+                f"({first.source}): {'; '.join(changes)}. Their numbers are not comparable: "
+                "compare runs measured with one probe, one set of options and one precision."
+            )
+    for run in runs:
+        if run.set_aside:
+            names = ", ".join(d.name for d in run.set_aside)
+            found.append(
+                f"{run.source} also holds earlier series ({names}), set aside when the probe, "
+                "options or precision changed; they are not drawn. To include them, name them "
+                f"as histories too: lawwatch report {run.source} "
+                + " ".join(str(d) for d in run.set_aside)
+                + " --out …"
+            )
+    return found
 
 
 def select_steps(steps: Sequence[int], count: int = 6) -> list[int]:
@@ -334,6 +388,10 @@ def write_report(
     Raises:
         ValueError: Labels that do not match the histories, or an unknown format.
         ImportError: matplotlib is not installed (``pip install matplotlib``).
+
+    Warns:
+        ReportWarning: Runs measured with different probes, options or precisions, or a history
+            directory holding earlier series it does not draw (:func:`check_runs`).
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -351,13 +409,16 @@ def write_report(
             run.label = label
     if not runs:
         raise ValueError("No history to report.")
+    found = check_runs(runs)
+    for message in found:
+        warnings.warn(message, ReportWarning, stacklevel=2)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     import matplotlib
 
     drawn = {stem: None for stem in FIGURES}
-    report = Report(out / REPORT_FILE)
+    report = Report(out / REPORT_FILE, warnings=found)
     svgs: dict[str, str] = {}
     with matplotlib.rc_context(_STYLE):
         drawn["law_layers"] = _layers_figure(runs, steps)

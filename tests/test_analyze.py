@@ -26,6 +26,7 @@ from lawwatch.checkpoints import (
 from lawwatch.demo.corpus import pydoc_topics
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
+from tests.helpers.gguf_files import write_gguf
 from tests.helpers.models import RECORD_KEYS, char_tokenizer, ragged_probe, tiny_gpt2
 from tests.helpers.trainer import make_trainer
 from tests.helpers.wandb_offline import history_rows, inspect_run, lawwatch_steps
@@ -256,43 +257,6 @@ def test_hub_revision_is_loaded_with_from_pretrained(tmp_path, capsys):
     assert "org/tiny@step50" in capsys.readouterr().err
 
 
-def write_gguf(model: GPT2LMHeadModel, path: Path) -> Path:
-    """A float32 GGUF of a GPT-2, with the tensor names and layout llama.cpp's converter uses."""
-    gguf = pytest.importorskip("gguf")
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_name("tiny-gpt2")
-    writer.add_block_count(config.n_layer)
-    writer.add_context_length(config.n_positions)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_feed_forward_length(4 * config.n_embd)
-    writer.add_head_count(config.n_head)
-    writer.add_layer_norm_eps(config.layer_norm_epsilon)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(0)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, config.n_layer)
-    conv1d = (
-        ".attn.c_attn.weight",
-        ".attn.c_proj.weight",
-        ".mlp.c_fc.weight",
-        ".mlp.c_proj.weight",
-    )
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":  # tied to the embedding
-            continue
-        array = tensor.detach().float().numpy()
-        if name.endswith(conv1d):  # GPT-2's Conv1D stores (in, out); GGUF holds (out, in)
-            array = array.T
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array.copy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_gguf_checkpoint(tmp_path):
     torch.manual_seed(5)
     # transformers' GGUF loader reads GPT-2's context length into a field GPT2Config ignores:
@@ -408,3 +372,20 @@ def test_checkpoint_names():
     assert Checkpoint("/a/b", 3).name == "/a/b"
     assert Checkpoint("org/m", 3, revision="step3", local=False).name == "org/m@step3"
     assert Checkpoint("/a", 3, gguf_file="m.gguf").name == "/a/m.gguf"
+
+
+def test_no_loading_bars_when_not_on_a_terminal(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    for step in (1,):
+        save_model(tiny_gpt2(step), tmp_path / "run" / f"checkpoint-{step}")
+    argv = ["analyze", str(tmp_path / "run"), "--probe", str(probe_file), "--no-report"]
+    assert hf_logging.is_progress_bar_enabled()
+    assert cli.main([*argv, "--out", str(tmp_path / "quiet")]) == 0  # stderr is no terminal
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err and "1 measured" in captured.out
+    assert hf_logging.is_progress_bar_enabled()  # restored after the sweep
+    # asked for, they are shown
+    assert cli.main([*argv, "--progress", "--out", str(tmp_path / "shown")]) == 0
+    assert "Loading weights" in capsys.readouterr().err

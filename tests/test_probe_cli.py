@@ -1,6 +1,8 @@
 """`lawwatch probe build` and `lawwatch probe show`, and the ProbeSpec behind them."""
 
 import json
+import logging
+import sys
 import warnings
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from lawwatch import ProbeSet, cli
 from lawwatch.demo.corpus import pydoc_topics
 from lawwatch.probe.spec import ProbeSpec, read_texts
+from tests.helpers.gguf_files import write_gguf
 from tests.helpers.models import char_tokenizer
 
 
@@ -153,3 +156,91 @@ def test_an_empty_or_odd_sized_token_file_names_the_file(tmp_path, capsys, size)
     assert cli.main([*argv, "--out", str(tmp_path / "p.safetensors"), "--max-length", "4"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and f"holds {size} bytes" in err and "--token-dtype" in err
+
+
+@pytest.fixture
+def eos_tokenizer(tmp_path):
+    """A tokenizer with an EOS (the packing separator) and a short model_max_length."""
+    tok = char_tokenizer()
+    tok.add_special_tokens({"eos_token": "<eos>"})
+    tok.model_max_length = 32  # shorter than a whole document: transformers would warn
+    path = tmp_path / "eos-tokenizer"
+    tok.save_pretrained(path)
+    return path, tok
+
+
+@pytest.fixture
+def transformers_warnings():
+    """The warnings transformers logs (the suite silences them), as a user would see them."""
+    from transformers.utils import logging as hf_logging
+
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    library = logging.getLogger("transformers")  # its handler does not propagate: ours is added
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    library.addHandler(handler)
+    yield seen
+    library.removeHandler(handler)
+    hf_logging.set_verbosity(before)
+
+
+def test_build_reproduces_packed_probes_quietly(
+    tmp_path, eos_tokenizer, docs, transformers_warnings
+):
+    folder, topics = docs
+    path, tok = eos_tokenizer
+    out = tmp_path / "packed.safetensors"
+    argv = ["probe", "build", "--tokenizer", str(path), "--max-length", "24", "--pack"]
+    assert cli.main([*argv, "--texts", str(folder / "a.txt"), "--out", str(out)]) == 0
+    expected = ProbeSet.from_texts([topics[0]], tok, max_length=24, pack=True)
+    assert ProbeSet.load(out).content_hash() == expected.content_hash()
+    assert expected.meta["separator"] == tok.eos_token_id  # packed with the EOS between texts
+    # lawwatch cuts the stream itself: no "longer than the maximum sequence length" warning
+    assert not [m for m in transformers_warnings if "Token indices sequence length" in m]
+
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": topics[:12]}).save_to_disk(tmp_path / "ds")
+    argv += ["--dataset", str(tmp_path / "ds"), "--num-texts", "5", "--seed", "2"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    expected = ProbeSet.from_dataset(
+        datasets.load_from_disk(str(tmp_path / "ds")),
+        tok,
+        max_length=24,
+        num_texts=5,
+        seed=2,
+        pack=True,
+    )
+    assert ProbeSet.load(out).content_hash() == expected.content_hash()
+    assert not [m for m in transformers_warnings if "Token indices sequence length" in m]
+    # the warning is transformers' own, and shown when a document is fed to a model whole
+    tok([topics[0]])
+    assert [m for m in transformers_warnings if "Token indices sequence length" in m]
+
+
+def test_build_with_a_gguf_models_tokenizer(tmp_path, docs, capsys, monkeypatch):
+    folder, topics = docs
+    (tmp_path / "gguf").mkdir()
+    fake = tmp_path / "gguf" / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    text = ["--texts", str(folder / "a.txt"), "--max-length", "16"]
+    out = ["--out", str(tmp_path / "p.safetensors")]
+    # without the gguf package: a clear error naming the fix, for both spellings
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    for spelling in (["--tokenizer", str(fake)], ["--tokenizer", str(fake.parent)]):
+        gguf_file = ["--gguf-file", fake.name] if spelling[1] == str(fake.parent) else []
+        assert cli.main(["probe", "build", *spelling, *gguf_file, *text, *out]) == 2
+        assert "pip install gguf" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=16, n_layer=1, n_head=2))
+    path = write_gguf(model, tmp_path / "gguf" / "tiny.gguf")
+    argv = ["probe", "build", "--tokenizer", str(path.parent), "--gguf-file", path.name]
+    assert cli.main([*argv, *text, *out]) == 0
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    expected = ProbeSet.from_texts([topics[0]], tok, max_length=16)
+    assert ProbeSet.load(tmp_path / "p.safetensors").content_hash() == expected.content_hash()

@@ -16,6 +16,7 @@ from lawwatch.cli import fail
 from lawwatch.cli.options import DataclassOptions
 from lawwatch.cli.probe import PROBE
 from lawwatch.config import REGEX_PREFIX, MeasureConfig
+from lawwatch.output.store import PROBE_FILE
 from lawwatch.probe import ProbeSet
 
 
@@ -67,15 +68,17 @@ def add(commands: Any) -> None:
         nargs="+",
         metavar="CHECKPOINT",
         help=(
-            "a model directory, a Trainer output_dir (its checkpoint-N folders), a .gguf file, "
+            "a model directory, a Trainer output_dir (its checkpoint-N folders and its final "
+            "model), a .gguf file, "
             "or a hub id (org/name or org/name@revision, e.g. EleutherAI/pythia-70m@step1000)"
         ),
     )
     analyze.add_argument("--out", required=True, help="output directory (history, report)")
     analyze.add_argument(
         "--probe",
-        help="a probe file (lawwatch probe build); default: built from the options below, or "
-        "DIR/probe.safetensors of an earlier sweep",
+        help="a probe file (lawwatch probe build); default: built from the options below, "
+        "DIR/probe.safetensors of an earlier sweep, or the probe the run was measured with "
+        "(OUTPUT_DIR/lawwatch/probe.safetensors)",
     )
     analyze.add_argument(
         "--step",
@@ -117,39 +120,92 @@ def add(commands: Any) -> None:
         choices=("online", "offline"),
         help="(default: W&B's own: online when logged in)",
     )
-    PROBE.add(analyze, flags={"seed": "probe_seed"})
+    # --gguf-file names each checkpoint's GGUF file; the probe's tokenizer's is another option
+    PROBE.add(analyze, flags={"seed": "probe_seed", "gguf_file": "tokenizer_gguf_file"})
     MEASURE.add(analyze)
     analyze.set_defaults(run=run)
 
 
 def _probe(args: argparse.Namespace, checkpoints: list[Checkpoint], load: LoadOptions) -> ProbeSet:
-    """The sweep's probe: ``--probe``, one built from the probe options, or the earlier sweep's.
+    """The sweep's probe: ``--probe``, one built from options, the earlier sweep's, the run's.
 
+    The run's is the one it was measured with (``<output_dir>/lawwatch/probe.safetensors``).
     Texts are tokenized by the first checkpoint's own tokenizer unless ``--tokenizer`` names one.
+    A probe other than the run's own is said to give numbers not comparable with its history.
     """
-    from lawwatch.analyze import PROBE_FILE
     from lawwatch.probe import load_tokenizer
 
     spec = PROBE.build(args)
+    saved = _run_probes(args.checkpoints)
     if args.probe is not None:
         if spec.source is not None:
             raise ValueError(f"Give --probe or --{spec.source.replace('_', '-')}, not both.")
-        return ProbeSet.load(args.probe)
+        return _compared(ProbeSet.load(args.probe), f"--probe {args.probe}", saved)
     if spec.source is None:
         earlier = Path(args.out) / PROBE_FILE
         if earlier.is_file():
-            return ProbeSet.load(earlier)
+            return _compared(ProbeSet.load(earlier), f"{earlier} (an earlier sweep's)", saved)
+        hashes = {probe.content_hash() for probe in saved.values()}
+        if len(hashes) > 1:
+            raise ValueError(
+                "The runs were measured with different probes ("
+                + ", ".join(str(path) for path in saved)
+                + "): one sweep holds one probe. Give the one to use with --probe."
+            )
+        if saved:
+            path, probe = next(iter(saved.items()))
+            print(
+                f"lawwatch analyze: measuring with the run's own probe, {path} (content hash "
+                f"{probe.content_hash()[:12]}…), as its live history was"
+            )
+            return probe
         return spec.build()  # raises: says which options give a probe
     tokenizer = None
     if spec.needs_tokenizer and spec.tokenizer is None:
         tokenizer = load_tokenizer(checkpoints[0], load)
-    return spec.build(tokenizer)
+    return _compared(spec.build(tokenizer), "the probe built from the options", saved)
+
+
+def _run_probes(specs: list[str]) -> dict[Path, ProbeSet]:
+    """The probes saved with the runs ``specs`` name, by path.
+
+    ``<dir>/lawwatch/probe.safetensors`` of an output_dir, or of a ``checkpoint-N`` folder's.
+    """
+    found: dict[Path, ProbeSet] = {}
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            path = path.parent
+        if not path.is_dir():
+            continue  # a hub id
+        for folder in (path, path.parent):
+            saved = (folder / "lawwatch" / PROBE_FILE).resolve()
+            if saved not in found and saved.is_file():
+                found[saved] = ProbeSet.load(saved)
+                break
+    return found
+
+
+def _compared(probe: ProbeSet, what: str, saved: dict[Path, ProbeSet]) -> ProbeSet:
+    """``probe``, with a warning for each run it was not the probe of."""
+    wanted = probe.content_hash()
+    for path, own in saved.items():
+        if own.content_hash() != wanted:
+            print(
+                f"lawwatch analyze: warning: {what} (content hash {wanted[:12]}…) is not the "
+                f"probe the run was measured with ({path}, content hash "
+                f"{own.content_hash()[:12]}…): these numbers are not comparable with its live "
+                f"history in {path.parent}. Leave --probe and the probe options out to measure "
+                "with the run's own.",
+                file=sys.stderr,
+            )
+    return probe
 
 
 def run(args: argparse.Namespace) -> int:
     """Sweep the checkpoints, then the report and the W&B run; 1 if a checkpoint failed."""
     from lawwatch.analyze import analyze, log_to_wandb
-    from lawwatch.checkpoints import find_checkpoints
+    from lawwatch.checkpoints import describe, find_checkpoints
 
     try:
         config = MEASURE.build(args)
@@ -162,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
         )
         checkpoints = find_checkpoints(args.checkpoints, steps=args.step, gguf_file=args.gguf_file)
+        print(f"lawwatch analyze: found {describe(checkpoints)}")
         probe = _probe(args, checkpoints, load)
         result = analyze(checkpoints, probe, args.out, config, load=load, progress=args.progress)
     except (ValueError, TypeError, OSError) as error:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from typing import Any
 
 from lawwatch.cli import fail
@@ -50,19 +52,23 @@ def add(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report; 2 when the histories cannot be read or drawn."""
-    from lawwatch.report import write_report
+    from lawwatch.report import ReportWarning, write_report
 
     try:
-        report = write_report(
-            args.histories,
-            args.out,
-            labels=args.label,
-            steps=args.steps,
-            emergence_threshold=args.emergence_threshold,
-            formats=args.formats,
-            title=args.title,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReportWarning)  # printed below, once, in our words
+            report = write_report(
+                args.histories,
+                args.out,
+                labels=args.label,
+                steps=args.steps,
+                emergence_threshold=args.emergence_threshold,
+                formats=args.formats,
+                title=args.title,
+            )
     except (ValueError, OSError) as error:
         return fail("report", error)
+    for message in report.warnings:
+        print(f"lawwatch report: warning: {message}", file=sys.stderr)
     print(f"lawwatch report: {report.html}")
     return 0

@@ -259,7 +259,7 @@ class LawWatchCallback(TrainerCallback):
         try:
             self.directory = self._directory or Path(args.output_dir) / "lawwatch"
             # records of another probe, options or precision are set aside: a new series
-            self.local = LocalHistory(self.directory, series=self._series())
+            self.local = LocalHistory(self.directory, series=self._series(), probe=self.probe)
             if start == 0 and self.local.records:
                 log.warning(
                     "lawwatch: training starts from step 0; replacing the %d records in %s",

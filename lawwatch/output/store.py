@@ -2,11 +2,13 @@
 
 One directory holds one series of records (see :func:`lawwatch.history.series_change`):
 ``history.jsonl`` (one record a line, each appended, flushed and synced), ``pr.safetensors``
-(the PR matrix, steps × entries, float64, replaced whole) and, when another series came,
-``series-<n>/`` directories holding the earlier ones. :func:`read` and :func:`write` read and
-replace a directory's history; :class:`LocalHistory` is the sink that keeps one during training
-or a sweep, one writer per directory: it repairs what a crash left when it opens a directory,
-and holds the records a full or read-only disk refuses until they can be written.
+(the PR matrix, steps × entries, float64, replaced whole), ``probe.safetensors`` (the probe the
+records were measured with, when the writer is given it) and, when another series came,
+``series-<n>/`` directories holding the earlier ones, each with its own probe. :func:`read` and
+:func:`write` read and replace a directory's history; :class:`LocalHistory` is the sink that
+keeps one during training or a sweep, one writer per directory: it repairs what a crash left
+when it opens a directory, and holds the records a full or read-only disk refuses until they
+can be written.
 """
 
 from __future__ import annotations
@@ -23,17 +25,31 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lawwatch.history import History, Snapshot, series, series_change
 
-__all__ = ["HISTORY_FILE", "MATRIX_FILE", "HistoryBusy", "LocalHistory", "read", "write"]
+if TYPE_CHECKING:
+    from lawwatch.probe import ProbeSet
+
+__all__ = [
+    "HISTORY_FILE",
+    "MATRIX_FILE",
+    "PROBE_FILE",
+    "HistoryBusy",
+    "LocalHistory",
+    "read",
+    "write",
+]
 
 HISTORY_FILE = "history.jsonl"
 MATRIX_FILE = "pr.safetensors"
 MATRIX_FORMAT = "lawwatch.history/1"
-# files of one series besides the two above (the callback's report), moved with them
-_SERIES_FILES = (HISTORY_FILE, MATRIX_FILE, "law.png")
+PROBE_FILE = "probe.safetensors"
+"""The probe a directory's records were measured with (:meth:`~lawwatch.probe.ProbeSet.save`'s
+format), kept beside them so the run's checkpoints can be measured again with it."""
+# files of one series besides the two above (the probe, the callback's report), moved with them
+_SERIES_FILES = (HISTORY_FILE, MATRIX_FILE, PROBE_FILE, "law.png")
 
 log = logging.getLogger("lawwatch")
 
@@ -221,7 +237,9 @@ def replace_file(path: Path, data: bytes) -> None:
 
 
 # the temporary files of replace_file: the name replaced and the writer's process id
-_TEMPORARY = re.compile(rf"\.({re.escape(HISTORY_FILE)}|{re.escape(MATRIX_FILE)})\.(\d+)\.tmp")
+_TEMPORARY = re.compile(
+    rf"\.({re.escape(HISTORY_FILE)}|{re.escape(MATRIX_FILE)}|{re.escape(PROBE_FILE)})\.(\d+)\.tmp"
+)
 
 
 def _remove_leftovers(directory: Path) -> None:
@@ -306,6 +324,10 @@ class LocalHistory:
         series: The identity (``probe``, ``config``, ``precision``) of what will be written, to
             check the records already there against at once (a resumed run); default: checked
             at the first write.
+        probe: The probe the records will be measured with, kept as ``probe.safetensors`` (written
+            atomically, only when absent or of another content hash; a probe file of the records
+            of another series stays with them and moves to their ``series-<n>/``). A probe that
+            cannot be written is logged; recording goes on.
 
     Raises:
         ValueError: Another open LocalHistory of this process writes to ``directory``.
@@ -315,7 +337,13 @@ class LocalHistory:
 
     threadsafe = True  # lawwatch's own files: the background worker may write them
 
-    def __init__(self, directory: str | Path, *, series: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        series: dict[str, Any] | None = None,
+        probe: ProbeSet | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.closed = False
@@ -326,6 +354,7 @@ class LocalHistory:
         self._failing: OSError | None = None  # why the files are not being written (warned)
         self._outages = 0  # times the disk began refusing (the first is warned about)
         self._lock: weakref.finalize | None = None  # closes the descriptor holding the lock
+        self._probe = probe
         _claim(self)
         try:
             self.history = self._open()
@@ -334,6 +363,7 @@ class LocalHistory:
         except BaseException:
             _release(self)
             raise
+        self._keep_probe()
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -505,6 +535,7 @@ class LocalHistory:
                 os.replace(self.directory / name, moved / name)
         self.history, self._unwritten, self._size = History(), [], 0
         self._whole = self._matrix = False
+        self._keep_probe()
         log.warning(
             "lawwatch: %s differs from the %s in %s (steps %s to %s): %s. Those moved to %s "
             "and a new series starts here. One directory holds one series: to continue the "
@@ -521,6 +552,49 @@ class LocalHistory:
             if lost
             else "",
         )
+
+    def _keep_probe(self) -> None:
+        """Write the probe beside the records (see ``probe``); a failure is logged, not raised."""
+        if self._probe is None:
+            return
+        try:
+            keep_probe(self._probe, self.directory, self.history)
+        except Exception as error:  # a monitor failure never stops the run
+            log.warning(
+                "lawwatch: the probe was not saved in %s (%s: %s); the history is written "
+                "without it",
+                self.directory / PROBE_FILE,
+                type(error).__name__,
+                error,
+            )
+
+
+def keep_probe(probe: ProbeSet, directory: Path, history: History | None = None) -> bool:
+    """Write ``probe`` to ``directory/probe.safetensors`` unless that file already holds it.
+
+    A probe file of other content is replaced, unless ``history``'s records say they were
+    measured with that other probe (they are another series: the file stays with them until
+    they move to a ``series-<n>/``). Written atomically (:func:`replace_file`).
+
+    Returns:
+        Whether the file was written.
+    """
+    from lawwatch.probe import ProbeSet
+
+    path = directory / PROBE_FILE
+    wanted = probe.content_hash()
+    if path.is_file():
+        try:
+            found = ProbeSet.load(path).content_hash()
+        except (ValueError, OSError):
+            found = None  # damaged: replaced
+        if found == wanted:
+            return False
+        measured = {r.get("probe") for r in (history or ())} - {None}
+        if found is not None and found in measured and wanted not in measured:
+            return False  # the other series' probe, kept with its records
+    replace_file(path, probe.to_bytes())
+    return True
 
 
 def _matrix_matches(history: History, directory: Path) -> bool:

@@ -192,11 +192,15 @@ class ProbeSet:
             if text is not None and not isinstance(text, str):
                 raise TypeError(f"Probe text {i} is a {type(text).__name__}, not a str.")
         texts = [text or "" for text in texts]
+        # packed, whole documents are tokenized and cut here into max_length chunks: the
+        # tokenizer's warning that one is longer than the model takes is not true of the probe
+        quiet = {"verbose": False} if pack else {}
         encoded = tokenizer(
             texts,
             add_special_tokens=add_special_tokens,
             truncation=not pack,
             max_length=None if pack else max_length,
+            **quiet,
         )["input_ids"]
         meta = {
             "source": "texts",
@@ -337,9 +341,16 @@ class ProbeSet:
         The file hash covers the format, the content hash and the provenance JSON exactly as
         stored, so :meth:`load` refuses a file whose tokens, mask or ``meta`` were changed.
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
+        data = self.to_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def to_bytes(self) -> bytes:
+        """The bytes :meth:`save` writes (for a caller that writes files its own way)."""
+        from safetensors.torch import save
+
         try:
             meta = json.dumps(self.meta)
         except (TypeError, ValueError) as error:
@@ -354,10 +365,8 @@ class ProbeSet:
             "content_hash": content,
             "hash": _file_hash(FORMAT, content, meta),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        save_file(tensors, str(path), metadata=metadata)
-        return path
+        return save(tensors, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeSet:

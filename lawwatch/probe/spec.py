@@ -47,8 +47,11 @@ class ProbeSpec:
     token_dtype: str | None = None
     """Element type of a raw binary token file, e.g. uint16."""
     tokenizer: str | None = None
-    """The tokenizer for texts: a directory or hub id (analyze: default the first
-    checkpoint's own)."""
+    """The tokenizer for texts: a directory or hub id, or a .gguf file (analyze: default the
+    first checkpoint's own)."""
+    gguf_file: str | None = None
+    """The GGUF file inside the tokenizer's directory or hub repository whose tokenizer to use
+    (transformers' GGUF loader: needs the gguf package)."""
     max_length: int = 512
     """Tokens per probe sequence (the paper truncates documents to 512)."""
     num_texts: int | None = None
@@ -76,6 +79,11 @@ class ProbeSpec:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
         if self.num_texts is not None and self.num_texts < 1:
             raise ValueError(f"num_texts must be positive, got {self.num_texts}.")
+        if self.gguf_file is not None and self.tokenizer is None:
+            raise ValueError(
+                "gguf_file names a file inside the tokenizer's directory or repository: give "
+                "--tokenizer too (or --tokenizer PATH.gguf alone)."
+            )
 
     @property
     def source(self) -> str | None:
@@ -115,7 +123,7 @@ class ProbeSpec:
             texts = self.source == "texts"
             documents = read_texts(self.texts, self.text_unit, self.encoding) if texts else None
             if self.tokenizer is not None:
-                tokenizer = load_tokenizer(self.tokenizer)
+                tokenizer = load_tokenizer(self.tokenizer, gguf_file=self.gguf_file)
             if tokenizer is None:
                 raise ValueError("Building a probe from texts needs a tokenizer: --tokenizer.")
             common = {

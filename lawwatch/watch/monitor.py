@@ -164,7 +164,7 @@ class LawWatch:
             except Exception:  # the model cannot say its precision yet: checked at 1st write
                 identity = None
             try:
-                self.local = LocalHistory(self.directory, series=identity)
+                self.local = LocalHistory(self.directory, series=identity, probe=self.probe)
                 opened.append(self.local)
             except HistoryBusy as busy:  # another writer there: this monitor writes none
                 log.error("lawwatch: %s", busy)
