@@ -26,6 +26,7 @@ from torch import nn
 from lawwatch.alerts import Alert, Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot
+from lawwatch.output.console import ConsoleSink
 from lawwatch.output.sinks import Sink, Sinks, scalars
 from lawwatch.output.store import LocalHistory
 from lawwatch.output.trackers import accelerate_tracker
@@ -140,6 +141,8 @@ class AcceleratorWatch(LawWatch):
                 chosen.append(LocalHistory(directory, series=self.series()))
             trackers = AcceleratorTrackers(accelerator)
             chosen += [trackers, *extra]
+            if self.watch.console:
+                chosen.append(ConsoleSink())
             if wanted is not None:
                 targets = [trackers] + [s for s in extra if isinstance(s, Alerting)]
                 chosen.append(

@@ -26,6 +26,7 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot, identity, series, series_change
 from lawwatch.measurement import prepare, solve
 from lawwatch.models import measured_module
+from lawwatch.output.console import ConsoleSink
 from lawwatch.output.sinks import Rewindable, Sink, Sinks
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
@@ -104,6 +105,8 @@ class LawWatch:
         self.model, self.probe = model, probe
         self.schedule = planned(self.watch)
         self.sinks = sinks if isinstance(sinks, Sinks) else Sinks(sinks)
+        if self.watch.console:  # the one-line summary (main process: only rank 0 writes)
+            self.sinks = Sinks([*self.sinks.sinks, ConsoleSink()])
         self.accelerator, self.unwrap = accelerator, unwrap
         # resolved once, on the whole probe: every shard of every rank regresses the same targets
         self.targets = prepare(measured_module(model, unwrap), probe, self.config)
