@@ -106,13 +106,15 @@ def test_resume_after_a_background_run(probe, tmp_path):
 
 
 def test_failing_solve_in_the_worker_is_reported(gpt2, caplog):
-    tiny = ProbeSet.from_tokens([[1, 2, 3, 4]])  # far fewer examples than the hidden size
-    watch = LawWatch(gpt2, tiny, max_overhead=None, every=1, background=True)
+    # one repeated token: enough examples to pass the checks when built, but a target of one
+    # value, so every solve fails in the worker
+    constant = ProbeSet.from_tokens([[7] * 40])
+    watch = LawWatch(gpt2, constant, max_overhead=None, every=1, background=True)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         for step in range(3):
             assert watch.maybe_snapshot(step) is None
         watch.close()
-    assert caplog.text.count("Too few probe examples") == 3
+    assert caplog.text.count("The targets take a single distinct value") == 3
     assert watch.history.steps == [] and watch.last_step == 2 and not workers()
 
 
