@@ -13,6 +13,13 @@ between two step ends), peak RSS; for the monitored run also the time spent insi
 callback's events, per snapshot, and what one snapshot costs in steps of the plain run. The
 losses of the two variants are compared too: a snapshot must not change training.
 
+``--snapshot-cost``: what one snapshot costs with the jackknife (``jackknife=8``, the default)
+against one without (``jackknife=None``), on the same model and probe in one process:
+``measure`` alternated A B B A …, the median of each, their ratio.
+
+``--max-overhead``: the callback's overhead budget in the monitored runs (a fraction, or
+``none``); default: ``WatchConfig``'s.
+
 A third variant, in the same run: the callback with ``background=True`` (the solve, the fit
 and the local history on a worker thread). Side by side with the foreground callback: the
 training stall per snapshot (the wall time of the event that takes a snapshot, and all the
@@ -130,6 +137,7 @@ def child(args: argparse.Namespace) -> None:
             every=args.every,
             batch_size=config.probe_batch_size,
             background=args.child == "background",
+            **budget(args),
         )
         callbacks.append(watch)
     with tempfile.TemporaryDirectory() as out:
@@ -163,6 +171,46 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def budget(args: argparse.Namespace) -> dict:
+    """The callback's ``max_overhead`` keyword for ``--max-overhead`` (none: WatchConfig's)."""
+    if args.max_overhead is None:
+        return {}
+    return {"max_overhead": None if args.max_overhead == "none" else float(args.max_overhead)}
+
+
+def snapshot_cost(args: argparse.Namespace) -> None:
+    """One snapshot with and without the jackknife, alternated in one process (medians)."""
+    from lawwatch import measure
+    from lawwatch.demo.training import build_model, prepare
+
+    config = demo_config(args)
+    tokenizer, _, probe = prepare(config)
+    model = build_model(config, len(tokenizer), tokenizer.eos_token_id)
+    variants = {"plain": {"jackknife": None}, "jackknife=8": {"jackknife": 8}}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    ses = {}
+    measure(model, probe, batch_size=config.probe_batch_size)  # warm-up (first-call set-up)
+    for i in range(args.repeat):
+        for name in list(variants) if i % 2 == 0 else list(variants)[::-1]:
+            start = time.perf_counter()
+            snap = measure(model, probe, batch_size=config.probe_batch_size, **variants[name])
+            times[name].append(time.perf_counter() - start)
+            ses[name] = snap.extra.get("pearson_r_se")
+    plain, jack = (statistics.median(times[n]) for n in variants)
+    print(
+        f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+        f"torch {torch.__version__}, {args.threads} thread(s); {config.n_layer} blocks x "
+        f"{config.n_embd} dims, probe {len(probe)} documents, {probe.num_examples()} examples; "
+        f"{args.repeat} measurements each"
+    )
+    print("| variant | snapshot s (median) | all s | pearson_r_se |")
+    print("|---|---|---|---|")
+    for name in variants:
+        runs = ", ".join(f"{t:.2f}" for t in times[name])
+        print(f"| {name} | {statistics.median(times[name]):.3f} | {runs} | {ses[name]} |")
+    print(f"jackknife=8 snapshot / plain snapshot: {jack / plain:.3f}")
+
+
 def make_data(directory: Path, config: DemoConfig) -> dict:
     """The demo's tokenizer, training blocks and probe, made once for every child."""
     from safetensors.torch import save_file
@@ -181,6 +229,7 @@ def launch(variant: str, data: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(BENCH), "--child", variant, "--data", str(data)]
     cmd += ["--steps", str(args.steps), "--every", str(args.every), "--threads", str(args.threads)]
     cmd += ["--tiny"] if args.tiny else []
+    cmd += [] if args.max_overhead is None else ["--max-overhead", args.max_overhead]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -247,12 +296,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="40 steps, every=20, one pair")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, 10 steps (tests)")
     parser.add_argument(
+        "--snapshot-cost", action="store_true", help="one snapshot with and without jackknife"
+    )
+    parser.add_argument("--max-overhead", help="the callback's max_overhead (a fraction, none)")
+    parser.add_argument(
         "--child", choices=["plain", "lawwatch", "background"], help=argparse.SUPPRESS
     )
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.snapshot_cost:
+        snapshot_cost(args)
         return
     if args.quick:
         args.steps, args.every, args.repeat = 40, 20, 1

@@ -8,8 +8,10 @@ that can raise an alert of its own (W&B ``run.alert``, trackio).
 
 Three kinds, all opt-in (``LawWatchCallback(probe, alerts=True)``):
 
-- **emerged**: r reached the emergence threshold and has stayed there (the step is the first
-  snapshot of that stretch, as :meth:`History.emergence_step` reports it while it lasts).
+- **emerged**: r passed the emergence threshold by more than its uncertainty (with the
+  jackknife's standard error: :func:`lawwatch.law.passes`) and has stayed there (the step is
+  the first snapshot of that stretch, as :meth:`History.emergence_step` reports it while it
+  lasts).
 - **broke**: after the law had emerged, r rose above ``threshold + break_margin`` at
   ``persistence`` consecutive snapshots: an unstable run (a loss spike, a learning rate too
   high, a bad batch). The law may emerge again later, and is reported again if it does.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from lawwatch.history import History, Snapshot, law_points
-from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, EMERGENCE_SE_MULTIPLE, passes
 
 __all__ = [
     "Alert",
@@ -142,8 +144,10 @@ def law_alerts(
 ) -> list[Alert]:
     """The "emerged" and "broke" alerts, in step order, from r along the history.
 
-    The law emerges at the first snapshot with r at or below ``threshold`` (the stretch it
-    starts is what :meth:`History.emergence_step` reports while it lasts). Once emerged, it
+    The law emerges at the first snapshot whose r passes ``threshold`` (at or below it, and
+    with the record's ``pearson_r_se``, by more than :data:`~lawwatch.law.EMERGENCE_SE_MULTIPLE`
+    standard errors: :func:`~lawwatch.law.passes`; the stretch it starts is what
+    :meth:`History.emergence_step` reports while it lasts). Once emerged, it
     breaks at the ``persistence``-th consecutive snapshot with r above ``threshold +
     break_margin``; r between the two lines neither breaks it nor, after a break, restores it.
     After a break the law may emerge again.
@@ -163,11 +167,17 @@ def law_alerts(
     above: list[tuple[int, float]] = []  # the current stretch of snapshots above the margin
     for record in history:
         step, r = int(record["step"]), float(record["pearson_r"])
+        se = record.get("pearson_r_se")
         finite = math.isfinite(r)
         if not emerged:
-            if finite and r <= threshold:
+            if passes(r, se, threshold):
                 emerged, above = True, []
                 again = any(a.kind == "broke" for a in alerts)
+                margin = (
+                    ""
+                    if se is None
+                    else f" by more than {EMERGENCE_SE_MULTIPLE:g} standard errors ({se:.4f})"
+                )
                 alerts.append(
                     Alert(
                         kind="emerged",
@@ -175,7 +185,7 @@ def law_alerts(
                         title=f"lawwatch: the law {'re-emerged' if again else 'emerged'}",
                         text=(
                             f"Pearson r = {r:+.4f} at step {step}, at or below the threshold "
-                            f"{threshold:+.3f}: log10 PR falls linearly with depth."
+                            f"{threshold:+.3f}{margin}: log10 PR falls linearly with depth."
                         ),
                         level="INFO",
                         at=step,

@@ -159,10 +159,14 @@ class MeasureConfig(Options):
     held out when frac(i·0.618…) < split); OLS is fitted on the rest and PR is the held-out
     part's residual sum of squares over its total sum of squares about its own mean. None:
     in-sample (the paper's; biased low by about d/n). Doubles the statistics' memory."""
-    jackknife: int | None = None
+    jackknife: int | Literal["auto"] | None = "auto"
     """Jackknife standard errors of r and rho (pearson_r_se, rho_se in the record) over this many
     groups of probe sequences (sequence i in group i mod groups). Keeps statistics per group
-    and their total: memory × (groups + 1). None: off (`lawwatch analyze` uses 8)."""
+    and their total: memory × (groups + 1), and one more solve per group. 'auto' (the default):
+    8 groups where that is cheap (the probe has at least 16 sequences and the groups'
+    statistics take at most 1 GiB, i.e. small and shallow models, whose r is the noisiest),
+    else off; the record's jackknife_groups says which. None: off. Without a standard error the
+    emergence rule compares r alone with the threshold."""
     precision: StatsPrecision = "float64"
     """Precision of the statistics: 'float64' (every product in float64: the paper's numbers,
     within 1e-8 of numpy's lstsq) or 'mixed' (each batch's Gram in IEEE float32, never TF32,
@@ -244,9 +248,11 @@ class MeasureConfig(Options):
                 raise ValueError(
                     "split applies to metric='pr' only: separation fuzziness fits nothing."
                 )
-        if self.jackknife is not None:
+        if self.jackknife is not None and self.jackknife != "auto":
             if not _is_int(self.jackknife):
-                raise TypeError(f"jackknife must be an int or None, got {self.jackknife!r}.")
+                raise TypeError(
+                    f"jackknife must be an int, 'auto' or None, got {self.jackknife!r}."
+                )
             if self.jackknife < 2:
                 raise ValueError(f"jackknife needs at least 2 groups, got {self.jackknife}.")
         if self.precision == "auto":  # what earlier versions offered

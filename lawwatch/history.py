@@ -254,9 +254,16 @@ class History:
     # -- what the records say -----------------------------------------------------------------
 
     def emergence_step(self, threshold: float = DEFAULT_EMERGENCE_THRESHOLD) -> int | None:
-        """First step from which r stays at or below ``threshold`` (see :func:`emergence_step`)."""
+        """First step from which r stays below ``threshold`` (see :func:`emergence_step`).
+
+        With the jackknife's ``pearson_r_se`` in the records, r must pass the threshold by more
+        than its uncertainty.
+        """
         return emergence_step(
-            self.steps, [r["pearson_r"] for r in self.records], threshold=threshold
+            self.steps,
+            [r["pearson_r"] for r in self.records],
+            threshold=threshold,
+            se=[r.get("pearson_r_se") for r in self.records],
         )
 
     def snapshots(self) -> list[Snapshot]:

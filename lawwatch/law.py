@@ -16,6 +16,19 @@ import torch
 
 DEFAULT_EMERGENCE_THRESHOLD = -0.95
 
+EMERGENCE_SE_MULTIPLE = 2.0
+"""k in the emergence rule ``r + k · se <= threshold``: r must pass the threshold by k of its
+standard errors. The default jackknife has 8 groups, so its standard error has 7 degrees of
+freedom; Student's t with 7 degrees of freedom puts 95% of its mass below 1.89, and 2 rounds
+that up: a one-sided test at about 95% that r lies below the threshold."""
+
+MIN_LAW_POINTS = 4
+"""The fewest entries (after the embeddings) whose fit of the law means something. r of 3
+points has one degree of freedom: for values that are pure noise, |r| > 0.9 in 29% of draws
+(arccos(0.9)·2/π), so r from 3 entries says little about the law; from 4 points r of noise is
+uniform on [-1, 1] (|r| > 0.9 in 10%), and from 6 |r| > 0.9 in 1.5%. Fewer than 3 cannot be
+fitted at all."""
+
 
 @dataclass(frozen=True)
 class LawFit:
@@ -101,27 +114,52 @@ def fit_law(
     )
 
 
+def passes(
+    r: float, se: float | None = None, threshold: float = DEFAULT_EMERGENCE_THRESHOLD
+) -> bool:
+    """Whether ``r`` is below ``threshold`` by more than its uncertainty.
+
+    ``r + k · se <= threshold`` with ``k =`` :data:`EMERGENCE_SE_MULTIPLE`; without a standard
+    error (no jackknife), ``r <= threshold``. A non-finite ``r`` never passes; a non-finite
+    ``se`` (an undefined uncertainty) neither.
+    """
+    if not math.isfinite(r):
+        return False
+    if se is None:
+        return r <= threshold
+    return math.isfinite(se) and r + EMERGENCE_SE_MULTIPLE * se <= threshold
+
+
 def emergence_step(
     steps: Sequence[int],
     pearson_r: Sequence[float],
     *,
     threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+    se: Sequence[float | None] | None = None,
 ) -> int | None:
-    """The first step from which ``r`` stays at or below ``threshold`` through the last snapshot.
+    """The first step from which ``r`` stays below ``threshold`` through the last snapshot.
+
+    Each snapshot must pass :func:`passes`: with standard errors, by more than
+    :data:`EMERGENCE_SE_MULTIPLE` of them.
 
     Args:
         steps: Training steps of the snapshots, increasing.
         pearson_r: The law's Pearson ``r`` at each step.
         threshold: Emergence threshold on ``r`` (default -0.95).
+        se: The standard error of each ``r`` (the record's ``pearson_r_se``; None where a
+            snapshot has none), or None for none at all.
 
     Returns:
-        The step, or ``None`` if the latest ``r`` is above the threshold (or there are none).
+        The step, or ``None`` if the latest ``r`` does not pass (or there are none).
     """
     if len(steps) != len(pearson_r):
         raise ValueError(f"{len(steps)} steps but {len(pearson_r)} values of r.")
+    errors = [None] * len(steps) if se is None else list(se)
+    if len(errors) != len(steps):
+        raise ValueError(f"{len(steps)} steps but {len(errors)} standard errors of r.")
     found: int | None = None
-    for step, r in zip(reversed(steps), reversed(pearson_r), strict=True):
-        if not (math.isfinite(r) and r <= threshold):
+    for step, r, error in zip(reversed(steps), reversed(pearson_r), reversed(errors), strict=True):
+        if not passes(r, error, threshold):
             break
         found = int(step)
     return found

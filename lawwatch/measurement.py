@@ -19,7 +19,7 @@ from torch import nn
 from lawwatch.capture import Capture, evaluating
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot, identity
-from lawwatch.law import fit_law
+from lawwatch.law import MIN_LAW_POINTS, fit_law
 from lawwatch.models import check_probe
 from lawwatch.precision import forward_precision, log_statistics_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
@@ -30,7 +30,9 @@ from lawwatch.targets import Targets
 
 __all__ = [
     "accumulate",
+    "check_settings",
     "identity",
+    "jackknife_groups",
     "measure",
     "model_device",
     "prepare",
@@ -43,6 +45,46 @@ log = logging.getLogger("lawwatch")
 
 # below this many examples per feature dimension PR is noisy (OLS with d + 1 parameters)
 _EXAMPLES_PER_DIM = 10
+
+AUTO_JACKKNIFE_GROUPS = 8
+"""Groups of ``jackknife='auto'`` where the jackknife is cheap (see :func:`jackknife_groups`)."""
+AUTO_JACKKNIFE_SEQUENCES = 16
+"""``jackknife='auto'`` needs this many probe sequences: two per group at least."""
+AUTO_JACKKNIFE_BYTES = 1 << 30
+"""``jackknife='auto'`` keeps the groups' statistics only when they take at most this many
+bytes (1 GiB: a GPT-2 small's 13 entries fit, a 1B model's 23 entries × 2048² do not)."""
+
+
+def jackknife_groups(
+    config: MeasureConfig, sequences: int, entries: int, dim: int, targets: Targets | None = None
+) -> int | None:
+    """The jackknife groups a measurement keeps: ``config.jackknife``, with ``'auto'`` resolved.
+
+    ``'auto'``: :data:`AUTO_JACKKNIFE_GROUPS` when the probe has at least
+    :data:`AUTO_JACKKNIFE_SEQUENCES` sequences and the groups' statistics (groups × entries ×
+    (d + 1)² × 8 bytes, per part of ``split``) take at most :data:`AUTO_JACKKNIFE_BYTES`, and
+    one-hot statistics (``targets``) still fit ``max_onehot_bytes`` with them; else None.
+    Decided from the whole probe's sequence count, so every process decides alike.
+    """
+    if config.jackknife != "auto":
+        return config.jackknife
+    groups = AUTO_JACKKNIFE_GROUPS
+    parts = 2 if config.split is not None else 1
+    if sequences < AUTO_JACKKNIFE_SEQUENCES:
+        return None
+    if groups * parts * entries * (dim + 1) ** 2 * 8 > AUTO_JACKKNIFE_BYTES:
+        return None
+    if targets is not None:
+        try:
+            targets.check_memory(
+                entries,
+                dim,
+                config.max_onehot_bytes,
+                copies=PartitionedStats.copies(config.split, groups),
+            )
+        except ValueError:
+            return None
+    return groups
 
 
 def solve(
@@ -128,6 +170,13 @@ def prepare(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets
     Returns:
         The targets every batch (of any shard of ``probe``) is regressed on.
     """
+    targets = _targets(model, probe, config)
+    check_settings(model, probe, config, targets)
+    return targets
+
+
+def _targets(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets:
+    """The probe checked against the model, and the targets resolved on it."""
     check_probe(model, probe)
     # separation fuzziness needs the per-class sums of the one-hot statistics
     fuzziness = config.metric == "separation_fuzziness"
@@ -138,6 +187,95 @@ def prepare(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets
         seed=config.seed,
         onehot_top_k=config.onehot_top_k,
     )
+
+
+def check_settings(
+    model: nn.Module, probe: ProbeSet, config: MeasureConfig, targets: Targets
+) -> None:
+    """Refuse, before any forward pass, the settings that would fail at every measurement.
+
+    The blocks and entries are located as the measurement will locate them; the hidden size is
+    read off the model where it says it (its final norm's or input embedding's width). Refused:
+    ``blocks`` that match no module and ``layers`` outside the model (as located), fewer than 3
+    entries after the embeddings (a line cannot be fitted), a probe with no more examples than
+    the unregularized solve has parameters (hidden size + 1: PR is 0, by interpolation), and
+    one-hot statistics over ``max_onehot_bytes``. Fewer than
+    :data:`~lawwatch.law.MIN_LAW_POINTS` entries is allowed, with a warning: r of so few points
+    says little.
+
+    Raises:
+        ValueError: The setting, and its fix.
+    """
+    capture = Capture(
+        model,
+        config.normalize,
+        blocks=config.blocks,
+        final_norm=config.final_norm,
+        layers=config.layers,
+        entries=config.entries,
+    )
+    points = [e for e in capture.layers if e != 0]
+    if len(points) < 3:
+        raise ValueError(
+            f"layers={config.layers!r} measures {len(points)} entries after the embeddings "
+            f"(entries {points} of 0 … {capture.num_entries - 1}); fitting the law needs at "
+            "least 3 layers after dropping the embeddings: measure more entries (layers=None: "
+            "all of them) or a deeper model."
+        )
+    if len(points) < MIN_LAW_POINTS:
+        log.warning(
+            "lawwatch: the law is fitted to %d entries (%s); r of so few points is near ±1 for "
+            "almost any PRs, so read it with its standard error (pearson_r_se), or measure "
+            "more entries (layers=None) or a deeper model.",
+            len(points),
+            points,
+        )
+    if isinstance(config.jackknife, int) and config.jackknife > len(probe):
+        raise ValueError(
+            f"jackknife={config.jackknife} groups for a probe of {len(probe)} sequences leave a "
+            f"group empty; use at most {len(probe)} groups, 'auto' or None."
+        )
+    dim = hidden_size(model, capture)
+    if dim is None:
+        return
+    n = probe.num_examples(config.offset)
+    if n <= dim + 1:
+        raise ValueError(
+            f"Too few probe examples: the probe gives {n} (position, target) pairs at offset="
+            f"{config.offset} for hidden size {dim}; the least-squares fit has {dim + 1} "
+            f"parameters, so it interpolates and PR is 0. Use a probe of more than {dim + 1} "
+            f"examples (about {_EXAMPLES_PER_DIM * dim} for a PR that is not noisy): more or "
+            "longer sequences."
+        )
+    groups = jackknife_groups(config, len(probe), len(capture.layers), dim, targets)
+    targets.check_memory(
+        len(capture.layers),
+        dim,
+        config.max_onehot_bytes,
+        copies=PartitionedStats.copies(config.split, groups),
+    )
+
+
+def hidden_size(model: nn.Module, capture: Capture) -> int | None:
+    """The residual stream's width, as the model states it; None when it does not say.
+
+    The final norm's ``normalized_shape`` (or its 1-d weight), else the input embedding's
+    ``embedding_dim``.
+    """
+    norm = getattr(capture, "_norm_module", None)
+    shape = getattr(norm, "normalized_shape", None)
+    if isinstance(shape, tuple | list) and len(shape) == 1 and isinstance(shape[0], int):
+        return shape[0]
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() > 0:
+        return int(weight.numel())
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    width = getattr(embedding, "embedding_dim", None)
+    return width if isinstance(width, int) and width > 0 else None
 
 
 def accumulate(
@@ -173,8 +311,8 @@ def accumulate(
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
     """
     config = MeasureConfig.build(config, **options)
-    if targets is None:
-        targets = prepare(model, probe, config)
+    if targets is None:  # statistics only: the law's fit is not this function's to check
+        targets = _targets(model, probe, config)
     device = model_device(model)
     capture = Capture(
         model,
@@ -190,15 +328,17 @@ def accumulate(
 
     def make(dim: int) -> Statistics:
         """The statistics, once the width is known (the first batch)."""
+        groups = jackknife_groups(config, len(probe) * world, len(capture.layers), dim, targets)
         targets.check_memory(
             len(capture.layers),
             dim,
             config.max_onehot_bytes,
-            copies=PartitionedStats.copies(config.split, config.jackknife),
+            copies=PartitionedStats.copies(config.split, groups),
         )
         log_statistics_precision(config.precision, device)
         return _statistics(
             config,
+            groups,
             lambda: ResidualStats(
                 len(capture.layers),
                 dim,
@@ -214,7 +354,7 @@ def accumulate(
         )
 
     # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
-    rank, _ = probe.meta.get("shard", (0, 1))
+    rank, world = probe.meta.get("shard", (0, 1))
     with evaluating(model):
         if len(probe) > 0:
             # the final norm's reading, before any entry streams: one short forward on every
@@ -281,19 +421,17 @@ def _add_streamed(
     return stats
 
 
-def _statistics(config: MeasureConfig, make: Callable[[], ResidualStats]) -> Statistics:
+def _statistics(
+    config: MeasureConfig, groups: int | None, make: Callable[[], ResidualStats]
+) -> Statistics:
     """One ``ResidualStats`` for the paper's measurement, one per cell for the rest.
 
-    The options that need parts of the probe: see :mod:`lawwatch.stats.partition`.
+    The options that need parts of the probe (``groups``: the jackknife's, resolved by
+    :func:`jackknife_groups`): see :mod:`lawwatch.stats.partition`.
     """
-    if not _partitioned(config):
+    if config.split is None and config.metric == "pr" and groups is None:
         return make()
-    return PartitionedStats(make, split=config.split, metric=config.metric, groups=config.jackknife)
-
-
-def _partitioned(config: MeasureConfig) -> bool:
-    """Whether the options need statistics per part of the probe (:mod:`~.stats.partition`)."""
-    return config.split is not None or config.metric != "pr" or config.jackknife is not None
+    return PartitionedStats(make, split=config.split, metric=config.metric, groups=groups)
 
 
 def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:

@@ -171,4 +171,4 @@ def log_statistics_precision(precision: str, device: torch.device) -> None:
             name,
         )
     else:
-        log.info("lawwatch: statistics precision %s on %s", precision, name)
+        log.debug("lawwatch: statistics precision %s on %s", precision, name)

@@ -121,7 +121,10 @@ def plot_law(
         emergence_threshold, color="C0", linestyle=":", label=f"threshold {emergence_threshold}"
     )
     emerged = emergence_step(
-        steps, [r["pearson_r"] for r in records], threshold=emergence_threshold
+        steps,
+        [r["pearson_r"] for r in records],
+        threshold=emergence_threshold,
+        se=[r.get("pearson_r_se") for r in records],
     )
     if emerged is not None:
         trend.axvline(emerged, color="C3", linestyle="--", label=f"emerged at step {emerged}")
@@ -282,7 +285,10 @@ class Run:
     def emergence_step(self, threshold: float) -> int | None:
         """The first step from which r stays at or below ``threshold``."""
         return emergence_step(
-            self.steps, [r["pearson_r"] for r in self.records], threshold=threshold
+            self.steps,
+            [r["pearson_r"] for r in self.records],
+            threshold=threshold,
+            se=[r.get("pearson_r_se") for r in self.records],
         )
 
 

@@ -40,7 +40,15 @@ def train(probe, *, background, steps=13, sinks=(), **options):
     data = torch.randint(1, VOCAB, (8, 16), generator=torch.Generator().manual_seed(1))
     clock = [0]
     seen = Seen(clock)
-    watch = LawWatch(model, probe, every=4, background=background, sinks=[seen, *sinks], **options)
+    watch = LawWatch(
+        model,
+        probe,
+        max_overhead=None,
+        every=4,
+        background=background,
+        sinks=[seen, *sinks],
+        **options,
+    )
     for step in range(steps):
         clock[0] = step
         watch.maybe_snapshot(step)
@@ -75,7 +83,7 @@ def test_background_equals_foreground(probe, tmp_path):
 
 
 def test_flushed_by_close_and_state_dict(probe, gpt2):
-    watch = LawWatch(gpt2, probe, every=1, background=True)
+    watch = LawWatch(gpt2, probe, max_overhead=None, every=1, background=True)
     assert watch.snapshot(0) is None  # the record comes later
     assert watch.last_step == 0
     state = watch.state_dict()  # flushes: the state holds every snapshot attempted
@@ -88,7 +96,7 @@ def test_flushed_by_close_and_state_dict(probe, gpt2):
 def test_resume_after_a_background_run(probe, tmp_path):
     first, _ = train(probe, background=True, steps=9, sinks=[LocalHistory(tmp_path / "a")])
     state = first.state_dict()
-    resumed = LawWatch(tiny_gpt2(), probe, every=4, background=True)
+    resumed = LawWatch(tiny_gpt2(), probe, max_overhead=None, every=4, background=True)
     resumed.load_state_dict(state, resume_step=4)
     assert resumed.history.steps == [0, 1, 2, 4]
     assert not resumed.should_snapshot(4) and resumed.should_snapshot(8)
@@ -98,13 +106,15 @@ def test_resume_after_a_background_run(probe, tmp_path):
 
 
 def test_failing_solve_in_the_worker_is_reported(gpt2, caplog):
-    tiny = ProbeSet.from_tokens([[1, 2, 3, 4]])  # far fewer examples than the hidden size
-    watch = LawWatch(gpt2, tiny, every=1, background=True)
+    # one repeated token: enough examples to pass the checks when built, but a target of one
+    # value, so every solve fails in the worker
+    constant = ProbeSet.from_tokens([[7] * 40])
+    watch = LawWatch(gpt2, constant, max_overhead=None, every=1, background=True)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         for step in range(3):
             assert watch.maybe_snapshot(step) is None
         watch.close()
-    assert caplog.text.count("Too few probe examples") == 3
+    assert caplog.text.count("The targets take a single distinct value") == 3
     assert watch.history.steps == [] and watch.last_step == 2 and not workers()
 
 
@@ -120,7 +130,9 @@ def test_failing_sink_in_the_worker_is_reported(probe, gpt2, tmp_path, caplog):
 
     local = LocalHistory(tmp_path)
     assert threadsafe(Broken()) and threadsafe(local)
-    watch = LawWatch(gpt2, probe, every=1, background=True, sinks=[Broken(), local])
+    watch = LawWatch(
+        gpt2, probe, max_overhead=None, every=1, background=True, sinks=[Broken(), local]
+    )
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         for step in range(3):
             watch.maybe_snapshot(step)
@@ -147,7 +159,10 @@ from tests.helpers.models import VOCAB, tiny_gpt2
 
 torch.manual_seed(0)
 probe = ProbeSet.from_tokens(torch.randint(1, VOCAB, (16, 24)).tolist())
-watch = LawWatch(tiny_gpt2(), probe, every=2, background=True, sinks=[LocalHistory(sys.argv[1])])
+watch = LawWatch(
+    tiny_gpt2(), probe, max_overhead=None, every=2, background=True,
+    sinks=[LocalHistory(sys.argv[1])],
+)
 for step in range(5):
     watch.maybe_snapshot(step)
 # no close(): the final snapshot's solve is still pending on the worker

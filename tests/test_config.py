@@ -58,6 +58,9 @@ def tiny_mamba():
     return model
 
 
+# fields whose case every entry point refuses when built (measurement.check_settings)
+REFUSED_WHEN_BUILT = {"layers", "max_onehot_bytes", "jackknife"}
+
 # fields whose effect shows on another model than the tiny GPT-2 of `setup`
 MODELS = {"entries": tiny_mamba}
 
@@ -169,6 +172,10 @@ def test_every_field_reaches_the_measurement_from_every_entry_point(setup, name,
         got = outcome(run, model)
         if label.startswith("analyze"):  # a sweep reports a failed checkpoint and goes on
             assert got[0] == (None if isinstance(expected[0], str) else expected[0]), label
+        elif name in REFUSED_WHEN_BUILT and not label.startswith("LawWatchCallback"):
+            # known wrong when the monitor is built: refused then, before any forward pass (the
+            # callback builds it at train begin, logs the refusal and measures nothing)
+            assert got == expected, label
         elif isinstance(expected[0], str) and label.startswith(("LawWatch(", "LawWatchCallback")):
             # the monitor never raises for a failed snapshot: it skips it (None), after its
             # remaining forward passes (collectives on a sharded model)
@@ -184,7 +191,9 @@ def test_accelerator_watch_takes_the_config(setup):
 
     model, probe = setup
     config = MeasureConfig(target="token_id_shuffled", seed=7, layers=[0, 1, 2, -1])
-    watch = AcceleratorWatch(Accelerator(cpu=True), model, probe, config, every=3)
+    watch = AcceleratorWatch(
+        Accelerator(cpu=True), model, probe, config, max_overhead=None, every=3
+    )
     assert watch.config == config
     assert AcceleratorWatch(Accelerator(cpu=True), model, probe, **config.to_dict()).config == (
         config

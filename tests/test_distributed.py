@@ -352,12 +352,12 @@ def test_shards_cover_every_example_once_with_equal_batches():
 
 def test_a_step_is_attempted_once_even_when_it_fails(gpt2, caplog):
     tiny = lawwatch.ProbeSet.from_tokens([[1, 2, 3, 4]])  # too few examples: every snapshot fails
-    watch = LawWatch(gpt2, tiny, every=1)
+    watch = LawWatch(gpt2, tiny, max_overhead=None, every=1)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         assert watch.maybe_snapshot(3) is None
     assert not watch.should_snapshot(3) and watch.should_snapshot(4)
     assert watch.state_dict() == {"history": [], "last_step": 3}
-    resumed = LawWatch(gpt2, tiny, every=1)
+    resumed = LawWatch(gpt2, tiny, max_overhead=None, every=1)
     resumed.load_state_dict(watch.state_dict(), resume_step=2)
     assert resumed.should_snapshot(3)
 

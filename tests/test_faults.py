@@ -106,7 +106,7 @@ def test_a_stale_matrix_and_killed_writers_files_are_repaired_on_open(
 ):
     """What a kill between the history's append and the matrix's rename leaves, and a rewrite's."""
     local = LocalHistory(tmp_path)
-    watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+    watch = LawWatch(gpt2, probe, max_overhead=None, every=1, sinks=[local])
     for step in range(3):
         watch.maybe_snapshot(step)
     matrix = (tmp_path / MATRIX_FILE).read_bytes()  # of steps 0 to 2
@@ -166,7 +166,7 @@ def test_a_full_disk_holds_the_records_and_writes_them_in_order(tmp_path, gpt2, 
     """A 64 kB tmpfs filled up: one warning, no part of a record, the records written later."""
     with tmpfs(tmp_path / "disk") as disk:
         local = LocalHistory(disk / "lw")
-        watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+        watch = LawWatch(gpt2, probe, max_overhead=None, every=1, sinks=[local])
         with caplog.at_level(logging.WARNING, logger="lawwatch"):
             for step in range(3):
                 watch.maybe_snapshot(step)
@@ -196,7 +196,7 @@ def test_a_full_disk_holds_the_records_and_writes_them_in_order(tmp_path, gpt2, 
 def test_a_read_only_directory_that_becomes_writable(tmp_path, gpt2, probe, caplog):
     with tmpfs(tmp_path / "disk", "1m") as disk:
         local = LocalHistory(disk / "lw")
-        watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+        watch = LawWatch(gpt2, probe, max_overhead=None, every=1, sinks=[local])
         with caplog.at_level(logging.WARNING, logger="lawwatch"):
             watch.maybe_snapshot(0)
             remount(disk, "ro")
@@ -217,7 +217,7 @@ def test_a_read_only_directory_that_becomes_writable(tmp_path, gpt2, probe, capl
 
 def test_a_directory_removed_mid_run_is_written_again_whole(tmp_path, gpt2, probe, caplog):
     local = LocalHistory(tmp_path / "lw")
-    watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+    watch = LawWatch(gpt2, probe, max_overhead=None, every=1, sinks=[local])
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         for step in range(3):
             watch.maybe_snapshot(step)
@@ -235,7 +235,7 @@ def test_a_directory_removed_mid_run_is_written_again_whole(tmp_path, gpt2, prob
 
 
 def earlier_run(directory: Path, gpt2, probe) -> None:
-    watch = LawWatch(gpt2, probe, every=4, sinks=[LocalHistory(directory)])
+    watch = LawWatch(gpt2, probe, max_overhead=None, every=4, sinks=[LocalHistory(directory)])
     for step in range(13):
         watch.maybe_snapshot(step)
     watch.close()
@@ -247,13 +247,15 @@ def test_a_fresh_run_replaces_an_earlier_run_with_a_warning(tmp_path, gpt2, prob
     """As the Trainer callback does: the new run's history alone, one warning, no error."""
     earlier_run(tmp_path, gpt2, probe)
     if entry == "LawWatch":
-        watch = LawWatch(gpt2, probe, every=4, sinks=[LocalHistory(tmp_path)])
+        watch = LawWatch(gpt2, probe, max_overhead=None, every=4, sinks=[LocalHistory(tmp_path)])
     else:
         from accelerate import Accelerator
 
         from lawwatch.integrations.accelerate import AcceleratorWatch
 
-        watch = AcceleratorWatch(Accelerator(cpu=True), gpt2, probe, every=4, directory=tmp_path)
+        watch = AcceleratorWatch(
+            Accelerator(cpu=True), gpt2, probe, max_overhead=None, every=4, directory=tmp_path
+        )
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         for step in range(9):
             watch.maybe_snapshot(step)
@@ -265,7 +267,7 @@ def test_a_fresh_run_replaces_an_earlier_run_with_a_warning(tmp_path, gpt2, prob
     assert "replacing the 6 records" in warned[0].getMessage()
     # a run that loads the state continues it instead
     state = {"history": History.read(tmp_path).records, "last_step": 8}
-    resumed = LawWatch(gpt2, probe, every=4, sinks=[LocalHistory(tmp_path)])
+    resumed = LawWatch(gpt2, probe, max_overhead=None, every=4, sinks=[LocalHistory(tmp_path)])
     resumed.load_state_dict(state, resume_step=8)
     for step in range(9, 17):
         resumed.maybe_snapshot(step)

@@ -46,7 +46,7 @@ class StopAt(TrainerCallback):
 
 def test_local_history_schedule_and_final_step(tmp_path):
     probe = ragged_probe()
-    callback = LawWatchCallback(probe, every=4)
+    callback = LawWatchCallback(probe, max_overhead=None, every=4)
     trainer = make_trainer(tmp_path / "out", [callback], max_steps=10)
     initial = measure(tiny_gpt2(0), probe)  # the same weights the Trainer starts from
     trainer.train()
@@ -71,16 +71,20 @@ def test_local_history_schedule_and_final_step(tmp_path):
 
 
 def test_custom_schedule_and_early_stop(tmp_path):
-    callback = LawWatchCallback(ragged_probe(), schedule=[3, 9])
+    callback = LawWatchCallback(ragged_probe(), max_overhead=None, schedule=[3, 9])
     make_trainer(tmp_path / "out", [callback, StopAt(6)], max_steps=12).train()
     records = History.read(tmp_path / "out" / "lawwatch").records
     assert [r["step"] for r in records] == [0, 3, 6]  # 6: where training stopped
 
 
 def test_rerun_from_step_0_replaces_old_history(tmp_path, caplog):
-    make_trainer(tmp_path / "out", [LawWatchCallback(ragged_probe(), every=2)], max_steps=4).train()
+    make_trainer(
+        tmp_path / "out",
+        [LawWatchCallback(ragged_probe(), max_overhead=None, every=2)],
+        max_steps=4,
+    ).train()
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
-        callback = LawWatchCallback(ragged_probe(), every=2)
+        callback = LawWatchCallback(ragged_probe(), max_overhead=None, every=2)
         make_trainer(tmp_path / "out", [callback], max_steps=2).train()
     assert "replacing the 4 records" in caplog.text
     records = History.read(tmp_path / "out" / "lawwatch").records
@@ -106,12 +110,14 @@ def test_monitor_failures_never_stop_training(tmp_path, caplog):
             pass
 
     tiny = ProbeSet.from_tokens([[1, 2, 3, 4, 5]])  # 4 examples for 16 features: refused
-    failing = LawWatchCallback(tiny, every=2)
-    working = LawWatchCallback(ragged_probe(), every=2, sinks=[Broken()], directory=tmp_path / "w")
+    failing = LawWatchCallback(tiny, max_overhead=None, every=2)
+    working = LawWatchCallback(
+        ragged_probe(), max_overhead=None, every=2, sinks=[Broken()], directory=tmp_path / "w"
+    )
     (tmp_path / "a-file").write_text("not a directory")
     collect = Collect()
     homeless = LawWatchCallback(
-        ragged_probe(), every=2, sinks=[collect], directory=tmp_path / "a-file"
+        ragged_probe(), max_overhead=None, every=2, sinks=[collect], directory=tmp_path / "a-file"
     )
     trainer = make_trainer(tmp_path / "out", [failing, working, homeless], max_steps=4)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
@@ -134,7 +140,7 @@ def test_bad_settings_fail_when_the_callback_is_built():
     with pytest.raises(ValueError, match="normalize"):
         LawWatchCallback(ragged_probe(), normalize="batchnorm")
     with pytest.raises(ValueError, match="every"):
-        LawWatchCallback(ragged_probe(), every=0)
+        LawWatchCallback(ragged_probe(), max_overhead=None, every=0)
     with pytest.raises(TypeError, match=r"Unknown measurement options \['layer'\]"):
         LawWatchCallback(ragged_probe(), layer=2)
     assert lawwatch.LawWatchCallback is LawWatchCallback
@@ -142,7 +148,7 @@ def test_bad_settings_fail_when_the_callback_is_built():
 
 def test_measurement_options_reach_every_snapshot(tmp_path):
     probe = ragged_probe()
-    callback = LawWatchCallback(probe, every=4, layers=[0, 2, 3, 4], offset=2)
+    callback = LawWatchCallback(probe, max_overhead=None, every=4, layers=[0, 2, 3, 4], offset=2)
     trainer = make_trainer(tmp_path / "out", [callback], max_steps=2)
     initial = measure(tiny_gpt2(0), probe, layers=[0, 2, 3, 4], offset=2)
     trainer.train()
@@ -156,7 +162,7 @@ def test_measurement_options_reach_every_snapshot(tmp_path):
 
 def test_wandb_run_holds_the_law(tmp_path, offline_wandb):
     probe = ragged_probe()
-    callback = LawWatchCallback(probe, every=4)
+    callback = LawWatchCallback(probe, max_overhead=None, every=4)
     trainer = make_trainer(tmp_path / "out", [callback], max_steps=10, report_to=["wandb"])
     trainer.train()
     run_dir = finish_run()
@@ -210,7 +216,7 @@ def test_wandb_run_holds_the_law(tmp_path, offline_wandb):
 
 def test_resume_keeps_one_history(tmp_path, offline_wandb):
     out = tmp_path / "out"
-    first = LawWatchCallback(ragged_probe(), every=2)
+    first = LawWatchCallback(ragged_probe(), max_overhead=None, every=2)
     make_trainer(out, [first], max_steps=8, save_steps=3, report_to=["wandb"]).train()
     first_run = finish_run()
     before = History.read(out / "lawwatch").records
@@ -218,7 +224,7 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
     assert (out / "checkpoint-3").is_dir()
 
     # resume from step 3 (off the schedule): 4, 6 and 8 are measured again, nothing twice
-    second = LawWatchCallback(ragged_probe(), every=2)
+    second = LawWatchCallback(ragged_probe(), max_overhead=None, every=2)
     trainer = make_trainer(out, [second], max_steps=8, save_steps=3, report_to=["wandb"])
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     second_run = finish_run()

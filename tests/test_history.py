@@ -202,7 +202,7 @@ def test_old_records_without_series_fields_still_load(tmp_path, gpt2, probe):
     assert History.read(tmp_path).records == old
     assert [Snapshot.from_record(r).extra for r in old] == [{}, {}]
     local = LocalHistory(tmp_path)
-    watch = LawWatch(gpt2, probe, every=1, sinks=[local])
+    watch = LawWatch(gpt2, probe, max_overhead=None, every=1, sinks=[local])
     watch.load_state_dict({"history": local.records, "last_step": 1}, resume_step=1)
     watch.maybe_snapshot(2)
     records = History.read(tmp_path).records
@@ -211,7 +211,9 @@ def test_old_records_without_series_fields_still_load(tmp_path, gpt2, probe):
 
 
 def test_every_record_says_what_it_was_measured_with(tmp_path, gpt2, probe):
-    watch = LawWatch(gpt2, probe, every=1, layers=(0, 2, 3, 4), sinks=[LocalHistory(tmp_path)])
+    watch = LawWatch(
+        gpt2, probe, max_overhead=None, every=1, layers=(0, 2, 3, 4), sinks=[LocalHistory(tmp_path)]
+    )
     watch.maybe_snapshot(0)
     record = History.read(tmp_path).records[0]
     assert record["probe"] == probe.content_hash()
@@ -235,7 +237,7 @@ def test_resuming_with_another_probe_or_options_starts_a_new_series(
     tmp_path, gpt2, probe, caplog, change
 ):
     options, said = change
-    first = LawWatch(gpt2, probe, every=1, sinks=[LocalHistory(tmp_path)])
+    first = LawWatch(gpt2, probe, max_overhead=None, every=1, sinks=[LocalHistory(tmp_path)])
     for step in range(3):
         first.maybe_snapshot(step)
     state = first.state_dict()
@@ -247,7 +249,7 @@ def test_resuming_with_another_probe_or_options_starts_a_new_series(
     model = gpt2.to(options.pop("precision")) if "precision" in options else gpt2
     resumed_probe = options.pop("probe", probe)
     local = LocalHistory(tmp_path)
-    resumed = LawWatch(model, resumed_probe, every=1, sinks=[local], **options)
+    resumed = LawWatch(model, resumed_probe, max_overhead=None, every=1, sinks=[local], **options)
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         resumed.load_state_dict(state, resume_step=2)
         assert len(resumed.history) == 0  # the restored records are not continued

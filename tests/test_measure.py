@@ -120,7 +120,10 @@ def test_layer_selection_errors():
     with pytest.raises(ValueError, match="at least 3 layers"):
         measure(model, probe, layers=3)  # entries 0, 3, 6: two points to fit
     with pytest.raises(ValueError, match="Cannot merge"):
-        accumulate(model, probe, layers=[1, 2]).merge(accumulate(model, probe, layers=[1, 3]))
+        plain = {"jackknife": None}  # one ResidualStats (merge is theirs)
+        accumulate(model, probe, layers=[1, 2], **plain).merge(
+            accumulate(model, probe, layers=[1, 3], **plain)
+        )
 
 
 def test_snapshot_from_stats_and_plain_construction():

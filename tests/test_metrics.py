@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lawwatch import measure
+from lawwatch import MeasureConfig, measure
 from lawwatch.measurement import uncertainty
 from lawwatch.stats.fuzziness import separation_fuzziness
 from lawwatch.stats.outofsample import out_of_sample_pr
@@ -207,7 +207,8 @@ def test_analyze_reports_the_jackknife_by_default(tmp_path):
         result = analyze([Checkpoint(str(tmp_path / "checkpoint-5"), 5)], probe, tmp_path / "o")
         live = measure(model, probe, jackknife=8)
     (record,) = result.history.records
-    assert record["config"]["jackknife"] is None  # the series of a live run with the defaults
+    # the series of a live run with the defaults
+    assert record["config"]["jackknife"] == MeasureConfig().jackknife
     assert record["pearson_r_se"] == pytest.approx(live.extra["pearson_r_se"], abs=1e-12)
     assert record["rho_se"] == pytest.approx(live.extra["rho_se"], abs=1e-12)
     assert record["jackknife_groups"] == 8

@@ -13,7 +13,7 @@ from lawwatch.output.sinks import Sinks
 from lawwatch.output.store import LocalHistory
 from lawwatch.watch.monitor import LawWatch
 from lawwatch.watch.schedule import Schedule
-from tests.helpers.models import RECORD_KEYS
+from tests.helpers.models import RECORD_KEYS, ragged_probe
 
 
 def test_default_schedule():
@@ -25,14 +25,16 @@ def test_default_schedule():
 
 
 def test_custom_schedules(gpt2, probe):
-    assert LawWatch(gpt2, probe, schedule=[3, 7]).should_snapshot(7)
-    assert not LawWatch(gpt2, probe, schedule=[3, 7]).should_snapshot(4)
-    assert LawWatch(gpt2, probe, schedule=lambda s: s % 5 == 0).should_snapshot(10)
+    assert LawWatch(gpt2, probe, max_overhead=None, schedule=[3, 7]).should_snapshot(7)
+    assert not LawWatch(gpt2, probe, max_overhead=None, schedule=[3, 7]).should_snapshot(4)
+    assert LawWatch(gpt2, probe, max_overhead=None, schedule=lambda s: s % 5 == 0).should_snapshot(
+        10
+    )
 
 
 def test_snapshot_is_invisible_to_training(gpt2, probe):
     gpt2.train()
-    watch = LawWatch(gpt2, probe, every=2)
+    watch = LawWatch(gpt2, probe, max_overhead=None, every=2)
     torch.manual_seed(123)
     random.seed(5)
     np.random.seed(5)
@@ -51,7 +53,7 @@ def test_snapshot_is_invisible_to_training(gpt2, probe):
 
 def test_history_sink_and_resume(tmp_path, gpt2, probe):
     history = LocalHistory(tmp_path / "lw")
-    watch = LawWatch(gpt2, probe, every=4, sinks=[history])
+    watch = LawWatch(gpt2, probe, max_overhead=None, every=4, sinks=[history])
     for step in range(9):
         watch.maybe_snapshot(step)
     records = History.read(tmp_path / "lw").records
@@ -67,7 +69,7 @@ def test_history_sink_and_resume(tmp_path, gpt2, probe):
     watch.close()  # the first run ends; the resumed one opens the directory again
     again = LocalHistory(tmp_path / "lw")
     again.drop_after(4)
-    resumed = LawWatch(gpt2, probe, every=4, sinks=[again])
+    resumed = LawWatch(gpt2, probe, max_overhead=None, every=4, sinks=[again])
     resumed.load_state_dict(state, resume_step=4)
     assert not resumed.should_snapshot(4) and resumed.should_snapshot(8)
     resumed.maybe_snapshot(8)
@@ -79,7 +81,10 @@ def test_history_sink_and_resume(tmp_path, gpt2, probe):
 
 def test_failure_is_reported_and_training_goes_on(gpt2, caplog):
     tiny = ProbeSet.from_tokens([[1, 2, 3, 4]])  # far fewer examples than the hidden size
-    watch = LawWatch(gpt2, tiny, every=1)
+    # refused when built (test_watch_config); a probe that shrinks afterwards fails at its
+    # snapshot instead
+    watch = LawWatch(gpt2, ragged_probe(), max_overhead=None, every=1)
+    watch.probe = tiny
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         assert watch.snapshot(0) is None
     assert "Too few probe examples" in caplog.text
@@ -147,7 +152,7 @@ def test_max_overhead_stretches_the_schedule(gpt2, probe, caplog):
     watch = LawWatch(gpt2, probe, every=1, last_step=1200, max_overhead=0.02)
     watch._clock = clock
     watch.sinks = Sinks([Slow(clock, 1.0)])
-    with caplog.at_level(logging.INFO, logger="lawwatch"):
+    with caplog.at_level(logging.DEBUG, logger="lawwatch"):  # later skips are DEBUG
         for step in range(1201):
             watch.maybe_snapshot(step)
             clock.now += 0.1  # one training step
@@ -162,7 +167,7 @@ def test_max_overhead_stretches_the_schedule(gpt2, probe, caplog):
 
 
 def test_without_a_budget_the_schedule_is_kept(gpt2, probe):
-    watch = LawWatch(gpt2, probe, every=1)
+    watch = LawWatch(gpt2, probe, max_overhead=None, every=1)
     for step in range(4):
         watch.maybe_snapshot(step)
     assert watch.history.steps == [0, 1, 2, 3]

@@ -84,7 +84,7 @@ def test_trainer_bf16_snapshots_in_float32(tmp_path):
 
     probe = ragged_probe()
     reference = measure(tiny_gpt2(0), probe)
-    callback = LawWatchCallback(probe, every=2)
+    callback = LawWatchCallback(probe, max_overhead=None, every=2)
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=2,

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def train(out, report_to, callback=None, **args):
-    callback = callback or LawWatchCallback(ragged_probe(), every=2)
+    callback = callback or LawWatchCallback(ragged_probe(), max_overhead=None, every=2)
     arguments = TrainingArguments(
         output_dir=str(out),
         max_steps=4,
@@ -293,6 +293,7 @@ def test_accelerate_loop_logs_to_every_tracker(tmp_path, mlflow_store, offline_w
         accelerator,
         model,
         ragged_probe(),
+        max_overhead=None,
         every=2,
         last_step=4,
         directory=tmp_path / "lawwatch",
@@ -352,7 +353,7 @@ def test_callback_alerts_reach_the_trackers_that_have_them(tmp_path, offline_wan
     project = f"lawwatch-{uuid.uuid4().hex[:8]}"
     # threshold 1: every r counts as emerged, so the emergence alert fires at step 0
     callback = LawWatchCallback(
-        ragged_probe(), every=2, alerts=Alerts(threshold=1.0, stalled=False)
+        ragged_probe(), max_overhead=None, every=2, alerts=Alerts(threshold=1.0, stalled=False)
     )
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         train(

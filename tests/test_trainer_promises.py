@@ -58,7 +58,7 @@ def test_training_is_unchanged_by_the_monitor(tmp_path, options):
     weights of that step."""
     probe = ragged_probe()
     without = train(tmp_path / "without", [], **options)
-    callback = LawWatchCallback(probe, every=1)
+    callback = LawWatchCallback(probe, max_overhead=None, every=1)
     watched = train(tmp_path / "with", [callback], **options)
     assert losses(watched) == losses(without) and len(losses(watched)) == 3
     records = History.read(tmp_path / "with" / "lawwatch").records
@@ -72,8 +72,8 @@ def test_training_is_unchanged_by_the_monitor(tmp_path, options):
 def test_two_callbacks_never_share_one_history(tmp_path, caplog):
     """Two probes, one output directory: the second local history is refused with the fix; the
     first keeps its own steps, whole (neither interleaved nor rewritten by the other)."""
-    first = LawWatchCallback(ragged_probe(seed=0), every=2)
-    second = LawWatchCallback(ragged_probe(seed=1), every=2)
+    first = LawWatchCallback(ragged_probe(seed=0), max_overhead=None, every=2)
+    second = LawWatchCallback(ragged_probe(seed=1), max_overhead=None, every=2)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         make_trainer(tmp_path / "out", [first, second], max_steps=4).train()
     records = History.read(tmp_path / "out" / "lawwatch").records
@@ -83,7 +83,9 @@ def test_two_callbacks_never_share_one_history(tmp_path, caplog):
     assert "its own directory=" in caplog.text
     assert [h["step"] for h in second.monitor.history] == [0, 1, 2, 4]  # it still measured
     # with a directory each, both histories are kept
-    third = LawWatchCallback(ragged_probe(seed=1), every=2, directory=tmp_path / "second")
+    third = LawWatchCallback(
+        ragged_probe(seed=1), max_overhead=None, every=2, directory=tmp_path / "second"
+    )
     make_trainer(tmp_path / "two", [LawWatchCallback(ragged_probe()), third], max_steps=2).train()
     assert History.read(tmp_path / "two" / "lawwatch").steps == [0, 1, 2]
     assert History.read(tmp_path / "second").steps == [0, 1, 2]
@@ -91,11 +93,13 @@ def test_two_callbacks_never_share_one_history(tmp_path, caplog):
 
 def test_resume_with_other_options_starts_a_new_series(tmp_path, caplog):
     out = tmp_path / "out"
-    first = LawWatchCallback(ragged_probe(), every=2)
+    first = LawWatchCallback(ragged_probe(), max_overhead=None, every=2)
     make_trainer(out, [first], max_steps=6, save_steps=3).train()
     before = History.read(out / "lawwatch")
     assert before.steps == [0, 1, 2, 4, 6]
-    callback = LawWatchCallback(ragged_probe(), every=2, offset=2)  # another target position
+    callback = LawWatchCallback(
+        ragged_probe(), max_overhead=None, every=2, offset=2
+    )  # another target position
     trainer = make_trainer(out, [callback], max_steps=6, save_steps=3)
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))

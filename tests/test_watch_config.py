@@ -13,7 +13,7 @@ import pytest
 from lawwatch import LawWatch, MeasureConfig, WatchConfig
 from lawwatch.config import field_docs
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.watch.config import build_configs
+from lawwatch.watch.config import DEFAULT_MAX_OVERHEAD, build_configs
 from lawwatch.watch.schedule import Schedule, planned
 from tests.helpers.recipes import recipe_common
 
@@ -65,7 +65,8 @@ def test_defaults_and_every_field_documented():
     watch = WatchConfig()
     assert watch.every == 100 and watch.schedule is None and watch.last_step is None
     assert watch.emergence_threshold == DEFAULT_EMERGENCE_THRESHOLD
-    assert watch.max_overhead is None and watch.background is False and watch.background_lag == 4
+    assert watch.max_overhead == DEFAULT_MAX_OVERHEAD
+    assert watch.background is False and watch.background_lag == 4
     docs = field_docs(WatchConfig)
     assert all(len(docs.get(name, "")) > 20 for name in WatchConfig.names())
 

@@ -37,6 +37,12 @@ def _blocks(text: str) -> str | tuple[str, ...]:
     return tuple(text.split(",")) if "," in text else text
 
 
+def _jackknife(text: str) -> int | str | None:
+    """``auto``, ``none`` (off) or a number of groups."""
+    word = text.strip().lower()
+    return None if word == "none" else word if word == "auto" else int(word)
+
+
 MEASURE = DataclassOptions(
     MeasureConfig,
     "measurement options (lawwatch.MeasureConfig; the defaults are the paper's protocol)",
@@ -44,6 +50,7 @@ MEASURE = DataclassOptions(
         "layers": {"type": _layers},
         "blocks": {"type": _blocks},
         "final_norm": {"type": str},
+        "jackknife": {"type": _jackknife},
     },
 )
 

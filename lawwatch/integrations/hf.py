@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
+from lawwatch.output.console import ConsoleSink
 from lawwatch.output.sinks import Sink, Sinks
 from lawwatch.output.store import LocalHistory
 from lawwatch.output.trackers import (
@@ -164,7 +165,12 @@ class LawWatchCallback(TrainerCallback):
 
     @_never_raises
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Open the sinks (main process), restore a resumed history, measure step 0."""
+        """Open the sinks (main process), restore a resumed history, measure step 0.
+
+        Settings that cannot work with this model (see
+        :func:`lawwatch.measurement.check_settings`) are refused here, once: the error is
+        logged and the run trains unmonitored (a monitor never stops training).
+        """
         if self.local is not None:  # a previous train() that ended without on_train_end
             self.local.close()
         self.monitor, self.local, self.report_path = None, None, None
@@ -274,6 +280,8 @@ class LawWatchCallback(TrainerCallback):
         records = self.local.records if self.local else []
         self.trackers = self._open_trackers(args, records)
         sinks += [*self.trackers.values(), *self.extra_sinks]
+        if self.watch.console:
+            sinks.append(ConsoleSink())
         if self.alerts is not None:
             targets = [s for s in sinks if isinstance(s, Alerting)]
             sinks.append(
@@ -314,7 +322,7 @@ class LawWatchCallback(TrainerCallback):
                 log.exception("lawwatch: not logging to %s", name)
                 continue
             if sink is None:
-                log.info("lawwatch: %s has no lawwatch sink; not logging to it", name)
+                log.debug("lawwatch: %s has no lawwatch sink; not logging to it", name)
                 continue
             opened[name] = sink
         return opened

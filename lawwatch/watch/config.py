@@ -18,7 +18,10 @@ from typing import Any, ClassVar
 from lawwatch.config import MeasureConfig, Options
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 
-__all__ = ["WatchConfig", "build_configs", "check_every"]
+__all__ = ["DEFAULT_MAX_OVERHEAD", "WatchConfig", "build_configs", "check_every"]
+
+DEFAULT_MAX_OVERHEAD = 0.1
+"""The default overhead budget (``WatchConfig.max_overhead``): a tenth of training time."""
 
 ScheduleSpec = Collection[int] | Callable[[int], bool] | None
 
@@ -69,13 +72,18 @@ class WatchConfig(Options):
     emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD
     """Pearson r (of log10 PR against depth) at or below which the law counts as emerged: the
     emergence step, the alerts, the plot's line and the trackers' summary use it."""
-    max_overhead: float | None = None
-    """A budget for the monitor's share of training time (e.g. 0.02): after each snapshot,
-    scheduled steps are skipped until the training time since then is at least ``snapshot time
-    / max_overhead`` (logged when it happens). Snapshot and step times are the largest over the
-    processes (one 2-element all-reduce per snapshot), so every process skips the same steps.
-    With ``background`` the snapshot time is what training waited for (the forwards and the
-    collectives). Step 0 and the final step are measured in any case. None: no budget."""
+    max_overhead: float | None = DEFAULT_MAX_OVERHEAD
+    """A budget for the monitor's share of training time: after each snapshot, scheduled steps
+    are skipped until the training time since then is at least ``snapshot time /
+    max_overhead``. The default, 10%, leaves ``every``'s periodic snapshots of a long run alone
+    whenever a snapshot costs less than a tenth of ``every`` training steps (a small model on a
+    CPU measures a few steps' worth; see BENCHMARKS.md), and thins the log-spaced start and
+    short runs, where snapshots would otherwise double the run. The first skip is a WARNING on
+    the ``"lawwatch"`` logger (the budget, the snapshot's cost, how to change it); later ones
+    are DEBUG. Snapshot and step times are the largest over the processes (one 2-element
+    all-reduce per snapshot), so every process skips the same steps. With ``background`` the
+    snapshot time is what training waited for (the forwards and the collectives). Step 0 and
+    the final step are measured in any case. None: no budget (every scheduled step)."""
     background: bool = False
     """Run the solve, the law's fit and the writing of the thread-safe sinks (the local
     history) on one worker thread, so training waits only for the probe's forwards and the
@@ -93,6 +101,11 @@ class WatchConfig(Options):
     """On several processes, the steps after a background snapshot at which its PRs are
     gathered (a step every process agrees on without communicating; waits for the solve if it
     is not done)."""
+
+    console: bool = True
+    """Print one line per snapshot on the main process (``lawwatch step 200: r = -0.982 ±
+    0.006, rho = 0.71, 1.4 s``; :class:`~lawwatch.output.console.ConsoleSink`), through
+    ``tqdm.write`` while a progress bar is open. False: no line (trackers and files only)."""
 
     def __post_init__(self) -> None:
         check_every(self.every)
@@ -119,6 +132,8 @@ class WatchConfig(Options):
                 f"max_overhead is a fraction of training time in (0, 1) (0.02: 2%), or None for "
                 f"no budget, got {self.max_overhead!r}."
             )
+        if not isinstance(self.console, bool):
+            raise TypeError(f"console is True or False, got {self.console!r}.")
         if not isinstance(self.background, bool):
             raise TypeError(f"background is True or False, got {self.background!r}.")
         if not _is_step(self.background_lag):

@@ -27,6 +27,7 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot, identity, series, series_change
 from lawwatch.measurement import prepare, solve
 from lawwatch.models import measured_module
+from lawwatch.output.console import ConsoleSink
 from lawwatch.output.sinks import Rewindable, Sink, Sinks
 from lawwatch.output.store import HistoryBusy, LocalHistory
 from lawwatch.output.trackers import Tracker, check_trackers, open_trackers
@@ -129,6 +130,8 @@ class LawWatch:
         self.schedule = planned(self.watch)
         self.sinks = sinks if isinstance(sinks, Sinks) else Sinks(sinks)
         wanted = check_trackers(trackers)  # on every process, before anything opens
+        if self.watch.console:  # the one-line summary (main process: only rank 0 writes)
+            self.sinks = Sinks([*self.sinks.sinks, ConsoleSink()])
         self.accelerator, self.unwrap = accelerator, unwrap
         # resolved once, on the whole probe: every shard of every rank regresses the same targets
         self.targets = prepare(measured_module(model, unwrap), probe, self.config)

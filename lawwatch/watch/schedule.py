@@ -64,6 +64,9 @@ def planned(watch: WatchConfig) -> Callable[[int], bool]:
 class Budget:
     """The overhead budget: after a snapshot, the earliest step its cost leaves room for.
 
+    The first scheduled step it skips is logged as a WARNING (the budget, the snapshot's cost,
+    how to change it), later ones at DEBUG.
+
     Told the time at each of the monitor's calls (:meth:`called`, :meth:`returned`: the time
     between them is training) and each snapshot's duration (:meth:`spent`), it answers whether
     a scheduled step may be measured (:meth:`allows`). Without ``max_overhead`` it allows all.
@@ -79,6 +82,8 @@ class Budget:
         self._step_seconds: float | None = None  # training time per step, latest measured
         self._not_before: int | None = None  # the earliest step the budget allows
         self._told: int | None = None  # the snapshot whose stretch was logged
+        self._warned = False  # the first skip is a WARNING, later ones DEBUG
+        self._cost: tuple[float, float] | None = None  # (snapshot s, step s) that set the stretch
 
     def called(self, step: int, now: float) -> None:
         """A call at ``step``: the training time per step since the previous call."""
@@ -101,13 +106,28 @@ class Budget:
             return True
         if self._told != last_attempted:
             self._told = last_attempted
-            log.info(
-                "lawwatch: scheduled step %d skipped to keep snapshots under max_overhead=%g of "
-                "training time; the next snapshot comes at step %d or later.",
-                step,
-                self.max_overhead,
-                self._not_before,
-            )
+            if not self._warned:
+                self._warned = True
+                snapshot_s, step_s = self._cost or (math.nan, math.nan)
+                log.warning(
+                    "lawwatch: scheduled step %d skipped to keep snapshots under max_overhead=%g "
+                    "of training time (a snapshot took %.2f s, %.1f training steps); the next "
+                    "snapshot comes at step %d or later. Later skips are not logged (DEBUG). To "
+                    "measure every scheduled step pass max_overhead=None, or a larger fraction.",
+                    step,
+                    self.max_overhead,
+                    snapshot_s,
+                    snapshot_s / step_s if step_s else math.nan,
+                    self._not_before,
+                )
+            else:
+                log.debug(
+                    "lawwatch: scheduled step %d skipped to keep snapshots under max_overhead=%g "
+                    "of training time; the next snapshot comes at step %d or later.",
+                    step,
+                    self.max_overhead,
+                    self._not_before,
+                )
         return False
 
     def spent(self, step: int, seconds: float, where: Layout) -> None:
@@ -125,5 +145,6 @@ class Budget:
             return
         if step_s <= 0.0:  # no training step timed yet
             return
+        self._cost = (snapshot_s, step_s)
         # steps of training the snapshot's time buys, rounded up (float noise aside)
         self._not_before = step + math.ceil(snapshot_s / (self.max_overhead * step_s) - 1e-9)

@@ -29,7 +29,7 @@ class KillOnSave(TrainerCallback):
 
 
 out, mode = sys.argv[1], sys.argv[2]
-callbacks = [LawWatchCallback(ragged_probe(), every=4, background=True)]
+callbacks = [LawWatchCallback(ragged_probe(), max_overhead=None, every=4, background=True)]
 if mode == "kill":
     callbacks.insert(0, KillOnSave())
 args = TrainingArguments(

@@ -34,6 +34,7 @@ def train(background: bool, steps: int = 10, **options) -> list[dict]:
         model,
         uneven_probe(),
         batch_size=2,
+        max_overhead=None,
         every=3,
         last_step=steps - 1,
         background=background,

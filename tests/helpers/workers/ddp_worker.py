@@ -52,7 +52,7 @@ def main() -> None:
     probe, lopsided = uneven_probe(), lopsided_probe()
     sinks = [LocalHistory(out / "history")] if rank == 0 else []
     watch = lawwatch.LawWatch(
-        model, probe, every=1, accelerator=accelerator, batch_size=2, sinks=sinks
+        model, probe, max_overhead=None, every=1, accelerator=accelerator, batch_size=2, sinks=sinks
     )
     results: dict = {
         "distributed_type": str(accelerator.distributed_type),

@@ -38,7 +38,9 @@ FOREVER = 10**9  # a killed child's steps: it is always killed mid-run, never af
 
 
 def monitor(model: torch.nn.Module, probe: ProbeSet, local: LocalHistory, mode: str) -> LawWatch:
-    return LawWatch(model, probe, every=1, background=mode == "background", sinks=[local])
+    return LawWatch(
+        model, probe, max_overhead=None, every=1, background=mode == "background", sinks=[local]
+    )
 
 
 def run(model: torch.nn.Module, probe: ProbeSet, run_dir: Path, mode: str, steps: int) -> None:

@@ -58,7 +58,7 @@ def run(name, model, shard, rank, probe, results, poison_at: str) -> None:
     results[f"{name}_root_is_fsdp"] = isinstance(model, FSDPModule)
     results[f"{name}_measured_as_is"] = measured_module(model) is model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    watch = lawwatch.LawWatch(model, probe, every=1, batch_size=2)
+    watch = lawwatch.LawWatch(model, probe, max_overhead=None, every=1, batch_size=2)
     results[f"{name}_step0"] = pr_list(watch.maybe_snapshot(0))
     # the final norm's pre-hook fires inside the sharded forward: the last entry's features are
     # made from its input only (a capture whose pre-hook missed raises), so their shape is that
@@ -121,7 +121,7 @@ def precision(rank: int, probe, results: dict) -> None:
         for block in model.transformer.h:
             fully_shard(block, **options)
         fully_shard(model, **options)
-        watch = lawwatch.LawWatch(model, probe, every=1, batch_size=2)
+        watch = lawwatch.LawWatch(model, probe, max_overhead=None, every=1, batch_size=2)
         outside = watch.snapshot(0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             inside = watch.snapshot(1)

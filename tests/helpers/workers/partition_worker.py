@@ -56,7 +56,7 @@ def main() -> None:
     probe = ragged_probe(seed=3, rows=31, max_len=24)  # 16 + 15 (+1 masked) rows
     results: dict = {"world": dist.get_world_size()}
     for name, options in {**OPTIONS, "plain": {}}.items():
-        watch = lawwatch.LawWatch(model, probe, every=1, batch_size=3, **options)
+        watch = lawwatch.LawWatch(model, probe, max_overhead=None, every=1, batch_size=3, **options)
         results[name] = {
             "watch": numbers(watch.snapshot(0)),
             "phases": phases(model, probe, options),

@@ -35,7 +35,9 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(model, keep_fp32_wrapper=True)
     probe = ragged_probe(seed=3, rows=12, max_len=24)
-    watch = lawwatch.LawWatch(model, probe, every=1, batch_size=6, accelerator=accelerator)
+    watch = lawwatch.LawWatch(
+        model, probe, max_overhead=None, every=1, batch_size=6, accelerator=accelerator
+    )
     results: dict = {
         "world": accelerator.num_processes,
         "wrapper": type(model).__name__,
