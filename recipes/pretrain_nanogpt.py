@@ -153,6 +153,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--source", default="topics", help="CPython text: topics | docstrings | all")
     add("--probe-texts", type=int, default=None, help="held-out documents in the probe")
     add("--every", type=int, default=50, help="lawwatch: measure every N steps (and early)")
+    add(
+        "--max-overhead",
+        type=lambda v: None if v == "none" else float(v),
+        default=lawwatch.WatchConfig().max_overhead,
+        help="lawwatch: the share of training time snapshots may take (none: every scheduled one)",
+    )
     add("--ckpt-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     add("--log-every", type=int, default=10)
     add("--seed", type=int, default=0)
@@ -221,7 +227,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # the one line (every process builds it; the main process writes lawwatch/)
     watch = lawwatch.LawWatch(
-        trained, probe, every=args.every, last_step=args.steps, directory=args.out / "lawwatch"
+        trained,
+        probe,
+        every=args.every,
+        last_step=args.steps,
+        max_overhead=args.max_overhead,
+        directory=args.out / "lawwatch",
     )
     start = 0
     if ckpt is not None:
