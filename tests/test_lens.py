@@ -165,3 +165,32 @@ def test_mixed_precision_lens_is_close_to_float64(gpt2):
     mixed = measure(gpt2, probe, lens=1.0, precision="mixed").extra["lens"]
     for name in PER_ENTRY:
         assert mixed[name] == pytest.approx(exact[name], abs=1e-5)
+
+
+def test_a_trainer_run_logs_the_lens_to_wandb_and_tensorboard(tmp_path, offline_wandb):
+    from lawwatch import LawWatchCallback
+    from tests.helpers.trackers import read_events
+    from tests.helpers.trainer import make_trainer
+    from tests.helpers.wandb_offline import finish_run, history_rows, inspect_run
+
+    callback = LawWatchCallback(ragged_probe(), every=2, lens=1.0)
+    out = tmp_path / "out"
+    make_trainer(out, [callback], max_steps=2, report_to=["wandb", "tensorboard"]).train()
+    records = History.read(out / "lawwatch").records
+    assert [r["step"] for r in records] == [0, 1, 2] and all("lens" in r for r in records)
+    expected = {r["step"]: scalars(Snapshot.from_record(r)) for r in records}
+    lens_keys = [k for k in expected[2] if k.startswith("lawwatch/lens/")]
+    assert "lawwatch/lens/top1/layer_02" in lens_keys
+    # W&B, read back from the offline run
+    rows = [row for row in history_rows(inspect_run(finish_run())) if "lawwatch/rho" in row]
+    assert len(rows) == 3
+    for row, step in zip(rows, (0, 1, 2), strict=True):
+        for key in lens_keys:
+            assert row[key] == pytest.approx(expected[step][key], rel=1e-12), key
+    # TensorBoard (float32), read back from the Trainer's event file
+    events = read_events(next((out / "runs").iterdir()))
+    for key in lens_keys:
+        points = events.Scalars(key)
+        assert [p.step for p in points] == [0, 1, 2], key
+        want = [expected[s][key] for s in (0, 1, 2)]
+        assert [p.value for p in points] == pytest.approx(want, rel=1e-6, abs=1e-6), key
