@@ -194,3 +194,19 @@ def test_a_trainer_run_logs_the_lens_to_wandb_and_tensorboard(tmp_path, offline_
         assert [p.step for p in points] == [0, 1, 2], key
         want = [expected[s][key] for s in (0, 1, 2)]
         assert [p.value for p in points] == pytest.approx(want, rel=1e-6, abs=1e-6), key
+
+
+def test_the_report_draws_the_lens_figure_only_for_lens_records(gpt2, tmp_path):
+    from lawwatch.report import Run, write_report
+
+    lensed, plain = History(), History()
+    for step in (0, 1, 2):
+        snapshot = measure(gpt2, ragged_probe(), lens=1.0)
+        snapshot.step = step
+        lensed.append(snapshot)
+        plain.append({k: v for k, v in snapshot.to_record().items() if k != "lens"})
+    report = write_report([Run("lensed", lensed.records)], tmp_path / "a", formats=("svg",))
+    assert report.figures["lens"]["svg"].stat().st_size > 0
+    assert 'id="lens"' in report.html.read_text()
+    report = write_report([Run("plain", plain.records)], tmp_path / "b", formats=("svg",))
+    assert "lens" not in report.figures and 'id="lens"' not in report.html.read_text()
