@@ -14,11 +14,12 @@ collectives).
 **Memory bound.** Logits are never held beyond a chunk of ``rows × V`` values (``V`` the head's
 vocabulary) with ``rows = max(1, LENS_CHUNK_BYTES // (8 · V))``: per chunk at most five such
 buffers live at once (the final distribution, one entry's log-probabilities, their
-probabilities and ``logsumexp``'s temporaries, one vocabulary slab of the product), so the
-lens's transient is about ``5 · LENS_CHUNK_BYTES`` whatever the probe. The head's weight is
-converted to the lens precision a slab of ``LENS_CHUNK_BYTES`` at a time (never a float64 copy
-of the whole head). The hidden states it reads are the kept rows of each entry, in the model's
-dtype (:meth:`lawwatch.capture.Capture.stream` with ``keep``): ``entries × m × d``.
+probabilities, ``logsumexp``'s temporaries and the product's), so the lens's transient is
+about ``5 · LENS_CHUNK_BYTES`` whatever the probe. The head's weight is held in the lens
+precision while the snapshot runs: ``V × d`` values (8 bytes each in float64), converted once
+rather than once per chunk and entry. The hidden states it reads are the kept rows of each
+entry, in the model's dtype (:meth:`lawwatch.capture.Capture.stream` with ``keep``):
+``entries × m × d``.
 
 **Precision.** Logits, log-softmax and every reduction run in float64 with the statistics'
 ``precision="float64"`` (the default: within 1e-12 of a float64 reference); with ``"mixed"``
@@ -216,6 +217,7 @@ class LensStats:
         e = len(self.layers)
         size = len(self._PER_ENTRY) * e + 2 * (e + 1) + len(self._SCALARS)
         self.sums = torch.zeros(size, dtype=torch.float64, device=device)
+        self._head: tuple[tuple, torch.Tensor] | None = None  # see _weight
 
     # -- the layout of `sums` -----------------------------------------------------------------
 
@@ -296,13 +298,8 @@ class LensStats:
         """``(rows, V)`` log-probabilities of the lens on ``raw`` rows, and their top-1 ids."""
         device = self.sums.device
         g = norm(raw.to(device=device, dtype=torch.float64)).to(self.dtype)  # (rows, d)
-        weight, bias = head.weight, head.bias
-        vocab, d = weight.shape
-        z = torch.empty(g.shape[0], vocab, dtype=self.dtype, device=device)
-        slab = max(1, LENS_CHUNK_BYTES // (8 * d))  # head rows converted at a time
-        for lo in range(0, vocab, slab):
-            piece = weight[lo : lo + slab].to(device=device, dtype=self.dtype)  # (slab, d)
-            z[:, lo : lo + slab] = g @ piece.T
+        bias = head.bias
+        z = g @ self._weight(head).T  # (rows, V)
         if bias is not None:
             z += bias.to(device=device, dtype=self.dtype)
         if head.scale != 1.0:
@@ -312,6 +309,18 @@ class LensStats:
         top = z.argmax(dim=1)
         z -= torch.logsumexp(z, dim=1, keepdim=True)
         return z.to(torch.float64) if self.dtype != torch.float64 else z, top
+
+    def _weight(self, head: Unembedding) -> torch.Tensor:
+        """``(V, d)`` the head's weight in the lens precision, converted once per snapshot.
+
+        Kept while the weight is unchanged (same tensor, same version): one ``V × d`` copy
+        (8 bytes a value in float64) for the whole probe instead of one per chunk and entry.
+        """
+        weight = head.weight
+        key = (weight.data_ptr(), weight._version, self.dtype, self.sums.device)
+        if self._head is None or self._head[0] != key:
+            self._head = (key, weight.to(device=self.sums.device, dtype=self.dtype))
+        return self._head[1]
 
     def _depth(
         self,
