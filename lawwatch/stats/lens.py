@@ -11,11 +11,13 @@ is a sum or a count, so statistics of several processes add up with one all-redu
 like the PR statistics; :class:`Lensed` carries them beside those (the same forward, the same
 collectives).
 
-**Memory bound.** Logits are never held beyond a chunk of ``rows × V`` values (``V`` the head's
-vocabulary) with ``rows = max(1, LENS_CHUNK_BYTES // (8 · V))``: per chunk at most five such
-buffers live at once (the final distribution, one entry's log-probabilities, their
-probabilities, ``logsumexp``'s temporaries and the product's), so the lens's transient is
-about ``5 · LENS_CHUNK_BYTES`` whatever the probe. The head's weight is held in the lens
+**Memory bound.** Logits are never held beyond a chunk of ``(entries + 1) · rows × V`` values
+(``V`` the head's vocabulary; every measured entry and the final one, computed in one product
+so the head is read once per chunk) with ``rows = max(1, LENS_CHUNK_BYTES // (8 · V ·
+(entries + 1)))``: the chunk's log-probabilities, ``logsumexp``'s temporaries of the same size,
+and two ``rows × V`` buffers (the final probabilities, one entry's), so the lens's transient is
+about ``2 · LENS_CHUNK_BYTES`` (at least ``2 · (entries + 1) · V · 8`` bytes) whatever the
+probe. The head's weight is held in the lens
 precision while the snapshot runs: ``V × d`` values (8 bytes each in float64), converted once
 rather than once per chunk and entry. The hidden states it reads are the kept rows of each
 entry, in the model's dtype (:meth:`lawwatch.capture.Capture.stream` with ``keep``):
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 # bytes of one (rows × V) logit buffer: the lens's transient is a few of them (module docstring)
-LENS_CHUNK_BYTES = 16 * 2**20
+LENS_CHUNK_BYTES = 64 * 2**20
 # the share of the probe's examples the lens reads by default: sized so that it adds about a
 # quarter to a snapshot of the GPT-2-small shape (BENCHMARKS.md, "Logit lens")
 DEFAULT_LENS_FRACTION = 1 / 32
@@ -259,7 +261,8 @@ class LensStats:
                 f"have width {kept.final.shape[1]}: lens_head must name the unembedding."
             )
         vocab = weight.shape[0]
-        rows = max(1, LENS_CHUNK_BYTES // (8 * vocab))
+        # every entry's rows of a chunk in one product: the head is read once per chunk
+        rows = max(1, LENS_CHUNK_BYTES // (8 * vocab * (e_all := len(self.layers) + 1)))
         device = self.sums.device
         e = len(self.layers)
         entry_index = torch.tensor(self.layers, dtype=torch.float64, device=device)
@@ -272,20 +275,22 @@ class LensStats:
             for lo in range(0, m, rows):
                 part = slice(lo, lo + rows)
                 target = targets[part].to(device)
-                final_logp, final_top = self._log_probs(kept.final[part], kept.norm, head)
+                raw = torch.cat([kept.final[part], *(r[part] for r in kept.entries)])
+                every, top_all = self._log_probs(raw, kept.norm, head)  # (e_all · rows, V)
+                every = every.view(e_all, -1, every.shape[1])
+                top_all = top_all.view(e_all, -1)
+                final_logp, final_top = every[0], top_all[0]
                 final_p = final_logp.exp()
                 neg_entropy = _rowdot(final_p, final_logp)  # Σ p_f log p_f
-                del final_logp
                 tops = []
-                for i, raw in enumerate(kept.entries):
-                    logp, top = self._log_probs(raw[part], kept.norm, head)
+                for i in range(len(kept.entries)):
+                    logp, top = every[i + 1], top_all[i + 1]
                     tops.append(top)
                     per_entry[0, i] += (top == target).sum()
                     per_entry[1, i] -= logp.gather(1, target[:, None]).sum()
                     per_entry[2, i] += (neg_entropy - _rowdot(final_p, logp)).sum()
                     per_entry[3, i] -= _rowdot(logp.exp(), logp).sum()
-                    del logp
-                del final_p
+                del final_p, every
                 tops = torch.stack(tops)  # (entries, rows)
                 self._depth(tops, final_top, target, entry_index, first_hist, final_hist, scalars)
                 scalars[0] += target.numel()
