@@ -7,7 +7,8 @@ Random weights (the cost does not depend on them). ``gpt2-small``: GPT-2 of 12 b
 vocabulary 50257; ``1b``: a Llama of 16 blocks × 2048 (MLP 8192), vocabulary 128256 (1.5 B
 parameters with its untied head, float32). For each thread count: the model's forward alone
 (as the capture runs it), ``measure`` without the lens, and ``measure`` with the lens at each
-fraction; best of ``--repeat`` in wall time (process CPU time counts every thread's).
+fraction; best of ``--repeat`` in process CPU time (steadier than wall time on a shared
+machine; with two threads it counts both threads' work).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def build(shape: str) -> torch.nn.Module:
 def best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return min(times)
 
 

@@ -179,8 +179,8 @@ class MeasureConfig(Options):
     """The logit lens (docs/lens.md): the share of the probe's examples on which each entry is
     read through the model's final norm and head (top-1 accuracy, cross-entropy, KL from the
     final layer, entropy, prediction depth), in the same forward as PR. None: off; True: the
-    default share (1/32, about a quarter added to a GPT-2-small snapshot); 1.0: every example.
-    Costs about 2 x entries x d x vocabulary flops per example read; needs offset=1."""
+    default share (1/64: about a fifth added to a GPT-2-small snapshot on CPU); 1.0: every
+    example. Costs about 2 x entries x d x vocabulary flops per example read; needs offset=1."""
     lens_head: str | None = None
     """The module the logit lens reads through (the unembedding applied after the final norm),
     by name. Default: the model's get_output_embeddings(), else a module named lm_head, head,

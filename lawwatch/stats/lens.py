@@ -52,11 +52,11 @@ __all__ = [
     "unembedding",
 ]
 
-# bytes of one (rows × V) logit buffer: the lens's transient is a few of them (module docstring)
+# bytes of one chunk's logits, every entry's rows together (the bound: module docstring)
 LENS_CHUNK_BYTES = 64 * 2**20
-# the share of the probe's examples the lens reads by default: sized so that it adds about a
-# quarter to a snapshot of the GPT-2-small shape (BENCHMARKS.md, "Logit lens")
-DEFAULT_LENS_FRACTION = 1 / 32
+# the share of the probe's examples the lens reads by default: sized so that it adds at most
+# about a quarter to a snapshot of the GPT-2-small shape (BENCHMARKS.md, "Logit lens")
+DEFAULT_LENS_FRACTION = 1 / 64
 # the golden ratio's fraction: each sequence starts its selection at its own phase
 _PHASE = (math.sqrt(5) - 1) / 2
 # where the head of a model without get_output_embeddings lives, most common first
