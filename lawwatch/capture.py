@@ -62,6 +62,7 @@ from lawwatch.norms import (
 )
 from lawwatch.norms import tolerance as norm_tolerance
 from lawwatch.precision import plain_forward
+from lawwatch.stats.lens import Kept
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
 
 __all__ = [
@@ -132,6 +133,10 @@ class _Stream:
     rows: tuple[torch.Tensor, torch.Tensor]  # (n,) batch and position index of each example
     index: dict[int, int]  # captured entry -> its index in `layers`
     last: int | None  # index in `layers` of entry L when it is the final norm's output
+    # the logit lens: (m,) indices into the n examples whose raw hidden states are kept
+    keep: torch.Tensor | None = None
+    raw: dict[int, torch.Tensor] = field(default_factory=dict)  # captured entry -> (m, d)
+    final: torch.Tensor | None = None  # (m, d) the final norm's input at the kept rows
 
 
 def _tensor(value: Any) -> torch.Tensor | None:
@@ -240,6 +245,8 @@ class Capture:
             if stream is None
             else {s for e, s in self._source.items() if e < last or norm is None}
         )
+        if stream is not None and stream.keep is not None and norm is None:
+            wanted.add(last)  # the lens's final distribution: the last block's output
 
         def keep(entry: int, value: torch.Tensor | None, what: str) -> None:
             if value is None or value.ndim != 3 or value.shape[:2] != positions.shape:
@@ -252,7 +259,11 @@ class Capture:
                 hidden.problems.append(f"{what} ran more than once in one forward.")
             else:
                 hidden.seen.add(entry)
-                self._emit(hidden, stream, stream.index[entry], value.detach(), None)
+                if stream.keep is not None:  # the lens's rows, in the model's dtype
+                    batch, position = stream.rows
+                    stream.raw[entry] = value.detach()[batch[stream.keep], position[stream.keep]]
+                if entry in stream.index:
+                    self._emit(hidden, stream, stream.index[entry], value.detach(), None)
 
         if 0 in wanted:
             first = self._structure.modules[self.blocks[0]]
@@ -278,6 +289,8 @@ class Capture:
                 x = _first_arg(args, kwargs)
                 if hidden.norm_calls == 1 and x is not None and x.shape[:2] == positions.shape:
                     hidden.norm_input = x.detach()[positions]  # (n, d)
+                    if stream is not None and stream.keep is not None:
+                        stream.final = hidden.norm_input[stream.keep]  # (m, d)
                     # the parameters are whole here, inside the forward (FSDP, ZeRO-3)
                     hidden.norm_params = tuple(
                         p.detach().to(torch.float64).clone()
@@ -448,7 +461,9 @@ class Capture:
         attention_mask: torch.Tensor,
         positions: torch.Tensor,
         add: AddEntry,
-    ) -> None:
+        *,
+        keep: torch.Tensor | None = None,
+    ) -> Kept | None:
         """Run the model once, handing each measured entry's float64 features to ``add``.
 
         ``add(index, features)`` is called inside the hooks, in the order of ``layers``
@@ -458,6 +473,11 @@ class Capture:
         so every process of a sharded model completes the same forward passes; after it, what
         went wrong is raised (and then whatever ``add`` raised). A batch that raises may have
         been handed on in part: discard what ``add`` built.
+
+        With ``keep`` (``(m,)`` indices into the ``n`` examples, row-major), the measured
+        entries' hidden states before the final norm at those examples are kept, in the
+        model's dtype, for the logit lens (:mod:`lawwatch.stats.lens`): returned as a
+        :class:`~lawwatch.stats.lens.Kept` (``entries × m × d``); None without ``keep``.
 
         Raises:
             RuntimeError: A hook found the blocks or final norm not as named.
@@ -471,7 +491,7 @@ class Capture:
         index = {self._source[e]: i for i, e in enumerate(self.layers) if e < last or norm is None}
         take_last = norm is not None and self.layers[-1] == last
         rows = positions.nonzero(as_tuple=True)  # row-major, like `value[positions]`
-        plan = _Stream(add, rows, index, len(self.layers) - 1 if take_last else None)
+        plan = _Stream(add, rows, index, len(self.layers) - 1 if take_last else None, keep)
         hidden = self._run(input_ids, attention_mask, positions, plan)
         self._check(hidden)
         if hidden.finite is not None and not bool(torch.isfinite(hidden.finite)):  # one sync
@@ -486,6 +506,22 @@ class Capture:
                 f"The final norm {self.final_norm!r} no longer matches {self.spec} re-applied "
                 "in float64: its behaviour changed between batches."
             )
+        return None if keep is None else self._kept(plan, hidden)
+
+    def _kept(self, plan: _Stream, hidden: Hidden) -> Kept:
+        """The lens's rows of a clean forward: each measured entry's, and the final norm's input."""
+        last = self.num_entries - 1
+        norm = self._norm_module
+        final = plan.final if norm is not None else plan.raw[last]
+        entries = [
+            final if e == last and norm is not None else plan.raw[self._source[e]]
+            for e in self.layers
+        ]
+        spec = self.spec
+        if spec is None:  # raised by now for a batch with examples; kept rows are none
+            raise RuntimeError("lawwatch: the final norm's reading is unknown.")
+        weight, bias = hidden.norm_params if norm is not None else (None, None)
+        return Kept(entries, final, lambda x: spec.apply(x, weight, bias))
 
     def run_bare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """The model's forward as :meth:`stream` runs it, without hooks (nothing kept).

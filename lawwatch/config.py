@@ -22,6 +22,7 @@ import torch
 
 from lawwatch.norms import NORMALIZE, Normalize, NormSpec
 from lawwatch.precision import STATS_PRECISIONS, StatsPrecision
+from lawwatch.stats.lens import DEFAULT_LENS_FRACTION
 from lawwatch.structure import BlockSpec, FinalNormSpec
 from lawwatch.targets import DEFAULT_MAX_ONEHOT_BYTES, MEASURE_TARGETS, MeasureTarget
 
@@ -178,6 +179,16 @@ class MeasureConfig(Options):
     """Where the float64 statistics (entries × d² × 8 bytes) live: None (the model's device)
     or a device such as 'cpu' (accelerator memory for statistics near zero: each batch's
     products are computed on the model's device and added to the statistics on the host)."""
+    lens: float | None = None
+    """The logit lens (docs/lens.md): the share of the probe's examples on which each entry is
+    read through the model's final norm and head (top-1 accuracy, cross-entropy, KL from the
+    final layer, entropy, prediction depth), in the same forward as PR. None: off; True: the
+    default share (1/64: about a fifth added to a GPT-2-small snapshot on CPU); 1.0: every
+    example. Costs about 2 x entries x d x vocabulary flops per example read; needs offset=1."""
+    lens_head: str | None = None
+    """The module the logit lens reads through (the unembedding applied after the final norm),
+    by name. Default: the model's get_output_embeddings(), else a module named lm_head, head,
+    output, embed_out or unembed."""
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
@@ -278,6 +289,35 @@ class MeasureConfig(Options):
                     f"stats_device={self.stats_device!r} is not a device name; use e.g. 'cpu' "
                     "or 'cuda:0' (None: the model's device)."
                 ) from None
+        self._check_lens()
+
+    def _check_lens(self) -> None:
+        if self.lens is True:  # "on": the default share, written as the number it is
+            object.__setattr__(self, "lens", DEFAULT_LENS_FRACTION)
+        if self.lens is not None:
+            if isinstance(self.lens, bool) or not isinstance(self.lens, int | float):
+                raise TypeError(
+                    f"lens must be a share of the probe's examples in (0, 1] (True: the "
+                    f"default {DEFAULT_LENS_FRACTION}) or None, got {self.lens!r}."
+                )
+            if not 0.0 < self.lens <= 1.0:
+                raise ValueError(
+                    f"lens must lie in (0, 1] (the share of the probe's examples the logit lens "
+                    f"reads; 1.0: all), got {self.lens}."
+                )
+            object.__setattr__(self, "lens", float(self.lens))
+            if self.offset != 1:
+                raise ValueError(
+                    f"The logit lens predicts the next token: it needs offset=1, got "
+                    f"offset={self.offset}; set lens=None or offset=1."
+                )
+        if self.lens_head is not None:
+            if not isinstance(self.lens_head, str):
+                raise TypeError(
+                    f"lens_head must be a module name, got {type(self.lens_head).__name__}."
+                )
+            if self.lens is None:
+                raise ValueError("lens_head names the logit lens's head, but lens is None (off).")
 
 
 # a regex option in its plain form (to_dict, YAML, the command line): 're:PATTERN'

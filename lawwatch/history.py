@@ -46,7 +46,8 @@ class Snapshot:
         n_tokens: Examples (position, target) the statistics hold.
         seconds: Wall time of the measurement.
         step: Training step, when taken during training.
-        extra: More fields of the record (JSON-ready values).
+        extra: More fields of the record (JSON-ready values); ``extra["lens"]`` holds the
+            logit lens's metrics when it was on (:meth:`lawwatch.stats.lens.LensStats.record`).
         layers: The true hidden-state entry index of each value of ``pr`` (entry 0 = the
             embeddings); default ``0 … len(pr)-1``.
     """
@@ -283,6 +284,21 @@ class History:
             torch.tensor([r["step"] for r in rows]),
             torch.tensor(entries(rows[0])),
             torch.tensor([r["pr"] for r in rows], dtype=torch.float64),
+        )
+
+    def lens_matrix(self, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(steps (S,), entries (E,), values (S, E) float64)`` of a logit-lens metric.
+
+        ``metric``: ``"top1"``, ``"ce"``, ``"kl"`` or ``"entropy"`` (see ``docs/lens.md``).
+        None when no record holds the lens, or the measured entries changed along the series.
+        """
+        rows = [r for r in self.records if isinstance(r.get("lens"), dict) and r.get("pr")]
+        if not rows or len({tuple(entries(r)) for r in rows}) != 1:
+            return None
+        return (
+            torch.tensor([r["step"] for r in rows]),
+            torch.tensor(entries(rows[0])),
+            torch.tensor([r["lens"][metric] for r in rows], dtype=torch.float64),
         )
 
     # -- files (see lawwatch.output.store) ----------------------------------------------------

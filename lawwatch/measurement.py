@@ -24,6 +24,7 @@ from lawwatch.models import check_probe
 from lawwatch.precision import forward_precision, log_statistics_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.stats import Statistics, Update
+from lawwatch.stats.lens import Kept, Lensed, LensStats, Unembedding, lens_rows, unembedding
 from lawwatch.stats.partition import PartitionedStats, jackknife_se
 from lawwatch.stats.residual import ResidualStats
 from lawwatch.targets import Targets
@@ -131,6 +132,9 @@ def solve(
         extra={"stats_precision": stats.precision},
     )
     snapshot.extra.update(uncertainty(stats))
+    lens = getattr(stats, "lens", None)
+    if isinstance(lens, LensStats):  # the logit lens, reduced with the PR statistics
+        snapshot.extra["lens"] = lens.record()
     return snapshot
 
 
@@ -325,6 +329,8 @@ def accumulate(
     offset = config.offset
     stats_device = statistics_device(config, device)
     stats: Statistics | None = None
+    # the logit lens: the head it reads through, found before any forward
+    head = unembedding(model, config.lens_head) if config.lens is not None else None
 
     def make(dim: int) -> Statistics:
         """The statistics, once the width is known (the first batch)."""
@@ -336,7 +342,7 @@ def accumulate(
             copies=PartitionedStats.copies(config.split, groups),
         )
         log_statistics_precision(config.precision, device)
-        return _statistics(
+        plain = _statistics(
             config,
             groups,
             lambda: ResidualStats(
@@ -352,6 +358,12 @@ def accumulate(
                 compute_on="stats" if stats_device == device else "features",
             ),
         )
+        if head is None:
+            return plain
+        lens = LensStats(
+            capture.layers, device=stats_device, precision=config.precision, fraction=config.lens
+        )
+        return Lensed(plain, lens)
 
     # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
     rank, world = probe.meta.get("shard", (0, 1))
@@ -372,10 +384,14 @@ def accumulate(
             try:
                 # each example's sequence in the whole probe, row-major like `ids`
                 sequences = first_row + positions.nonzero()[:, 0]  # (n,)
-                ids = targets(example_targets(input_ids, offset)[positions])  # (n,)
-                stats = _add_streamed(
-                    capture, stats, make, input_ids, attention_mask, positions, ids, sequences
+                next_ids = example_targets(input_ids, offset)[positions]  # (n,)
+                ids = targets(next_ids)
+                keep = None if head is None else lens_rows(positions, sequences, config.lens)
+                stats, kept = _add_streamed(
+                    capture, stats, make, input_ids, attention_mask, positions, ids, sequences, keep
                 )
+                if kept is not None:  # the lens's rows of this batch, after its forward
+                    _add_lens(stats, kept, next_ids[keep], head)
             except Exception as error:
                 if errors is None:
                     raise
@@ -394,7 +410,8 @@ def _add_streamed(
     positions: torch.Tensor,
     ids: torch.Tensor,
     sequences: torch.Tensor,
-) -> Statistics:
+    keep: torch.Tensor | None = None,
+) -> tuple[Statistics, Kept | None]:
     """One batch, its entries added to the statistics inside the hooks as each block runs.
 
     Each entry's ``(n, d)`` float64 features are added to the statistics (in place: shifted,
@@ -402,7 +419,7 @@ def _add_streamed(
     transient is one entry's features (and, for partitioned statistics, a copy of each cell's
     rows of it) plus what the forward itself holds. The NaN/Inf check is a device flag judged
     once, after the forward. Returns the statistics (made on the first batch, when the width
-    is known).
+    is known), and the logit lens's rows at the examples ``keep`` (None without).
     """
     update: Update | None = None
 
@@ -414,11 +431,19 @@ def _add_streamed(
             update = stats.begin(ids, sequences, deferred_check=True)
         update.add(slice(index, index + 1), features.unsqueeze(0), owned=True)
 
-    capture.stream(input_ids, attention_mask, positions, add)
+    kept = capture.stream(input_ids, attention_mask, positions, add, keep=keep)
     if update is None:  # no measured entry handed on: cannot happen after a clean forward
         raise RuntimeError("lawwatch: the forward handed on no measured entry.")
     update.finish()
-    return stats
+    return stats, kept
+
+
+def _add_lens(stats: Statistics, kept: Kept, targets: torch.Tensor, head: Unembedding) -> None:
+    """Add a batch's kept rows to the lens statistics carried by ``stats`` (a Lensed)."""
+    lens = getattr(stats, "lens", None)
+    if not isinstance(lens, LensStats):  # made by `make` with the lens on: cannot happen
+        raise RuntimeError("lawwatch: the logit lens is on but the statistics carry none.")
+    lens.add(kept, targets, head)
 
 
 def _statistics(

@@ -199,6 +199,10 @@ FIGURES = {
     "law_compare": "The latest snapshot of every run, with its fitted line",
 }
 """The report's figures: file stem -> what it shows."""
+LENS_FIGURES = {
+    "lens": "Logit lens: top-1 accuracy and PR per layer over training, prediction depth",
+}
+"""Drawn when a run's records hold the logit lens (``MeasureConfig.lens``)."""
 REPORT_FILE = "report.html"
 
 _STYLE = {
@@ -431,6 +435,9 @@ def write_report(
         drawn["law_training"] = _training_figure(runs, emergence_threshold)
         drawn["law_deviation"] = _deviation_figure(runs)
         drawn["law_compare"] = _compare_figure(runs)
+        lens = _lens_figure(runs, steps)  # only where a run measured the logit lens
+        if lens is not None:
+            drawn["lens"] = lens
         for stem, fig in drawn.items():
             report.figures[stem] = {}
             for fmt in formats:
@@ -686,7 +693,9 @@ def _html(
             + "</tr>"
         )
     parts.append("</table>")
-    for stem, caption in FIGURES.items():
+    for stem, caption in {**FIGURES, **LENS_FIGURES}.items():
+        if stem not in svgs:  # the lens figure, without lens records
+            continue
         data = base64.b64encode(svgs[stem].encode()).decode()
         links = " · ".join(
             f'<a href="{path.name}">{fmt.upper()}</a>'
@@ -707,6 +716,13 @@ def _html(
 
 
 _CAPTIONS = {
+    "lens": (
+        "Left: the logit lens's top-1 accuracy of each layer (the model's final norm and head "
+        "applied to that layer) against training step. Middle: PR of the same layers. Right: "
+        "prediction depth at selected steps: the share of examples whose first correct "
+        "top-1 is at each layer (solid) and from which layer the top-1 stays the model's "
+        "final one (dashed); the last bin is 'never'."
+    ),
     "law_layers": (
         "log10 of the prediction residual (PR) of each layer's features for the next token, "
         "one line per selected snapshot, coloured by training step; the dashed line is the "
@@ -768,3 +784,53 @@ def _run_tables(index: int, run: Run) -> list[str]:
         parts.append(f'<tr data-step="{record["step"]}">{cells}</tr>')
     parts.append("</table></details>")
     return parts
+
+
+def _lens_figure(runs: list[Run], steps: Sequence[int] | None) -> Any:
+    """Per run with lens records: lens top-1 and PR per layer over training, prediction depth.
+
+    None when no run's records hold the lens.
+    """
+    from matplotlib import colormaps
+
+    lensed = [(run, [r for r in run.records if isinstance(r.get("lens"), dict)]) for run in runs]
+    lensed = [(run, records) for run, records in lensed if records]
+    if not lensed:
+        return None
+    fig = _new_figure(14.0, 3.6 * len(lensed))
+    axes = fig.subplots(len(lensed), 3, squeeze=False)
+    for (run, records), (top1_ax, pr_ax, depth_ax) in zip(lensed, axes, strict=True):
+        layers = entries(records[-1])
+        same = [r for r in records if entries(r) == layers]
+        record_steps = [r["step"] for r in same]
+        colors = colormaps["viridis"](np.linspace(0.0, 0.9, len(layers)))
+        for i, (layer, color) in enumerate(zip(layers, colors, strict=True)):
+            top1_ax.plot(
+                record_steps, [r["lens"]["top1"][i] for r in same], color=color, label=f"{layer}"
+            )
+            pr_ax.plot(record_steps, [r["pr"][i] for r in same], color=color)
+        top1_ax.set(title=f"{run.label}: lens top-1", xlabel="training step", ylabel="accuracy")
+        pr_ax.set(title="PR", xlabel="training step", ylabel="PR", yscale="log")
+        top1_ax.legend(title="layer", fontsize=7, ncols=2, frameon=False)
+        wanted = select_steps(record_steps, 3) if steps is None else steps
+        chosen = sorted({min(record_steps, key=lambda s, w=w: (abs(s - w), s)) for w in wanted})
+        by_step = {r["step"]: r for r in same}
+        bins = [*map(str, layers), "never"]
+        palette = colormaps["plasma"](np.linspace(0.0, 0.8, len(chosen)))
+        for step, color in zip(chosen, palette, strict=True):
+            lens = by_step[step]["lens"]
+            for key, style in (("first_correct", "-"), ("final", "--")):
+                counts = np.asarray(lens[key], dtype=float)
+                share = counts / max(counts.sum(), 1.0)
+                depth_ax.plot(
+                    bins,
+                    share,
+                    linestyle=style,
+                    marker="o",
+                    markersize=3,
+                    color=color,
+                    label=f"step {step:,} {'first correct' if key == 'first_correct' else 'final'}",
+                )
+        depth_ax.set(title="prediction depth", xlabel="layer", ylabel="share of examples")
+        depth_ax.legend(fontsize=7, frameon=False)
+    return fig

@@ -23,6 +23,7 @@ TINY = {
         "training losses identical with and without the callback: True",
     ),
     "bench_memory.py": (["--tiny"], "| tiny | 5 × 32 |"),
+    "bench_lens.py": (["--tiny"], "measure without lens"),
     "bench_residual.py": (["--tiny"], "| layers | n | d |"),
     "bench_solve.py": (["--tiny", "--threads", "1"], "| family | d | n | max abs PR diff"),
     "mixed_precision.py": (["--tiny"], "bf16 weights:"),

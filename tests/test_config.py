@@ -10,6 +10,7 @@ different outcome than the config without it.
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 
 import pytest
@@ -45,6 +46,8 @@ CASES = {
     # a device this process lacks is refused with the fix (on CPU, statistics on the host
     # give the PRs of the model's device: tests/test_scale.py)
     "stats_device": ({}, "cuda:99"),
+    "lens": ({}, 0.5),  # the logit lens's metrics join the record (PRs unchanged)
+    "lens_head": ({"lens": 1.0}, "transformer.h.0"),  # refused: no (vocabulary, d) weight
 }
 
 
@@ -94,7 +97,10 @@ def outcome(run, model) -> tuple:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # few examples per dimension: deliberate
             result = run()
+        # the PRs, and the logit lens's metrics when it was on
         pr = None if result is None else tuple(result.pr.tolist())
+        if result is not None and "lens" in result.extra:
+            pr = (pr, json.dumps(result.extra["lens"], sort_keys=True))
     except (ValueError, TypeError) as error:
         pr = type(error).__name__
     finally:
@@ -263,6 +269,8 @@ def test_the_command_line_builds_the_config():
         stats_device="cpu",
     )
     assert MEASURE.build(parser.parse_args(["--layers", "4"])).layers == 4
+    lens = parser.parse_args(["--lens", "0.5", "--lens-head", "lm_head"])
+    assert MEASURE.build(lens) == MeasureConfig(lens=0.5, lens_head="lm_head")
     help_text = parser.format_help()
     for doc in field_docs(MeasureConfig).values():
         assert doc.split()[0] in help_text  # the field's docstring is its help
@@ -305,6 +313,10 @@ def test_the_command_line_builds_the_config():
         ({"stats_device": "gpu0"}, ValueError, "is not a device name"),
         ({"stats_device": 0}, TypeError, "stats_device must be a device name"),
         ({"layer": 3}, TypeError, r"Unknown measurement options \['layer'\]"),
+        ({"lens": 0.0}, ValueError, r"lens must lie in \(0, 1\]"),
+        ({"lens": "all"}, TypeError, "lens must be a share"),
+        ({"lens": 0.5, "offset": 2}, ValueError, "needs offset=1"),
+        ({"lens_head": "lm_head"}, ValueError, "lens is None"),
     ],
 )
 def test_bad_options_are_refused_when_built(options, error, match):

@@ -122,6 +122,20 @@ def test_ddp_other_targets_use_the_whole_probe_vocabulary(ddp):
 
 
 @pytest.mark.slow
+def test_ddp_logit_lens_equals_one_process(ddp):
+    _, (r0, r1), _ = ddp
+    ref = r0["ref_lens"]
+    assert ref["examples"] > 0
+    for r in (r0, r1):
+        for name in ("lens", "lens_background"):
+            lens = r[name]
+            assert lens["examples"] == ref["examples"]
+            assert lens["first_correct"] == ref["first_correct"] and lens["final"] == ref["final"]
+            for metric in ("top1", "ce", "kl", "entropy"):
+                assert max_diff(lens[metric], ref[metric]) <= TOL
+
+
+@pytest.mark.slow
 def test_ddp_rank_without_examples(ddp):
     _, (r0, r1), _ = ddp
     assert r0["shard_examples"][1] == 0 and r0["shard_examples"][0] > 0

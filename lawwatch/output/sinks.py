@@ -40,7 +40,8 @@ def scalars(snapshot: Snapshot) -> dict[str, float]:
     Keys: ``lawwatch/rho``, ``lawwatch/pearson_r``, ``lawwatch/slope``, ``lawwatch/intercept``,
     ``lawwatch/r2``, ``lawwatch/n_tokens``, ``lawwatch/seconds``, each numeric ``extra`` field
     as ``lawwatch/<name>``, and ``lawwatch/pr/layer_XX`` for hidden-state entry ``XX`` (``00``
-    = embeddings; zero-padded so dashboards sort them by depth). Non-finite fit values are left
+    = embeddings; zero-padded so dashboards sort them by depth), and with the logit lens on
+    the ``lawwatch/lens/...`` keys of :func:`lens_scalars`. Non-finite fit values are left
     out (several trackers refuse NaN); the step is not a key (each tracker takes it its way).
     """
     values: dict[str, float] = {}
@@ -52,6 +53,33 @@ def scalars(snapshot: Snapshot) -> dict[str, float]:
         values[PREFIX + name] = value
     for entry, pr in zip(snapshot.layers, snapshot.pr.tolist(), strict=True):
         values[layer_key(entry, snapshot.layers[-1] + 1)] = pr
+    lens = snapshot.extra.get("lens")
+    if isinstance(lens, dict):
+        values.update(lens_scalars(lens, snapshot.layers))
+    return values
+
+
+def lens_scalars(lens: dict, layers: tuple[int, ...]) -> dict[str, float]:
+    """The logit lens's keys of :func:`scalars` (``lens``: a record's ``lens`` field).
+
+    ``lawwatch/lens/<top1|ce|kl|entropy>/layer_XX`` per entry; the prediction depth as the
+    share of examples per entry, ``lawwatch/lens/<first_correct|final>/layer_XX`` and
+    ``…/never``; ``lawwatch/lens/<first_correct_mean|final_mean|gap_mean>`` (mean entry
+    index, left out when no example has one) and ``lawwatch/lens/examples``.
+    """
+    width = max(2, len(str(layers[-1])))
+    values: dict[str, float] = {f"{PREFIX}lens/examples": lens["examples"]}
+    for metric in ("top1", "ce", "kl", "entropy"):
+        for entry, value in zip(layers, lens[metric], strict=True):
+            values[f"{PREFIX}lens/{metric}/layer_{entry:0{width}d}"] = value
+    for depth in ("first_correct", "final"):
+        total = max(1, sum(lens[depth]))
+        for entry, count in zip((*layers, "never"), lens[depth], strict=True):
+            name = "never" if entry == "never" else f"layer_{entry:0{width}d}"
+            values[f"{PREFIX}lens/{depth}/{name}"] = count / total
+    for name in ("first_correct_mean", "final_mean", "gap_mean"):
+        if lens.get(name) is not None:
+            values[f"{PREFIX}lens/{name}"] = lens[name]
     return values
 
 

@@ -83,6 +83,19 @@ def main() -> None:
         results[target] = pr_list(other.snapshot(1))
         results[f"ref_{target}"] = reference(target)
 
+    # the logit lens rides with the PR statistics: reduced with them (in the snapshot, and
+    # before the background solve), equal to one process
+    for name, background in (("lens", False), ("lens_background", True)):
+        lensed = lawwatch.LawWatch(
+            model, probe, lens=0.5, batch_size=3, accelerator=accelerator, background=background
+        )
+        lensed.snapshot(1)
+        lensed.flush()
+        results[name] = lensed.history[-1]["lens"] if len(lensed.history) else None
+    results["ref_lens"] = (
+        lawwatch.measure(plain, probe, lens=0.5).extra["lens"] if rank == 0 else None
+    )
+
     # rank 1's shard holds no example at all
     empty = lawwatch.LawWatch(model, lopsided, batch_size=3, accelerator=accelerator)
     results["shard_examples"] = [lopsided.shard(r, 2).num_examples() for r in range(2)]

@@ -1,0 +1,472 @@
+"""Logit-lens statistics: what each hidden-state entry already predicts through the model's head.
+
+The *logit lens* applies the model's own final norm and unembedding (its LM head) to each
+entry's hidden state and reads the result as a next-token distribution. Per measured entry,
+over a deterministic subset of the probe's examples (:func:`lens_rows`), :class:`LensStats`
+keeps additive sums: top-1 hits against the true next token, cross-entropy (nats), KL divergence
+from the final distribution (the model's own, entry ``L``) and entropy; per example the first
+entry whose top-1 is the true next token and the entry from which the top-1 equals the model's
+final top-1 at every later measured entry, reduced to histograms over the entries. Every number
+is a sum or a count, so statistics of several processes add up with one all-reduce, exactly
+like the PR statistics; :class:`Lensed` carries them beside those (the same forward, the same
+collectives).
+
+**Memory bound.** Logits are never held beyond a chunk of ``(entries + 1) · rows × V`` values
+(``V`` the head's vocabulary; every measured entry and the final one, computed in one product
+so the head is read once per chunk) with ``rows = max(1, LENS_CHUNK_BYTES // (8 · V ·
+(entries + 1)))``: the chunk's log-probabilities, ``logsumexp``'s temporaries of the same size,
+and two ``rows × V`` buffers (the final probabilities, one entry's), so the lens's transient is
+about ``2 · LENS_CHUNK_BYTES`` (at least ``2 · (entries + 1) · V · 8`` bytes) whatever the
+probe. The head's weight is held in the lens
+precision while the snapshot runs: ``V × d`` values (8 bytes each in float64), converted once
+rather than once per chunk and entry. The hidden states it reads are the kept rows of each
+entry, in the model's dtype (:meth:`lawwatch.capture.Capture.stream` with ``keep``):
+``entries × m × d``.
+
+**Precision.** Logits, log-softmax and every reduction run in float64 with the statistics'
+``precision="float64"`` (the default: within 1e-12 of a float64 reference); with ``"mixed"``
+in IEEE float32 (no TF32), summed in float64. KL is taken between log-probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lawwatch.models import base_model, clean_name, is_sharded
+from lawwatch.stats.residual import exact_float32_matmul
+
+__all__ = [
+    "DEFAULT_LENS_FRACTION",
+    "LENS_CHUNK_BYTES",
+    "Kept",
+    "LensStats",
+    "Lensed",
+    "Unembedding",
+    "lens_rows",
+    "unembedding",
+]
+
+# bytes of one chunk's logits, every entry's rows together (the bound: module docstring)
+LENS_CHUNK_BYTES = 64 * 2**20
+# the share of the probe's examples the lens reads by default: sized so that it adds at most
+# about a quarter to a snapshot of the GPT-2-small shape (BENCHMARKS.md, "Logit lens")
+DEFAULT_LENS_FRACTION = 1 / 64
+# the golden ratio's fraction: each sequence starts its selection at its own phase
+_PHASE = (math.sqrt(5) - 1) / 2
+# where the head of a model without get_output_embeddings lives, most common first
+HEAD_NAMES = ("lm_head", "head", "output", "embed_out", "unembed")
+
+
+def lens_rows(positions: torch.Tensor, sequences: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The examples of a batch the lens reads: indices into its ``n`` examples (row-major).
+
+    Example ``p`` of sequence ``s`` (its ``p``-th example position) is read when
+    ``⌊(p + 1)·f + φ_s⌋ > ⌊p·f + φ_s⌋`` with ``φ_s = frac(s · 0.618…)``: evenly spaced
+    within each sequence, about a fraction ``f`` of all examples, decided by ``(s, p)`` alone
+    (so every shard of the probe picks the same examples, and a batch size changes nothing).
+    ``f = 1`` reads every example.
+
+    Args:
+        positions: ``(batch, length)`` bool example mask.
+        sequences: ``(n,)`` each example's sequence index in the whole probe.
+        fraction: ``f`` in ``(0, 1]``.
+    """
+    index = (positions.long().cumsum(dim=1) - 1)[positions]  # (n,) p of each example
+    if fraction >= 1:
+        return torch.arange(index.numel(), device=positions.device)
+    phase = torch.frac(sequences.to(torch.float64) * _PHASE)
+    p = index.to(torch.float64)
+    chosen = torch.floor((p + 1) * fraction + phase) > torch.floor(p * fraction + phase)
+    return chosen.nonzero().squeeze(1)
+
+
+@dataclass(frozen=True)
+class Unembedding:
+    """The model's read-out after its final norm: ``logits = cap·tanh(scale·(W h + b) / cap)``.
+
+    Attributes:
+        module: The head (``weight`` ``(V, d)``, optional ``bias`` ``(V,)``), read when used.
+        name: Where it was found, for messages.
+        scale: Multiplies the logits (Cohere's ``logit_scale``, 1 / Granite's
+            ``logits_scaling``); 1 for most models.
+        softcap: Gemma 2's ``final_logit_softcapping``, or None.
+    """
+
+    module: nn.Module
+    name: str
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``(V, d)`` the head's weight (detached)."""
+        return self.module.weight.detach()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """``(V,)`` the head's bias, or None."""
+        bias = getattr(self.module, "bias", None)
+        return bias.detach() if isinstance(bias, torch.Tensor) else None
+
+
+def unembedding(model: nn.Module, head: str | None = None) -> Unembedding:
+    """The head the lens reads through: ``head`` (a module name) or found on ``model``.
+
+    Found as ``model.get_output_embeddings()`` (Hugging Face models, tied or untied), else a
+    module named one of :data:`HEAD_NAMES` with a 2-D ``weight``.
+
+    Raises:
+        ValueError: No head found, ``head`` names no such module, or the model is sharded
+            (FSDP, ZeRO-3: the head's weight is whole only inside its own forward).
+    """
+    name = type(model).__name__
+    fix = (
+        "Pass lens_head='<module name>' (the Linear from the hidden size to the vocabulary that "
+        "the model applies after its final norm) and, if lawwatch cannot find the final norm, "
+        "final_norm='<module name>'."
+    )
+    if is_sharded(model):
+        raise ValueError(
+            f"The logit lens reads the head of {name} outside its forward, where a sharded "
+            "model (FSDP, ZeRO-3) holds only a shard of it; measure the lens on an unsharded "
+            "copy (lawwatch analyze on a checkpoint) or leave lens=None."
+        )
+    names = {clean_name(n): m for n, m in model.named_modules()}
+    module: nn.Module | None = None
+    where = head
+    if head is not None:
+        module = names.get(head)
+        if module is None:
+            raise ValueError(f"lens_head={head!r} is not a module of {name}. {fix}")
+    else:
+        get = getattr(model, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                module = get()
+            except (NotImplementedError, AttributeError):
+                module = None
+            where = "get_output_embeddings()"
+        if module is None:
+            hits = [n for n in names if n.rsplit(".", 1)[-1] in HEAD_NAMES]
+            module, where = (names[hits[0]], hits[0]) if hits else (None, None)
+    weight = getattr(module, "weight", None)
+    if module is None or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ValueError(
+            f"The logit lens needs the unembedding of {name}, and lawwatch found "
+            + ("none" if module is None else f"{where!r} without a 2-D weight")
+            + f". {fix}"
+        )
+    config = getattr(base_model(model), "config", None) or getattr(model, "config", None)
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        scale /= float(scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return Unembedding(module, str(where), scale, float(softcap) if softcap else None)
+
+
+@dataclass
+class Kept:
+    """What one batch's forward left for the lens, at the kept example rows.
+
+    Attributes:
+        entries: Per measured entry, ``(m, d)`` its hidden state before the final norm, in the
+            model's dtype (for entry ``L``: the final norm's input).
+        final: ``(m, d)`` the final norm's input (the model's own last hidden state).
+        norm: The model's final norm in float64 (its parameters as captured in the forward).
+    """
+
+    entries: list[torch.Tensor]
+    final: torch.Tensor
+    norm: Callable[[torch.Tensor], torch.Tensor]
+
+
+class LensStats:
+    """Additive logit-lens sums of the measured entries (see the module docstring).
+
+    Args:
+        layers: The measured entries' true indices (the histograms' bins, plus "never").
+        device: Where the sums live.
+        precision: ``"float64"`` (logits and log-softmax in float64) or ``"mixed"`` (float32).
+        fraction: The share of examples read (recorded).
+
+    Attributes:
+        sums: One float64 vector holding every sum (one collective reduces them all).
+    """
+
+    # per-entry sums, in this order, then the two histograms (entries + 1 bins), then scalars
+    _PER_ENTRY = ("top1", "ce", "kl", "entropy")
+    _SCALARS = ("count", "first_sum", "final_sum", "gap_sum", "gap_count")
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "float64",
+        fraction: float = 1.0,
+    ) -> None:
+        self.layers = tuple(layers)
+        self.precision = precision
+        self.fraction = fraction
+        self.dtype = torch.float64 if precision == "float64" else torch.float32
+        e = len(self.layers)
+        size = len(self._PER_ENTRY) * e + 2 * (e + 1) + len(self._SCALARS)
+        self.sums = torch.zeros(size, dtype=torch.float64, device=device)
+        self._head: tuple[tuple, torch.Tensor] | None = None  # see _weight
+
+    # -- the layout of `sums` -----------------------------------------------------------------
+
+    def _part(self, name: str) -> torch.Tensor:
+        e = len(self.layers)
+        if name in self._PER_ENTRY:
+            i = self._PER_ENTRY.index(name)
+            return self.sums[i * e : (i + 1) * e]
+        base = len(self._PER_ENTRY) * e
+        if name == "first_hist":
+            return self.sums[base : base + e + 1]
+        if name == "final_hist":
+            return self.sums[base + e + 1 : base + 2 * (e + 1)]
+        i = base + 2 * (e + 1) + self._SCALARS.index(name)
+        return self.sums[i : i + 1]
+
+    @property
+    def count(self) -> int:
+        """Examples read."""
+        return int(self._part("count").item())
+
+    # -- updates and reductions ---------------------------------------------------------------
+
+    def add(self, kept: Kept, targets: torch.Tensor, head: Unembedding) -> LensStats:
+        """Add a batch's kept rows: ``targets`` ``(m,)`` the true next token of each.
+
+        Raises:
+            ValueError: The head's width is not the hidden states', or an entry is missing.
+        """
+        m = targets.numel()
+        if len(kept.entries) != len(self.layers):
+            raise ValueError(f"{len(kept.entries)} kept entries for {len(self.layers)} measured.")
+        if m == 0:
+            return self
+        weight = head.weight
+        if weight.shape[1] != kept.final.shape[1]:
+            raise ValueError(
+                f"The head {head.name!r} maps width {weight.shape[1]}, but the hidden states "
+                f"have width {kept.final.shape[1]}: lens_head must name the unembedding."
+            )
+        vocab = weight.shape[0]
+        # every entry's rows of a chunk in one product: the head is read once per chunk
+        rows = max(1, LENS_CHUNK_BYTES // (8 * vocab * (e_all := len(self.layers) + 1)))
+        device = self.sums.device
+        e = len(self.layers)
+        entry_index = torch.tensor(self.layers, dtype=torch.float64, device=device)
+        per_entry = torch.zeros(len(self._PER_ENTRY), e, dtype=torch.float64, device=device)
+        first_hist = torch.zeros(e + 1, dtype=torch.float64, device=device)
+        final_hist = torch.zeros_like(first_hist)
+        scalars = torch.zeros(len(self._SCALARS), dtype=torch.float64, device=device)
+        context = exact_float32_matmul() if self.dtype == torch.float32 else _nothing()
+        with context:
+            for lo in range(0, m, rows):
+                part = slice(lo, lo + rows)
+                target = targets[part].to(device)
+                raw = torch.cat([kept.final[part], *(r[part] for r in kept.entries)])
+                every, top_all = self._log_probs(raw, kept.norm, head)  # (e_all · rows, V)
+                every = every.view(e_all, -1, every.shape[1])
+                top_all = top_all.view(e_all, -1)
+                final_logp, final_top = every[0], top_all[0]
+                final_p = final_logp.exp()
+                neg_entropy = _rowdot(final_p, final_logp)  # Σ p_f log p_f
+                tops = []
+                for i in range(len(kept.entries)):
+                    logp, top = every[i + 1], top_all[i + 1]
+                    tops.append(top)
+                    per_entry[0, i] += (top == target).sum()
+                    per_entry[1, i] -= logp.gather(1, target[:, None]).sum()
+                    per_entry[2, i] += (neg_entropy - _rowdot(final_p, logp)).sum()
+                    per_entry[3, i] -= _rowdot(logp.exp(), logp).sum()
+                del final_p, every
+                tops = torch.stack(tops)  # (entries, rows)
+                self._depth(tops, final_top, target, entry_index, first_hist, final_hist, scalars)
+                scalars[0] += target.numel()
+        self.sums += torch.cat([per_entry.reshape(-1), first_hist, final_hist, scalars])
+        return self
+
+    def _log_probs(
+        self, raw: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor], head: Unembedding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, V)`` log-probabilities of the lens on ``raw`` rows, and their top-1 ids."""
+        device = self.sums.device
+        g = norm(raw.to(device=device, dtype=torch.float64)).to(self.dtype)  # (rows, d)
+        bias = head.bias
+        z = g @ self._weight(head).T  # (rows, V)
+        if bias is not None:
+            z += bias.to(device=device, dtype=self.dtype)
+        if head.scale != 1.0:
+            z *= head.scale
+        if head.softcap is not None:
+            z.div_(head.softcap).tanh_().mul_(head.softcap)
+        top = z.argmax(dim=1)
+        z -= torch.logsumexp(z, dim=1, keepdim=True)
+        return z.to(torch.float64) if self.dtype != torch.float64 else z, top
+
+    def _weight(self, head: Unembedding) -> torch.Tensor:
+        """``(V, d)`` the head's weight in the lens precision, converted once per snapshot.
+
+        Kept while the weight is unchanged (same tensor, same version): one ``V × d`` copy
+        (8 bytes a value in float64) for the whole probe instead of one per chunk and entry.
+        """
+        weight = head.weight
+        key = (weight.data_ptr(), weight._version, self.dtype, self.sums.device)
+        if self._head is None or self._head[0] != key:
+            self._head = (key, weight.to(device=self.sums.device, dtype=self.dtype))
+        return self._head[1]
+
+    def _depth(
+        self,
+        tops: torch.Tensor,
+        final_top: torch.Tensor,
+        target: torch.Tensor,
+        entry_index: torch.Tensor,
+        first_hist: torch.Tensor,
+        final_hist: torch.Tensor,
+        scalars: torch.Tensor,
+    ) -> None:
+        """Prediction depth of a chunk: ``tops`` ``(entries, rows)`` top-1 ids."""
+        e = tops.shape[0]
+        correct = tops == target  # (entries, rows)
+        # first correct: the first True; `e` (the "never" bin) where none is
+        first = torch.where(correct.any(dim=0), correct.int().argmax(dim=0), e)
+        # final: the start of the trailing run agreeing with the model's final top-1
+        agree = tops == final_top
+        trailing = agree.flip(0).int().cumprod(dim=0).sum(dim=0)
+        final = e - trailing  # `e` when the last measured entry disagrees: "never"
+        first_hist += torch.bincount(first, minlength=e + 1).to(torch.float64)
+        final_hist += torch.bincount(final, minlength=e + 1).to(torch.float64)
+        padded = torch.cat([entry_index, entry_index.new_zeros(1)])  # bin e -> 0 (masked)
+        has_first, has_final = first < e, final < e
+        both = has_first & has_final
+        scalars[1] += padded[first][has_first].sum()
+        scalars[2] += padded[final][has_final].sum()
+        scalars[3] += (padded[final] - padded[first])[both].sum()
+        scalars[4] += both.sum()
+
+    def all_reduce(self, group: object | None = None) -> LensStats:
+        """Sum the statistics of every process of ``group`` in place (one collective)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.sums, group=group)
+        return self
+
+    def merge(self, other: LensStats) -> LensStats:
+        """Add ``other``'s sums (the same entries) into these."""
+        if other.layers != self.layers:
+            raise ValueError(f"Lens statistics of entries {other.layers} and {self.layers}.")
+        self.sums += other.sums.to(self.sums.device)
+        return self
+
+    def to(self, device: torch.device | str) -> LensStats:
+        """Move the sums to ``device`` in place."""
+        self.sums = self.sums.to(device)
+        return self
+
+    # -- results ------------------------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """The lens fields of a snapshot's record (JSON-ready; see ``docs/lens.md``).
+
+        ``top1``, ``ce``, ``kl``, ``entropy``: per measured entry, means over the examples
+        read. ``first_correct``, ``final``: histograms over the measured entries plus a last
+        bin for "never"; ``*_mean``: mean entry index over the examples that have one (None
+        without), ``gap_mean`` over those that have both.
+        """
+        n = max(self.count, 1)
+        out: dict[str, Any] = {"examples": self.count, "fraction": self.fraction}
+        for name in self._PER_ENTRY:
+            out[name] = (self._part(name) / n).tolist()
+        first, final = self._part("first_hist"), self._part("final_hist")
+        out["first_correct"] = [int(v) for v in first.tolist()]
+        out["final"] = [int(v) for v in final.tolist()]
+        for total, hist, name in (
+            ("first_sum", first, "first_correct_mean"),
+            ("final_sum", final, "final_mean"),
+            ("gap_sum", self._part("gap_count"), "gap_mean"),
+        ):
+            # the examples that have one: every bin but "never" (the gap: those with both)
+            have = float(hist[:-1].sum()) if name != "gap_mean" else float(hist.sum())
+            out[name] = float(self._part(total)) / have if have else None
+        return out
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(rows,)`` row-wise dot products of two ``(rows, V)`` tensors, no such temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+class Lensed:
+    """PR statistics with the logit lens's beside them: one :class:`~lawwatch.stats.Statistics`.
+
+    Everything of the protocol is the inner statistics'; the lens's sums travel with them:
+    :meth:`all_reduce` and :meth:`reduce_scatter` (a collective on every process) also
+    all-reduce :attr:`lens`, so after either every process holds the whole probe's lens sums,
+    and :func:`lawwatch.measurement.solve` puts them into the record.
+    """
+
+    def __init__(self, inner: Any, lens: LensStats) -> None:
+        self.inner = inner
+        self.lens = lens
+
+    def __getattr__(self, name: str) -> Any:  # layers, num_layers, dim, precision, count, …
+        if name in ("inner", "lens"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        """The inner statistics' :meth:`~lawwatch.stats.Statistics.begin` (the lens adds apart)."""
+        return self.inner.begin(*args, **kwargs)
+
+    def update(self, *args: Any, **kwargs: Any) -> Lensed:
+        """The inner statistics' :meth:`~lawwatch.stats.Statistics.update`."""
+        self.inner.update(*args, **kwargs)
+        return self
+
+    def to(self, device: torch.device | str) -> Lensed:
+        """Move both statistics to ``device`` in place."""
+        self.inner.to(device)
+        self.lens.to(device)
+        return self
+
+    def all_reduce(self, group: object | None = None) -> Lensed:
+        """Sum both statistics over ``group`` in place, on every process."""
+        self.inner.all_reduce(group)
+        self.lens.all_reduce(group)
+        return self
+
+    def reduce_scatter(self, group: object | None = None) -> None:
+        """The inner statistics' collectives before the solve, and the lens's all-reduce."""
+        self.inner.reduce_scatter(group)
+        self.lens.all_reduce(group)
+
+    def reduce_scatter_compute(self, group: object | None = None) -> torch.Tensor:
+        """:meth:`reduce_scatter`, then the inner solve of every share, gathered."""
+        self.reduce_scatter(group)
+        return self.inner.gather_owned(self.inner.solve_owned(group), group)
+
+    def merge(self, other: Lensed) -> Lensed:
+        """Add ``other``'s statistics (both kinds) into these."""
+        self.inner.merge(other.inner)
+        self.lens.merge(other.lens)
+        return self
