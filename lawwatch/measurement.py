@@ -56,6 +56,18 @@ AUTO_JACKKNIFE_BYTES = 1 << 30
 bytes (1 GiB: a GPT-2 small's 13 entries fit, a 1B model's 23 entries × 2048² do not)."""
 
 
+def _capture(model: nn.Module, config: MeasureConfig) -> Capture:
+    """The hooks ``config`` asks for on ``model``'s blocks (not yet attached)."""
+    return Capture(
+        model,
+        config.normalize,
+        blocks=config.blocks,
+        final_norm=config.final_norm,
+        layers=config.layers,
+        entries=config.entries,
+    )
+
+
 def jackknife_groups(
     config: MeasureConfig, sequences: int, entries: int, dim: int, targets: Targets | None = None
 ) -> int | None:
@@ -210,14 +222,7 @@ def check_settings(
     Raises:
         ValueError: The setting, and its fix.
     """
-    capture = Capture(
-        model,
-        config.normalize,
-        blocks=config.blocks,
-        final_norm=config.final_norm,
-        layers=config.layers,
-        entries=config.entries,
-    )
+    capture = _capture(model, config)
     points = [e for e in capture.layers if e != 0]
     if len(points) < 3:
         raise ValueError(
@@ -318,14 +323,7 @@ def accumulate(
     if targets is None:  # statistics only: the law's fit is not this function's to check
         targets = _targets(model, probe, config)
     device = model_device(model)
-    capture = Capture(
-        model,
-        config.normalize,
-        blocks=config.blocks,
-        final_norm=config.final_norm,
-        layers=config.layers,
-        entries=config.entries,
-    )
+    capture = _capture(model, config)
     offset = config.offset
     stats_device = statistics_device(config, device)
     stats: Statistics | None = None
