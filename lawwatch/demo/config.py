@@ -58,6 +58,9 @@ class DemoConfig:
     """Tokens kept per probe document."""
     probe_batch_size: int = 16
     """Probe sequences per forward pass of a snapshot."""
+    lens: float = 0.25
+    """The share of the probe's examples the logit lens reads at each snapshot (docs/lens.md):
+    what each layer already predicts through the model's own head; 0 turns it off."""
     emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD
     """The law counts as emerged from the first step after which r stays at or below this."""
     logging_steps: int = 1
@@ -92,6 +95,8 @@ class DemoConfig:
             raise ValueError("probe_length must be at least 2 (a token and its next).")
         if self.warmup_steps < 0 or self.lr <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("warmup_steps must be >= 0, lr > 0 and dropout in [0, 1).")
+        if not 0.0 <= self.lens <= 1.0:
+            raise ValueError(f"lens must lie in [0, 1] (0: off, 1: all examples), got {self.lens}.")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ValueError(f"adam_beta2 must lie in (0, 1), got {self.adam_beta2}.")
         if self.wandb not in ("auto", "online", "offline", "disabled"):
