@@ -34,6 +34,7 @@ TINY = {
     "probe-length": 64,
     "threads": 1,
     "wandb": "offline",
+    "max-overhead": 0,  # every scheduled step, however long a snapshot takes here
 }
 
 
@@ -112,20 +113,20 @@ def lens_record(step: int, top1: list[float], depth: float | None, layers=(0, 1,
 
 def test_lens_summary_says_when_each_layer_starts_to_predict():
     records = [
-        lens_record(0, [0.0, 0.01, 0.02, 0.02], None),
+        lens_record(0, [0.3, 0.01, 0.02, 0.02], None),  # entry 0 above the bar, not for good
         {"step": 1, "layers": [0, 1, 2, 3], "pr": [0.9] * 4},  # measured without the lens
         lens_record(5, [0.9, 0.9, 0.9], 1.0, layers=(0, 2, 3)),  # other entries: not this series
         lens_record(10, [0.0, 0.05, 0.2, 0.3], 2.25),
         lens_record(20, [0.01, 0.21, 0.35, 0.4], 1.5),
     ]
     lens = lens_summary(records)
-    # the bar: half the last entry's top-1 at the last step, 0.5 · 0.4; 0.2 itself does not pass
+    # the bar: half the last entry's top-1 at the last step, 0.5 · 0.4; 0.2 itself is not above
     assert lens.level == pytest.approx(0.2, abs=1e-15)
     assert lens.first_steps == [(0, None), (1, 20), (2, 20), (3, 10)]
     assert lens.depth == [(0, None), (10, 2.25), (20, 1.5)]
     assert lens.lines() == [
-        "The logit lens (123 examples a snapshot): the first step at which each layer's top-1 "
-        "exceeded 0.200 (0.5 × the last layer's at step 20):",
+        "The logit lens (123 examples a snapshot): the step from which each layer's top-1 "
+        "stayed above 0.200 (0.5 × the last layer's at step 20):",
         "  layer 0 never, layer 1 step 20, layer 2 step 20, layer 3 step 10",
         "  mean first-correct layer: — at step 0 → 1.50 at step 20",
     ]

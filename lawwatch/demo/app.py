@@ -101,6 +101,7 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         sinks=[view],
         batch_size=config.probe_batch_size,
         emergence_threshold=config.emergence_threshold,
+        max_overhead=config.max_overhead or None,
         lens=config.lens or None,
     )
     args = training_arguments(config, out, report_to=["wandb"] if run is not None else [])

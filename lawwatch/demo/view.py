@@ -94,8 +94,10 @@ class LiveView(TrainerCallback):
 
 
 LENS_BAR = 0.5
-"""A layer "predicts" once its lens top-1 exceeds this share of the last entry's top-1 at the
-last snapshot: one bar for every step, set by what the trained model reaches."""
+"""A layer predicts from the first snapshot from which its lens top-1 stays above this share of
+the last entry's top-1 at the last snapshot: one bar for every step, set by what the trained
+model reaches; "stays", so the current token an untrained model copies to every layer (its
+top-1 is often right on repetitive text) does not count."""
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,12 @@ class LensSummary:
 
     Attributes:
         bar: The share of the last entry's top-1 at the last snapshot that sets ``level``.
-        level: The lens top-1 accuracy a layer must exceed (``bar`` times the last entry's at
+        level: The lens top-1 accuracy a layer must stay above (``bar`` times the last entry's at
             the last snapshot).
         last_step: The last snapshot's step.
         examples: Examples the lens read at the last snapshot.
-        first_steps: ``(entry, first step its top-1 exceeded level, or None)`` per entry.
+        first_steps: ``(entry, the step from which its top-1 stayed above level, or None)``
+            per entry.
         depth: ``(step, mean first-correct entry, or None)`` per snapshot with the lens.
     """
 
@@ -131,8 +134,8 @@ class LensSummary:
             return "—" if value is None else f"{value:.2f}"
 
         return [
-            f"The logit lens ({self.examples:,} examples a snapshot): the first step at which "
-            f"each layer's top-1 exceeded {self.level:.3f} ({self.bar:g} × the last layer's at "
+            f"The logit lens ({self.examples:,} examples a snapshot): the step from which each "
+            f"layer's top-1 stayed above {self.level:.3f} ({self.bar:g} × the last layer's at "
             f"step {self.last_step}):",
             f"  {layers}",
             f"  mean first-correct layer: {mean(start)} at step {first} → {mean(end)} at step "
@@ -141,14 +144,14 @@ class LensSummary:
 
 
 def lens_summary(records: Sequence[dict[str, Any]], bar: float = LENS_BAR) -> LensSummary | None:
-    """When each entry started to predict, from the records' ``lens`` fields (steps increasing).
+    """When each entry started to predict (:data:`LENS_BAR`), from the records' ``lens`` fields.
 
     Reads the records measured with the lens and the same entries as the last of them; None
     when there are none.
 
     Args:
-        records: Snapshot records, as ``history.jsonl`` holds them.
-        bar: The share of the last entry's final top-1 a layer's top-1 must exceed.
+        records: Snapshot records, steps increasing, as ``history.jsonl`` holds them.
+        bar: The share of the last entry's final top-1 a layer's top-1 must stay above.
     """
     lensed = [r for r in records if isinstance(r.get("lens"), dict) and r.get("pr")]
     if not lensed:
@@ -156,10 +159,13 @@ def lens_summary(records: Sequence[dict[str, Any]], bar: float = LENS_BAR) -> Le
     layers = entries(lensed[-1])
     lensed = [r for r in lensed if entries(r) == layers]
     level = bar * lensed[-1]["lens"]["top1"][-1]
-    first_steps = [
-        (entry, next((r["step"] for r in lensed if r["lens"]["top1"][i] > level), None))
-        for i, entry in enumerate(layers)
-    ]
+    first_steps = []
+    for i, entry in enumerate(layers):
+        since = None  # the start of the run of snapshots above the bar that reaches the end
+        for r in lensed:
+            above = r["lens"]["top1"][i] > level
+            since = (r["step"] if since is None else since) if above else None
+        first_steps.append((entry, since))
     return LensSummary(
         bar=bar,
         level=level,
