@@ -76,7 +76,11 @@ def test_tiny_demo_through_the_cli(tmp_path):
     assert [step for step, _ in lens.depth] == [0, 1, 2, 4, 6]
     for line in lens.lines():
         assert line in text, line
-    assert "first correct" in text
+    assert "┃ first-correct layer ┃" in text  # the table's column: each snapshot's mean
+    for r in records:
+        depth = r["lens"]["first_correct_mean"]
+        depth = "—" if depth is None else re.escape(f"{depth:.2f}")
+        assert re.search(rf"│\s+{r['step']} │.*│\s+{depth} │", text), r["step"]
     report = out / "report"
     assert f"report  {report / 'report.html'}" in text
     assert (report / "lens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

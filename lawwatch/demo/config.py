@@ -62,7 +62,7 @@ class DemoConfig:
     max_overhead: float = DEFAULT_MAX_OVERHEAD
     """The monitor's budget, a share of training time (WatchConfig.max_overhead): scheduled
     snapshots are skipped while measuring would exceed it; 0 measures every scheduled step."""
-    lens: float = 0.25
+    lens: float = 0.125
     """The share of the probe's examples the logit lens reads at each snapshot (docs/lens.md):
     what each layer already predicts through the model's own head; 0 turns it off."""
     emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD

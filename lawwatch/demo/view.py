@@ -60,7 +60,7 @@ class LiveView(TrainerCallback):
         table = Table(title="The law of equi-learning, measured while training")
         lens = any(row[3] is not None for row in self.rows)
         columns = ("step", "loss", "ρ", "r", f"r ≤ {self.threshold}")
-        for column in (*columns, "first correct") if lens else columns:
+        for column in (*columns, "first-correct layer") if lens else columns:
             table.add_column(column, justify="right")
         for step, rho, r, depth in self.rows[-self.max_rows :]:  # the latest that fit a screen
             logged = [s for s in self.losses if s <= step]
