@@ -138,6 +138,21 @@ def test_lens_summary_says_when_each_layer_starts_to_predict():
     assert lens_summary([records[1]]) is None and lens_summary([]) is None
 
 
+def test_the_verdict_says_why_an_r_below_the_threshold_is_no_emergence(tmp_path):
+    from rich.console import Console
+
+    from lawwatch.demo.app import DemoResult
+    from lawwatch.demo.view import print_summary
+
+    record = {"step": 9, "pearson_r": -0.9721, "pearson_r_se": 0.0125, "rho": 0.99, "seconds": 1}
+    result = DemoResult([record], tmp_path, None, None, None, None, "disabled", None, 3.0)
+    console = Console(record=True, width=200)
+    print_summary(result, DemoConfig(), console)
+    text = console.export_text()
+    assert "the final r -0.9721 ± 0.0125 is not below -0.95 by 2 standard errors." in text
+    assert "is above" not in text
+
+
 def test_every_knob_is_documented_and_on_the_command_line(capsys):
     docs = field_docs(DemoConfig)
     assert set(docs) == {f.name for f in fields(DemoConfig)}
