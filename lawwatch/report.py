@@ -792,26 +792,31 @@ def _lens_figure(runs: list[Run], steps: Sequence[int] | None) -> Any:
     None when no run's records hold the lens.
     """
     from matplotlib import colormaps
+    from matplotlib.lines import Line2D
 
     lensed = [(run, [r for r in run.records if isinstance(r.get("lens"), dict)]) for run in runs]
     lensed = [(run, records) for run, records in lensed if records]
     if not lensed:
         return None
-    fig = _new_figure(14.0, 3.6 * len(lensed))
+    fig = _new_figure(14.0, 3.8 * len(lensed))
     axes = fig.subplots(len(lensed), 3, squeeze=False)
     for (run, records), (top1_ax, pr_ax, depth_ax) in zip(lensed, axes, strict=True):
         layers = entries(records[-1])
         same = [r for r in records if entries(r) == layers]
         record_steps = [r["step"] for r in same]
+        # viridis without its palest yellows, which vanish on white paper
         colors = colormaps["viridis"](np.linspace(0.0, 0.9, len(layers)))
         for i, (layer, color) in enumerate(zip(layers, colors, strict=True)):
-            top1_ax.plot(
-                record_steps, [r["lens"]["top1"][i] for r in same], color=color, label=f"{layer}"
-            )
-            pr_ax.plot(record_steps, [r["pr"][i] for r in same], color=color)
-        top1_ax.set(title=f"{run.label}: lens top-1", xlabel="training step", ylabel="accuracy")
-        pr_ax.set(title="PR", xlabel="training step", ylabel="PR", yscale="log")
-        top1_ax.legend(title="layer", fontsize=7, ncols=2, frameon=False)
+            line = {"color": color, "marker": "o", "markersize": 2.5, "label": f"{layer}"}
+            top1_ax.plot(record_steps, [r["lens"]["top1"][i] for r in same], **line)
+            pr_ax.plot(record_steps, [r["pr"][i] for r in same], **line)
+        top1_ax.set(title=f"{run.label}: lens top-1 accuracy", xlabel="training step")
+        top1_ax.set(ylabel="accuracy (top-1 = next token)", ylim=(0.0, None))
+        pr_ax.set(title="PR (same layers)", xlabel="training step", ylabel="PR", yscale="log")
+        _plain_log_ticks(pr_ax)
+        for ax in (top1_ax, pr_ax):
+            _step_axis(ax, max(record_steps))
+        top1_ax.legend(title="layer", ncols=2 if len(layers) > 6 else 1, frameon=False)
         wanted = select_steps(record_steps, 3) if steps is None else steps
         chosen = sorted({min(record_steps, key=lambda s, w=w: (abs(s - w), s)) for w in wanted})
         by_step = {r["step"]: r for r in same}
@@ -822,15 +827,42 @@ def _lens_figure(runs: list[Run], steps: Sequence[int] | None) -> Any:
             for key, style in (("first_correct", "-"), ("final", "--")):
                 counts = np.asarray(lens[key], dtype=float)
                 share = counts / max(counts.sum(), 1.0)
-                depth_ax.plot(
-                    bins,
-                    share,
-                    linestyle=style,
-                    marker="o",
-                    markersize=3,
-                    color=color,
-                    label=f"step {step:,} {'first correct' if key == 'first_correct' else 'final'}",
-                )
+                depth_ax.plot(bins, share, linestyle=style, marker="o", markersize=3, color=color)
+        # one legend entry per step (colour) and per histogram (line style), not per pair
+        handles = [
+            Line2D([], [], color=c, label=f"step {s:,}")
+            for s, c in zip(chosen, palette, strict=True)
+        ]
+        handles += [
+            Line2D([], [], color="0.3", linestyle="-", label="first correct"),
+            Line2D([], [], color="0.3", linestyle="--", label="final (top-1 settled)"),
+        ]
         depth_ax.set(title="prediction depth", xlabel="layer", ylabel="share of examples")
-        depth_ax.legend(fontsize=7, frameon=False)
+        depth_ax.set_ylim(0.0, 1.0)
+        depth_ax.legend(handles=handles, frameon=False, loc="upper center")
     return fig
+
+
+def _step_axis(ax: Any, top: int) -> None:
+    """Training steps on a symlog axis: step 0 visible, the log-spaced early snapshots spread."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(-0.3, max(top * 1.2, 1.5))  # no negative decades left of step 0
+    # 0, the decades well below the last step (a label apart from it), and the last step
+    ax.set_xticks(sorted({0, top, *(10**k for k in range(len(str(top))) if 2 * 10**k <= top)}))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))  # 100, not 10²
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """A log y axis labelled with plain numbers (0.7, not 7×10⁻¹).
+
+    Minor ticks are labelled too when the range spans less than a decade (else none would be).
+    """
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    low, high = ax.get_ylim()
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    narrow = low > 0 and high / low < 10
+    ax.yaxis.set_minor_formatter(plain if narrow else NullFormatter())

@@ -14,6 +14,7 @@ from lawwatch.cli import main
 from lawwatch.config import field_docs
 from lawwatch.demo import DemoConfig
 from lawwatch.demo.credentials import local_credentials, wandb_mode
+from lawwatch.demo.view import lens_summary
 from lawwatch.history import History
 from tests.helpers.wandb_offline import final_summary, history_rows, inspect_run, lawwatch_steps
 
@@ -33,6 +34,7 @@ TINY = {
     "probe-length": 64,
     "threads": 1,
     "wandb": "offline",
+    "max-overhead": 0,  # every scheduled step, however long a snapshot takes here
 }
 
 
@@ -68,6 +70,21 @@ def test_tiny_demo_through_the_cli(tmp_path):
     run_dir = Path(re.search(r"browse  \S+ leet (\S+)", text).group(1))
     assert run_dir.parent == out / "wandb" and run_dir.name.startswith("offline-run-")
     assert f"step 6: r = {records[-1]['pearson_r']:+.4f}" in text
+    # the logit lens, on by default: per snapshot in the table, when layers predict at the end
+    assert all(r["lens"]["examples"] > 0 for r in records)
+    lens = lens_summary(records)
+    assert [step for step, _ in lens.depth] == [0, 1, 2, 4, 6]
+    for line in lens.lines():
+        assert line in text, line
+    assert "┃ first-correct layer ┃" in text  # the table's column: each snapshot's mean
+    for r in records:
+        depth = r["lens"]["first_correct_mean"]
+        depth = "—" if depth is None else re.escape(f"{depth:.2f}")
+        assert re.search(rf"│\s+{r['step']} │.*│\s+{depth} │", text), r["step"]
+    report = out / "report"
+    assert f"report  {report / 'report.html'}" in text
+    assert (report / "lens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'id="lens"' in (report / "report.html").read_text()
 
     wandb_records = inspect_run(run_dir)
     assert lawwatch_steps(history_rows(wandb_records)) == [0, 1, 2, 4, 6]
@@ -92,6 +109,50 @@ def test_default_demo_shows_the_law_emerge(tmp_path):
     assert result.emergence_step is not None and result.report is not None
 
 
+def lens_record(step: int, top1: list[float], depth: float | None, layers=(0, 1, 2, 3)) -> dict:
+    """A hand-made snapshot record with the logit lens's fields the summary reads."""
+    lens = {"examples": 123, "top1": top1, "first_correct_mean": depth}
+    return {"step": step, "layers": list(layers), "pr": [0.9] * len(layers), "lens": lens}
+
+
+def test_lens_summary_says_when_each_layer_starts_to_predict():
+    records = [
+        lens_record(0, [0.3, 0.01, 0.02, 0.02], None),  # entry 0 above the bar, not for good
+        {"step": 1, "layers": [0, 1, 2, 3], "pr": [0.9] * 4},  # measured without the lens
+        lens_record(5, [0.9, 0.9, 0.9], 1.0, layers=(0, 2, 3)),  # other entries: not this series
+        lens_record(10, [0.0, 0.05, 0.2, 0.3], 2.25),
+        lens_record(20, [0.01, 0.21, 0.35, 0.4], 1.5),
+    ]
+    lens = lens_summary(records)
+    # the bar: half the last entry's top-1 at the last step, 0.5 · 0.4; 0.2 itself is not above
+    assert lens.level == pytest.approx(0.2, abs=1e-15)
+    assert lens.first_steps == [(0, None), (1, 20), (2, 20), (3, 10)]
+    assert lens.depth == [(0, None), (10, 2.25), (20, 1.5)]
+    assert lens.lines() == [
+        "The logit lens (123 examples a snapshot): the step from which each layer's top-1 "
+        "stayed above 0.200 (0.5 × the last layer's at step 20):",
+        "  layer 0 never, layer 1 step 20, layer 2 step 20, layer 3 step 10",
+        "  mean first-correct layer: — at step 0 → 1.50 at step 20",
+    ]
+    assert lens_summary(records, bar=0.04).first_steps == [(0, None), (1, 10), (2, 0), (3, 0)]
+    assert lens_summary([records[1]]) is None and lens_summary([]) is None
+
+
+def test_the_verdict_says_why_an_r_below_the_threshold_is_no_emergence(tmp_path):
+    from rich.console import Console
+
+    from lawwatch.demo.app import DemoResult
+    from lawwatch.demo.view import print_summary
+
+    record = {"step": 9, "pearson_r": -0.9721, "pearson_r_se": 0.0125, "rho": 0.99, "seconds": 1}
+    result = DemoResult([record], tmp_path, None, None, None, None, "disabled", None, 3.0)
+    console = Console(record=True, width=200)
+    print_summary(result, DemoConfig(), console)
+    text = console.export_text()
+    assert "the final r -0.9721 ± 0.0125 is not below -0.95 by 2 standard errors." in text
+    assert "is above" not in text
+
+
 def test_every_knob_is_documented_and_on_the_command_line(capsys):
     docs = field_docs(DemoConfig)
     assert set(docs) == {f.name for f in fields(DemoConfig)}
@@ -110,6 +171,8 @@ def test_bad_config_is_refused_before_training(capsys):
         DemoConfig(seq_len=256)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         DemoConfig(steps=0)
+    with pytest.raises(ValueError, match=r"lens must lie in \[0, 1\]"):
+        DemoConfig(lens=1.5)
     with pytest.raises(SystemExit):
         main(["demo", "--wandb", "sometimes"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from lawwatch.demo.training import build_model, prepare, training_arguments
 from lawwatch.demo.view import LiveView, print_summary
 from lawwatch.history import History
 
+log = logging.getLogger("lawwatch")
+
 
 @dataclass
 class DemoResult:
@@ -24,6 +27,9 @@ class DemoResult:
         records: The snapshot records (``history.jsonl``), steps increasing.
         directory: The lawwatch directory (history, PR matrix, plot, probe).
         report: The PNG of the law over training, if written.
+        report_html: The report of the run (``report/report.html`` under the output, its
+            figures beside it in PNG: the lens figure ``lens.png`` when the lens was on), if
+            written.
         emergence_step: First step from which r stayed at or below the threshold, or None.
         wandb_dir: The W&B run's local directory, if W&B was on.
         wandb_mode: ``"online"``, ``"offline"`` or ``"disabled"``.
@@ -34,6 +40,7 @@ class DemoResult:
     records: list[dict[str, Any]]
     directory: Path
     report: Path | None
+    report_html: Path | None
     emergence_step: int | None
     wandb_dir: Path | None
     wandb_mode: str
@@ -94,6 +101,8 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         sinks=[view],
         batch_size=config.probe_batch_size,
         emergence_threshold=config.emergence_threshold,
+        max_overhead=config.max_overhead or None,
+        lens=config.lens or None,
     )
     args = training_arguments(config, out, report_to=["wandb"] if run is not None else [])
     trainer = Trainer(model=model, args=args, train_dataset=blocks, callbacks=[view, callback])
@@ -115,6 +124,7 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         records=history.records,
         directory=directory,
         report=callback.report_path,
+        report_html=_write_report(directory, out / "report", config) if history.records else None,
         emergence_step=history.emergence_step(config.emergence_threshold),
         wandb_dir=wandb_dir,
         wandb_mode=mode,
@@ -123,3 +133,22 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
     )
     print_summary(result, config, console)
     return result
+
+
+def _write_report(directory: Path, out: Path, config: DemoConfig) -> Path | None:
+    """The run's report (every figure in PNG, and ``report.html``); None without matplotlib."""
+    try:
+        from lawwatch.report import write_report
+
+        report = write_report(
+            [directory],
+            out,
+            labels=["demo"],
+            emergence_threshold=config.emergence_threshold,
+            formats=("png",),
+            title="The law of equi-learning in the lawwatch demo",
+        )
+    except ImportError as error:  # matplotlib is optional: the summary still says the rest
+        log.warning("lawwatch demo: no report (%s; pip install matplotlib)", error)
+        return None
+    return report.html

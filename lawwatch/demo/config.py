@@ -7,6 +7,7 @@ from typing import Literal
 
 from lawwatch.demo.corpus import Source
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
+from lawwatch.watch.config import DEFAULT_MAX_OVERHEAD
 
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 
@@ -58,6 +59,12 @@ class DemoConfig:
     """Tokens kept per probe document."""
     probe_batch_size: int = 16
     """Probe sequences per forward pass of a snapshot."""
+    max_overhead: float = DEFAULT_MAX_OVERHEAD
+    """The monitor's budget, a share of training time (WatchConfig.max_overhead): scheduled
+    snapshots are skipped while measuring would exceed it; 0 measures every scheduled step."""
+    lens: float = 0.125
+    """The share of the probe's examples the logit lens reads at each snapshot (docs/lens.md):
+    what each layer already predicts through the model's own head; 0 turns it off."""
     emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD
     """The law counts as emerged from the first step after which r stays at or below this."""
     logging_steps: int = 1
@@ -92,6 +99,12 @@ class DemoConfig:
             raise ValueError("probe_length must be at least 2 (a token and its next).")
         if self.warmup_steps < 0 or self.lr <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("warmup_steps must be >= 0, lr > 0 and dropout in [0, 1).")
+        if not 0.0 <= self.max_overhead < 1.0:
+            raise ValueError(
+                f"max_overhead must lie in [0, 1) (0: no budget), got {self.max_overhead}."
+            )
+        if not 0.0 <= self.lens <= 1.0:
+            raise ValueError(f"lens must lie in [0, 1] (0: off, 1: all examples), got {self.lens}.")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise ValueError(f"adam_beta2 must lie in (0, 1), got {self.adam_beta2}.")
         if self.wandb not in ("auto", "online", "offline", "disabled"):

@@ -1,12 +1,21 @@
-"""What the demo shows: a live table of the law while training, then where everything is."""
+"""What the demo shows: a live table of the law while training, then where everything is.
+
+With the logit lens on, the table also shows each snapshot's mean first-correct layer, and the
+summary says when each layer started to predict the next token (:func:`lens_summary`).
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
+
+from lawwatch.history import entries
+from lawwatch.law import EMERGENCE_SE_MULTIPLE
 
 if TYPE_CHECKING:
     from lawwatch.demo.app import DemoResult
@@ -41,7 +50,7 @@ class LiveView(TrainerCallback):
             console=console,
         )
         self.task = self.progress.add_task("train", total=total)
-        self.rows: list[tuple[int, float, float]] = []  # (step, rho, r)
+        self.rows: list[tuple[int, float, float, float | None]] = []  # (step, ρ, r, depth)
         self.losses: dict[int, float] = {}  # step -> training loss logged there
         self.live = Live(self, console=console, refresh_per_second=4)
 
@@ -50,18 +59,25 @@ class LiveView(TrainerCallback):
         from rich.table import Table
 
         table = Table(title="The law of equi-learning, measured while training")
-        for column in ("step", "loss", "ρ", "r", f"r ≤ {self.threshold}"):
+        lens = any(row[3] is not None for row in self.rows)
+        columns = ("step", "loss", "ρ", "r", f"r ≤ {self.threshold}")
+        for column in (*columns, "first-correct layer") if lens else columns:
             table.add_column(column, justify="right")
-        for step, rho, r in self.rows[-self.max_rows :]:  # the latest that fit a screen
+        for step, rho, r, depth in self.rows[-self.max_rows :]:  # the latest that fit a screen
             logged = [s for s in self.losses if s <= step]
             loss = f"{self.losses[max(logged)]:.3f}" if logged else "—"
             holds = "[green]yes[/]" if r <= self.threshold else "no"
-            table.add_row(str(step), loss, f"{rho:.4f}", f"{r:+.4f}", holds)
+            cells = [str(step), loss, f"{rho:.4f}", f"{r:+.4f}", holds]
+            if lens:  # the mean layer whose lens top-1 is first the true next token
+                cells.append("—" if depth is None else f"{depth:.2f}")
+            table.add_row(*cells)
         return Group(table, self.progress)
 
     def write(self, snapshot: Any) -> None:
         """Add a snapshot's row (the lawwatch callback calls this on the main process)."""
-        self.rows.append((snapshot.step, snapshot.fit.rho, snapshot.fit.pearson_r))
+        lens = snapshot.extra.get("lens")
+        depth = lens.get("first_correct_mean") if isinstance(lens, dict) else None
+        self.rows.append((snapshot.step, snapshot.fit.rho, snapshot.fit.pearson_r, depth))
 
     def close(self) -> None:
         """Nothing to release."""
@@ -78,6 +94,89 @@ class LiveView(TrainerCallback):
             self.losses[state.global_step] = float(logs["loss"])
 
 
+LENS_BAR = 0.5
+"""A layer predicts from the first snapshot from which its lens top-1 stays above this share of
+the last entry's top-1 at the last snapshot: one bar for every step, set by what the trained
+model reaches; "stays", so the current token an untrained model copies to every layer (its
+top-1 is often right on repetitive text) does not count."""
+
+
+@dataclass(frozen=True)
+class LensSummary:
+    """When the layers started to predict the next token through the model's own head.
+
+    Attributes:
+        bar: The share of the last entry's top-1 at the last snapshot that sets ``level``.
+        level: The lens top-1 accuracy a layer must stay above (``bar`` times the last entry's at
+            the last snapshot).
+        last_step: The last snapshot's step.
+        examples: Examples the lens read at the last snapshot.
+        first_steps: ``(entry, the step from which its top-1 stayed above level, or None)``
+            per entry.
+        depth: ``(step, mean first-correct entry, or None)`` per snapshot with the lens.
+    """
+
+    bar: float
+    level: float
+    last_step: int
+    examples: int
+    first_steps: list[tuple[int, int | None]]
+    depth: list[tuple[int, float | None]]
+
+    def lines(self) -> list[str]:
+        """The summary as the demo prints it."""
+        layers = ", ".join(
+            f"layer {entry} {'never' if step is None else f'step {step}'}"
+            for entry, step in self.first_steps
+        )
+        (first, start), (last, end) = self.depth[0], self.depth[-1]
+
+        def mean(value: float | None) -> str:
+            return "—" if value is None else f"{value:.2f}"
+
+        return [
+            f"The logit lens ({self.examples:,} examples a snapshot): the step from which each "
+            f"layer's top-1 stayed above {self.level:.3f} ({self.bar:g} × the last layer's at "
+            f"step {self.last_step}):",
+            f"  {layers}",
+            f"  mean first-correct layer: {mean(start)} at step {first} → {mean(end)} at step "
+            f"{last}",
+        ]
+
+
+def lens_summary(records: Sequence[dict[str, Any]], bar: float = LENS_BAR) -> LensSummary | None:
+    """When each entry started to predict (:data:`LENS_BAR`), from the records' ``lens`` fields.
+
+    Reads the records measured with the lens and the same entries as the last of them; None
+    when there are none.
+
+    Args:
+        records: Snapshot records, steps increasing, as ``history.jsonl`` holds them.
+        bar: The share of the last entry's final top-1 a layer's top-1 must stay above.
+    """
+    lensed = [r for r in records if isinstance(r.get("lens"), dict) and r.get("pr")]
+    if not lensed:
+        return None
+    layers = entries(lensed[-1])
+    lensed = [r for r in lensed if entries(r) == layers]
+    level = bar * lensed[-1]["lens"]["top1"][-1]
+    first_steps = []
+    for i, entry in enumerate(layers):
+        since = None  # the start of the run of snapshots above the bar that reaches the end
+        for r in lensed:
+            above = r["lens"]["top1"][i] > level
+            since = (r["step"] if since is None else since) if above else None
+        first_steps.append((entry, since))
+    return LensSummary(
+        bar=bar,
+        level=level,
+        last_step=lensed[-1]["step"],
+        examples=lensed[-1]["lens"]["examples"],
+        first_steps=first_steps,
+        depth=[(r["step"], r["lens"].get("first_correct_mean")) for r in lensed],
+    )
+
+
 def print_summary(result: DemoResult, config: DemoConfig, console: Any) -> None:
     """Where everything is, and whether (and when) the law emerged."""
     records = result.records
@@ -90,6 +189,12 @@ def print_summary(result: DemoResult, config: DemoConfig, console: Any) -> None:
             f"[bold green]The law emerged at step {result.emergence_step}[/]: r stayed at or "
             f"below {config.emergence_threshold} from then on."
         )
+    elif last["pearson_r"] <= config.emergence_threshold:  # not by its standard errors
+        console.print(
+            f"[bold yellow]The law did not emerge[/]: the final r {last['pearson_r']:+.4f} "
+            f"± {last.get('pearson_r_se', float('nan')):.4f} is not below "
+            f"{config.emergence_threshold} by {EMERGENCE_SE_MULTIPLE:g} standard errors."
+        )
     else:
         console.print(
             f"[bold yellow]The law did not emerge[/]: the final r {last['pearson_r']:+.4f} is "
@@ -101,10 +206,15 @@ def print_summary(result: DemoResult, config: DemoConfig, console: Any) -> None:
         f"  {len(records)} snapshots took {sum(r['seconds'] for r in records):.0f} s of the "
         f"{result.seconds:.0f} s run"
     )
+    lens = lens_summary(records)
+    if lens is not None:
+        for line in lens.lines():
+            console.print(line, soft_wrap=True, highlight=False)
     lines = [
         ("history", result.directory / "history.jsonl"),
         ("PR matrix", result.directory / "pr.safetensors"),
         ("plot", result.report),
+        ("report", result.report_html),
         ("probe", result.directory / "probe.safetensors"),
     ]
     for label, path in lines:
