@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from lawwatch.history import History, Snapshot, law_points
-from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, EMERGENCE_SE_MULTIPLE, passes
+from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, passes
 
 __all__ = [
     "Alert",
@@ -145,8 +145,8 @@ def law_alerts(
     """The "emerged" and "broke" alerts, in step order, from r along the history.
 
     The law emerges at the first snapshot whose r passes ``threshold`` (at or below it, and
-    with the record's ``pearson_r_se``, by more than :data:`~lawwatch.law.EMERGENCE_SE_MULTIPLE`
-    standard errors: :func:`~lawwatch.law.passes`; the stretch it starts is what
+    with the record's ``pearson_r_se``, by more than its standard error:
+    :func:`~lawwatch.law.passes`; the stretch it starts is what
     :meth:`History.emergence_step` reports while it lasts). Once emerged, it
     breaks at the ``persistence``-th consecutive snapshot with r above ``threshold +
     break_margin``; r between the two lines neither breaks it nor, after a break, restores it.
@@ -173,11 +173,7 @@ def law_alerts(
             if passes(r, se, threshold):
                 emerged, above = True, []
                 again = any(a.kind == "broke" for a in alerts)
-                margin = (
-                    ""
-                    if se is None
-                    else f" by more than {EMERGENCE_SE_MULTIPLE:g} standard errors ({se:.4f})"
-                )
+                margin = "" if se is None else f" by more than its standard error ({se:.4f})"
                 alerts.append(
                     Alert(
                         kind="emerged",

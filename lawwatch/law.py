@@ -16,11 +16,12 @@ import torch
 
 DEFAULT_EMERGENCE_THRESHOLD = -0.95
 
-EMERGENCE_SE_MULTIPLE = 2.0
-"""k in the emergence rule ``r + k · se <= threshold``: r must pass the threshold by k of its
-standard errors. The default jackknife has 8 groups, so its standard error has 7 degrees of
-freedom; Student's t with 7 degrees of freedom puts 95% of its mass below 1.89, and 2 rounds
-that up: a one-sided test at about 95% that r lies below the threshold."""
+EMERGENCE_SE_MULTIPLE = 1.0
+"""k in the rule ``r + k · se <= threshold`` that the law's emergence step must meet: r past the
+threshold by more than its standard error, so one snapshot whose r touches the threshold within
+its uncertainty (r = -0.9503 ± 0.05 at -0.95) declares nothing. One standard error, not a
+one-sided 95% test (about 2 with the default 8 groups): r of the same probe at later steps must
+also stay at or below the threshold, which a chance crossing rarely does."""
 
 MIN_LAW_POINTS = 4
 """The fewest entries (after the embeddings) whose fit of the law means something. r of 3
@@ -137,10 +138,12 @@ def emergence_step(
     threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
     se: Sequence[float | None] | None = None,
 ) -> int | None:
-    """The first step from which ``r`` stays below ``threshold`` through the last snapshot.
+    """The step from which ``r`` stays below ``threshold``, first passed beyond its error.
 
-    Each snapshot must pass :func:`passes`: with standard errors, by more than
-    :data:`EMERGENCE_SE_MULTIPLE` of them.
+    Every snapshot from that step on has ``r <= threshold``; the step's own snapshot must also
+    pass :func:`passes` (with a standard error: ``r + k · se <= threshold``,
+    :data:`EMERGENCE_SE_MULTIPLE`). So emergence is never declared from a snapshot within its
+    error of the threshold, and a later one within its error does not undo it.
 
     Args:
         steps: Training steps of the snapshots, increasing.
@@ -150,7 +153,9 @@ def emergence_step(
             snapshot has none), or None for none at all.
 
     Returns:
-        The step, or ``None`` if the latest ``r`` does not pass (or there are none).
+        The step, or ``None`` if the latest ``r`` is above ``threshold``, or no snapshot of
+        the stretch at or below it ending with the latest passes beyond its error (or there are
+        none).
     """
     if len(steps) != len(pearson_r):
         raise ValueError(f"{len(steps)} steps but {len(pearson_r)} values of r.")
@@ -159,7 +164,8 @@ def emergence_step(
         raise ValueError(f"{len(steps)} steps but {len(errors)} standard errors of r.")
     found: int | None = None
     for step, r, error in zip(reversed(steps), reversed(pearson_r), reversed(errors), strict=True):
-        if not passes(r, error, threshold):
+        if not passes(r, None, threshold):
             break
-        found = int(step)
+        if passes(r, error, threshold):
+            found = int(step)
     return found

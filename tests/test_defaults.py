@@ -32,19 +32,26 @@ def record(step, r, se=None):
 
 
 def test_one_snapshot_at_the_threshold_within_its_error_is_not_emergence():
-    assert EMERGENCE_SE_MULTIPLE == 2.0
-    assert not passes(-0.9503, 0.05, -0.95)  # -0.9503 + 2 * 0.05 > -0.95
+    assert EMERGENCE_SE_MULTIPLE == 1.0
+    assert not passes(-0.9503, 0.05, -0.95)  # -0.9503 + 0.05 > -0.95
     assert passes(-0.9503, None, -0.95)  # no standard error: r alone, as before
     assert passes(-0.99, 0.01, -0.95) and not passes(-0.99, float("nan"), -0.95)
     assert emergence_step([10], [-0.9503], threshold=-0.95, se=[0.05]) is None
     history = History([record(0, 0.3, 0.2), record(10, -0.9503, 0.05)])
     assert history.emergence_step(-0.95) is None
     assert [a.kind for a in law_alerts(history.records, threshold=-0.95)] == []
-    # past it by more than 2 standard errors: emerged, in the history and the alerts alike
+    # past it by more than its standard error: emerged, in the history and the alerts alike
     history.append(record(20, -0.99, 0.01))
     assert history.emergence_step(-0.95) == 20
     (alert,) = law_alerts(history.records, threshold=-0.95)
-    assert (alert.kind, alert.step) == ("emerged", 20) and "2 standard errors" in alert.text
+    assert (alert.kind, alert.step) == ("emerged", 20) and "its standard error" in alert.text
+    # a later snapshot at or below the threshold but within its error keeps the emergence; one
+    # above the threshold ends the stretch, and only a snapshot beyond its error starts another
+    history.append(record(30, -0.955, 0.02))
+    assert history.emergence_step(-0.95) == 20
+    assert emergence_step([0, 10, 20], [-0.99, -0.94, -0.96], threshold=-0.95, se=[0.01] * 3) == 20
+    assert emergence_step([0, 10], [-0.99, -0.96], threshold=-0.95, se=[0.001, 0.02]) == 0
+    assert emergence_step([0, 10], [-0.96, -0.97], threshold=-0.95, se=[0.02, 0.03]) is None
 
 
 # -- the jackknife by default, where it is cheap ----------------------------------------------

@@ -149,7 +149,8 @@ def test_the_verdict_says_why_an_r_below_the_threshold_is_no_emergence(tmp_path)
     console = Console(record=True, width=200)
     print_summary(result, DemoConfig(), console)
     text = console.export_text()
-    assert "the final r -0.9721 ± 0.0125 is not below -0.95 by 2 standard errors." in text
+    assert "the final r -0.9721 ± 0.0125 is below -0.95, but no snapshot since r" in text
+    assert "by more than its standard error." in text
     assert "is above" not in text
 
 

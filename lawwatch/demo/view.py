@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from lawwatch.history import entries
-from lawwatch.law import EMERGENCE_SE_MULTIPLE
 
 if TYPE_CHECKING:
     from lawwatch.demo.app import DemoResult
@@ -189,11 +188,12 @@ def print_summary(result: DemoResult, config: DemoConfig, console: Any) -> None:
             f"[bold green]The law emerged at step {result.emergence_step}[/]: r stayed at or "
             f"below {config.emergence_threshold} from then on."
         )
-    elif last["pearson_r"] <= config.emergence_threshold:  # not by its standard errors
+    elif last["pearson_r"] <= config.emergence_threshold:  # never beyond its standard error
         console.print(
             f"[bold yellow]The law did not emerge[/]: the final r {last['pearson_r']:+.4f} "
-            f"± {last.get('pearson_r_se', float('nan')):.4f} is not below "
-            f"{config.emergence_threshold} by {EMERGENCE_SE_MULTIPLE:g} standard errors."
+            f"± {last.get('pearson_r_se', float('nan')):.4f} is below "
+            f"{config.emergence_threshold}, but no snapshot since r last rose above it was "
+            "below it by more than its standard error."
         )
     else:
         console.print(
