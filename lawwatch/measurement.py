@@ -454,7 +454,10 @@ def _statistics(
     """
     if config.split is None and config.metric == "pr" and groups is None:
         return make()
-    return PartitionedStats(make, split=config.split, metric=config.metric, groups=groups)
+    optional = config.jackknife == "auto"  # a group left without examples: no standard error
+    return PartitionedStats(
+        make, split=config.split, metric=config.metric, groups=groups, optional=optional
+    )
 
 
 def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:

@@ -74,6 +74,20 @@ def test_the_jackknife_is_on_by_default_where_cheap():
     assert jackknife_groups(MeasureConfig(jackknife=3), 4, 99, 99999) == 3
 
 
+def test_auto_groups_left_without_examples_give_no_error_only_no_standard_error():
+    """16 sequences, those in group 1 (i mod 8 = 1) single tokens: no example there."""
+    model = tiny_gpt2(seed=3)
+    rows = ragged_probe(seed=4, rows=16, max_len=24).input_ids.tolist()
+    rows = [[row[0]] if i % AUTO_JACKKNIFE_GROUPS == 1 else row for i, row in enumerate(rows)]
+    probe = ProbeSet.from_tokens(rows)
+    snap = measure(model, probe)
+    assert "pearson_r_se" not in snap.extra and "jackknife_groups" not in snap.extra
+    plain = measure(model, probe, jackknife=None)
+    torch.testing.assert_close(snap.pr, plain.pr, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"group\(s\) \[1\] hold no example"):
+        measure(model, probe, jackknife=AUTO_JACKKNIFE_GROUPS)  # asked for: refused
+
+
 # -- the overhead budget, on by default, said once --------------------------------------------
 
 

@@ -365,7 +365,9 @@ def test_shards_cover_every_example_once_with_equal_batches():
 
 
 def test_a_step_is_attempted_once_even_when_it_fails(gpt2, caplog):
-    tiny = lawwatch.ProbeSet.from_tokens([[1, 2, 3, 4]])  # too few examples: every snapshot fails
+    # one distinct target: nothing to regress, every snapshot fails (a probe too small for the
+    # hidden size is refused when the monitor is built, before any step)
+    tiny = lawwatch.ProbeSet.from_tokens([[7] * 40])
     watch = LawWatch(gpt2, tiny, max_overhead=None, every=1)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         assert watch.maybe_snapshot(3) is None

@@ -170,9 +170,10 @@ def test_a_full_disk_holds_the_records_and_writes_them_in_order(tmp_path, gpt2, 
         with caplog.at_level(logging.WARNING, logger="lawwatch"):
             for step in range(3):
                 watch.maybe_snapshot(step)
-            filler = fill(disk)
-            # each append fills the file's last page (a record may still fit whole), then fails
+            # each append fills the file's last page (a record may still fit whole), then fails;
+            # what the store frees meanwhile (the PR matrix it cannot rewrite) is taken again
             for step in range(3, 7):
+                filler = fill(disk)
                 watch.maybe_snapshot(step)
                 on_disk = raw_steps(disk / "lw")  # whole lines only, each with its newline
                 assert on_disk + local.unwritten == list(range(step + 1))

@@ -130,7 +130,7 @@ def test_a_device_this_process_lacks_is_refused_with_the_fix(model_probe):
 def test_statistics_precision_is_recorded_and_logged_once(model_probe, caplog):
     model, probe = model_probe
     precision_mod._logged.clear()
-    with caplog.at_level(logging.INFO, logger="lawwatch"):
+    with caplog.at_level(logging.DEBUG, logger="lawwatch"):  # DEBUG: not in progress bars
         exact = measure(model, probe, batch_size=4)
         measure(model, probe, batch_size=4)
     lines = [r.message for r in caplog.records if "statistics" in r.message]

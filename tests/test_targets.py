@@ -166,7 +166,8 @@ def test_shards_resolve_targets_on_the_whole_probe(setup, target, k):
     """Each process measures a shard; their statistics must sum to the whole probe's. The
     permutation and the one-hot classes come from the whole set, not the shard."""
     model, probe, _ = setup
-    config = MeasureConfig(target=target, seed=5, onehot_top_k=k)
+    # the plain statistics (no jackknife groups), which merge by addition
+    config = MeasureConfig(target=target, seed=5, onehot_top_k=k, jackknife=None)
     targets = prepare(model, probe, config)  # once, on the whole probe, as LawWatch does
     whole = accumulate(model, probe, config, targets)
     merged = None

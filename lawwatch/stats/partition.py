@@ -87,6 +87,8 @@ class PartitionedStats:
         split: Evaluation fraction (out-of-sample PR), or None.
         metric: ``"pr"`` or ``"separation_fuzziness"``.
         groups: Jackknife groups, or None.
+        optional: A group left without examples gives no replicates (no standard error)
+            instead of an error: the groups ``jackknife="auto"`` chose.
     """
 
     def __init__(
@@ -96,8 +98,12 @@ class PartitionedStats:
         split: float | None = None,
         metric: str = "pr",
         groups: int | None = None,
+        optional: bool = False,
     ) -> None:
         self.split, self.metric, self.groups = split, metric, groups
+        # groups chosen by jackknife="auto": a group without examples means no standard error,
+        # not an error (decided after the reduction, so alike on every process)
+        self.optional = optional
         self.parts = 2 if split is not None else 1
         self.cells = [make() for _ in range(self.parts * (groups or 1))]
         # every group together, per part: what the headline values are solved from
@@ -305,7 +311,8 @@ class PartitionedStats:
         Those :meth:`solve_owned` found, if the statistics did not change since.
 
         Raises:
-            ValueError: A group without examples (fewer probe sequences than groups).
+            ValueError: A group without examples (fewer probe sequences than groups), unless
+                the groups are ``optional``: then None.
         """
         if self._solved is not None:
             return self._solved[1]
@@ -319,6 +326,8 @@ class PartitionedStats:
             for g in range(self.groups)
         ]  # host sync
         if min(per_group) == 0:
+            if self.optional:
+                return None
             raise ValueError(
                 f"jackknife={self.groups}: group(s) {[g for g, n in enumerate(per_group) if not n]}"
                 " hold no example (sequence i is in group i mod groups); use fewer groups than "

@@ -47,9 +47,11 @@ def remount(path: Path, mode: str) -> None:
 
 
 def fill(directory: Path) -> Path:
-    """Write a file in ``directory`` until its disk is full; returns it (delete it to free)."""
+    """Grow a file in ``directory`` until its disk is full; returns it (delete it to free).
+
+    Called again, it takes what was freed since (a removed file's pages) too."""
     filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         while True:
             try:
