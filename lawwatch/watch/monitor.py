@@ -65,7 +65,7 @@ class LawWatch:
         config: The measurement options (default: the paper's protocol), see
             :class:`~lawwatch.config.MeasureConfig`.
         watch: When to measure and at what cost (default: every 100 steps after the
-            log-spaced start, in the foreground, no budget), see
+            log-spaced start, in the foreground, snapshots under a tenth of training time), see
             :class:`~lawwatch.watch.config.WatchConfig`.
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors`` (a
             :class:`~lawwatch.output.store.LocalHistory`: one series, one writer) and, at
