@@ -103,11 +103,11 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         emergence_threshold=config.emergence_threshold,
         max_overhead=config.max_overhead or None,
         lens=config.lens or None,
+        console=False,  # the live view shows each snapshot
     )
     args = training_arguments(config, out, report_to=["wandb"] if run is not None else [])
     trainer = Trainer(model=model, args=args, train_dataset=blocks, callbacks=[view, callback])
     trainer.remove_callback(PrinterCallback)  # the live view replaces its printed dicts
-    probe.save(out / "lawwatch" / "probe.safetensors")
     try:
         with view.live:
             trainer.train()
