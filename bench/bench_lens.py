@@ -65,12 +65,15 @@ def main() -> None:
     parser.add_argument("--shape", default="gpt2-small", choices=("gpt2-small", "1b"))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=8)
+    # a probe must give more examples than the hidden size + 1 (1b: d = 2048)
+    parser.add_argument("--rows", type=int, default=None, help="default: 8 (1b: 16)")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--fractions", type=float, nargs="+", default=[DEFAULT_LENS_FRACTION])
     parser.add_argument("--tiny", action="store_true", help="a tiny model, once (tests)")
     args = parser.parse_args()
     shape = "tiny" if args.tiny else args.shape
+    if args.rows is None:
+        args.rows = 16 if shape == "1b" else 8
     if args.tiny:
         args.repeat, args.rows, args.length, args.threads = 1, 4, 32, [1]
     model = build(shape).eval()
