@@ -14,10 +14,10 @@ machine; with two threads it counts both threads' work).
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import torch
+from bench_capture import best  # the same timer: best of `repeat` in process CPU time
 
 from lawwatch import ProbeSet, measure
 from lawwatch.capture import Capture, evaluating
@@ -49,15 +49,6 @@ def build(shape: str) -> torch.nn.Module:
         max_position_embeddings=2048,
     )
     return LlamaForCausalLM(config)
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return min(times)
 
 
 def main() -> None:
