@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from lawwatch.stats.residual import Owned
+    from lawwatch.stats.owned import Owned
 
 __all__ = ["Statistics", "Update"]
 

@@ -49,6 +49,7 @@ from typing import Literal
 
 import torch
 
+from lawwatch.stats.owned import Owned, place
 from lawwatch.stats.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
 
 Target = Literal["token_id", "onehot"]
@@ -120,21 +121,6 @@ class Solved:
 
     pr: torch.Tensor
     eigh: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Owned:
-    """One process's share of a solve (``solve_owned`` of any :class:`~lawwatch.stats.Statistics`).
-
-    Attributes:
-        buffer: ``(1 + size,)`` float64: status (0 solved, 1 failed) then the values this
-            process solved (for :class:`ResidualStats`: the PRs of its own entries, NaN-padded
-            to the largest share, so every process gathers the same size).
-        error: The exception of a failed solve on this process, else None.
-    """
-
-    buffer: torch.Tensor
-    error: BaseException | None
 
 
 class ResidualStats:
@@ -594,22 +580,18 @@ class ResidualStats:
         """Phase 3a: solve this process's entries after :meth:`reduce_scatter`; no collective.
 
         Never raises: a failure is kept in the result (and becomes an error on every process
-        in :meth:`gather_owned`). Safe to run on another thread than the collectives'.
+        in :meth:`gather_owned`). Safe to run on another thread than the collectives'. Without
+        a process group, this process owns every entry (no :meth:`reduce_scatter` needed).
         """
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        rank, world = place(group)
         mine = self.owned_entries(rank, world)
         share = -(-self.num_layers // world)  # the largest share: every buffer the same size
-        mine_pr = torch.full((share + 1,), float("nan"), dtype=torch.float64, device=self.device)
-        mine_pr[0] = 0.0  # status: 0 ok, 1 the solve failed here
-        try:
-            if len(mine) > 0:
-                mine_pr[1 : 1 + len(mine)] = self._solve(mine, method).pr
-        except Exception as caught:  # decided collectively in gather_owned
-            mine_pr[0] = 1.0
-            return Owned(mine_pr, caught)
-        return Owned(mine_pr, None)
+
+        def values() -> torch.Tensor | None:
+            self._check_solvable()  # after reduce_scatter: the global sums, alike everywhere
+            return self._solve(mine, method).pr if len(mine) > 0 else None
+
+        return Owned.solve(share, self.device, values)
 
     def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
         """Phase 3b: all-gather every process's :meth:`solve_owned` result: all PRs.
@@ -620,14 +602,13 @@ class ResidualStats:
         """
         import torch.distributed as dist
 
-        world = dist.get_world_size(group)
-        gathered = [torch.empty_like(owned.buffer) for _ in range(world)]
-        dist.all_gather(gathered, owned.buffer, group=group)
+        world = place(group)[1]
+        gathered = [owned.buffer]
+        if world > 1:
+            gathered = [torch.empty_like(owned.buffer) for _ in range(world)]
+            dist.all_gather(gathered, owned.buffer, group=group)
         failed = [r for r, g in enumerate(gathered) if g[0].item() != 0.0]  # host sync
-        if owned.error is not None:
-            raise owned.error
-        if failed:
-            raise RuntimeError(f"lawwatch: the solve failed on process(es) {failed} of the group.")
+        owned.raise_failure(f"process(es) {failed}" if failed else None)
         return torch.cat(
             [g[1 : 1 + len(self.owned_entries(r, world))] for r, g in enumerate(gathered)]
         )
