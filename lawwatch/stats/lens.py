@@ -32,14 +32,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lawwatch.models import base_model, clean_name, is_sharded
 from lawwatch.stats.residual import exact_float32_matmul
+
+if TYPE_CHECKING:
+    from lawwatch.stats import Statistics, Update
+    from lawwatch.stats.owned import Owned
 
 __all__ = [
     "DEFAULT_LENS_FRACTION",
@@ -270,7 +275,7 @@ class LensStats:
         first_hist = torch.zeros(e + 1, dtype=torch.float64, device=device)
         final_hist = torch.zeros_like(first_hist)
         scalars = torch.zeros(len(self._SCALARS), dtype=torch.float64, device=device)
-        context = exact_float32_matmul() if self.dtype == torch.float32 else _nothing()
+        context = exact_float32_matmul() if self.dtype == torch.float32 else nullcontext()
         with context:
             for lo in range(0, m, rows):
                 part = slice(lo, lo + rows)
@@ -403,14 +408,6 @@ class LensStats:
         return out
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(rows,)`` row-wise dot products of two ``(rows, V)`` tensors, no such temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -423,24 +420,48 @@ class Lensed:
     :meth:`all_reduce` and :meth:`reduce_scatter` (a collective on every process) also
     all-reduce :attr:`lens`, so after either every process holds the whole probe's lens sums,
     and :func:`lawwatch.measurement.solve` puts them into the record.
+
+    Args:
+        inner: The PR statistics (plain or partitioned).
+        lens: The lens's sums, over the same entries.
     """
 
-    def __init__(self, inner: Any, lens: LensStats) -> None:
+    def __init__(self, inner: Statistics, lens: LensStats) -> None:
         self.inner = inner
         self.lens = lens
+        self.layers: tuple[int, ...] = inner.layers
+        self.num_layers: int = inner.num_layers
+        self.dim: int = inner.dim
+        self.precision: str = inner.precision
 
-    def __getattr__(self, name: str) -> Any:  # layers, num_layers, dim, precision, count, …
-        if name in ("inner", "lens"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def count(self) -> torch.Tensor:
+        """The PR statistics' examples (the lens reads a subset of them)."""
+        return self.inner.count
 
-    def begin(self, *args: Any, **kwargs: Any) -> Any:
+    @property
+    def device(self) -> torch.device:
+        """Where the PR statistics live."""
+        return self.inner.device
+
+    def begin(
+        self,
+        targets: torch.Tensor,
+        sequences: torch.Tensor | None = None,
+        *,
+        deferred_check: bool = False,
+    ) -> Update:
         """The inner statistics' :meth:`~lawwatch.stats.Statistics.begin` (the lens adds apart)."""
-        return self.inner.begin(*args, **kwargs)
+        return self.inner.begin(targets, sequences, deferred_check=deferred_check)
 
-    def update(self, *args: Any, **kwargs: Any) -> Lensed:
+    def update(
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        sequences: torch.Tensor | None = None,
+    ) -> Lensed:
         """The inner statistics' :meth:`~lawwatch.stats.Statistics.update`."""
-        self.inner.update(*args, **kwargs)
+        self.inner.update(features, targets, sequences)
         return self
 
     def to(self, device: torch.device | str) -> Lensed:
@@ -460,10 +481,26 @@ class Lensed:
         self.inner.reduce_scatter(group)
         self.lens.all_reduce(group)
 
+    def solve_owned(self, group: object | None = None) -> Owned:
+        """The inner statistics' share of the solve (the lens needs none)."""
+        return self.inner.solve_owned(group)
+
+    def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
+        """The inner statistics' values, gathered."""
+        return self.inner.gather_owned(owned, group)
+
     def reduce_scatter_compute(self, group: object | None = None) -> torch.Tensor:
         """:meth:`reduce_scatter`, then the inner solve of every share, gathered."""
         self.reduce_scatter(group)
-        return self.inner.gather_owned(self.inner.solve_owned(group), group)
+        return self.gather_owned(self.solve_owned(group), group)
+
+    def compute(self) -> torch.Tensor:
+        """The inner statistics' ``(entries,)`` values."""
+        return self.inner.compute()
+
+    def replicates(self) -> torch.Tensor | None:
+        """The inner statistics' jackknife replicates, or None."""
+        return self.inner.replicates()
 
     def merge(self, other: Lensed) -> Lensed:
         """Add ``other``'s statistics (both kinds) into these."""
