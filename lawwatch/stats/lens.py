@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lawwatch.models import base_model, clean_name, is_sharded
-from lawwatch.stats.residual import exact_float32_matmul
+from lawwatch.precision import exact_float32_matmul
 
 if TYPE_CHECKING:
     from lawwatch.stats import Statistics, Update

@@ -15,13 +15,13 @@ Numerics (see docs/protocol.md §2):
   does not lose its variance to cancellation in ``Σxxᵀ - ΣxΣxᵀ/n``. Statistics with different
   shifts are re-based exactly before they are added.
 * **Precision.** Every sum is float64. With ``precision="mixed"`` each batch's Gram ``uᵀu`` of
-  the shifted features (the shift subtracted in float64 first) is computed in float32, with
-  TF32 and bf16 matmul modes switched off for the product whatever the global setting
-  (:func:`exact_float32_matmul`), and added into the float64 sums; ``Σu``, ``Σuwᵀ`` and the
-  target sums stay float64. The float32 Gram's rounding moves the Rayleigh quotient of an exact
-  null direction (a LayerNorm's) to a few 1e-9 of ``λ_max``, so the rank rule's default
-  tolerance is ``MIXED_RTOL = 1e-7`` there: such directions are still cut, while genuine
-  directions below ~1e-7 of ``λ_max`` are lost with them. That costs little on synthetic
+  the shifted features (the shift subtracted in float64 first) is computed in float32, with TF32
+  and bf16 matmul modes switched off for the product whatever the global setting
+  (:func:`~lawwatch.precision.exact_float32_matmul`), and added into the float64 sums; ``Σu``,
+  ``Σuwᵀ`` and the target sums stay float64. The float32 Gram's rounding moves the Rayleigh
+  quotient of an exact null direction (a LayerNorm's) to a few 1e-9 of ``λ_max``, so the rank
+  rule's default tolerance is ``MIXED_RTOL = 1e-7`` there: such directions are still cut, while
+  genuine directions below ~1e-7 of ``λ_max`` are lost with them. That costs little on synthetic
   inputs but a trained model has many such directions (what it moves PR by, and the speed it
   buys: BENCHMARKS.md); the default stays ``"float64"``.
 * **Rank rule and solve.** See :mod:`lawwatch.stats.solver`: directions of the standardized
@@ -42,13 +42,13 @@ Numerics (see docs/protocol.md §2):
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from lawwatch.precision import exact_float32_matmul
 from lawwatch.stats.owned import Owned, place
 from lawwatch.stats.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
 
@@ -65,7 +65,6 @@ __all__ = [
     "BatchUpdate",
     "ResidualStats",
     "Solved",
-    "exact_float32_matmul",
     "gram_panel",
     "prediction_residuals",
 ]
@@ -76,37 +75,6 @@ MIXED_RTOL = 1e-7
 # the solve in `compute`, one collective's payload in `all_reduce` / `reduce_scatter_compute`
 WORKSPACE_BYTES = 256 * 2**20
 COLLECTIVE_BYTES = 64 * 2**20
-
-
-@contextlib.contextmanager
-def exact_float32_matmul() -> Iterator[None]:
-    """Run float32 matmuls in IEEE float32 inside the block, whatever the global setting.
-
-    ``torch.set_float32_matmul_precision("high")`` (or the per-backend ``fp32_precision``
-    switches) let float32 matmuls run in TF32 on CUDA and in bf16 on CPUs with AMX: ~1e-3
-    relative, useless for a Gram matrix. The per-backend switches are set to ``"ieee"`` and
-    restored on exit (the per-backend API works whether the user set the legacy or the new one;
-    torch before 2.9 has only the legacy switches, which are used there).
-    """
-    cuda = torch.backends.cuda.matmul
-    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
-    if not hasattr(cuda, "fp32_precision") or mkldnn is None:  # torch < 2.9
-        legacy = (torch.get_float32_matmul_precision(), cuda.allow_tf32)
-        torch.set_float32_matmul_precision("highest")
-        cuda.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(legacy[0])
-            cuda.allow_tf32 = legacy[1]
-        return
-    before = (cuda.fp32_precision, mkldnn.fp32_precision)
-    cuda.fp32_precision = "ieee"
-    mkldnn.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        cuda.fp32_precision, mkldnn.fp32_precision = before
 
 
 @dataclass(frozen=True)
