@@ -20,12 +20,12 @@ from lawwatch.capture import Capture, evaluating
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot, identity
 from lawwatch.law import MIN_LAW_POINTS, fit_law
-from lawwatch.models import check_probe
+from lawwatch.models import Unembedding, check_probe, unembedding
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.stats import Statistics, Update
 from lawwatch.stats.build import Recipe, checked_groups
-from lawwatch.stats.lens import Kept, Lensed, Unembedding, lens_rows, unembedding
+from lawwatch.stats.lens import Kept, Lensed, lens_rows
 from lawwatch.stats.partition import jackknife_se
 from lawwatch.targets import Targets
 

@@ -1,15 +1,15 @@
 """Logit-lens statistics: what each hidden-state entry already predicts through the model's head.
 
-The *logit lens* applies the model's own final norm and unembedding (its LM head) to each
-entry's hidden state and reads the result as a next-token distribution. Per measured entry,
-over a deterministic subset of the probe's examples (:func:`lens_rows`), :class:`LensStats`
-keeps additive sums: top-1 hits against the true next token, cross-entropy (nats), KL divergence
-from the final distribution (the model's own, entry ``L``) and entropy; per example the first
-entry whose top-1 is the true next token and the entry from which the top-1 equals the model's
-final top-1 at every later measured entry, reduced to histograms over the entries. Every number
-is a sum or a count, so statistics of several processes add up with one all-reduce, exactly
-like the PR statistics; :class:`Lensed` carries them beside those (the same forward, the same
-collectives).
+The *logit lens* applies the model's own final norm and unembedding (its LM head, found by
+:func:`lawwatch.models.unembedding`) to each entry's hidden state and reads the result as a
+next-token distribution. Per measured entry, over a deterministic subset of the probe's examples
+(:func:`lens_rows`), :class:`LensStats` keeps additive sums: top-1 hits against the true next
+token, cross-entropy (nats), KL divergence from the final distribution (the model's own, entry
+``L``) and entropy; per example the first entry whose top-1 is the true next token and the entry
+from which the top-1 equals the model's final top-1 at every later measured entry, reduced to
+histograms over the entries. Every number is a sum or a count, so statistics of several
+processes add up with one all-reduce, exactly like the PR statistics; :class:`Lensed` carries
+them beside those (the same forward, the same collectives).
 
 **Memory bound.** Logits are never held beyond a chunk of ``(entries + 1) · rows × V`` values
 (``V`` the head's vocabulary; every measured entry and the final one, computed in one product
@@ -37,12 +37,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from lawwatch.models import base_model, clean_name, is_sharded
 from lawwatch.precision import exact_float32_matmul
 
 if TYPE_CHECKING:
+    from lawwatch.models import Unembedding
     from lawwatch.stats import Statistics, Update
     from lawwatch.stats.owned import Owned
 
@@ -52,9 +51,7 @@ __all__ = [
     "Kept",
     "LensStats",
     "Lensed",
-    "Unembedding",
     "lens_rows",
-    "unembedding",
 ]
 
 # bytes of one chunk's logits, every entry's rows together (the bound: module docstring)
@@ -64,8 +61,6 @@ LENS_CHUNK_BYTES = 64 * 2**20
 DEFAULT_LENS_FRACTION = 1 / 64
 # the golden ratio's fraction: each sequence starts its selection at its own phase
 _PHASE = (math.sqrt(5) - 1) / 2
-# where the head of a model without get_output_embeddings lives, most common first
-HEAD_NAMES = ("lm_head", "head", "output", "embed_out", "unembed")
 
 
 def lens_rows(positions: torch.Tensor, sequences: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -89,91 +84,6 @@ def lens_rows(positions: torch.Tensor, sequences: torch.Tensor, fraction: float)
     p = index.to(torch.float64)
     chosen = torch.floor((p + 1) * fraction + phase) > torch.floor(p * fraction + phase)
     return chosen.nonzero().squeeze(1)
-
-
-@dataclass(frozen=True)
-class Unembedding:
-    """The model's read-out after its final norm: ``logits = cap·tanh(scale·(W h + b) / cap)``.
-
-    Attributes:
-        module: The head (``weight`` ``(V, d)``, optional ``bias`` ``(V,)``), read when used.
-        name: Where it was found, for messages.
-        scale: Multiplies the logits (Cohere's ``logit_scale``, 1 / Granite's
-            ``logits_scaling``); 1 for most models.
-        softcap: Gemma 2's ``final_logit_softcapping``, or None.
-    """
-
-    module: nn.Module
-    name: str
-    scale: float = 1.0
-    softcap: float | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """``(V, d)`` the head's weight (detached)."""
-        return self.module.weight.detach()
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """``(V,)`` the head's bias, or None."""
-        bias = getattr(self.module, "bias", None)
-        return bias.detach() if isinstance(bias, torch.Tensor) else None
-
-
-def unembedding(model: nn.Module, head: str | None = None) -> Unembedding:
-    """The head the lens reads through: ``head`` (a module name) or found on ``model``.
-
-    Found as ``model.get_output_embeddings()`` (Hugging Face models, tied or untied), else a
-    module named one of :data:`HEAD_NAMES` with a 2-D ``weight``.
-
-    Raises:
-        ValueError: No head found, ``head`` names no such module, or the model is sharded
-            (FSDP, ZeRO-3: the head's weight is whole only inside its own forward).
-    """
-    name = type(model).__name__
-    fix = (
-        "Pass lens_head='<module name>' (the Linear from the hidden size to the vocabulary that "
-        "the model applies after its final norm) and, if lawwatch cannot find the final norm, "
-        "final_norm='<module name>'."
-    )
-    if is_sharded(model):
-        raise ValueError(
-            f"The logit lens reads the head of {name} outside its forward, where a sharded "
-            "model (FSDP, ZeRO-3) holds only a shard of it; measure the lens on an unsharded "
-            "copy (lawwatch analyze on a checkpoint) or leave lens=None."
-        )
-    names = {clean_name(n): m for n, m in model.named_modules()}
-    module: nn.Module | None = None
-    where = head
-    if head is not None:
-        module = names.get(head)
-        if module is None:
-            raise ValueError(f"lens_head={head!r} is not a module of {name}. {fix}")
-    else:
-        get = getattr(model, "get_output_embeddings", None)
-        if callable(get):
-            try:
-                module = get()
-            except (NotImplementedError, AttributeError):
-                module = None
-            where = "get_output_embeddings()"
-        if module is None:
-            hits = [n for n in names if n.rsplit(".", 1)[-1] in HEAD_NAMES]
-            module, where = (names[hits[0]], hits[0]) if hits else (None, None)
-    weight = getattr(module, "weight", None)
-    if module is None or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(
-            f"The logit lens needs the unembedding of {name}, and lawwatch found "
-            + ("none" if module is None else f"{where!r} without a 2-D weight")
-            + f". {fix}"
-        )
-    config = getattr(base_model(model), "config", None) or getattr(model, "config", None)
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling:
-        scale /= float(scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return Unembedding(module, str(where), scale, float(softcap) if softcap else None)
 
 
 @dataclass
