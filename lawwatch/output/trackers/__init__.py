@@ -25,7 +25,7 @@ the tracker already holds (a run reattached to, where the tracker can say so) is
 twice.
 """
 
-from lawwatch.output.trackers.accelerator import AcceleratorTrackers
+from lawwatch.output.trackers.accelerator import AcceleratorTrackers, accelerate_tracker
 from lawwatch.output.trackers.base import TRACKERS, Reporting, Tracker
 from lawwatch.output.trackers.clearml import ClearMLSink
 from lawwatch.output.trackers.comet import CometSink
@@ -33,9 +33,7 @@ from lawwatch.output.trackers.dvclive import DVCLiveSink
 from lawwatch.output.trackers.mlflow import MlflowSink
 from lawwatch.output.trackers.opening import (
     TrainerRun,
-    accelerate_tracker,
     check_trackers,
-    open_tracker,
     open_trackers,
     reported_trackers,
 )
@@ -58,7 +56,6 @@ __all__ = [
     "WandbSink",
     "accelerate_tracker",
     "check_trackers",
-    "open_tracker",
     "open_trackers",
     "reported_trackers",
 ]

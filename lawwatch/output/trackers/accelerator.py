@@ -8,9 +8,19 @@ from typing import Any
 from lawwatch.alerts import Alert, Alerting
 from lawwatch.history import Snapshot
 from lawwatch.output.sinks import Sink, scalars
-from lawwatch.output.trackers.opening import TrainerRun, accelerate_tracker
+from lawwatch.output.trackers.base import TRACKERS, Tracker
+from lawwatch.output.trackers.opening import TrainerRun
 
 log = logging.getLogger("lawwatch")
+
+
+def accelerate_tracker(name: str, tracker: Any, run: TrainerRun | None = None) -> Sink | None:
+    """The sink on an accelerate tracker's object (:meth:`Tracker.on_accelerate`), or None.
+
+    None for a tracker lawwatch has no class for (its own ``log`` gets the scalars).
+    """
+    cls: type[Tracker] | None = TRACKERS.get(name)
+    return None if cls is None else cls.on_accelerate(tracker, run or TrainerRun())
 
 
 class AcceleratorTrackers:

@@ -29,7 +29,7 @@ from lawwatch.output.trackers import (  # noqa: F401  (each class registers itse
     trackio,
     wandb,
 )
-from lawwatch.output.trackers.base import TRACKERS, Tracker
+from lawwatch.output.trackers.base import TRACKERS
 
 log = logging.getLogger("lawwatch")
 
@@ -100,31 +100,6 @@ class TrainerRun:
         return Path(self.args.output_dir) / default_logdir()
 
 
-def open_tracker(
-    name: str, run: TrainerRun | None = None, *, history: list[dict[str, Any]] | None = None
-) -> Sink | None:
-    """The sink of the tracker ``name`` on its current run (:meth:`Tracker.current`).
-
-    Args:
-        name: A ``report_to`` name or an alias (``"comet"``).
-        run: The Trainer's arguments and what the user gave (see :class:`TrainerRun`).
-        history: Records to replay (a resumed run).
-
-    Returns:
-        The sink, or None for a tracker lawwatch does not log to (e.g. "codecarbon").
-
-    Raises:
-        LookupError: The tracker has no current run.
-        ImportError: Its package is not installed.
-    """
-    cls = TRACKERS.get(name)
-    if cls is None:
-        return None
-    sink = cls.current(run or TrainerRun())
-    sink.replay(history)
-    return sink
-
-
 def check_trackers(trackers: Sequence[str | Sink] | None) -> list[str | Sink]:
     """A raw loop's ``trackers``, checked before anything opens: names known, sinks sinks.
 
@@ -158,7 +133,9 @@ def open_trackers(
 ) -> dict[str, Sink]:
     """The sinks of ``trackers`` (main process): each name on its current run, sinks as given.
 
-    One sink per tracker class (``"mlflow"`` and ``"dagshub"`` share MLflow's run).
+    Each name opens its class's sink with :meth:`Tracker.current
+    <lawwatch.output.trackers.Tracker.current>`, one sink per tracker class (``"mlflow"`` and
+    ``"dagshub"`` share MLflow's run).
 
     Args:
         trackers: Names and sinks (a raw loop's, checked by :func:`check_trackers`, or a
@@ -185,29 +162,20 @@ def open_trackers(
         if cls is None:
             log.debug("lawwatch: %s has no lawwatch sink; not logging to it", item)
             continue
-        if any(type(sink) is cls for sink in opened.values()):
+        if cls.names[0] in opened:
             continue  # one class, one run: "mlflow" and "dagshub", "comet" and "comet_ml"
         try:
             opened[cls.names[0]] = cls.current(run)
         except (LookupError, ImportError) as error:
-            if strict and isinstance(error, LookupError):
+            if not strict:
+                log.warning("lawwatch: %s; not logging to %s", error, item)
+                continue
+            if isinstance(error, LookupError):
                 raise LookupError(f"trackers includes {item!r}, but {error}") from None
-            if strict:
-                raise ImportError(
-                    f"trackers includes {item!r}, but its package is not installed ({error})"
-                ) from error
-            log.warning("lawwatch: %s; not logging to %s", error, item)
+            why = f"its package is not installed ({error})"
+            raise ImportError(f"trackers includes {item!r}, but {why}") from error
         except Exception:
             if strict:
                 raise
             log.exception("lawwatch: not logging to %s", item)
     return opened
-
-
-def accelerate_tracker(name: str, tracker: Any, run: TrainerRun | None = None) -> Sink | None:
-    """The sink on an accelerate tracker's object (:meth:`Tracker.on_accelerate`), or None.
-
-    None for a tracker lawwatch has no class for (its own ``log`` gets the scalars).
-    """
-    cls: type[Tracker] | None = TRACKERS.get(name)
-    return None if cls is None else cls.on_accelerate(tracker, run or TrainerRun())
