@@ -187,10 +187,6 @@ class LawWatch:
         """Every sink of the main process (none elsewhere), see :class:`RunOutputs`."""
         return self.outputs.sinks
 
-    @sinks.setter
-    def sinks(self, sinks: Sinks) -> None:
-        self.outputs.sinks = sinks
-
     @property
     def local(self) -> LocalHistory | None:
         """The :class:`~lawwatch.output.store.LocalHistory` of ``directory`` (main process)."""
