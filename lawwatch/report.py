@@ -1,7 +1,8 @@
 """Pictures of the law over training, from the records of ``history.jsonl``.
 
-:func:`plot_law` draws one PNG for a live run (:func:`finish_run` writes it as ``law.png`` at
-the end of training, for the Trainer callback and :class:`~lawwatch.LawWatch` alike): left,
+:func:`plot_law` draws one PNG for a live run (``lawwatch.output.finish.finish_run`` writes it
+as ``law.png`` at the end of training, for the Trainer callback and :class:`~lawwatch.LawWatch`
+alike): left,
 log10 PR against layer, one line per snapshot, coloured by training step (on a log scale: the
 schedule is log-spaced early, when the law forms); right, Pearson r and the decay ratio rho
 against step, with the emergence threshold and step.
@@ -23,7 +24,7 @@ import io
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,12 @@ import numpy as np
 
 from lawwatch.history import History, entries, law_points, series, series_change
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, emergence_step
-from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE
+from lawwatch.output.store import HISTORY_FILE
 
 log = logging.getLogger("lawwatch")
 
 FIGURE_FILE = "law.png"
-"""The PNG of the law a run's directory holds after training (:func:`finish_run`)."""
+"""The PNG of the law a run's directory holds after training (``output.finish.finish_run``)."""
 
 
 def plot_law(
@@ -142,49 +143,6 @@ def plot_law(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-def finish_run(
-    directory: str | Path,
-    records: Sequence[dict[str, Any]],
-    trackers: Mapping[str, Any] | None = None,
-    *,
-    emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
-) -> Path | None:
-    """The end of training: ``law.png`` in ``directory``, and the report to the trackers.
-
-    Writes :data:`FIGURE_FILE` from ``records`` (:func:`plot_law`), then hands the PNG and the
-    history files of ``directory`` to every tracker sink that takes a report
-    (:class:`~lawwatch.output.trackers.Reporting`). Without matplotlib there is no PNG (a
-    warning says so) and the files still go; a tracker that fails is reported, the others still
-    get the report.
-
-    Args:
-        directory: The run's local history directory.
-        records: Its records, steps increasing.
-        trackers: Name -> tracker sink.
-        emergence_threshold: r at or below which the law counts as emerged.
-
-    Returns:
-        The PNG written, or None.
-    """
-    from lawwatch.output.trackers import Reporting
-
-    directory = Path(directory)
-    image: Path | None = None
-    try:
-        image = plot_law(records, directory / FIGURE_FILE, emergence_threshold=emergence_threshold)
-    except ImportError as error:  # matplotlib is an optional dependency
-        log.warning("lawwatch: no plot of the law (%s; pip install matplotlib)", error)
-    files = [directory / name for name in (HISTORY_FILE, MATRIX_FILE)]
-    files = [path for path in files if path.exists()]
-    for name, sink in (trackers or {}).items():
-        if isinstance(sink, Reporting):
-            try:
-                sink.log_report(image, files)
-            except Exception:
-                log.exception("lawwatch: the report did not reach %s", name)
-    return image
 
 
 # -- the report: figures in PNG, SVG and PDF, and one self-contained HTML page ------------------

@@ -149,9 +149,16 @@ class Slow:
 def test_max_overhead_stretches_the_schedule(gpt2, probe, caplog):
     clock = FakeClock()
     # a snapshot takes 1 s, a step 0.1 s: 2% allows one snapshot per 1 / (0.02 * 0.1) = 500 steps
-    watch = LawWatch(gpt2, probe, every=1, last_step=1200, max_overhead=0.02)
+    watch = LawWatch(
+        gpt2,
+        probe,
+        every=1,
+        last_step=1200,
+        max_overhead=0.02,
+        sinks=[Slow(clock, 1.0)],
+        console=False,
+    )
     watch._clock = clock
-    watch.sinks = Sinks([Slow(clock, 1.0)])
     with caplog.at_level(logging.DEBUG, logger="lawwatch"):  # later skips are DEBUG
         for step in range(1201):
             watch.maybe_snapshot(step)

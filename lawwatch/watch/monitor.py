@@ -5,9 +5,10 @@ left as found), one vote decides whether every rank succeeded, the statistics ar
 the ranks that solve them, the solved record is stamped with its series, and rank 0 writes it
 to the sinks. When to measure is :mod:`lawwatch.watch.schedule`'s, the process layout and the
 vote :mod:`lawwatch.watch.distributed`'s, the background thread :mod:`lawwatch.watch.worker`'s,
-the settings :class:`~lawwatch.watch.config.WatchConfig`'s. A failure on any rank, in the
-measurement or in its share of the solve, makes every rank skip that snapshot, and training
-goes on. Nothing here touches gradients, the optimizer or the RNG state.
+the settings :class:`~lawwatch.watch.config.WatchConfig`'s, where records go
+:class:`~lawwatch.output.run.RunOutputs`'s (the one door of a run's outputs). A failure on any
+rank, in the measurement or in its share of the solve, makes every rank skip that snapshot, and
+training goes on. Nothing here touches gradients, the optimizer or the RNG state.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from lawwatch.alerts import Alerts
 from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot, identity, series, series_change
 from lawwatch.measurement import prepare, solve
 from lawwatch.models import measured_module
-from lawwatch.output.console import ConsoleSink
-from lawwatch.output.sinks import Rewindable, Sink, Sinks
-from lawwatch.output.store import HistoryBusy, LocalHistory
-from lawwatch.output.trackers import Tracker, check_trackers, open_trackers
+from lawwatch.output.run import Outputs, RunOutputs
+from lawwatch.output.sinks import Sink, Sinks
+from lawwatch.output.store import LocalHistory
+from lawwatch.output.trackers import check_trackers
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
 from lawwatch.stats import Statistics
@@ -68,10 +70,11 @@ class LawWatch:
             :class:`~lawwatch.watch.config.WatchConfig`.
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors`` (a
             :class:`~lawwatch.output.store.LocalHistory`: one series, one writer) and, at
-            :meth:`close`, ``law.png`` (:func:`lawwatch.report.finish_run`). None for no files.
+            :meth:`close`, ``law.png`` (:func:`lawwatch.output.finish.finish_run`). None for no
+            files.
         trackers: Tracker names (``"wandb"``, ``"tensorboard"``, ``"mlflow"``, ``"trackio"``,
             ``"comet"``, ``"dvclive"``, ``"clearml"``), opened on the main process as a
-            Trainer's ``report_to`` is (:func:`lawwatch.output.trackers.open_trackers`: W&B,
+            Trainer's ``report_to`` is (:meth:`lawwatch.output.trackers.Tracker.current`: W&B,
             MLflow, trackio, Comet and ClearML log into their current run, so start it first;
             TensorBoard writes in ``<directory>/tensorboard``), or tracker sinks. A resumed
             run's trackers are given the restored history (:meth:`load_state_dict`); at
@@ -83,16 +86,24 @@ class LawWatch:
             its first record, :class:`~lawwatch.output.sinks.Rewindable` sinks (a
             :class:`~lawwatch.output.store.LocalHistory`) drop what an earlier run left, with
             a warning.
+        alerts: ``True`` (or an :class:`~lawwatch.alerts.Alerts` with its tolerances) raises
+            an alert when the law emerges, breaks, or a layer's PR stops falling: a WARNING on
+            the ``"lawwatch"`` logger and an alert in the trackers that have alerts (main
+            process). Off by default.
         accelerator: An ``accelerate.Accelerator``, for the process layout. Without one, an
             initialized ``torch.distributed`` process group is detected.
         unwrap: Applied to ``model`` before the automatic unwrapping, for a wrapper lawwatch
             does not recognize. Rarely needed.
+        outputs: Where records go, as a framework's adapter describes it (see
+            :class:`~lawwatch.output.run.Outputs`), instead of ``directory``, ``trackers``,
+            ``sinks`` and ``alerts``.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` or of
             :class:`~lawwatch.watch.config.WatchConfig` overriding ``config``'s or ``watch``'s
             (``batch_size``, ``layers``, ``every``, ``background``, …).
 
     Raises:
-        TypeError: An option that is a field of neither, or ``trackers`` not names and sinks.
+        TypeError: An option that is a field of neither, ``trackers`` not names and sinks,
+            or ``outputs`` given with ``directory``, ``trackers``, ``sinks`` or ``alerts``.
         ValueError: An invalid option, an unknown tracker name, a probe that does not fit the
             model, or a ``directory`` another open monitor of this process writes to.
         LookupError: A tracker with no current run (the message says how to start one).
@@ -105,7 +116,9 @@ class LawWatch:
         local: The :class:`~lawwatch.output.store.LocalHistory` in ``directory`` (main process),
             or None.
         trackers: Name -> tracker sink, opened from ``trackers`` (main process).
-        report_path: The ``law.png`` :meth:`close` wrote, or None.
+        outputs: Where records go (:class:`~lawwatch.output.run.RunOutputs`; on the main
+            process, every sink).
+        report_path: The ``law.png`` :meth:`finish` or :meth:`close` wrote, or None.
     """
 
     def __init__(
@@ -118,8 +131,10 @@ class LawWatch:
         directory: str | Path | None = None,
         trackers: Sequence[str | Sink] | None = None,
         sinks: list[Sink] | Sinks | None = None,
+        alerts: bool | Alerts = False,
         accelerator: Any | None = None,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
+        outputs: Outputs | None = None,
         **options: Any,
     ) -> None:
         if len(probe) == 0:
@@ -127,10 +142,14 @@ class LawWatch:
         self.config, self.watch = build_configs(config, watch, **options)
         self.model, self.probe = model, probe
         self.schedule = planned(self.watch)
-        self.sinks = sinks if isinstance(sinks, Sinks) else Sinks(sinks)
-        wanted = check_trackers(trackers)  # on every process, before anything opens
-        if self.watch.console:  # the one-line summary (main process: only rank 0 writes)
-            self.sinks = Sinks([*self.sinks.sinks, ConsoleSink()])
+        if outputs is None:  # checked on every process, before anything opens
+            outputs = Outputs(
+                directory, check_trackers(trackers), sinks=sinks, alerts=Alerts.of(alerts)
+            )
+        elif directory is not None or trackers or sinks or alerts:
+            raise TypeError(
+                "Give outputs=, or directory=, trackers=, sinks= and alerts=; not both."
+            )
         self.accelerator, self.unwrap = accelerator, unwrap
         # resolved once, on the whole probe: every shard of every rank regresses the same targets
         self.targets = prepare(measured_module(model, unwrap), probe, self.config)
@@ -144,43 +163,43 @@ class LawWatch:
         self._clock: Callable[[], float] = time.perf_counter
         self._budget = Budget(self.watch.max_overhead, self.watch.last_step)
         self._worker = Worker(self.watch.background_lag)
-        self._fresh = True  # no state loaded: the first record replaces what sinks hold
-        self._loaded = False  # state loaded (the same on every rank, unlike _fresh)
-        self.directory = None if directory is None else Path(directory)
-        self.local: LocalHistory | None = None
-        self.trackers: dict[str, Sink] = {}
-        self.report_path: Path | None = None
-        if layout(accelerator).rank == 0:
-            self._open_outputs(wanted)
+        self._loaded = False  # state loaded (the same on every rank)
+        self.directory = None if outputs.directory is None else Path(outputs.directory)
+        # opened once the options are known good; records of another series already in the
+        # directory are set aside (see LocalHistory)
+        self.outputs = RunOutputs(
+            outputs,
+            main=layout(accelerator).rank == 0,
+            identity=self._identity(),
+            probe=probe,
+            console=self.watch.console,
+            emergence_threshold=self.watch.emergence_threshold,
+        )
+        if outputs.resume_step is not None:  # the directory's records are the history
+            # the same last step on every process (only the main one has the records), so
+            # every process agrees on the schedule and enters each snapshot together
+            state = {"history": self.outputs.restored, "last_step": outputs.resume_step}
+            self.load_state_dict(state, resume_step=outputs.resume_step)
 
-    def _open_outputs(self, trackers: list[str | Sink]) -> None:
-        """The main process's files and trackers, ahead of the sinks given.
+    @property
+    def sinks(self) -> Sinks:
+        """Every sink of the main process (none elsewhere), see :class:`RunOutputs`."""
+        return self.outputs.sinks
 
-        Opened once the options are known good; records of another series already in the
-        directory are set aside (see :class:`~lawwatch.output.store.LocalHistory`).
-        """
-        opened: list[Sink] = []
-        if self.directory is not None:
-            try:
-                identity: dict[str, Any] | None = self.series()
-            except Exception:  # the model cannot say its precision yet: checked at 1st write
-                identity = None
-            try:
-                self.local = LocalHistory(self.directory, series=identity, probe=self.probe)
-                opened.append(self.local)
-            except HistoryBusy as busy:  # another writer there: this monitor writes none
-                log.error("lawwatch: %s", busy)
-        try:
-            self.trackers = open_trackers(
-                trackers,
-                directory=self.directory,
-                emergence_threshold=self.watch.emergence_threshold,
-            )
-        except BaseException:
-            if self.local is not None:
-                self.local.close()  # the directory is free for the monitor built after the fix
-            raise
-        self.sinks = Sinks([*opened, *self.trackers.values(), *self.sinks.sinks])
+    @property
+    def local(self) -> LocalHistory | None:
+        """The :class:`~lawwatch.output.store.LocalHistory` of ``directory`` (main process)."""
+        return self.outputs.local
+
+    @property
+    def trackers(self) -> dict[str, Sink]:
+        """Name -> tracker sink (main process)."""
+        return self.outputs.trackers
+
+    @property
+    def report_path(self) -> Path | None:
+        """The ``law.png`` written at the end, or None."""
+        return self.outputs.report_path
 
     # -- when ---------------------------------------------------------------------------------
 
@@ -309,13 +328,11 @@ class LawWatch:
         self.history.append(snapshot)
         if where.rank != 0:
             return
-        if self._fresh:
-            self._replace_earlier_run()
         if self.watch.background:
-            self.sinks.write(snapshot, threads=False)
-            self._worker.write(self.sinks.write, snapshot, threads=True)
+            self.outputs.write(snapshot, threads=False)
+            self._worker.write(self.outputs.write, snapshot, threads=True)
         else:
-            self.sinks.write(snapshot)
+            self.outputs.write(snapshot)
 
     # -- background results -------------------------------------------------------------------
 
@@ -375,6 +392,16 @@ class LawWatch:
             precision = forward_precision(measured_module(self.model, self.unwrap))
         return identity(self._probe_hash, self.config.to_dict(), precision)
 
+    def _identity(self) -> dict[str, Any]:
+        """:meth:`series`, or without the precision while the model cannot say it yet.
+
+        What is missing is compared at the first record (see :mod:`lawwatch.history`).
+        """
+        try:
+            return self.series()
+        except Exception:  # e.g. no parameter yet
+            return {"probe": self._probe_hash, "config": self.config.to_dict()}
+
     # -- summary and state --------------------------------------------------------------------
 
     @property
@@ -417,49 +444,13 @@ class LawWatch:
             history.drop_after(resume_step)
             last = resume_step if last is None else min(last, resume_step)
         self.history, self.last_step = history, last
-        self._fresh = last is None
         self._loaded = True
         if last is not None and layout(self.accelerator).rank == 0:
-            self.sinks.drop_after(last)
-            self._replay(history)
-
-    def _replay(self, history: History) -> None:
-        """Trackers opened by name that hold nothing yet get the restored history (a resume)."""
-        for name, sink in self.trackers.items():
-            if isinstance(sink, Tracker) and not sink.records:
-                try:
-                    sink.replay(history.records)
-                except Exception:
-                    log.exception("lawwatch: the restored history did not reach %s", name)
-
-    def _replace_earlier_run(self) -> None:
-        """A run that loaded no state starts a new history: rewindable sinks drop what they hold.
-
-        As the Trainer callback does for a run from step 0 (with a warning), so an earlier
-        run's records in the same directory are never continued by this one.
-        """
-        self._fresh = False
-        for sink in self.sinks.sinks:
-            held = getattr(sink, "records", None)
-            if isinstance(sink, Rewindable) and held:
-                log.warning(
-                    "lawwatch: this monitor loaded no state, so it starts a new history; "
-                    "replacing the %d records (steps %s to %s) in %s. To continue them, load "
-                    "the run's state first (load_state_dict, accelerator.load_state).",
-                    len(held),
-                    held[0]["step"],
-                    held[-1]["step"],
-                    getattr(sink, "directory", type(sink).__name__),
-                )
-        self.sinks.drop_after(-1)
+            self.outputs.resume(history, last)
 
     def _same_series(self, history: History) -> History:
         """``history`` if this monitor continues its series, else an empty one (with a warning)."""
-        try:
-            current = self.series()
-        except Exception:  # the model cannot say its precision (yet): compare the rest
-            current = {"probe": self._probe_hash, "config": self.config.to_dict()}
-        changes = series_change(series(history[-1]), current)
+        changes = series_change(series(history[-1]), self._identity())
         if not changes:
             return history
         log.warning(
@@ -474,13 +465,28 @@ class LawWatch:
         )
         return History()
 
+    def finish(self) -> Path | None:
+        """The run's end before the sinks close: pending results recorded, then the report.
+
+        With ``directory``, the main process writes ``law.png`` there and hands it and the
+        history files to the trackers (:func:`lawwatch.output.finish.finish_run`), once;
+        :meth:`close` does it if not done. For a framework whose trackers end their runs before
+        the monitor is closed (the Trainer's callbacks, in ``on_train_end``). With
+        ``background`` on several processes, call it on every process.
+
+        Returns:
+            The ``law.png`` written (main process), or None.
+        """
+        self.flush()
+        return self.outputs.finish()
+
     def close(self) -> None:
         """End of training: record every pending result, end the worker, close the sinks.
 
         With ``directory``, the main process then writes ``law.png`` there and hands it and the
-        history files to the trackers (:func:`lawwatch.report.finish_run`). With
-        ``background`` on several processes, call it on every process (the pending PRs are
-        gathered). No thread of lawwatch's outlives it.
+        history files to the trackers (:meth:`finish`, if not done yet). With ``background`` on
+        several processes, call it on every process (the pending PRs are gathered). No thread
+        of lawwatch's outlives it.
         """
         _UNCLOSED.discard(self)
         try:
@@ -489,26 +495,7 @@ class LawWatch:
             finally:
                 self._worker.shutdown()
         finally:
-            try:
-                self._finish_run()
-            finally:
-                self.sinks.close()
-
-    def _finish_run(self) -> None:
-        """``law.png`` and the report to the trackers (main process, with records)."""
-        if self.local is None or self.local.closed or not self.local.records:
-            return
-        try:
-            from lawwatch.report import finish_run
-
-            self.report_path = finish_run(
-                self.local.directory,
-                self.local.records,
-                self.trackers,
-                emergence_threshold=self.watch.emergence_threshold,
-            )
-        except Exception:  # the end-of-run picture never stops the run
-            log.exception("lawwatch: no plot of the law in %s", self.local.directory)
+            self.outputs.close()
 
     def _close_at_exit(self) -> None:
         """The interpreter exits and :meth:`close` was never called: finish what is pending.

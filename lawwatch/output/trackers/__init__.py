@@ -4,10 +4,11 @@ Each class takes the tracker's run, writer or experiment and logs every snapshot
 :func:`~lawwatch.output.sinks.scalars` (``lawwatch/rho``, ``lawwatch/pearson_r``, …,
 ``lawwatch/pr/layer_XX``) at the snapshot's training step, a table of PRs where the tracker has
 tables, the report PNG and history files (:meth:`~Reporting.log_report`) and, where the tracker
-has alerts, lawwatch's alerts (``alert``). The Trainer callback and the accelerate watch feed
-the same classes:
+has alerts, lawwatch's alerts (``alert``). Each class registers its names and opens itself on
+a run that exists (:meth:`Tracker.current`, :meth:`Tracker.on_accelerate`); the Trainer
+callback, the raw loop's ``trackers`` and the accelerate watch feed the same classes:
 
-| tracker | class | Trainer (``report_to``) | accelerate (``get_tracker(name, unwrap=True)``) |
+| tracker | class | ``current``: ``report_to``, ``trackers=`` | ``on_accelerate``: ``get_tracker`` |
 |---|---|---|---|
 | W&B | :class:`WandbSink` | ``wandb.run`` | the run |
 | TensorBoard | :class:`TensorBoardSink` | lawwatch's writer, the Trainer's dir | the writer |
@@ -24,17 +25,15 @@ the tracker already holds (a run reattached to, where the tracker can say so) is
 twice.
 """
 
-from lawwatch.output.trackers.base import Reporting, Tracker
+from lawwatch.output.trackers.accelerator import AcceleratorTrackers, accelerate_tracker
+from lawwatch.output.trackers.base import TRACKERS, Reporting, Tracker
 from lawwatch.output.trackers.clearml import ClearMLSink
 from lawwatch.output.trackers.comet import CometSink
 from lawwatch.output.trackers.dvclive import DVCLiveSink
 from lawwatch.output.trackers.mlflow import MlflowSink
 from lawwatch.output.trackers.opening import (
-    TRACKERS,
     TrainerRun,
-    accelerate_tracker,
     check_trackers,
-    open_tracker,
     open_trackers,
     reported_trackers,
 )
@@ -44,6 +43,7 @@ from lawwatch.output.trackers.wandb import WandbSink
 
 __all__ = [
     "TRACKERS",
+    "AcceleratorTrackers",
     "ClearMLSink",
     "CometSink",
     "DVCLiveSink",
@@ -56,7 +56,6 @@ __all__ = [
     "WandbSink",
     "accelerate_tracker",
     "check_trackers",
-    "open_tracker",
     "open_trackers",
     "reported_trackers",
 ]

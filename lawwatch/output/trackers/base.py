@@ -1,4 +1,11 @@
-"""What every tracker class shares: the base class, the PR table, the report protocol."""
+"""What every tracker class shares: the base class and its registry, the PR table, the report.
+
+A tracker class registers itself by name when it is defined (its ``names``), and knows how to
+attach to a run that already exists: :meth:`Tracker.current` (the run a Trainer's ``report_to``
+logs into, or the one the process started: ``wandb.run``, ``mlflow.active_run()``, …) and
+:meth:`Tracker.on_accelerate` (an accelerate tracker's object). A new integration adds a
+classmethod here and in the classes, not a table row.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,13 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from lawwatch.history import History, Snapshot, entries
 from lawwatch.output.sinks import PREFIX
+
+if TYPE_CHECKING:
+    from lawwatch.output.trackers.opening import TrainerRun
 
 log = logging.getLogger("lawwatch")
 
@@ -33,10 +43,18 @@ def table_rows(record: dict[str, Any]) -> list[tuple[int, int, float, float | No
     ]
 
 
+TRACKERS: dict[str, type[Tracker]] = {}
+"""Tracker name (a ``report_to`` name, an accelerate tracker's ``name``, or an alias) -> class.
+
+Filled as each class of :mod:`lawwatch.output.trackers` is defined (its ``names``)."""
+
+
 class Tracker:
     """Base of the tracker sinks: a history, each step logged once, in increasing order.
 
-    Subclasses implement :meth:`_log` (one snapshot) and optionally :meth:`log_report`; they
+    Subclasses set :attr:`names` (registered in :data:`TRACKERS` when the class is defined),
+    implement :meth:`current` (and :meth:`on_accelerate` when the tracker's object is not what
+    ``__init__`` takes), :meth:`_log` (one snapshot) and optionally :meth:`log_report`; they
     call :meth:`replay` at the end of ``__init__``.
 
     Args:
@@ -44,6 +62,36 @@ class Tracker:
     """
 
     name = "tracker"
+    names: ClassVar[tuple[str, ...]] = ()
+    """The names this class is opened by: first its own, then aliases (``"dagshub"``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for alias in cls.__dict__.get("names", ()):  # only a class that names itself registers
+            if TRACKERS.setdefault(alias, cls) is not cls:
+                raise ValueError(f"Two tracker classes named {alias!r}.")
+
+    @classmethod
+    def current(cls, run: TrainerRun) -> Tracker:
+        """A sink on the tracker's run that exists now: the one a Trainer's callback logs into.
+
+        Args:
+            run: The Trainer's arguments and what the user gave (see
+                :class:`~lawwatch.output.trackers.TrainerRun`).
+
+        Raises:
+            LookupError: The tracker has no current run (the message says how to start one).
+            ImportError: Its package is not installed.
+        """
+        raise NotImplementedError(f"{cls.__name__} cannot attach to a current run.")
+
+    @classmethod
+    def on_accelerate(cls, tracker: Any, run: TrainerRun) -> Tracker:
+        """A sink on an accelerate tracker's object (``get_tracker(name, unwrap=True)``).
+
+        The tracker stays accelerate's: ``accelerator.end_training()`` ends it.
+        """
+        return cls(tracker)
 
     def __init__(self, *, logged_step: int | None = None) -> None:
         self.history = History()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lawwatch.history import Snapshot
 from lawwatch.output.sinks import PREFIX, scalars
@@ -12,6 +12,9 @@ from lawwatch.output.trackers.base import (
     Tracker,
     table_rows,
 )
+
+if TYPE_CHECKING:
+    from lawwatch.output.trackers.opening import TrainerRun
 
 
 class ClearMLSink(Tracker):
@@ -31,6 +34,19 @@ class ClearMLSink(Tracker):
     """
 
     name = "clearml"
+    names: ClassVar[tuple[str, ...]] = ("clearml",)
+
+    @classmethod
+    def current(cls, run: TrainerRun) -> ClearMLSink:
+        """On ``clearml.Task.current_task()`` (the Trainer's ``ClearMLCallback``'s)."""
+        from clearml import Task
+
+        task = Task.current_task()
+        if task is None:
+            raise LookupError(
+                "no ClearML task is running: call clearml.Task.init(...) before training"
+            )
+        return cls(task)
 
     def __init__(self, task: Any, *, history: Iterable[dict[str, Any]] | None = None) -> None:
         super().__init__()

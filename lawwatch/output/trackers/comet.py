@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lawwatch.history import Snapshot
 from lawwatch.output.sinks import PREFIX, scalars
@@ -13,6 +13,9 @@ from lawwatch.output.trackers.base import (
     Tracker,
     table_rows,
 )
+
+if TYPE_CHECKING:
+    from lawwatch.output.trackers.opening import TrainerRun
 
 
 class CometSink(Tracker):
@@ -29,6 +32,20 @@ class CometSink(Tracker):
     """
 
     name = "comet_ml"
+    # the Trainer spells it as its callback does; a raw loop may also say "comet"
+    names: ClassVar[tuple[str, ...]] = ("comet_ml", "comet")
+
+    @classmethod
+    def current(cls, run: TrainerRun) -> CometSink:
+        """On ``comet_ml.get_running_experiment()`` (the Trainer's ``CometCallback``'s)."""
+        import comet_ml
+
+        experiment = comet_ml.get_running_experiment()
+        if experiment is None:
+            raise LookupError(
+                "no Comet experiment is running: call comet_ml.start(...) before training"
+            )
+        return cls(experiment)
 
     def __init__(self, experiment: Any, *, history: Iterable[dict[str, Any]] | None = None):
         super().__init__()

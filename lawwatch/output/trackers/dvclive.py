@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lawwatch.history import Snapshot
 from lawwatch.output.sinks import PREFIX, scalars
 from lawwatch.output.trackers.base import (
     Tracker,
 )
+
+if TYPE_CHECKING:
+    from lawwatch.output.trackers.opening import TrainerRun
 
 
 class DVCLiveSink(Tracker):
@@ -37,6 +40,14 @@ class DVCLiveSink(Tracker):
     """
 
     name = "dvclive"
+    names: ClassVar[tuple[str, ...]] = ("dvclive",)
+
+    @classmethod
+    def current(cls, run: TrainerRun) -> DVCLiveSink:
+        """On the Live given (``dvclive_live``: the ``DVCLiveCallback``'s), else its own."""
+        if run.dvclive_live is not None:
+            return cls(run.dvclive_live)
+        return cls.open()
 
     def __init__(
         self, live: Any, *, history: Iterable[dict[str, Any]] | None = None, own: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lawwatch.history import Snapshot
 from lawwatch.output.sinks import PREFIX, scalars
@@ -14,6 +14,9 @@ from lawwatch.output.trackers.base import (
     Tracker,
     table_rows,
 )
+
+if TYPE_CHECKING:
+    from lawwatch.output.trackers.opening import TrainerRun
 
 
 class MlflowSink(Tracker):
@@ -35,6 +38,25 @@ class MlflowSink(Tracker):
     """
 
     name = "mlflow"
+    # DagsHub's Trainer callback is MLflow's, with a remote tracking URI: one run, one sink
+    names: ClassVar[tuple[str, ...]] = ("mlflow", "dagshub")
+
+    @classmethod
+    def current(cls, run: TrainerRun) -> MlflowSink:
+        """On ``mlflow.active_run()`` (the Trainer's ``MLflowCallback`` logs into it too)."""
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is None:
+            raise LookupError("no MLflow run is active: call mlflow.start_run() before training")
+        return cls(active.info.run_id, tracking_uri=mlflow.get_tracking_uri())
+
+    @classmethod
+    def on_accelerate(cls, tracker: Any, run: TrainerRun) -> MlflowSink:
+        """On the run accelerate started (its tracker's object is the active run)."""
+        import mlflow
+
+        return cls(tracker.info.run_id, tracking_uri=mlflow.get_tracking_uri())
 
     def __init__(
         self,

@@ -1,16 +1,18 @@
-"""Opening a tracker's sink: by name (a Trainer's ``report_to``, a raw loop's ``trackers``).
+"""Opening trackers by name: the registry, a Trainer's ``report_to``, a raw loop's ``trackers``.
 
-Or on an accelerate tracker's object (:func:`accelerate_tracker`).
-The Trainer callback and :class:`~lawwatch.LawWatch` (``trackers=["wandb", ...]``) open a
-tracker by name the same way (:func:`open_tracker`): global-run trackers log into their current
-run, TensorBoard into lawwatch's own writer, DVCLive into the Live given or lawwatch's own.
+Each tracker class registers its names and attaches itself to a run (see
+:class:`~lawwatch.output.trackers.base.Tracker`); this module only resolves names to classes,
+de-duplicates them (``"mlflow"`` and ``"dagshub"``, ``"comet"`` and ``"comet_ml"`` are one
+class, so one sink) and says what a failure to open costs. :class:`TrainerRun` is what a sink
+attaches from.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,16 +20,18 @@ from typing import Any
 
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.output.sinks import Sink
-from lawwatch.output.trackers.base import (
-    STEP_METRIC,
+from lawwatch.output.trackers import (  # noqa: F401  (each class registers itself)
+    clearml,
+    comet,
+    dvclive,
+    mlflow,
+    tensorboard,
+    trackio,
+    wandb,
 )
-from lawwatch.output.trackers.clearml import ClearMLSink
-from lawwatch.output.trackers.comet import CometSink
-from lawwatch.output.trackers.dvclive import DVCLiveSink
-from lawwatch.output.trackers.mlflow import MlflowSink
-from lawwatch.output.trackers.tensorboard import TensorBoardSink
-from lawwatch.output.trackers.trackio import TrackioSink
-from lawwatch.output.trackers.wandb import WandbSink
+from lawwatch.output.trackers.base import TRACKERS
+
+log = logging.getLogger("lawwatch")
 
 
 def reported_trackers(report_to: str | Sequence[str] | None) -> list[str]:
@@ -46,7 +50,7 @@ def reported_trackers(report_to: str | Sequence[str] | None) -> list[str]:
 
 @dataclass
 class TrainerRun:
-    """What a Trainer's tracker sinks are opened from.
+    """What a tracker's sink attaches from: a Trainer's run, or a loop's.
 
     Attributes:
         args: The ``TrainingArguments`` (None for a loop without a Trainer).
@@ -56,12 +60,14 @@ class TrainerRun:
             ``DVCLiveCallback``); None: lawwatch opens its own in ``./dvclive``.
         logging_dir: TensorBoard's directory for a loop without a Trainer (a raw loop's
             ``<directory>/tensorboard``); None: the Trainer's, or ``runs/<time>_<host>``.
+        emergence_threshold: r at or below which the law counts as emerged (W&B's summary).
     """
 
     args: Any = None
     since: float = 0.0
     dvclive_live: Any = None
     logging_dir: Path | None = None
+    emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD
 
     def tensorboard_dir(self) -> Path:
         """The Trainer's TensorBoard directory, where lawwatch's own writer writes too.
@@ -94,121 +100,6 @@ class TrainerRun:
         return Path(self.args.output_dir) / default_logdir()
 
 
-def _open_wandb(run: TrainerRun, history: list[dict[str, Any]], threshold: float) -> Sink:
-    import wandb
-
-    if wandb.run is None:
-        raise LookupError("no W&B run is active: call wandb.init(project=...) before training")
-    return WandbSink(wandb.run, history=history, emergence_threshold=threshold)
-
-
-def _open_tensorboard(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(run.tensorboard_dir()))
-    return TensorBoardSink(writer, history=history, own=True)
-
-
-def _open_mlflow(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
-    import mlflow
-
-    active = mlflow.active_run()
-    if active is None:
-        raise LookupError("no MLflow run is active: call mlflow.start_run() before training")
-    return MlflowSink(active.info.run_id, tracking_uri=mlflow.get_tracking_uri(), history=history)
-
-
-def _open_trackio(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
-    from trackio import context_vars
-
-    current = context_vars.current_run.get()
-    if current is None:
-        raise LookupError(
-            "no trackio run is active: call trackio.init(project=...) before training"
-        )
-    return TrackioSink(current, history=history)
-
-
-def _open_comet(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
-    import comet_ml
-
-    experiment = comet_ml.get_running_experiment()
-    if experiment is None:
-        raise LookupError(
-            "no Comet experiment is running: call comet_ml.start(...) before training"
-        )
-    return CometSink(experiment, history=history)
-
-
-def _open_dvclive(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
-    if run.dvclive_live is not None:
-        return DVCLiveSink(run.dvclive_live, history=history)
-    return DVCLiveSink.open(history=history)
-
-
-def _open_clearml(run: TrainerRun, history: list[dict[str, Any]], _: float) -> Sink:
-    from clearml import Task
-
-    task = Task.current_task()
-    if task is None:
-        raise LookupError("no ClearML task is running: call clearml.Task.init(...) before training")
-    return ClearMLSink(task, history=history)
-
-
-Opener = Callable[[TrainerRun, list[dict[str, Any]], float], Sink]
-
-TRACKERS: dict[str, Opener] = {
-    "wandb": _open_wandb,
-    "tensorboard": _open_tensorboard,
-    "mlflow": _open_mlflow,
-    "dagshub": _open_mlflow,  # DagsHub's callback is MLflow's, with a remote tracking URI
-    "trackio": _open_trackio,
-    "comet_ml": _open_comet,
-    "dvclive": _open_dvclive,
-    "clearml": _open_clearml,
-}
-"""``report_to`` name -> how its sink is opened for a Trainer."""
-
-
-def open_tracker(
-    name: str,
-    run: TrainerRun | None = None,
-    *,
-    history: list[dict[str, Any]] | None = None,
-    emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
-) -> Sink | None:
-    """The sink of one ``report_to`` tracker of a Trainer.
-
-    Global-run trackers (W&B, MLflow, trackio, Comet, ClearML) log into their current run, as
-    the Trainer's own callbacks do; TensorBoard into lawwatch's own writer in the Trainer's
-    directory; DVCLive into the Live given, or lawwatch's own.
-
-    Args:
-        name: A ``report_to`` name.
-        run: The Trainer's arguments and what the user gave (see :class:`TrainerRun`).
-        history: Records to replay (a resumed run).
-        emergence_threshold: r at or below which the law counts as emerged (W&B's summary).
-
-    Returns:
-        The sink, or None for a tracker lawwatch does not log to (e.g. "codecarbon").
-
-    Raises:
-        LookupError: The tracker has no current run.
-        ImportError: Its package is not installed.
-    """
-    opener = TRACKERS.get(name)
-    if opener is None:
-        return None
-    return opener(run or TrainerRun(), list(history or []), emergence_threshold)
-
-
-# names a raw loop may also use for a tracker (the Trainer spells it as its callback does)
-ALIASES = {"comet": "comet_ml"}
-
-
 def check_trackers(trackers: Sequence[str | Sink] | None) -> list[str | Sink]:
     """A raw loop's ``trackers``, checked before anything opens: names known, sinks sinks.
 
@@ -223,88 +114,68 @@ def check_trackers(trackers: Sequence[str | Sink] | None) -> list[str | Sink]:
             f"trackers must be a list of tracker names or sinks, got {trackers!r}; "
             'e.g. trackers=["tensorboard"].'
         )
-    known = sorted({*TRACKERS, *ALIASES})
     for item in trackers:
         if isinstance(item, str):
-            if ALIASES.get(item, item) not in TRACKERS:
-                raise ValueError(f"trackers: unknown tracker {item!r}; choose from {known}.")
+            if item not in TRACKERS:
+                raise ValueError(
+                    f"trackers: unknown tracker {item!r}; choose from {sorted(TRACKERS)}."
+                )
         elif not all(callable(getattr(item, verb, None)) for verb in ("write", "close")):
             raise TypeError(
-                f"trackers: {item!r} is neither a tracker name ({known}) nor a sink (an "
-                "object with write(snapshot) and close(), see lawwatch.output.sinks.Sink)."
+                f"trackers: {item!r} is neither a tracker name ({sorted(TRACKERS)}) nor a sink "
+                "(an object with write(snapshot) and close(), see lawwatch.output.sinks.Sink)."
             )
     return list(trackers)
 
 
 def open_trackers(
-    trackers: Sequence[str | Sink],
-    *,
-    directory: Path | None = None,
-    emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD,
+    trackers: Sequence[str | Sink], run: TrainerRun | None = None, *, strict: bool = True
 ) -> dict[str, Sink]:
-    """The sinks of a raw loop's ``trackers`` (main process), opened by name or given.
+    """The sinks of ``trackers`` (main process): each name on its current run, sinks as given.
 
-    Each name is opened as the Trainer's ``report_to`` is (:func:`open_tracker`); a sink is
-    kept as given.
+    Each name opens its class's sink with :meth:`Tracker.current
+    <lawwatch.output.trackers.Tracker.current>`, one sink per tracker class (``"mlflow"`` and
+    ``"dagshub"`` share MLflow's run).
 
     Args:
-        trackers: Names and sinks, checked by :func:`check_trackers`.
-        directory: The loop's local directory: TensorBoard writes in ``<directory>/tensorboard``
-            (default ``runs/<time>_<host>``).
-        emergence_threshold: r at or below which the law counts as emerged (W&B's summary).
+        trackers: Names and sinks (a raw loop's, checked by :func:`check_trackers`, or a
+            Trainer's ``report_to``).
+        run: What the sinks attach from (default: a loop without a Trainer).
+        strict: Raise when a tracker cannot be opened (a raw loop, where the user builds the
+            monitor); otherwise the failure is logged and the others still open (a Trainer's
+            ``report_to``, inside its training). A name lawwatch has no class for is skipped.
 
     Returns:
         Name (a sink's class name for a sink given) -> its sink, in the order given.
 
     Raises:
-        LookupError: A tracker has no current run; the message says how to start one.
-        ImportError: A tracker's package is not installed.
+        LookupError: ``strict``: a tracker has no current run; the message says how to start one.
+        ImportError: ``strict``: a tracker's package is not installed.
     """
-    run = TrainerRun(logging_dir=None if directory is None else Path(directory) / "tensorboard")
+    run = run or TrainerRun()
     opened: dict[str, Sink] = {}
     for item in trackers:
         if not isinstance(item, str):
             opened[f"{type(item).__name__}#{len(opened)}"] = item
             continue
-        name = ALIASES.get(item, item)
-        if name in opened:
+        cls = TRACKERS.get(item)
+        if cls is None:
+            log.debug("lawwatch: %s has no lawwatch sink; not logging to it", item)
             continue
+        if cls.names[0] in opened:
+            continue  # one class, one run: "mlflow" and "dagshub", "comet" and "comet_ml"
         try:
-            sink = open_tracker(name, run, emergence_threshold=emergence_threshold)
-        except LookupError as error:
-            raise LookupError(f"trackers includes {item!r}, but {error}") from None
-        except ImportError as error:
-            raise ImportError(
-                f"trackers includes {item!r}, but its package is not installed ({error})"
-            ) from error
-        if sink is not None:
-            opened[name] = sink
+            opened[cls.names[0]] = cls.current(run)
+        except (LookupError, ImportError) as error:
+            if not strict:
+                log.warning("lawwatch: %s; not logging to %s", error, item)
+                continue
+            if isinstance(error, LookupError):
+                raise LookupError(f"trackers includes {item!r}, but {error}") from None
+            why = f"its package is not installed ({error})"
+            raise ImportError(f"trackers includes {item!r}, but {why}") from error
+        except Exception:
+            if strict:
+                raise
+            log.exception("lawwatch: not logging to %s", item)
     return opened
-
-
-def accelerate_tracker(name: str, tracker: Any) -> Sink | None:
-    """The sink on an accelerate tracker's object (``accelerator.get_tracker(name, unwrap=True)``).
-
-    accelerate logs each row at the training step (``accelerator.log(values, step=step)``):
-    W&B's rows are logged at it too, with ``lawwatch/step`` as the charts' x-axis (see
-    :class:`WandbSink`). The tracker stays accelerate's: ``accelerator.end_training()`` ends it.
-
-    Returns:
-        The sink, or None for a tracker lawwatch has no class for.
-    """
-    if name == "wandb":
-        return WandbSink(tracker, step_metric=STEP_METRIC, run_step=True)
-    if name == "tensorboard":
-        return TensorBoardSink(tracker)
-    if name == "mlflow":
-        import mlflow
-
-        return MlflowSink(tracker.info.run_id, tracking_uri=mlflow.get_tracking_uri())
-    makers: dict[str, Callable[[Any], Sink]] = {
-        "trackio": TrackioSink,
-        "comet_ml": CometSink,
-        "clearml": ClearMLSink,
-        "dvclive": DVCLiveSink,
-    }
-    maker = makers.get(name)
-    return None if maker is None else maker(tracker)

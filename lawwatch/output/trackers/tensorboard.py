@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lawwatch.history import Snapshot
 from lawwatch.output.sinks import PREFIX, scalars
@@ -12,6 +12,9 @@ from lawwatch.output.trackers.base import (
     Tracker,
     table_rows,
 )
+
+if TYPE_CHECKING:
+    from lawwatch.output.trackers.opening import TrainerRun
 
 
 class TensorBoardSink(Tracker):
@@ -30,6 +33,21 @@ class TensorBoardSink(Tracker):
     """
 
     name = "tensorboard"
+    names: ClassVar[tuple[str, ...]] = ("tensorboard",)
+
+    @classmethod
+    def current(cls, run: TrainerRun) -> TensorBoardSink:
+        """On lawwatch's own writer in the Trainer's directory (:meth:`TrainerRun.tensorboard_dir`).
+
+        TensorBoard reads every event file of a directory as one run: the Trainer's curves and
+        lawwatch's share it.
+        """
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from tensorboardX import SummaryWriter
+
+        return cls(SummaryWriter(log_dir=str(run.tensorboard_dir())), own=True)
 
     def __init__(
         self, writer: Any, *, history: Iterable[dict[str, Any]] | None = None, own: bool = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lawwatch.alerts import Alert
 from lawwatch.history import Snapshot
@@ -14,6 +14,9 @@ from lawwatch.output.trackers.base import (
     Tracker,
     table_rows,
 )
+
+if TYPE_CHECKING:
+    from lawwatch.output.trackers.opening import TrainerRun
 
 
 class TrackioSink(Tracker):
@@ -33,6 +36,19 @@ class TrackioSink(Tracker):
     """
 
     name = "trackio"
+    names: ClassVar[tuple[str, ...]] = ("trackio",)
+
+    @classmethod
+    def current(cls, run: TrainerRun) -> TrackioSink:
+        """On trackio's current run (the Trainer's ``TrackioCallback`` logs into it too)."""
+        from trackio import context_vars
+
+        current = context_vars.current_run.get()
+        if current is None:
+            raise LookupError(
+                "no trackio run is active: call trackio.init(project=...) before training"
+            )
+        return cls(current)
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lawwatch.alerts import Alert
 from lawwatch.history import Snapshot, law_points
@@ -16,6 +16,9 @@ from lawwatch.output.trackers.base import (
     Tracker,
     table_rows,
 )
+
+if TYPE_CHECKING:
+    from lawwatch.output.trackers.opening import TrainerRun
 
 
 class WandbSink(Tracker):
@@ -50,6 +53,26 @@ class WandbSink(Tracker):
     """
 
     name = "wandb"
+    names: ClassVar[tuple[str, ...]] = ("wandb",)
+
+    @classmethod
+    def current(cls, run: TrainerRun) -> WandbSink:
+        """On ``wandb.run`` (the Trainer's ``WandbCallback`` logs into it too)."""
+        import wandb
+
+        if wandb.run is None:
+            raise LookupError("no W&B run is active: call wandb.init(project=...) before training")
+        return cls(wandb.run, emergence_threshold=run.emergence_threshold)
+
+    @classmethod
+    def on_accelerate(cls, tracker: Any, run: TrainerRun) -> WandbSink:
+        """On accelerate's run, whose rows are logged at the training step (``step=``)."""
+        return cls(
+            tracker,
+            emergence_threshold=run.emergence_threshold,
+            step_metric=STEP_METRIC,
+            run_step=True,
+        )
 
     def __init__(
         self,
