@@ -23,6 +23,8 @@ from transformers import TrainerCallback
 from lawwatch.alerts import Alerting, Alerts, AlertSink
 from lawwatch.config import MeasureConfig
 from lawwatch.output.console import ConsoleSink
+from lawwatch.output.finish import finish_run
+from lawwatch.output.layout import run_directory
 from lawwatch.output.sinks import Sink, Sinks
 from lawwatch.output.store import LocalHistory
 from lawwatch.output.trackers import (
@@ -32,7 +34,6 @@ from lawwatch.output.trackers import (
     reported_trackers,
 )
 from lawwatch.probe import ProbeSet
-from lawwatch.report import finish_run
 from lawwatch.watch.config import WatchConfig, build_configs
 from lawwatch.watch.monitor import LawWatch
 
@@ -69,7 +70,7 @@ class LawWatchCallback(TrainerCallback):
 
     - ``<output_dir>/lawwatch/history.jsonl`` and ``pr.safetensors`` (see
       :class:`lawwatch.output.store.LocalHistory`), and ``law.png`` after the final snapshot
-      (:func:`lawwatch.report.finish_run`, when matplotlib is installed);
+      (:func:`lawwatch.output.finish.finish_run`, when matplotlib is installed);
     - for each tracker in ``args.report_to`` (``"all"`` included): the same keys
       (:func:`lawwatch.output.sinks.scalars`) at the training step: W&B, MLflow (and DagsHub),
       trackio, Comet and ClearML in their current run (the one the Trainer's own callback uses);
@@ -263,7 +264,7 @@ class LawWatchCallback(TrainerCallback):
         """The main process's sinks; one that fails to open is reported and left out."""
         sinks: list[Sink] = []
         try:
-            self.directory = self._directory or Path(args.output_dir) / "lawwatch"
+            self.directory = self._directory or run_directory(args.output_dir)
             # records of another probe, options or precision are set aside: a new series
             self.local = LocalHistory(self.directory, series=self._series(), probe=self.probe)
             if start == 0 and self.local.records:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lawwatch.config import MeasureConfig
-from lawwatch.history import History, Snapshot, identity, series, series_change
+from lawwatch.history import History, Snapshot, identity, series, series_diff
 from lawwatch.measurement import prepare, solve
 from lawwatch.models import measured_module
 from lawwatch.output.console import ConsoleSink
@@ -69,7 +69,8 @@ class LawWatch:
             :class:`~lawwatch.watch.config.WatchConfig`.
         directory: Where the main process keeps ``history.jsonl`` and ``pr.safetensors`` (a
             :class:`~lawwatch.output.store.LocalHistory`: one series, one writer) and, at
-            :meth:`close`, ``law.png`` (:func:`lawwatch.report.finish_run`). None for no files.
+            :meth:`close`, ``law.png`` (:func:`~lawwatch.output.finish.finish_run`). None for no
+            files.
         trackers: Tracker names (``"wandb"``, ``"tensorboard"``, ``"mlflow"``, ``"trackio"``,
             ``"comet"``, ``"dvclive"``, ``"clearml"``), opened on the main process as a
             Trainer's ``report_to`` is (:func:`lawwatch.output.trackers.open_trackers`: W&B,
@@ -460,8 +461,8 @@ class LawWatch:
         try:
             current = self.series()
         except Exception:  # the model cannot say its precision (yet): compare the rest
-            current = {"probe": self._probe_hash, "config": self.config.to_dict()}
-        changes = series_change(series(history[-1]), current)
+            current = identity(self._probe_hash, self.config.to_dict())
+        changes = series_diff(series(history[-1]), current)
         if not changes:
             return history
         log.warning(
@@ -472,7 +473,7 @@ class LawWatch:
             len(history),
             history.steps[0],
             history.last_step,
-            "; ".join(changes),
+            "; ".join(map(str, changes)),
         )
         return History()
 
@@ -480,7 +481,7 @@ class LawWatch:
         """End of training: record every pending result, end the worker, close the sinks.
 
         With ``directory``, the main process then writes ``law.png`` there and hands it and the
-        history files to the trackers (:func:`lawwatch.report.finish_run`). With
+        history files to the trackers (:func:`lawwatch.output.finish.finish_run`). With
         ``background`` on several processes, call it on every process (the pending PRs are
         gathered). No thread of lawwatch's outlives it.
         """
@@ -501,7 +502,7 @@ class LawWatch:
         if self.local is None or self.local.closed or not self.local.records:
             return
         try:
-            from lawwatch.report import finish_run
+            from lawwatch.output.finish import finish_run
 
             self.report_path = finish_run(
                 self.local.directory,
