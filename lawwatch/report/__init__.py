@@ -10,8 +10,9 @@ Modules:
 
 * :mod:`~lawwatch.report.runs`: :class:`Run`, a history directory read for the report, and
   :func:`check_runs`, what makes runs not comparable.
-* :mod:`~lawwatch.report.figures`: :func:`plot_law` and the report's figures (matplotlib, its
-  object-oriented API only: the caller's backend is left alone).
+* :mod:`~lawwatch.report.figures`: the report's figures (matplotlib, its object-oriented API
+  only: the caller's backend is left alone).
+* :mod:`~lawwatch.report.live`: :func:`plot_law`, the PNG of a live run.
 * :mod:`~lawwatch.report.page`: the self-contained HTML page.
 * :mod:`~lawwatch.report.write`: :func:`write_report`, which puts them together.
 """
@@ -22,9 +23,9 @@ from lawwatch.report.figures import (
     LENS_FIGURES,
     OKABE_ITO,
     deviation,
-    plot_law,
     select_steps,
 )
+from lawwatch.report.live import plot_law
 from lawwatch.report.runs import ReportWarning, Run, check_runs
 from lawwatch.report.write import REPORT_FILE, Report, write_report
 
