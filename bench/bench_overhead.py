@@ -75,7 +75,7 @@ def child(args: argparse.Namespace) -> None:
     from transformers import Trainer, TrainerCallback
     from transformers.utils import logging as hf_logging
 
-    from lawwatch import History, ProbeSet
+    from lawwatch import ProbeSet, read_history
     from lawwatch.demo.corpus import Blocks
     from lawwatch.demo.training import build_model, training_arguments
     from lawwatch.integrations.hf import LawWatchCallback
@@ -149,7 +149,7 @@ def child(args: argparse.Namespace) -> None:
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
         records = []
         if watch is not None:
-            records = History.read(Path(out) / "lawwatch").records
+            records = read_history(Path(out) / "lawwatch").records
     gaps = [b - a for a, b in itertools.pairwise(clock.ends)]
     result = {
         "variant": args.child,

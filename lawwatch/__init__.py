@@ -10,15 +10,15 @@ schedule, budget and worker), :mod:`lawwatch.output` (sinks, the history store, 
 :mod:`lawwatch.probe` (building probes), :mod:`lawwatch.integrations` (Trainer, accelerate).
 """
 
+from lawwatch._version import __version__
 from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot
 from lawwatch.law import LawFit, fit_law
 from lawwatch.measurement import measure
+from lawwatch.output.store import read_history
 from lawwatch.probe import ProbeSet
 from lawwatch.watch.config import WatchConfig
 from lawwatch.watch.monitor import LawWatch
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AcceleratorWatch",
@@ -31,8 +31,10 @@ __all__ = [
     "ProbeSet",
     "Snapshot",
     "WatchConfig",
+    "__version__",
     "fit_law",
     "measure",
+    "read_history",
 ]
 
 # loaded on first use: the Trainer callback pulls in transformers' training stack (~1 s)

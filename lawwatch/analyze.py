@@ -42,9 +42,10 @@ from lawwatch.checkpoints import (
     weights_hash,
 )
 from lawwatch.config import MeasureConfig
-from lawwatch.history import History, Snapshot, series, series_diff
+from lawwatch.history import History, Snapshot, identity, series, series_diff
 from lawwatch.measurement import measure
-from lawwatch.output.store import HISTORY_FILE, PROBE_FILE, LocalHistory, keep_probe
+from lawwatch.output.layout import HISTORY_FILE, PROBE_FILE
+from lawwatch.output.store import LocalHistory, keep_probe
 from lawwatch.probe import ProbeSet
 
 __all__ = [
@@ -88,17 +89,17 @@ def check_compatible(history: History, probe_hash: str, config: MeasureConfig) -
     Raises:
         ValueError: A record with another probe or options, naming the difference.
     """
-    wanted = {"probe": probe_hash, "config": config.to_dict()}
+    wanted = identity(probe_hash, config.to_dict())
     for record in history:
         diff = series_diff(series(record), wanted)
-        if "probe" in diff:
+        if any(change.field == "probe" for change in diff):
             raise ValueError(
                 f"The history holds step {record['step']} measured with another probe "
                 f"({record.get('probe')!r}, not {probe_hash!r}); one history holds one probe: "
                 "write this sweep to another --out directory, or use the probe it was "
                 f"measured with (its {PROBE_FILE})."
             )
-        changed = sorted(k.removeprefix("config.") for k in diff if k.startswith("config."))
+        changed = sorted(change.option for change in diff if change.field == "config")
         if changed:
             raise ValueError(
                 f"The history holds step {record['step']} measured with other options "
@@ -173,7 +174,8 @@ def analyze(
     check_compatible(History(local.records), probe_hash, config)
     keep_probe(probe, out, local.history)  # the probe a sweep measured with, beside its history
     cache = HashCache(out / HASH_FILE)
-    identity = {"probe": probe_hash, "config": config.to_dict()}
+    # the records keep the config as given (see _sweep_one); the precision is measure()'s
+    given = identity(probe_hash, config.to_dict())
     result = SweepResult()
 
     disable = None if progress is None else not progress
@@ -187,7 +189,7 @@ def analyze(
         for ckpt in outer:
             outer.set_postfix_str(f"step {ckpt.step}")
             try:
-                _sweep_one(ckpt, counted, config, load, cache, local, identity, result)
+                _sweep_one(ckpt, counted, config, load, cache, local, given, result)
             except Exception as error:  # reported; the sweep goes on
                 reason = f"{type(error).__name__}: {error}"
                 log.error("lawwatch analyze: %s (step %d) failed: %s", ckpt.name, ckpt.step, reason)
@@ -206,7 +208,7 @@ def _sweep_one(
     load: LoadOptions,
     cache: HashCache,
     local: LocalHistory,
-    identity: dict[str, Any],
+    given: dict[str, Any],
     result: SweepResult,
 ) -> None:
     """Skip, copy or measure one checkpoint, and record it."""
@@ -242,7 +244,7 @@ def _sweep_one(
     del model
     snapshot.step = ckpt.step
     snapshot.extra.update(
-        checkpoint=ckpt.name, **identity, weights=weights, load_seconds=loaded - start
+        checkpoint=ckpt.name, **given, weights=weights, load_seconds=loaded - start
     )
     _record(local, snapshot)
     result.measured.append(ckpt.step)

@@ -4,7 +4,9 @@ A :class:`Snapshot` is one measurement; its *record* is the JSON object of one `
 line (:meth:`Snapshot.to_record`, :meth:`Snapshot.from_record`: lossless both ways). A
 :class:`History` is the records of one series in increasing step order. :func:`series_diff` is
 the one rule of what makes another series (the monitor, the history store, ``analyze`` and the
-report all ask it). The files a history is kept in are :mod:`lawwatch.output.store`'s.
+report all ask it; :func:`identity` is what a new record carries). The files a history is kept
+in are :mod:`lawwatch.output.store`'s (:func:`~lawwatch.output.store.read_history`); this module
+reads and writes none.
 """
 
 from __future__ import annotations
@@ -12,22 +14,23 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, LawFit, emergence_step
+from lawwatch.stats.lens import LensKeys
 
 __all__ = [
     "COST_OPTIONS",
     "SERIES_FIELDS",
+    "Change",
     "History",
     "Snapshot",
     "entries",
+    "identity",
     "law_points",
     "series",
-    "series_change",
     "series_diff",
 ]
 
@@ -46,8 +49,9 @@ class Snapshot:
         n_tokens: Examples (position, target) the statistics hold.
         seconds: Wall time of the measurement.
         step: Training step, when taken during training.
-        extra: More fields of the record (JSON-ready values); ``extra["lens"]`` holds the
-            logit lens's metrics when it was on (:meth:`lawwatch.stats.lens.LensStats.record`).
+        extra: More fields of the record (JSON-ready values); ``extra["lens"]``
+            (:class:`~lawwatch.stats.lens.LensKeys`) holds the logit lens's metrics when it was
+            on (:meth:`lawwatch.stats.lens.LensStats.record`).
         layers: The true hidden-state entry index of each value of ``pr`` (entry 0 = the
             embeddings); default ``0 … len(pr)-1``.
     """
@@ -92,7 +96,7 @@ class Snapshot:
             raise ValueError(f"Not a snapshot record: it lacks {missing}.")
         return cls(
             pr=torch.tensor(record["pr"], dtype=torch.float64),
-            fit=LawFit(**{name: record[name] for name in _FIT_FIELDS}),
+            fit=LawFit.from_record(record),
             n_tokens=record["n_tokens"],
             seconds=record["seconds"],
             step=record["step"],
@@ -129,15 +133,17 @@ SERIES_FIELDS = ("probe", "config", "precision")
 COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes", "stats_device"})
 
 
-def identity(probe: str, config: Mapping[str, Any], precision: str) -> dict[str, Any]:
+def identity(probe: str, config: Mapping[str, Any], precision: str | None = None) -> dict[str, Any]:
     """The series identity a new record carries (the fields of :data:`SERIES_FIELDS`).
 
     Args:
         probe: The probe's content hash (:meth:`~lawwatch.probe.ProbeSet.content_hash`).
         config: The measurement options, :meth:`~lawwatch.config.MeasureConfig.to_dict`.
-        precision: The forward's (:func:`lawwatch.precision.forward_precision`).
+        precision: The forward's (:func:`lawwatch.precision.forward_precision`); None where it
+            is not known (the identity then lacks it, and :func:`series_diff` compares the rest).
     """
-    return {"probe": probe, "config": dict(config), "precision": precision}
+    found = {"probe": probe, "config": dict(config), "precision": precision}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def series(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,38 +151,55 @@ def series(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in SERIES_FIELDS if record.get(k) is not None}
 
 
-def series_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """What makes two series identities two series: ``{what: (before, after)}``, empty for one.
+@dataclass(frozen=True)
+class Change:
+    """One difference between two series identities (see :func:`series_diff`).
 
-    ``what`` is ``"probe"`` (the probe's content hash), ``"precision"`` (the forward's) or
-    ``"config.<option>"`` (a measurement option, the statistics' precision among them).
-    :data:`COST_OPTIONS` change only what a snapshot costs. The forward's precision is compared
-    where both say it (an identity made before the model can say it carries none).
+    ``str()`` gives it in words: ``probe (content hash 1a2b… → 3c4d…)``, ``precision float32 →
+    bfloat16``, ``layers=None → 4``.
+
+    Attributes:
+        field: The field of :data:`SERIES_FIELDS` that differs: ``"probe"`` (the probe's
+            content hash), ``"config"`` (a measurement option) or ``"precision"`` (the
+            forward's).
+        option: For ``"config"``, the name of the option that differs; else None.
+        before: The value in the first identity.
+        after: The value in the second.
     """
-    diff: dict[str, tuple[Any, Any]] = {}
+
+    field: str
+    option: str | None
+    before: Any
+    after: Any
+
+    def __str__(self) -> str:
+        if self.field == "probe":
+            return f"probe (content hash {str(self.before)[:12]}… → {str(self.after)[:12]}…)"
+        if self.field == "precision":
+            return f"precision {self.before} → {self.after}"
+        return f"{self.option}={self.before!r} → {self.after!r}"
+
+
+def series_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Change]:
+    """What makes two series identities two series: one :class:`Change` each, empty for one.
+
+    The probe and every option are compared (an option only one side carries is a
+    difference); :data:`COST_OPTIONS` change only what a snapshot costs, not what it measures.
+    The forward's precision is compared where both say it (an identity made before the model
+    can say it carries none). The probe comes first, then the options (those of ``before``
+    first), then the precision.
+    """
+    diff: list[Change] = []
     if before.get("probe") != after.get("probe"):
-        diff["probe"] = (before.get("probe"), after.get("probe"))
+        diff.append(Change("probe", None, before.get("probe"), after.get("probe")))
     old, new = before.get("config") or {}, after.get("config") or {}
-    for name in old | new:
+    for name in [*old, *(name for name in new if name not in old)]:
         if name not in COST_OPTIONS and old.get(name) != new.get(name):
-            diff[f"config.{name}"] = (old.get(name), new.get(name))
+            diff.append(Change("config", name, old.get(name), new.get(name)))
     old, new = before.get("precision"), after.get("precision")
     if old and new and old != new:
-        diff["precision"] = (old, new)
+        diff.append(Change("precision", None, old, new))
     return diff
-
-
-def series_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-    """:func:`series_diff` in words, one phrase per difference; empty for one series."""
-    phrases = []
-    for what, (old, new) in series_diff(before, after).items():
-        if what == "probe":
-            phrases.append(f"probe (content hash {str(old)[:12]}… → {str(new)[:12]}…)")
-        elif what == "precision":
-            phrases.append(f"precision {old} → {new}")
-        else:
-            phrases.append(f"{what.removeprefix('config.')}={old!r} → {new!r}")
-    return phrases
 
 
 class History:
@@ -288,29 +311,15 @@ class History:
     def lens_matrix(self, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(steps (S,), entries (E,), values (S, E) float64)`` of a logit-lens metric.
 
-        ``metric``: ``"top1"``, ``"ce"``, ``"kl"`` or ``"entropy"`` (see ``docs/lens.md``).
-        None when no record holds the lens, or the measured entries changed along the series.
+        ``metric``: one of :attr:`LensKeys.PER_ENTRY <lawwatch.stats.lens.LensKeys.PER_ENTRY>`,
+        ``"top1"``, ``"ce"``, ``"kl"`` or ``"entropy"`` (see ``docs/lens.md``). None when no
+        record holds the lens, or the measured entries changed along the series.
         """
-        rows = [r for r in self.records if isinstance(r.get("lens"), dict) and r.get("pr")]
+        rows = [r for r in self.records if LensKeys.of(r) is not None and r.get("pr")]
         if not rows or len({tuple(entries(r)) for r in rows}) != 1:
             return None
         return (
             torch.tensor([r["step"] for r in rows]),
             torch.tensor(entries(rows[0])),
-            torch.tensor([r["lens"][metric] for r in rows], dtype=torch.float64),
+            torch.tensor([LensKeys.of(r)[metric] for r in rows], dtype=torch.float64),
         )
-
-    # -- files (see lawwatch.output.store) ----------------------------------------------------
-
-    @classmethod
-    def read(cls, directory: str | Path) -> History:
-        """The history in ``directory`` (see :func:`lawwatch.output.store.read`)."""
-        from lawwatch.output import store
-
-        return store.read(directory)
-
-    def write(self, directory: str | Path) -> None:
-        """Replace the files in ``directory`` (see :func:`lawwatch.output.store.write`)."""
-        from lawwatch.output import store
-
-        store.write(self, directory)

@@ -9,8 +9,8 @@ correlation ``r`` of ``x`` and ``log10 PR``. Pretrained LLMs give ``r`` between 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -29,6 +29,11 @@ points has one degree of freedom: for values that are pure noise, |r| > 0.9 in 2
 (arccos(0.9)·2/π), so r from 3 entries says little about the law; from 4 points r of noise is
 uniform on [-1, 1] (|r| > 0.9 in 10%), and from 6 |r| > 0.9 in 1.5%. Fewer than 3 cannot be
 fitted at all."""
+
+FIRST_LAW_ENTRY = 1
+"""The entry at ``x = 0`` of the law's line (``x = l - FIRST_LAW_ENTRY`` for entry ``l``): the
+first block's output, the embeddings (entry 0) being left out. :func:`fit_law` fits with it and
+:meth:`LawFit.line` draws with it."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,23 @@ class LawFit:
     def as_dict(self) -> dict[str, float]:
         """The fields as a plain dict."""
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, float]) -> LawFit:
+        """The fit a record (or :meth:`as_dict`) holds in its fields of the same names.
+
+        Raises:
+            KeyError: A field of the fit is missing.
+        """
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
+
+    def line(self, layers: Iterable[int]) -> list[float]:
+        """log10 PR of the fitted line at hidden-state entries ``layers``.
+
+        ``intercept + slope · (l - 1)`` for entry ``l`` (:data:`FIRST_LAW_ENTRY`): the line
+        :func:`fit_law` fitted, at the true entry indices it was fitted on.
+        """
+        return [self.intercept + self.slope * (layer - FIRST_LAW_ENTRY) for layer in layers]
 
 
 def fit_law(
@@ -98,7 +120,7 @@ def fit_law(
             f"Every PR must be finite and positive to take log10, got {y.tolist()}; a PR of 0 "
             "means the probe has too few examples for the hidden size (interpolation)."
         )
-    x = x - 1.0
+    x = x - float(FIRST_LAW_ENTRY)
     logy = torch.log10(y)
     xc, yc = x - x.mean(), logy - logy.mean()
     sxx, syy, sxy = (xc * xc).sum(), (yc * yc).sum(), (xc * yc).sum()

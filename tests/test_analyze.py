@@ -24,8 +24,8 @@ from lawwatch.checkpoints import (
     weights_hash,
 )
 from lawwatch.demo.corpus import pydoc_topics
-from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
+from lawwatch.output.store import read_history
 from tests.helpers.gguf_files import write_gguf
 from tests.helpers.models import RECORD_KEYS, char_tokenizer, ragged_probe, tiny_gpt2
 from tests.helpers.trainer import make_trainer
@@ -62,13 +62,13 @@ def test_sweep_of_a_trainer_output_dir_gives_the_live_numbers(tmp_path):
         "checkpoint-4",
         "checkpoint-6",
     ]
-    live = by_step(History.read(out / "lawwatch").records)
+    live = by_step(read_history(out / "lawwatch").records)
     probe_file = probe.save(tmp_path / "probe.safetensors")
 
     sweep = tmp_path / "sweep"
     argv = ["analyze", str(out), "--probe", str(probe_file), "--out", str(sweep)]
     assert cli.main([*argv, "--no-progress", "--no-report"]) == 0
-    records = History.read(sweep).records
+    records = read_history(sweep).records
     assert [r["step"] for r in records] == [2, 4, 6]
     for record in records:
         assert set(record) >= RECORD_KEYS | IDENTITY
@@ -96,7 +96,7 @@ def test_sweep_of_a_trainer_output_dir_gives_the_live_numbers(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "3 measured" in done.stdout and (fresh / "report.html").is_file()
-    again = History.read(fresh).records
+    again = read_history(fresh).records
     for a, b in zip(again, records, strict=True):
         assert a["step"] == b["step"] and a["weights"] == b["weights"]
         assert np.abs(np.subtract(a["pr"], b["pr"])).max() <= 1e-12
@@ -120,7 +120,7 @@ def test_identical_weights_are_copied_and_late_checkpoints_inserted_in_order(tmp
 
     result = analyze(find_checkpoints([str(same), str(a)]), probe, out)
     assert (result.measured, result.copied) == ([0], [20])
-    records = History.read(out).records
+    records = read_history(out).records
     assert records[1]["pr"] == records[0]["pr"]
     assert records[1]["duplicate_of"] == str(a.resolve())
     assert records[1]["weights"] == records[0]["weights"]
@@ -128,7 +128,7 @@ def test_identical_weights_are_copied_and_late_checkpoints_inserted_in_order(tmp
     # a checkpoint between the recorded steps: the files are rewritten in step order
     result = analyze(find_checkpoints([str(other), str(a), str(same)]), probe, out)
     assert (result.measured, result.skipped) == ([10], [0, 20])
-    records = History.read(out).records
+    records = read_history(out).records
     assert [r["step"] for r in records] == [0, 10, 20]
     assert load_file(out / "pr.safetensors")["steps"].tolist() == [0, 10, 20]
     expected = {0: measure(first, probe).pr, 10: measure(second, probe).pr}
@@ -210,7 +210,7 @@ def test_refusals_and_failures(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and "broken" in captured.err and "(step 5)" in captured.err
     assert "2 measured" in captured.out
-    assert [r["step"] for r in History.read(out).records] == [0, 9]
+    assert [r["step"] for r in read_history(out).records] == [0, 9]
 
     # one directory holds one probe and one set of options
     assert cli.main([*base, "--target", "onehot", str(good)]) == 2
@@ -245,7 +245,7 @@ def test_hub_revision_is_loaded_with_from_pretrained(tmp_path, capsys):
     argv = ["analyze", "org/tiny@step40", "--probe", str(probe_file), "--out", str(out)]
     argv += ["--cache-dir", str(cache), "--offline", "--no-report"]
     assert cli.main(argv) == 0
-    (record,) = History.read(out).records
+    (record,) = read_history(out).records
     assert (record["step"], record["checkpoint"]) == (40, "org/tiny@step40")
     assert record["weights"] == weights_hash(files)  # the same content, wherever it lies
     expected = measure(model, ProbeSet.load(probe_file)).pr
@@ -285,7 +285,7 @@ def test_gguf_checkpoint(tmp_path):
     )
     expected = measure(model, probe).pr
     for sweep in ("a", "b"):
-        (record,) = History.read(tmp_path / sweep).records
+        (record,) = read_history(tmp_path / sweep).records
         assert record["step"] == 12 and record["checkpoint"].endswith("step12/tiny-f32.gguf")
         assert torch.allclose(
             torch.tensor(record["pr"], dtype=torch.float64), expected, rtol=0, atol=1e-12
@@ -316,7 +316,7 @@ def test_probe_built_with_the_checkpoints_own_tokenizer(tmp_path):
     saved = ProbeSet.load(out / "probe.safetensors")
     assert saved.content_hash() == expected_probe.content_hash()
     assert saved.meta["spec"]["text_unit"] == "line"
-    (record,) = History.read(out).records
+    (record,) = read_history(out).records
     assert record["probe"] == expected_probe.content_hash()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -336,13 +336,13 @@ def test_device_map_and_dtype(tmp_path):
     probe_file = probe.save(tmp_path / "probe.safetensors")
     base = ["analyze", str(ckpt), "--probe", str(probe_file), "--no-report"]
     assert cli.main([*base, "--out", str(tmp_path / "a"), "--device-map", "auto"]) == 0
-    (record,) = History.read(tmp_path / "a").records
+    (record,) = read_history(tmp_path / "a").records
     expected = measure(model, probe).pr
     assert torch.allclose(
         torch.tensor(record["pr"], dtype=torch.float64), expected, rtol=0, atol=1e-12
     )
     assert cli.main([*base, "--out", str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
-    (low,) = History.read(tmp_path / "b").records
+    (low,) = read_history(tmp_path / "b").records
     assert low["pr"] != record["pr"]  # bf16 weights are other weights
     assert torch.allclose(torch.tensor(low["pr"], dtype=torch.float64), expected, rtol=0.05)
 
@@ -357,7 +357,7 @@ def test_wandb_run_of_the_sweep(tmp_path, offline_wandb):
     argv += ["--wandb-project", "sweeps", "--wandb-mode", "offline"]
     assert cli.main(argv) == 0
     (run_dir,) = (out / "wandb").glob("offline-run-*")
-    records = History.read(out).records
+    records = read_history(out).records
     rows = history_rows(inspect_run(run_dir))
     assert lawwatch_steps(rows) == [r["step"] for r in records] == [0, 3, 9]
     law_rows = [row for row in rows if "lawwatch/rho" in row]

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from lawwatch import ProbeSet
-from lawwatch.history import History
 from lawwatch.output.sinks import threadsafe
-from lawwatch.output.store import LocalHistory
+from lawwatch.output.store import LocalHistory, read_history
 from lawwatch.watch.monitor import LawWatch
 from tests.helpers.models import VOCAB, tiny_gpt2
 
@@ -72,7 +71,7 @@ def test_background_equals_foreground(probe, tmp_path):
     # the same records (PRs, fit, identity) bit for bit; only the time differs
     assert without_seconds(back.history.records) == without_seconds(fore.history.records)
     # the local history (written by the worker) holds the same records
-    assert without_seconds(History.read(tmp_path).records) == without_seconds(fore.history.records)
+    assert without_seconds(read_history(tmp_path).records) == without_seconds(fore.history.records)
     # each record reaches the sinks once, labelled with its own step, steps increasing,
     # never before its step; the foreground writes at the step itself
     assert [s for s, _ in back_seen.seen] == fore.history.steps
@@ -185,5 +184,5 @@ def test_a_loop_that_forgets_close_keeps_its_final_snapshot(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert History.read(tmp_path / "lawwatch").steps == [0, 1, 2, 4]
+    assert read_history(tmp_path / "lawwatch").steps == [0, 1, 2, 4]
     assert "close()" in done.stderr and "not closed" in done.stderr

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
+from lawwatch.output.store import read_history
 from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.trackers import STEPS, accelerate_loop, expected_scalars, read_events
 from tests.helpers.trainer import Tokens
@@ -43,7 +43,7 @@ def trainer_run(out, callback, report_to=(), max_steps=4):
     Trainer(
         model=tiny_gpt2(0), args=arguments, train_dataset=Tokens(), callbacks=[callback]
     ).train()
-    return History.read(out / "lawwatch").records
+    return read_history(out / "lawwatch").records
 
 
 def test_trainer_background_equals_foreground_in_every_tracker(tmp_path, offline_wandb):
@@ -142,7 +142,7 @@ def test_accelerate_background_lands_at_its_step_in_wandb(tmp_path, offline_wand
     assert not workers()
     run_dir = accelerator.get_tracker("wandb", unwrap=True).settings.sync_dir
     accelerator.end_training()
-    records = History.read(tmp_path / "lawwatch").records
+    records = read_history(tmp_path / "lawwatch").records
     assert [r["step"] for r in records] == STEPS
     expected = expected_scalars(records)
     rows = history_rows(inspect_run(run_dir))

@@ -15,7 +15,7 @@ from lawwatch.config import field_docs
 from lawwatch.demo import DemoConfig
 from lawwatch.demo.credentials import local_credentials, wandb_mode
 from lawwatch.demo.view import lens_summary
-from lawwatch.history import History
+from lawwatch.output.store import read_history
 from tests.helpers.wandb_offline import final_summary, history_rows, inspect_run, lawwatch_steps
 
 TINY = {
@@ -56,7 +56,7 @@ def test_tiny_demo_through_the_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
 
-    records = History.read(out / "lawwatch").records
+    records = read_history(out / "lawwatch").records
     assert [r["step"] for r in records] == [0, 1, 2, 4, 6]
     # the live table, then the summary: where everything is, and the verdict on the law
     for r in records:

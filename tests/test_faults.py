@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from lawwatch import LawWatch
-from lawwatch.history import History
-from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, HistoryBusy, LocalHistory
+from lawwatch.output.layout import HISTORY_FILE, MATRIX_FILE
+from lawwatch.output.store import HistoryBusy, LocalHistory, read_history
 from tests.helpers.faults import (
     assert_matrix_describes,
     fill,
@@ -74,7 +74,7 @@ def test_kill_9_at_random_instants_leaves_one_repairable_history(faults, mode, c
         assert steps == sorted(set(steps)), (n, steps)
         with caplog.at_level(logging.WARNING, logger="lawwatch"):
             LocalHistory(lw).close()  # what the next run opens: repaired here
-        assert raw_steps(lw) == steps and History.read(lw).steps == steps
+        assert raw_steps(lw) == steps and read_history(lw).steps == steps
         assert_matrix_describes(lw)
         assert temporary_files(lw) == [], n
         checkpoint = left / "checkpoint.json"
@@ -121,7 +121,7 @@ def test_a_stale_matrix_and_killed_writers_files_are_repaired_on_open(
     alive.write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         local = LocalHistory(tmp_path)
-    assert "did not describe" in caplog.text and History.read(tmp_path).steps == [0, 1, 2, 3]
+    assert "did not describe" in caplog.text and read_history(tmp_path).steps == [0, 1, 2, 3]
     assert_matrix_describes(tmp_path)
     assert temporary_files(tmp_path) == [alive.name]
     # a resume's rewrite killed between the two files: the history rewritten, the matrix old
@@ -130,7 +130,7 @@ def test_a_stale_matrix_and_killed_writers_files_are_repaired_on_open(
     local.close()
     (tmp_path / MATRIX_FILE).write_bytes(matrix)
     LocalHistory(tmp_path).close()
-    assert History.read(tmp_path).steps == [0, 1]
+    assert read_history(tmp_path).steps == [0, 1]
     assert_matrix_describes(tmp_path)
     # a matrix without records, and an unreadable one
     (tmp_path / MATRIX_FILE).write_bytes(b"garbage")
@@ -267,7 +267,7 @@ def test_a_fresh_run_replaces_an_earlier_run_with_a_warning(tmp_path, gpt2, prob
     assert len(warned) == 1 and "loaded no state" in warned[0].getMessage()
     assert "replacing the 6 records" in warned[0].getMessage()
     # a run that loads the state continues it instead
-    state = {"history": History.read(tmp_path).records, "last_step": 8}
+    state = {"history": read_history(tmp_path).records, "last_step": 8}
     resumed = LawWatch(gpt2, probe, max_overhead=None, every=4, sinks=[LocalHistory(tmp_path)])
     resumed.load_state_dict(state, resume_step=8)
     for step in range(9, 17):

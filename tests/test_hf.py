@@ -12,9 +12,9 @@ from transformers import TrainerCallback
 
 import lawwatch
 from lawwatch import ProbeSet, measure
-from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
 from lawwatch.law import emergence_step
+from lawwatch.output.store import read_history
 from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.trainer import PNG_MAGIC, make_trainer
 from tests.helpers.wandb_offline import (
@@ -52,7 +52,7 @@ def test_local_history_schedule_and_final_step(tmp_path):
     trainer.train()
 
     directory = tmp_path / "out" / "lawwatch"
-    records = History.read(directory).records
+    records = read_history(directory).records
     # step 0 before any update, powers of two below `every`, multiples of it, the last step
     assert [r["step"] for r in records] == [0, 1, 2, 4, 8, 10]
     assert torch.allclose(torch.tensor(records[0]["pr"], dtype=torch.float64), initial.pr)
@@ -73,7 +73,7 @@ def test_local_history_schedule_and_final_step(tmp_path):
 def test_custom_schedule_and_early_stop(tmp_path):
     callback = LawWatchCallback(ragged_probe(), max_overhead=None, schedule=[3, 9])
     make_trainer(tmp_path / "out", [callback, StopAt(6)], max_steps=12).train()
-    records = History.read(tmp_path / "out" / "lawwatch").records
+    records = read_history(tmp_path / "out" / "lawwatch").records
     assert [r["step"] for r in records] == [0, 3, 6]  # 6: where training stopped
 
 
@@ -87,7 +87,7 @@ def test_rerun_from_step_0_replaces_old_history(tmp_path, caplog):
         callback = LawWatchCallback(ragged_probe(), max_overhead=None, every=2)
         make_trainer(tmp_path / "out", [callback], max_steps=2).train()
     assert "replacing the 4 records" in caplog.text
-    records = History.read(tmp_path / "out" / "lawwatch").records
+    records = read_history(tmp_path / "out" / "lawwatch").records
     assert [r["step"] for r in records] == [0, 1, 2]
 
 
@@ -125,8 +125,8 @@ def test_monitor_failures_never_stop_training(tmp_path, caplog):
     assert result.global_step == 4
     assert "Too few probe examples" in caplog.text
     assert "display gone" in caplog.text and "still gone" in caplog.text
-    assert History.read(tmp_path / "out" / "lawwatch").records == []
-    assert [r["step"] for r in History.read(tmp_path / "w").records] == [0, 1, 2, 4]
+    assert read_history(tmp_path / "out" / "lawwatch").records == []
+    assert [r["step"] for r in read_history(tmp_path / "w").records] == [0, 1, 2, 4]
     # no local history (its directory is a file), yet every snapshot is taken and delivered
     assert "no local history" in caplog.text
     assert collect.steps == [0, 1, 2, 4] and homeless.report_path is None
@@ -152,7 +152,7 @@ def test_measurement_options_reach_every_snapshot(tmp_path):
     trainer = make_trainer(tmp_path / "out", [callback], max_steps=2)
     initial = measure(tiny_gpt2(0), probe, layers=[0, 2, 3, 4], offset=2)
     trainer.train()
-    first = History.read(tmp_path / "out" / "lawwatch").records[0]
+    first = read_history(tmp_path / "out" / "lawwatch").records[0]
     assert first["layers"] == [0, 2, 3, 4] and first["n_tokens"] == probe.num_examples(offset=2)
     assert first["pr"] == pytest.approx(initial.pr.tolist(), abs=1e-12)
 
@@ -167,7 +167,7 @@ def test_wandb_run_holds_the_law(tmp_path, offline_wandb):
     trainer.train()
     run_dir = finish_run()
     assert run_dir.parent == offline_wandb / "wandb"
-    local = History.read(tmp_path / "out" / "lawwatch").records
+    local = read_history(tmp_path / "out" / "lawwatch").records
     records = inspect_run(run_dir)
     rows = history_rows(records)
 
@@ -219,7 +219,7 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
     first = LawWatchCallback(ragged_probe(), max_overhead=None, every=2)
     make_trainer(out, [first], max_steps=8, save_steps=3, report_to=["wandb"]).train()
     first_run = finish_run()
-    before = History.read(out / "lawwatch").records
+    before = read_history(out / "lawwatch").records
     assert [r["step"] for r in before] == [0, 1, 2, 4, 6, 8]
     assert (out / "checkpoint-3").is_dir()
 
@@ -228,7 +228,7 @@ def test_resume_keeps_one_history(tmp_path, offline_wandb):
     trainer = make_trainer(out, [second], max_steps=8, save_steps=3, report_to=["wandb"])
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     second_run = finish_run()
-    after = History.read(out / "lawwatch").records
+    after = read_history(out / "lawwatch").records
     assert [r["step"] for r in after] == [0, 1, 2, 4, 6, 8]
     assert after[:3] == before[:3]  # kept, not redone
     # the resumed training is the same training: the redone snapshots agree

@@ -7,6 +7,7 @@ a resumed or fresh run would use it.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -17,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from lawwatch import Snapshot, fit_law
-from lawwatch.history import History, series_change
-from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE, LocalHistory, append
+from lawwatch.history import Change, series_diff
+from lawwatch.output.layout import HISTORY_FILE, MATRIX_FILE
+from lawwatch.output.store import LocalHistory, append, read_history
 from lawwatch.watch.monitor import LawWatch
 from tests.helpers.models import ragged_probe
 
@@ -37,7 +39,7 @@ def written(directory: Path, steps=(0, 1, 2, 4)) -> list[dict]:
     for step in steps:
         local.write(snap(step))
     local.close()
-    return History.read(directory).records
+    return read_history(directory).records
 
 
 def lines(directory: Path) -> list[str]:
@@ -92,10 +94,10 @@ def test_a_torn_history_is_repaired_and_recording_goes_on(tmp_path, caplog, how,
     for step in (8, 16) if resume else (0, 1):
         local.write(snap(step))
     expected = [*whole, 8, 16] if resume else [0, 1]
-    assert steps_on_disk(tmp_path) == expected and History.read(tmp_path).steps == expected
+    assert steps_on_disk(tmp_path) == expected and read_history(tmp_path).steps == expected
     assert load_file(tmp_path / MATRIX_FILE)["steps"].tolist() == expected
     if resume:
-        assert History.read(tmp_path).records[: len(whole)] == before[: len(whole)]
+        assert read_history(tmp_path).records[: len(whole)] == before[: len(whole)]
 
 
 def test_torn_files_are_numbered_never_overwritten(tmp_path, caplog):
@@ -112,7 +114,7 @@ def test_reading_skips_unreadable_lines_with_a_warning(tmp_path, caplog):
     written(tmp_path)
     damaged = tear(tmp_path / HISTORY_FILE, "cut mid-line")
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
-        assert History.read(tmp_path).steps == [0, 1, 2]
+        assert read_history(tmp_path).steps == [0, 1, 2]
     assert "unreadable" in caplog.text
     assert (tmp_path / HISTORY_FILE).read_bytes() == damaged
 
@@ -134,6 +136,17 @@ def test_rewrites_replace_whole_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [HISTORY_FILE, MATRIX_FILE]
 
 
+def test_records_are_pure_data_and_the_store_holds_the_files():
+    """history.py imports no file code, even lazily (no history <-> store cycle)."""
+    import lawwatch.history
+
+    tree = ast.parse(Path(lawwatch.history.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [name for name in imported if name.startswith("lawwatch.output")]
+    assert not hasattr(lawwatch.history.History, "read")  # the store's: read_history
+
+
 def test_a_failed_append_leaves_no_part_of_its_record(tmp_path, monkeypatch):
     """A failing sync while appending: the record is absent, the next one lands on its own line.
 
@@ -142,7 +155,7 @@ def test_a_failed_append_leaves_no_part_of_its_record(tmp_path, monkeypatch):
     """
     written(tmp_path)
     before = (tmp_path / HISTORY_FILE).read_bytes()
-    history = History.read(tmp_path)
+    history = read_history(tmp_path)
 
     def full(fd):
         raise OSError(28, "No space left on device")
@@ -179,6 +192,10 @@ def test_what_makes_another_series():
         "stats_device": None,
     }
     a = {"probe": "a" * 64, "config": config, "precision": "float32"}
+
+    def series_change(before, after):  # the differences in words
+        return [str(change) for change in series_diff(before, after)]
+
     assert series_change(a, dict(a)) == []
     cheaper = {
         **a,
@@ -190,6 +207,14 @@ def test_what_makes_another_series():
     ]
     assert series_change(a, {**a, "config": {**config, "layers": 4}}) == ["layers=None → 4"]
     assert series_change(a, {**a, "precision": "bfloat16"}) == ["precision float32 → bfloat16"]
+    # typed: which field, which option, the two values (nothing to parse back out of words)
+    assert series_diff(a, {**a, "config": {**config, "layers": 4}}) == [
+        Change("config", "layers", None, 4)
+    ]
+    assert series_diff(a, {**a, "probe": "b" * 64, "precision": "bfloat16"}) == [
+        Change("probe", None, "a" * 64, "b" * 64),
+        Change("precision", None, "float32", "bfloat16"),
+    ]
 
 
 def test_every_record_says_what_it_was_measured_with(tmp_path, gpt2, probe):
@@ -197,7 +222,7 @@ def test_every_record_says_what_it_was_measured_with(tmp_path, gpt2, probe):
         gpt2, probe, max_overhead=None, every=1, layers=(0, 2, 3, 4), sinks=[LocalHistory(tmp_path)]
     )
     watch.maybe_snapshot(0)
-    record = History.read(tmp_path).records[0]
+    record = read_history(tmp_path).records[0]
     assert record["probe"] == probe.content_hash()
     assert record["config"] == watch.config.to_dict() and record["config"]["layers"] == [0, 2, 3, 4]
     assert record["precision"] == "float32"
@@ -240,7 +265,7 @@ def test_resuming_with_another_probe_or_options_starts_a_new_series(
     # the first series moved, whole, to series-1; the new one starts at step 3
     assert (tmp_path / "series-1" / HISTORY_FILE).read_bytes() == before
     assert load_file(tmp_path / "series-1" / MATRIX_FILE)["steps"].tolist() == [0, 1, 2]
-    records = History.read(tmp_path).records
+    records = read_history(tmp_path).records
     assert [r["step"] for r in records] == [3]
     assert records[0]["probe"] == resumed_probe.content_hash()
     assert load_file(tmp_path / MATRIX_FILE)["steps"].tolist() == [3]
@@ -257,9 +282,9 @@ def test_a_sink_given_another_series_sets_the_old_aside(tmp_path, caplog):
         local.write(snap(1, series=other))  # the same step is fine: a new series
         local.write(snap(2, series=other))
         local.write(snap(3, series=SERIES))  # and back: a third series
-    assert History.read(tmp_path).steps == [3]
-    assert History.read(tmp_path / "series-1").steps == [0, 1]
-    assert History.read(tmp_path / "series-2").steps == [1, 2]
+    assert read_history(tmp_path).steps == [3]
+    assert read_history(tmp_path / "series-1").steps == [0, 1]
+    assert read_history(tmp_path / "series-2").steps == [1, 2]
     assert caplog.text.count("new series starts here") == 2
     local.close()
 
@@ -268,7 +293,7 @@ def test_a_directory_is_checked_when_opened_with_a_series(tmp_path, caplog):
     written(tmp_path)
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         local = LocalHistory(tmp_path, series={**SERIES, "probe": "c" * 64})
-    assert local.records == [] and History.read(tmp_path / "series-1").steps == [0, 1, 2, 4]
+    assert local.records == [] and read_history(tmp_path / "series-1").steps == [0, 1, 2, 4]
     assert "this run differs from the 4 records" in caplog.text and "probe (content" in caplog.text
     local.close()
     assert LocalHistory(tmp_path / "series-1", series=SERIES).history.steps == [0, 1, 2, 4]

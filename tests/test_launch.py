@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lawwatch.history import History
-from lawwatch.output.store import HISTORY_FILE
+from lawwatch.output.layout import HISTORY_FILE
+from lawwatch.output.store import read_history
 from tests.helpers.faults import raw_steps
 from tests.helpers.workers.launch import accelerate_launch, run
 
@@ -27,7 +27,7 @@ def one_history(directory: Path) -> list[int]:
     a record, in order, from step 0 on (the default overhead budget may skip scheduled ones)."""
     steps = raw_steps(directory)
     lines = (directory / HISTORY_FILE).read_text().splitlines()
-    assert steps == History.read(directory).steps and len(lines) == len(steps)
+    assert steps == read_history(directory).steps and len(lines) == len(steps)
     assert steps == sorted(set(steps)) and steps[0] == 0 and set(steps) <= {0, 1, 2, 4}
     return steps
 

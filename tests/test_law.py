@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lawwatch import fit_law
+from lawwatch import LawFit, fit_law
 from lawwatch.law import emergence_step
 from tests.helpers.reference import line_fit
 
@@ -37,6 +37,23 @@ def test_keep_first_and_layer_subset():
     fit = fit_law(pr[layers], layers=layers)  # true indices: rho stays per layer
     assert fit.rho == pytest.approx(0.9, abs=1e-12)
     assert fit.intercept == pytest.approx(math.log10(0.7 * 0.9), abs=1e-12)
+
+
+def test_the_fitted_line_at_true_entries_matches_numpy():
+    """LawFit.line: the line the fit found, at true entry indices (x = entry - 1), in float64."""
+    rng = np.random.default_rng(7)
+    layers = [0, 2, 3, 5, 8, 9]  # a subset of entries, the embeddings among them
+    pr = rng.uniform(0.05, 1.0, size=len(layers))
+    fit = fit_law(pr, layers=layers)
+    x = np.asarray(layers[1:], dtype=np.float64) - 1.0
+    slope, intercept = np.polyfit(x, np.log10(pr[1:]), 1)
+    assert fit.line(layers[1:]) == pytest.approx(np.polyval([slope, intercept], x), abs=1e-12)
+    assert fit.line([1]) == [fit.intercept]  # entry 1 is x = 0
+    # a record holds the fit in its fields: the same fit read back
+    record = {"step": 3, "pr": pr.tolist(), **fit.as_dict(), "n_tokens": 10}
+    assert LawFit.from_record(record) == fit
+    with pytest.raises(KeyError):
+        LawFit.from_record({"slope": -0.1, "intercept": 0.0})
 
 
 def test_flat_pr_has_zero_r():

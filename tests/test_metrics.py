@@ -216,6 +216,7 @@ def test_analyze_reports_the_jackknife_by_default(tmp_path):
 
 def test_the_report_shows_the_standard_errors(tmp_path):
     from lawwatch.history import History
+    from lawwatch.output.store import write_history
     from lawwatch.report import write_report
 
     model, probe = tiny_gpt2(seed=3), ragged_probe(seed=4, rows=40, max_len=24)
@@ -226,7 +227,7 @@ def test_the_report_shows_the_standard_errors(tmp_path):
             snapshot = measure(model, probe, jackknife=4)
             snapshot.step = step
             history.append(snapshot)
-    history.write(tmp_path / "run")
+    write_history(history, tmp_path / "run")
     write_report([tmp_path / "run"], tmp_path / "report", formats=("svg",))
     page = (tmp_path / "report" / "report.html").read_text()
     se = history.records[-1]["pearson_r_se"]

@@ -10,7 +10,7 @@ import torch
 from lawwatch import ProbeSet
 from lawwatch.history import History
 from lawwatch.output.sinks import Sinks
-from lawwatch.output.store import LocalHistory
+from lawwatch.output.store import LocalHistory, read_history
 from lawwatch.watch.monitor import LawWatch
 from lawwatch.watch.schedule import Schedule
 from tests.helpers.models import RECORD_KEYS, ragged_probe
@@ -56,7 +56,7 @@ def test_history_sink_and_resume(tmp_path, gpt2, probe):
     watch = LawWatch(gpt2, probe, max_overhead=None, every=4, sinks=[history])
     for step in range(9):
         watch.maybe_snapshot(step)
-    records = History.read(tmp_path / "lw").records
+    records = read_history(tmp_path / "lw").records
     assert [r["step"] for r in records] == [0, 1, 2, 4, 8]
     assert set(records[0]) >= RECORD_KEYS
     assert len(records[0]["pr"]) == 5 and records[0]["n_tokens"] == probe.num_examples()

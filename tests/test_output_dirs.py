@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from lawwatch import cli, measure
-from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from lawwatch.output.store import PROBE_FILE, LocalHistory
+from lawwatch.output.layout import PROBE_FILE
+from lawwatch.output.store import LocalHistory, read_history
 from lawwatch.probe import ProbeSet
 from tests.helpers.models import ragged_probe
 from tests.helpers.trainer import make_trainer
@@ -43,7 +43,7 @@ def close_to(record, live):
 
 def test_output_dir_is_a_sweep_of_its_checkpoints_and_final_model(run, tmp_path, capsys):
     assert (run / "config.json").is_file() and (run / "checkpoint-2").is_dir()
-    live = {r["step"]: r for r in History.read(run / "lawwatch")}
+    live = {r["step"]: r for r in read_history(run / "lawwatch")}
     # the probe the callback measured with is kept beside its history
     saved = ProbeSet.load(run / "lawwatch" / PROBE_FILE)
     assert saved.content_hash() == ragged_probe().content_hash() == live[4]["probe"]
@@ -53,7 +53,7 @@ def test_output_dir_is_a_sweep_of_its_checkpoints_and_final_model(run, tmp_path,
     out = capsys.readouterr().out
     assert "found 2 checkpoints + the final model (step 4, measured as checkpoint-4)" in out
     assert "the run's own probe" in out and "2 measured" in out
-    records = History.read(tmp_path / "a").records
+    records = read_history(tmp_path / "a").records
     assert [r["step"] for r in records] == [2, 4]
     assert all(close_to(r, live[r["step"]]) for r in records)
 
@@ -63,7 +63,7 @@ def test_output_dir_is_a_sweep_of_its_checkpoints_and_final_model(run, tmp_path,
     assert cli.main(["analyze", str(alone), "--out", str(tmp_path / "b"), *SWEEP]) == 0
     out = capsys.readouterr().out
     assert "found 1 checkpoint + the final model (step 4)" in out and "2 measured" in out
-    records = History.read(tmp_path / "b").records
+    records = read_history(tmp_path / "b").records
     assert [r["step"] for r in records] == [2, 4]
     assert records[1]["checkpoint"] == str(alone.resolve())
     assert all(close_to(r, live[r["step"]]) for r in records)
@@ -95,7 +95,7 @@ def test_another_probe_is_said_not_comparable_and_report_warns(run, tmp_path, ca
     report = ["report", *histories, "--out", str(tmp_path / "r"), "--formats", "png"]
     assert cli.main(report) == 0
     err = capsys.readouterr().err
-    probes = [History.read(h)[-1]["probe"] for h in histories]
+    probes = [read_history(h)[-1]["probe"] for h in histories]
     assert "measured differently" in err and "probe" in err
     assert all(p[:12] in err for p in probes)  # both named
     # the earlier series beside the history: named, with how to draw it
@@ -124,7 +124,7 @@ def test_probe_is_kept_with_its_series(tmp_path, gpt2, caplog):
     local.close()
     assert ProbeSet.load(tmp_path / "series-1" / PROBE_FILE).content_hash() == first.content_hash()
     assert ProbeSet.load(path).content_hash() == second.content_hash()
-    assert History.read(tmp_path).steps == [2]
+    assert read_history(tmp_path).steps == [2]
 
     # a probe that cannot be saved is logged; the history is written all the same
     broken = ragged_probe(seed=2)
@@ -136,5 +136,5 @@ def test_probe_is_kept_with_its_series(tmp_path, gpt2, caplog):
     local.write(snap)
     local.close()
     assert "probe was not saved" in caplog.text
-    assert History.read(tmp_path / "broken").steps == [0]
+    assert read_history(tmp_path / "broken").steps == [0]
     assert not (tmp_path / "broken" / PROBE_FILE).exists()

@@ -16,8 +16,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from lawwatch import LawWatch, measure
-from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
+from lawwatch.output.store import read_history
 from lawwatch.precision import exact_float32_matmul, forward_precision
 from tests.helpers.models import ragged_probe, tiny_gpt2
 
@@ -99,7 +99,7 @@ def test_trainer_bf16_snapshots_in_float32(tmp_path):
     )
     trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), callbacks=[callback])
     trainer.train()
-    records = History.read(tmp_path / "lawwatch").records
+    records = read_history(tmp_path / "lawwatch").records
     assert [r["step"] for r in records] == [0, 1, 2]
     assert max_diff(records[0]["pr"], reference.pr.tolist()) <= TOL
     # the trained weights too: the last snapshot is a float32 measurement of them

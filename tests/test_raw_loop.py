@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from lawwatch import measure
-from lawwatch.history import History
-from lawwatch.output.store import LocalHistory
+from lawwatch.output.store import LocalHistory, read_history
 from lawwatch.watch.monitor import LawWatch
 from tests.helpers.models import NanoGPT, ragged_probe
 from tests.helpers.recipes import ROOT
@@ -30,7 +29,7 @@ def test_directory_writes_history_and_figure(tmp_path, gpt2, probe):
     )
     loop(watch, range(1, 6))
     watch.close()
-    records = History.read(tmp_path / "lw").records
+    records = read_history(tmp_path / "lw").records
     assert [r["step"] for r in records] == [1, 2, 4, 5]
     assert (tmp_path / "lw" / "pr.safetensors").exists()
     assert watch.report_path == tmp_path / "lw" / "law.png"
@@ -43,7 +42,7 @@ def test_tensorboard_tracker_by_name(tmp_path, gpt2, probe):
     watch = LawWatch(gpt2, probe, every=2, directory=tmp_path / "lw", trackers=["tensorboard"])
     loop(watch, range(1, 5))
     watch.close()
-    records = History.read(tmp_path / "lw").records
+    records = read_history(tmp_path / "lw").records
     events = read_events(tmp_path / "lw" / "tensorboard")
     expected = expected_scalars(records)
     steps = [r["step"] for r in records]
@@ -75,16 +74,16 @@ def test_state_through_torch_save_and_resume(tmp_path, gpt2, probe, caplog):
     torch.save({"step": 4, "lawwatch": first.state_dict()}, ckpt_path)
     loop(first, range(5, 7))  # went on past the checkpoint, then died
     first.close()
-    before = History.read(lw).records
+    before = read_history(lw).records
     assert [r["step"] for r in before] == [1, 2, 4, 6]
 
     ckpt = torch.load(ckpt_path, weights_only=True)  # plain values only
     resumed = LawWatch(gpt2, probe, every=2, max_overhead=None, directory=lw)
     resumed.load_state_dict(ckpt["lawwatch"], resume_step=ckpt["step"])
-    assert [r["step"] for r in History.read(lw).records] == [1, 2, 4]  # rewound at once
+    assert [r["step"] for r in read_history(lw).records] == [1, 2, 4]  # rewound at once
     loop(resumed, range(5, 9))
     resumed.close()
-    after = History.read(lw).records
+    after = read_history(lw).records
     assert [r["step"] for r in after] == [1, 2, 4, 6, 8]  # one sequence, step 6 redone
     assert after[:3] == before[:3]
 
@@ -93,7 +92,7 @@ def test_state_through_torch_save_and_resume(tmp_path, gpt2, probe, caplog):
     fresh = LawWatch(gpt2, probe, every=2, max_overhead=None, directory=lw)
     loop(fresh, range(3, 5))
     fresh.close()
-    assert [r["step"] for r in History.read(lw).records] == [3, 4]
+    assert [r["step"] for r in read_history(lw).records] == [3, 4]
     assert "loaded no state, so it starts a new history" in caplog.text
 
 
@@ -126,7 +125,7 @@ def test_docs_quickstart_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(first, "docs/raw-loop.md", "exec"), namespace)
     directory = tmp_path / "run" / "lawwatch"
-    before = History.read(directory).records
+    before = read_history(directory).records
     steps = [r["step"] for r in before]
     # the schedule's steps (1, 2, 4, 8, 12) less what the default overhead budget skipped; the
     # first call and the last step always
@@ -134,7 +133,7 @@ def test_docs_quickstart_runs(tmp_path, monkeypatch):
     assert steps[0] == 1 and steps[-1] == 12
     assert (directory / "law.png").read_bytes()[:4] == b"\x89PNG"
     exec(compile(resume, "docs/raw-loop.md", "exec"), namespace)  # the state idiom, as shown
-    after = History.read(directory).records
+    after = read_history(directory).records
     kept = [r for r in before if r["step"] <= 8]  # the checkpoint's records, unchanged
     assert after[: len(kept)] == kept and after[-1]["step"] == 12
     assert [r["step"] for r in after] == sorted({r["step"] for r in after})

@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from lawwatch import ProbeSet
-from lawwatch.history import History
 from lawwatch.output.sinks import layer_key
+from lawwatch.output.store import read_history
 from lawwatch.watch.schedule import Schedule
 from tests.helpers.recipes import recipe
 from tests.helpers.wandb_offline import history_rows, inspect_run, lawwatch_steps
@@ -36,7 +36,7 @@ SMOKE = yaml.safe_load((ROOT / "configs" / "smoke_cpu.yaml").read_text())
 def check_run(out: Path, log: str) -> list[dict]:
     """What every smoke run must leave: the scheduled snapshots over the whole probe."""
     steps = SMOKE["train"]["steps"]
-    records = History.read(out / "lawwatch").records
+    records = read_history(out / "lawwatch").records
     expected = Schedule(SMOKE["lawwatch"]["every"], last=steps).steps(steps)
     assert [r["step"] for r in records] == expected
     probe = ProbeSet.load(out / "probe.safetensors")
@@ -167,7 +167,7 @@ def test_trainer_recipe_two_processes_measure_step_0_as_one(trainer_torchrun, tr
     probe = ProbeSet.load(out / "probe.safetensors")
     assert probe.content_hash() == ProbeSet.load(single_out / "probe.safetensors").content_hash()
     assert len(probe) % 2 == 1  # the shards differ in size: rank 1's is padded
-    single = History.read(single_out / "lawwatch").records[0]
+    single = read_history(single_out / "lawwatch").records[0]
     assert records[0]["step"] == single["step"] == 0
     assert records[0]["n_tokens"] == single["n_tokens"]
     assert max(abs(a - b) for a, b in zip(records[0]["pr"], single["pr"], strict=True)) <= 1e-9
@@ -194,7 +194,7 @@ def check_same_run(out: Path, log: str, reference: tuple[Path, str]) -> None:
     assert "2 process(es), DistributedType.MULTI_CPU" in log
     assert "ERROR" not in log and "skipped" not in log
     ref_out, ref_log = reference
-    reference_records = History.read(ref_out / "lawwatch").records
+    reference_records = read_history(ref_out / "lawwatch").records
     assert [r["step"] for r in records] == [r["step"] for r in reference_records]
     for got, want in zip(records, reference_records, strict=True):
         assert got["n_tokens"] == want["n_tokens"]
@@ -247,13 +247,13 @@ def test_nanogpt_recipe_writes_and_resumes(tmp_path, capsys):
     main = recipe("pretrain_nanogpt").main
     out = tmp_path / "out"
     main(["--out", str(out), "--steps", "6", *NANO])
-    first = History.read(out / "lawwatch").records
+    first = read_history(out / "lawwatch").records
     assert [r["step"] for r in first] == [0, 1, 2, 4, 6]  # step 0: the initial weights
     assert (out / "lawwatch" / "law.png").read_bytes()[:4] == b"\x89PNG"
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
     main(["--out", str(out), "--steps", "10", "--resume", *NANO])
     log = capsys.readouterr().out
     assert "from step 6 to 10" in log and "step 10: loss" in log
-    records = History.read(out / "lawwatch").records
+    records = read_history(out / "lawwatch").records
     assert [r["step"] for r in records] == [0, 1, 2, 4, 6, 8, 10]  # the history continued
     assert records[:5] == first

@@ -10,6 +10,7 @@ import torch
 
 from lawwatch import History, fit_law
 from lawwatch.law import emergence_step
+from lawwatch.output import store
 from lawwatch.report import FIGURES, plot_law, select_steps, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +84,7 @@ def write_history(directory, steps, entries=7, seed=0):
         fit = fit_law(pr).as_dict()
         rows.append({"step": step, "pr": pr.tolist(), "layers": list(range(entries)), **fit})
         rows[-1].update(n_tokens=500, seconds=0.1)
-    History(rows).write(directory)
+    store.write_history(History(rows), directory)
     return rows
 
 
@@ -162,7 +163,7 @@ def test_report_is_reproducible_and_checks_its_input(tmp_path):
         write_report([tmp_path / "a"], tmp_path / "z", formats=("jpg",))
     with pytest.raises(FileNotFoundError, match=r"No history\.jsonl"):
         write_report([tmp_path / "nothing"], tmp_path / "z")
-    History([{"step": 0}]).write(tmp_path / "empty")
+    store.write_history(History([{"step": 0}]), tmp_path / "empty")
     with pytest.raises(ValueError, match="no snapshot with PRs"):
         write_report([tmp_path / "empty"], tmp_path / "z")
 
@@ -194,8 +195,9 @@ def test_a_pr_of_zero_is_refused_with_the_reason(tmp_path, capsys):
     from lawwatch import cli
 
     pr = [0.9, 0.5, 0.0, 0.2]  # entry 2 interpolated: log10 0 is undefined
-    History([{"step": 3, "pr": pr, **fit_law(torch.tensor([0.9, 0.5, 0.3, 0.2])).as_dict(),
-              "n_tokens": 10, "seconds": 0.0}]).write(tmp_path / "run")  # fmt: skip
+    record = {"step": 3, "pr": pr, **fit_law(torch.tensor([0.9, 0.5, 0.3, 0.2])).as_dict(),
+              "n_tokens": 10, "seconds": 0.0}  # fmt: skip
+    store.write_history(History([record]), tmp_path / "run")
     assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "step 3 has PR 0.0 at entry 2" in err and "larger probe" in err

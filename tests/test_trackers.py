@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from transformers import Trainer, TrainingArguments
 
-from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
 from lawwatch.output.sinks import layer_key
+from lawwatch.output.store import read_history
 from lawwatch.output.trackers import TRACKERS, MlflowSink, open_trackers, reported_trackers
 from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.trackers import STEPS, accelerate_loop, expected_scalars, read_events
@@ -47,7 +47,7 @@ def train(out, report_to, callback=None, **args):
         model=tiny_gpt2(0), args=arguments, train_dataset=Tokens(), callbacks=[callback]
     )
     trainer.train()
-    records = History.read(out / "lawwatch").records
+    records = read_history(out / "lawwatch").records
     assert [r["step"] for r in records] == STEPS
     return callback, records
 
@@ -303,7 +303,7 @@ def test_accelerate_loop_logs_to_every_tracker(tmp_path, mlflow_store, offline_w
         accelerate_loop(accelerator, model, optimizer, watch)
     run_dir = accelerator.get_tracker("wandb", unwrap=True).settings.sync_dir
     accelerator.end_training()
-    records = History.read(tmp_path / "lawwatch").records
+    records = read_history(tmp_path / "lawwatch").records
     assert [r["step"] for r in records] == STEPS
     expected = expected_scalars(records)
     assert "lawwatch: the law emerged (step 0)" in caplog.text

@@ -13,8 +13,8 @@ import pytest
 from transformers import Trainer, TrainingArguments
 
 from lawwatch import measure
-from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
+from lawwatch.output.store import read_history
 from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.trainer import Tokens, make_trainer
 
@@ -61,7 +61,7 @@ def test_training_is_unchanged_by_the_monitor(tmp_path, options):
     callback = LawWatchCallback(probe, max_overhead=None, every=1)
     watched = train(tmp_path / "with", [callback], **options)
     assert losses(watched) == losses(without) and len(losses(watched)) == 3
-    records = History.read(tmp_path / "with" / "lawwatch").records
+    records = read_history(tmp_path / "with" / "lawwatch").records
     assert [r["step"] for r in records] == [0, 1, 2, 3]  # optimizer steps, not micro-batches
     assert records[0]["pr"] == pytest.approx(measure(tiny_gpt2(0), probe).pr.tolist(), abs=1e-12)
     final = measure(watched.model, probe).pr.tolist()
@@ -76,7 +76,7 @@ def test_two_callbacks_never_share_one_history(tmp_path, caplog):
     second = LawWatchCallback(ragged_probe(seed=1), max_overhead=None, every=2)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         make_trainer(tmp_path / "out", [first, second], max_steps=4).train()
-    records = History.read(tmp_path / "out" / "lawwatch").records
+    records = read_history(tmp_path / "out" / "lawwatch").records
     assert [r["step"] for r in records] == [0, 1, 2, 4]
     assert {r["probe"] for r in records} == {ragged_probe(seed=0).content_hash()}
     assert "already written by another lawwatch monitor" in caplog.text
@@ -87,15 +87,15 @@ def test_two_callbacks_never_share_one_history(tmp_path, caplog):
         ragged_probe(seed=1), max_overhead=None, every=2, directory=tmp_path / "second"
     )
     make_trainer(tmp_path / "two", [LawWatchCallback(ragged_probe()), third], max_steps=2).train()
-    assert History.read(tmp_path / "two" / "lawwatch").steps == [0, 1, 2]
-    assert History.read(tmp_path / "second").steps == [0, 1, 2]
+    assert read_history(tmp_path / "two" / "lawwatch").steps == [0, 1, 2]
+    assert read_history(tmp_path / "second").steps == [0, 1, 2]
 
 
 def test_resume_with_other_options_starts_a_new_series(tmp_path, caplog):
     out = tmp_path / "out"
     first = LawWatchCallback(ragged_probe(), max_overhead=None, every=2)
     make_trainer(out, [first], max_steps=6, save_steps=3).train()
-    before = History.read(out / "lawwatch")
+    before = read_history(out / "lawwatch")
     assert before.steps == [0, 1, 2, 4, 6]
     callback = LawWatchCallback(
         ragged_probe(), max_overhead=None, every=2, offset=2
@@ -104,8 +104,8 @@ def test_resume_with_other_options_starts_a_new_series(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lawwatch"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     assert "offset=1 → 2" in caplog.text and "series-1" in caplog.text
-    assert History.read(out / "lawwatch" / "series-1") == before  # set aside whole
-    after = History.read(out / "lawwatch").records
+    assert read_history(out / "lawwatch" / "series-1") == before  # set aside whole
+    after = read_history(out / "lawwatch").records
     assert [r["step"] for r in after] == [4, 6]  # the new series: nothing of the old one
     assert {r["config"]["offset"] for r in after} == {2}
     assert [h["step"] for h in callback.monitor.history] == [4, 6]
@@ -130,7 +130,7 @@ def test_a_kill_right_after_a_checkpoint_loses_no_background_snapshot(tmp_path):
     killed = run("kill")
     assert killed.returncode == -9, killed.stderr  # a real SIGKILL, in the Trainer's on_save
     assert (tmp_path / "checkpoint-8").is_dir()
-    assert 8 in History.read(tmp_path / "lawwatch").steps  # durable before the checkpoint
+    assert 8 in read_history(tmp_path / "lawwatch").steps  # durable before the checkpoint
     resumed = run("resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert History.read(tmp_path / "lawwatch").steps == [0, 1, 2, 4, 8, 12]
+    assert read_history(tmp_path / "lawwatch").steps == [0, 1, 2, 4, 8, 12]

@@ -16,7 +16,7 @@ from lawwatch.cli import fail
 from lawwatch.cli.options import DataclassOptions
 from lawwatch.cli.probe import PROBE
 from lawwatch.config import REGEX_PREFIX, MeasureConfig
-from lawwatch.output.store import PROBE_FILE
+from lawwatch.output.layout import PROBE_FILE, run_directory
 from lawwatch.probe import ProbeSet
 
 
@@ -186,7 +186,7 @@ def _run_probes(specs: list[str]) -> dict[Path, ProbeSet]:
         if not path.is_dir():
             continue  # a hub id
         for folder in (path, path.parent):
-            saved = (folder / "lawwatch" / PROBE_FILE).resolve()
+            saved = (run_directory(folder) / PROBE_FILE).resolve()
             if saved not in found and saved.is_file():
                 found[saved] = ProbeSet.load(saved)
                 break

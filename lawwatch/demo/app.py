@@ -14,7 +14,8 @@ from lawwatch.demo.config import DemoConfig
 from lawwatch.demo.credentials import wandb_mode
 from lawwatch.demo.training import build_model, prepare, training_arguments
 from lawwatch.demo.view import LiveView, print_summary
-from lawwatch.history import History
+from lawwatch.output.layout import run_directory
+from lawwatch.output.store import read_history
 
 log = logging.getLogger("lawwatch")
 
@@ -118,8 +119,8 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         if run is not None:
             run.finish()
 
-    directory = callback.directory or out / "lawwatch"
-    history = History.read(directory)
+    directory = callback.directory or run_directory(out)
+    history = read_history(directory)
     result = DemoResult(
         records=history.records,
         directory=directory,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from lawwatch.history import entries
+from lawwatch.stats.lens import LensKeys
 
 if TYPE_CHECKING:
     from lawwatch.demo.app import DemoResult
@@ -74,8 +75,8 @@ class LiveView(TrainerCallback):
 
     def write(self, snapshot: Any) -> None:
         """Add a snapshot's row (the lawwatch callback calls this on the main process)."""
-        lens = snapshot.extra.get("lens")
-        depth = lens.get("first_correct_mean") if isinstance(lens, dict) else None
+        lens = LensKeys.of(snapshot.extra)
+        depth = None if lens is None else lens.get(LensKeys.FIRST_CORRECT_MEAN)
         self.rows.append((snapshot.step, snapshot.fit.rho, snapshot.fit.pearson_r, depth))
 
     def close(self) -> None:
@@ -153,26 +154,30 @@ def lens_summary(records: Sequence[dict[str, Any]], bar: float = LENS_BAR) -> Le
         records: Snapshot records, steps increasing, as ``history.jsonl`` holds them.
         bar: The share of the last entry's final top-1 a layer's top-1 must stay above.
     """
-    lensed = [r for r in records if isinstance(r.get("lens"), dict) and r.get("pr")]
+    lensed = [r for r in records if LensKeys.of(r) is not None and r.get("pr")]
     if not lensed:
         return None
     layers = entries(lensed[-1])
     lensed = [r for r in lensed if entries(r) == layers]
-    level = bar * lensed[-1]["lens"]["top1"][-1]
+    lens = [LensKeys.of(r) for r in lensed]
+    level = bar * lens[-1][LensKeys.TOP1][-1]
     first_steps = []
     for i, entry in enumerate(layers):
         since = None  # the start of the run of snapshots above the bar that reaches the end
-        for r in lensed:
-            above = r["lens"]["top1"][i] > level
+        for r, metrics in zip(lensed, lens, strict=True):
+            above = metrics[LensKeys.TOP1][i] > level
             since = (r["step"] if since is None else since) if above else None
         first_steps.append((entry, since))
     return LensSummary(
         bar=bar,
         level=level,
         last_step=lensed[-1]["step"],
-        examples=lensed[-1]["lens"]["examples"],
+        examples=lens[-1][LensKeys.EXAMPLES],
         first_steps=first_steps,
-        depth=[(r["step"], r["lens"].get("first_correct_mean")) for r in lensed],
+        depth=[
+            (r["step"], metrics.get(LensKeys.FIRST_CORRECT_MEAN))
+            for r, metrics in zip(lensed, lens, strict=True)
+        ],
     )
 
 

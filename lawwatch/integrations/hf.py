@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from lawwatch.alerts import Alerts
 from lawwatch.config import MeasureConfig
 from lawwatch.integrations.framework import checked_probe, monitor_attribute, never_raises
+from lawwatch.output.layout import run_directory
 from lawwatch.output.run import Outputs
 from lawwatch.output.sinks import Sink
 from lawwatch.output.trackers import TrainerRun, reported_trackers
@@ -103,7 +104,7 @@ class LawWatchCallback(TrainerCallback):
         run = TrainerRun(args, since=self._built, dvclive_live=self.dvclive_live)
         outputs = replace(
             self.outputs,
-            directory=self.outputs.directory or Path(args.output_dir) / "lawwatch",
+            directory=self.outputs.directory or run_directory(args.output_dir),
             trackers=reported_trackers(args.report_to),
             run=run,
             resume_step=start if start > 0 else None,

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
-from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE
+from lawwatch.output.layout import FIGURE_FILE, HISTORY_FILE, MATRIX_FILE
 from lawwatch.output.trackers.base import Reporting
-from lawwatch.report import FIGURE_FILE, plot_law
+from lawwatch.report import plot_law
 
 log = logging.getLogger("lawwatch")
 

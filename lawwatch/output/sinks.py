@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 from lawwatch.history import Snapshot
+from lawwatch.stats.lens import LensKeys
 
 log = logging.getLogger("lawwatch")
 
@@ -53,8 +54,8 @@ def scalars(snapshot: Snapshot) -> dict[str, float]:
         values[PREFIX + name] = value
     for entry, pr in zip(snapshot.layers, snapshot.pr.tolist(), strict=True):
         values[layer_key(entry, snapshot.layers[-1] + 1)] = pr
-    lens = snapshot.extra.get("lens")
-    if isinstance(lens, dict):
+    lens = LensKeys.of(snapshot.extra)
+    if lens is not None:
         values.update(lens_scalars(lens, snapshot.layers))
     return values
 
@@ -68,16 +69,16 @@ def lens_scalars(lens: dict, layers: tuple[int, ...]) -> dict[str, float]:
     index, left out when no example has one) and ``lawwatch/lens/examples``.
     """
     width = max(2, len(str(layers[-1])))
-    values: dict[str, float] = {f"{PREFIX}lens/examples": lens["examples"]}
-    for metric in ("top1", "ce", "kl", "entropy"):
+    values: dict[str, float] = {f"{PREFIX}lens/{LensKeys.EXAMPLES}": lens[LensKeys.EXAMPLES]}
+    for metric in LensKeys.PER_ENTRY:
         for entry, value in zip(layers, lens[metric], strict=True):
             values[f"{PREFIX}lens/{metric}/layer_{entry:0{width}d}"] = value
-    for depth in ("first_correct", "final"):
+    for depth in LensKeys.DEPTHS:
         total = max(1, sum(lens[depth]))
         for entry, count in zip((*layers, "never"), lens[depth], strict=True):
             name = "never" if entry == "never" else f"layer_{entry:0{width}d}"
             values[f"{PREFIX}lens/{depth}/{name}"] = count / total
-    for name in ("first_correct_mean", "final_mean", "gap_mean"):
+    for name in LensKeys.MEANS:
         if lens.get(name) is not None:
             values[f"{PREFIX}lens/{name}"] = lens[name]
     return values

@@ -1,55 +1,60 @@
 """The local history store: ``history.jsonl`` and ``pr.safetensors`` in a directory, crash-safe.
 
-One directory holds one series of records (see :func:`lawwatch.history.series_change`):
-``history.jsonl`` (one record a line, each appended, flushed and synced), ``pr.safetensors``
-(the PR matrix, steps × entries, float64, replaced whole), ``probe.safetensors`` (the probe the
-records were measured with, when the writer is given it) and, when another series came,
-``series-<n>/`` directories holding the earlier ones, each with its own probe. :func:`read` and
-:func:`write` read and replace a directory's history; :class:`LocalHistory` is the sink that
-keeps one during training or a sweep, one writer per directory: it repairs what a crash left
-when it opens a directory, and holds the records a full or read-only disk refuses until they
-can be written.
+One directory holds one series of records (see :func:`lawwatch.history.series_diff`; the names
+are :mod:`lawwatch.output.layout`'s): ``history.jsonl`` (one record a line, each appended,
+flushed and synced), ``pr.safetensors`` (the PR matrix, steps × entries, float64, replaced
+whole), ``probe.safetensors`` (the probe the records were measured with, when the writer is
+given it) and, when another series came, ``series-<n>/`` directories holding the earlier ones,
+each with its own probe. :func:`read_history` and :func:`write_history` read and replace a
+directory's history; :class:`LocalHistory` is the sink that keeps one during training or a
+sweep, one writer per directory: it repairs what a crash left when it opens a directory, and
+holds the records a full or read-only disk refuses until they can be written. The crash-safe
+writes and the directory lock are :mod:`lawwatch.output.files`'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import gc
 import json
 import logging
 import os
-import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lawwatch.history import History, Snapshot, series, series_change
+from lawwatch.history import History, Snapshot, series, series_diff
+from lawwatch.output.files import (
+    DirectoryLocked,
+    append_bytes,
+    file_size,
+    free_name,
+    lock_directory,
+    remove_leftovers,
+    replace_file,
+)
+from lawwatch.output.layout import (
+    HISTORY_FILE,
+    MATRIX_FILE,
+    PROBE_FILE,
+    SERIES_FILES,
+    SERIES_PREFIX,
+)
 
 if TYPE_CHECKING:
     from lawwatch.probe import ProbeSet
 
 __all__ = [
-    "HISTORY_FILE",
-    "MATRIX_FILE",
-    "PROBE_FILE",
     "HistoryBusy",
     "LocalHistory",
-    "read",
-    "write",
+    "keep_probe",
+    "read_history",
+    "write_history",
 ]
 
-HISTORY_FILE = "history.jsonl"
-MATRIX_FILE = "pr.safetensors"
 MATRIX_FORMAT = "lawwatch.history/1"
-PROBE_FILE = "probe.safetensors"
-"""The probe a directory's records were measured with (:meth:`~lawwatch.probe.ProbeSet.save`'s
-format), kept beside them so the run's checkpoints can be measured again with it."""
-# files of one series besides the two above (the probe, the callback's report), moved with them
-_SERIES_FILES = (HISTORY_FILE, MATRIX_FILE, PROBE_FILE, "law.png")
 
 log = logging.getLogger("lawwatch")
 
@@ -57,7 +62,7 @@ log = logging.getLogger("lawwatch")
 # -- reading and replacing a directory's history ----------------------------------------------
 
 
-def read(directory: str | Path) -> History:
+def read_history(directory: str | Path) -> History:
     """The history in ``directory`` (its ``history.jsonl``; empty if there is none).
 
     Lines that hold no record (a write cut short by a crash, garbage) are skipped with a
@@ -76,7 +81,7 @@ def read(directory: str | Path) -> History:
     return parsed.history
 
 
-def write(history: History, directory: str | Path) -> None:
+def write_history(history: History, directory: str | Path) -> None:
     """Replace ``history.jsonl`` and ``pr.safetensors`` in ``directory`` (created if missing).
 
     Each file is written whole to a temporary file and then renamed over the old one, so a
@@ -99,46 +104,12 @@ def append(history: History, directory: Path, record: dict[str, Any]) -> None:
     """
     path = directory / HISTORY_FILE
     try:
-        append_bytes(path, (json.dumps(record) + "\n").encode(), _size(path) or 0)
+        append_bytes(path, (json.dumps(record) + "\n").encode(), file_size(path) or 0)
     except BaseException:
         if history.records and history.records[-1] is record:
             history.records.pop()  # nor does the record stay (it would reach the matrix)
         raise
     write_matrix(history, directory)
-
-
-def append_bytes(path: Path, data: bytes, at: int) -> None:
-    """Write ``data`` at byte ``at`` of ``path`` (created if missing), synced; whole or absent.
-
-    Bytes past ``at`` (what an earlier write cut short left) are cut away first. A write that
-    fails part way (a full disk writes what fits, then fails) is cut back to ``at``, so no
-    partial line stays to join the next one; the error is raised.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
-    try:
-        try:
-            if os.fstat(fd).st_size != at:
-                os.ftruncate(fd, at)
-            os.lseek(fd, at, os.SEEK_SET)
-            view = memoryview(data)
-            while view:  # a short write returns what fit; the next call raises the error
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            # needs no space (shrinking frees it); if it fails, the next write cuts first
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, at)
-            raise
-    finally:
-        os.close(fd)
-
-
-def _size(path: Path) -> int | None:
-    """The size of ``path`` in bytes, or None when it does not exist."""
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
 
 
 def write_matrix(history: History, directory: Path) -> None:
@@ -215,81 +186,6 @@ def parse(path: Path) -> Parsed:
     return Parsed(history, rejected, unterminated)
 
 
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a synced temporary file renamed over it.
-
-    The temporary file is ``.<name>.<pid>.tmp`` beside it; one a killed process left is removed
-    by the next :class:`LocalHistory` that opens the directory.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # a directory that went away or went read-only: the original error says it
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    _sync_directory(path.parent)
-
-
-# the temporary files of replace_file: the name replaced and the writer's process id
-_TEMPORARY = re.compile(
-    rf"\.({re.escape(HISTORY_FILE)}|{re.escape(MATRIX_FILE)}|{re.escape(PROBE_FILE)})\.(\d+)\.tmp"
-)
-
-
-def _remove_leftovers(directory: Path) -> None:
-    """Remove the temporary files of writers that are gone (killed during a replace).
-
-    A process of this id that is alive keeps its file (the id may have been reused: its file
-    is then removed once that process ends); this process's own are leftovers, as no other
-    LocalHistory of it writes here.
-    """
-    removed = []
-    for path in directory.glob(".*.tmp"):
-        match = _TEMPORARY.fullmatch(path.name)
-        if match is None:
-            continue
-        pid = int(match.group(2))
-        if pid != os.getpid() and _alive(pid):
-            continue
-        try:
-            path.unlink()
-            removed.append(path.name)
-        except OSError:
-            pass
-    if removed:
-        log.info("lawwatch: removed %s left by killed writers", ", ".join(removed))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's process
-    return True
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot open)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # -- the sink ---------------------------------------------------------------------------------
 
 
@@ -312,7 +208,7 @@ class LocalHistory:
       written in order at the first write that succeeds (a removed directory is made again).
       ``pr.safetensors`` then describes the records in ``history.jsonl``, or is absent.
     - **One series.** A snapshot of another series than the records held (see
-      :func:`~lawwatch.history.series_change`) starts a new one: the files held so far move to
+      :func:`~lawwatch.history.series_diff`) starts a new one: the files held so far move to
       ``<directory>/series-<n>/`` and a warning says what changed. ``series=`` checks the
       records already there when the directory opens.
     - **One writer.** Two open ``LocalHistory`` never share a directory, in one process or
@@ -426,9 +322,9 @@ class LocalHistory:
     def _rewrite(self) -> None:
         """Replace both files with the records held (raises if the disk refuses)."""
         self._unwritten, self._whole = [], True
-        write(self.history, self.directory)
+        write_history(self.history, self.directory)
         self._whole = self._matrix = False
-        self._size = _size(self.directory / HISTORY_FILE) or 0
+        self._size = file_size(self.directory / HISTORY_FILE) or 0
 
     def _flush(self) -> None:
         """Write what the files lack; a disk that refuses is warned about once, not raised."""
@@ -436,7 +332,7 @@ class LocalHistory:
             return
         path, held = self.directory / HISTORY_FILE, len(self._unwritten)
         try:
-            on_disk = _size(path)
+            on_disk = file_size(path)
             if not self._whole and (on_disk or 0) < self._size:
                 # removed or cut by someone else: every record held goes back
                 log.warning(
@@ -492,12 +388,12 @@ class LocalHistory:
 
     def _open(self) -> History:
         """The records in the directory, repaired first: torn lines, the matrix, leftovers."""
-        _remove_leftovers(self.directory)
+        remove_leftovers(self.directory, (HISTORY_FILE, MATRIX_FILE, PROBE_FILE))
         path = self.directory / HISTORY_FILE
         parsed = parse(path)
         if not parsed.clean:
             if parsed.rejected:
-                torn = _free_name(self.directory, f"{HISTORY_FILE}.torn-")
+                torn = free_name(self.directory, f"{HISTORY_FILE}.torn-")
                 torn.write_bytes(b"".join(raw + b"\n" for _, raw in parsed.rejected))
                 log.warning(
                     "lawwatch: %s held %s (%s); moved to %s, the %s kept",
@@ -507,7 +403,7 @@ class LocalHistory:
                     torn,
                     _plural(len(parsed.history), "whole record"),
                 )
-            write(parsed.history, self.directory)  # whole lines only, each with its newline
+            write_history(parsed.history, self.directory)  # whole lines only, each with its newline
         elif not _matrix_matches(parsed.history, self.directory):
             log.warning(
                 "lawwatch: %s did not describe the %s in %s (a process killed between the "
@@ -517,20 +413,20 @@ class LocalHistory:
                 path,
             )
             write_matrix(parsed.history, self.directory)
-        self._size = _size(path) or 0
+        self._size = file_size(path) or 0
         return parsed.history
 
     def _check_series(self, identity: dict[str, Any], what: str) -> None:
         """Start a new series if ``identity`` is not the series of the records held."""
-        changes = series_change(series(self.history[-1]), identity)
+        changes = series_diff(series(self.history[-1]), identity)
         if not changes:
             return
         self._flush()  # the old series whole in its files, if the disk lets it
         lost = self.unwritten
-        moved = _free_name(self.directory, "series-")
+        moved = free_name(self.directory, SERIES_PREFIX)
         moved.mkdir()
         held = self.history
-        for name in _SERIES_FILES:
+        for name in SERIES_FILES:
             if (self.directory / name).exists():
                 os.replace(self.directory / name, moved / name)
         self.history, self._unwritten, self._size = History(), [], 0
@@ -546,7 +442,7 @@ class LocalHistory:
             self.directory,
             held.steps[0],
             held.last_step,
-            "; ".join(changes),
+            "; ".join(map(str, changes)),
             moved,
             f" The disk refused steps {lost} of the old series: they are not in it."
             if lost
@@ -574,7 +470,8 @@ def keep_probe(probe: ProbeSet, directory: Path, history: History | None = None)
 
     A probe file of other content is replaced, unless ``history``'s records say they were
     measured with that other probe (they are another series: the file stays with them until
-    they move to a ``series-<n>/``). Written atomically (:func:`replace_file`).
+    they move to a ``series-<n>/``). Written atomically
+    (:func:`~lawwatch.output.files.replace_file`).
 
     Returns:
         Whether the file was written.
@@ -619,14 +516,6 @@ def _matrix_matches(history: History, directory: Path) -> bool:
 
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _free_name(directory: Path, prefix: str) -> Path:
-    """``directory / f"{prefix}{n}"`` for the first n >= 1 not taken."""
-    n = 1
-    while (directory / f"{prefix}{n}").exists():
-        n += 1
-    return directory / f"{prefix}{n}"
 
 
 # the directories open LocalHistory objects of this process write to (weakly: a history nobody
@@ -674,19 +563,12 @@ def _release(local: LocalHistory) -> None:
 def _lock(local: LocalHistory) -> None:
     """Take ``local``'s directory's lock for this process, or refuse: another process writes it.
 
-    The lock is a ``flock`` on the directory itself (no file to leave behind); a file system
-    without locks (some network mounts) leaves the directory unlocked.
+    See :func:`~lawwatch.output.files.lock_directory`: a file system without locks (some
+    network mounts) leaves the directory unlocked.
     """
     try:
-        fd = os.open(local.directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        os.close(fd)
-        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return  # no locks here
+        fd = lock_directory(local.directory)
+    except DirectoryLocked:
         raise HistoryBusy(
             f"{local.directory} is already written by another process; two processes writing "
             "one directory would interleave one history.jsonl, so this one writes nothing "
@@ -695,4 +577,5 @@ def _lock(local: LocalHistory) -> None:
             "ACCELERATE_USE_CPU=1 on a machine without GPUs). If they are separate runs, give "
             "each its own directory."
         ) from None
-    local._lock = weakref.finalize(local, os.close, fd)  # a history nobody holds frees it
+    if fd is not None:
+        local._lock = weakref.finalize(local, os.close, fd)  # a history nobody holds frees it

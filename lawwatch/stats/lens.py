@@ -31,7 +31,7 @@ in IEEE float32 (no TF32), summed in float64. KL is taken between log-probabilit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_LENS_FRACTION",
     "LENS_CHUNK_BYTES",
     "Kept",
+    "LensKeys",
     "LensStats",
     "Lensed",
     "lens_rows",
@@ -61,6 +62,40 @@ LENS_CHUNK_BYTES = 64 * 2**20
 DEFAULT_LENS_FRACTION = 1 / 64
 # the golden ratio's fraction: each sequence starts its selection at its own phase
 _PHASE = (math.sqrt(5) - 1) / 2
+
+
+class LensKeys:
+    """The keys of the logit lens's part of a record, spelled once (``docs/lens.md``).
+
+    A record measured with the lens holds ``record[LensKeys.FIELD]`` (a dict, written by
+    :meth:`LensStats.record`); the trackers' keys (:func:`lawwatch.output.sinks.lens_scalars`),
+    the report's figure and the demo read these names from here.
+    """
+
+    FIELD = "lens"
+    """The record's field (``Snapshot.extra[FIELD]``) holding the lens's metrics."""
+    TOP1, CE, KL, ENTROPY = "top1", "ce", "kl", "entropy"
+    PER_ENTRY = (TOP1, CE, KL, ENTROPY)
+    """Means over the examples read, one value per measured entry: top-1 accuracy against the
+    true next token, cross-entropy (nats), KL divergence from the final distribution,
+    entropy."""
+    FIRST_CORRECT, FINAL = "first_correct", "final"
+    DEPTHS = (FIRST_CORRECT, FINAL)
+    """Prediction-depth histograms: example counts per measured entry plus a last bin for
+    "never": the first entry whose top-1 is correct, the entry from which the top-1 is the
+    model's final one."""
+    FIRST_CORRECT_MEAN, FINAL_MEAN, GAP_MEAN = "first_correct_mean", "final_mean", "gap_mean"
+    MEANS = (FIRST_CORRECT_MEAN, FINAL_MEAN, GAP_MEAN)
+    """Mean entry index over the examples that have one (None without); the gap over those
+    that have both."""
+    EXAMPLES, FRACTION = "examples", "fraction"
+    """How many examples the lens read, and the share of the probe's examples that is."""
+
+    @staticmethod
+    def of(record: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The lens's part of a record, or None for a record measured without the lens."""
+        lens = record.get(LensKeys.FIELD)
+        return lens if isinstance(lens, dict) else None
 
 
 def lens_rows(positions: torch.Tensor, sequences: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -116,7 +151,7 @@ class LensStats:
     """
 
     # per-entry sums, in this order, then the two histograms (entries + 1 bins), then scalars
-    _PER_ENTRY = ("top1", "ce", "kl", "entropy")
+    _PER_ENTRY = LensKeys.PER_ENTRY
     _SCALARS = ("count", "first_sum", "final_sum", "gap_sum", "gap_count")
 
     def __init__(
@@ -301,19 +336,19 @@ class LensStats:
         without), ``gap_mean`` over those that have both.
         """
         n = max(self.count, 1)
-        out: dict[str, Any] = {"examples": self.count, "fraction": self.fraction}
+        out: dict[str, Any] = {LensKeys.EXAMPLES: self.count, LensKeys.FRACTION: self.fraction}
         for name in self._PER_ENTRY:
             out[name] = (self._part(name) / n).tolist()
         first, final = self._part("first_hist"), self._part("final_hist")
-        out["first_correct"] = [int(v) for v in first.tolist()]
-        out["final"] = [int(v) for v in final.tolist()]
+        out[LensKeys.FIRST_CORRECT] = [int(v) for v in first.tolist()]
+        out[LensKeys.FINAL] = [int(v) for v in final.tolist()]
         for total, hist, name in (
-            ("first_sum", first, "first_correct_mean"),
-            ("final_sum", final, "final_mean"),
-            ("gap_sum", self._part("gap_count"), "gap_mean"),
+            ("first_sum", first, LensKeys.FIRST_CORRECT_MEAN),
+            ("final_sum", final, LensKeys.FINAL_MEAN),
+            ("gap_sum", self._part("gap_count"), LensKeys.GAP_MEAN),
         ):
             # the examples that have one: every bin but "never" (the gap: those with both)
-            have = float(hist[:-1].sum()) if name != "gap_mean" else float(hist.sum())
+            have = float(hist[:-1].sum()) if name != LensKeys.GAP_MEAN else float(hist.sum())
             out[name] = float(self._part(total)) / have if have else None
         return out
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from lawwatch.alerts import Alerts
 from lawwatch.config import MeasureConfig
-from lawwatch.history import History, Snapshot, identity, series, series_change
+from lawwatch.history import History, Snapshot, identity, series, series_diff
 from lawwatch.measurement import prepare, solve
 from lawwatch.models import measured_module
 from lawwatch.output.run import Outputs, RunOutputs
@@ -450,7 +450,7 @@ class LawWatch:
 
     def _same_series(self, history: History) -> History:
         """``history`` if this monitor continues its series, else an empty one (with a warning)."""
-        changes = series_change(series(history[-1]), self._identity())
+        changes = series_diff(series(history[-1]), self._identity())
         if not changes:
             return history
         log.warning(
@@ -461,7 +461,7 @@ class LawWatch:
             len(history),
             history.steps[0],
             history.last_step,
-            "; ".join(changes),
+            "; ".join(map(str, changes)),
         )
         return History()
 

@@ -17,8 +17,8 @@ torch.set_num_threads(1)
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from lawwatch import measure  # noqa: E402
-from lawwatch.history import History  # noqa: E402
 from lawwatch.integrations.hf import LawWatchCallback  # noqa: E402
+from lawwatch.output.store import read_history  # noqa: E402
 from tests.helpers.models import ragged_probe, tiny_gpt2  # noqa: E402
 from tests.helpers.trainer import Tokens  # noqa: E402
 
@@ -42,7 +42,7 @@ trainer = Trainer(
 trainer.train()
 line = {"rank": torch.distributed.get_rank(), "done": callback.monitor.last_step}
 if line["rank"] == 0:
-    records = History.read(callback.directory).records
+    records = read_history(callback.directory).records
     line["steps"] = [r["step"] for r in records]
     line["n_tokens"] = records[-1]["n_tokens"]
     line["final_pr"] = records[-1]["pr"]

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lawwatch.history import History
-from lawwatch.output.store import HISTORY_FILE, MATRIX_FILE
+from lawwatch.output.layout import HISTORY_FILE, MATRIX_FILE
+from lawwatch.output.store import read_history
 
 
 def _mount(*args: str) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def assert_matrix_describes(directory: Path, *, or_absent: bool = False) -> None
 
     ``or_absent``: absent is fine too (a full disk refused the matrix, never a stale one).
     """
-    expected = History.read(directory).pr_matrix()
+    expected = read_history(directory).pr_matrix()
     path = directory / MATRIX_FILE
     if expected is None or (or_absent and not path.exists()):
         assert not path.exists()

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from lawwatch import LawWatch, ProbeSet
-from lawwatch.output.store import HISTORY_FILE, LocalHistory
+from lawwatch.output.layout import HISTORY_FILE
+from lawwatch.output.store import LocalHistory
 from tests.helpers.models import ragged_probe, tiny_gpt2
 from tests.helpers.workers.common import setup
 
