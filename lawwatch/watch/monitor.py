@@ -151,6 +151,7 @@ class LawWatch:
         self.local: LocalHistory | None = None
         self.trackers: dict[str, Sink] = {}
         self.report_path: Path | None = None
+        self._said_empty = False  # a run that measured nothing says so once, at close
         if layout(accelerator).rank == 0:
             self._open_outputs(wanted)
 
@@ -498,6 +499,7 @@ class LawWatch:
 
     def _finish_run(self) -> None:
         """``law.png`` and the report to the trackers (main process, with records)."""
+        self._say_if_empty()
         if self.local is None or self.local.closed or not self.local.records:
             return
         try:
@@ -511,6 +513,27 @@ class LawWatch:
             )
         except Exception:  # the end-of-run picture never stops the run
             log.exception("lawwatch: no plot of the law in %s", self.local.directory)
+
+    def _say_if_empty(self) -> None:
+        """A run with no record says so once, on the main process (each failure was logged)."""
+        if self.history.records or self._said_empty or layout(self.accelerator).rank != 0:
+            return
+        self._said_empty = True
+        files = "" if self.directory is None else f" in {self.directory}"
+        if self.last_step is None:
+            log.warning(
+                "lawwatch: closed with nothing measured: maybe_snapshot was never called, so "
+                "no history or law.png was written%s.",
+                files,
+            )
+            return
+        log.error(
+            "lawwatch: this run measured nothing: every snapshot failed or was skipped (the "
+            "last attempted at step %d; the reason was logged at each), so no history or "
+            "law.png was written%s.",
+            self.last_step,
+            files,
+        )
 
     def _close_at_exit(self) -> None:
         """The interpreter exits and :meth:`close` was never called: finish what is pending.
