@@ -21,6 +21,7 @@ from lawwatch.checkpoints import (
     HashCache,
     find_checkpoints,
     step_from_name,
+    weight_files,
     weights_hash,
 )
 from lawwatch.demo.corpus import pydoc_topics
@@ -391,3 +392,105 @@ def test_no_loading_bars_when_not_on_a_terminal(tmp_path, capsys):
     # asked for, they are shown
     assert cli.main([*argv, "--progress", "--out", str(tmp_path / "shown")]) == 0
     assert "Loading weights" in capsys.readouterr().err
+
+
+# -- a sweep beside a running training: checkpoints being written, the sweep's own files ------
+
+
+def test_a_checkpoint_being_written_is_left_for_the_next_sweep(tmp_path, capsys):
+    """A real partial write (the first half of model.safetensors) is not measured nor recorded;
+    once the write completes, the next sweep measures it, with the digest of what it measured."""
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    run = tmp_path / "run"
+    save_model(tiny_gpt2(0), run / "checkpoint-10", step=10)
+    model = tiny_gpt2(1)
+    complete = save_model(model, tmp_path / "complete", step=30)
+    writing = run / "checkpoint-30"
+    shutil.copytree(complete, writing)
+    data = (complete / "model.safetensors").read_bytes()
+    (writing / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "sweep"
+    argv = ["analyze", str(run), "--probe", str(probe_file), "--out", str(out), "--no-report"]
+
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint-30 (step 30) looks still being written" in err
+    assert "model.safetensors is" in err and "run again once it is saved" in err
+    assert [r["step"] for r in History.read(out).records] == [10]
+
+    with (writing / "model.safetensors").open("ab") as f:  # the writer finishes
+        f.write(data[len(data) // 2 :])
+    assert cli.main(argv) == 0
+    assert "1 measured, 1 already measured" in capsys.readouterr().out
+    record = by_step(History.read(out).records)[30]
+    assert record["weights"] == weights_hash(complete)
+    expected = measure(model, ProbeSet.load(probe_file)).pr
+    torch.testing.assert_close(torch.tensor(record["pr"], dtype=torch.float64), expected)
+    assert cli.main(argv) == 0  # and the sweep after that has nothing to redo
+    assert "2 already measured" in capsys.readouterr().out
+
+
+def test_a_trainer_checkpoint_without_its_state_yet_is_left_for_the_next_sweep(tmp_path, capsys):
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    ckpt = save_model(tiny_gpt2(0), tmp_path / "run" / "checkpoint-40")
+    (ckpt / "training_args.bin").write_bytes(b"written by the Trainer before its state")
+    out = tmp_path / "sweep"
+    argv = ["analyze", str(ckpt), "--probe", str(probe_file), "--out", str(out), "--no-report"]
+    assert cli.main(argv) == 0
+    assert "not yet written its trainer_state.json" in capsys.readouterr().err
+    assert not (out / "history.jsonl").exists() or not History.read(out).records
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 40}))
+    assert cli.main(argv) == 0
+    assert [r["step"] for r in History.read(out).records] == [40]
+
+
+def test_weights_rewritten_while_loaded_are_not_recorded_under_the_old_digest(
+    tmp_path, monkeypatch
+):
+    """The writer replaces the file between the hash and the load: the sweep records nothing
+    (the digest would not be that of the weights measured); the next sweep measures the new."""
+    import lawwatch.analyze as sweep_module
+
+    probe = ragged_probe()
+    old, new = tiny_gpt2(0), tiny_gpt2(1)
+    ckpt = save_model(old, tmp_path / "run" / "checkpoint-30", step=30)
+    replacement = save_model(new, tmp_path / "new")
+    real_load = sweep_module.load_model
+
+    def load_while_written(checkpoint, options):
+        shutil.copyfile(replacement / "model.safetensors", ckpt / "model.safetensors")
+        return real_load(checkpoint, options)
+
+    monkeypatch.setattr(sweep_module, "load_model", load_while_written)
+    out = tmp_path / "sweep"
+    result = analyze(find_checkpoints([str(ckpt)]), probe, out)
+    assert [(c.step, why) for c, why in result.unfinished] == [
+        (30, "its weight files changed while they were loaded")
+    ]
+    assert not result.measured and not History.read(out).records
+    monkeypatch.setattr(sweep_module, "load_model", real_load)
+    result = analyze(find_checkpoints([str(ckpt)]), probe, out)
+    assert result.measured == [30]
+    (record,) = History.read(out).records
+    assert record["weights"] == weights_hash(replacement)
+    torch.testing.assert_close(
+        torch.tensor(record["pr"], dtype=torch.float64), measure(new, probe).pr
+    )
+
+
+def test_a_sweep_into_the_run_folder_runs_again(tmp_path, capsys):
+    """The final model has no checkpoint at its step, so it is measured from the folder the
+    sweep writes into: its pr.safetensors and probe.safetensors are not the model's weights."""
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    run = tmp_path / "run"
+    save_model(tiny_gpt2(0), run / "checkpoint-2", step=2)
+    save_model(tiny_gpt2(1), run, step=5)  # trainer.save_model() + save_state() at step 5
+    argv = ["analyze", str(run), "--probe", str(probe_file), "--out", str(run), "--no-report"]
+    assert cli.main(argv) == 0
+    assert (run / "pr.safetensors").is_file() and (run / "probe.safetensors").is_file()
+    before = (run / "history.jsonl").read_text()
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "2 already measured" in captured.out and "already in" not in captured.err
+    assert (run / "history.jsonl").read_text() == before
+    assert [p.name for p in weight_files(run)] == ["model.safetensors"]

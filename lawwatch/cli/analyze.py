@@ -66,8 +66,9 @@ def add(commands: Any) -> None:
         description=(
             "Measure the law on checkpoints, in increasing step order, and write DIR/"
             "history.jsonl and DIR/pr.safetensors (as a live run writes them) and a report. "
-            "Run again, it measures only what is new. Exit code: 0, 1 if a checkpoint failed, "
-            "2 for bad arguments."
+            "Run again, it measures only what is new; a checkpoint still being written is left "
+            "for that next run (and said so). Exit code: 0, 1 if a checkpoint failed, 2 for bad "
+            "arguments."
         ),
     )
     analyze.add_argument(
@@ -242,6 +243,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"lawwatch analyze: {done or 'nothing done'}; history in {Path(args.out)}")
     for ckpt, reason in result.failed:
         print(f"lawwatch analyze: FAILED {ckpt.name} (step {ckpt.step}): {reason}", file=sys.stderr)
+    for ckpt, reason in result.unfinished:
+        print(
+            f"lawwatch analyze: not yet measured: {ckpt.name} (step {ckpt.step}) looks still being "
+            f"written ({reason}); run again once it is saved",
+            file=sys.stderr,
+        )
     png = None
     if args.report and len(result.history):
         try:
