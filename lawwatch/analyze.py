@@ -50,7 +50,6 @@ from lawwatch.output.store import HISTORY_FILE, PROBE_FILE, LocalHistory, keep_p
 from lawwatch.probe import ProbeSet
 
 __all__ = [
-    "ANALYZE_JACKKNIFE",
     "PROBE_FILE",
     "SweepResult",
     "analyze",
@@ -60,8 +59,6 @@ __all__ = [
 
 log = logging.getLogger("lawwatch")
 
-ANALYZE_JACKKNIFE = 8
-"""Jackknife groups of a sweep whose config leaves ``jackknife`` unset."""
 HASH_FILE = "weights-sha256.json"
 """The weight files' digests, so a sweep run again hashes no unchanged file twice."""
 
@@ -147,10 +144,9 @@ def analyze(
         probe: The probe every checkpoint is measured with (saved as ``out/probe.safetensors``).
         out: The output directory (created if missing): ``history.jsonl``,
             ``pr.safetensors``, the probe and the weight digests.
-        config: The measurement options (default: the paper's protocol). Unless ``jackknife``
-            is set, checkpoints are measured with ``ANALYZE_JACKKNIFE`` (8) groups: every record
-            carries the jackknife standard errors of ``r`` and ``rho`` (statistics kept per
-            group: memory × 9). The PRs are the same, and the records keep ``config`` as given.
+        config: The measurement options (default: the paper's protocol), applied as given,
+            ``jackknife`` included (a record carries the standard errors of ``r`` and ``rho``
+            exactly when its config asks for them, as a live run's does).
         load: How checkpoints are loaded (dtype, device, device_map, hub cache).
         progress: Show progress bars (checkpoints and probe batches, and transformers' own
             while a checkpoint loads); None: on a terminal.
@@ -256,12 +252,9 @@ def _sweep_one(
         if _copy(ckpt, weights, local, result):
             return
     loaded = time.perf_counter()
-    # offline, the uncertainty of r and rho is always reported; the jackknife leaves the headline
-    # numbers as they are, so the records keep the config as given (one series with a live run)
-    measured = (
-        config if config.jackknife is not None else config.replace(jackknife=ANALYZE_JACKKNIFE)
-    )
-    snapshot = measure(model, probe, measured)
+    # measured exactly as the config says (its jackknife too): the records carry what their
+    # config gives, as a live run's do, so both find the same emergence step
+    snapshot = measure(model, probe, config)
     del model
     snapshot.step = ckpt.step
     snapshot.extra.update(

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lawwatch import MeasureConfig, ProbeSet, cli, measure
+from lawwatch import LawWatch, MeasureConfig, ProbeSet, cli, measure
 from lawwatch.analyze import analyze
 from lawwatch.checkpoints import (
     Checkpoint,
@@ -494,3 +494,56 @@ def test_a_sweep_into_the_run_folder_runs_again(tmp_path, capsys):
     assert "2 already measured" in captured.out and "already in" not in captured.err
     assert (run / "history.jsonl").read_text() == before
     assert [p.name for p in weight_files(run)] == ["model.safetensors"]
+
+
+# -- measured as the live run was ---------------------------------------------------------------
+
+
+def test_a_sweep_measures_as_the_live_run_did_and_a_given_option_wins(tmp_path, capsys):
+    """The live run measured with the logit lens and no jackknife: a sweep without options
+    measures so too (and says so), so both agree, emergence step included; an option given on
+    the command line wins, and ``--jackknife none`` means none."""
+    probe = ragged_probe(seed=2, rows=20)  # 16+ sequences: 'auto' would keep 8 groups
+    run = tmp_path / "run"
+    model = tiny_gpt2(0)
+    watch = LawWatch(
+        model, probe, directory=run / "lawwatch", lens=0.5, jackknife=None, max_overhead=None
+    )
+    for step in (1, 2, 3):
+        model.load_state_dict(tiny_gpt2(step).state_dict())
+        save_model(model, run / f"checkpoint-{step}", step=step)
+        watch.snapshot(step)
+    watch.close()
+    live = History.read(run / "lawwatch")
+    assert all("pearson_r_se" not in r and "lens" in r for r in live)
+
+    base = ["analyze", str(run), "--no-report", "--out"]
+    assert cli.main([*base, str(tmp_path / "same")]) == 0
+    said = capsys.readouterr().out
+    assert "measuring as the run's live history was" in said
+    assert "lens=0.5" in said and "jackknife=None" in said
+    swept = History.read(tmp_path / "same")
+    assert swept.steps == live.steps == [1, 2, 3]
+    for got, want in zip(swept, live, strict=True):
+        assert got["config"] == want["config"]
+        assert "pearson_r_se" not in got
+        assert np.abs(np.subtract(got["pr"], want["pr"])).max() <= 1e-9
+        for metric in ("top1", "ce", "kl", "entropy"):
+            np.testing.assert_allclose(got["lens"][metric], want["lens"][metric], atol=1e-9)
+    for threshold in (-0.999, -0.9, -0.5):
+        assert swept.emergence_step(threshold) == live.emergence_step(threshold)
+
+    assert cli.main([*base, str(tmp_path / "given"), "--jackknife", "4", "--lens", "none"]) == 0
+    said = capsys.readouterr().out
+    assert "lens=" not in said and "jackknife=" not in said
+    for record in History.read(tmp_path / "given"):
+        assert record["config"]["jackknife"] == 4 and record["config"]["lens"] is None
+        assert record["jackknife_groups"] == 4 and "pearson_r_se" in record
+        assert "lens" not in record
+
+    # --jackknife none given: none is measured, as each record's config says (a sweep used to
+    # measure 8 groups whatever its config said, and record their standard errors)
+    assert cli.main([*base, str(tmp_path / "none"), "--jackknife", "none"]) == 0
+    for record in History.read(tmp_path / "none"):
+        assert record["config"]["jackknife"] is None
+        assert "pearson_r_se" not in record and "jackknife_groups" not in record

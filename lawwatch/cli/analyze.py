@@ -43,14 +43,27 @@ def _jackknife(text: str) -> int | str | None:
     return None if word == "none" else word if word == "auto" else int(word)
 
 
+def _float_or_none(text: str) -> float | None:
+    """A number, or ``none`` (off: to measure without what a live run measured with)."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def _int_or_none(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else int(text)
+
+
 MEASURE = DataclassOptions(
     MeasureConfig,
-    "measurement options (lawwatch.MeasureConfig; the defaults are the paper's protocol)",
+    "measurement options (lawwatch.MeasureConfig; the defaults are the paper's protocol; an "
+    "option not given is the run's own when the checkpoints' live history says it)",
     overrides={
         "layers": {"type": _layers},
         "blocks": {"type": _blocks},
         "final_norm": {"type": str},
         "jackknife": {"type": _jackknife},
+        "lens": {"type": _float_or_none},
+        "split": {"type": _float_or_none},
+        "onehot_top_k": {"type": _int_or_none},
     },
 )
 
@@ -194,6 +207,76 @@ def _run_probes(specs: list[str]) -> dict[Path, ProbeSet]:
     return found
 
 
+def _run_options(specs: list[str]) -> dict[Path, dict[str, Any]]:
+    """The measurement options of the live histories beside the runs ``specs`` name, by folder.
+
+    ``<dir>/lawwatch/history.jsonl`` of an output_dir, or of a ``checkpoint-N`` folder's: its
+    latest record's ``config``.
+    """
+    from lawwatch.history import History
+    from lawwatch.output.store import HISTORY_FILE
+
+    found: dict[Path, dict[str, Any]] = {}
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            path = path.parent
+        if not path.is_dir():
+            continue  # a hub id
+        for folder in (path, path.parent):
+            live = (folder / "lawwatch").resolve()
+            if (live / HISTORY_FILE).is_file():
+                if live not in found:
+                    records = History.read(live).records
+                    if records and isinstance(records[-1].get("config"), dict):
+                        found[live] = records[-1]["config"]
+                break
+    return found
+
+
+def _measure_config(args: argparse.Namespace) -> MeasureConfig:
+    """The options given, and for the others those the run's live history was measured with.
+
+    So a sweep measures as the live run did (its jackknife, its logit lens, …) and agrees with
+    it, emergence step included; an option given on the command line wins, and what was taken
+    from the run is said. Options that only change a snapshot's cost are not taken, nor an
+    option the run passed as a Python object (it has no plain form).
+    """
+    from lawwatch.history import COST_OPTIONS
+
+    runs = _run_options(args.checkpoints)
+    given = MEASURE.given(args)
+    plain = MEASURE.build(args).to_dict()
+    taken: dict[str, Any] = {}
+    for name in MeasureConfig.names():
+        if name in given or name in COST_OPTIONS:
+            continue
+        values = [options[name] for options in runs.values() if name in options]
+        if not values:
+            continue
+        if any(value != values[0] for value in values):
+            raise ValueError(
+                f"The runs were measured with different {name} ("
+                + ", ".join(f"{path}: {options.get(name)!r}" for path, options in runs.items())
+                + f"): one sweep measures one way. Give it with --{name.replace('_', '-')}."
+            )
+        value = values[0]
+        unloadable = isinstance(value, str) and value.startswith("<") and value.endswith(">")
+        if value != plain[name] and not unloadable:
+            taken[name] = value
+    if not taken:
+        return MEASURE.build(args)
+    config = MEASURE.build(args, **taken)
+    print(
+        "lawwatch analyze: measuring as the run's live history was ("
+        + ", ".join(str(path) for path in runs)
+        + "): "
+        + ", ".join(f"{name}={value!r}" for name, value in taken.items())
+        + "; an option given here measures otherwise"
+    )
+    return config
+
+
 def _compared(probe: ProbeSet, what: str, saved: dict[Path, ProbeSet]) -> ProbeSet:
     """``probe``, with a warning for each run it was not the probe of."""
     wanted = probe.content_hash()
@@ -216,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     from lawwatch.checkpoints import describe, find_checkpoints
 
     try:
-        config = MEASURE.build(args)
+        config = _measure_config(args)
         load = LoadOptions(
             dtype=args.dtype,
             device=args.device,
