@@ -36,7 +36,7 @@ from lawwatch.probe import ProbeSet
 from lawwatch.stats import Statistics
 from lawwatch.stats.residual import Owned
 from lawwatch.watch.config import WatchConfig, build_configs
-from lawwatch.watch.distributed import Layout, layout, together
+from lawwatch.watch.distributed import Arrivals, Layout, layout, together
 from lawwatch.watch.schedule import Budget, planned
 from lawwatch.watch.shard import measure_shard
 from lawwatch.watch.worker import Pending, Worker
@@ -152,6 +152,7 @@ class LawWatch:
         self.trackers: dict[str, Sink] = {}
         self.report_path: Path | None = None
         self._said_empty = False  # a run that measured nothing says so once, at close
+        self._arrivals = Arrivals()  # every rank checks in before a snapshot's collectives
         if layout(accelerator).rank == 0:
             self._open_outputs(wanted)
 
@@ -237,11 +238,14 @@ class LawWatch:
             skipped (always None with ``background``). Never raises for a measurement failure:
             it is logged to the ``"lawwatch"`` logger and training goes on.
         """
+        where = layout(self.accelerator)
+        if not self._arrivals.arrive(where, step):  # a rank is missing: no collective at all
+            self.last_step = step
+            return None
         if self._worker.pending:
             self._collect(None)  # every pending result first: one set of statistics at a time
         self.last_step = step
         began = self._clock()
-        where = layout(self.accelerator)
         try:
             return self._snapshot(step, where)
         finally:
