@@ -257,34 +257,48 @@ class Arrivals:
     """The check-in every rank passes before a snapshot's first collective.
 
     Each rank records its step and adds itself to a counter in the default process group's
-    key-value store, under the monitor, step and attempt. The rank that completes the count
-    decides "go". A rank still waiting decides "skip" when another rank is already at a later
-    step (it skipped this one), or after :meth:`wait_seconds`; one atomic compare-and-set makes
-    the first decision every rank's, a late rank's too. Going costs a few store round trips
-    per rank; waiting polls the store, less often as the wait goes on. Monitors are numbered in
-    the order a process builds them, so every rank must build its monitors in the same order
-    (as it does running the same script).
+    key-value store, under the monitor, step and attempt, and raises the monitor's furthest
+    step. The rank that completes the count decides "go". A rank still waiting decides "skip"
+    when the furthest step is past its own (a rank went on: it skipped this one), or after
+    :meth:`wait_seconds`; one atomic compare-and-set makes the first decision every rank's, a
+    late rank's too, and the rank that decided names the missing ranks. Going costs a few store
+    round trips per rank; waiting polls two keys, less often as the wait goes on. Monitors are
+    numbered in the order a process builds them, so every rank must build its monitors in the
+    same order (as it does running the same script); a monitor whose steps go back (a state
+    loaded again) starts a new generation of keys, on every rank alike.
     """
 
     def __init__(self) -> None:
-        self.key = f"lawwatch/{next(_MONITORS)}"
+        self._monitor = f"lawwatch/{next(_MONITORS)}"
+        self._generation = 0
+        self._last: int | None = None  # the step of this rank's latest check-in
         self._attempts: Counter[int] = Counter()  # a step snapshotted again is a new round
+
+    @property
+    def key(self) -> str:
+        """The prefix of this monitor's keys, in its current generation."""
+        return f"{self._monitor}/{self._generation}"
 
     def arrive(self, where: Layout, step: int) -> bool:
         """Whether every rank reached the snapshot at ``step`` (True on one process).
 
         Without a ``torch.distributed`` process group (an accelerator of another kind) there is
-        no store to check in at: True, and the vote alone decides. A skip is logged with the
-        ranks that did not arrive and the step each called last.
+        no store to check in at: True, and the vote alone decides. A skip is logged, by the
+        rank that decided it with the ranks that did not arrive and the step each called last.
         """
         store = _store() if where.world > 1 else None
         if store is None:
             return True
+        if self._last is not None and step < self._last:  # rewound: keys of its own
+            self._generation += 1
+            self._attempts.clear()
+        self._last = step
         attempt = self._attempts[step]
         self._attempts[step] += 1
         round_ = f"{self.key}/{step}/{attempt}"
         store.set(self._at(where.rank), str(step))
         store.set(f"{round_}/rank{where.rank}", "1")
+        _raise_to(store, f"{self.key}/furthest", step)
         decided = f"{round_}/decision"
         if store.add(f"{round_}/arrived", 1) >= where.world:
             decision = store.compare_set(decided, "", "go")
@@ -304,15 +318,10 @@ class Arrivals:
         """Wait for the decision; else say why this rank decides: ``ahead`` or the seconds."""
         wait = self.wait_seconds(store)
         deadline = time.monotonic() + wait
-        delay, called = 0.005, []  # the other ranks known to have called (their step is set)
+        delay = 0.005
         while not store.check([decided]):
-            for rank in range(where.world):
-                if rank != where.rank and rank not in called and store.check([self._at(rank)]):
-                    called.append(rank)
-            if called:
-                steps = store.multi_get([self._at(rank) for rank in called])
-                if any(int(value) > step for value in steps):
-                    return "ahead"  # a rank is at a later step: it skipped this one
+            if int(store.get(f"{self.key}/furthest")) > step:
+                return "ahead"  # a rank is at a later step: it skipped this one
             if time.monotonic() >= deadline:
                 return f"{wait:g}"
             time.sleep(delay)
@@ -327,26 +336,26 @@ class Arrivals:
         return max(0.1, min(ARRIVAL_WAIT_S, group / 2))
 
     def _report(self, store: Any, where: Layout, step: int, round_: str, decision: str) -> None:
-        """Log why the snapshot at ``step`` is skipped, naming the ranks that did not arrive."""
+        """Log why the snapshot at ``step`` is skipped (the rank that decided: who is missing)."""
         _, decider, why = [*decision.split(":"), "?", "?"][:3]
-        missing = [r for r in range(where.world) if not store.check([f"{round_}/rank{r}"])]
-        if not missing:  # this rank came after the others had stopped waiting
+        gave_up = "another rank was at a later step" if why == "ahead" else f"after {why} s"
+        if decider != str(where.rank):
             log.error(
-                "lawwatch: snapshot at step %d skipped: rank %d reached it after rank %s had "
-                "stopped waiting for it (%s). %s. A rank that is late on purpose (evaluating or "
-                "saving alone first) must make the call after that work on every rank alike.",
+                "lawwatch: snapshot at step %d skipped: rank %s stopped waiting for every rank "
+                "to reach it (%s), and says which did not. %s.",
                 step,
-                where.rank,
                 decider,
-                "another rank was at a later step" if why == "ahead" else f"after {why} s",
+                gave_up,
                 _CALL_ALIKE,
             )
             return
-        found = []
-        for rank in missing:
+        missing = []
+        for rank in range(where.world):
+            if store.check([f"{round_}/rank{rank}"]):
+                continue
             at = self._at(rank)
             last = store.get(at).decode() if store.check([at]) else None
-            found.append(
+            missing.append(
                 f"rank {rank} (no snapshot call yet)"
                 if last is None
                 else f"rank {rank} (its latest snapshot call: step {last})"
@@ -359,10 +368,18 @@ class Arrivals:
             'with "Received data size doesn\'t match expected size", NCCL waits for its '
             "timeout); so the ranks that came measure nothing this time and go back to training.",
             step,
-            ", ".join(found),
+            ", ".join(missing) or "a rank",
             within,
             _CALL_ALIKE,
         )
+
+
+def _raise_to(store: Any, key: str, step: int) -> None:
+    """Set ``key`` to ``step`` if it is absent or lower (compare-and-set: never lowered)."""
+    current = store.compare_set(key, "", str(step))  # sets it when absent; returns the value
+    while int(current) < step:
+        seen = current.decode() if isinstance(current, bytes) else str(current)
+        current = store.compare_set(key, seen, str(step))
 
 
 def _store() -> Any | None:
