@@ -541,6 +541,12 @@ def test_a_sweep_measures_as_the_live_run_did_and_a_given_option_wins(tmp_path, 
         assert record["jackknife_groups"] == 4 and "pearson_r_se" in record
         assert "lens" not in record
 
+    # run again without options: that sweep continues with its own options, not the run's
+    assert cli.main([*base, str(tmp_path / "given")]) == 0
+    said = capsys.readouterr().out
+    assert "measuring as the earlier sweep in" in said and "jackknife=4" in said
+    assert "3 already measured" in said
+
     # --jackknife none given: none is measured, as each record's config says (a sweep used to
     # measure 8 groups whatever its config said, and record their standard errors)
     assert cli.main([*base, str(tmp_path / "none"), "--jackknife", "none"]) == 0

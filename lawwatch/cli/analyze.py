@@ -234,17 +234,32 @@ def _run_options(specs: list[str]) -> dict[Path, dict[str, Any]]:
     return found
 
 
-def _measure_config(args: argparse.Namespace) -> MeasureConfig:
-    """The options given, and for the others those the run's live history was measured with.
+def _earlier_sweep(out: str) -> dict[Path, dict[str, Any]]:
+    """The options of the sweep already in ``out``, if any (its latest record's)."""
+    from lawwatch.history import History
+    from lawwatch.output.store import HISTORY_FILE
 
-    So a sweep measures as the live run did (its jackknife, its logit lens, …) and agrees with
-    it, emergence step included; an option given on the command line wins, and what was taken
-    from the run is said. Options that only change a snapshot's cost are not taken, nor an
-    option the run passed as a Python object (it has no plain form).
+    folder = Path(out).resolve()
+    if not (folder / HISTORY_FILE).is_file():
+        return {}
+    records = History.read(folder).records
+    config = records[-1].get("config") if records else None
+    return {folder: config} if isinstance(config, dict) else {}
+
+
+def _measure_config(args: argparse.Namespace) -> MeasureConfig:
+    """The options given; the others as the sweep in ``--out``, or else the run, measured.
+
+    So a sweep run again continues itself, and a first sweep measures as the live run did (its
+    jackknife, its logit lens, …) and agrees with it, emergence step included. An option given
+    on the command line wins, and what was taken is said. Options that only change a snapshot's
+    cost are not taken, nor an option the run passed as a Python object (it has no plain form).
     """
     from lawwatch.history import COST_OPTIONS
 
-    runs = _run_options(args.checkpoints)
+    earlier = _earlier_sweep(args.out)
+    runs = earlier or _run_options(args.checkpoints)
+    whose = "the earlier sweep in" if earlier else "the run's live history was"
     given = MEASURE.given(args)
     plain = MEASURE.build(args).to_dict()
     taken: dict[str, Any] = {}
@@ -268,7 +283,7 @@ def _measure_config(args: argparse.Namespace) -> MeasureConfig:
         return MEASURE.build(args)
     config = MEASURE.build(args, **taken)
     print(
-        "lawwatch analyze: measuring as the run's live history was ("
+        f"lawwatch analyze: measuring as {whose} ("
         + ", ".join(str(path) for path in runs)
         + "): "
         + ", ".join(f"{name}={value!r}" for name, value in taken.items())
