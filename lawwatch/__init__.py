@@ -15,6 +15,7 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot
 from lawwatch.law import LawFit, fit_law
 from lawwatch.measurement import measure
+from lawwatch.norms import NormSpec
 from lawwatch.output.store import read_history
 from lawwatch.probe import ProbeSet
 from lawwatch.watch.config import WatchConfig
@@ -28,6 +29,7 @@ __all__ = [
     "LawWatch",
     "LawWatchCallback",
     "MeasureConfig",
+    "NormSpec",
     "ProbeSet",
     "Snapshot",
     "WatchConfig",

@@ -37,8 +37,10 @@ from lawwatch.checkpoints import (
     Checkpoint,
     HashCache,
     LoadOptions,
+    fingerprint,
     hub_snapshot,
     load_model,
+    unfinished,
     weights_hash,
 )
 from lawwatch.config import MeasureConfig
@@ -49,7 +51,6 @@ from lawwatch.output.store import LocalHistory, keep_probe
 from lawwatch.probe import ProbeSet
 
 __all__ = [
-    "ANALYZE_JACKKNIFE",
     "SweepResult",
     "analyze",
     "check_compatible",
@@ -58,8 +59,6 @@ __all__ = [
 
 log = logging.getLogger("lawwatch")
 
-ANALYZE_JACKKNIFE = 8
-"""Jackknife groups of a sweep whose config leaves ``jackknife`` unset."""
 HASH_FILE = "weights-sha256.json"
 """The weight files' digests, so a sweep run again hashes no unchanged file twice."""
 
@@ -73,6 +72,9 @@ class SweepResult:
         copied: Steps whose weights equal an already measured checkpoint's (numbers copied).
         skipped: Steps already in the history from the same weights.
         failed: ``(checkpoint, reason)`` of each checkpoint that could not be measured.
+        unfinished: ``(checkpoint, reason)`` of each checkpoint still being written (see
+            :func:`lawwatch.checkpoints.unfinished`): neither measured nor recorded; a sweep run
+            once it is complete measures it.
         history: The directory's whole history after the sweep.
     """
 
@@ -80,6 +82,7 @@ class SweepResult:
     copied: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: list[tuple[Checkpoint, str]] = field(default_factory=list)
+    unfinished: list[tuple[Checkpoint, str]] = field(default_factory=list)
     history: History = field(default_factory=History)
 
 
@@ -141,10 +144,9 @@ def analyze(
         probe: The probe every checkpoint is measured with (saved as ``out/probe.safetensors``).
         out: The output directory (created if missing): ``history.jsonl``,
             ``pr.safetensors``, the probe and the weight digests.
-        config: The measurement options (default: the paper's protocol). Unless ``jackknife``
-            is set, checkpoints are measured with ``ANALYZE_JACKKNIFE`` (8) groups: every record
-            carries the jackknife standard errors of ``r`` and ``rho`` (statistics kept per
-            group: memory × 9). The PRs are the same, and the records keep ``config`` as given.
+        config: The measurement options (default: the paper's protocol), applied as given,
+            ``jackknife`` included (a record carries the standard errors of ``r`` and ``rho``
+            exactly when its config asks for them, as a live run's does).
         load: How checkpoints are loaded (dtype, device, device_map, hub cache).
         progress: Show progress bars (checkpoints and probe batches, and transformers' own
             while a checkpoint loads); None: on a terminal.
@@ -213,7 +215,19 @@ def _sweep_one(
 ) -> None:
     """Skip, copy or measure one checkpoint, and record it."""
     at_step = next((r for r in local.records if r["step"] == ckpt.step), None)
-    weights = weights_hash(ckpt.source, ckpt.gguf_file, cache) if ckpt.local else None
+    weights, before = None, None
+    if ckpt.local:
+        # a checkpoint being written is left for a later sweep: its digest is recorded only
+        # for the very files measured (unchanged from before the hash to after the load)
+        problem = unfinished(ckpt.source, ckpt.gguf_file)
+        if problem is None:
+            before = fingerprint(ckpt.source, ckpt.gguf_file)
+            weights = weights_hash(ckpt.source, ckpt.gguf_file, cache)
+            if fingerprint(ckpt.source, ckpt.gguf_file) != before:
+                problem = "its weight files changed while they were hashed"
+        if problem is not None:
+            _leave_unfinished(ckpt, problem, result)
+            return
     if at_step is not None and ckpt.local and at_step.get("weights") == weights:
         result.skipped.append(ckpt.step)
         return
@@ -230,17 +244,18 @@ def _sweep_one(
         return
     start = time.perf_counter()
     model = load_model(ckpt, load)
+    if before is not None and fingerprint(ckpt.source, ckpt.gguf_file) != before:
+        del model
+        _leave_unfinished(ckpt, "its weight files changed while they were loaded", result)
+        return
     if weights is None:  # a hub checkpoint: its files are in the local cache now
         weights = weights_hash(hub_snapshot(ckpt, load), ckpt.gguf_file, cache)
         if _copy(ckpt, weights, local, result):
             return
     loaded = time.perf_counter()
-    # offline, the uncertainty of r and rho is always reported; the jackknife leaves the headline
-    # numbers as they are, so the records keep the config as given (one series with a live run)
-    measured = (
-        config if config.jackknife is not None else config.replace(jackknife=ANALYZE_JACKKNIFE)
-    )
-    snapshot = measure(model, probe, measured)
+    # measured exactly as the config says (its jackknife too): the records carry what their
+    # config gives, as a live run's do, so both find the same emergence step
+    snapshot = measure(model, probe, config)
     del model
     snapshot.step = ckpt.step
     snapshot.extra.update(
@@ -248,6 +263,18 @@ def _sweep_one(
     )
     _record(local, snapshot)
     result.measured.append(ckpt.step)
+
+
+def _leave_unfinished(ckpt: Checkpoint, problem: str, result: SweepResult) -> None:
+    """Report a checkpoint still being written; nothing of it is recorded."""
+    result.unfinished.append((ckpt, problem))
+    log.warning(
+        "lawwatch analyze: %s (step %d) skipped: it looks still being written (%s); run the "
+        "sweep again once it is saved.",
+        ckpt.name,
+        ckpt.step,
+        problem,
+    )
 
 
 def _copy(ckpt: Checkpoint, weights: str, local: LocalHistory, result: SweepResult) -> bool:

@@ -38,8 +38,11 @@ __all__ = [
     "LoadOptions",
     "describe",
     "find_checkpoints",
+    "fingerprint",
     "load_model",
     "step_from_name",
+    "unfinished",
+    "weight_files",
     "weights_hash",
 ]
 
@@ -253,12 +256,26 @@ def _with_step(ckpt: Checkpoint, spec: str) -> Checkpoint:
 # -- weights ----------------------------------------------------------------------------------
 
 
+# the weight files from_pretrained reads, in the order it looks for them: a sharded index
+# (its shards), else the single file; anything else in the folder (a sweep's own pr.safetensors
+# and probe.safetensors, a Trainer's optimizer and RNG states) is not the model's weights
+_WEIGHT_NAMES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+# a safetensors header longer than this is not one being written but a damaged file
+_MAX_HEADER = 100 * 2**20
+
+
 def weight_files(directory: str | Path, gguf_file: str | None = None) -> list[Path]:
     """The files holding a model directory's weights, as ``from_pretrained`` chooses them.
 
-    The GGUF file if one is named; else every top-level ``*.safetensors`` file; else the
-    ``pytorch_model*.bin`` files. A Trainer checkpoint's optimizer, scheduler and RNG states
-    are not weights and are left out.
+    The GGUF file if one is named; else the shards a ``model.safetensors.index.json`` lists, or
+    ``model.safetensors``; else the same for ``pytorch_model.bin``. Nothing else in the folder
+    is the model's: a Trainer checkpoint's optimizer, scheduler and RNG states, and a sweep's
+    own ``pr.safetensors`` and ``probe.safetensors`` written into the model's folder. The shards
+    an index lists are returned whether or not they exist yet (see :func:`unfinished`).
 
     Raises:
         FileNotFoundError: No weight file.
@@ -269,13 +286,106 @@ def weight_files(directory: str | Path, gguf_file: str | None = None) -> list[Pa
         if not path.is_file():
             raise FileNotFoundError(f"No GGUF file {gguf_file} in {directory}.")
         return [path]
-    for pattern in ("*.safetensors", "pytorch_model*.bin"):
-        files = sorted(p for p in directory.glob(pattern) if p.is_file())
-        if files:
-            return files
+    for index, single in _WEIGHT_NAMES:
+        if (directory / index).is_file():
+            return [directory / name for name in _index_shards(directory / index)]
+        if (directory / single).is_file():
+            return [directory / single]
     raise FileNotFoundError(
-        f"No weights in {directory}: expected *.safetensors or pytorch_model*.bin files."
+        f"No weights in {directory}: expected model.safetensors or pytorch_model.bin (or a "
+        "sharded model's index file beside its shards)."
     )
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard names a sharded checkpoint's index lists ([] while it is unreadable)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return sorted({str(name) for name in weight_map.values()})
+
+
+def unfinished(directory: str | Path, gguf_file: str | None = None) -> str | None:
+    """Why a local checkpoint looks still being written, or None when it looks complete.
+
+    A sweep that runs while training saves must not measure, or record the digest of, a
+    checkpoint half written. Said unfinished: shards without their index yet (the index comes
+    last), an index that is unreadable or lists a shard not there, a safetensors file shorter or
+    longer than its header describes (the header is written first), and a Trainer
+    ``checkpoint-N`` that has its ``training_args.bin`` but not yet its ``trainer_state.json``
+    (which the Trainer writes last). A damaged file (no plausible safetensors header) is not
+    unfinished: it fails when loaded, and the sweep says so.
+    """
+    directory = Path(directory)
+    if gguf_file is None:
+        names = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+        indexed = any(index in names for index, _ in _WEIGHT_NAMES)
+        single = any(file in names for _, file in _WEIGHT_NAMES)
+        if not indexed and not single and any(_SHARD.fullmatch(n) for n in names):
+            return "its weight shards are there but not yet their index file"
+        for index, _ in _WEIGHT_NAMES:
+            if index in names and not _index_shards(directory / index):
+                return f"its {index} is unreadable or lists no shard"
+        if (
+            _CHECKPOINT_DIR.fullmatch(directory.name)
+            and "training_args.bin" in names
+            and "trainer_state.json" not in names
+        ):
+            return "the Trainer has not yet written its trainer_state.json (it comes last)"
+    try:
+        files = weight_files(directory, gguf_file)
+    except FileNotFoundError:
+        return None  # no weights at all: loading fails, and says so
+    for path in files:
+        if not path.is_file():
+            return f"{path.name}, listed by its index, is not there yet"
+        if path.suffix == ".safetensors":
+            problem = _safetensors_unfinished(path)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _safetensors_unfinished(path: Path) -> str | None:
+    """Whether ``path`` is shorter or longer than the header it starts with describes."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name} is {size} bytes, less than a header"
+        length = int.from_bytes(head, "little")
+        if length > _MAX_HEADER:
+            return None  # no plausible header: a damaged file, which fails when loaded
+        if 8 + length > size:
+            return f"{path.name} is {size} bytes, less than its {8 + length}-byte header"
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return None  # damaged, as above
+    if not isinstance(header, dict):
+        return None
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        return f"{path.name} is {size} bytes, but its header describes {expected}"
+    return None
+
+
+def fingerprint(directory: str | Path, gguf_file: str | None = None) -> list[tuple[Any, ...]]:
+    """Each weight file's name, size, modification time and inode: what changes when written.
+
+    Equal before the hash and after the load, the weights measured are the weights hashed.
+    """
+    found = []
+    for path in weight_files(directory, gguf_file):
+        stat = os.stat(path)
+        found.append((path.name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return found
 
 
 def _file_sha256(path: Path) -> str:

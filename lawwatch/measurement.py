@@ -19,6 +19,7 @@ from torch import nn
 from lawwatch.capture import Capture, evaluating
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot, identity
+from lawwatch.identify_norm import identify, needs_identifying
 from lawwatch.law import MIN_LAW_POINTS, fit_law
 from lawwatch.models import Unembedding, check_probe, unembedding
 from lawwatch.precision import forward_precision
@@ -201,6 +202,7 @@ def check_settings(
             f"group empty; use at most {len(probe)} groups, 'auto' or None."
         )
     dim = hidden_size(model, capture)
+    check_final_norm(model, capture, dim)
     if dim is None:
         return
     n = probe.num_examples(config.offset)
@@ -213,6 +215,27 @@ def check_settings(
             "longer sequences."
         )
     checked_groups(config, targets, len(probe), len(capture.layers), dim)
+
+
+def check_final_norm(model: nn.Module, capture: Capture, dim: int | None) -> None:
+    """Identify now a final norm whose epsilon is not an attribute (nanoGPT's ``LayerNorm``).
+
+    It is run on chosen inputs (:func:`lawwatch.identify_norm.identify`), so a norm that cannot
+    be identified is refused before training, not at every snapshot. Without a known width
+    it is identified at the first measurement instead.
+
+    Raises:
+        TypeError: The norm, and how to give lawwatch its reading.
+    """
+    norm = getattr(capture, "_norm_module", None)
+    if dim is None or not needs_identifying(norm):
+        return
+    param = next((p for p in norm.parameters() if p.is_floating_point()), None)
+    if param is None:
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    identify(norm, str(capture.final_norm), dim, dtype, device)
 
 
 def hidden_size(model: nn.Module, capture: Capture) -> int | None:

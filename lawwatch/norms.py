@@ -21,7 +21,7 @@ NORMALIZE: tuple[str, ...] = ("auto", "layernorm", "rmsnorm", "standardize", "no
 NormKind = Literal["layernorm", "rmsnorm"]
 
 # where a norm module keeps its epsilon, most common first
-_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
+EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 # default epsilon of normalize='layernorm' / 'rmsnorm' when the model has no final norm to copy
 _DEFAULT_EPS = 1e-5
 
@@ -67,39 +67,64 @@ class NormSpec:
 
 
 def _eps_of(module: nn.Module) -> float | None:
-    for name in _EPS_ATTRS:
+    for name in EPS_ATTRS:
         value = getattr(module, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
 
 
-def norm_candidates(module: nn.Module, input_dtype: torch.dtype) -> list[NormSpec]:
+def norm_candidates(
+    module: nn.Module,
+    input_dtype: torch.dtype,
+    dim: int | None = None,
+    device: torch.device | None = None,
+    name: str = "",
+) -> list[NormSpec]:
     """The readings of a norm module worth trying, most likely first.
 
     The kind comes from the type (``nn.LayerNorm``, ``nn.RMSNorm``) or the class name
     (``…RMSNorm``, ``…LayerNorm``); the other kind and the Gemma-style ``1 + weight`` scale are
     tried after it, because names mislead (T5's ``T5LayerNorm`` is an RMSNorm). The epsilon is
     read off the module (``eps``, ``variance_epsilon`` or ``epsilon``); ``nn.RMSNorm`` without
-    one uses the input dtype's machine epsilon, as PyTorch does.
+    one uses the input dtype's machine epsilon, as PyTorch does. A module that keeps its epsilon
+    in its code (nanoGPT's ``LayerNorm``) is identified by running it on chosen inputs
+    (:func:`lawwatch.identify_norm.identify`), given its width ``dim`` and ``device``.
 
     Raises:
-        TypeError: The module has no readable epsilon (then it cannot be re-applied).
+        TypeError: The module has no readable epsilon and could not be identified.
     """
     eps = _eps_of(module)
     if isinstance(module, nn.RMSNorm) and eps is None:
         eps = torch.finfo(input_dtype).eps
+    if eps is None and dim is not None:
+        # imported here: identify_norm builds on this module
+        from lawwatch.identify_norm import identify
+
+        found = identify(module, name, dim, input_dtype, device or torch.device("cpu"))
+        other: NormKind = "layernorm" if found.kind == "rmsnorm" else "rmsnorm"
+        rest = [
+            NormSpec(kind, found.eps, offset)
+            for kind in (found.kind, other)
+            for offset in (0.0, 1.0)
+            if (kind, offset) != (found.kind, found.weight_offset)
+        ]
+        return [found, *rest]
     if eps is None:
         raise TypeError(
             f"Cannot read the epsilon of the final norm {type(module).__name__} (no attribute "
-            f"{' / '.join(_EPS_ATTRS)}), so it cannot be re-applied in float64. Pass "
-            "final_norm=NormSpec(kind, eps) to treat the model as having no final norm module "
-            "(the last block's output then goes through that fresh norm)."
+            f"{' / '.join(EPS_ATTRS)}) nor its width, so it cannot be re-applied in float64. "
+            "Give the module the epsilon its forward uses as an attribute (module.eps = 1e-5), "
+            "or pass final_norm=NormSpec(kind, eps) (from lawwatch import NormSpec) to treat "
+            "the model as having no final norm module (the last block's output then goes "
+            "through that fresh norm)."
         )
-    name = type(module).__name__.lower()
-    first: NormKind = "rmsnorm" if isinstance(module, nn.RMSNorm) or "rms" in name else "layernorm"
+    called = type(module).__name__.lower()
+    first: NormKind = (
+        "rmsnorm" if isinstance(module, nn.RMSNorm) or "rms" in called else "layernorm"
+    )
     second: NormKind = "layernorm" if first == "rmsnorm" else "rmsnorm"
-    offsets = (1.0, 0.0) if name.startswith("gemma") else (0.0, 1.0)
+    offsets = (1.0, 0.0) if called.startswith("gemma") else (0.0, 1.0)
     return [NormSpec(kind, eps, offset) for kind in (first, second) for offset in offsets]
 
 
@@ -155,7 +180,7 @@ def resolve_norm(
     Raises:
         TypeError: No reading reproduces the module (an unknown norm).
     """
-    candidates = norm_candidates(module, y.dtype)
+    candidates = norm_candidates(module, y.dtype, x.shape[-1], x.device, name)
     errors = [mismatch(spec, x, y, weight, bias) for spec in candidates]
     for spec, err in zip(candidates, errors, strict=True):
         if err <= 1.0:
@@ -165,7 +190,8 @@ def resolve_norm(
         f"with eps={candidates[0].eps} and scale weight or 1 + weight (best relative mismatch "
         f"{min(errors) * tolerance(y.dtype):.2g}). Pass final_norm=NormSpec(kind, eps) to treat "
         "the model as having no final norm module (the last block's output then goes through "
-        "that fresh norm), or name the right module with final_norm='…'."
+        "that fresh norm; from lawwatch import NormSpec), or name the right module with "
+        "final_norm='…'."
     )
 
 

@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lawwatch import MeasureConfig, ProbeSet, cli, measure
+from lawwatch import LawWatch, MeasureConfig, ProbeSet, cli, measure
 from lawwatch.analyze import analyze
 from lawwatch.checkpoints import (
     Checkpoint,
     HashCache,
     find_checkpoints,
     step_from_name,
+    weight_files,
     weights_hash,
 )
 from lawwatch.demo.corpus import pydoc_topics
@@ -391,3 +392,164 @@ def test_no_loading_bars_when_not_on_a_terminal(tmp_path, capsys):
     # asked for, they are shown
     assert cli.main([*argv, "--progress", "--out", str(tmp_path / "shown")]) == 0
     assert "Loading weights" in capsys.readouterr().err
+
+
+# -- a sweep beside a running training: checkpoints being written, the sweep's own files ------
+
+
+def test_a_checkpoint_being_written_is_left_for_the_next_sweep(tmp_path, capsys):
+    """A real partial write (the first half of model.safetensors) is not measured nor recorded;
+    once the write completes, the next sweep measures it, with the digest of what it measured."""
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    run = tmp_path / "run"
+    save_model(tiny_gpt2(0), run / "checkpoint-10", step=10)
+    model = tiny_gpt2(1)
+    complete = save_model(model, tmp_path / "complete", step=30)
+    writing = run / "checkpoint-30"
+    shutil.copytree(complete, writing)
+    data = (complete / "model.safetensors").read_bytes()
+    (writing / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "sweep"
+    argv = ["analyze", str(run), "--probe", str(probe_file), "--out", str(out), "--no-report"]
+
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint-30 (step 30) looks still being written" in err
+    assert "model.safetensors is" in err and "run again once it is saved" in err
+    assert [r["step"] for r in read_history(out).records] == [10]
+
+    with (writing / "model.safetensors").open("ab") as f:  # the writer finishes
+        f.write(data[len(data) // 2 :])
+    assert cli.main(argv) == 0
+    assert "1 measured, 1 already measured" in capsys.readouterr().out
+    record = by_step(read_history(out).records)[30]
+    assert record["weights"] == weights_hash(complete)
+    expected = measure(model, ProbeSet.load(probe_file)).pr
+    torch.testing.assert_close(torch.tensor(record["pr"], dtype=torch.float64), expected)
+    assert cli.main(argv) == 0  # and the sweep after that has nothing to redo
+    assert "2 already measured" in capsys.readouterr().out
+
+
+def test_a_trainer_checkpoint_without_its_state_yet_is_left_for_the_next_sweep(tmp_path, capsys):
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    ckpt = save_model(tiny_gpt2(0), tmp_path / "run" / "checkpoint-40")
+    (ckpt / "training_args.bin").write_bytes(b"written by the Trainer before its state")
+    out = tmp_path / "sweep"
+    argv = ["analyze", str(ckpt), "--probe", str(probe_file), "--out", str(out), "--no-report"]
+    assert cli.main(argv) == 0
+    assert "not yet written its trainer_state.json" in capsys.readouterr().err
+    assert not (out / "history.jsonl").exists() or not read_history(out).records
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 40}))
+    assert cli.main(argv) == 0
+    assert [r["step"] for r in read_history(out).records] == [40]
+
+
+def test_weights_rewritten_while_loaded_are_not_recorded_under_the_old_digest(
+    tmp_path, monkeypatch
+):
+    """The writer replaces the file between the hash and the load: the sweep records nothing
+    (the digest would not be that of the weights measured); the next sweep measures the new."""
+    import lawwatch.analyze as sweep_module
+
+    probe = ragged_probe()
+    old, new = tiny_gpt2(0), tiny_gpt2(1)
+    ckpt = save_model(old, tmp_path / "run" / "checkpoint-30", step=30)
+    replacement = save_model(new, tmp_path / "new")
+    real_load = sweep_module.load_model
+
+    def load_while_written(checkpoint, options):
+        shutil.copyfile(replacement / "model.safetensors", ckpt / "model.safetensors")
+        return real_load(checkpoint, options)
+
+    monkeypatch.setattr(sweep_module, "load_model", load_while_written)
+    out = tmp_path / "sweep"
+    result = analyze(find_checkpoints([str(ckpt)]), probe, out)
+    assert [(c.step, why) for c, why in result.unfinished] == [
+        (30, "its weight files changed while they were loaded")
+    ]
+    assert not result.measured and not read_history(out).records
+    monkeypatch.setattr(sweep_module, "load_model", real_load)
+    result = analyze(find_checkpoints([str(ckpt)]), probe, out)
+    assert result.measured == [30]
+    (record,) = read_history(out).records
+    assert record["weights"] == weights_hash(replacement)
+    torch.testing.assert_close(
+        torch.tensor(record["pr"], dtype=torch.float64), measure(new, probe).pr
+    )
+
+
+def test_a_sweep_into_the_run_folder_runs_again(tmp_path, capsys):
+    """The final model has no checkpoint at its step, so it is measured from the folder the
+    sweep writes into: its pr.safetensors and probe.safetensors are not the model's weights."""
+    probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
+    run = tmp_path / "run"
+    save_model(tiny_gpt2(0), run / "checkpoint-2", step=2)
+    save_model(tiny_gpt2(1), run, step=5)  # trainer.save_model() + save_state() at step 5
+    argv = ["analyze", str(run), "--probe", str(probe_file), "--out", str(run), "--no-report"]
+    assert cli.main(argv) == 0
+    assert (run / "pr.safetensors").is_file() and (run / "probe.safetensors").is_file()
+    before = (run / "history.jsonl").read_text()
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "2 already measured" in captured.out and "already in" not in captured.err
+    assert (run / "history.jsonl").read_text() == before
+    assert [p.name for p in weight_files(run)] == ["model.safetensors"]
+
+
+# -- measured as the live run was ---------------------------------------------------------------
+
+
+def test_a_sweep_measures_as_the_live_run_did_and_a_given_option_wins(tmp_path, capsys):
+    """The live run measured with the logit lens and no jackknife: a sweep without options
+    measures so too (and says so), so both agree, emergence step included; an option given on
+    the command line wins, and ``--jackknife none`` means none."""
+    probe = ragged_probe(seed=2, rows=20)  # 16+ sequences: 'auto' would keep 8 groups
+    run = tmp_path / "run"
+    model = tiny_gpt2(0)
+    watch = LawWatch(
+        model, probe, directory=run / "lawwatch", lens=0.5, jackknife=None, max_overhead=None
+    )
+    for step in (1, 2, 3):
+        model.load_state_dict(tiny_gpt2(step).state_dict())
+        save_model(model, run / f"checkpoint-{step}", step=step)
+        watch.snapshot(step)
+    watch.close()
+    live = read_history(run / "lawwatch")
+    assert all("pearson_r_se" not in r and "lens" in r for r in live)
+
+    base = ["analyze", str(run), "--no-report", "--out"]
+    assert cli.main([*base, str(tmp_path / "same")]) == 0
+    said = capsys.readouterr().out
+    assert "measuring as the run's live history was" in said
+    assert "lens=0.5" in said and "jackknife=None" in said
+    swept = read_history(tmp_path / "same")
+    assert swept.steps == live.steps == [1, 2, 3]
+    for got, want in zip(swept, live, strict=True):
+        assert got["config"] == want["config"]
+        assert "pearson_r_se" not in got
+        assert np.abs(np.subtract(got["pr"], want["pr"])).max() <= 1e-9
+        for metric in ("top1", "ce", "kl", "entropy"):
+            np.testing.assert_allclose(got["lens"][metric], want["lens"][metric], atol=1e-9)
+    for threshold in (-0.999, -0.9, -0.5):
+        assert swept.emergence_step(threshold) == live.emergence_step(threshold)
+
+    assert cli.main([*base, str(tmp_path / "given"), "--jackknife", "4", "--lens", "none"]) == 0
+    said = capsys.readouterr().out
+    assert "lens=" not in said and "jackknife=" not in said
+    for record in read_history(tmp_path / "given"):
+        assert record["config"]["jackknife"] == 4 and record["config"]["lens"] is None
+        assert record["jackknife_groups"] == 4 and "pearson_r_se" in record
+        assert "lens" not in record
+
+    # run again without options: that sweep continues with its own options, not the run's
+    assert cli.main([*base, str(tmp_path / "given")]) == 0
+    said = capsys.readouterr().out
+    assert "measuring as the earlier sweep in" in said and "jackknife=4" in said
+    assert "3 already measured" in said
+
+    # --jackknife none given: none is measured, as each record's config says (a sweep used to
+    # measure 8 groups whatever its config said, and record their standard errors)
+    assert cli.main([*base, str(tmp_path / "none"), "--jackknife", "none"]) == 0
+    for record in read_history(tmp_path / "none"):
+        assert record["config"]["jackknife"] is None
+        assert "pearson_r_se" not in record and "jackknife_groups" not in record

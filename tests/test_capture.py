@@ -10,12 +10,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lawwatch import measure
+import lawwatch
+from lawwatch import LawWatch, measure
 from lawwatch.capture import Capture
+from lawwatch.identify_norm import identify
 from lawwatch.measurement import accumulate
 from lawwatch.norms import NormSpec
 from lawwatch.probe import example_mask
-from tests.helpers.models import FAMILIES, LAYERS, VOCAB, D, NanoGPT, build, ragged_probe
+from tests.helpers.models import (
+    FAMILIES,
+    LAYERS,
+    VOCAB,
+    D,
+    EpsInCodeLayerNorm,
+    NanoGPT,
+    build,
+    ragged_probe,
+)
 from tests.helpers.reference import hf_residual_stream, layer_norm, protocol_pr, rms_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,6 +170,30 @@ class HiddenEpsNorm(nn.Module):
         return F.layer_norm(x, (self.d,), eps=1e-5)
 
 
+class HiddenEpsScaleNorm(nn.Module):
+    """Neither a LayerNorm nor an RMSNorm, and no epsilon attribute: w * x / (||x|| + 1e-5)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((d,), 1.3))
+
+    def forward(self, x):
+        return self.weight * x / (x.norm(dim=-1, keepdim=True) + 1e-5)
+
+
+class HiddenEpsGemmaRMSNorm(nn.Module):
+    """An RMSNorm computing in float32, scale 1 + weight, its epsilon a literal in the code."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-0.3, 0.4, d))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
 def nano_reference(model, p, fresh, fresh_last=False):
     """Entries written out by hand on a float64 copy: embeddings, each block's output, the
     final norm of the last (no lawwatch, no hooks)."""
@@ -234,12 +269,55 @@ def test_errors_say_what_to_pass():
         measure(NanoGPT(final_twice=True), p, blocks="transformer.h")
     with pytest.raises(TypeError, match=r"behaves like no LayerNorm or RMSNorm.*NormSpec"):
         measure(NanoGPT(norm=ScaleNorm), p, blocks="transformer.h")
-    with pytest.raises(TypeError, match="Cannot read the epsilon"):
-        measure(NanoGPT(norm=HiddenEpsNorm), p, blocks="transformer.h")
+    with pytest.raises(TypeError, match=r"keeps its epsilon in its code.*did not identify"):
+        measure(NanoGPT(norm=HiddenEpsScaleNorm), p, blocks="transformer.h")
     with pytest.raises(ValueError, match="not a module"):
         measure(model, p, blocks="transformer.h", final_norm="transformer.norm")
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_a_norm_that_keeps_its_epsilon_in_code_is_identified():
+    """No eps attribute: the final norm is run on chosen inputs, its kind and epsilon read off
+    its outputs, and the reading checked on every batch; PR as the float64 reference's."""
+    model, p = NanoGPT(norm=HiddenEpsNorm), probe()  # no weight: identified at the first batch
+    capture = Capture(model, blocks="transformer.h.*")
+    capture(*batch(p))
+    assert capture.spec == NormSpec("layernorm", 1e-5)
+    want = nano_reference(model, p, lambda h: layer_norm(h, 1e-5))
+    got = measure(model, p, blocks="transformer.h.*").pr.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("make", "want"),
+    [
+        (lambda d: EpsInCodeLayerNorm(d, bias=True), NormSpec("layernorm", 1e-5)),
+        (lambda d: EpsInCodeLayerNorm(d + 1, bias=False), NormSpec("layernorm", 1e-5)),
+        (HiddenEpsGemmaRMSNorm, NormSpec("rmsnorm", 1e-6, 1.0)),
+    ],
+)
+def test_identified_exactly_in_every_dtype_without_touching_the_model(make, want, dtype):
+    norm = make(D)
+    with torch.no_grad():
+        for name, param in norm.named_parameters():
+            param.uniform_(-0.2, 0.2) if name == "bias" else param.add_(0.1)
+    norm = norm.to(dtype)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    rng = torch.get_rng_state()
+    dim = norm.weight.shape[0]
+    assert identify(norm, "ln_f", dim, dtype, torch.device("cpu")) == want
+    assert torch.equal(torch.get_rng_state(), rng)  # the training's RNG stream is untouched
+    for key, value in norm.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_a_norm_that_cannot_be_identified_is_refused_when_the_monitor_is_built():
+    model = NanoGPT(norm=HiddenEpsScaleNorm)
+    with pytest.raises(TypeError, match=r"'transformer\.ln_f' \(HiddenEpsScaleNorm\).*\.eps = "):
+        LawWatch(model, probe(), blocks="transformer.h")
+    assert lawwatch.NormSpec is NormSpec  # the fix the message names is importable as written
 
 
 def test_hf_model_with_a_final_norm_it_cannot_read():

@@ -3,18 +3,28 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from lawwatch import measure
 from lawwatch.output.store import LocalHistory, read_history
 from lawwatch.watch.monitor import LawWatch
-from tests.helpers.models import NanoGPT, ragged_probe
+from tests.helpers.models import (
+    EpsInCodeLayerNorm,
+    NanoGPT,
+    nanogpt_eps_in_code,
+    plain_layernorm_copy,
+    ragged_probe,
+)
 from tests.helpers.recipes import ROOT
+from tests.helpers.reference import layer_norm, protocol_pr
 from tests.helpers.trackers import expected_scalars, read_events
+from tests.helpers.workers.common import poison
 
 
 def loop(watch: LawWatch, steps: range) -> None:
@@ -116,6 +126,72 @@ def test_nanogpt_blocks_are_found_or_named():
     found = measure(model, probe)  # nanoGPT's GPTConfig.n_layer: the blocks, and ln_f by name
     named = measure(model, probe, blocks="transformer.h", final_norm="transformer.ln_f")
     assert found.pr.tolist() == pytest.approx(named.pr.tolist(), rel=1e-12)
+
+
+def _nanogpt_entries(model):
+    """Entries 0 … L of a nanoGPT-layout model, by hand on a float64 copy (no lawwatch)."""
+    m = copy.deepcopy(model).double().eval()
+
+    def stream(ids):
+        with torch.no_grad():
+            x = m.transformer.wte(ids[None]) + m.transformer.wpe(torch.arange(ids.numel()))
+            entries = [x]
+            for block in m.transformer.h:
+                x = block(x)
+                entries.append(x)
+            entries[-1] = m.transformer.ln_f(entries[-1])
+        return [e[0] for e in entries]
+
+    return stream
+
+
+def test_nanogpt_own_layernorm_is_identified_and_measured(tmp_path, caplog):
+    """nanoGPT's own LayerNorm keeps its epsilon in its forward: the monitor identifies it by
+    running it, measures every snapshot, writes the history, and its PRs are those of the same
+    model with nn.LayerNorm(eps=1e-5), against a float64 reference written out by hand."""
+    probe = ragged_probe()
+    model = nanogpt_eps_in_code()
+    assert isinstance(model.transformer.ln_f, EpsInCodeLayerNorm)
+    assert not hasattr(model.transformer.ln_f, "eps")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    directory = tmp_path / "lw"
+    watch = LawWatch(model, probe, every=2, max_overhead=None, directory=directory)
+    gen = torch.Generator().manual_seed(1)
+    with caplog.at_level(logging.ERROR, logger="lawwatch"):
+        for step in range(1, 5):
+            batch = torch.randint(1, 97, (4, 16), generator=gen)
+            model(batch, batch)[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            watch.maybe_snapshot(step)
+        watch.close()
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert read_history(directory).steps == [1, 2, 4]
+    assert (directory / "law.png").is_file()
+    # the trained weights, in float64: PR as with a plain nn.LayerNorm, and as the protocol
+    hidden = copy.deepcopy(model).double()
+    plain = plain_layernorm_copy(hidden)
+    got = measure(hidden, probe).pr.numpy()
+    want = measure(plain, probe).pr.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    reference = protocol_pr(_nanogpt_entries(plain), probe, lambda h: layer_norm(h, 1e-5))
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-9)
+
+
+def test_a_run_that_measured_nothing_says_so_once_at_close(tmp_path, gpt2, probe, caplog):
+    """Every snapshot fails (NaN hidden states): each failure is logged, and close() says once
+    that the run has no history."""
+    gpt2.transformer.h[1].register_forward_hook(poison)
+    watch = LawWatch(gpt2, probe, every=1, max_overhead=None, directory=tmp_path / "lw")
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        loop(watch, range(1, 4))
+        watch.close()
+        watch.close()
+    said = [r for r in caplog.records if "this run measured nothing" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR
+    assert "last attempted at step 3" in said[0].getMessage()
+    assert str(tmp_path / "lw") in said[0].getMessage()
+    assert not (tmp_path / "lw" / "law.png").exists()
 
 
 def test_docs_quickstart_runs(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ from lawwatch.cli import fail
 from lawwatch.cli.options import DataclassOptions
 from lawwatch.cli.probe import PROBE
 from lawwatch.config import REGEX_PREFIX, MeasureConfig
-from lawwatch.output.layout import PROBE_FILE, run_directory
+from lawwatch.output.layout import HISTORY_FILE, PROBE_FILE, run_directory
+from lawwatch.output.store import read_history
 from lawwatch.probe import ProbeSet
 
 
@@ -43,14 +44,27 @@ def _jackknife(text: str) -> int | str | None:
     return None if word == "none" else word if word == "auto" else int(word)
 
 
+def _float_or_none(text: str) -> float | None:
+    """A number, or ``none`` (off: to measure without what a live run measured with)."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def _int_or_none(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else int(text)
+
+
 MEASURE = DataclassOptions(
     MeasureConfig,
-    "measurement options (lawwatch.MeasureConfig; the defaults are the paper's protocol)",
+    "measurement options (lawwatch.MeasureConfig; the defaults are the paper's protocol; an "
+    "option not given is the run's own when the checkpoints' live history says it)",
     overrides={
         "layers": {"type": _layers},
         "blocks": {"type": _blocks},
         "final_norm": {"type": str},
         "jackknife": {"type": _jackknife},
+        "lens": {"type": _float_or_none},
+        "split": {"type": _float_or_none},
+        "onehot_top_k": {"type": _int_or_none},
     },
 )
 
@@ -66,8 +80,9 @@ def add(commands: Any) -> None:
         description=(
             "Measure the law on checkpoints, in increasing step order, and write DIR/"
             "history.jsonl and DIR/pr.safetensors (as a live run writes them) and a report. "
-            "Run again, it measures only what is new. Exit code: 0, 1 if a checkpoint failed, "
-            "2 for bad arguments."
+            "Run again, it measures only what is new; a checkpoint still being written is left "
+            "for that next run (and said so). Exit code: 0, 1 if a checkpoint failed, 2 for bad "
+            "arguments."
         ),
     )
     analyze.add_argument(
@@ -193,6 +208,85 @@ def _run_probes(specs: list[str]) -> dict[Path, ProbeSet]:
     return found
 
 
+def _run_options(specs: list[str]) -> dict[Path, dict[str, Any]]:
+    """The measurement options of the live histories beside the runs ``specs`` name, by folder.
+
+    ``<dir>/lawwatch/history.jsonl`` of an output_dir, or of a ``checkpoint-N`` folder's: its
+    latest record's ``config``.
+    """
+    found: dict[Path, dict[str, Any]] = {}
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            path = path.parent
+        if not path.is_dir():
+            continue  # a hub id
+        for folder in (path, path.parent):
+            live = run_directory(folder).resolve()
+            if (live / HISTORY_FILE).is_file():
+                if live not in found:
+                    records = read_history(live).records
+                    if records and isinstance(records[-1].get("config"), dict):
+                        found[live] = records[-1]["config"]
+                break
+    return found
+
+
+def _earlier_sweep(out: str) -> dict[Path, dict[str, Any]]:
+    """The options of the sweep already in ``out``, if any (its latest record's)."""
+    folder = Path(out).resolve()
+    if not (folder / HISTORY_FILE).is_file():
+        return {}
+    records = read_history(folder).records
+    config = records[-1].get("config") if records else None
+    return {folder: config} if isinstance(config, dict) else {}
+
+
+def _measure_config(args: argparse.Namespace) -> MeasureConfig:
+    """The options given; the others as the sweep in ``--out``, or else the run, measured.
+
+    So a sweep run again continues itself, and a first sweep measures as the live run did (its
+    jackknife, its logit lens, …) and agrees with it, emergence step included. An option given
+    on the command line wins, and what was taken is said. Options that only change a snapshot's
+    cost are not taken, nor an option the run passed as a Python object (it has no plain form).
+    """
+    from lawwatch.history import COST_OPTIONS
+
+    earlier = _earlier_sweep(args.out)
+    runs = earlier or _run_options(args.checkpoints)
+    whose = "the earlier sweep in" if earlier else "the run's live history was"
+    given = MEASURE.given(args)
+    plain = MEASURE.build(args).to_dict()
+    taken: dict[str, Any] = {}
+    for name in MeasureConfig.names():
+        if name in given or name in COST_OPTIONS:
+            continue
+        values = [options[name] for options in runs.values() if name in options]
+        if not values:
+            continue
+        if any(value != values[0] for value in values):
+            raise ValueError(
+                f"The runs were measured with different {name} ("
+                + ", ".join(f"{path}: {options.get(name)!r}" for path, options in runs.items())
+                + f"): one sweep measures one way. Give it with --{name.replace('_', '-')}."
+            )
+        value = values[0]
+        unloadable = isinstance(value, str) and value.startswith("<") and value.endswith(">")
+        if value != plain[name] and not unloadable:
+            taken[name] = value
+    if not taken:
+        return MEASURE.build(args)
+    config = MEASURE.build(args, **taken)
+    print(
+        f"lawwatch analyze: measuring as {whose} ("
+        + ", ".join(str(path) for path in runs)
+        + "): "
+        + ", ".join(f"{name}={value!r}" for name, value in taken.items())
+        + "; an option given here measures otherwise"
+    )
+    return config
+
+
 def _compared(probe: ProbeSet, what: str, saved: dict[Path, ProbeSet]) -> ProbeSet:
     """``probe``, with a warning for each run it was not the probe of."""
     wanted = probe.content_hash()
@@ -215,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     from lawwatch.checkpoints import describe, find_checkpoints
 
     try:
-        config = MEASURE.build(args)
+        config = _measure_config(args)
         load = LoadOptions(
             dtype=args.dtype,
             device=args.device,
@@ -242,6 +336,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"lawwatch analyze: {done or 'nothing done'}; history in {Path(args.out)}")
     for ckpt, reason in result.failed:
         print(f"lawwatch analyze: FAILED {ckpt.name} (step {ckpt.step}): {reason}", file=sys.stderr)
+    for ckpt, reason in result.unfinished:
+        print(
+            f"lawwatch analyze: not yet measured: {ckpt.name} (step {ckpt.step}) looks still being "
+            f"written ({reason}); run again once it is saved",
+            file=sys.stderr,
+        )
     png = None
     if args.report and len(result.history):
         try:

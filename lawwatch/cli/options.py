@@ -100,16 +100,28 @@ class DataclassOptions:
                 options["required"] = True
                 note = "required"
             else:
-                options["default"] = default
+                # absent from the namespace unless given: :meth:`build` fills the default in,
+                # and :meth:`given` tells what the user typed from what was left out
+                options["default"] = argparse.SUPPRESS
                 note = f"default: {default}"
             options["help"] = f"{docs.get(f.name, '')} ({note})".replace("%", "%%")
             parser.add_argument("--" + flag, dest=self._dest(f.name), **options)
 
-    def build(self, args: argparse.Namespace) -> Any:
-        """The dataclass of the parsed options (its own checks raise on a bad value)."""
-        values = {f.name: getattr(args, self._dest(f.name)) for f in _init_fields(self.cls)}
+    def build(self, args: argparse.Namespace, **defaults: Any) -> Any:
+        """The dataclass of the parsed options (its own checks raise on a bad value).
+
+        An option not given takes ``defaults[name]`` if there, else the field's default.
+        """
+        values = {
+            f.name: getattr(args, self._dest(f.name), defaults.get(f.name, _default(f)))
+            for f in _init_fields(self.cls)
+        }
         # argparse gathers several values in a list; a frozen config keeps a tuple (hashable)
         return self.cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def given(self, args: argparse.Namespace) -> set[str]:
+        """The fields whose option was given on the command line (even at its default)."""
+        return {f.name for f in _init_fields(self.cls) if hasattr(args, self._dest(f.name))}
 
 
 def _derived(kind: Any) -> dict[str, Any]:

@@ -8,6 +8,15 @@ through is :func:`lawwatch.models.measured_module`'s business):
   ``torch.distributed`` process group, decided at call time. A process started as one of
   several (``WORLD_SIZE`` > 1, as torchrun and ``accelerate launch`` set it) that finds no
   multi-process group is warned once: it would measure and write as if alone.
+* **Arrival, before any collective.** A rank that skips a snapshot the others take (a call
+  under ``if master_process:``) is in another collective meanwhile, a gradient all-reduce say;
+  had the others entered lawwatch's first collective, gloo would abort the run ("Received data
+  size doesn't match expected size") and NCCL hang until its timeout. So every rank first checks
+  in at the process group's key-value store (:class:`Arrivals`: no collective, so it cannot
+  mismatch one): when every rank has arrived at the same step the snapshot goes on, else after
+  a wait every rank that comes skips it, the missing ranks are named, and the ranks that did
+  arrive return to training, where they meet the missing ones in the training's own
+  collectives.
 * **One vote.** Under FSDP and ZeRO-3 every probe forward is a collective, and the statistics
   are summed with one all-reduce, so a rank that failed must not leave the others waiting:
   :func:`vote` combines every rank's outcome, and checks that all ranks measure the same step
@@ -15,20 +24,22 @@ through is :func:`lawwatch.models.measured_module`'s business):
   ``LawWatch.maybe_snapshot`` at the same steps: ranks out of step, or a vote that fails or
   times out, are reported on the ``"lawwatch"`` logger with the step and probe each rank
   expected and that rule (see ``docs/protocol.md``). The vote is always a float64 all-reduce
-  of shape ``[7]``, so torch's own mismatch reports (``TORCH_DISTRIBUTED_DEBUG=DETAIL``, or
-  gloo's "Received data size doesn't match expected size") that name it mean a rank skipped
-  a snapshot the others took. :func:`together` is that vote followed, when every rank agrees,
-  by the snapshot's collective.
+  of shape ``[7]``. :func:`together` is that vote followed, when every rank agrees, by the
+  snapshot's collective.
 * **Agreed times.** The overhead budget decides from the largest times over the processes
   (:func:`largest`), so every rank skips the same steps.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -147,6 +158,10 @@ _MARKER = 1_048_573.0  # a prime below 2**20: no plausible statistic or step lan
 VOTE_SIZE = 7
 """Elements of every vote: marker, -marker, failed, step, -step, probe, -probe (float64)."""
 
+_CALL_ALIKE = (
+    "Every rank must call LawWatch.maybe_snapshot (or snapshot) at the same steps with the same "
+    "probe"
+)
 _MUST = (
     "Every rank must call LawWatch.maybe_snapshot (or snapshot) at the same steps with the same "
     "probe: a rank that skips a call, calls it at another step, or runs another collective "
@@ -229,6 +244,153 @@ def vote(ok: bool, where: Layout, *, step: int, probe: int) -> str | None:
     if differ:
         return f"the ranks disagree on {', '.join(differ)}"
     return "another rank failed" if reduced[2] > 0 else None
+
+
+ARRIVAL_WAIT_S = 300.0
+"""The longest a rank waits for the others at a snapshot (and at most half the process group's
+timeout, so that a rank waiting in another collective is joined before torch gives up on it)."""
+
+_MONITORS = itertools.count()  # monitors of this process, numbered alike on every rank
+
+
+class Arrivals:
+    """The check-in every rank passes before a snapshot's first collective.
+
+    Each rank records its step and adds itself to a counter in the default process group's
+    key-value store, under the monitor, step and attempt, and raises the monitor's furthest
+    step. The rank that completes the count decides "go". A rank still waiting decides "skip"
+    when the furthest step is past its own (a rank went on: it skipped this one), or after
+    :meth:`wait_seconds`; one atomic compare-and-set makes the first decision every rank's, a
+    late rank's too, and the rank that decided names the missing ranks. Going costs a few store
+    round trips per rank; waiting polls two keys, less often as the wait goes on. Monitors are
+    numbered in the order a process builds them, so every rank must build its monitors in the
+    same order (as it does running the same script); a monitor whose steps go back (a state
+    loaded again) starts a new generation of keys, on every rank alike.
+    """
+
+    def __init__(self) -> None:
+        self._monitor = f"lawwatch/{next(_MONITORS)}"
+        self._generation = 0
+        self._last: int | None = None  # the step of this rank's latest check-in
+        self._attempts: Counter[int] = Counter()  # a step snapshotted again is a new round
+
+    @property
+    def key(self) -> str:
+        """The prefix of this monitor's keys, in its current generation."""
+        return f"{self._monitor}/{self._generation}"
+
+    def arrive(self, where: Layout, step: int) -> bool:
+        """Whether every rank reached the snapshot at ``step`` (True on one process).
+
+        Without a ``torch.distributed`` process group (an accelerator of another kind) there is
+        no store to check in at: True, and the vote alone decides. A skip is logged, by the
+        rank that decided it with the ranks that did not arrive and the step each called last.
+        """
+        store = _store() if where.world > 1 else None
+        if store is None:
+            return True
+        if self._last is not None and step < self._last:  # rewound: keys of its own
+            self._generation += 1
+            self._attempts.clear()
+        self._last = step
+        attempt = self._attempts[step]
+        self._attempts[step] += 1
+        round_ = f"{self.key}/{step}/{attempt}"
+        store.set(self._at(where.rank), str(step))
+        store.set(f"{round_}/rank{where.rank}", "1")
+        _raise_to(store, f"{self.key}/furthest", step)
+        decided = f"{round_}/decision"
+        if store.add(f"{round_}/arrived", 1) >= where.world:
+            decision = store.compare_set(decided, "", "go")
+        else:
+            why = self._wait(store, where, step, decided)
+            decision = store.compare_set(decided, "", f"skip:{where.rank}:{why}")
+        text = decision.decode() if isinstance(decision, bytes) else str(decision)
+        if text == "go":
+            return True
+        self._report(store, where, step, round_, text)
+        return False
+
+    def _at(self, rank: int) -> str:
+        return f"{self.key}/at/{rank}"
+
+    def _wait(self, store: Any, where: Layout, step: int, decided: str) -> str:
+        """Wait for the decision; else say why this rank decides: ``ahead`` or the seconds."""
+        wait = self.wait_seconds(store)
+        deadline = time.monotonic() + wait
+        delay = 0.005
+        while not store.check([decided]):
+            if int(store.get(f"{self.key}/furthest")) > step:
+                return "ahead"  # a rank is at a later step: it skipped this one
+            if time.monotonic() >= deadline:
+                return f"{wait:g}"
+            time.sleep(delay)
+            delay = min(2 * delay, 0.25)
+        return "decided"
+
+    @staticmethod
+    def wait_seconds(store: Any) -> float:
+        """:data:`ARRIVAL_WAIT_S`, or half the process group's timeout if that is shorter."""
+        timeout = getattr(store, "timeout", None)
+        group = timeout.total_seconds() if isinstance(timeout, timedelta) else ARRIVAL_WAIT_S
+        return max(0.1, min(ARRIVAL_WAIT_S, group / 2))
+
+    def _report(self, store: Any, where: Layout, step: int, round_: str, decision: str) -> None:
+        """Log why the snapshot at ``step`` is skipped (the rank that decided: who is missing)."""
+        _, decider, why = [*decision.split(":"), "?", "?"][:3]
+        gave_up = "another rank was at a later step" if why == "ahead" else f"after {why} s"
+        if decider != str(where.rank):
+            log.error(
+                "lawwatch: snapshot at step %d skipped: rank %s stopped waiting for every rank "
+                "to reach it (%s), and says which did not. %s.",
+                step,
+                decider,
+                gave_up,
+                _CALL_ALIKE,
+            )
+            return
+        missing = []
+        for rank in range(where.world):
+            if store.check([f"{round_}/rank{rank}"]):
+                continue
+            at = self._at(rank)
+            last = store.get(at).decode() if store.check([at]) else None
+            missing.append(
+                f"rank {rank} (no snapshot call yet)"
+                if last is None
+                else f"rank {rank} (its latest snapshot call: step {last})"
+            )
+        within = "" if why == "ahead" else f" within {why} s"
+        log.error(
+            "lawwatch: snapshot at step %d skipped: %s did not reach it%s. %s. A rank that "
+            "skips a call (e.g. one made under `if master_process:`) is meanwhile in another "
+            "collective, which lawwatch's first collective would have met (gloo aborts the run "
+            'with "Received data size doesn\'t match expected size", NCCL waits for its '
+            "timeout); so the ranks that came measure nothing this time and go back to training.",
+            step,
+            ", ".join(missing) or "a rank",
+            within,
+            _CALL_ALIKE,
+        )
+
+
+def _raise_to(store: Any, key: str, step: int) -> None:
+    """Set ``key`` to ``step`` if it is absent or lower (compare-and-set: never lowered)."""
+    current = store.compare_set(key, "", str(step))  # sets it when absent; returns the value
+    while int(current) < step:
+        seen = current.decode() if isinstance(current, bytes) else str(current)
+        current = store.compare_set(key, seen, str(step))
+
+
+def _store() -> Any | None:
+    """The default process group's key-value store, or None without one."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # a group without a store (never for gloo or NCCL): the vote decides
+        return None
 
 
 def together(

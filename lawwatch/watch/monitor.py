@@ -37,7 +37,7 @@ from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
 from lawwatch.stats import Statistics
 from lawwatch.watch.config import WatchConfig, build_configs
-from lawwatch.watch.distributed import Layout, layout, together
+from lawwatch.watch.distributed import Arrivals, Layout, layout, together
 from lawwatch.watch.schedule import Budget, planned
 from lawwatch.watch.shard import measure_shard
 from lawwatch.watch.worker import Pending, Worker
@@ -163,6 +163,8 @@ class LawWatch:
         self._clock: Callable[[], float] = time.perf_counter
         self._budget = Budget(self.watch.max_overhead, self.watch.last_step)
         self._worker = Worker(self.watch.background_lag)
+        self._said_empty = False  # a run that measured nothing says so once, at close
+        self._arrivals = Arrivals()  # every rank checks in before a snapshot's collectives
         self._loaded = False  # state loaded (the same on every rank)
         self.directory = None if outputs.directory is None else Path(outputs.directory)
         # opened once the options are known good; records of another series already in the
@@ -254,11 +256,14 @@ class LawWatch:
             skipped (always None with ``background``). Never raises for a measurement failure:
             it is logged to the ``"lawwatch"`` logger and training goes on.
         """
+        where = layout(self.accelerator)
+        if not self._arrivals.arrive(where, step):  # a rank is missing: no collective at all
+            self.last_step = step
+            return None
         if self._worker.pending:
             self._collect(None)  # every pending result first: one set of statistics at a time
         self.last_step = step
         began = self._clock()
-        where = layout(self.accelerator)
         try:
             return self._snapshot(step, where)
         finally:
@@ -495,7 +500,29 @@ class LawWatch:
             finally:
                 self._worker.shutdown()
         finally:
+            self._say_if_empty()
             self.outputs.close()
+
+    def _say_if_empty(self) -> None:
+        """A run with no record says so once, on the main process (each failure was logged)."""
+        if self.history.records or self._said_empty or layout(self.accelerator).rank != 0:
+            return
+        self._said_empty = True
+        files = "" if self.directory is None else f" in {self.directory}"
+        if self.last_step is None:
+            log.warning(
+                "lawwatch: closed with nothing measured: maybe_snapshot was never called, so "
+                "no history or law.png was written%s.",
+                files,
+            )
+            return
+        log.error(
+            "lawwatch: this run measured nothing: every snapshot failed or was skipped (the "
+            "last attempted at step %d; the reason was logged at each), so no history or "
+            "law.png was written%s.",
+            self.last_step,
+            files,
+        )
 
     def _close_at_exit(self) -> None:
         """The interpreter exits and :meth:`close` was never called: finish what is pending.

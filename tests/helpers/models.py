@@ -330,3 +330,52 @@ class NanoGPT(nn.Module):
             if self.final_twice:
                 x = self.transformer.ln_f(x)
         return self.lm_head(x)
+
+
+class EpsInCodeLayerNorm(nn.Module):
+    """A LayerNorm as nanoGPT's ``model.py`` writes it: a weight, an optional bias, and its
+    epsilon (1e-5) a literal in the forward, so the module has no ``eps`` to read."""
+
+    def __init__(self, ndim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def nanogpt_eps_in_code(vocab_size: int = VOCAB, bias: bool = False, seed: int = 0) -> nn.Module:
+    """The nanoGPT recipe's GPT (nanoGPT's layout, ``config.n_layer``) with every LayerNorm
+    replaced by :class:`EpsInCodeLayerNorm` (trained-looking weights and biases), as nanoGPT's own
+    ``train.py`` builds it (``bias=False`` is its default config)."""
+    from tests.helpers.recipes import recipe
+
+    gpt = recipe("pretrain_nanogpt")
+    torch.manual_seed(seed)
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=4, n_embd=16))
+    for parent in [model.transformer, *model.transformer.h]:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                norm = EpsInCodeLayerNorm(child.normalized_shape[0], bias=bias)
+                with torch.no_grad():
+                    norm.weight.uniform_(0.5, 1.5)
+                    if norm.bias is not None:
+                        norm.bias.uniform_(-0.2, 0.2)
+                setattr(parent, name, norm)
+    return model
+
+
+def plain_layernorm_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every :class:`EpsInCodeLayerNorm` replaced by the
+    ``nn.LayerNorm(eps=1e-5)`` holding the same weight and bias."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    for parent in list(plain.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, EpsInCodeLayerNorm):
+                norm = nn.LayerNorm(child.weight.shape[0], eps=1e-5, bias=child.bias is not None)
+                norm.load_state_dict(child.state_dict())
+                setattr(parent, name, norm.to(child.weight.dtype))
+    return plain
