@@ -8,12 +8,15 @@ a removed directory an ``rmtree``. The kills and the file size limit run in one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -292,10 +295,92 @@ def test_another_process_writing_the_directory_is_refused_until_it_is_killed(tmp
     )
     try:
         assert holder.stdout.readline().strip() == "open"
-        with pytest.raises(HistoryBusy, match="already written by another process"):
+        with pytest.raises(HistoryBusy, match="already written by another process") as busy:
             LocalHistory(tmp_path)
+        # the holder named: its process id and what it runs
+        assert f"held by process {holder.pid} (" in str(busy.value)
+        assert f"({sys.executable} -c import sys" in str(busy.value)
     finally:
         holder.kill()  # SIGKILL: the lock goes with the process
         holder.wait(timeout=60)
     LocalHistory(tmp_path).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock leaves no file
+
+
+def forking_trainer(directory: Path, how: str) -> tuple[subprocess.Popen, int]:
+    """A real trainer process with a monitor on ``directory`` and a forked helper (its pid)."""
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.workers.forking_trainer", str(directory), how],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = trainer.stdout.readline().split()
+    if line[:1] != ["ready"]:
+        trainer.kill()  # its helper, if any, sleeps out its time alone
+        trainer.wait(timeout=60)
+        raise AssertionError(f"the trainer did not start its helper: {line}")
+    return trainer, int(line[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+def test_a_helper_forked_by_a_killed_trainer_does_not_keep_the_directory(
+    tmp_path, gpt2, probe, how, caplog
+):
+    """kill -9 of a trainer whose forked helper (a data-loader worker, a multiprocessing fork)
+    outlives it: the resumed run opens the directory and writes its history."""
+    directory = tmp_path / "lw"
+    trainer, helper = forking_trainer(directory, how)
+    try:
+        trainer.kill()  # SIGKILL: no cleanup, the helper goes on
+        trainer.wait(timeout=60)
+        assert alive(helper)
+        with caplog.at_level(logging.WARNING, logger="lawwatch"):
+            resumed = LawWatch(gpt2, probe, every=1, max_overhead=None, directory=directory)
+            resumed.load_state_dict({"history": read_history(directory).records}, resume_step=0)
+            resumed.maybe_snapshot(1)
+            resumed.close()
+        assert alive(helper)  # it held nothing: the run wrote while it lives
+        assert raw_steps(directory) == [0, 1]
+        assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+    finally:
+        trainer.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)
+
+
+def test_a_lock_a_child_inherited_names_that_child_and_its_ended_parent(tmp_path):
+    """A lock taken by another program and kept by the child it forked after it was killed:
+    the refusal names the child (pid, command) and the ended process it inherited it from,
+    not two trainers that formed no process group."""
+    directory = tmp_path / "lw"
+    directory.mkdir()
+    trainer, helper = forking_trainer(directory, "raw")
+    try:
+        trainer.kill()
+        trainer.wait(timeout=60)
+        with pytest.raises(HistoryBusy) as busy:
+            LocalHistory(directory)
+        message = str(busy.value)
+        assert f"held by process {helper} (" in message and "forking_trainer" in message
+        assert f"after process {trainer.pid}, which took it, ended" in message
+        assert "process group" not in message
+        os.kill(helper, signal.SIGKILL)  # the child ends: the directory is free
+        for _ in range(600):
+            if not alive(helper):
+                break
+            time.sleep(0.1)
+        LocalHistory(directory).close()
+    finally:
+        trainer.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)

@@ -4,7 +4,8 @@
 :func:`append_bytes` appends synced bytes that are whole or absent, :func:`remove_leftovers`
 removes the temporary files of writers that were killed, and :func:`lock_directory` takes an
 advisory lock on a directory that the system releases when its process ends (even by
-``kill -9``). :mod:`lawwatch.output.store` keeps a history with them; they know nothing of
+``kill -9``), which the children it forks do not hold, and which names its holders when
+refused. :mod:`lawwatch.output.store` keeps a history with them; they know nothing of
 records.
 """
 
@@ -17,14 +18,18 @@ import logging
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "DirectoryLock",
     "DirectoryLocked",
+    "Holder",
     "append_bytes",
     "file_size",
     "free_name",
     "lock_directory",
+    "lock_holders",
     "remove_leftovers",
     "replace_file",
 ]
@@ -146,23 +151,93 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Holder:
+    """A process that holds a directory's lock (:func:`lock_holders`).
+
+    Attributes:
+        pid: Its process id.
+        command: Its command line (shortened), or "" where it cannot be read.
+        inherited_from: The id of the process that took the lock, when that one has ended and
+            this one kept it (a child it forked, holding a copy of the lock's descriptor);
+            None when this process took it.
+    """
+
+    pid: int
+    command: str
+    inherited_from: int | None = None
+
+    def describe(self) -> str:
+        """``process <pid> (<command>)``, and whom it inherited the lock from."""
+        what = f"process {self.pid}" + (f" ({self.command})" if self.command else "")
+        if self.inherited_from is not None:
+            what += (
+                f", which kept it after process {self.inherited_from}, which took it, ended "
+                "(a child it forked that outlived it)"
+            )
+        return what
+
+
 class DirectoryLocked(Exception):
-    """Another process holds the lock of the directory (:func:`lock_directory`)."""
+    """Another process holds the lock of the directory (:func:`lock_directory`).
+
+    Attributes:
+        holders: The processes found holding it (empty where they cannot be told).
+    """
+
+    def __init__(self, message: str, holders: list[Holder]) -> None:
+        super().__init__(message)
+        self.holders = holders
 
 
-def lock_directory(directory: Path) -> int | None:
+class DirectoryLock:
+    """The lock of a directory, held by this process (:func:`lock_directory`).
+
+    A child this process forks (a data-loader worker, a ``multiprocessing`` fork) does not
+    hold it: a ``flock`` belongs to the open file, which a fork shares, so the child closes
+    its copy of the descriptor as it starts (``os.register_at_fork``); the lock then ends with
+    this process, even when a child outlives it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        _HELD.add(self)
+
+    def release(self) -> None:
+        """Close the descriptor: the lock is released (once; later calls do nothing)."""
+        fd, self.fd = self.fd, None
+        _HELD.discard(self)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# the locks this process holds: a forked child closes its copies (DirectoryLock)
+_HELD: set[DirectoryLock] = set()
+
+
+def _forked_child() -> None:
+    for lock in list(_HELD):
+        lock.release()  # the child's copy: the parent's descriptor still holds the lock
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked_child)
+
+
+def lock_directory(directory: Path) -> DirectoryLock | None:
     """Take an exclusive advisory lock on ``directory`` for this process.
 
-    The lock is a ``flock`` on the directory itself (no file to leave behind), held while the
-    returned descriptor is open: close it to release the lock. The system releases it when the
-    process ends, even by ``kill -9``.
+    The lock is a ``flock`` on the directory itself (no file to leave behind), held until the
+    returned lock is released. The system releases it when the process ends, even by
+    ``kill -9``; children the process forks do not hold it (see :class:`DirectoryLock`).
 
     Returns:
-        The descriptor holding the lock, or None where there is no lock to take (a directory
-        that cannot be opened, a file system without locks such as some network mounts).
+        The lock, or None where there is no lock to take (a directory that cannot be opened,
+        a file system without locks such as some network mounts).
 
     Raises:
-        DirectoryLocked: Another process holds the lock.
+        DirectoryLocked: Another process holds the lock; it names the holders it finds.
     """
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -174,5 +249,82 @@ def lock_directory(directory: Path) -> int | None:
         os.close(fd)
         if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return None  # no locks here
-        raise DirectoryLocked(f"{directory} is locked by another process") from None
-    return fd
+        holders = lock_holders(directory)
+        held = "; ".join(h.describe() for h in holders) or "another process"
+        raise DirectoryLocked(f"{directory} is locked by {held}", holders) from None
+    return DirectoryLock(fd)
+
+
+def lock_holders(directory: Path) -> list[Holder]:
+    """The processes holding ``directory``'s ``flock``, as far as ``/proc`` tells (Linux).
+
+    ``/proc/locks`` names the process that took the lock; when that one is alive it is the
+    holder. When it has ended, the holders are the processes with the directory open (its
+    children that kept the lock's descriptor). Empty where ``/proc`` cannot tell.
+    """
+    try:
+        st = os.stat(directory)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    takers = []
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters are marked "->"
+        if len(fields) < 6 or fields[1] != "FLOCK" or "->" in fields:
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+                takers.append(int(fields[4]))
+        except ValueError:
+            continue
+    alive = [pid for pid in takers if pid > 0 and _running(pid)]
+    if alive:
+        return [Holder(pid, _command(pid)) for pid in alive]
+    taker = takers[0] if takers else None
+    return [
+        Holder(pid, _command(pid), taker)
+        for pid in _opened_by(st.st_dev, st.st_ino)
+        if pid != os.getpid()
+    ]
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, holds no lock)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return _alive(pid)  # no /proc entry to read: ask the system
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _opened_by(dev: int, inode: int) -> list[int]:
+    """The processes with a descriptor open on the file ``(dev, inode)`` (those we may read)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                try:
+                    st = os.stat(fd)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (dev, inode):
+                    pids.append(int(proc.name))
+                    break
+        except OSError:  # gone, or another user's
+            continue
+    return sorted(pids)
+
+
+def _command(pid: int, limit: int = 80) -> str:
+    """The command line of process ``pid``, shortened; "" where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    text = " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

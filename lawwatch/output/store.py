@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from lawwatch.history import History, Snapshot, series, series_diff
 from lawwatch.output.files import (
     DirectoryLocked,
+    Holder,
     append_bytes,
     file_size,
     free_name,
@@ -213,7 +214,8 @@ class LocalHistory:
       records already there when the directory opens.
     - **One writer.** Two open ``LocalHistory`` never share a directory, in one process or
       in two (an advisory lock on the directory, which the system releases when its process
-      ends, even by ``kill -9``): the second is refused until the first is closed.
+      ends, even by ``kill -9``, and which the children it forks do not hold): the second is
+      refused until the first is closed, with the holding process named.
 
     Args:
         directory: Where the files live (created if missing).
@@ -567,15 +569,27 @@ def _lock(local: LocalHistory) -> None:
     network mounts) leaves the directory unlocked.
     """
     try:
-        fd = lock_directory(local.directory)
-    except DirectoryLocked:
-        raise HistoryBusy(
-            f"{local.directory} is already written by another process; two processes writing "
-            "one directory would interleave one history.jsonl, so this one writes nothing "
-            "there. If they are one training run, they did not form a process group (each "
-            "trains alone): launch them so that they do (torchrun, or accelerate launch with "
-            "ACCELERATE_USE_CPU=1 on a machine without GPUs). If they are separate runs, give "
-            "each its own directory."
-        ) from None
-    if fd is not None:
-        local._lock = weakref.finalize(local, os.close, fd)  # a history nobody holds frees it
+        lock = lock_directory(local.directory)
+    except DirectoryLocked as locked:
+        raise HistoryBusy(_busy(local.directory, locked.holders)) from None
+    if lock is not None:
+        local._lock = weakref.finalize(local, lock.release)  # a history nobody holds frees it
+
+
+def _busy(directory: Path, holders: list[Holder]) -> str:
+    """Why ``directory`` is refused: who holds it, and what to do."""
+    message = (
+        f"{directory} is already written by another process; two processes writing one "
+        "directory would interleave one history.jsonl, so this one writes nothing there. "
+    )
+    if holders:
+        message += f"It is held by {'; '.join(h.describe() for h in holders)}. "
+    if any(h.inherited_from is not None for h in holders):
+        # a forked child that outlived its trainer: not two trainers at all
+        return message + "End that process (or wait for it to end) to free the directory."
+    return message + (
+        "If they are one training run, they did not form a process group (each trains "
+        "alone): launch them so that they do (torchrun, or accelerate launch with "
+        "ACCELERATE_USE_CPU=1 on a machine without GPUs). If they are separate runs, give "
+        "each its own directory."
+    )
