@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lawwatch import LawWatch
-from lawwatch.output.layout import HISTORY_FILE, MATRIX_FILE
+from lawwatch import LawWatch, ProbeSet
+from lawwatch.output.layout import HISTORY_FILE, MATRIX_FILE, PROBE_FILE
 from lawwatch.output.store import HistoryBusy, LocalHistory, read_history
 from tests.helpers.faults import (
     assert_matrix_describes,
@@ -195,6 +195,63 @@ def test_a_full_disk_holds_the_records_and_writes_them_in_order(tmp_path, gpt2, 
         assert_matrix_describes(disk / "lw")
         assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
         assert "written again" in caplog.text and temporary_files(disk) == []
+
+
+def test_a_disk_full_when_the_monitor_opens_keeps_the_probe_once_space_returns(
+    tmp_path, gpt2, probe, caplog
+):
+    """The probe refused at open is held like the records: written with them, never lost."""
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        (disk / "lw").mkdir()
+        filler = fill(disk)
+        with caplog.at_level(logging.INFO, logger="lawwatch"):
+            watch = LawWatch(
+                gpt2, probe, every=1, max_overhead=None, directory=disk / "lw", console=False
+            )
+            local = watch.outputs.local
+            for step in range(3):
+                watch.maybe_snapshot(step)
+            assert not (disk / "lw" / PROBE_FILE).exists() and local.unwritten == [0, 1, 2]
+            filler.unlink()  # space returns
+            watch.maybe_snapshot(3)
+            assert raw_steps(disk / "lw") == [0, 1, 2, 3] and local.unwritten == []
+            assert ProbeSet.load(disk / "lw" / PROBE_FILE).content_hash() == probe.content_hash()
+            watch.close()
+        assert_matrix_describes(disk / "lw")
+        assert "the probe was not saved" in caplog.text and "is written, with the" in caplog.text
+        assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+        assert temporary_files(disk) == []
+
+
+def test_held_records_are_written_as_far_as_they_fit(tmp_path, gpt2, probe, caplog):
+    """31 records held, then about 8 kB free: the whole records that fit are written, in order
+    (never a part of the next one); the rest stay held and follow when space returns."""
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        local = LocalHistory(disk / "lw", probe=probe)
+        watch = LawWatch(gpt2, probe, max_overhead=None, every=1, sinks=[local])
+        with caplog.at_level(logging.WARNING, logger="lawwatch"):
+            watch.maybe_snapshot(0)
+            for step in range(1, 32):
+                filler = fill(disk)  # what the store freed meanwhile is taken again
+                watch.maybe_snapshot(step)
+            before = raw_steps(disk / "lw")
+            assert before + local.unwritten == list(range(32)) and len(local.unwritten) >= 25
+            os.truncate(filler, filler.stat().st_size - 8192)  # about 8 kB (two pages) free
+            watch.maybe_snapshot(32)
+            on_disk = raw_steps(disk / "lw")  # whole lines only, each with its newline
+            assert on_disk[: len(before)] == before and on_disk + local.unwritten == list(range(33))
+            record = len((disk / "lw" / HISTORY_FILE).read_bytes()) // len(on_disk)
+            assert len(on_disk) - len(before) >= 8192 // record - 2  # what fit, not nothing
+            assert local.unwritten  # and not all: the rest is held
+            assert_matrix_describes(disk / "lw", or_absent=True)
+            filler.unlink()
+            watch.maybe_snapshot(33)
+            watch.close()
+        assert raw_steps(disk / "lw") == list(range(34)) and local.unwritten == []
+        assert_matrix_describes(disk / "lw")
+        assert sum(HELD in r.getMessage() for r in lawwatch_records(caplog)) == 1
+        assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+        assert temporary_files(disk) == []
 
 
 def test_a_read_only_directory_that_becomes_writable(tmp_path, gpt2, probe, caplog):

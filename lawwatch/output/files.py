@@ -1,7 +1,8 @@
 """Crash-safe file primitives: whole-or-absent writes, and one writer per directory.
 
 :func:`replace_file` replaces a file atomically (a synced temporary file renamed over it),
-:func:`append_bytes` appends synced bytes that are whole or absent, :func:`remove_leftovers`
+:func:`append_bytes` appends synced bytes that are whole or absent, :func:`append_lines` and
+:func:`replace_lines` write as many whole lines as a refusing disk takes, :func:`remove_leftovers`
 removes the temporary files of writers that were killed, and :func:`lock_directory` takes an
 advisory lock on a directory that the system releases when its process ends (even by
 ``kill -9``), which the children it forks do not hold, and which names its holders when
@@ -11,13 +12,15 @@ records.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +28,16 @@ __all__ = [
     "DirectoryLock",
     "DirectoryLocked",
     "Holder",
+    "ShortWrite",
     "append_bytes",
+    "append_lines",
     "file_size",
     "free_name",
     "lock_directory",
     "lock_holders",
     "remove_leftovers",
     "replace_file",
+    "replace_lines",
 ]
 
 log = logging.getLogger("lawwatch")
@@ -82,6 +88,105 @@ def append_bytes(path: Path, data: bytes, at: int) -> None:
             raise
     finally:
         os.close(fd)
+
+
+class ShortWrite(OSError):
+    """Lines written up to the one a disk refused: the first ``written`` are in the file.
+
+    Raised by :func:`append_lines` and :func:`replace_lines` with the disk's error (its
+    ``errno`` and message); ``size`` is the file's size in bytes, ending with the last whole
+    line written.
+    """
+
+    def __init__(self, error: OSError, written: int, size: int) -> None:
+        super().__init__(error.errno, error.strerror)
+        self.written, self.size = written, size
+
+
+def append_lines(path: Path, lines: Sequence[bytes], at: int) -> int:
+    """Write ``lines`` from byte ``at`` of ``path`` (created if missing), as many as fit, synced.
+
+    Bytes past ``at`` are cut away first. A disk that refuses part way (full, a file size
+    limit) keeps the lines written whole before the refusal, in order, and no part of the next
+    one: the file is cut back to the end of the last whole line and synced.
+
+    Returns:
+        The file's size after the lines.
+
+    Raises:
+        ShortWrite: The disk refused; its ``written`` lines (possibly none) are in the file.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    ends = list(itertools.accumulate(map(len, lines), initial=at))[1:]  # each line's end
+    done = at
+    try:
+        try:
+            if os.fstat(fd).st_size != at:
+                os.ftruncate(fd, at)
+            os.lseek(fd, at, os.SEEK_SET)
+            view = memoryview(b"".join(lines))
+            while view:  # a short write returns what fit; the next call raises the error
+                written = os.write(fd, view)
+                done += written
+                view = view[written:]
+            os.fsync(fd)
+            return done
+        except OSError as error:
+            whole = bisect.bisect_right(ends, done)  # lines wholly written before the refusal
+            size = ends[whole - 1] if whole else at
+            try:
+                os.ftruncate(fd, size)  # needs no space (shrinking frees it)
+                os.fsync(fd)
+            except OSError:
+                whole, size = 0, at
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, at)
+            raise ShortWrite(error, whole, size) from error
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, at)
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_lines(path: Path, lines: Sequence[bytes]) -> int:
+    """Replace ``path`` by ``lines`` atomically, or by as many of them as fit.
+
+    As :func:`replace_file`, through a synced temporary file renamed over ``path``; a disk
+    that refuses part way renames the temporary file holding the lines written whole, so
+    ``path`` holds the first lines, in order (none fit: ``path`` stays as it was).
+
+    Returns:
+        The file's size.
+
+    Raises:
+        ShortWrite: The disk refused; ``path`` holds its ``written`` first lines (none:
+            unchanged).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        size = append_lines(tmp, lines, 0)
+    except ShortWrite as short:
+        if short.written:
+            os.replace(tmp, path)
+            _sync_directory(path.parent)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    _sync_directory(path.parent)
+    return size
 
 
 def file_size(path: Path) -> int | None:
