@@ -346,6 +346,8 @@ def accumulate(
                 errors.append(error)
                 if ids is None:  # failed before its forward ran
                     capture.run_bare(input_ids, attention_mask)
+    if isinstance(stats, Lensed):  # every batch added: the head's V × d copy is not needed
+        stats.lens.release()
     return stats
 
 

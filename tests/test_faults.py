@@ -8,20 +8,23 @@ a removed directory an ``rmtree``. The kills and the file size limit run in one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from lawwatch import LawWatch
-from lawwatch.output.layout import HISTORY_FILE, MATRIX_FILE
+from lawwatch import LawWatch, ProbeSet
+from lawwatch.output.layout import HISTORY_FILE, MATRIX_FILE, PROBE_FILE
 from lawwatch.output.store import HistoryBusy, LocalHistory, read_history
 from tests.helpers.faults import (
     assert_matrix_describes,
@@ -194,6 +197,63 @@ def test_a_full_disk_holds_the_records_and_writes_them_in_order(tmp_path, gpt2, 
         assert "written again" in caplog.text and temporary_files(disk) == []
 
 
+def test_a_disk_full_when_the_monitor_opens_keeps_the_probe_once_space_returns(
+    tmp_path, gpt2, probe, caplog
+):
+    """The probe refused at open is held like the records: written with them, never lost."""
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        (disk / "lw").mkdir()
+        filler = fill(disk)
+        with caplog.at_level(logging.INFO, logger="lawwatch"):
+            watch = LawWatch(
+                gpt2, probe, every=1, max_overhead=None, directory=disk / "lw", console=False
+            )
+            local = watch.outputs.local
+            for step in range(3):
+                watch.maybe_snapshot(step)
+            assert not (disk / "lw" / PROBE_FILE).exists() and local.unwritten == [0, 1, 2]
+            filler.unlink()  # space returns
+            watch.maybe_snapshot(3)
+            assert raw_steps(disk / "lw") == [0, 1, 2, 3] and local.unwritten == []
+            assert ProbeSet.load(disk / "lw" / PROBE_FILE).content_hash() == probe.content_hash()
+            watch.close()
+        assert_matrix_describes(disk / "lw")
+        assert "the probe was not saved" in caplog.text and "is written, with the" in caplog.text
+        assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+        assert temporary_files(disk) == []
+
+
+def test_held_records_are_written_as_far_as_they_fit(tmp_path, gpt2, probe, caplog):
+    """31 records held, then about 8 kB free: the whole records that fit are written, in order
+    (never a part of the next one); the rest stay held and follow when space returns."""
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        local = LocalHistory(disk / "lw", probe=probe)
+        watch = LawWatch(gpt2, probe, max_overhead=None, every=1, sinks=[local])
+        with caplog.at_level(logging.WARNING, logger="lawwatch"):
+            watch.maybe_snapshot(0)
+            for step in range(1, 32):
+                filler = fill(disk)  # what the store freed meanwhile is taken again
+                watch.maybe_snapshot(step)
+            before = raw_steps(disk / "lw")
+            assert before + local.unwritten == list(range(32)) and len(local.unwritten) >= 25
+            os.truncate(filler, filler.stat().st_size - 8192)  # about 8 kB (two pages) free
+            watch.maybe_snapshot(32)
+            on_disk = raw_steps(disk / "lw")  # whole lines only, each with its newline
+            assert on_disk[: len(before)] == before and on_disk + local.unwritten == list(range(33))
+            record = len((disk / "lw" / HISTORY_FILE).read_bytes()) // len(on_disk)
+            assert len(on_disk) - len(before) >= 8192 // record - 2  # what fit, not nothing
+            assert local.unwritten  # and not all: the rest is held
+            assert_matrix_describes(disk / "lw", or_absent=True)
+            filler.unlink()
+            watch.maybe_snapshot(33)
+            watch.close()
+        assert raw_steps(disk / "lw") == list(range(34)) and local.unwritten == []
+        assert_matrix_describes(disk / "lw")
+        assert sum(HELD in r.getMessage() for r in lawwatch_records(caplog)) == 1
+        assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+        assert temporary_files(disk) == []
+
+
 def test_a_read_only_directory_that_becomes_writable(tmp_path, gpt2, probe, caplog):
     with tmpfs(tmp_path / "disk", "1m") as disk:
         local = LocalHistory(disk / "lw")
@@ -292,10 +352,92 @@ def test_another_process_writing_the_directory_is_refused_until_it_is_killed(tmp
     )
     try:
         assert holder.stdout.readline().strip() == "open"
-        with pytest.raises(HistoryBusy, match="already written by another process"):
+        with pytest.raises(HistoryBusy, match="already written by another process") as busy:
             LocalHistory(tmp_path)
+        # the holder named: its process id and what it runs
+        assert f"held by process {holder.pid} (" in str(busy.value)
+        assert f"({sys.executable} -c import sys" in str(busy.value)
     finally:
         holder.kill()  # SIGKILL: the lock goes with the process
         holder.wait(timeout=60)
     LocalHistory(tmp_path).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock leaves no file
+
+
+def forking_trainer(directory: Path, how: str) -> tuple[subprocess.Popen, int]:
+    """A real trainer process with a monitor on ``directory`` and a forked helper (its pid)."""
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.workers.forking_trainer", str(directory), how],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = trainer.stdout.readline().split()
+    if line[:1] != ["ready"]:
+        trainer.kill()  # its helper, if any, sleeps out its time alone
+        trainer.wait(timeout=60)
+        raise AssertionError(f"the trainer did not start its helper: {line}")
+    return trainer, int(line[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+def test_a_helper_forked_by_a_killed_trainer_does_not_keep_the_directory(
+    tmp_path, gpt2, probe, how, caplog
+):
+    """kill -9 of a trainer whose forked helper (a data-loader worker, a multiprocessing fork)
+    outlives it: the resumed run opens the directory and writes its history."""
+    directory = tmp_path / "lw"
+    trainer, helper = forking_trainer(directory, how)
+    try:
+        trainer.kill()  # SIGKILL: no cleanup, the helper goes on
+        trainer.wait(timeout=60)
+        assert alive(helper)
+        with caplog.at_level(logging.WARNING, logger="lawwatch"):
+            resumed = LawWatch(gpt2, probe, every=1, max_overhead=None, directory=directory)
+            resumed.load_state_dict({"history": read_history(directory).records}, resume_step=0)
+            resumed.maybe_snapshot(1)
+            resumed.close()
+        assert alive(helper)  # it held nothing: the run wrote while it lives
+        assert raw_steps(directory) == [0, 1]
+        assert not any(r.levelno >= logging.ERROR for r in lawwatch_records(caplog))
+    finally:
+        trainer.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)
+
+
+def test_a_lock_a_child_inherited_names_that_child_and_its_ended_parent(tmp_path):
+    """A lock taken by another program and kept by the child it forked after it was killed:
+    the refusal names the child (pid, command) and the ended process it inherited it from,
+    not two trainers that formed no process group."""
+    directory = tmp_path / "lw"
+    directory.mkdir()
+    trainer, helper = forking_trainer(directory, "raw")
+    try:
+        trainer.kill()
+        trainer.wait(timeout=60)
+        with pytest.raises(HistoryBusy) as busy:
+            LocalHistory(directory)
+        message = str(busy.value)
+        assert f"held by process {helper} (" in message and "forking_trainer" in message
+        assert f"after process {trainer.pid}, which took it, ended" in message
+        assert "process group" not in message
+        os.kill(helper, signal.SIGKILL)  # the child ends: the directory is free
+        for _ in range(600):
+            if not alive(helper):
+                break
+            time.sleep(0.1)
+        LocalHistory(directory).close()
+    finally:
+        trainer.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)

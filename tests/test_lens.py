@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import math
 import warnings
 
 import pytest
@@ -12,7 +14,7 @@ from lawwatch import MeasureConfig, ProbeSet, measure
 from lawwatch.history import History, Snapshot
 from lawwatch.output.sinks import scalars
 from lawwatch.output.store import read_history
-from lawwatch.stats.lens import DEFAULT_LENS_FRACTION, lens_rows
+from lawwatch.stats.lens import DEFAULT_LENS_FRACTION, LensKeys, lens_rows
 from tests.helpers.lens_reference import chosen, lens_reference
 from tests.helpers.models import VOCAB, ragged_probe, tiny_gpt2, tiny_llama
 
@@ -159,6 +161,74 @@ def test_records_history_and_scalars_carry_the_lens(gpt2):
     assert keys["lawwatch/lens/examples"] == record["lens"]["examples"]
     assert "lawwatch/lens/first_correct/never" in keys
     assert not any(k.startswith("lawwatch/lens") for k in scalars(measure(gpt2, ragged_probe())))
+
+
+def head_copies(shape: torch.Size) -> list[torch.Tensor]:
+    """Every live float64 tensor of ``shape`` (the lens's copy of a head) in this process."""
+    gc.collect()
+    return [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, torch.Tensor) and o.dtype == torch.float64 and o.shape == shape
+    ]
+
+
+def test_a_background_snapshot_holds_no_copy_of_the_head_while_training_goes_on(gpt2):
+    """The lens converts the head to float64 (V × d) for its forward passes; once they are
+    done, nothing keeps it, while the solve is pending in the worker or after."""
+    from lawwatch.watch.monitor import LawWatch
+
+    shape = gpt2.lm_head.weight.shape
+    assert head_copies(shape) == []  # the model's own head is float32
+    watch = LawWatch(gpt2, ragged_probe(), every=1, max_overhead=None, background=True, lens=1.0)
+    try:
+        watch.maybe_snapshot(0)
+        pending = watch._worker.pending  # the statistics, held until the next call collects
+        assert len(pending) == 1 and pending[0].stats.lens.count > 0
+        assert head_copies(shape) == []
+        pending[0].future.result(timeout=120)  # solved: still none
+        assert head_copies(shape) == []
+        watch.maybe_snapshot(1)
+        assert head_copies(shape) == []
+    finally:
+        watch.close()
+    assert LensKeys.of(watch.history[-1])[LensKeys.EXAMPLES] > 0  # the lens did read
+
+
+def test_a_lens_that_read_no_example_reports_nan_not_zeros(gpt2, tmp_path):
+    """A share of a small probe that chooses no example: NaN metrics (never a CE of 0, which
+    reads as perfect), one warning for the run, nothing but the count in the trackers' keys;
+    the history, its lens matrix and the report take it."""
+    from lawwatch.report import write_report
+    from lawwatch.watch.monitor import LawWatch
+
+    probe = ragged_probe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        watch = LawWatch(
+            gpt2, probe, every=1, max_overhead=None, directory=tmp_path / "lw", lens=0.001
+        )
+        for step in range(3):
+            watch.maybe_snapshot(step)
+        watch.close()
+    said = [w for w in caught if "lens read no example" in str(w.message)]
+    assert len(said) == 1 and "lens=0.001" in str(said[0].message)
+    records = read_history(tmp_path / "lw").records
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for record in records:
+        lens = LensKeys.of(record)
+        assert lens[LensKeys.EXAMPLES] == 0
+        for name in PER_ENTRY:
+            assert len(lens[name]) == len(record["layers"])
+            assert all(math.isnan(v) for v in lens[name]), name
+        assert lens["first_correct"] == lens["final"] == [0] * (len(record["layers"]) + 1)
+        assert lens["first_correct_mean"] is None and lens["gap_mean"] is None
+    keys = scalars(Snapshot.from_record(records[-1]))
+    assert [k for k in keys if k.startswith("lawwatch/lens/")] == ["lawwatch/lens/examples"]
+    assert all(math.isfinite(v) for v in keys.values())
+    assert torch.isnan(History(records).lens_matrix("ce")[2]).all()
+    write_report([tmp_path / "lw"], tmp_path / "report")  # draws without the lens's numbers
+    assert (tmp_path / "report" / "report.html").exists()
 
 
 def test_mixed_precision_lens_is_close_to_float64(gpt2):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -62,6 +63,47 @@ def test_tensorboard_tracker_by_name(tmp_path, gpt2, probe):
         assert [p.value for p in points] == pytest.approx(  # TensorBoard keeps float32
             [expected[s][key] for s in steps], rel=1e-6, abs=1e-6
         )
+
+
+def git(repo, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_dvclive_by_name_leaves_the_users_git_repository_as_it_was(
+    tmp_path, gpt2, probe, monkeypatch
+):
+    """A raw loop in a real git repository (no DVC): the Live lawwatch opens logs into
+    ./dvclive and never runs ``dvc init`` (no ``.dvc/``, nothing staged, no commit, no ref)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / ".gitignore").write_text("dvclive/\nlw/\n")  # the run's own outputs
+    (repo / "train.py").write_text("print('the user's script')\n")
+    git(repo, "add", ".gitignore", "train.py")
+    git(repo, "commit", "-q", "-m", "the user's work")
+    before = (git(repo, "status", "--porcelain", "--ignored"), git(repo, "show-ref"))
+    monkeypatch.chdir(repo)  # dvclive writes ./dvclive
+    watch = LawWatch(gpt2, probe, every=2, max_overhead=None, directory="lw", trackers=["dvclive"])
+    loop(watch, range(1, 5))
+    watch.close()
+    steps = [r["step"] for r in read_history(repo / "lw").records]
+    pr = repo / "dvclive" / "plots" / "metrics" / "lawwatch" / "pearson_r.tsv"
+    assert [int(line.split("\t")[0]) for line in pr.read_text().splitlines()[1:]] == steps
+    assert not (repo / ".dvc").exists() and not (repo / ".dvcignore").exists()
+    assert not (repo / "dvc.yaml").exists() and not (repo / "dvclive" / "dvc.yaml").exists()
+    after = (git(repo, "status", "--porcelain"), git(repo, "show-ref"))
+    assert after[0] == "" and git(repo, "diff", "--cached", "--name-only") == ""
+    assert after[1] == before[1]  # no experiment ref, no commit
+    assert git(repo, "status", "--porcelain", "--ignored") == "!! dvclive/\n!! lw/\n"
+    assert before[0] == ""
 
 
 def test_trackers_are_checked_when_built(tmp_path, gpt2, probe):

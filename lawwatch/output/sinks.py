@@ -66,15 +66,20 @@ def lens_scalars(lens: dict, layers: tuple[int, ...]) -> dict[str, float]:
     ``lawwatch/lens/<top1|ce|kl|entropy>/layer_XX`` per entry; the prediction depth as the
     share of examples per entry, ``lawwatch/lens/<first_correct|final>/layer_XX`` and
     ``…/never``; ``lawwatch/lens/<first_correct_mean|final_mean|gap_mean>`` (mean entry
-    index, left out when no example has one) and ``lawwatch/lens/examples``.
+    index, left out when no example has one) and ``lawwatch/lens/examples``. A lens that read
+    no example gives ``lawwatch/lens/examples`` (0) alone: its metrics are NaN, left out as
+    non-finite fit values are.
     """
     width = max(2, len(str(layers[-1])))
     values: dict[str, float] = {f"{PREFIX}lens/{LensKeys.EXAMPLES}": lens[LensKeys.EXAMPLES]}
     for metric in LensKeys.PER_ENTRY:
         for entry, value in zip(layers, lens[metric], strict=True):
-            values[f"{PREFIX}lens/{metric}/layer_{entry:0{width}d}"] = value
+            if math.isfinite(value):  # NaN: the lens read no example
+                values[f"{PREFIX}lens/{metric}/layer_{entry:0{width}d}"] = value
     for depth in LensKeys.DEPTHS:
-        total = max(1, sum(lens[depth]))
+        total = sum(lens[depth])
+        if not total:  # no example: no share
+            continue
         for entry, count in zip((*layers, "never"), lens[depth], strict=True):
             name = "never" if entry == "never" else f"layer_{entry:0{width}d}"
             values[f"{PREFIX}lens/{depth}/{name}"] = count / total

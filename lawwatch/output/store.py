@@ -28,12 +28,16 @@ from typing import TYPE_CHECKING, Any
 from lawwatch.history import History, Snapshot, series, series_diff
 from lawwatch.output.files import (
     DirectoryLocked,
+    Holder,
+    ShortWrite,
     append_bytes,
+    append_lines,
     file_size,
     free_name,
     lock_directory,
     remove_leftovers,
     replace_file,
+    replace_lines,
 )
 from lawwatch.output.layout import (
     HISTORY_FILE,
@@ -205,7 +209,9 @@ class LocalHistory:
       limit, a read-only or removed directory) leaves no part of it in the file: one warning
       says the history is not being written (later outages are logged at INFO), the records
       are held in memory, and they are
-      written in order at the first write that succeeds (a removed directory is made again).
+      written in order at the first write that succeeds (a removed directory is made again):
+      as many whole records as the disk takes, the rest held for the next write. A probe the
+      disk refused when the directory opened is held too, and written with the records.
       ``pr.safetensors`` then describes the records in ``history.jsonl``, or is absent.
     - **One series.** A snapshot of another series than the records held (see
       :func:`~lawwatch.history.series_diff`) starts a new one: the files held so far move to
@@ -213,7 +219,8 @@ class LocalHistory:
       records already there when the directory opens.
     - **One writer.** Two open ``LocalHistory`` never share a directory, in one process or
       in two (an advisory lock on the directory, which the system releases when its process
-      ends, even by ``kill -9``): the second is refused until the first is closed.
+      ends, even by ``kill -9``, and which the children it forks do not hold): the second is
+      refused until the first is closed, with the holding process named.
 
     Args:
         directory: Where the files live (created if missing).
@@ -251,6 +258,7 @@ class LocalHistory:
         self._outages = 0  # times the disk began refusing (the first is warned about)
         self._lock: weakref.finalize | None = None  # closes the descriptor holding the lock
         self._probe = probe
+        self._probe_held = False  # the disk refused the probe: written with the records
         _claim(self)
         try:
             self.history = self._open()
@@ -303,6 +311,13 @@ class LocalHistory:
         """Release the directory; records a full disk still holds back are tried once more."""
         try:
             self._flush()
+            if self._probe_held:
+                log.error(
+                    "lawwatch: %s was never written (%s); analyze measures this run with its "
+                    "probe only once you save it there (ProbeSet.save).",
+                    self.directory / PROBE_FILE,
+                    self._failing or "the disk refused it",
+                )
             if self._unwritten:
                 log.error(
                     "lawwatch: %s lacks %s (steps %s to %s): %s. They are in the monitor's "
@@ -329,6 +344,7 @@ class LocalHistory:
     def _flush(self) -> None:
         """Write what the files lack; a disk that refuses is warned about once, not raised."""
         if not (self._unwritten or self._whole or self._matrix):
+            self._keep_held_probe()
             return
         path, held = self.directory / HISTORY_FILE, len(self._unwritten)
         try:
@@ -342,15 +358,20 @@ class LocalHistory:
                     _plural(len(self.history), "record"),
                 )
                 self._whole = True
-            if self._whole:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                data = "".join(json.dumps(r) + "\n" for r in self.history.records).encode()
-                replace_file(path, data)
-                size = len(data)
-            else:
-                data = "".join(json.dumps(r) + "\n" for r in self._unwritten).encode()
-                append_bytes(path, data, self._size)
-                size = self._size + len(data)
+            records = self.history.records if self._whole else self._unwritten
+            lines = [(json.dumps(r) + "\n").encode() for r in records]
+            try:
+                if self._whole:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    size = replace_lines(path, lines)
+                else:
+                    size = append_lines(path, lines, self._size)
+            except ShortWrite as short:
+                if short.written:  # those that fit are in the file, in order; the rest held
+                    self._size, self._whole = short.size, False
+                    self._unwritten = list(records[short.written :])
+                    self._matrix = True  # it describes other records now
+                raise
             self._size, self._unwritten, self._whole = size, [], False
             self._matrix = True
             write_matrix(self.history, self.directory)
@@ -358,6 +379,7 @@ class LocalHistory:
         except OSError as error:
             self._refused(error)
             return
+        self._keep_held_probe()  # with the records, now that the disk takes them
         if self._failing is not None:
             log.log(
                 logging.INFO if self._outages > 1 else logging.WARNING,
@@ -450,19 +472,41 @@ class LocalHistory:
         )
 
     def _keep_probe(self) -> None:
-        """Write the probe beside the records (see ``probe``); a failure is logged, not raised."""
+        """Write the probe beside the records (see ``probe``); a failure is logged, not raised.
+
+        A probe the disk refused (full, read-only) is held, as records are, and written with
+        them when a write succeeds (:meth:`_flush`).
+        """
         if self._probe is None:
             return
         try:
             keep_probe(self._probe, self.directory, self.history)
+            self._probe_held = False
         except Exception as error:  # a monitor failure never stops the run
+            self._probe_held = isinstance(error, OSError)
             log.warning(
                 "lawwatch: the probe was not saved in %s (%s: %s); the history is written "
-                "without it",
+                "without it%s",
                 self.directory / PROBE_FILE,
                 type(error).__name__,
                 error,
+                ", until a write succeeds" if self._probe_held else "",
             )
+
+    def _keep_held_probe(self) -> None:
+        """Write the probe a refusing disk held, now that the records are written."""
+        if not self._probe_held or self._probe is None:
+            return
+        try:
+            keep_probe(self._probe, self.directory, self.history)
+        except OSError as error:  # still refused: held, said once already
+            log.debug("lawwatch: %s still not written: %s", self.directory / PROBE_FILE, error)
+            return
+        except Exception:  # written or not, not the disk's doing: said once already
+            self._probe_held = False
+            return
+        self._probe_held = False
+        log.info("lawwatch: %s is written, with the records held", self.directory / PROBE_FILE)
 
 
 def keep_probe(probe: ProbeSet, directory: Path, history: History | None = None) -> bool:
@@ -567,15 +611,27 @@ def _lock(local: LocalHistory) -> None:
     network mounts) leaves the directory unlocked.
     """
     try:
-        fd = lock_directory(local.directory)
-    except DirectoryLocked:
-        raise HistoryBusy(
-            f"{local.directory} is already written by another process; two processes writing "
-            "one directory would interleave one history.jsonl, so this one writes nothing "
-            "there. If they are one training run, they did not form a process group (each "
-            "trains alone): launch them so that they do (torchrun, or accelerate launch with "
-            "ACCELERATE_USE_CPU=1 on a machine without GPUs). If they are separate runs, give "
-            "each its own directory."
-        ) from None
-    if fd is not None:
-        local._lock = weakref.finalize(local, os.close, fd)  # a history nobody holds frees it
+        lock = lock_directory(local.directory)
+    except DirectoryLocked as locked:
+        raise HistoryBusy(_busy(local.directory, locked.holders)) from None
+    if lock is not None:
+        local._lock = weakref.finalize(local, lock.release)  # a history nobody holds frees it
+
+
+def _busy(directory: Path, holders: list[Holder]) -> str:
+    """Why ``directory`` is refused: who holds it, and what to do."""
+    message = (
+        f"{directory} is already written by another process; two processes writing one "
+        "directory would interleave one history.jsonl, so this one writes nothing there. "
+    )
+    if holders:
+        message += f"It is held by {'; '.join(h.describe() for h in holders)}. "
+    if any(h.inherited_from is not None for h in holders):
+        # a forked child that outlived its trainer: not two trainers at all
+        return message + "End that process (or wait for it to end) to free the directory."
+    return message + (
+        "If they are one training run, they did not form a process group (each trains "
+        "alone): launch them so that they do (torchrun, or accelerate launch with "
+        "ACCELERATE_USE_CPU=1 on a machine without GPUs). If they are separate runs, give "
+        "each its own directory."
+    )

@@ -18,8 +18,9 @@ so the head is read once per chunk) with ``rows = max(1, LENS_CHUNK_BYTES // (8 
 and two ``rows × V`` buffers (the final probabilities, one entry's), so the lens's transient is
 about ``2 · LENS_CHUNK_BYTES`` (at least ``2 · (entries + 1) · V · 8`` bytes) whatever the
 probe. The head's weight is held in the lens
-precision while the snapshot runs: ``V × d`` values (8 bytes each in float64), converted once
-rather than once per chunk and entry. The hidden states it reads are the kept rows of each
+precision while the snapshot's forward passes run: ``V × d`` values (8 bytes each in float64),
+converted once rather than once per chunk and entry, and released (:meth:`LensStats.release`)
+when they are done, before the solve. The hidden states it reads are the kept rows of each
 entry, in the model's dtype (:meth:`lawwatch.capture.Capture.stream` with ``keep``):
 ``entries × m × d``.
 
@@ -31,6 +32,7 @@ in IEEE float32 (no TF32), summed in float64. KL is taken between log-probabilit
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -277,6 +279,15 @@ class LensStats:
             self._head = (key, weight.to(device=self.sums.device, dtype=self.dtype))
         return self._head[1]
 
+    def release(self) -> None:
+        """Drop the head's weight converted by :meth:`add` (``V × d`` values): adding is done.
+
+        The sums stay; a later :meth:`add` converts the weight again. Called when a snapshot's
+        forward passes are done, so a solve in the background holds no copy of the head while
+        training goes on.
+        """
+        self._head = None
+
     def _depth(
         self,
         tops: torch.Tensor,
@@ -331,14 +342,22 @@ class LensStats:
         """The lens fields of a snapshot's record (JSON-ready; see ``docs/lens.md``).
 
         ``top1``, ``ce``, ``kl``, ``entropy``: per measured entry, means over the examples
-        read. ``first_correct``, ``final``: histograms over the measured entries plus a last
-        bin for "never"; ``*_mean``: mean entry index over the examples that have one (None
-        without), ``gap_mean`` over those that have both.
+        read (NaN, with a warning, when the lens read none). ``first_correct``, ``final``:
+        histograms over the measured entries plus a last bin for "never"; ``*_mean``: mean
+        entry index over the examples that have one (None without), ``gap_mean`` over those
+        that have both.
         """
-        n = max(self.count, 1)
-        out: dict[str, Any] = {LensKeys.EXAMPLES: self.count, LensKeys.FRACTION: self.fraction}
+        n = self.count
+        out: dict[str, Any] = {LensKeys.EXAMPLES: n, LensKeys.FRACTION: self.fraction}
+        if n == 0:  # means over no example are unknown, not 0 (a CE of 0 reads as perfect)
+            warnings.warn(
+                f"The logit lens read no example of the probe (lens={self.fraction:g} of its "
+                "examples chose none): its top-1, cross-entropy, KL and entropy are NaN. Raise "
+                "lens= (1.0 reads every example) or use a larger probe.",
+                stacklevel=2,
+            )
         for name in self._PER_ENTRY:
-            out[name] = (self._part(name) / n).tolist()
+            out[name] = (self._part(name) / n).tolist() if n else [math.nan] * len(self.layers)
         first, final = self._part("first_hist"), self._part("final_hist")
         out[LensKeys.FIRST_CORRECT] = [int(v) for v in first.tolist()]
         out[LensKeys.FINAL] = [int(v) for v in final.tolist()]

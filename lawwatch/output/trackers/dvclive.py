@@ -29,9 +29,11 @@ class DVCLiveSink(Tracker):
 
     A Live lawwatch opened itself (:meth:`open`, beside the training loop's own Live in the same
     directory) resumes the directory, so it removes nothing of the other's, and writes no
-    ``dvc.yaml`` and no experiment; as the summary file is written whole by every Live of the
-    directory, lawwatch merges its ``lawwatch`` key into the file on disk at :meth:`log_report`
-    and :meth:`close`.
+    ``dvc.yaml`` and no experiment; it never opens a DVC repository either (a plain ``Live``
+    runs ``dvc init`` in the enclosing git repository and stages its files there), so lawwatch
+    leaves the user's repository as it was. As the summary file is written whole by every Live
+    of the directory, lawwatch merges its ``lawwatch`` key into the file on disk at
+    :meth:`log_report` and :meth:`close`.
 
     Args:
         live: The Live.
@@ -60,10 +62,12 @@ class DVCLiveSink(Tracker):
     def open(
         cls, directory: str | Path = "dvclive", *, history: Iterable[dict[str, Any]] | None = None
     ) -> DVCLiveSink:
-        """A sink on lawwatch's own Live in ``directory`` (DVCLive's default: ``./dvclive``)."""
-        from dvclive import Live
+        """A sink on lawwatch's own Live in ``directory`` (DVCLive's default: ``./dvclive``).
 
-        live = Live(str(directory), resume=True, save_dvc_exp=False, dvcyaml=None)
+        The Live writes its files in ``directory`` and nothing else: no DVC repository is
+        opened or made, no file staged, no experiment saved.
+        """
+        live = _files_only_live()(str(directory), resume=True, save_dvc_exp=False, dvcyaml=None)
         return cls(live, history=history, own=True)
 
     def _log(self, snapshot: Snapshot, record: dict[str, Any]) -> None:
@@ -95,3 +99,28 @@ class DVCLiveSink(Tracker):
         summary = json.loads(path.read_text()) if path.is_file() else {}
         summary[key] = self.live.summary.get(key, {})
         path.write_text(json.dumps(summary, indent=4))
+
+
+def _files_only_live() -> type:
+    """``dvclive.Live`` that never opens a DVC repository (it writes its files only).
+
+    ``Live.__init__`` calls ``_init_dvc``, which opens the enclosing DVC repository and, in a
+    git repository without one, makes it (``dvc init``: ``.dvc/`` and ``.dvcignore``, staged
+    in the user's index) whatever ``save_dvc_exp`` and ``dvcyaml`` say. lawwatch logs metrics
+    and an image, which need no repository: the override keeps only the name of the
+    ``dvc.yaml`` the Live would write (it writes none, ``dvcyaml=None``).
+    """
+    from dvclive import Live
+
+    if not callable(getattr(Live, "_init_dvc", None)):  # a dvclive this was not written for
+        raise RuntimeError(
+            "lawwatch cannot open a DVCLive Live that leaves the git repository untouched with "
+            "this dvclive version (no Live._init_dvc); pass your own Live to DVCLiveSink(live) "
+            "or log to another tracker."
+        )
+
+    class FilesOnlyLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_file = self._init_dvc_file()
+
+    return FilesOnlyLive
