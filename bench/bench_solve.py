@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from lawwatch.stats.residual import ResidualStats, exact_float32_matmul
+from lawwatch.precision import exact_float32_matmul
+from lawwatch.stats.residual import ResidualStats
 
 _EPS = torch.finfo(torch.float64).eps
 

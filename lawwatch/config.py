@@ -266,12 +266,6 @@ class MeasureConfig(Options):
                 )
             if self.jackknife < 2:
                 raise ValueError(f"jackknife needs at least 2 groups, got {self.jackknife}.")
-        if self.precision == "auto":  # what earlier versions offered
-            raise ValueError(
-                "precision='auto' is gone: statistics are float64 on every device by default "
-                "(a float32 Gram moves PR by percents on trained models); use 'float64', or "
-                "'mixed' knowingly."
-            )
         if self.precision not in STATS_PRECISIONS:
             raise ValueError(
                 f"Unknown precision={self.precision!r}; choose one of {STATS_PRECISIONS}."

@@ -20,25 +20,23 @@ from lawwatch.capture import Capture, evaluating
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot, identity
 from lawwatch.law import MIN_LAW_POINTS, fit_law
-from lawwatch.models import check_probe
-from lawwatch.precision import forward_precision, log_statistics_precision
+from lawwatch.models import Unembedding, check_probe, unembedding
+from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.stats import Statistics, Update
-from lawwatch.stats.lens import Kept, Lensed, LensStats, Unembedding, lens_rows, unembedding
-from lawwatch.stats.partition import PartitionedStats, jackknife_se
-from lawwatch.stats.residual import ResidualStats
+from lawwatch.stats.build import Recipe, checked_groups
+from lawwatch.stats.lens import Kept, Lensed, lens_rows
+from lawwatch.stats.partition import jackknife_se
 from lawwatch.targets import Targets
 
 __all__ = [
     "accumulate",
     "check_settings",
     "identity",
-    "jackknife_groups",
     "measure",
     "model_device",
     "prepare",
     "solve",
-    "statistics_device",
     "uncertainty",
 ]
 
@@ -46,14 +44,6 @@ log = logging.getLogger("lawwatch")
 
 # below this many examples per feature dimension PR is noisy (OLS with d + 1 parameters)
 _EXAMPLES_PER_DIM = 10
-
-AUTO_JACKKNIFE_GROUPS = 8
-"""Groups of ``jackknife='auto'`` where the jackknife is cheap (see :func:`jackknife_groups`)."""
-AUTO_JACKKNIFE_SEQUENCES = 16
-"""``jackknife='auto'`` needs this many probe sequences: two per group at least."""
-AUTO_JACKKNIFE_BYTES = 1 << 30
-"""``jackknife='auto'`` keeps the groups' statistics only when they take at most this many
-bytes (1 GiB: a GPT-2 small's 13 entries fit, a 1B model's 23 entries × 2048² do not)."""
 
 
 def _capture(model: nn.Module, config: MeasureConfig) -> Capture:
@@ -66,38 +56,6 @@ def _capture(model: nn.Module, config: MeasureConfig) -> Capture:
         layers=config.layers,
         entries=config.entries,
     )
-
-
-def jackknife_groups(
-    config: MeasureConfig, sequences: int, entries: int, dim: int, targets: Targets | None = None
-) -> int | None:
-    """The jackknife groups a measurement keeps: ``config.jackknife``, with ``'auto'`` resolved.
-
-    ``'auto'``: :data:`AUTO_JACKKNIFE_GROUPS` when the probe has at least
-    :data:`AUTO_JACKKNIFE_SEQUENCES` sequences and the groups' statistics (groups × entries ×
-    (d + 1)² × 8 bytes, per part of ``split``) take at most :data:`AUTO_JACKKNIFE_BYTES`, and
-    one-hot statistics (``targets``) still fit ``max_onehot_bytes`` with them; else None.
-    Decided from the whole probe's sequence count, so every process decides alike.
-    """
-    if config.jackknife != "auto":
-        return config.jackknife
-    groups = AUTO_JACKKNIFE_GROUPS
-    parts = 2 if config.split is not None else 1
-    if sequences < AUTO_JACKKNIFE_SEQUENCES:
-        return None
-    if groups * parts * entries * (dim + 1) ** 2 * 8 > AUTO_JACKKNIFE_BYTES:
-        return None
-    if targets is not None:
-        try:
-            targets.check_memory(
-                entries,
-                dim,
-                config.max_onehot_bytes,
-                copies=PartitionedStats.copies(config.split, groups),
-            )
-        except ValueError:
-            return None
-    return groups
 
 
 def solve(
@@ -144,9 +102,8 @@ def solve(
         extra={"stats_precision": stats.precision},
     )
     snapshot.extra.update(uncertainty(stats))
-    lens = getattr(stats, "lens", None)
-    if isinstance(lens, LensStats):  # the logit lens, reduced with the PR statistics
-        snapshot.extra["lens"] = lens.record()
+    if isinstance(stats, Lensed):  # the logit lens, reduced with the PR statistics
+        snapshot.extra["lens"] = stats.lens.record()
     return snapshot
 
 
@@ -256,13 +213,7 @@ def check_settings(
             f"examples (about {_EXAMPLES_PER_DIM * dim} for a PR that is not noisy): more or "
             "longer sequences."
         )
-    groups = jackknife_groups(config, len(probe), len(capture.layers), dim, targets)
-    targets.check_memory(
-        len(capture.layers),
-        dim,
-        config.max_onehot_bytes,
-        copies=PartitionedStats.copies(config.split, groups),
-    )
+    checked_groups(config, targets, len(probe), len(capture.layers), dim)
 
 
 def hidden_size(model: nn.Module, capture: Capture) -> int | None:
@@ -325,46 +276,15 @@ def accumulate(
     device = model_device(model)
     capture = _capture(model, config)
     offset = config.offset
-    stats_device = statistics_device(config, device)
+    # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
+    rank, world = probe.meta.get("shard", (0, 1))
+    # the statistics this config keeps, made when the first batch gives the width
+    recipe = Recipe.of(
+        config, targets, layers=capture.layers, sequences=len(probe) * world, features=device
+    )
     stats: Statistics | None = None
     # the logit lens: the head it reads through, found before any forward
     head = unembedding(model, config.lens_head) if config.lens is not None else None
-
-    def make(dim: int) -> Statistics:
-        """The statistics, once the width is known (the first batch)."""
-        groups = jackknife_groups(config, len(probe) * world, len(capture.layers), dim, targets)
-        targets.check_memory(
-            len(capture.layers),
-            dim,
-            config.max_onehot_bytes,
-            copies=PartitionedStats.copies(config.split, groups),
-        )
-        log_statistics_precision(config.precision, device)
-        plain = _statistics(
-            config,
-            groups,
-            lambda: ResidualStats(
-                len(capture.layers),
-                dim,
-                target=targets.kind,
-                classes=targets.classes,
-                device=stats_device,
-                rtol=config.rtol,
-                layers=capture.layers,
-                precision=config.precision,
-                # products where the features are; only (d, d) sums travel
-                compute_on="stats" if stats_device == device else "features",
-            ),
-        )
-        if head is None:
-            return plain
-        lens = LensStats(
-            capture.layers, device=stats_device, precision=config.precision, fraction=config.lens
-        )
-        return Lensed(plain, lens)
-
-    # this shard's first row in the whole probe (ProbeSet.shard: contiguous equal blocks)
-    rank, world = probe.meta.get("shard", (0, 1))
     with evaluating(model):
         if len(probe) > 0:
             # the final norm's reading, before any entry streams: one short forward on every
@@ -386,7 +306,15 @@ def accumulate(
                 ids = targets(next_ids)
                 keep = None if head is None else lens_rows(positions, sequences, config.lens)
                 stats, kept = _add_streamed(
-                    capture, stats, make, input_ids, attention_mask, positions, ids, sequences, keep
+                    capture,
+                    stats,
+                    recipe.build,
+                    input_ids,
+                    attention_mask,
+                    positions,
+                    ids,
+                    sequences,
+                    keep,
                 )
                 if kept is not None:  # the lens's rows of this batch, after its forward
                     _add_lens(stats, kept, next_ids[keep], head)
@@ -438,47 +366,9 @@ def _add_streamed(
 
 def _add_lens(stats: Statistics, kept: Kept, targets: torch.Tensor, head: Unembedding) -> None:
     """Add a batch's kept rows to the lens statistics carried by ``stats`` (a Lensed)."""
-    lens = getattr(stats, "lens", None)
-    if not isinstance(lens, LensStats):  # made by `make` with the lens on: cannot happen
+    if not isinstance(stats, Lensed):  # built by the recipe with the lens on: cannot happen
         raise RuntimeError("lawwatch: the logit lens is on but the statistics carry none.")
-    lens.add(kept, targets, head)
-
-
-def _statistics(
-    config: MeasureConfig, groups: int | None, make: Callable[[], ResidualStats]
-) -> Statistics:
-    """One ``ResidualStats`` for the paper's measurement, one per cell for the rest.
-
-    The options that need parts of the probe (``groups``: the jackknife's, resolved by
-    :func:`jackknife_groups`): see :mod:`lawwatch.stats.partition`.
-    """
-    if config.split is None and config.metric == "pr" and groups is None:
-        return make()
-    optional = config.jackknife == "auto"  # a group left without examples: no standard error
-    return PartitionedStats(
-        make, split=config.split, metric=config.metric, groups=groups, optional=optional
-    )
-
-
-def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:
-    """Where the statistics live: ``config.stats_device``, else ``device`` (the model's).
-
-    Raises:
-        ValueError: A CUDA device that this process does not have.
-    """
-    if config.stats_device is None:
-        return device
-    chosen = torch.device(config.stats_device)
-    if chosen.type == "cuda" and (
-        not torch.cuda.is_available()
-        or (chosen.index is not None and chosen.index >= torch.cuda.device_count())
-    ):
-        raise ValueError(
-            f"stats_device={config.stats_device!r}, but this process has "
-            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); "
-            "use 'cpu' or None (the model's device)."
-        )
-    return chosen
+    stats.lens.add(kept, targets, head)
 
 
 def measure(

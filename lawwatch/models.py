@@ -22,6 +22,10 @@ such as Mamba and RWKV have no limit), its vocabulary by ``get_input_embeddings(
 Face's RWKV rescales some weights on its first forward in eval mode; see
 :func:`undo_inference_rescaling`.
 
+**The head** the logit lens reads through (:func:`unembedding`): ``get_output_embeddings()``,
+else a module named one of :data:`HEAD_NAMES`, with the logit scaling and soft-capping the
+model's config declares.
+
 **The probe meets the model** in :func:`check_probe`: once per measurement, before any
 forward, so a probe the model cannot run fails with the fix instead of a bare ``IndexError``.
 """
@@ -32,8 +36,10 @@ import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -50,6 +56,8 @@ POSITION_EMBEDDING_NAMES = ("wpe", "position_embeddings", "pos_emb")
 # config fields of a Hugging Face model's position limit (read only where the config sets them
 # itself: RWKV maps max_position_embeddings to context_length, which limits no CPU forward)
 _POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+# where the head of a model without get_output_embeddings lives, most common first
+HEAD_NAMES = ("lm_head", "head", "output", "embed_out", "unembed")
 
 
 # -- wrappers ---------------------------------------------------------------------------------
@@ -297,3 +305,91 @@ def check_probe(model: nn.Module, probe: ProbeSet) -> None:
             f"The probe holds token id {top} but {name}'s embedding has {rows[0]} rows "
             f"({rows[1]}); build the probe with the model's own tokenizer."
         )
+
+
+# -- the head ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unembedding:
+    """The model's read-out after its final norm: ``logits = cap·tanh(scale·(W h + b) / cap)``.
+
+    Attributes:
+        module: The head (``weight`` ``(V, d)``, optional ``bias`` ``(V,)``), read when used.
+        name: Where it was found, for messages.
+        scale: Multiplies the logits (Cohere's ``logit_scale``, 1 / Granite's
+            ``logits_scaling``); 1 for most models.
+        softcap: Gemma 2's ``final_logit_softcapping``, or None.
+    """
+
+    module: nn.Module
+    name: str
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``(V, d)`` the head's weight (detached)."""
+        return self.module.weight.detach()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """``(V,)`` the head's bias, or None."""
+        bias = getattr(self.module, "bias", None)
+        return bias.detach() if isinstance(bias, torch.Tensor) else None
+
+
+def unembedding(model: nn.Module, head: str | None = None) -> Unembedding:
+    """The head the lens reads through: ``head`` (a module name) or found on ``model``.
+
+    Found as ``model.get_output_embeddings()`` (Hugging Face models, tied or untied), else a
+    module named one of :data:`HEAD_NAMES` with a 2-D ``weight``.
+
+    Raises:
+        ValueError: No head found, ``head`` names no such module, or the model is sharded
+            (FSDP, ZeRO-3: the head's weight is whole only inside its own forward).
+    """
+    name = type(model).__name__
+    fix = (
+        "Pass lens_head='<module name>' (the Linear from the hidden size to the vocabulary that "
+        "the model applies after its final norm) and, if lawwatch cannot find the final norm, "
+        "final_norm='<module name>'."
+    )
+    if is_sharded(model):
+        raise ValueError(
+            f"The logit lens reads the head of {name} outside its forward, where a sharded "
+            "model (FSDP, ZeRO-3) holds only a shard of it; measure the lens on an unsharded "
+            "copy (lawwatch analyze on a checkpoint) or leave lens=None."
+        )
+    names = {clean_name(n): m for n, m in model.named_modules()}
+    module: nn.Module | None = None
+    where = head
+    if head is not None:
+        module = names.get(head)
+        if module is None:
+            raise ValueError(f"lens_head={head!r} is not a module of {name}. {fix}")
+    else:
+        get = getattr(model, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                module = get()
+            except (NotImplementedError, AttributeError):
+                module = None
+            where = "get_output_embeddings()"
+        if module is None:
+            hits = [n for n in names if n.rsplit(".", 1)[-1] in HEAD_NAMES]
+            module, where = (names[hits[0]], hits[0]) if hits else (None, None)
+    weight = getattr(module, "weight", None)
+    if module is None or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ValueError(
+            f"The logit lens needs the unembedding of {name}, and lawwatch found "
+            + ("none" if module is None else f"{where!r} without a 2-D weight")
+            + f". {fix}"
+        )
+    config = getattr(base_model(model), "config", None) or getattr(model, "config", None)
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        scale /= float(scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return Unembedding(module, str(where), scale, float(softcap) if softcap else None)

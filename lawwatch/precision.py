@@ -14,6 +14,8 @@ PR on a small GPT-2), so a series of snapshots is only comparable at one precisi
 :func:`forward_precision` names the precision (recorded as ``precision`` in every history
 record); :func:`plain_forward` is the context a probe forward runs in (also eager: compiled
 code runs as the model's code defines it, without recompiling for the probe's shapes).
+:func:`exact_float32_matmul` keeps lawwatch's own float32 products (a ``"mixed"`` Gram, the
+lens's logits) in IEEE float32, whatever TF32 or bf16 setting training made global.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 __all__ = [
     "STATS_PRECISIONS",
+    "exact_float32_matmul",
     "forward_precision",
     "log_statistics_precision",
     "plain_forward",
@@ -172,3 +175,34 @@ def log_statistics_precision(precision: str, device: torch.device) -> None:
         )
     else:
         log.debug("lawwatch: statistics precision %s on %s", precision, name)
+
+
+@contextmanager
+def exact_float32_matmul() -> Iterator[None]:
+    """Run float32 matmuls in IEEE float32 inside the block, whatever the global setting.
+
+    ``torch.set_float32_matmul_precision("high")`` (or the per-backend ``fp32_precision``
+    switches) let float32 matmuls run in TF32 on CUDA and in bf16 on CPUs with AMX: ~1e-3
+    relative, useless for a Gram matrix. The per-backend switches are set to ``"ieee"`` and
+    restored on exit (the per-backend API works whether the user set the legacy or the new one;
+    torch before 2.9 has only the legacy switches, which are used there).
+    """
+    cuda = torch.backends.cuda.matmul
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    if not hasattr(cuda, "fp32_precision") or mkldnn is None:  # torch < 2.9
+        legacy = (torch.get_float32_matmul_precision(), cuda.allow_tf32)
+        torch.set_float32_matmul_precision("highest")
+        cuda.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy[0])
+            cuda.allow_tf32 = legacy[1]
+        return
+    before = (cuda.fp32_precision, mkldnn.fp32_precision)
+    cuda.fp32_precision = "ieee"
+    mkldnn.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        cuda.fp32_precision, mkldnn.fp32_precision = before

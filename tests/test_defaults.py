@@ -16,9 +16,9 @@ from lawwatch import LawWatch, MeasureConfig, ProbeSet, WatchConfig, measure
 from lawwatch.alerts import law_alerts
 from lawwatch.history import History, Snapshot
 from lawwatch.law import EMERGENCE_SE_MULTIPLE, LawFit, emergence_step, passes
-from lawwatch.measurement import AUTO_JACKKNIFE_GROUPS, jackknife_groups
 from lawwatch.output.console import ConsoleSink
 from lawwatch.output.sinks import scalars
+from lawwatch.stats.build import AUTO_JACKKNIFE_GROUPS, jackknife_groups
 from lawwatch.watch.config import DEFAULT_MAX_OVERHEAD
 from tests.helpers.models import ragged_probe, tiny_gpt2
 

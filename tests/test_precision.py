@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 from lawwatch import LawWatch, measure
 from lawwatch.history import History
 from lawwatch.integrations.hf import LawWatchCallback
-from lawwatch.precision import forward_precision
+from lawwatch.precision import exact_float32_matmul, forward_precision
 from tests.helpers.models import ragged_probe, tiny_gpt2
 
 TOL = 1e-9
@@ -116,3 +116,14 @@ def test_precision_names():
     half = tiny_gpt2()
     half.lm_head = torch.nn.Linear(16, 97, bias=False).to(torch.bfloat16)
     assert forward_precision(half) == "bfloat16+float32"
+
+
+def test_exact_float32_matmul_restores_the_legacy_setting():
+    torch.set_float32_matmul_precision("high")  # the legacy API, as many training scripts do
+    try:
+        with exact_float32_matmul():
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")

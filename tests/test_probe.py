@@ -61,7 +61,12 @@ def test_save_load_roundtrip_and_corruption(tmp_path):
     save_file(
         tensors,
         str(tmp_path / "bad.safetensors"),
-        metadata={"format": "lawwatch.probe/1", "meta": "{}", "hash": probe.content_hash()},
+        metadata={
+            "format": "lawwatch.probe/2",
+            "meta": "{}",
+            "content_hash": probe.content_hash(),
+            "hash": "0" * 64,
+        },
     )
     with pytest.raises(ValueError, match="corrupt"):
         ProbeSet.load(tmp_path / "bad.safetensors")
@@ -288,7 +293,10 @@ def test_probe_files_cover_their_provenance(tmp_path):
     probe = ProbeSet.from_tokens([[5, 6, 7, 8], [9, 10, 11, 12]])
     probe.meta.update(source="texts", seed=3)
     path = probe.save(tmp_path / "probe.safetensors")
-    assert FORMAT == "lawwatch.probe/2" and ProbeSet.load(path).meta == probe.meta
+    assert FORMAT == "lawwatch.probe/2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current format loads without a warning
+        assert ProbeSet.load(path).meta == probe.meta
     edited = json.dumps({**probe.meta, "seed": 4})
     bad = _rewrite(path, tmp_path / "edited.safetensors", metadata={"meta": edited})
     with pytest.raises(ValueError, match=r"edited\.safetensors is corrupt.*provenance"):
@@ -301,26 +309,6 @@ def test_probe_files_cover_their_provenance(tmp_path):
         ProbeSet(probe.input_ids, probe.attention_mask, {"x": torch.ones(1)}).save(
             tmp_path / "x.safetensors"
         )
-
-
-def test_old_probe_files_still_load_with_a_warning(tmp_path):
-    """lawwatch.probe/1: its hash covers tokens and mask only; read, checked, and flagged."""
-    from safetensors.torch import save_file
-
-    probe = ragged_probe()
-    tensors = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask}
-    old = {"format": "lawwatch.probe/1", "meta": '{"seed": 1}', "hash": probe.content_hash()}
-    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=old)
-    with pytest.warns(UserWarning, match=r"v1\.safetensors is a lawwatch.probe/1 .*Save it again"):
-        again = ProbeSet.load(tmp_path / "v1.safetensors")
-    assert again.content_hash() == probe.content_hash() and again.meta == {"seed": 1}
-    with pytest.warns(UserWarning):  # from_token_file knows it too
-        assert ProbeSet.from_token_file(tmp_path / "v1.safetensors", seq_len=4).meta == {"seed": 1}
-    # re-saving writes the current format, which loads without a warning
-    again.save(tmp_path / "v2.safetensors")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert ProbeSet.load(tmp_path / "v2.safetensors").meta == {"seed": 1}
 
 
 def test_every_damaged_probe_file_is_named_with_its_damage(tmp_path):

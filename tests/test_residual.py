@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lawwatch.stats import residual
-from lawwatch.stats.residual import ResidualStats, exact_float32_matmul, prediction_residuals
+from lawwatch.stats.residual import ResidualStats, prediction_residuals
 from tests.helpers.reference import layer_norm, ols_pr, onehot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -272,17 +272,6 @@ def test_mixed_precision_ignores_global_tf32_and_bf16_matmul_settings():
     # on CPUs with bf16 matmul (AMX) the setting is live: plain float32 products degrade
     if trap > 1.0:
         assert np.abs(got - exact).max() < 1e-3 * trap
-
-
-def test_exact_float32_matmul_restores_the_legacy_setting():
-    torch.set_float32_matmul_precision("high")  # the legacy API, as many training scripts do
-    try:
-        with exact_float32_matmul():
-            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
-        assert torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.set_float32_matmul_precision("highest")
 
 
 @pytest.mark.parametrize("precision", ["float64", "mixed"])

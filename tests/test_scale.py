@@ -144,7 +144,7 @@ def test_statistics_precision_is_recorded_and_logged_once(model_probe, caplog):
 
 
 def test_float64_is_the_default_everywhere_and_slow_fp64_is_named():
-    with pytest.raises(ValueError, match=r"precision='auto' is gone.*'float64'"):
+    with pytest.raises(ValueError, match=r"Unknown precision='auto'.*'float64'"):
         MeasureConfig(precision="auto")
     assert MeasureConfig().precision == "float64"
     assert not slow_fp64(torch.device("cpu"))

@@ -7,8 +7,7 @@ default) is also real: the feature is the hidden state at ``j``, the target the 
 Probe files (:meth:`ProbeSet.save`) are ``.safetensors`` files of format
 ``lawwatch.probe/2``: the tokens and mask, the provenance (``meta``, JSON), the content hash of
 the tokens and mask, and a file hash over all three, so an edited provenance is refused like
-edited tokens. Files of format ``lawwatch.probe/1`` (whose hash covers only the tokens and
-mask) are still read, with a warning that their provenance is unchecked.
+edited tokens.
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ import numpy as np
 import torch
 
 FORMAT = "lawwatch.probe/2"
-"""The format :meth:`ProbeSet.save` writes; :data:`FORMATS` lists every format it reads."""
-_FORMAT_1 = "lawwatch.probe/1"  # the hash covers tokens and mask only
-FORMATS = (FORMAT, _FORMAT_1)
+"""The format :meth:`ProbeSet.save` writes and :meth:`ProbeSet.load` reads."""
 
 
 def example_mask(attention_mask: torch.Tensor, offset: int = 1) -> torch.Tensor:
@@ -372,10 +369,6 @@ class ProbeSet:
     def load(cls, path: str | Path) -> ProbeSet:
         """Read a probe written by :meth:`save`, checking its format and hashes.
 
-        A file of format ``lawwatch.probe/1`` is read too: its tokens and mask are checked
-        against its hash, which does not cover its provenance, so a warning says to save it
-        again.
-
         Raises:
             FileNotFoundError: No file at ``path``.
             ValueError: The file is damaged (truncated, invalid metadata, missing tensors, a
@@ -385,10 +378,10 @@ class ProbeSet:
         path = Path(path)
         tensors, metadata, names = _read_safetensors(path, ("input_ids", "attention_mask"))
         version = metadata.get("format")
-        if version not in FORMATS:
+        if version != FORMAT:
             raise ValueError(
-                f"{path} is not a lawwatch probe (format {version!r}, expected one of "
-                f"{FORMATS}); build one with ProbeSet.save()."
+                f"{path} is not a lawwatch probe (format {version!r}, expected {FORMAT!r}); "
+                "build one with ProbeSet.save()."
             )
         missing = [k for k in ("meta", "hash") if k not in metadata]
         missing += [k for k in ("input_ids", "attention_mask") if k not in tensors]
@@ -415,20 +408,6 @@ class ProbeSet:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path} is a damaged lawwatch probe: {error}") from error
         content = probe.content_hash()
-        if version == _FORMAT_1:
-            if content != metadata["hash"]:
-                raise ValueError(
-                    f"{path} is corrupt: the content hash of its tokens and mask does not match "
-                    "the one stored in it."
-                )
-            warnings.warn(
-                f"{path} is a {_FORMAT_1} probe file, whose hash does not cover its provenance "
-                "(meta): its tokens and mask are checked, its meta is taken as is. Save it "
-                f"again (ProbeSet.load(path).save(path)) to write {FORMAT}.",
-                UserWarning,
-                stacklevel=2,
-            )
-            return probe
         if metadata.get("content_hash", content) != content:
             raise ValueError(
                 f"{path} is corrupt: the content hash of its tokens and mask does not match the "
@@ -572,4 +551,4 @@ def _read_safetensors(
 
 def _is_probe_file(path: str | Path) -> bool:
     _, metadata, _ = _read_safetensors(Path(path))
-    return metadata.get("format") in FORMATS
+    return metadata.get("format") == FORMAT

@@ -9,6 +9,12 @@ Modules:
 * :mod:`~lawwatch.stats.solver`: the least-squares solve and its rank rule.
 * :mod:`~lawwatch.stats.outofsample`, :mod:`~lawwatch.stats.fuzziness`: the measures solved
   from cells.
+* :mod:`~lawwatch.stats.lens`: the logit lens's sums, carried beside either kind
+  (:class:`~lawwatch.stats.lens.Lensed`).
+* :mod:`~lawwatch.stats.build`: :class:`~lawwatch.stats.build.Recipe`, which statistics a
+  :class:`~lawwatch.config.MeasureConfig` keeps (the one place that builds them).
+* :mod:`~lawwatch.stats.owned`: :class:`~lawwatch.stats.owned.Owned`, one process's share of a
+  solve (its status and values), the same for every kind.
 
 Both kinds of statistics are a :class:`Statistics`, so the measurement and the monitor drive
 them without knowing which they hold. Everything above the statistics (the law's fit, the
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from lawwatch.stats.residual import Owned
+    from lawwatch.stats.owned import Owned
 
 __all__ = ["Statistics", "Update"]
 

@@ -1,15 +1,15 @@
 """Logit-lens statistics: what each hidden-state entry already predicts through the model's head.
 
-The *logit lens* applies the model's own final norm and unembedding (its LM head) to each
-entry's hidden state and reads the result as a next-token distribution. Per measured entry,
-over a deterministic subset of the probe's examples (:func:`lens_rows`), :class:`LensStats`
-keeps additive sums: top-1 hits against the true next token, cross-entropy (nats), KL divergence
-from the final distribution (the model's own, entry ``L``) and entropy; per example the first
-entry whose top-1 is the true next token and the entry from which the top-1 equals the model's
-final top-1 at every later measured entry, reduced to histograms over the entries. Every number
-is a sum or a count, so statistics of several processes add up with one all-reduce, exactly
-like the PR statistics; :class:`Lensed` carries them beside those (the same forward, the same
-collectives).
+The *logit lens* applies the model's own final norm and unembedding (its LM head, found by
+:func:`lawwatch.models.unembedding`) to each entry's hidden state and reads the result as a
+next-token distribution. Per measured entry, over a deterministic subset of the probe's examples
+(:func:`lens_rows`), :class:`LensStats` keeps additive sums: top-1 hits against the true next
+token, cross-entropy (nats), KL divergence from the final distribution (the model's own, entry
+``L``) and entropy; per example the first entry whose top-1 is the true next token and the entry
+from which the top-1 equals the model's final top-1 at every later measured entry, reduced to
+histograms over the entries. Every number is a sum or a count, so statistics of several
+processes add up with one all-reduce, exactly like the PR statistics; :class:`Lensed` carries
+them beside those (the same forward, the same collectives).
 
 **Memory bound.** Logits are never held beyond a chunk of ``(entries + 1) · rows × V`` values
 (``V`` the head's vocabulary; every measured entry and the final one, computed in one product
@@ -32,14 +32,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from lawwatch.models import base_model, clean_name, is_sharded
-from lawwatch.stats.residual import exact_float32_matmul
+from lawwatch.precision import exact_float32_matmul
+
+if TYPE_CHECKING:
+    from lawwatch.models import Unembedding
+    from lawwatch.stats import Statistics, Update
+    from lawwatch.stats.owned import Owned
 
 __all__ = [
     "DEFAULT_LENS_FRACTION",
@@ -47,9 +51,7 @@ __all__ = [
     "Kept",
     "LensStats",
     "Lensed",
-    "Unembedding",
     "lens_rows",
-    "unembedding",
 ]
 
 # bytes of one chunk's logits, every entry's rows together (the bound: module docstring)
@@ -59,8 +61,6 @@ LENS_CHUNK_BYTES = 64 * 2**20
 DEFAULT_LENS_FRACTION = 1 / 64
 # the golden ratio's fraction: each sequence starts its selection at its own phase
 _PHASE = (math.sqrt(5) - 1) / 2
-# where the head of a model without get_output_embeddings lives, most common first
-HEAD_NAMES = ("lm_head", "head", "output", "embed_out", "unembed")
 
 
 def lens_rows(positions: torch.Tensor, sequences: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -84,91 +84,6 @@ def lens_rows(positions: torch.Tensor, sequences: torch.Tensor, fraction: float)
     p = index.to(torch.float64)
     chosen = torch.floor((p + 1) * fraction + phase) > torch.floor(p * fraction + phase)
     return chosen.nonzero().squeeze(1)
-
-
-@dataclass(frozen=True)
-class Unembedding:
-    """The model's read-out after its final norm: ``logits = cap·tanh(scale·(W h + b) / cap)``.
-
-    Attributes:
-        module: The head (``weight`` ``(V, d)``, optional ``bias`` ``(V,)``), read when used.
-        name: Where it was found, for messages.
-        scale: Multiplies the logits (Cohere's ``logit_scale``, 1 / Granite's
-            ``logits_scaling``); 1 for most models.
-        softcap: Gemma 2's ``final_logit_softcapping``, or None.
-    """
-
-    module: nn.Module
-    name: str
-    scale: float = 1.0
-    softcap: float | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """``(V, d)`` the head's weight (detached)."""
-        return self.module.weight.detach()
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """``(V,)`` the head's bias, or None."""
-        bias = getattr(self.module, "bias", None)
-        return bias.detach() if isinstance(bias, torch.Tensor) else None
-
-
-def unembedding(model: nn.Module, head: str | None = None) -> Unembedding:
-    """The head the lens reads through: ``head`` (a module name) or found on ``model``.
-
-    Found as ``model.get_output_embeddings()`` (Hugging Face models, tied or untied), else a
-    module named one of :data:`HEAD_NAMES` with a 2-D ``weight``.
-
-    Raises:
-        ValueError: No head found, ``head`` names no such module, or the model is sharded
-            (FSDP, ZeRO-3: the head's weight is whole only inside its own forward).
-    """
-    name = type(model).__name__
-    fix = (
-        "Pass lens_head='<module name>' (the Linear from the hidden size to the vocabulary that "
-        "the model applies after its final norm) and, if lawwatch cannot find the final norm, "
-        "final_norm='<module name>'."
-    )
-    if is_sharded(model):
-        raise ValueError(
-            f"The logit lens reads the head of {name} outside its forward, where a sharded "
-            "model (FSDP, ZeRO-3) holds only a shard of it; measure the lens on an unsharded "
-            "copy (lawwatch analyze on a checkpoint) or leave lens=None."
-        )
-    names = {clean_name(n): m for n, m in model.named_modules()}
-    module: nn.Module | None = None
-    where = head
-    if head is not None:
-        module = names.get(head)
-        if module is None:
-            raise ValueError(f"lens_head={head!r} is not a module of {name}. {fix}")
-    else:
-        get = getattr(model, "get_output_embeddings", None)
-        if callable(get):
-            try:
-                module = get()
-            except (NotImplementedError, AttributeError):
-                module = None
-            where = "get_output_embeddings()"
-        if module is None:
-            hits = [n for n in names if n.rsplit(".", 1)[-1] in HEAD_NAMES]
-            module, where = (names[hits[0]], hits[0]) if hits else (None, None)
-    weight = getattr(module, "weight", None)
-    if module is None or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(
-            f"The logit lens needs the unembedding of {name}, and lawwatch found "
-            + ("none" if module is None else f"{where!r} without a 2-D weight")
-            + f". {fix}"
-        )
-    config = getattr(base_model(model), "config", None) or getattr(model, "config", None)
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling:
-        scale /= float(scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return Unembedding(module, str(where), scale, float(softcap) if softcap else None)
 
 
 @dataclass
@@ -270,7 +185,7 @@ class LensStats:
         first_hist = torch.zeros(e + 1, dtype=torch.float64, device=device)
         final_hist = torch.zeros_like(first_hist)
         scalars = torch.zeros(len(self._SCALARS), dtype=torch.float64, device=device)
-        context = exact_float32_matmul() if self.dtype == torch.float32 else _nothing()
+        context = exact_float32_matmul() if self.dtype == torch.float32 else nullcontext()
         with context:
             for lo in range(0, m, rows):
                 part = slice(lo, lo + rows)
@@ -403,14 +318,6 @@ class LensStats:
         return out
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(rows,)`` row-wise dot products of two ``(rows, V)`` tensors, no such temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -423,24 +330,48 @@ class Lensed:
     :meth:`all_reduce` and :meth:`reduce_scatter` (a collective on every process) also
     all-reduce :attr:`lens`, so after either every process holds the whole probe's lens sums,
     and :func:`lawwatch.measurement.solve` puts them into the record.
+
+    Args:
+        inner: The PR statistics (plain or partitioned).
+        lens: The lens's sums, over the same entries.
     """
 
-    def __init__(self, inner: Any, lens: LensStats) -> None:
+    def __init__(self, inner: Statistics, lens: LensStats) -> None:
         self.inner = inner
         self.lens = lens
+        self.layers: tuple[int, ...] = inner.layers
+        self.num_layers: int = inner.num_layers
+        self.dim: int = inner.dim
+        self.precision: str = inner.precision
 
-    def __getattr__(self, name: str) -> Any:  # layers, num_layers, dim, precision, count, …
-        if name in ("inner", "lens"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def count(self) -> torch.Tensor:
+        """The PR statistics' examples (the lens reads a subset of them)."""
+        return self.inner.count
 
-    def begin(self, *args: Any, **kwargs: Any) -> Any:
+    @property
+    def device(self) -> torch.device:
+        """Where the PR statistics live."""
+        return self.inner.device
+
+    def begin(
+        self,
+        targets: torch.Tensor,
+        sequences: torch.Tensor | None = None,
+        *,
+        deferred_check: bool = False,
+    ) -> Update:
         """The inner statistics' :meth:`~lawwatch.stats.Statistics.begin` (the lens adds apart)."""
-        return self.inner.begin(*args, **kwargs)
+        return self.inner.begin(targets, sequences, deferred_check=deferred_check)
 
-    def update(self, *args: Any, **kwargs: Any) -> Lensed:
+    def update(
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        sequences: torch.Tensor | None = None,
+    ) -> Lensed:
         """The inner statistics' :meth:`~lawwatch.stats.Statistics.update`."""
-        self.inner.update(*args, **kwargs)
+        self.inner.update(features, targets, sequences)
         return self
 
     def to(self, device: torch.device | str) -> Lensed:
@@ -460,10 +391,26 @@ class Lensed:
         self.inner.reduce_scatter(group)
         self.lens.all_reduce(group)
 
+    def solve_owned(self, group: object | None = None) -> Owned:
+        """The inner statistics' share of the solve (the lens needs none)."""
+        return self.inner.solve_owned(group)
+
+    def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
+        """The inner statistics' values, gathered."""
+        return self.inner.gather_owned(owned, group)
+
     def reduce_scatter_compute(self, group: object | None = None) -> torch.Tensor:
         """:meth:`reduce_scatter`, then the inner solve of every share, gathered."""
         self.reduce_scatter(group)
-        return self.inner.gather_owned(self.inner.solve_owned(group), group)
+        return self.gather_owned(self.solve_owned(group), group)
+
+    def compute(self) -> torch.Tensor:
+        """The inner statistics' ``(entries,)`` values."""
+        return self.inner.compute()
+
+    def replicates(self) -> torch.Tensor | None:
+        """The inner statistics' jackknife replicates, or None."""
+        return self.inner.replicates()
 
     def merge(self, other: Lensed) -> Lensed:
         """Add ``other``'s statistics (both kinds) into these."""

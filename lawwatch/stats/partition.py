@@ -32,7 +32,8 @@ from collections.abc import Callable
 
 import torch
 
-from lawwatch.stats.residual import BatchUpdate, Owned, ResidualStats
+from lawwatch.stats.owned import Owned, place
+from lawwatch.stats.residual import BatchUpdate, ResidualStats
 from lawwatch.stats.solver import Method
 
 __all__ = ["GOLDEN", "PartitionedStats", "PartitionedUpdate", "jackknife_se", "sequence_cells"]
@@ -223,18 +224,13 @@ class PartitionedStats:
             method: The solve of in-sample PR (:mod:`lawwatch.stats.solver`); out-of-sample PR
                 and separation fuzziness always use the eigendecomposition.
         """
-        buffer = torch.full(
-            (1 + self.num_layers,), float("nan"), dtype=torch.float64, device=self.device
-        )
-        buffer[0] = 0.0  # status: 0 ok, 1 the solve failed here
-        try:
+
+        def values() -> torch.Tensor:
             values = self.values(method=method)
             self._solved = (values, self._replicates(method))
-            buffer[1:] = values
-        except Exception as caught:  # decided collectively in gather_owned
-            buffer[0] = 1.0
-            return Owned(buffer, caught)
-        return Owned(buffer, None)
+            return values
+
+        return Owned.solve(self.num_layers, self.device, values)
 
     def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
         """The values :meth:`solve_owned` found, once every process's status is known.
@@ -248,11 +244,9 @@ class PartitionedStats:
         import torch.distributed as dist
 
         status = owned.buffer[:1].clone()
-        dist.all_reduce(status, op=dist.ReduceOp.MAX, group=group)
-        if owned.error is not None:
-            raise owned.error
-        if status.item() != 0.0:  # host sync
-            raise RuntimeError("lawwatch: the solve failed on another process of the group.")
+        if place(group)[1] > 1:
+            dist.all_reduce(status, op=dist.ReduceOp.MAX, group=group)
+        owned.raise_failure("another process" if status.item() != 0.0 else None)  # host sync
         return owned.buffer[1:].clone()
 
     def reduce_scatter_compute(

@@ -15,13 +15,13 @@ Numerics (see docs/protocol.md §2):
   does not lose its variance to cancellation in ``Σxxᵀ - ΣxΣxᵀ/n``. Statistics with different
   shifts are re-based exactly before they are added.
 * **Precision.** Every sum is float64. With ``precision="mixed"`` each batch's Gram ``uᵀu`` of
-  the shifted features (the shift subtracted in float64 first) is computed in float32, with
-  TF32 and bf16 matmul modes switched off for the product whatever the global setting
-  (:func:`exact_float32_matmul`), and added into the float64 sums; ``Σu``, ``Σuwᵀ`` and the
-  target sums stay float64. The float32 Gram's rounding moves the Rayleigh quotient of an exact
-  null direction (a LayerNorm's) to a few 1e-9 of ``λ_max``, so the rank rule's default
-  tolerance is ``MIXED_RTOL = 1e-7`` there: such directions are still cut, while genuine
-  directions below ~1e-7 of ``λ_max`` are lost with them. That costs little on synthetic
+  the shifted features (the shift subtracted in float64 first) is computed in float32, with TF32
+  and bf16 matmul modes switched off for the product whatever the global setting
+  (:func:`~lawwatch.precision.exact_float32_matmul`), and added into the float64 sums; ``Σu``,
+  ``Σuwᵀ`` and the target sums stay float64. The float32 Gram's rounding moves the Rayleigh
+  quotient of an exact null direction (a LayerNorm's) to a few 1e-9 of ``λ_max``, so the rank
+  rule's default tolerance is ``MIXED_RTOL = 1e-7`` there: such directions are still cut, while
+  genuine directions below ~1e-7 of ``λ_max`` are lost with them. That costs little on synthetic
   inputs but a trained model has many such directions (what it moves PR by, and the speed it
   buys: BENCHMARKS.md); the default stays ``"float64"``.
 * **Rank rule and solve.** See :mod:`lawwatch.stats.solver`: directions of the standardized
@@ -42,13 +42,14 @@ Numerics (see docs/protocol.md §2):
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from lawwatch.precision import exact_float32_matmul
+from lawwatch.stats.owned import Owned, place
 from lawwatch.stats.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
 
 Target = Literal["token_id", "onehot"]
@@ -64,7 +65,6 @@ __all__ = [
     "BatchUpdate",
     "ResidualStats",
     "Solved",
-    "exact_float32_matmul",
     "gram_panel",
     "prediction_residuals",
 ]
@@ -75,37 +75,6 @@ MIXED_RTOL = 1e-7
 # the solve in `compute`, one collective's payload in `all_reduce` / `reduce_scatter_compute`
 WORKSPACE_BYTES = 256 * 2**20
 COLLECTIVE_BYTES = 64 * 2**20
-
-
-@contextlib.contextmanager
-def exact_float32_matmul() -> Iterator[None]:
-    """Run float32 matmuls in IEEE float32 inside the block, whatever the global setting.
-
-    ``torch.set_float32_matmul_precision("high")`` (or the per-backend ``fp32_precision``
-    switches) let float32 matmuls run in TF32 on CUDA and in bf16 on CPUs with AMX: ~1e-3
-    relative, useless for a Gram matrix. The per-backend switches are set to ``"ieee"`` and
-    restored on exit (the per-backend API works whether the user set the legacy or the new one;
-    torch before 2.9 has only the legacy switches, which are used there).
-    """
-    cuda = torch.backends.cuda.matmul
-    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
-    if not hasattr(cuda, "fp32_precision") or mkldnn is None:  # torch < 2.9
-        legacy = (torch.get_float32_matmul_precision(), cuda.allow_tf32)
-        torch.set_float32_matmul_precision("highest")
-        cuda.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(legacy[0])
-            cuda.allow_tf32 = legacy[1]
-        return
-    before = (cuda.fp32_precision, mkldnn.fp32_precision)
-    cuda.fp32_precision = "ieee"
-    mkldnn.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        cuda.fp32_precision, mkldnn.fp32_precision = before
 
 
 @dataclass(frozen=True)
@@ -120,21 +89,6 @@ class Solved:
 
     pr: torch.Tensor
     eigh: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Owned:
-    """One process's share of a solve (``solve_owned`` of any :class:`~lawwatch.stats.Statistics`).
-
-    Attributes:
-        buffer: ``(1 + size,)`` float64: status (0 solved, 1 failed) then the values this
-            process solved (for :class:`ResidualStats`: the PRs of its own entries, NaN-padded
-            to the largest share, so every process gathers the same size).
-        error: The exception of a failed solve on this process, else None.
-    """
-
-    buffer: torch.Tensor
-    error: BaseException | None
 
 
 class ResidualStats:
@@ -594,22 +548,18 @@ class ResidualStats:
         """Phase 3a: solve this process's entries after :meth:`reduce_scatter`; no collective.
 
         Never raises: a failure is kept in the result (and becomes an error on every process
-        in :meth:`gather_owned`). Safe to run on another thread than the collectives'.
+        in :meth:`gather_owned`). Safe to run on another thread than the collectives'. Without
+        a process group, this process owns every entry (no :meth:`reduce_scatter` needed).
         """
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        rank, world = place(group)
         mine = self.owned_entries(rank, world)
         share = -(-self.num_layers // world)  # the largest share: every buffer the same size
-        mine_pr = torch.full((share + 1,), float("nan"), dtype=torch.float64, device=self.device)
-        mine_pr[0] = 0.0  # status: 0 ok, 1 the solve failed here
-        try:
-            if len(mine) > 0:
-                mine_pr[1 : 1 + len(mine)] = self._solve(mine, method).pr
-        except Exception as caught:  # decided collectively in gather_owned
-            mine_pr[0] = 1.0
-            return Owned(mine_pr, caught)
-        return Owned(mine_pr, None)
+
+        def values() -> torch.Tensor | None:
+            self._check_solvable()  # after reduce_scatter: the global sums, alike everywhere
+            return self._solve(mine, method).pr if len(mine) > 0 else None
+
+        return Owned.solve(share, self.device, values)
 
     def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
         """Phase 3b: all-gather every process's :meth:`solve_owned` result: all PRs.
@@ -620,14 +570,13 @@ class ResidualStats:
         """
         import torch.distributed as dist
 
-        world = dist.get_world_size(group)
-        gathered = [torch.empty_like(owned.buffer) for _ in range(world)]
-        dist.all_gather(gathered, owned.buffer, group=group)
+        world = place(group)[1]
+        gathered = [owned.buffer]
+        if world > 1:
+            gathered = [torch.empty_like(owned.buffer) for _ in range(world)]
+            dist.all_gather(gathered, owned.buffer, group=group)
         failed = [r for r, g in enumerate(gathered) if g[0].item() != 0.0]  # host sync
-        if owned.error is not None:
-            raise owned.error
-        if failed:
-            raise RuntimeError(f"lawwatch: the solve failed on process(es) {failed} of the group.")
+        owned.raise_failure(f"process(es) {failed}" if failed else None)
         return torch.cat(
             [g[1 : 1 + len(self.owned_entries(r, world))] for r, g in enumerate(gathered)]
         )

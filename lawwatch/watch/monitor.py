@@ -34,7 +34,6 @@ from lawwatch.output.trackers import Tracker, check_trackers, open_trackers
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
 from lawwatch.stats import Statistics
-from lawwatch.stats.residual import Owned
 from lawwatch.watch.config import WatchConfig, build_configs
 from lawwatch.watch.distributed import Layout, layout, together
 from lawwatch.watch.schedule import Budget, planned
@@ -325,15 +324,14 @@ class LawWatch:
 
         On several processes this rank's share (the PRs are gathered when recorded), on one all.
         """
-        precision = self._precision
         _UNCLOSED.add(self)  # finished at interpreter exit if close() is never called
-        job, args = (
-            (stats.solve_owned, ())
-            if where.world > 1
-            else (self._solved, (stats, step, seconds, precision))
-        )
         self._worker.solve(
-            job, *args, step=step, stats=stats, seconds=seconds, precision=precision, where=where
+            stats.solve_owned,
+            step=step,
+            stats=stats,
+            seconds=seconds,
+            precision=self._precision,
+            where=where,
         )
 
     def _collect(self, step: int | None) -> None:
@@ -345,11 +343,11 @@ class LawWatch:
 
     def _finish(self, pending: Pending) -> Snapshot | None:
         """The snapshot of a pending solve, or None (the failure is logged)."""
-        result = self._worker.result(pending)
-        if not isinstance(result, Owned):
-            return result
-        try:  # the PR all-gather: every process is here at the same call
-            pr = pending.stats.gather_owned(result)
+        owned = self._worker.result(pending)
+        if owned is None:
+            return None
+        try:  # the PR all-gather (alone: this process's own): every process is here at once
+            pr = pending.stats.gather_owned(owned)
         except Exception as error:  # raised on every rank alike
             log.error("lawwatch: snapshot at step %d skipped: %r", pending.step, error)
             return None

@@ -3,8 +3,9 @@
 :class:`Worker` owns the thread (one, so its jobs run in the order given), the solves handed
 to it and not yet recorded (:class:`Pending`, steps increasing), which of them are due at a
 step, and the thread-safe sink writes. On CUDA each solve runs on its own stream
-(:func:`side_stream`). What a result means (a snapshot, or this rank's share of a sharded
-solve) is the monitor's business.
+(:func:`side_stream`). Every job is a statistics' ``solve_owned``: its result is this
+process's :class:`~lawwatch.stats.owned.Owned` share (every entry when alone), which the
+monitor gathers and records.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from lawwatch.stats import Statistics
+from lawwatch.stats.owned import Owned
 from lawwatch.watch.distributed import Layout
 
 log = logging.getLogger("lawwatch")
@@ -28,7 +30,7 @@ class Pending:
     """A snapshot whose solve runs on the worker: its future and what recording it needs."""
 
     step: int
-    future: Future  # Snapshot | None (a whole solve), or Owned (this rank's share)
+    future: Future  # Owned: this process's share of the solve
     stats: Statistics  # the statistics (their count, layers and ownership build the record)
     seconds: float
     precision: str | None
@@ -97,7 +99,7 @@ class Worker:
             yield self.pending.pop(0)
 
     @staticmethod
-    def result(pending: Pending) -> Any | None:
+    def result(pending: Pending) -> Owned | None:
         """The job's result, waiting for it; None when the job itself broke (logged)."""
         try:
             return pending.future.result()

@@ -1,0 +1,205 @@
+"""Which statistics a measurement keeps: one place maps a MeasureConfig to them.
+
+:class:`Recipe` holds every choice a :class:`~lawwatch.config.MeasureConfig` makes about the
+statistics (plain or partitioned, the jackknife's groups, the logit lens beside them, where they
+live, their precision), resolved before any forward pass; :meth:`Recipe.build` makes them once
+the feature width is known (at the first batch). :func:`jackknife_groups` resolves
+``jackknife="auto"``; :func:`checked_groups` adds the one-hot memory check for the groups chosen
+(what :func:`lawwatch.measurement.check_settings` refuses before training starts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lawwatch.precision import log_statistics_precision
+from lawwatch.stats.lens import Lensed, LensStats
+from lawwatch.stats.partition import PartitionedStats
+from lawwatch.stats.residual import ResidualStats
+
+if TYPE_CHECKING:
+    from lawwatch.config import MeasureConfig
+    from lawwatch.stats import Statistics
+    from lawwatch.targets import Targets
+
+__all__ = [
+    "AUTO_JACKKNIFE_BYTES",
+    "AUTO_JACKKNIFE_GROUPS",
+    "AUTO_JACKKNIFE_SEQUENCES",
+    "Recipe",
+    "checked_groups",
+    "jackknife_groups",
+    "statistics_device",
+]
+
+AUTO_JACKKNIFE_GROUPS = 8
+"""Groups of ``jackknife='auto'`` where the jackknife is cheap (see :func:`jackknife_groups`)."""
+AUTO_JACKKNIFE_SEQUENCES = 16
+"""``jackknife='auto'`` needs this many probe sequences: two per group at least."""
+AUTO_JACKKNIFE_BYTES = 1 << 30
+"""``jackknife='auto'`` keeps the groups' statistics only when they take at most this many
+bytes (1 GiB: a GPT-2 small's 13 entries fit, a 1B model's 23 entries × 2048² do not)."""
+
+
+def jackknife_groups(
+    config: MeasureConfig, sequences: int, entries: int, dim: int, targets: Targets | None = None
+) -> int | None:
+    """The jackknife groups a measurement keeps: ``config.jackknife``, with ``'auto'`` resolved.
+
+    ``'auto'``: :data:`AUTO_JACKKNIFE_GROUPS` when the probe has at least
+    :data:`AUTO_JACKKNIFE_SEQUENCES` sequences and the groups' statistics (groups × entries ×
+    (d + 1)² × 8 bytes, per part of ``split``) take at most :data:`AUTO_JACKKNIFE_BYTES`, and
+    one-hot statistics (``targets``) still fit ``max_onehot_bytes`` with them; else None.
+    Decided from the whole probe's sequence count, so every process decides alike.
+    """
+    if config.jackknife != "auto":
+        return config.jackknife
+    groups = AUTO_JACKKNIFE_GROUPS
+    parts = 2 if config.split is not None else 1
+    if sequences < AUTO_JACKKNIFE_SEQUENCES:
+        return None
+    if groups * parts * entries * (dim + 1) ** 2 * 8 > AUTO_JACKKNIFE_BYTES:
+        return None
+    if targets is not None:
+        try:
+            targets.check_memory(
+                entries,
+                dim,
+                config.max_onehot_bytes,
+                copies=PartitionedStats.copies(config.split, groups),
+            )
+        except ValueError:
+            return None
+    return groups
+
+
+def checked_groups(
+    config: MeasureConfig, targets: Targets, sequences: int, entries: int, dim: int
+) -> int | None:
+    """:func:`jackknife_groups`, with the one-hot statistics of every set kept checked to fit.
+
+    Raises:
+        ValueError: One-hot statistics over ``max_onehot_bytes`` (naming the knobs that fit).
+    """
+    groups = jackknife_groups(config, sequences, entries, dim, targets)
+    targets.check_memory(
+        entries,
+        dim,
+        config.max_onehot_bytes,
+        copies=PartitionedStats.copies(config.split, groups),
+    )
+    return groups
+
+
+def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:
+    """Where the statistics live: ``config.stats_device``, else ``device`` (the model's).
+
+    Raises:
+        ValueError: A CUDA device that this process does not have.
+    """
+    if config.stats_device is None:
+        return device
+    chosen = torch.device(config.stats_device)
+    if chosen.type == "cuda" and (
+        not torch.cuda.is_available()
+        or (chosen.index is not None and chosen.index >= torch.cuda.device_count())
+    ):
+        raise ValueError(
+            f"stats_device={config.stats_device!r}, but this process has "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); "
+            "use 'cpu' or None (the model's device)."
+        )
+    return chosen
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The statistics a measurement keeps, decided before any forward; all but their width.
+
+    Made by :meth:`of` (which refuses a ``stats_device`` this process lacks before any forward
+    pass runs); :meth:`build` makes the statistics when the first batch gives the width.
+
+    Attributes:
+        config: The measurement options.
+        targets: The targets every batch is regressed on (their kind and one-hot classes).
+        layers: The measured entries' true indices.
+        sequences: The whole probe's sequence count (every process resolves ``'auto'`` alike).
+        features: Where the features arrive (the model's device).
+        device: Where the statistics live (:func:`statistics_device`).
+    """
+
+    config: MeasureConfig
+    targets: Targets
+    layers: tuple[int, ...]
+    sequences: int
+    features: torch.device
+    device: torch.device
+
+    @classmethod
+    def of(
+        cls,
+        config: MeasureConfig,
+        targets: Targets,
+        *,
+        layers: tuple[int, ...],
+        sequences: int,
+        features: torch.device,
+    ) -> Recipe:
+        """The recipe of ``config``, its statistics' device resolved now.
+
+        Raises:
+            ValueError: A ``stats_device`` this process does not have.
+        """
+        device = statistics_device(config, features)
+        return cls(config, targets, tuple(layers), sequences, features, device)
+
+    def build(self, dim: int) -> Statistics:
+        """Empty statistics for features of width ``dim``.
+
+        One :class:`~lawwatch.stats.residual.ResidualStats` for the paper's measurement, a
+        :class:`~lawwatch.stats.partition.PartitionedStats` (one per cell) for ``split``,
+        separation fuzziness and the jackknife's groups; with ``lens``, a
+        :class:`~lawwatch.stats.lens.Lensed` carrying the logit lens's sums beside them.
+
+        Raises:
+            ValueError: One-hot statistics over ``max_onehot_bytes``.
+        """
+        config, targets, entries = self.config, self.targets, len(self.layers)
+        groups = checked_groups(config, targets, self.sequences, entries, dim)
+        log_statistics_precision(config.precision, self.features)
+
+        def make() -> ResidualStats:
+            return ResidualStats(
+                entries,
+                dim,
+                target=targets.kind,
+                classes=targets.classes,
+                device=self.device,
+                rtol=config.rtol,
+                layers=self.layers,
+                precision=config.precision,
+                # products where the features are; only (d, d) sums travel
+                compute_on="stats" if self.device == self.features else "features",
+            )
+
+        plain: Statistics
+        if config.split is None and config.metric == "pr" and groups is None:
+            plain = make()
+        else:
+            plain = PartitionedStats(
+                make,
+                split=config.split,
+                metric=config.metric,
+                groups=groups,
+                # a group left without examples: no standard error, not an error
+                optional=config.jackknife == "auto",
+            )
+        if config.lens is None:
+            return plain
+        lens = LensStats(
+            self.layers, device=self.device, precision=config.precision, fraction=config.lens
+        )
+        return Lensed(plain, lens)
