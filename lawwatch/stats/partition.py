@@ -261,13 +261,21 @@ class PartitionedStats:
     def merged(self, *, part: int | None = None, without: int | None = None) -> ResidualStats:
         """The statistics of split ``part`` (None: both) outside jackknife group ``without``.
 
-        ``without=None`` (every group) gives the totals where they are kept.
+        Where the totals are kept (the jackknife), ``without=None`` gives them (for one part:
+        that part's own statistics, not a copy: read them, do not modify them), and
+        ``without=g`` the totals minus group ``g``'s cells (one subtraction, not a merge of
+        every other group).
         """
-        if without is None and self.totals is not None:
+        if self.totals is not None:
             chosen = self.totals if part is None else [self.totals[part]]
+            if without is None and len(chosen) == 1:
+                return chosen[0]
             total = chosen[0].clone()
             for other in chosen[1:]:
                 total.merge(other)
+            if without is not None:
+                for p in range(self.parts) if part is None else [part]:
+                    total.subtract(self.cells[without * self.parts + p])
             return total
         chosen = [
             cell

@@ -30,7 +30,7 @@ Numerics (see docs/protocol.md §2):
 * **Gram.** ``uᵀu`` is symmetric: each batch computes its upper triangle only, in row panels
   (``gram_panel``: ``d / 8`` rows, at least 192, so about 9/16 of the full product's flops),
   and the lower triangle of ``Σuuᵀ`` is copied from the upper one, diagonal blocks included,
-  so the sums are exactly symmetric on any CPU.
+  once, when the sums are read (``sum_xx``), so they are exactly symmetric on any CPU.
 * **Memory.** Batches are turned into products a few entries at a time (bounded workspace; a
   caller that owns float64 features, e.g. the hooks of :meth:`lawwatch.capture.Capture.stream`
   through :meth:`ResidualStats.begin`, has them shifted in place: no copy), and the solve and
@@ -181,10 +181,29 @@ class ResidualStats:
         self.shift_x = torch.zeros(num_layers, dim, **f64)  # (L, d)
         self.shift_y = torch.zeros(k, **f64)  # (K,) stays 0 for one-hot: counts are exact
         self.sum_x = torch.zeros(num_layers, dim, **f64)  # (L, d)
-        self.sum_xx = torch.zeros(num_layers, dim, dim, **f64)  # (L, d, d)
+        # (L, d, d) Σuuᵀ, read through `sum_xx`; batches add to its upper triangle only
+        self._gram = torch.zeros(num_layers, dim, dim, **f64)
+        self._lower_stale = False  # the lower triangle lags the upper one (see `sum_xx`)
         self.sum_xy = torch.zeros(num_layers, dim, k, **f64)  # (L, d, K)
         self.sum_y = torch.zeros(k, **f64)  # (K,)
         self.sum_yy = torch.zeros(k, **f64)  # (K,)
+
+    @property
+    def sum_xx(self) -> torch.Tensor:
+        """``(L, d, d)`` float64 ``Σuuᵀ``, exactly symmetric.
+
+        Batches add to the upper triangle only; the lower one is copied from it here, once,
+        when the sums are next read (the solve, a merge, a collective), not after every batch
+        and cell: the copy is a pass over ``L·d²`` values, as long as a thin batch's product.
+        """
+        if self._lower_stale:
+            _mirror_upper(self._gram, gram_panel(self.dim))
+            self._lower_stale = False
+        return self._gram
+
+    @sum_xx.setter
+    def sum_xx(self, value: torch.Tensor) -> None:
+        self._gram, self._lower_stale = value, False
 
     # -- accumulation -------------------------------------------------------------------------
 
@@ -342,12 +361,12 @@ class ResidualStats:
 
         ``uᵀu`` is symmetric, so only its upper triangle is computed, in row panels of
         ``gram_panel(d)`` rows (panel ``i`` times the columns from ``i`` on: about
-        ``(1 + 1/panels) / 2`` of the flops of the full product), and the lower triangle of
-        the sums is then copied from the upper one (the sums stay exactly symmetric). A staged
+        ``(1 + 1/panels) / 2`` of the flops of the full product); the lower triangle of the
+        sums is copied from the upper one when they are next read (:attr:`sum_xx`). A staged
         or float32 product exists one panel at a time.
         """
         d = self.dim
-        sums = self.sum_xx[part]  # (l, d, d) view
+        sums = self._gram[part]  # (l, d, d) view: the upper triangle is added to
         u32 = u.to(torch.float32) if self.precision == "mixed" else None  # after the shift
         step = gram_panel(d)
         for lo in range(0, d, step):
@@ -361,7 +380,7 @@ class ResidualStats:
                 target += (u[:, :, lo:hi].transpose(1, 2) @ u[:, :, lo:]).to(self.device)
             else:  # in place, no temporary
                 target.baddbmm_(u[:, :, lo:hi].transpose(1, 2), u[:, :, lo:])
-        _mirror_upper(sums, step)
+        self._lower_stale = True
 
     def _rebase(self, shift_x: torch.Tensor, shift_y: torch.Tensor) -> None:
         """Re-base the sums on new shifts, exactly: Σ(u-δ)(u-δ)ᵀ = Σuuᵀ - Σuδᵀ - δΣuᵀ + nδδᵀ."""
@@ -410,13 +429,47 @@ class ResidualStats:
         other._check_usable()
         if other.count.item() == 0:
             return self
-        other = other.clone().to(self.device)
         if self.count.item() == 0:
-            self.shift_x, self.shift_y = other.shift_x.clone(), other.shift_y.clone()
-        other._rebase(self.shift_x, self.shift_y)
-        for name in _SUMS:
-            getattr(self, name).add_(getattr(other, name))
+            self.shift_x = other.shift_x.to(self.device, copy=True)
+            self.shift_y = other.shift_y.to(self.device, copy=True)
+        for name, value in zip(_SUMS, self._aligned(other), strict=True):
+            getattr(self, name).add_(value)
         return self
+
+    def subtract(self, other: ResidualStats) -> ResidualStats:
+        """Remove the examples of ``other``, which these statistics hold too (undo a merge).
+
+        E.g. a jackknife group from the statistics of every group. Exact in arithmetic; in
+        floating point the error is that of the subtraction, relative to the larger sums
+        (small while ``other`` holds a minor share of the examples).
+
+        Returns:
+            ``self``, so calls chain.
+        """
+        self._check_compatible(other)
+        self._check_usable()
+        other._check_usable()
+        if other.count.item() == 0:
+            return self
+        for name, value in zip(_SUMS, self._aligned(other), strict=True):
+            getattr(self, name).sub_(value)
+        return self
+
+    def _aligned(self, other: ResidualStats) -> list[torch.Tensor]:
+        """``other``'s sums (in the order of ``_SUMS``) about this one's shifts, on its device.
+
+        Statistics about the same shifts on the same device are read as they are (no copy);
+        others are copied and re-based exactly.
+        """
+        same = (
+            other.device == self.device
+            and torch.equal(other.shift_x, self.shift_x)
+            and torch.equal(other.shift_y, self.shift_y)
+        )
+        if not same:
+            other = other.clone().to(self.device)
+            other._rebase(self.shift_x, self.shift_y)
+        return [getattr(other, name) for name in _SUMS]
 
     # -- distributed --------------------------------------------------------------------------
 
