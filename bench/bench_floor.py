@@ -33,6 +33,7 @@ each clock reading and adds the peak of allocated GPU memory per variant.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -184,7 +185,10 @@ def floor_table(
         warnings.simplefilter("ignore")  # few examples per dimension at short probes
         for _name, fn in runs:  # warm-up: one-time set-up is not a snapshot's
             fn()
-        for _ in range(repeat):
+        for done in range(repeat):
+            if done:  # progress: a full-size run takes minutes per repeat
+                best = {k: round(t.wall, 2) for k, t in timings.items() if t.wall < float("inf")}
+                print(f"after {done} of {repeat} repeats, best wall s: {best}", file=sys.stderr)
             for name, fn in runs:
                 clocked(fn, device, timings[name])
             stats = clocked(

@@ -104,8 +104,7 @@ class Check:
         print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         # n > d + 1 at every shape (7B: d 4096): 16 × 512 tokens, 8176 examples
         rows, length = (16, 32) if self.tiny else (16, 512)
-        for name in ("1.1b", "7b"):
-            self.kept = None
+        for name in ("1.1b", "7b"):  # the 1.1B model (2 GiB in bf16) stays for `precision`
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             model = self.model(name, torch.bfloat16)
