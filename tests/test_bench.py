@@ -31,8 +31,9 @@ TINY = {
     "gpu_check.py": (["--device", "cpu", "--tiny", "--threads", "1"], "gpu_check: every part ran."),
     "mixed_precision.py": (["--tiny"], "bf16 weights:"),
 }
-# bench_overhead: three processes, two of them training runs; bench_e2e: four processes
-SLOW = {"bench_e2e.py", "bench_overhead.py"}
+# bench_overhead: three processes, two of them training runs; bench_e2e: four processes;
+# gpu_check: a Trainer run among its parts
+SLOW = {"bench_e2e.py", "bench_overhead.py", "gpu_check.py"}
 
 
 def test_every_bench_script_has_a_tiny_run():
