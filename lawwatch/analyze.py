@@ -49,7 +49,6 @@ from lawwatch.probe import ProbeSet
 
 __all__ = [
     "ANALYZE_JACKKNIFE",
-    "PROBE_FILE",
     "SweepResult",
     "analyze",
     "check_compatible",

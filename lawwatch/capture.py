@@ -65,18 +65,7 @@ from lawwatch.precision import plain_forward
 from lawwatch.stats.lens import Kept
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
 
-__all__ = [
-    "NORMALIZE",
-    "BlockSpec",
-    "Capture",
-    "FinalNormSpec",
-    "Hidden",
-    "LayerSpec",
-    "NormSpec",
-    "Normalize",
-    "evaluating",
-    "select_layers",
-]
+__all__ = ["Capture", "Hidden", "evaluating"]
 
 
 @dataclass

@@ -149,18 +149,17 @@ def series_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
     """What makes two series identities two series: ``{what: (before, after)}``, empty for one.
 
     ``what`` is ``"probe"`` (the probe's content hash), ``"precision"`` (the forward's) or
-    ``"config.<option>"`` (a measurement option, the statistics' precision among them). Only
-    what both carry is compared (records written before these fields existed carry none; an
-    option one of them lacks came with another version), and :data:`COST_OPTIONS` change only
-    what a snapshot costs.
+    ``"config.<option>"`` (a measurement option, the statistics' precision among them).
+    :data:`COST_OPTIONS` change only what a snapshot costs. The forward's precision is compared
+    where both say it (an identity made before the model can say it carries none).
     """
     diff: dict[str, tuple[Any, Any]] = {}
-    if before.get("probe") and after.get("probe") and before["probe"] != after["probe"]:
-        diff["probe"] = (before["probe"], after["probe"])
+    if before.get("probe") != after.get("probe"):
+        diff["probe"] = (before.get("probe"), after.get("probe"))
     old, new = before.get("config") or {}, after.get("config") or {}
-    for name in old:
-        if name in new and name not in COST_OPTIONS and old[name] != new[name]:
-            diff[f"config.{name}"] = (old[name], new[name])
+    for name in old | new:
+        if name not in COST_OPTIONS and old.get(name) != new.get(name):
+            diff[f"config.{name}"] = (old.get(name), new.get(name))
     old, new = before.get("precision"), after.get("precision")
     if old and new and old != new:
         diff["precision"] = (old, new)
@@ -172,7 +171,7 @@ def series_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[s
     phrases = []
     for what, (old, new) in series_diff(before, after).items():
         if what == "probe":
-            phrases.append(f"probe (content hash {old[:12]}… → {new[:12]}…)")
+            phrases.append(f"probe (content hash {str(old)[:12]}… → {str(new)[:12]}…)")
         elif what == "precision":
             phrases.append(f"precision {old} → {new}")
         else:

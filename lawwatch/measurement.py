@@ -32,7 +32,6 @@ from lawwatch.targets import Targets
 __all__ = [
     "accumulate",
     "check_settings",
-    "identity",
     "measure",
     "model_device",
     "prepare",
@@ -392,7 +391,7 @@ def measure(
 
     Returns:
         A :class:`~lawwatch.history.Snapshot` (``step`` unset; its ``extra`` holds what it was
-        measured with: see :func:`identity`).
+        measured with: see :func:`~lawwatch.history.identity`).
 
     Raises:
         TypeError: An option that is not a field of MeasureConfig.

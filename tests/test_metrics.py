@@ -268,3 +268,28 @@ def test_the_onehot_budget_counts_every_set_of_statistics():
             measure(model, probe, target="onehot", split=0.5, jackknife=3, max_onehot_bytes=one_set)
     fits = int(str(error.value).split("onehot_top_k=")[1].split(" ")[0])
     assert fits == one_set // 8 // (5 * 16 * 8) - 1  # the budget of one set, less OTHER
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"split": 0.3}, {"jackknife": 4}, {"metric": "separation_fuzziness"}, {"lens": 1.0}],
+    ids=["plain", "split", "jackknife", "fuzziness", "lens"],
+)
+def test_one_process_solves_its_share_alone(options):
+    """Without a process group one process owns every entry: solve_owned then gather_owned (the
+    background worker's calls) give compute()'s values on every kind of statistics."""
+    from lawwatch.measurement import accumulate
+
+    stats = accumulate(tiny_gpt2(), ragged_probe(), **options)
+    owned = stats.solve_owned()
+    assert owned.error is None and owned.buffer[0].item() == 0.0
+    assert torch.equal(stats.gather_owned(owned), stats.compute())
+
+
+def test_a_failed_solve_alone_is_raised_by_gather_owned():
+    x, _ = features("random", 50)
+    stats = ResidualStats(L, D).update(torch.from_numpy(x), torch.full((50,), 7))
+    owned = stats.solve_owned()  # never raises: the failure is kept
+    assert owned.buffer[0].item() == 1.0 and isinstance(owned.error, ValueError)
+    with pytest.raises(ValueError, match="single distinct value"):
+        stats.gather_owned(owned)

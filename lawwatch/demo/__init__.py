@@ -16,7 +16,7 @@ An application of the library, not part of it: nothing under ``lawwatch`` import
 * :mod:`~lawwatch.demo.app`: :func:`run_demo`, which puts them together.
 """
 
-from lawwatch.demo.app import DemoResult, run_demo
+from lawwatch.demo.app import run_demo
 from lawwatch.demo.config import DemoConfig
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["DemoConfig", "run_demo"]

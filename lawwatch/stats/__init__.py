@@ -57,7 +57,9 @@ class Statistics(Protocol):
     never raising), :meth:`gather_owned` (every process gets every value, or every process
     raises); :meth:`reduce_scatter_compute` runs the three in a row. The plain statistics
     really reduce-scatter (each process solves its own entries); the partitioned ones
-    all-reduce (each process solves every entry).
+    all-reduce (each process solves every entry). Without a process group, :meth:`solve_owned`
+    and :meth:`gather_owned` run alone (the one process owns every entry): the background
+    worker solves through the same calls on one process as on many.
 
     **Solve.** :meth:`compute` (one process, or after :meth:`all_reduce`) gives the
     ``(entries,)`` float64 values (PR, out-of-sample PR or separation fuzziness);

@@ -60,7 +60,6 @@ ComputeOn = Literal["stats", "features"]
 COMPUTE_ON: tuple[str, ...] = ("stats", "features")
 
 __all__ = [
-    "DEFAULT_RTOL",
     "MIXED_RTOL",
     "BatchUpdate",
     "Cells",
