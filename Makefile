@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 # torch pinned to the locally served CPU wheel in the dev environment only
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test lint demo bench clean docs
+.PHONY: install test lint demo bench clean docs gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,3 +37,10 @@ clean:
 bench: install
 	$(PY) bench/bench_residual.py
 	$(PY) bench/bench_overhead.py --quick
+
+# what only a GPU shows (bench/gpu_check.py: the 1.1B and 7B shapes in bf16, mixed vs float64
+# statistics, the snapshot against its forward, a Trainer run): at most ~8 minutes on one GPU,
+# BENCHMARKS.md rows on stdout. Needs a CUDA build of torch (`make gpu-check TORCH=torch`, or
+# VENV= an environment that has one); on a CPU, `$(PY) bench/gpu_check.py --device cpu --tiny`
+gpu-check: install
+	$(PY) bench/gpu_check.py --device cuda

@@ -18,6 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = {
     "bench_capture.py": (["--tiny", "--threads", "1"], "measure, layers=4"),
     "bench_e2e.py": (["--tiny", "--threads", "1"], "| 4 x 32 | 16 x 64 (1008) | 8 |"),
+    "bench_floor.py": (["--tiny", "--threads", "1"], "| phase: solve |"),
     "bench_overhead.py": (
         ["--tiny"],
         "training losses identical with and without the callback: True",
@@ -26,10 +27,13 @@ TINY = {
     "bench_lens.py": (["--tiny"], "measure without lens"),
     "bench_residual.py": (["--tiny"], "| layers | n | d |"),
     "bench_solve.py": (["--tiny", "--threads", "1"], "| family | d | n | max abs PR diff"),
+    # make gpu-check's script on CPU at tiny shapes: every part runs (the exit status says so)
+    "gpu_check.py": (["--device", "cpu", "--tiny", "--threads", "1"], "gpu_check: every part ran."),
     "mixed_precision.py": (["--tiny"], "bf16 weights:"),
 }
-# bench_overhead: three processes, two of them training runs; bench_e2e: four processes
-SLOW = {"bench_e2e.py", "bench_overhead.py"}
+# bench_overhead: three processes, two of them training runs; bench_e2e: four processes;
+# gpu_check: a Trainer run among its parts
+SLOW = {"bench_e2e.py", "bench_overhead.py", "gpu_check.py"}
 
 
 def test_every_bench_script_has_a_tiny_run():

@@ -134,11 +134,14 @@ def test_separation_fuzziness_refuses_a_single_class():
         separation_fuzziness(stats)
 
 
+@pytest.mark.parametrize("per", [12, 120], ids=["per_cell", "per_sequence"])
 @pytest.mark.parametrize("split", [None, 0.4])
-def test_jackknife_matches_leave_one_group_out_in_numpy(split):
+def test_jackknife_matches_leave_one_group_out_in_numpy(split, per):
+    """Short sequences: each cell's own product; long ones: one product per sequence, shared
+    by its cell and the totals (lawwatch.stats.partition.SEQUENCE_ROWS)."""
     groups = 5
     rng = np.random.default_rng(11)
-    n_seq, per = 60, 12
+    n_seq = 60 if per == 12 else 10
     sequences = np.repeat(np.arange(n_seq), per)
     ids = rng.integers(0, 50, n_seq * per)
     depth = 5  # entries 0..4, PR falling with depth: the law's fit needs >= 3 after entry 0
@@ -171,6 +174,26 @@ def test_jackknife_matches_leave_one_group_out_in_numpy(split):
     np.testing.assert_allclose(found["pearson_r_se"], se(rs), rtol=1e-9, atol=0)
     np.testing.assert_allclose(found["rho_se"], se(rhos), rtol=1e-9, atol=0)
     assert jackknife_se([1.0, 1.0, 1.0]) == 0.0
+
+
+@pytest.mark.parametrize("per", [12, 120], ids=["per_cell", "per_sequence"])
+def test_the_headline_is_the_same_for_any_number_of_groups(per):
+    """The totals do not depend on the groups, to the bit, and equal numpy's in-sample PR."""
+    rng = np.random.default_rng(12)
+    n_seq = 24 if per == 12 else 6
+    sequences = torch.from_numpy(np.repeat(np.arange(n_seq), per))
+    ids = torch.from_numpy(rng.integers(0, 50, n_seq * per))
+    x = torch.from_numpy(rng.normal(size=(L, n_seq * per, D)) + 3.0 * rng.normal(size=D))
+    found = []
+    for groups in (2, 3, 5):
+        stats = PartitionedStats(lambda: ResidualStats(L, D), groups=groups)
+        for lo in range(0, n_seq * per, 2 * per):  # batches of two sequences
+            rows = slice(lo, lo + 2 * per)
+            stats.update(x[:, rows], ids[rows], sequences[rows])
+        found.append(stats.compute())
+    assert all(torch.equal(found[0], other) for other in found[1:])
+    want = [ols_pr(x[e].numpy(), ids.numpy().astype(np.float64)) for e in range(L)]
+    np.testing.assert_allclose(found[0].numpy(), want, rtol=1e-10, atol=0)
 
 
 def test_jackknife_refuses_an_empty_group():

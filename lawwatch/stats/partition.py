@@ -18,11 +18,16 @@ every sequence in the same cell:
 * **jackknife group**: ``i mod groups`` (round robin).
 
 Memory: one ``ResidualStats`` per cell, plus, with ``jackknife``, one per split part holding
-all groups (the headline values then come from statistics accumulated exactly as the plain
-measurement's, bit for bit): ``(groups + 1) × (2 with split, else 1)`` times the plain
+all groups (the *totals*, from which the headline values are solved: the same, to the bit,
+whatever the number of groups): ``(groups + 1) × (2 with split, else 1)`` times the plain
 measurement's. A batch streams one entry at a time like the plain measurement's
-(:meth:`PartitionedStats.begin`): each cell takes a copy of its own rows of the entry, so the
-transient is about two entries' ``n × d`` float64 features (``n`` the batch's examples).
+(:meth:`PartitionedStats.begin`). With the jackknife the totals' update feeds the cells
+(:class:`~lawwatch.stats.residual.Cells`): the cells take their sums about the totals'
+shifts, the Gram of each sequence's rows is formed once and added to the totals and to its
+cell (sequences of fewer than ``SEQUENCE_ROWS`` examples: the cells form their own products,
+of a copy of their rows), and a leave-one-group-out measure is solved from the totals minus
+that group's cells. Without it, each cell takes a copy of its own rows. The transient is
+about two entries' ``n × d`` float64 features (``n`` the batch's examples).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from lawwatch.stats.owned import Owned, place
-from lawwatch.stats.residual import BatchUpdate, ResidualStats
+from lawwatch.stats.residual import BatchUpdate, Cells, ResidualStats
 from lawwatch.stats.solver import Method
 
 __all__ = ["GOLDEN", "PartitionedStats", "PartitionedUpdate", "jackknife_se", "sequence_cells"]
@@ -261,13 +266,21 @@ class PartitionedStats:
     def merged(self, *, part: int | None = None, without: int | None = None) -> ResidualStats:
         """The statistics of split ``part`` (None: both) outside jackknife group ``without``.
 
-        ``without=None`` (every group) gives the totals where they are kept.
+        Where the totals are kept (the jackknife), ``without=None`` gives them (for one part:
+        that part's own statistics, not a copy: read them, do not modify them), and
+        ``without=g`` the totals minus group ``g``'s cells (one subtraction, not a merge of
+        every other group).
         """
-        if without is None and self.totals is not None:
+        if self.totals is not None:
             chosen = self.totals if part is None else [self.totals[part]]
+            if without is None and len(chosen) == 1:
+                return chosen[0]
             total = chosen[0].clone()
             for other in chosen[1:]:
                 total.merge(other)
+            if without is not None:
+                for p in range(self.parts) if part is None else [part]:
+                    total.subtract(self.cells[without * self.parts + p])
             return total
         chosen = [
             cell
@@ -330,6 +343,33 @@ class PartitionedStats:
         return torch.stack([self.values(g, method=method) for g in range(self.groups)])
 
 
+# per-sequence products (see `Cells`) where the batch's sequences have at least this many
+# examples on average: below, the extra pass over the d² sums per sequence costs more than a
+# second product of the rows (BENCHMARKS.md, "A snapshot against its forward")
+SEQUENCE_ROWS = 96
+
+
+def _cells(stats: PartitionedStats, cells: torch.Tensor, sequences: torch.Tensor) -> Cells:
+    """The jackknife's cells among some rows of a batch: ``cells`` and ``sequences`` ``(m,)``."""
+    present = torch.unique(cells).tolist()  # host sync: a few cells
+    rows = [(cells == c).nonzero().squeeze(1) for c in present]
+    chosen = [stats.cells[c] for c in present]
+    # runs of one sequence's rows: the examples of a sequence are consecutive (row-major)
+    _, counts = torch.unique_consecutive(sequences, return_counts=True)
+    counts = counts.tolist()  # host sync
+    if not counts or sequences.numel() < SEQUENCE_ROWS * len(counts):
+        return Cells(chosen, rows)
+    where = {c: i for i, c in enumerate(present)}
+    starts = [0]
+    for count in counts[:-1]:
+        starts.append(starts[-1] + count)
+    first_cells = cells[torch.tensor(starts, device=cells.device)].tolist()  # host sync
+    runs = [
+        (lo, lo + count, where[c]) for lo, count, c in zip(starts, counts, first_cells, strict=True)
+    ]
+    return Cells(chosen, rows, runs)
+
+
 class PartitionedUpdate:
     """One batch being added to a :class:`PartitionedStats`, its entries in any number of calls.
 
@@ -351,20 +391,23 @@ class PartitionedUpdate:
         # (rows, update): rows None means every row
         self.updates: list[tuple[torch.Tensor | None, BatchUpdate]] = []
 
-        def begin(stats_: ResidualStats, rows: torch.Tensor | None) -> None:
+        def begin(stats_: ResidualStats, rows: torch.Tensor | None, with_cells=None) -> None:
             chosen = targets if rows is None else targets[rows.to(targets.device)]
-            self.updates.append((rows, stats_.begin(chosen, deferred_check=deferred_check)))
+            update = stats_.begin(chosen, deferred_check=deferred_check, cells=with_cells)
+            self.updates.append((rows, update))
 
-        for cell in torch.unique(cells).tolist():  # host sync: a few cells
-            begin(stats.cells[cell], (cells == cell).nonzero().squeeze(1))
-        if stats.totals is not None:
-            if stats.parts == 1:
-                begin(stats.totals[0], None)  # last: it may shift the caller's tensor in place
-            else:
-                for part, total in enumerate(stats.totals):
-                    rows = (cells % stats.parts == part).nonzero().squeeze(1)
-                    if rows.numel():
-                        begin(total, rows)
+        if stats.totals is None:  # no jackknife: each cell its own copy of its rows
+            for cell in torch.unique(cells).tolist():  # host sync: a few cells
+                begin(stats.cells[cell], (cells == cell).nonzero().squeeze(1))
+            return
+        # the jackknife: the cells are fed by the totals' update (one shift, see `Cells`)
+        for part, total in enumerate(stats.totals):
+            rows = None if stats.parts == 1 else (cells % stats.parts == part).nonzero().squeeze(1)
+            if rows is not None and not rows.numel():
+                continue
+            mine = cells if rows is None else cells[rows]
+            seqs = sequences if rows is None else sequences[rows.to(sequences.device)]
+            begin(total, rows, _cells(stats, mine, seqs.to(mine.device)))
 
     def add(self, part: slice, features: torch.Tensor, *, owned: bool = False) -> None:
         """Add the entries ``part`` from ``features`` ``(part.stop - part.start, n, dim)``.

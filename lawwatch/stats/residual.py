@@ -30,7 +30,7 @@ Numerics (see docs/protocol.md §2):
 * **Gram.** ``uᵀu`` is symmetric: each batch computes its upper triangle only, in row panels
   (``gram_panel``: ``d / 8`` rows, at least 192, so about 9/16 of the full product's flops),
   and the lower triangle of ``Σuuᵀ`` is copied from the upper one, diagonal blocks included,
-  so the sums are exactly symmetric on any CPU.
+  once, when the sums are read (``sum_xx``), so they are exactly symmetric on any CPU.
 * **Memory.** Batches are turned into products a few entries at a time (bounded workspace; a
   caller that owns float64 features, e.g. the hooks of :meth:`lawwatch.capture.Capture.stream`
   through :meth:`ResidualStats.begin`, has them shifted in place: no copy), and the solve and
@@ -62,6 +62,7 @@ COMPUTE_ON: tuple[str, ...] = ("stats", "features")
 __all__ = [
     "MIXED_RTOL",
     "BatchUpdate",
+    "Cells",
     "ResidualStats",
     "Solved",
     "gram_panel",
@@ -180,10 +181,29 @@ class ResidualStats:
         self.shift_x = torch.zeros(num_layers, dim, **f64)  # (L, d)
         self.shift_y = torch.zeros(k, **f64)  # (K,) stays 0 for one-hot: counts are exact
         self.sum_x = torch.zeros(num_layers, dim, **f64)  # (L, d)
-        self.sum_xx = torch.zeros(num_layers, dim, dim, **f64)  # (L, d, d)
+        # (L, d, d) Σuuᵀ, read through `sum_xx`; batches add to its upper triangle only
+        self._gram = torch.zeros(num_layers, dim, dim, **f64)
+        self._lower_stale = False  # the lower triangle lags the upper one (see `sum_xx`)
         self.sum_xy = torch.zeros(num_layers, dim, k, **f64)  # (L, d, K)
         self.sum_y = torch.zeros(k, **f64)  # (K,)
         self.sum_yy = torch.zeros(k, **f64)  # (K,)
+
+    @property
+    def sum_xx(self) -> torch.Tensor:
+        """``(L, d, d)`` float64 ``Σuuᵀ``, exactly symmetric.
+
+        Batches add to the upper triangle only; the lower one is copied from it here, once,
+        when the sums are next read (the solve, a merge, a collective), not after every batch
+        and cell: the copy is a pass over ``L·d²`` values, as long as a thin batch's product.
+        """
+        if self._lower_stale:
+            _mirror_upper(self._gram, gram_panel(self.dim))
+            self._lower_stale = False
+        return self._gram
+
+    @sum_xx.setter
+    def sum_xx(self, value: torch.Tensor) -> None:
+        self._gram, self._lower_stale = value, False
 
     # -- accumulation -------------------------------------------------------------------------
 
@@ -249,6 +269,7 @@ class ResidualStats:
         sequences: torch.Tensor | None = None,
         *,
         deferred_check: bool = False,
+        cells: Cells | None = None,
     ) -> BatchUpdate:
         """Start adding a batch whose entries arrive one call at a time (see :class:`BatchUpdate`).
 
@@ -260,8 +281,11 @@ class ResidualStats:
                 of before each group changes any sum (one host synchronization per group).
                 A non-finite batch then leaves the statistics inconsistent: discard them when
                 ``finish`` raises.
+            cells: Statistics of parts of the batch's rows (the jackknife's groups) that take
+                their sums from this batch too, about these statistics' shifts (see
+                :class:`Cells`).
         """
-        return BatchUpdate(self, targets, deferred_check=deferred_check)
+        return BatchUpdate(self, targets, deferred_check=deferred_check, cells=cells)
 
     def _add_targets(
         self, targets: torch.Tensor, work: torch.device, first: bool
@@ -285,6 +309,20 @@ class ResidualStats:
             self.sum_yy.index_add_(0, index, ones)
         return w, y, classes
 
+    def _add_cell_targets(self, w: torch.Tensor | None, y: torch.Tensor) -> None:
+        """A cell's target sums: its rows' shifted targets ``w``, or their class index ``y``.
+
+        ``w`` is about the shifts of the statistics that computed it, which are the cell's.
+        """
+        if w is not None:
+            self.sum_y += w.sum(dim=0).to(self.device)
+            self.sum_yy += (w * w).sum(dim=0).to(self.device)
+        else:
+            index = y.to(self.device)
+            ones = torch.ones(index.shape[0], dtype=torch.float64, device=self.device)
+            self.sum_y.index_add_(0, index, ones)
+            self.sum_yy.index_add_(0, index, ones)
+
     def _add_features(
         self,
         part: slice,
@@ -295,8 +333,11 @@ class ResidualStats:
         work: torch.device,
         first: bool,
         owned: bool,
+        cells: Cells | None = None,
     ) -> torch.Tensor:
         """Add the per-entry sums of the entries ``part`` from ``features`` (l, n, d).
+
+        With ``cells``, each cell's sums of its rows are added too (see :class:`Cells`).
 
         Returns:
             ``(l, d)`` the batch's column sums ``Σu`` (on the statistics' device).
@@ -322,45 +363,88 @@ class ResidualStats:
             column_sums = u.sum(dim=1).to(self.device)  # (l, d)
             sums.append(column_sums)
             self.sum_x[sub] += column_sums
-            self._add_gram(sub, u, staged)
-            if classes is None:
-                self.sum_xy[sub] += (u.transpose(1, 2) @ w).to(self.device)  # (l, d, 1)
-            elif staged:
-                by_class = torch.zeros(
-                    u.shape[0], self.dim, self.num_outputs, dtype=u.dtype, device=work
-                )
-                by_class.index_add_(2, y, u.transpose(1, 2))  # (l, d, K): sums by class
-                self.sum_xy[sub] += by_class.to(self.device)
-            else:
-                self.sum_xy[sub].index_add_(2, y, u.transpose(1, 2))
+            if cells is None or cells.runs is None:
+                self._add_gram(sub, u, staged)  # one product of all rows
+            self._add_cross(sub, u, w, y, classes, work, staged)
+            if cells is not None:
+                for cell, new in zip(cells.stats, cells.new, strict=True):
+                    if new:  # a cell's first examples: it takes these statistics' shifts
+                        cell.shift_x[sub] = self.shift_x[sub]
+                if cells.runs is None:  # each cell its own product of a copy of its rows
+                    for cell, index in zip(cells.stats, cells.rows, strict=True):
+                        v = u.index_select(1, index.to(work))
+                        cell._add_column_sums(sub, v)
+                        cell._add_gram(sub, v, staged)
+                        cell._add_cross(sub, v, *cells.targets(index, w, y), classes, work, staged)
+                else:  # per sequence: one product, added to these sums and to its cell's
+                    for lo, hi, i in cells.runs:
+                        v, cell = u[:, lo:hi], cells.stats[i]
+                        cell._add_column_sums(sub, v)
+                        self._add_gram(sub, v, staged, also=cell)
+                        rows = slice(lo, hi)
+                        cell._add_cross(sub, v, *cells.targets(rows, w, y), classes, work, staged)
             del x, u
         return torch.cat(sums)
 
-    def _add_gram(self, part: slice, u: torch.Tensor, staged: bool) -> None:
+    def _add_column_sums(self, part: slice, u: torch.Tensor) -> None:
+        """``Σu[part] += u.sum(rows)`` for ``u`` of shape (l, n, d)."""
+        self.sum_x[part] += u.sum(dim=1).to(self.device)
+
+    def _add_cross(
+        self,
+        part: slice,
+        u: torch.Tensor,
+        w: torch.Tensor | None,
+        y: torch.Tensor,
+        classes: torch.Tensor | None,
+        work: torch.device,
+        staged: bool,
+    ) -> None:
+        """``Σuwᵀ[part]`` of ``u`` (l, n, d) and its targets: ``w`` (n, 1), or class index ``y``."""
+        if classes is None:
+            self.sum_xy[part] += (u.transpose(1, 2) @ w).to(self.device)  # (l, d, 1)
+        elif staged:
+            by_class = torch.zeros(
+                u.shape[0], self.dim, self.num_outputs, dtype=u.dtype, device=work
+            )
+            by_class.index_add_(2, y, u.transpose(1, 2))  # (l, d, K): sums by class
+            self.sum_xy[part] += by_class.to(self.device)
+        else:
+            self.sum_xy[part].index_add_(2, y, u.transpose(1, 2))
+
+    def _add_gram(
+        self, part: slice, u: torch.Tensor, staged: bool, also: ResidualStats | None = None
+    ) -> None:
         """``Σuuᵀ[part] += uᵀu`` for ``u`` of shape (l, n, d), in the configured precision.
+
+        With ``also`` (a cell about the same shifts), the same product is added to its sums.
 
         ``uᵀu`` is symmetric, so only its upper triangle is computed, in row panels of
         ``gram_panel(d)`` rows (panel ``i`` times the columns from ``i`` on: about
-        ``(1 + 1/panels) / 2`` of the flops of the full product), and the lower triangle of
-        the sums is then copied from the upper one (the sums stay exactly symmetric). A staged
+        ``(1 + 1/panels) / 2`` of the flops of the full product); the lower triangle of the
+        sums is copied from the upper one when they are next read (:attr:`sum_xx`). A staged
         or float32 product exists one panel at a time.
         """
         d = self.dim
-        sums = self.sum_xx[part]  # (l, d, d) view
+        into = [self] if also is None else [self, also]
         u32 = u.to(torch.float32) if self.precision == "mixed" else None  # after the shift
         step = gram_panel(d)
         for lo in range(0, d, step):
             hi = min(lo + step, d)
-            target = sums[:, lo:hi, lo:]  # (l, t, d - lo): the panel's upper part
+            if u32 is None and not staged and also is None:  # in place, no temporary
+                target = self._gram[part][:, lo:hi, lo:]  # (l, t, d - lo): the panel's upper part
+                target.baddbmm_(u[:, :, lo:hi].transpose(1, 2), u[:, :, lo:])
+                continue
             if u32 is not None:
                 with exact_float32_matmul():
                     product = u32[:, :, lo:hi].transpose(1, 2) @ u32[:, :, lo:]  # float32
-                target += product.to(self.device)  # accumulated in float64
-            elif staged:
-                target += (u[:, :, lo:hi].transpose(1, 2) @ u[:, :, lo:]).to(self.device)
-            else:  # in place, no temporary
-                target.baddbmm_(u[:, :, lo:hi].transpose(1, 2), u[:, :, lo:])
-        _mirror_upper(sums, step)
+            else:
+                product = u[:, :, lo:hi].transpose(1, 2) @ u[:, :, lo:]
+            product = product.to(self.device)
+            for stats in into:  # accumulated in float64
+                stats._gram[part][:, lo:hi, lo:] += product
+        for stats in into:
+            stats._lower_stale = True
 
     def _rebase(self, shift_x: torch.Tensor, shift_y: torch.Tensor) -> None:
         """Re-base the sums on new shifts, exactly: Σ(u-δ)(u-δ)ᵀ = Σuuᵀ - Σuδᵀ - δΣuᵀ + nδδᵀ."""
@@ -409,13 +493,47 @@ class ResidualStats:
         other._check_usable()
         if other.count.item() == 0:
             return self
-        other = other.clone().to(self.device)
         if self.count.item() == 0:
-            self.shift_x, self.shift_y = other.shift_x.clone(), other.shift_y.clone()
-        other._rebase(self.shift_x, self.shift_y)
-        for name in _SUMS:
-            getattr(self, name).add_(getattr(other, name))
+            self.shift_x = other.shift_x.to(self.device, copy=True)
+            self.shift_y = other.shift_y.to(self.device, copy=True)
+        for name, value in zip(_SUMS, self._aligned(other), strict=True):
+            getattr(self, name).add_(value)
         return self
+
+    def subtract(self, other: ResidualStats) -> ResidualStats:
+        """Remove the examples of ``other``, which these statistics hold too (undo a merge).
+
+        E.g. a jackknife group from the statistics of every group. Exact in arithmetic; in
+        floating point the error is that of the subtraction, relative to the larger sums
+        (small while ``other`` holds a minor share of the examples).
+
+        Returns:
+            ``self``, so calls chain.
+        """
+        self._check_compatible(other)
+        self._check_usable()
+        other._check_usable()
+        if other.count.item() == 0:
+            return self
+        for name, value in zip(_SUMS, self._aligned(other), strict=True):
+            getattr(self, name).sub_(value)
+        return self
+
+    def _aligned(self, other: ResidualStats) -> list[torch.Tensor]:
+        """``other``'s sums (in the order of ``_SUMS``) about this one's shifts, on its device.
+
+        Statistics about the same shifts on the same device are read as they are (no copy);
+        others are copied and re-based exactly.
+        """
+        same = (
+            other.device == self.device
+            and torch.equal(other.shift_x, self.shift_x)
+            and torch.equal(other.shift_y, self.shift_y)
+        )
+        if not same:
+            other = other.clone().to(self.device)
+            other._rebase(self.shift_x, self.shift_y)
+        return [getattr(other, name) for name in _SUMS]
 
     # -- distributed --------------------------------------------------------------------------
 
@@ -678,6 +796,46 @@ class ResidualStats:
         return None
 
 
+@dataclass
+class Cells:
+    """Cells of one batch's rows (the jackknife's groups) fed beside a :class:`ResidualStats`.
+
+    Made by :class:`~lawwatch.stats.partition.PartitionedStats` for the statistics of all its
+    groups (the totals); each cell's statistics take their sums about the totals' shifts (a
+    cell's first examples fix its shifts to the totals'; a cell re-based since, e.g. by a
+    reduction, is re-based back first), so a cell's sums add to the totals' and one group
+    is removed from the totals by a subtraction. The Gram of the rows is formed either
+
+    * **per sequence** (``runs``): one product per run of a sequence's rows, added to the
+      totals and to that sequence's cell: the rows' product is formed once, not once for the
+      totals and again for the cells. The totals are then the sum of the sequences' products,
+      in row order: the same, to the bit, whatever the number of groups; or
+    * **per cell** (``runs`` None, where sequences are short: a product of a few rows is
+      slow and each adds a pass over ``d²`` sums): the totals' own product of all rows, and
+      each cell's product of a copy of its rows.
+
+    Attributes:
+        stats: The statistics of each cell present in the batch.
+        rows: ``(m_i,)`` each cell's rows (indices into the batch's ``n`` examples).
+        runs: ``(start, stop, i)``: consecutive rows of one sequence and the index of its cell
+            in ``stats``, covering the batch's rows in order; or None.
+        new: Per cell, whether it held no example before this batch (set by the update).
+    """
+
+    stats: list[ResidualStats]
+    rows: list[torch.Tensor]
+    runs: list[tuple[int, int, int]] | None = None
+    new: list[bool] | None = None
+
+    def targets(
+        self, rows: torch.Tensor | slice, w: torch.Tensor | None, y: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The shifted targets ``w`` and the targets or class index ``y`` of ``rows``."""
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(y.device)
+        return (None if w is None else w[rows]), y[rows]
+
+
 class BatchUpdate:
     """One batch being added to a :class:`ResidualStats`, its entries in any number of calls.
 
@@ -689,7 +847,12 @@ class BatchUpdate:
     """
 
     def __init__(
-        self, stats: ResidualStats, targets: torch.Tensor, *, deferred_check: bool = False
+        self,
+        stats: ResidualStats,
+        targets: torch.Tensor,
+        *,
+        deferred_check: bool = False,
+        cells: Cells | None = None,
     ) -> None:
         if targets.ndim != 1:
             raise ValueError(f"targets must have shape (n,), got {tuple(targets.shape)}.")
@@ -702,6 +865,18 @@ class BatchUpdate:
         self.deferred = deferred_check
         self.finite: torch.Tensor | None = None  # deferred: all column sums finite so far
         self._w = self._y = self._classes = None
+        self.cells = cells
+        if cells is not None:
+            cells.new = []
+            for cell in cells.stats:
+                cell._check_usable()
+                new = cell.count.item() == 0  # host sync, once per cell and batch
+                cells.new.append(new)
+                if not new and not (
+                    torch.equal(cell.shift_x, stats.shift_x)
+                    and torch.equal(cell.shift_y, stats.shift_y)
+                ):  # re-based since (a reduction): back onto the shifts the batch uses
+                    cell._rebase(stats.shift_x, stats.shift_y)
 
     def add(self, part: slice, features: torch.Tensor, *, owned: bool = False) -> None:
         """Add the entries ``part`` from ``features`` ``(part.stop - part.start, n, dim)``.
@@ -750,8 +925,15 @@ class BatchUpdate:
         work = features.device if stats.compute_on == "features" else stats.device
         if self._y is None:  # the target sums, once per batch
             self._w, self._y, self._classes = stats._add_targets(self.targets, work, self.first)
+            if self.cells is not None:
+                for cell, index, new in zip(
+                    self.cells.stats, self.cells.rows, self.cells.new, strict=True
+                ):
+                    if new:
+                        cell.shift_y = stats.shift_y.clone()
+                    cell._add_cell_targets(*self.cells.targets(index, self._w, self._y))
         sums = stats._add_features(
-            part, features, self._w, self._y, self._classes, work, self.first, owned
+            part, features, self._w, self._y, self._classes, work, self.first, owned, self.cells
         )
         if self.deferred:  # Σu of every entry, finite or not: no extra pass, no host sync
             finite = torch.isfinite(sums).all()
@@ -773,6 +955,9 @@ class BatchUpdate:
             raise ValueError("features contain NaN or Inf; PR is undefined for them.")
         if self.n:
             stats.count += self.n
+        if self.cells is not None:
+            for cell, index in zip(self.cells.stats, self.cells.rows, strict=True):
+                cell.count += index.numel()
         return stats
 
 
