@@ -373,10 +373,12 @@ def _cells(stats: PartitionedStats, cells: torch.Tensor, sequences: torch.Tensor
 class PartitionedUpdate:
     """One batch being added to a :class:`PartitionedStats`, its entries in any number of calls.
 
-    Made by :meth:`PartitionedStats.begin`: each cell present in the batch (and each total)
-    gets its own :class:`~lawwatch.stats.residual.BatchUpdate`, begun with its rows' targets;
-    :meth:`add` hands each a copy of its rows of the entries (the totals of a probe without
-    split take the caller's tensor itself, last). Same contract as ``BatchUpdate``.
+    Made by :meth:`PartitionedStats.begin`. With the jackknife, each total (one per split
+    part) gets a :class:`~lawwatch.stats.residual.BatchUpdate` that also feeds the cells of
+    its rows (:class:`~lawwatch.stats.residual.Cells`); without, each cell present in the
+    batch gets its own. :meth:`add` hands each update a copy of its rows of the entries (the
+    totals of a probe without split take the caller's tensor itself). Same contract as
+    ``BatchUpdate``.
     """
 
     def __init__(
