@@ -212,8 +212,8 @@ def test_ddp_on_two_processes_equals_one_and_keeps_training_bit_identical(tmp_pa
     assert not list((tmp_path / "plain").glob("**/history.jsonl"))
     # the sharded probe's records equal one process measuring the same weights
     config = MeasureConfig()
-    start = measure(TinyLM().model, ragged_probe(), config)
-    final = TinyLM().model
+    start = measure(TinyLM().model.double(), ragged_probe(), config)
+    final = TinyLM().model.double()
     final.load_state_dict(torch.load(tmp_path / "final.pt"))
     end = measure(final, ragged_probe(), config)
     for record, snapshot in [(history.records[0], start), (history.records[-1], end)]:

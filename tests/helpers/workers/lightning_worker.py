@@ -7,9 +7,9 @@ the latest on disk). ``... OUT resume``: ``trainer.fit(ckpt_path=<step-4 checkpo
 step 8, with ``background=True``.
 
 ``torchrun --nproc_per_node 2 -m tests.helpers.workers.lightning_worker OUT ddp``: on 2 CPU
-processes (gloo, ``strategy="ddp"``), a fit with LightningWatch then the same fit without it;
-writes each rank's losses of both fits (``losses-<rank>.json``) and, from rank 0, the final
-weights (``final.pt``).
+processes (gloo, ``strategy="ddp"``, float64), a fit with LightningWatch then the same fit
+without it; writes each rank's losses of both fits (``losses-<rank>.json``) and, from rank 0,
+the final weights (``final.pt``).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ elif mode == "ddp":
             strategy="ddp",
             devices=2,
             rows=32,
+            # float64: the 1e-9 bound then tests the sharding, not float32 batch shapes
+            precision="64-true",
         )
         runs[name] = module.losses
         if name == "watched" and torch.distributed.get_rank() == 0:
