@@ -223,3 +223,57 @@ def test_ddp_on_two_processes_equals_one_and_keeps_training_bit_identical(tmp_pa
             rtol=0,
             atol=1e-9,
         )
+
+
+# -- Lightning Fabric: the recipe's loop ----------------------------------------------------------
+
+FABRIC = ["--n-layer", "3", "--n-embd", "16", "--n-head", "2", "--seq-len", "32"]
+FABRIC += ["--batch-size", "4", "--every", "2", "--ckpt-every", "4", "--log-every", "2"]
+FABRIC += ["--max-overhead", "none"]  # every scheduled step, whatever the machine's speed
+
+
+def fabric_csv_steps(out: Path) -> list[int]:
+    """The steps of the lawwatch rows the Fabric's CSVLogger wrote."""
+    with open(out / "csv" / "version_0" / "metrics.csv") as handle:
+        return [int(row["step"]) for row in csv.DictReader(handle) if row.get("lawwatch/rho")]
+
+
+@pytest.fixture(scope="module")
+def fabric_one(tmp_path_factory):
+    """The Fabric recipe on one process: 6 steps, then resumed from its checkpoint to 10."""
+    from tests.helpers.recipes import recipe
+
+    main = recipe("pretrain_fabric").main
+    out = tmp_path_factory.mktemp("fabric") / "out"
+    main(["--out", str(out), "--steps", "6", *FABRIC])
+    first = read_history(out / "lawwatch").records
+    first_csv = fabric_csv_steps(out)
+    main(["--out", str(out), "--steps", "10", "--resume", *FABRIC])
+    return out, first, first_csv
+
+
+def test_fabric_recipe_records_and_resumes_one_history(fabric_one):
+    out, first, first_csv = fabric_one
+    assert [r["step"] for r in first] == scheduled(every=2, last=6)
+    assert first_csv == [r["step"] for r in first]  # fabric.loggers got every snapshot
+    history = read_history(out / "lawwatch")
+    assert history.steps == scheduled(every=2, last=10)  # fabric.load restored the watch
+    assert history.records[: len(first)] == first
+    # the resumed run's CSV file is new: the restored history is replayed into it
+    assert fabric_csv_steps(out) == history.steps
+    assert (out / "lawwatch" / "law.png").is_file()
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    assert [r["step"] for r in state["lawwatch"]["history"]] == history.steps
+
+
+def test_fabric_recipe_on_two_processes(fabric_one, tmp_path):
+    out = tmp_path / "out"
+    recipe = ["recipes/pretrain_fabric.py", "--out", str(out), "--devices", "2"]
+    run([*torchrun(2), *recipe, "--steps", "4", *FABRIC])
+    history = read_history(out / "lawwatch")
+    assert history.steps == scheduled(every=2, last=4)
+    assert fabric_csv_steps(out) == history.steps  # one writer: rank 0's loggers
+    # step 0: the same initial weights as one process, the probe sharded over two; the model
+    # is float32, whose batch shapes alone move PR by a few 1e-9
+    one = fabric_one[1][0]
+    assert history.records[0]["pr"] == pytest.approx(one["pr"], rel=0, abs=1e-7)
