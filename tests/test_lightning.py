@@ -44,10 +44,12 @@ def fits(tmp_path_factory):
     root = tmp_path_factory.mktemp("lightning")
     with pytest.MonkeyPatch.context() as monkeypatch:
         runs = offline_environment(root / "wandb-home", monkeypatch)
+        monkeypatch.chdir(root)  # MLflow's default artifact root is ./mlruns
         loggers = [
             pl.loggers.TensorBoardLogger(root, name="tb"),
             pl.loggers.CSVLogger(root, name="csv"),
             pl.loggers.WandbLogger(save_dir=runs),
+            pl.loggers.MLFlowLogger(tracking_uri=f"sqlite:///{root / 'mlflow.db'}"),
         ]
         watch = LightningWatch(ragged_probe(), every=2, max_overhead=None)
         watched = fit(root / "watched", [watch], loggers, max_steps=6)
@@ -88,7 +90,7 @@ def test_every_logger_gets_the_law(fits):
     records = fits["watch"].monitor.history.records
     steps = [r["step"] for r in records]
     expected = expected_scalars(records)
-    tensorboard, csv_logger, _ = fits["loggers"]
+    tensorboard, csv_logger, _, mlflow_logger = fits["loggers"]
 
     events = read_events(tensorboard.log_dir)
     assert "train_loss" in events.Tags()["scalars"]  # Lightning's own curves, same run
@@ -104,6 +106,13 @@ def test_every_logger_gets_the_law(fits):
     for row in rows:
         for key, value in expected[int(row["step"])].items():
             assert float(row[key]) == pytest.approx(value, rel=1e-12, abs=1e-12)
+
+    client = mlflow_logger.experiment
+    held = client.get_metric_history(mlflow_logger.run_id, "lawwatch/rho")
+    assert sorted(m.step for m in held) == steps  # the logger's own run
+    for metric in held:
+        assert metric.value == pytest.approx(expected[metric.step]["lawwatch/rho"], rel=1e-12)
+    assert client.get_metric_history(mlflow_logger.run_id, "train_loss")  # Lightning's own
 
     rows = [r for r in history_rows(inspect_run(fits["wandb"])) if "lawwatch/rho" in r]
     assert [row["trainer/global_step"] for row in rows] == steps  # the loss's x-axis

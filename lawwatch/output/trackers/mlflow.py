@@ -62,8 +62,7 @@ class MlflowSink(Tracker):
     def on_lightning(cls, logger: Any, run: TrainerRun) -> MlflowSink:
         """On an ``MLFlowLogger``'s run (its ``run_id``, at its tracking URI)."""
         client = logger.experiment  # an MlflowClient; the run is created on first access
-        uri = getattr(getattr(client, "_tracking_client", None), "tracking_uri", None)
-        return cls(logger.run_id, tracking_uri=uri)
+        return cls(logger.run_id, tracking_uri=client.tracking_uri)
 
     def __init__(
         self,
