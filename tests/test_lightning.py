@@ -130,6 +130,16 @@ def test_accumulation_and_epochs_measure_optimizer_steps_and_the_last(tmp_path):
     assert read_history(tmp_path / "lawwatch").steps == scheduled(every=3, last=5)
 
 
+def test_a_validation_only_run_is_measured_once_at_the_models_step(tmp_path):
+    from tests.helpers.lightning_fit import batches, trainer
+
+    watch = LightningWatch(ragged_probe(), every=1, max_overhead=None)
+    trainer(tmp_path, [watch]).validate(TinyLM(), batches(8))
+    assert watch.monitor.history.steps == [0]
+    assert read_history(tmp_path / "lawwatch").steps == [0]
+    assert (tmp_path / "lawwatch" / "law.png").is_file()
+
+
 def test_pytorch_lightning_import_path(tmp_path):
     import pytorch_lightning
 

@@ -80,7 +80,8 @@ class LightningEvents:
     at each optimizer step (``trainer.global_step``: with ``accumulate_grad_batches`` the
     batches that step no optimizer are not steps), and the final step (``max_steps`` at its own
     batch, while the loggers are open; a ``max_epochs`` run or an early stop at
-    ``on_train_end``). The main process writes ``<trainer.log_dir or default_root_dir>/lawwatch/``
+    ``on_train_end``); a validation-only run (``trainer.validate``) once, at the model's step.
+    The main process writes ``<trainer.log_dir or default_root_dir>/lawwatch/``
     (history, PR matrix, probe, ``law.png`` at the end) and logs the law to every logger in
     ``trainer.loggers`` (:mod:`lawwatch.output.trackers.lightning`).
 
@@ -149,36 +150,20 @@ class LightningEvents:
 
         Here, not at fit start: Lightning restores the global step of a checkpoint just before.
         """
-        if self.monitor is not None:  # a fit that ended without on_train_end: its files
-            self.monitor.outputs.close(report=False)
-        self.monitor, self._finished = None, False
-        start, restored, self._restored = trainer.global_step, self._restored, None
-        watch = self.watch
-        if watch.last_step is None:
-            watch = watch.replace(last_step=final_step(trainer))
-        root = trainer.log_dir or trainer.default_root_dir  # log_dir: on every rank (broadcast)
-        run = TrainerRun(since=time.time(), emergence_threshold=watch.emergence_threshold)
-        loggers = lightning_trackers(trainer.loggers, run) if trainer.is_global_zero else []
-        outputs = replace(
-            self.outputs,
-            directory=self.outputs.directory or run_directory(root),
-            trackers=loggers,
-            # a checkpoint without lawwatch's state: the directory's records are the history
-            resume_step=start if start > 0 and not restored else None,
-        )
-        config = self.config
-        self.monitor = LawWatch(
-            pl_module,
-            self.probe,
-            config,
-            watch,
-            unwrap=lambda module: lightning_model(module, config),
-            outputs=outputs,
-        )
-        if restored:
-            self.monitor.load_state_dict(restored, resume_step=start)
-        self._step = start
-        self._measure(start)
+        self._open(trainer, pl_module)
+        self._measure(trainer.global_step)
+
+    @never_raises
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """A validation-only run (``trainer.validate``): the model measured once, at its step."""
+        if getattr(trainer.state.fn, "value", trainer.state.fn) != "validate":
+            return  # a fit's validation: the fit's events measure
+        self._open(trainer, pl_module)
+        try:
+            self._finish(trainer)
+        finally:
+            if self.monitor is not None:
+                self.monitor.close()
 
     @never_raises
     def on_train_batch_end(
@@ -223,6 +208,38 @@ class LightningEvents:
         self._restored = dict(state_dict)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _open(self, trainer: Any, pl_module: Any) -> None:
+        """The monitor of this run: its outputs opened (main process), a checkpoint's history."""
+        if self.monitor is not None:  # a run that ended without its end event: its files
+            self.monitor.outputs.close(report=False)
+        self.monitor, self._finished = None, False
+        start, restored, self._restored = trainer.global_step, self._restored, None
+        watch = self.watch
+        if watch.last_step is None:
+            watch = watch.replace(last_step=final_step(trainer))
+        root = trainer.log_dir or trainer.default_root_dir  # log_dir: on every rank (broadcast)
+        run = TrainerRun(since=time.time(), emergence_threshold=watch.emergence_threshold)
+        loggers = lightning_trackers(trainer.loggers, run) if trainer.is_global_zero else []
+        outputs = replace(
+            self.outputs,
+            directory=self.outputs.directory or run_directory(root),
+            trackers=loggers,
+            # a checkpoint without lawwatch's state: the directory's records are the history
+            resume_step=start if start > 0 and not restored else None,
+        )
+        config = self.config
+        self.monitor = LawWatch(
+            pl_module,
+            self.probe,
+            config,
+            watch,
+            unwrap=lambda module: lightning_model(module, config),
+            outputs=outputs,
+        )
+        if restored:
+            self.monitor.load_state_dict(restored, resume_step=start)
+        self._step = start
 
     def _finish(self, trainer: Any) -> None:
         """Measure the final step if not yet done; the PNG and the report to the loggers."""
