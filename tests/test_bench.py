@@ -23,6 +23,10 @@ TINY = {
         ["--tiny"],
         "training losses identical with and without the callback: True",
     ),
+    "bench_lightning.py": (
+        ["--tiny"],
+        "training losses identical with and without the callback: True",
+    ),
     "bench_memory.py": (["--tiny"], "| tiny | 5 × 32 |"),
     "bench_lens.py": (["--tiny"], "measure without lens"),
     "bench_residual.py": (["--tiny"], "| layers | n | d |"),
@@ -32,8 +36,8 @@ TINY = {
     "mixed_precision.py": (["--tiny"], "bf16 weights:"),
 }
 # bench_overhead: three processes, two of them training runs; bench_e2e: four processes;
-# gpu_check: a Trainer run among its parts
-SLOW = {"bench_e2e.py", "bench_overhead.py", "gpu_check.py"}
+# gpu_check: a Trainer run among its parts; bench_lightning: two Lightning fits
+SLOW = {"bench_e2e.py", "bench_lightning.py", "bench_overhead.py", "gpu_check.py"}
 
 
 def test_every_bench_script_has_a_tiny_run():

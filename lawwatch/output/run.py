@@ -170,12 +170,16 @@ class RunOutputs:
     def resume(self, history: History, last: int) -> None:
         """The run continues ``history`` from step ``last``: one history in every output.
 
-        :class:`~lawwatch.output.sinks.Rewindable` sinks forget what followed ``last``, tracker
-        sinks that hold nothing yet (a fresh tracker run) are given the restored records, and
+        :class:`~lawwatch.output.sinks.Rewindable` sinks forget what followed ``last``, a local
+        history and tracker sinks that hold nothing yet (a new directory, a fresh tracker run)
+        are given the restored records, and
         the alerts those records raised are not raised again.
         """
         self._fresh = False
         self.sinks.drop_after(last)
+        if self.local is not None and not self.local.records and history.records:
+            # a directory new to this run (a Lightning logger's next version): the whole history
+            self.local.replace(history.records)
         for name, sink in self.trackers.items():
             if isinstance(sink, Tracker) and not sink.records:
                 try:

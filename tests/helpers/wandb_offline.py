@@ -8,18 +8,15 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture
-def offline_wandb(tmp_path, monkeypatch):
-    """W&B in offline mode, every file of it under tmp_path; never the network.
+def offline_environment(root: Path, monkeypatch) -> Path:
+    """Set W&B's offline environment, every file of it under ``root``; returns the runs' dir.
 
-    W&B reads its settings into a process-wide singleton on first use: it is torn down before
-    and after, so each test's environment is the one W&B sees.
+    W&B reads its settings into a process-wide singleton on first use: it is torn down first,
+    so the environment set here is the one W&B sees.
     """
     import wandb
 
     wandb.teardown()
-
-    root = tmp_path / "wandb-home"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_PROJECT", "lawwatch-tests")
@@ -34,7 +31,18 @@ def offline_wandb(tmp_path, monkeypatch):
     ]:
         (root / sub).mkdir(parents=True)
         monkeypatch.setenv(var, str(root / sub))
-    yield root / "runs"
+    return root / "runs"
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B in offline mode, every file of it under tmp_path; never the network.
+
+    Torn down after, too (see :func:`offline_environment`).
+    """
+    import wandb
+
+    yield offline_environment(tmp_path / "wandb-home", monkeypatch)
     wandb.finish()
     wandb.teardown()
 

@@ -5,8 +5,9 @@ Each class takes the tracker's run, writer or experiment and logs every snapshot
 ``lawwatch/pr/layer_XX``) at the snapshot's training step, a table of PRs where the tracker has
 tables, the report PNG and history files (:meth:`~Reporting.log_report`) and, where the tracker
 has alerts, lawwatch's alerts (``alert``). Each class registers its names and opens itself on
-a run that exists (:meth:`Tracker.current`, :meth:`Tracker.on_accelerate`); the Trainer
-callback, the raw loop's ``trackers`` and the accelerate watch feed the same classes:
+a run that exists (:meth:`Tracker.current`, :meth:`Tracker.on_accelerate`,
+:meth:`Tracker.on_lightning`); the Trainer callback, the raw loop's ``trackers``, the accelerate
+watch and the Lightning callback feed the same classes:
 
 | tracker | class | ``current``: ``report_to``, ``trackers=`` | ``on_accelerate``: ``get_tracker`` |
 |---|---|---|---|
@@ -17,6 +18,11 @@ callback, the raw loop's ``trackers`` and the accelerate watch feed the same cla
 | Comet | :class:`CometSink` | ``comet_ml.get_running_experiment()`` | the experiment |
 | ClearML | :class:`ClearMLSink` | ``clearml.Task.current_task()`` | the task |
 | DVCLive | :class:`DVCLiveSink` | ``dvclive_live=`` given, or lawwatch's own ``Live`` | the Live |
+
+``on_lightning`` attaches to a Lightning logger's run (``logger.experiment``: ``WandbLogger``,
+``TensorBoardLogger``, ``MLFlowLogger``, ``CometLogger``); any other Lightning logger
+(``CSVLogger`` among them) gets the scalars through its own ``log_metrics``
+(:mod:`lawwatch.output.trackers.lightning`).
 
 A class closes only what it opened. Each tracker package is imported only when its sink is
 made. A sink holds the history it has logged: a resumed run hands it the records up to the

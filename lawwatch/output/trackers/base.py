@@ -3,7 +3,8 @@
 A tracker class registers itself by name when it is defined (its ``names``), and knows how to
 attach to a run that already exists: :meth:`Tracker.current` (the run a Trainer's ``report_to``
 logs into, or the one the process started: ``wandb.run``, ``mlflow.active_run()``, …) and
-:meth:`Tracker.on_accelerate` (an accelerate tracker's object). A new integration adds a
+:meth:`Tracker.on_accelerate` (an accelerate tracker's object) and :meth:`Tracker.on_lightning` (a
+Lightning logger). A new integration adds a
 classmethod here and in the classes, not a table row.
 """
 
@@ -92,6 +93,14 @@ class Tracker:
         The tracker stays accelerate's: ``accelerator.end_training()`` ends it.
         """
         return cls(tracker)
+
+    @classmethod
+    def on_lightning(cls, logger: Any, run: TrainerRun) -> Tracker:
+        """A sink on a Lightning logger's run (``logger.experiment``, on the main process).
+
+        The run stays the logger's: Lightning finalizes it.
+        """
+        return cls(logger.experiment)
 
     def __init__(self, *, logged_step: int | None = None) -> None:
         self.history = History()

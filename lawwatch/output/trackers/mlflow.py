@@ -58,6 +58,12 @@ class MlflowSink(Tracker):
 
         return cls(tracker.info.run_id, tracking_uri=mlflow.get_tracking_uri())
 
+    @classmethod
+    def on_lightning(cls, logger: Any, run: TrainerRun) -> MlflowSink:
+        """On an ``MLFlowLogger``'s run (its ``run_id``, at its tracking URI)."""
+        client = logger.experiment  # an MlflowClient; the run is created on first access
+        return cls(logger.run_id, tracking_uri=client.tracking_uri)
+
     def __init__(
         self,
         run_id: str,

@@ -17,6 +17,9 @@ from lawwatch.output.trackers.base import (
     table_rows,
 )
 
+# the step every WandbLogger row carries, the x-axis of Lightning's charts
+LIGHTNING_STEP = "trainer/global_step"
+
 if TYPE_CHECKING:
     from lawwatch.output.trackers.opening import TrainerRun
 
@@ -72,6 +75,15 @@ class WandbSink(Tracker):
             emergence_threshold=run.emergence_threshold,
             step_metric=STEP_METRIC,
             run_step=True,
+        )
+
+    @classmethod
+    def on_lightning(cls, logger: Any, run: TrainerRun) -> WandbSink:
+        """On a ``WandbLogger``'s run, whose x-axis is ``trainer/global_step`` (the loss's too)."""
+        return cls(
+            logger.experiment,
+            emergence_threshold=run.emergence_threshold,
+            step_metric=LIGHTNING_STEP,
         )
 
     def __init__(
