@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from lawwatch.integrations.hf import LawWatchCallback
 from lawwatch.output.store import read_history
-from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.models import UNSOLVABLE_SPLIT, ragged_probe, tiny_gpt2, unsolvable_probe
 from tests.helpers.trackers import STEPS, accelerate_loop, expected_scalars, read_events
 from tests.helpers.trainer import Tokens
 from tests.helpers.wandb_offline import finish_run, history_rows, inspect_run
@@ -71,12 +71,14 @@ def test_trainer_background_equals_foreground_in_every_tracker(tmp_path, offline
 
 
 def test_trainer_failing_solve_in_the_worker_training_completes(tmp_path, caplog):
-    from lawwatch import ProbeSet
-
-    # one repeated token: enough examples to pass the checks at train begin, but a target of
+    # a probe every check accepts (its targets vary), and whose held-out part's targets take
     # one value, so every solve fails in the worker
     callback = LawWatchCallback(
-        ProbeSet.from_tokens([[7] * 40]), max_overhead=None, every=2, background=True
+        unsolvable_probe(),
+        max_overhead=None,
+        every=2,
+        background=True,
+        split=UNSOLVABLE_SPLIT,
     )
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         arguments = TrainingArguments(
@@ -93,7 +95,7 @@ def test_trainer_failing_solve_in_the_worker_training_completes(tmp_path, caplog
         )
         trainer.train()
     assert trainer.state.global_step == 4
-    assert caplog.text.count("The targets take a single distinct value") == len(STEPS)
+    assert caplog.text.count("The evaluation part's targets take a single value") == len(STEPS)
     assert callback.monitor.history.steps == [] and not workers()
 
 

@@ -26,7 +26,13 @@ from lawwatch.probe import example_mask
 from lawwatch.watch import distributed
 from lawwatch.watch.distributed import layout
 from lawwatch.watch.monitor import LawWatch
-from tests.helpers.models import ragged_probe, tiny_gpt2, tiny_llama
+from tests.helpers.models import (
+    UNSOLVABLE_SPLIT,
+    ragged_probe,
+    tiny_gpt2,
+    tiny_llama,
+    unsolvable_probe,
+)
 from tests.helpers.paper import gpt2_norm, llama_norm, paper_reference
 from tests.helpers.workers.common import uneven_probe
 from tests.helpers.workers.launch import run, torchrun
@@ -365,15 +371,15 @@ def test_shards_cover_every_example_once_with_equal_batches():
 
 
 def test_a_step_is_attempted_once_even_when_it_fails(gpt2, caplog):
-    # one distinct target: nothing to regress, every snapshot fails (a probe too small for the
-    # hidden size is refused when the monitor is built, before any step)
-    tiny = lawwatch.ProbeSet.from_tokens([[7] * 40])
-    watch = LawWatch(gpt2, tiny, max_overhead=None, every=1)
+    # the held-out part's targets take one value: every snapshot fails (a probe too small
+    # for the hidden size, or of one target value, is refused when the monitor is built)
+    tiny = unsolvable_probe()
+    watch = LawWatch(gpt2, tiny, max_overhead=None, every=1, split=UNSOLVABLE_SPLIT)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         assert watch.maybe_snapshot(3) is None
     assert not watch.should_snapshot(3) and watch.should_snapshot(4)
     assert watch.state_dict() == {"history": [], "last_step": 3}
-    resumed = LawWatch(gpt2, tiny, max_overhead=None, every=1)
+    resumed = LawWatch(gpt2, tiny, max_overhead=None, every=1, split=UNSOLVABLE_SPLIT)
     resumed.load_state_dict(watch.state_dict(), resume_step=2)
     assert resumed.should_snapshot(3)
 

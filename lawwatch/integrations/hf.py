@@ -16,7 +16,13 @@ from transformers import TrainerCallback
 
 from lawwatch.alerts import Alerts
 from lawwatch.config import MeasureConfig
-from lawwatch.integrations.framework import checked_probe, monitor_attribute, never_raises
+from lawwatch.integrations.framework import (
+    checked_probe,
+    monitor_attribute,
+    never_raises,
+    refused,
+)
+from lawwatch.measurement import check_options
 from lawwatch.output.layout import run_directory
 from lawwatch.output.run import Outputs
 from lawwatch.output.sinks import Sink
@@ -59,7 +65,10 @@ class LawWatchCallback(TrainerCallback):
     Raises:
         TypeError: An unknown option, a probe not a :class:`~lawwatch.ProbeSet`, ``sinks``
             not sinks, or ``alerts`` neither a bool nor an ``Alerts``.
-        ValueError: An invalid option value, or an empty probe.
+        ValueError: An invalid option value, an empty probe, targets of a single value, or a
+            ``stats_device`` this process lacks. What needs the model (the lens's head, the
+            blocks, the probe against the model) is checked at train begin: a refusal there is
+            one ERROR line with its reason, and training goes on unmeasured.
 
     Attributes:
         monitor: The :class:`~lawwatch.LawWatch` of the current ``train()`` call.
@@ -80,6 +89,7 @@ class LawWatchCallback(TrainerCallback):
         # bad settings fail here, where the user builds the callback, not mid-training
         self.probe, self.dvclive_live = checked_probe(probe), dvclive_live
         self.config, self.watch = build_configs(config, watch, **options)
+        check_options(self.probe, self.config)  # what needs no model; the rest at train begin
         self.outputs = Outputs(directory, sinks=sinks, alerts=Alerts.of(alerts), strict=False)
         self._built = time.time()  # event files written since are of this callback's trainings
         self.monitor: LawWatch | None = None
@@ -109,8 +119,12 @@ class LawWatchCallback(TrainerCallback):
             run=run,
             resume_step=start if start > 0 else None,
         )
-        self.monitor = LawWatch(kwargs["model"], self.probe, self.config, watch, outputs=outputs)
-        self._measure(0)
+        with refused("this training is not measured"):  # the reason, in one line
+            self.monitor = LawWatch(
+                kwargs["model"], self.probe, self.config, watch, outputs=outputs
+            )
+        if self.monitor is not None:
+            self._measure(0)
 
     @never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
