@@ -99,18 +99,20 @@ def test_trainer_failing_solve_in_the_worker_training_completes(tmp_path, caplog
     assert callback.monitor.history.steps == [] and not workers()
 
 
-def test_trainer_max_overhead_stretches_the_schedule(tmp_path, caplog):
+def test_trainer_max_overhead_stretches_the_schedule(tmp_path, capsys):
     plain = LawWatchCallback(ragged_probe(), max_overhead=None, every=1)
     trainer_run(tmp_path / "plain", plain, max_steps=8)
     assert plain.monitor.history.steps == list(range(9))
-    # a budget of 0.1% of training time: after the first timed step, the scheduled steps are
-    # skipped (a snapshot costs far more than 0.1% of 6 steps); the final step is measured
+    # a budget of 0.1% of training time: steps 1-3 are timed, then the gap is decided (a
+    # snapshot costs far more than 0.1% of 8 steps); the final step is measured
     budget = LawWatchCallback(ragged_probe(), every=1, max_overhead=1e-3)
-    with caplog.at_level(logging.INFO, logger="lawwatch"):
-        trainer_run(tmp_path / "budget", budget, max_steps=8)
+    trainer_run(tmp_path / "budget", budget, max_steps=8)
     assert budget.monitor.watch.max_overhead == 1e-3
-    assert budget.monitor.history.steps == [0, 1, 2, 8]
-    assert "skipped to keep snapshots under max_overhead=0.001" in caplog.text
+    assert budget.monitor.history.steps == [0, 8]
+    decided = budget.monitor.schedule_state()
+    assert decided["origin"] == 0 and decided["decided_at"] == 3 and decided["gap"] > 8
+    said = [line for line in capsys.readouterr().out.splitlines() if "max_overhead=0.001" in line]
+    assert len(said) == 1 and f"at least {decided['gap']} steps apart" in said[0]
     with pytest.raises(ValueError, match="max_overhead is a fraction"):
         LawWatchCallback(ragged_probe(), max_overhead=1.5)
 

@@ -122,14 +122,30 @@ def test_the_budget_is_on_by_default_and_warns_once(gpt2, probe, caplog):
         for step in range(301):
             watch.maybe_snapshot(step)
             clock.now += 0.1
-    assert watch.history.steps == [0, 1, 101, 201, 300]  # first and last always
+    assert watch.history.steps == [0, 100, 200, 300]  # decided at step 3; the last always
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1
     text = warned[0].getMessage()
     assert "max_overhead=0.1" in text and "max_overhead=None" in text and "1.00 s" in text
-    assert "10.0 training steps" in text
-    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
-    assert [r.levelno for r in skipped[1:]] == [logging.DEBUG] * (len(skipped) - 1)
+    assert "10.0 training steps" in text and "at least 100 steps apart" in text
+
+
+def test_the_budget_is_announced_once_by_the_console_not_through_logging(
+    gpt2, probe, caplog, capsys
+):
+    """Printed once, cleanly, on the main process: not a logging record a progress bar
+    (or every process's logging) would print."""
+    clock = Clock()
+    watch = LawWatch(gpt2, probe, every=1, last_step=300)
+    watch._clock = clock
+    watch.sinks.sinks.append(Slow(clock, 1.0))
+    with caplog.at_level(logging.DEBUG, logger="lawwatch"):
+        for step in range(301):
+            watch.maybe_snapshot(step)
+            clock.now += 0.1
+    printed = [line for line in capsys.readouterr().out.splitlines() if "max_overhead" in line]
+    assert len(printed) == 1 and "at least 100 steps apart" in printed[0]
+    assert not [r for r in caplog.records if "max_overhead" in r.getMessage()]
 
 
 # -- the console line --------------------------------------------------------------------------

@@ -123,15 +123,22 @@ class LawWatchCallback(TrainerCallback):
             self.monitor = LawWatch(
                 kwargs["model"], self.probe, self.config, watch, outputs=outputs
             )
-        if self.monitor is not None:
-            self._measure(0)
+        if self.monitor is None:
+            return
+        if start > 0:  # the budget's decision, as the checkpoint's Trainer state kept it
+            self.monitor.load_schedule(_kept(state).get("schedule"))
+        self._measure(0)
 
     @never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Measure when the schedule says so (on every process); the last step is the final one."""
         if self.monitor is None:
             return
-        self.monitor.maybe_snapshot(state.global_step)
+        # a checkpoint is written after this step: measured if scheduled, whatever the budget
+        self.monitor.maybe_snapshot(state.global_step, checkpoint=bool(control.should_save))
+        plan = self.monitor.schedule_state()
+        if plan is not None:  # in the Trainer state of every checkpoint written from now on
+            _kept(state)["schedule"] = plan
         self._before_checkpoint(control)
         if 0 < state.max_steps <= state.global_step or control.should_training_stop:
             self._finish(state)
@@ -176,3 +183,20 @@ class LawWatchCallback(TrainerCallback):
         last = self.monitor.last_step
         if last is None or step > last:
             self.monitor.snapshot(step)
+
+
+_STATE_KEY = "lawwatch"
+"""The key of what the callback keeps in ``TrainerState.stateful_callbacks`` (no class's name,
+so ``restore_callback_states_from_checkpoint`` never rebuilds a callback from it)."""
+
+
+def _kept(state: Any) -> dict[str, Any]:
+    """What the callback keeps in the Trainer state.
+
+    Saved in each checkpoint's ``trainer_state.json``, loaded on every process on resume.
+    """
+    kept = getattr(state, "stateful_callbacks", None)
+    if not isinstance(kept, dict):
+        return {}
+    value = kept.setdefault(_STATE_KEY, {})
+    return value if isinstance(value, dict) else {}

@@ -10,12 +10,15 @@ root handler at INFO, print it twice).
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TextIO
 
 from lawwatch.history import Snapshot
 
 __all__ = ["ConsoleSink"]
+
+log = logging.getLogger("lawwatch")
 
 
 class ConsoleSink:
@@ -30,6 +33,7 @@ class ConsoleSink:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
+        self._broken = False  # the stream failed once: said, and nothing more printed
 
     @staticmethod
     def line(snapshot: Snapshot) -> str:
@@ -43,14 +47,33 @@ class ConsoleSink:
 
     def write(self, snapshot: Snapshot) -> None:
         """Print the snapshot's line, around any open tqdm bar."""
-        text = self.line(snapshot)
-        stream = self.stream or sys.stdout
-        tqdm = sys.modules.get("tqdm")  # only if the training loop imported it
-        bars = getattr(getattr(tqdm, "tqdm", None), "_instances", None)
-        if bars:
-            tqdm.tqdm.write(text, file=stream)
+        self.say(self.line(snapshot))
+
+    def say(self, text: str) -> None:
+        """Print ``text`` as the run's output: around any open tqdm bar, else on the stream.
+
+        A stream that cannot be written (closed, a broken pipe) is said once, as a WARNING on
+        the ``"lawwatch"`` logger, and nothing more is printed: the records still reach the
+        history and the trackers.
+        """
+        if self._broken:
             return
-        print(text, file=stream, flush=True)
+        stream = self.stream or sys.stdout
+        try:
+            tqdm = sys.modules.get("tqdm")  # only if the training loop imported it
+            bars = getattr(getattr(tqdm, "tqdm", None), "_instances", None)
+            if bars:
+                tqdm.tqdm.write(text, file=stream)
+                return
+            print(text, file=stream, flush=True)
+        except (OSError, ValueError) as error:  # closed file: ValueError; broken pipe: OSError
+            self._broken = True
+            log.warning(
+                "lawwatch: the console line cannot be printed (%s: %s); no more lines are "
+                "printed, the history and trackers still get every record.",
+                type(error).__name__,
+                error,
+            )
 
     def close(self) -> None:
         """Nothing to release."""

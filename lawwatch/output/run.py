@@ -120,6 +120,7 @@ class RunOutputs:
         self._alerts: AlertSink | None = None
         self._fresh = True  # nothing restored: the first record replaces what sinks hold
         self._finished = self._closed = False
+        self.main = main
         if main:
             self._open(identity, probe, console)
 
@@ -190,6 +191,20 @@ class RunOutputs:
                 history=history.records,
             )
             self.sinks.sinks[self.sinks.sinks.index(self._alerts)] = self._alerts = primed
+
+    def announce(self, text: str) -> None:
+        """Say ``text`` once for the run, on the main process (nothing elsewhere).
+
+        Printed by the console, cleanly around a progress bar; without the console, a WARNING
+        on the ``"lawwatch"`` logger.
+        """
+        if not self.main:
+            return
+        consoles = [sink for sink in self.sinks.sinks if isinstance(sink, ConsoleSink)]
+        if consoles:
+            consoles[0].say(text)
+        else:
+            log.warning("%s", text)
 
     def write(self, snapshot: Snapshot, *, threads: bool | None = None) -> None:
         """Write one record to the sinks (``threads``: see :meth:`Sinks.write`).
