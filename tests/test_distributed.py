@@ -423,3 +423,21 @@ def test_ddp_under_bf16_autocast_snapshots_the_float32_weights(bf16_ddp):
             assert max_diff(r[f"step{step}"], r0[f"ref{step}"]) <= TOL
     assert r0["precision0"] == r1["precision0"] == "float32"
     assert r0["forward_restored"] and r1["forward_restored"]  # training keeps its autocast
+
+
+def test_the_unformed_group_warning_names_the_shipped_cpu_launch(monkeypatch, caplog):
+    """Not `--multi_gpu` (accelerate's GPU launcher): the CPU launch line the docs give."""
+    from pathlib import Path
+
+    from lawwatch.watch import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_warned_unformed", False)
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        assert distributed.warn_unformed(object())
+    (said,) = [r.getMessage() for r in caplog.records]
+    line = "ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/cpu_2proc.yaml"
+    assert line in said and "--multi_gpu" not in said
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "configs/accelerate/cpu_2proc.yaml").is_file()
+    assert line in (root / "docs/scale.md").read_text()

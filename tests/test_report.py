@@ -205,9 +205,7 @@ def test_a_pr_of_zero_is_refused_with_the_reason(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("threshold", ["5", "nan", "-2", "inf", "strong"])
-def test_report_refuses_an_emergence_threshold_that_is_not_a_pearson_r(
-    threshold, tmp_path, capsys
-):
+def test_report_refuses_an_emergence_threshold_that_is_not_a_pearson_r(threshold, tmp_path, capsys):
     from lawwatch import cli
 
     write_history(tmp_path / "a", [0, 3, 9])
