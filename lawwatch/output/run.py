@@ -94,6 +94,7 @@ class RunOutputs:
         console: Whether to print one line per record (:class:`ConsoleSink`).
         emergence_threshold: r at or below which the law counts as emerged (alerts, W&B's
             summary, the figure).
+        step_key: The training step's key in the trackers' rows (``WatchConfig.step_key``).
 
     Attributes:
         local: The :class:`~lawwatch.output.store.LocalHistory`, or None.
@@ -111,8 +112,9 @@ class RunOutputs:
         probe: ProbeSet,
         console: bool,
         emergence_threshold: float,
+        step_key: str | None = None,
     ) -> None:
-        self.spec, self.threshold = spec, emergence_threshold
+        self.spec, self.threshold, self.step_key = spec, emergence_threshold, step_key
         self.local: LocalHistory | None = None
         self.trackers: dict[str, Sink] = {}
         self.sinks = Sinks()
@@ -139,7 +141,7 @@ class RunOutputs:
         run = spec.run or TrainerRun(
             logging_dir=None if directory is None else directory / "tensorboard"
         )
-        run = replace(run, emergence_threshold=self.threshold)
+        run = replace(run, emergence_threshold=self.threshold, step_key=self.step_key)
         try:
             self.trackers = open_trackers(spec.trackers, run, strict=spec.strict)
         except BaseException:

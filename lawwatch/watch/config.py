@@ -107,8 +107,20 @@ class WatchConfig(Options):
     0.006, rho = 0.71, 1.4 s``; :class:`~lawwatch.output.console.ConsoleSink`), through
     ``tqdm.write`` while a progress bar is open. False: no line (trackers and files only)."""
 
+    step_key: str | None = None
+    """The key of the training step in lawwatch's tracker rows, the x-axis of its charts (W&B:
+    the ``step_metric`` of ``lawwatch/*``). A raw loop that logs its loss to W&B with its own
+    step key (``wandb.log({"train/step": step, "loss": loss})``) names it here, so lawwatch's
+    curves and the loss share one axis. None: ``train/global_step`` (the Trainer's, which the
+    callback follows). W&B can say no run's defined step metric, so it is not guessed."""
+
     def __post_init__(self) -> None:
         check_every(self.every)
+        if self.step_key is not None and (not isinstance(self.step_key, str) or not self.step_key):
+            raise TypeError(
+                f"step_key is the name of your loop's step in the tracker rows (e.g. "
+                f"'train/step'), or None, got {self.step_key!r}."
+            )
         if self.schedule is not None and not callable(self.schedule):
             object.__setattr__(self, "schedule", _steps(self.schedule))
         if self.last_step is not None and (not _is_step(self.last_step) or self.last_step < 0):

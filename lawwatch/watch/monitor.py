@@ -175,6 +175,7 @@ class LawWatch:
             probe=probe,
             console=self.watch.console,
             emergence_threshold=self.watch.emergence_threshold,
+            step_key=self.watch.step_key,
         )
         if outputs.resume_step is not None:  # the directory's records are the history
             # the same last step on every process (only the main one has the records), so
