@@ -136,3 +136,35 @@ def test_a_kill_right_after_a_checkpoint_loses_no_background_snapshot(tmp_path):
     resumed = run("resume")
     assert resumed.returncode == 0, resumed.stderr
     assert read_history(tmp_path / "lawwatch").steps == [0, 1, 2, 4, 8, 12]
+
+
+def test_the_budget_is_decided_once_and_kept_in_the_checkpoints(tmp_path):
+    """README's first quickstart pairs every=20 with save_steps=20: step 20 is checkpointed, so
+    it is measured whatever the budget decides (analyze's checkpoint-20 has its live record);
+    the decision is kept in each checkpoint's Trainer state, so a run resumed from
+    checkpoint-20 measures the steps the first pass measured, whatever its own timings."""
+    import json
+
+    from lawwatch.watch.schedule import Schedule
+
+    first = LawWatchCallback(ragged_probe(), every=4)  # the default budget, max_overhead=0.1
+    make_trainer(tmp_path / "out", [first], max_steps=40, save_steps=20).train()
+    steps = read_history(tmp_path / "out" / "lawwatch").steps
+    assert {0, 20, 40} <= set(steps)  # the start, a checkpoint, the final step
+    decided = first.monitor.schedule_state()
+    assert decided["origin"] == 0 and decided["decided_at"] == 3 and decided["gap"] >= 1
+    kept = json.loads((tmp_path / "out" / "checkpoint-20" / "trainer_state.json").read_text())
+    assert kept["stateful_callbacks"]["lawwatch"]["schedule"] == decided
+    # scheduled steps between the checkpoints: exactly the decided chain's (no clock race)
+    expected, last = [], 0
+    for s in Schedule(4).steps(39)[1:]:  # the greedy chain from step 0, measured from step 3
+        if s >= last + decided["gap"]:
+            last = s
+            expected += [s] if s >= 3 else []
+    assert steps == sorted({0, *expected, 20, 40})
+
+    resumed = LawWatchCallback(ragged_probe(), every=4)
+    trainer = make_trainer(tmp_path / "out", [resumed], max_steps=40, save_steps=20)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-20"))
+    assert resumed.monitor.schedule_state() == decided
+    assert read_history(tmp_path / "out" / "lawwatch").steps == steps
