@@ -73,17 +73,21 @@ class WatchConfig(Options):
     """Pearson r (of log10 PR against depth) at or below which the law counts as emerged: the
     emergence step, the alerts, the plot's line and the trackers' summary use it."""
     max_overhead: float | None = DEFAULT_MAX_OVERHEAD
-    """A budget for the monitor's share of training time: after each snapshot, scheduled steps
-    are skipped until the training time since then is at least ``snapshot time /
-    max_overhead``. The default, 10%, leaves ``every``'s periodic snapshots of a long run alone
-    whenever a snapshot costs less than a tenth of ``every`` training steps (a small model on a
-    CPU measures a few steps' worth; see BENCHMARKS.md), and thins the log-spaced start and
-    short runs, where snapshots would otherwise double the run. The first skip is a WARNING on
-    the ``"lawwatch"`` logger (the budget, the snapshot's cost, how to change it); later ones
-    are DEBUG. Snapshot and step times are the largest over the processes (one 2-element
-    all-reduce per snapshot), so every process skips the same steps. With ``background`` the
-    snapshot time is what training waited for (the forwards and the collectives). Step 0 and
-    the final step are measured in any case. None: no budget (every scheduled step)."""
+    """A budget for the monitor's share of training time, decided once
+    (:class:`~lawwatch.watch.schedule.Budget`): the first snapshot's time ``S`` and the next 3
+    training steps' time ``T`` (the largest over the processes: one 2-element all-reduce) give
+    a gap ``g = ceil(S / (max_overhead · T))``; from the 3rd timed step on, the scheduled steps
+    measured are those at least ``g`` apart, counted from the first snapshot's step (the 3
+    timed steps are not measured). The decision is said once on the main process (the console
+    line, else a WARNING on the ``"lawwatch"`` logger) and kept in :meth:`LawWatch.state_dict
+    <lawwatch.watch.monitor.LawWatch.state_dict>` (the Trainer callback: in each checkpoint's
+    Trainer state), so a resumed run measures the steps its first pass measured. What a run
+    pays: the budgeted snapshots, at most ``max_overhead`` of training time, plus the first
+    snapshot and the final step's (measured in any case), plus each checkpointed scheduled
+    step the budget would skip (``maybe_snapshot(step, checkpoint=True)``; the callback passes
+    the Trainer's saves): a run shorter than ``2·S / (max_overhead · T)`` steps pays more
+    than ``max_overhead``. With ``background`` ``S`` is what training waited for (the
+    forwards and the collectives). None: no budget (every scheduled step)."""
     background: bool = False
     """Run the solve, the law's fit and the writing of the thread-safe sinks (the local
     history) on one worker thread, so training waits only for the probe's forwards and the
