@@ -445,7 +445,7 @@ class LawWatch:
         self._budget.load_state_dict(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the snapshot records and the last step attempted.
+        """What a resumed run needs: the records, the last step attempted, the budget's decision.
 
         Plain Python values only (dicts, lists, strings, numbers, None), so a raw loop keeps it
         in its checkpoint and reads it back with ``torch.load(path, weights_only=True)``::
@@ -458,11 +458,11 @@ class LawWatch:
         holds every snapshot attempted.
         """
         self.flush()
-        return {
-            "history": [dict(r) for r in self.history],
-            "last_step": self.last_step,
-            "schedule": self.schedule_state(),
-        }
+        state = {"history": [dict(r) for r in self.history], "last_step": self.last_step}
+        decided = self.schedule_state()
+        if decided is not None:  # the overhead budget's decision, once there is one
+            state["schedule"] = decided
+        return state
 
     def load_state_dict(self, state: dict[str, Any], *, resume_step: int | None = None) -> None:
         """Restore the history, dropping records after ``resume_step`` (they will be redone).
