@@ -168,3 +168,26 @@ def test_the_budget_is_decided_once_and_kept_in_the_checkpoints(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-20"))
     assert resumed.monitor.schedule_state() == decided
     assert read_history(tmp_path / "out" / "lawwatch").steps == steps
+
+
+def test_an_epoch_checkpoint_on_the_schedule_is_measured_whatever_the_budget(tmp_path):
+    """save_strategy="epoch": the Trainer decides to save at the epoch's end, after the step's
+    own callbacks; that step is measured there if scheduled (max_overhead=1e-3 would skip it)."""
+    from transformers import Trainer, TrainingArguments
+
+    from tests.helpers.trainer import Tokens
+
+    callback = LawWatchCallback(ragged_probe(), every=8, max_overhead=1e-3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        save_strategy="epoch",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+    assert (tmp_path / "checkpoint-8").is_dir()
+    assert callback.monitor.schedule_state()["gap"] > 16  # the budget alone: 0 and 16
+    assert read_history(tmp_path / "lawwatch").steps == [0, 8, 16]

@@ -145,7 +145,9 @@ class LawWatchCallback(TrainerCallback):
 
     @never_raises
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """An epoch's checkpoint comes next: its records first."""
+        """An epoch's checkpoint comes next: its step measured if scheduled, records first."""
+        if self.monitor is not None and control.should_save:  # decided at the epoch's end
+            self.monitor.maybe_snapshot(state.global_step, checkpoint=True)
         self._before_checkpoint(control)
 
     @never_raises
