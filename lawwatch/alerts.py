@@ -11,7 +11,9 @@ Three kinds, all opt-in (``LawWatchCallback(probe, alerts=True)``):
 - **emerged**: r passed the emergence threshold by more than its uncertainty (with the
   jackknife's standard error: :func:`lawwatch.law.passes`) and has stayed there (the step is
   the first snapshot of that stretch, as :meth:`History.emergence_step` reports it while it
-  lasts).
+  lasts). r rising above the threshold ends the stretch, though only ``break_margin`` makes a
+  break: when r passes again, the alert is raised again at the new emergence step, so the
+  latest "emerged" alert always names the step :meth:`History.emergence_step` reports.
 - **broke**: after the law had emerged, r rose above ``threshold + break_margin`` at
   ``persistence`` consecutive snapshots: an unstable run (a loss spike, a learning rate too
   high, a bad batch). The law may emerge again later, and is reported again if it does.
@@ -164,7 +166,32 @@ def law_alerts(
     """
     alerts: list[Alert] = []
     emerged = False
+    # the stretch at or below the threshold that the emergence step starts; r above the
+    # threshold ends it (the emergence step moves), though only the margin makes a break
+    rose: tuple[int, float] | None = None
     above: list[tuple[int, float]] = []  # the current stretch of snapshots above the margin
+
+    def emerge(step: int, r: float, se: float | None) -> Alert:
+        again = any(a.kind == "broke" for a in alerts)
+        margin = "" if se is None else f" by more than its standard error ({se:.4f})"
+        since = (
+            ""
+            if rose is None
+            else f" (r had risen to {rose[1]:+.4f} at step {rose[0]}, above the threshold: the "
+            "law emerges anew from here)"
+        )
+        return Alert(
+            kind="emerged",
+            step=step,
+            title=f"lawwatch: the law {'re-emerged' if again else 'emerged'}",
+            text=(
+                f"Pearson r = {r:+.4f} at step {step}, at or below the threshold "
+                f"{threshold:+.3f}{margin}: log10 PR falls linearly with depth{since}."
+            ),
+            level="INFO",
+            at=step,
+        )
+
     for record in history:
         step, r = int(record["step"]), float(record["pearson_r"])
         se = record.get("pearson_r_se")
@@ -172,22 +199,14 @@ def law_alerts(
         if not emerged:
             if passes(r, se, threshold):
                 emerged, above = True, []
-                again = any(a.kind == "broke" for a in alerts)
-                margin = "" if se is None else f" by more than its standard error ({se:.4f})"
-                alerts.append(
-                    Alert(
-                        kind="emerged",
-                        step=step,
-                        title=f"lawwatch: the law {'re-emerged' if again else 'emerged'}",
-                        text=(
-                            f"Pearson r = {r:+.4f} at step {step}, at or below the threshold "
-                            f"{threshold:+.3f}{margin}: log10 PR falls linearly with depth."
-                        ),
-                        level="INFO",
-                        at=step,
-                    )
-                )
+                alerts.append(emerge(step, r, se))
+                rose = None
             continue
+        if not passes(r, None, threshold):  # the stretch ends: the emergence step will move
+            rose = rose or (step, r)
+        elif rose is not None and passes(r, se, threshold):  # emerged again, at this step
+            alerts.append(emerge(step, r, se))
+            rose = None
         if not finite or r > threshold + break_margin:
             above.append((step, r))
         else:
@@ -209,7 +228,7 @@ def law_alerts(
                     at=step,
                 )
             )
-            emerged, above = False, []
+            emerged, above, rose = False, [], None
     return alerts
 
 

@@ -21,17 +21,18 @@ from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot, identity
 from lawwatch.identify_norm import identify, needs_identifying
 from lawwatch.law import MIN_LAW_POINTS, fit_law
-from lawwatch.models import Unembedding, check_probe, unembedding
+from lawwatch.models import Unembedding, check_head, check_probe, unembedding
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.stats import Statistics, Update
-from lawwatch.stats.build import Recipe, checked_groups
+from lawwatch.stats.build import Recipe, checked_groups, statistics_device
 from lawwatch.stats.lens import Kept, Lensed, lens_rows
 from lawwatch.stats.partition import jackknife_se
 from lawwatch.targets import Targets
 
 __all__ = [
     "accumulate",
+    "check_options",
     "check_settings",
     "measure",
     "model_device",
@@ -151,15 +152,34 @@ def prepare(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets
 def _targets(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets:
     """The probe checked against the model, and the targets resolved on it."""
     check_probe(model, probe)
+    return check_options(probe, config)
+
+
+def check_options(probe: ProbeSet, config: MeasureConfig) -> Targets:
+    """The part of :func:`check_settings` that needs no model: what an adapter checks when built.
+
+    A framework's callback is built before it sees the model (the Trainer hands it over at
+    train begin), so it refuses these where the user builds it: targets that take a single
+    value (PR is undefined), no example at ``offset``, and a ``stats_device`` this process
+    does not have.
+
+    Returns:
+        The targets, resolved on the whole probe.
+
+    Raises:
+        ValueError: The setting, and its fix.
+    """
     # separation fuzziness needs the per-class sums of the one-hot statistics
     fuzziness = config.metric == "separation_fuzziness"
-    return Targets.build(
+    targets = Targets.build(
         "onehot" if fuzziness else config.target,
         probe,
         offset=config.offset,
         seed=config.seed,
         onehot_top_k=config.onehot_top_k,
     )
+    statistics_device(config, torch.device("cpu"))  # a CUDA device this process lacks
+    return targets
 
 
 def check_settings(
@@ -172,7 +192,9 @@ def check_settings(
     ``blocks`` that match no module and ``layers`` outside the model (as located), fewer than 3
     entries after the embeddings (a line cannot be fitted), a probe with no more examples than
     the unregularized solve has parameters (hidden size + 1: PR is 0, by interpolation), and
-    one-hot statistics over ``max_onehot_bytes``. Fewer than
+    one-hot statistics over ``max_onehot_bytes``; with the logit lens, a head that is not found
+    or does not map the hidden size to the probe's token ids; and what :func:`check_options`
+    refuses (targets of a single value, a ``stats_device`` this process lacks). Fewer than
     :data:`~lawwatch.law.MIN_LAW_POINTS` entries is allowed, with a warning: r of so few points
     says little.
 
@@ -180,6 +202,8 @@ def check_settings(
         ValueError: The setting, and its fix.
     """
     capture = _capture(model, config)
+    if config.lens is not None:  # the head the lens reads through, and its shape
+        check_head(unembedding(model, config.lens_head), probe, hidden_size(model, capture))
     points = [e for e in capture.layers if e != 0]
     if len(points) < 3:
         raise ValueError(

@@ -393,3 +393,30 @@ def unembedding(model: nn.Module, head: str | None = None) -> Unembedding:
         scale /= float(scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
     return Unembedding(module, str(where), scale, float(softcap) if softcap else None)
+
+
+def check_head(head: Unembedding, probe: ProbeSet, dim: int | None) -> None:
+    """Refuse a lens head that cannot read the residual stream into the probe's token ids.
+
+    Its weight is ``(V, d)``: ``d`` must be the hidden size (when the model states it) and
+    ``V`` must cover every token id of the probe (the lens scores the next token among them).
+
+    Raises:
+        ValueError: The head's shape, what it should be, and the fix.
+    """
+    rows, width = head.weight.shape
+    fix = (
+        "Pass lens_head='<module name>': the Linear from the hidden size to the vocabulary "
+        "that the model applies after its final norm, or leave lens=None."
+    )
+    if dim is not None and width != dim:
+        raise ValueError(
+            f"The logit lens's head {head.name!r} has a weight of shape {(rows, width)}, which "
+            f"does not read a hidden state of width {dim} (it needs ({rows}, {dim})). {fix}"
+        )
+    top = int(probe.input_ids.max()) if len(probe) > 0 else -1
+    if top >= rows:
+        raise ValueError(
+            f"The logit lens's head {head.name!r} scores {rows} tokens, but the probe holds "
+            f"token id {top}. {fix}"
+        )

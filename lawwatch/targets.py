@@ -120,6 +120,12 @@ class Targets:
                 f"The probe has no example at offset={offset}: no sequence has two real tokens "
                 f"{abs(offset)} apart."
             )
+        if ids.numel() < 2:  # every target alike: variance 0, PR = RSS / TSS undefined
+            raise ValueError(
+                f"The probe's targets take a single distinct value (token id {int(ids[0])} at "
+                f"offset={offset}), so their variance is 0 and PR is undefined; the probe needs "
+                "at least two different target tokens: use varied held-out text."
+            )
         if target == "token_id":
             return cls(target, offset)
         table = torch.full((int(ids.max()) + 1,), OTHER, dtype=torch.long)

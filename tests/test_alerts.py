@@ -34,10 +34,10 @@ def test_emergence_break_and_reemergence():
         (10, 0.1),
         (20, -0.951),  # emerged
         (30, -0.97),
-        (40, -0.94),  # above the threshold, within the margin: nothing
-        (50, -0.96),
-        (60, -0.90),  # above the margin once: not yet
-        (70, -0.96),  # back: the stretch is reset
+        (40, -0.94),  # above the threshold, within the margin: no break
+        (50, -0.96),  # passes again: the emergence step is now 50, and the alert says so
+        (60, -0.90),  # above the margin once: not yet a break
+        (70, -0.96),  # back: the stretch is reset; emerged anew at 70
         (80, -0.92),
         (90, float("nan")),  # non-finite counts as above: the law broke (from step 80)
         (100, -0.99),  # re-emerged
@@ -45,12 +45,43 @@ def test_emergence_break_and_reemergence():
     alerts = law_alerts(history, threshold=-0.95, break_margin=0.02, persistence=2)
     assert [(a.kind, a.step, a.at) for a in alerts] == [
         ("emerged", 20, 20),
+        ("emerged", 50, 50),
+        ("emerged", 70, 70),
         ("broke", 80, 90),
         ("emerged", 100, 100),
     ]
-    assert alerts[0].level == "INFO" and alerts[1].level == "WARN"
-    assert "emerged" in alerts[0].title and "re-emerged" in alerts[2].title
-    assert "-0.9200 (step 80)" in alerts[1].text and "nan (step 90)" in alerts[1].text
+    assert alerts[0].level == "INFO" and alerts[3].level == "WARN"
+    assert "emerged" in alerts[0].title and "re-emerged" in alerts[4].title
+    assert "r had risen to -0.9400 at step 40" in alerts[1].text
+    assert "-0.9200 (step 80)" in alerts[3].text and "nan (step 90)" in alerts[3].text
+
+
+@pytest.mark.parametrize("with_se", [False, True])
+def test_the_latest_emerged_alert_names_the_emergence_step(with_se):
+    """At every point of a history, the latest "emerged" alert's step is the step
+    History.emergence_step reports (an alert once said "emerged at 0" where it was 2)."""
+    rng = np.random.default_rng(3)
+    r = np.clip(-0.95 + rng.normal(0.0, 0.02, 60), -1.0, 1.0)
+    records = [
+        {"step": i, "pearson_r": float(v), **({"pearson_r_se": 0.004} if with_se else {})}
+        for i, v in enumerate(r)
+    ]
+    records[:3] = [  # the start of the issue's run: passes at 0, rises at 1, passes at 2
+        {**records[0], "pearson_r": -0.99},
+        {**records[1], "pearson_r": -0.945},
+        {**records[2], "pearson_r": -0.99},
+    ]
+    checked = 0
+    for n in range(1, len(records) + 1):
+        prefix = records[:n]
+        step = History(prefix).emergence_step(-0.95)
+        emerged = [a for a in law_alerts(prefix, threshold=-0.95) if a.kind == "emerged"]
+        latest = [a for a in law_alerts(prefix, threshold=-0.95) if a.kind in ("emerged", "broke")]
+        if step is not None:
+            assert latest[-1].kind == "emerged" and emerged[-1].step == step, (n, step)
+            checked += 1
+    assert checked > 10
+    assert law_alerts(records[:3], threshold=-0.95)[-1].step == 2
 
 
 def test_each_alert_is_judged_on_the_past_only():

@@ -7,11 +7,10 @@ import threading
 import pytest
 import torch
 
-from lawwatch import ProbeSet
 from lawwatch.output.sinks import threadsafe
 from lawwatch.output.store import LocalHistory, read_history
 from lawwatch.watch.monitor import LawWatch
-from tests.helpers.models import VOCAB, tiny_gpt2
+from tests.helpers.models import UNSOLVABLE_SPLIT, VOCAB, tiny_gpt2, unsolvable_probe
 
 
 def workers() -> list[threading.Thread]:
@@ -105,15 +104,21 @@ def test_resume_after_a_background_run(probe, tmp_path):
 
 
 def test_failing_solve_in_the_worker_is_reported(gpt2, caplog):
-    # one repeated token: enough examples to pass the checks when built, but a target of one
-    # value, so every solve fails in the worker
-    constant = ProbeSet.from_tokens([[7] * 40])
-    watch = LawWatch(gpt2, constant, max_overhead=None, every=1, background=True)
+    # a probe every check accepts when built (its targets vary), and whose held-out part's
+    # targets take one value, so every solve fails in the worker
+    watch = LawWatch(
+        gpt2,
+        unsolvable_probe(),
+        max_overhead=None,
+        every=1,
+        background=True,
+        split=UNSOLVABLE_SPLIT,
+    )
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         for step in range(3):
             assert watch.maybe_snapshot(step) is None
         watch.close()
-    assert caplog.text.count("The targets take a single distinct value") == 3
+    assert caplog.text.count("The evaluation part's targets take a single value") == 3
     assert watch.history.steps == [] and watch.last_step == 2 and not workers()
 
 

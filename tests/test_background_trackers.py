@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from lawwatch.integrations.hf import LawWatchCallback
 from lawwatch.output.store import read_history
-from tests.helpers.models import ragged_probe, tiny_gpt2
+from tests.helpers.models import UNSOLVABLE_SPLIT, ragged_probe, tiny_gpt2, unsolvable_probe
 from tests.helpers.trackers import STEPS, accelerate_loop, expected_scalars, read_events
 from tests.helpers.trainer import Tokens
 from tests.helpers.wandb_offline import finish_run, history_rows, inspect_run
@@ -71,12 +71,14 @@ def test_trainer_background_equals_foreground_in_every_tracker(tmp_path, offline
 
 
 def test_trainer_failing_solve_in_the_worker_training_completes(tmp_path, caplog):
-    from lawwatch import ProbeSet
-
-    # one repeated token: enough examples to pass the checks at train begin, but a target of
+    # a probe every check accepts (its targets vary), and whose held-out part's targets take
     # one value, so every solve fails in the worker
     callback = LawWatchCallback(
-        ProbeSet.from_tokens([[7] * 40]), max_overhead=None, every=2, background=True
+        unsolvable_probe(),
+        max_overhead=None,
+        every=2,
+        background=True,
+        split=UNSOLVABLE_SPLIT,
     )
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         arguments = TrainingArguments(
@@ -93,22 +95,24 @@ def test_trainer_failing_solve_in_the_worker_training_completes(tmp_path, caplog
         )
         trainer.train()
     assert trainer.state.global_step == 4
-    assert caplog.text.count("The targets take a single distinct value") == len(STEPS)
+    assert caplog.text.count("The evaluation part's targets take a single value") == len(STEPS)
     assert callback.monitor.history.steps == [] and not workers()
 
 
-def test_trainer_max_overhead_stretches_the_schedule(tmp_path, caplog):
+def test_trainer_max_overhead_stretches_the_schedule(tmp_path, capsys):
     plain = LawWatchCallback(ragged_probe(), max_overhead=None, every=1)
     trainer_run(tmp_path / "plain", plain, max_steps=8)
     assert plain.monitor.history.steps == list(range(9))
-    # a budget of 0.1% of training time: after the first timed step, the scheduled steps are
-    # skipped (a snapshot costs far more than 0.1% of 6 steps); the final step is measured
+    # a budget of 0.1% of training time: steps 1-3 are timed, then the gap is decided (a
+    # snapshot costs far more than 0.1% of 8 steps); the final step is measured
     budget = LawWatchCallback(ragged_probe(), every=1, max_overhead=1e-3)
-    with caplog.at_level(logging.INFO, logger="lawwatch"):
-        trainer_run(tmp_path / "budget", budget, max_steps=8)
+    trainer_run(tmp_path / "budget", budget, max_steps=8)
     assert budget.monitor.watch.max_overhead == 1e-3
-    assert budget.monitor.history.steps == [0, 1, 2, 8]
-    assert "skipped to keep snapshots under max_overhead=0.001" in caplog.text
+    assert budget.monitor.history.steps == [0, 8]
+    decided = budget.monitor.schedule_state()
+    assert decided["origin"] == 0 and decided["decided_at"] == 3 and decided["gap"] > 8
+    said = [line for line in capsys.readouterr().out.splitlines() if "max_overhead=0.001" in line]
+    assert len(said) == 1 and f"at least {decided['gap']} steps apart" in said[0]
     with pytest.raises(ValueError, match="max_overhead is a fraction"):
         LawWatchCallback(ragged_probe(), max_overhead=1.5)
 

@@ -62,7 +62,10 @@ def tiny_mamba():
 
 
 # fields whose case every entry point refuses when built (measurement.check_settings)
-REFUSED_WHEN_BUILT = {"layers", "max_onehot_bytes", "jackknife"}
+REFUSED_WHEN_BUILT = {"layers", "max_onehot_bytes", "jackknife", "stats_device", "lens_head"}
+# ... and the callback too, where the user builds it: they need no model
+# (measurement.check_options)
+CALLBACK_REFUSES_WHEN_BUILT = {"stats_device"}
 
 # fields whose effect shows on another model than the tiny GPT-2 of `setup`
 MODELS = {"entries": tiny_mamba}
@@ -178,6 +181,8 @@ def test_every_field_reaches_the_measurement_from_every_entry_point(setup, name,
         got = outcome(run, model)
         if label.startswith("analyze"):  # a sweep reports a failed checkpoint and goes on
             assert got[0] == (None if isinstance(expected[0], str) else expected[0]), label
+        elif name in CALLBACK_REFUSES_WHEN_BUILT:
+            assert got == expected, label
         elif name in REFUSED_WHEN_BUILT and not label.startswith("LawWatchCallback"):
             # known wrong when the monitor is built: refused then, before any forward pass (the
             # callback builds it at train begin, logs the refusal and measures nothing)

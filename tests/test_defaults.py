@@ -122,22 +122,38 @@ def test_the_budget_is_on_by_default_and_warns_once(gpt2, probe, caplog):
         for step in range(301):
             watch.maybe_snapshot(step)
             clock.now += 0.1
-    assert watch.history.steps == [0, 1, 101, 201, 300]  # first and last always
+    assert watch.history.steps == [0, 100, 200, 300]  # decided at step 3; the last always
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1
     text = warned[0].getMessage()
     assert "max_overhead=0.1" in text and "max_overhead=None" in text and "1.00 s" in text
-    assert "10.0 training steps" in text
-    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
-    assert [r.levelno for r in skipped[1:]] == [logging.DEBUG] * (len(skipped) - 1)
+    assert "10.0 training steps" in text and "at least 100 steps apart" in text
+
+
+def test_the_budget_is_announced_once_by_the_console_not_through_logging(
+    gpt2, probe, caplog, capsys
+):
+    """Printed once, cleanly, on the main process: not a logging record a progress bar
+    (or every process's logging) would print."""
+    clock = Clock()
+    watch = LawWatch(gpt2, probe, every=1, last_step=300)
+    watch._clock = clock
+    watch.sinks.sinks.append(Slow(clock, 1.0))
+    with caplog.at_level(logging.DEBUG, logger="lawwatch"):
+        for step in range(301):
+            watch.maybe_snapshot(step)
+            clock.now += 0.1
+    printed = [line for line in capsys.readouterr().out.splitlines() if "max_overhead" in line]
+    assert len(printed) == 1 and "at least 100 steps apart" in printed[0]
+    assert not [r for r in caplog.records if "max_overhead" in r.getMessage()]
 
 
 # -- the console line --------------------------------------------------------------------------
 
 
-def snapshot(se=None):
-    fit = LawFit(rho=0.7123, pearson_r=-0.98212, slope=-0.1, intercept=0.0, r2=0.96)
-    extra = {} if se is None else {"pearson_r_se": se}
+def snapshot(se=None, rho=0.7123, **extra):
+    fit = LawFit(rho=rho, pearson_r=-0.98212, slope=-0.1, intercept=0.0, r2=0.96)
+    extra = extra if se is None else {"pearson_r_se": se, **extra}
     return Snapshot(torch.ones(4), fit, n_tokens=100, seconds=1.43, step=200, extra=extra)
 
 
@@ -146,10 +162,56 @@ def test_console_line_per_snapshot():
     sink = ConsoleSink(out)
     sink.write(snapshot(0.0061))
     sink.write(snapshot())
+    sink.write(snapshot())
+    auto = (
+        " (no ± standard error: jackknife='auto' needs at least 16 probe sequences (and its "
+        "statistics within 1 GiB); pass jackknife=<groups> for one)"
+    )
     assert out.getvalue().splitlines() == [
         "lawwatch step 200: r = -0.982 ± 0.006, rho = 0.712, 1.4 s",
+        "lawwatch step 200: r = -0.982, rho = 0.712, 1.4 s" + auto,  # why, said once
         "lawwatch step 200: r = -0.982, rho = 0.712, 1.4 s",
     ]
+    off = ConsoleSink(io.StringIO())
+    off.write(snapshot(config={"jackknife": None}))
+    assert off.stream.getvalue().endswith("(no ± standard error: measured with jackknife=None)\n")
+
+
+def test_a_measured_run_of_few_sequences_says_why_its_line_has_no_error(gpt2, capsys):
+    """ragged_probe's 12 sequences are under jackknife='auto''s 16: no standard error."""
+    LawWatch(gpt2, ragged_probe(rows=12)).snapshot(0)
+    assert "(no ± standard error: jackknife='auto' needs at least 16" in capsys.readouterr().out
+    LawWatch(gpt2, ragged_probe(rows=16)).snapshot(0)
+    line = capsys.readouterr().out
+    assert " ± " in line and "no ± standard error" not in line
+
+
+@pytest.mark.parametrize(
+    ("rho", "shown"),
+    [(0.7123, "0.712"), (0.98, "0.98"), (0.99731, "1 - 0.00269"), (0.99052, "1 - 0.00948"),
+     (1.00013, "1 + 0.00013"), (1.0, "1")],
+)  # fmt: skip
+def test_console_shows_what_distinguishes_rho_near_one(rho, shown):
+    """Three significant digits printed every rho of 0.995-1.005 as `rho = 1`."""
+    out = io.StringIO()
+    ConsoleSink(out).write(snapshot(0.0061, rho=rho))
+    assert f", rho = {shown}, 1.4 s" in out.getvalue()
+
+
+def test_a_closed_stdout_is_said_once_and_training_goes_on(gpt2, probe, caplog, monkeypatch):
+    """Not a traceback per snapshot: one warning, then nothing is printed; records still kept."""
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr("sys.stdout", closed)
+    watch = LawWatch(gpt2, probe, every=1, max_overhead=None)
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        for step in range(3):
+            watch.maybe_snapshot(step)
+    assert watch.history.steps == [0, 1, 2]
+    said = [r for r in caplog.records if "console line cannot be printed" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None
+    assert "ValueError: I/O operation on closed file" in said[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_console_line_goes_around_an_open_progress_bar():
@@ -211,8 +273,10 @@ def test_every_entry_point_refuses_a_wrong_setting_when_built(gpt2, probe, name,
             state.global_step = step
             callback.on_step_end(args, state, TrainerControl(), model=gpt2)
     assert callback.monitor is None
-    assert len([r for r in caplog.records if match.split("=")[0] in r.getMessage()]) <= 1
-    assert caplog.text.count("on_train_begin failed") == 1
+    # one line, and the reason is in it (not only in a traceback below it)
+    (said,) = [r for r in caplog.records if match.split("=")[0] in r.getMessage()]
+    assert said.getMessage().startswith("lawwatch: this training is not measured: ")
+    assert caplog.text.count("this training is not measured") == 1
 
 
 def test_few_entries_are_measured_with_a_warning_once(gpt2, probe, caplog):

@@ -26,7 +26,13 @@ from lawwatch.probe import example_mask
 from lawwatch.watch import distributed
 from lawwatch.watch.distributed import layout
 from lawwatch.watch.monitor import LawWatch
-from tests.helpers.models import ragged_probe, tiny_gpt2, tiny_llama
+from tests.helpers.models import (
+    UNSOLVABLE_SPLIT,
+    ragged_probe,
+    tiny_gpt2,
+    tiny_llama,
+    unsolvable_probe,
+)
 from tests.helpers.paper import gpt2_norm, llama_norm, paper_reference
 from tests.helpers.workers.common import uneven_probe
 from tests.helpers.workers.launch import run, torchrun
@@ -86,8 +92,9 @@ def test_a_solve_that_fails_on_one_of_three_processes_is_skipped_by_all(three):
 @pytest.mark.slow
 def test_the_overhead_budget_is_agreed_by_all_processes(three):
     ranks, _ = three
-    # alone, rank 0 would snapshot every 10 steps and rank 2 every 60: the largest times decide
-    assert [r["budget_steps"] for r in ranks] == [[0, 1, 31]] * 3
+    # alone, rank 0 would snapshot every 10 steps and rank 2 every 60: the largest times
+    # decide (at step 3, after 3 timed steps) a gap of 30 on every rank
+    assert [r["budget_steps"] for r in ranks] == [[0, 30]] * 3
 
 
 # -- DDP through Accelerator(cpu=True) ----------------------------------------------------------
@@ -388,15 +395,15 @@ def test_shards_cover_every_example_once_with_equal_batches():
 
 
 def test_a_step_is_attempted_once_even_when_it_fails(gpt2, caplog):
-    # one distinct target: nothing to regress, every snapshot fails (a probe too small for the
-    # hidden size is refused when the monitor is built, before any step)
-    tiny = lawwatch.ProbeSet.from_tokens([[7] * 40])
-    watch = LawWatch(gpt2, tiny, max_overhead=None, every=1)
+    # the held-out part's targets take one value: every snapshot fails (a probe too small
+    # for the hidden size, or of one target value, is refused when the monitor is built)
+    tiny = unsolvable_probe()
+    watch = LawWatch(gpt2, tiny, max_overhead=None, every=1, split=UNSOLVABLE_SPLIT)
     with caplog.at_level(logging.ERROR, logger="lawwatch"):
         assert watch.maybe_snapshot(3) is None
     assert not watch.should_snapshot(3) and watch.should_snapshot(4)
     assert watch.state_dict() == {"history": [], "last_step": 3}
-    resumed = LawWatch(gpt2, tiny, max_overhead=None, every=1)
+    resumed = LawWatch(gpt2, tiny, max_overhead=None, every=1, split=UNSOLVABLE_SPLIT)
     resumed.load_state_dict(watch.state_dict(), resume_step=2)
     assert resumed.should_snapshot(3)
 
@@ -439,3 +446,21 @@ def test_ddp_under_bf16_autocast_snapshots_the_float32_weights(bf16_ddp):
             assert max_diff(r[f"step{step}"], r0[f"ref{step}"]) <= TOL
     assert r0["precision0"] == r1["precision0"] == "float32"
     assert r0["forward_restored"] and r1["forward_restored"]  # training keeps its autocast
+
+
+def test_the_unformed_group_warning_names_the_shipped_cpu_launch(monkeypatch, caplog):
+    """Not `--multi_gpu` (accelerate's GPU launcher): the CPU launch line the docs give."""
+    from pathlib import Path
+
+    from lawwatch.watch import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_warned_unformed", False)
+    with caplog.at_level(logging.WARNING, logger="lawwatch"):
+        assert distributed.warn_unformed(object())
+    (said,) = [r.getMessage() for r in caplog.records]
+    line = "ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/cpu_2proc.yaml"
+    assert line in said and "--multi_gpu" not in said
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "configs/accelerate/cpu_2proc.yaml").is_file()
+    assert line in (root / "docs/scale.md").read_text()

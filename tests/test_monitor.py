@@ -159,18 +159,88 @@ def test_max_overhead_stretches_the_schedule(gpt2, probe, caplog):
         console=False,
     )
     watch._clock = clock
-    with caplog.at_level(logging.DEBUG, logger="lawwatch"):  # later skips are DEBUG
+    with caplog.at_level(logging.DEBUG, logger="lawwatch"):
         for step in range(1201):
             watch.maybe_snapshot(step)
             clock.now += 0.1  # one training step
-    # step 0: no step timed yet, so no stretch; then every 500 steps, and the final step
-    assert watch.history.steps == [0, 1, 501, 1001, 1200]
-    told = [r.message for r in caplog.records if "max_overhead" in r.message]
-    assert len(told) == 3  # once per stretched snapshot, not once per skipped step
-    assert "scheduled step 2 skipped" in told[0] and "step 501 or later" in told[0]
-    # the budget, held: each snapshot after the first timed step follows >= 1 s / 2% of training
-    steps = watch.history.steps[1:-1]
+    # step 0, then steps 1-3 timed (not measured), the gap decided at step 3: every 500 steps
+    # from step 0, and the final step
+    assert watch.history.steps == [0, 500, 1000, 1200]
+    told = [r.getMessage() for r in caplog.records if "max_overhead" in r.getMessage()]
+    assert len(told) == 1  # decided and said once
+    assert "at least 500 steps apart, counted from step 0" in told[0]
+    assert "measured from step 3" in told[0]
+    assert watch.schedule_state() == {
+        "origin": 0,
+        "snapshot_seconds": pytest.approx(1.0),
+        "decided_at": 3,
+        "gap": 500,
+        "step_seconds": pytest.approx(0.1),
+    }
+    # the budget, held: each budgeted snapshot is followed by >= 1 s / 2% of training
+    steps = watch.history.steps[:-1]
     assert all((b - a) * 0.1 * 0.02 >= 1.0 - 1e-9 for a, b in itertools.pairwise(steps))
+
+
+def _run(gpt2, probe, clock, steps, *, snapshot_s, step_s, state=None, resume=None, save=()):
+    """A raw loop of ``steps`` on the fake clock; returns the monitor (not closed)."""
+    watch = LawWatch(
+        gpt2, probe, every=4, max_overhead=0.1, sinks=[Slow(clock, snapshot_s)], console=False
+    )
+    watch._clock = clock
+    if state is not None:
+        watch.load_state_dict(state, resume_step=resume)
+    for step in steps:
+        watch.maybe_snapshot(step, checkpoint=step in save)
+        clock.now += step_s
+    return watch
+
+
+def test_the_budget_is_decided_once_and_a_resume_measures_the_same_steps(gpt2, probe):
+    """The decision is kept in the state: a resumed run, whatever its own timings, measures
+    the steps the first pass measured (a raced budget measured steps the first pass skipped)."""
+    clock = FakeClock()
+    # 1 s a snapshot, 0.5 s a step: a gap of 20 steps; every=4: 0, then 20, 40, 60 ...
+    first = _run(gpt2, probe, clock, range(0, 101), snapshot_s=1.0, step_s=0.5)
+    assert first.history.steps == [0, 20, 40, 60, 80, 100]
+    kept = _run(gpt2, probe, FakeClock(), range(0, 51), snapshot_s=1.0, step_s=0.5)
+    state = kept.state_dict()
+    assert state["schedule"]["gap"] == 20
+    # resumed from step 50 on a machine 10x faster per step (a raced budget would measure
+    # every 200 steps there, and its snapshots would not line up with the first pass's)
+    resumed = _run(
+        gpt2,
+        probe,
+        FakeClock(),
+        range(51, 101),
+        snapshot_s=1.0,
+        step_s=0.05,
+        state=state,
+        resume=50,
+    )
+    assert resumed.history.steps == first.history.steps
+    assert resumed.schedule_state() == state["schedule"]
+
+
+def test_checkpointed_scheduled_steps_are_measured_whatever_the_budget(gpt2, probe):
+    clock = FakeClock()
+    # a gap of 20 steps; a checkpoint every 12 steps: 12, 36, 48, 72, 84 are on every=4's
+    # schedule but not on the budget's, and are measured; 24 and 60 are measured anyway
+    watch = _run(
+        gpt2, probe, clock, range(0, 90), snapshot_s=1.0, step_s=0.5, save=set(range(12, 90, 12))
+    )
+    assert watch.history.steps == [0, 12, 20, 24, 36, 40, 48, 60, 72, 80, 84]
+    # the chain is not moved by the checkpoints: 20, 40, 60, 80 from step 0
+
+
+def test_a_raw_loop_without_last_step_ends_its_history_at_its_last_step(gpt2, probe):
+    """Not only the start: close() measures the last step the loop called with."""
+    clock = FakeClock()
+    # a snapshot costs 6.5 training steps: the budget thins 30 steps to the first one alone
+    watch = _run(gpt2, probe, clock, range(1, 31), snapshot_s=0.65, step_s=0.1)
+    assert watch.history.steps == [1]
+    watch.close()
+    assert watch.history.steps == [1, 30]
 
 
 def test_without_a_budget_the_schedule_is_kept(gpt2, probe):

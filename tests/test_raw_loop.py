@@ -249,9 +249,12 @@ def test_docs_quickstart_runs(tmp_path, monkeypatch):
     # first call and the last step always
     assert steps == sorted(set(steps)) and set(steps) <= {1, 2, 4, 8, 12}
     assert steps[0] == 1 and steps[-1] == 12
+    assert 8 in steps  # checkpointed (checkpoint=True): measured whatever the budget decided
     assert (directory / "law.png").read_bytes()[:4] == b"\x89PNG"
     exec(compile(resume, "docs/raw-loop.md", "exec"), namespace)  # the state idiom, as shown
     after = read_history(directory).records
     kept = [r for r in before if r["step"] <= 8]  # the checkpoint's records, unchanged
     assert after[: len(kept)] == kept and after[-1]["step"] == 12
     assert [r["step"] for r in after] == sorted({r["step"] for r in after})
+    # the budget's decision rode in the checkpoint: the resumed run measured the same steps
+    assert [r["step"] for r in after] == steps

@@ -202,3 +202,18 @@ def test_a_pr_of_zero_is_refused_with_the_reason(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "step 3 has PR 0.0 at entry 2" in err and "larger probe" in err
     assert "math domain error" not in err
+
+
+@pytest.mark.parametrize("threshold", ["5", "nan", "-2", "inf", "strong"])
+def test_report_refuses_an_emergence_threshold_that_is_not_a_pearson_r(threshold, tmp_path, capsys):
+    from lawwatch import cli
+
+    write_history(tmp_path / "a", [0, 3, 9])
+    argv = ["report", str(tmp_path / "a"), "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*argv, "--emergence-threshold", threshold])
+    assert exited.value.code == 2 and not (tmp_path / "r").exists()
+    err = capsys.readouterr().err
+    assert f"--emergence-threshold: {threshold!r} is not a Pearson r" in err
+    assert "in [-1, 1]" in err
+    assert cli.main([*argv, "--emergence-threshold", "-0.9"]) == 0

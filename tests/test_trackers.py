@@ -453,3 +453,49 @@ def test_clearml_offline_holds_the_law(tmp_path, monkeypatch):
     assert [e["iter"] for e in plots] == STEPS
     images = [e for e in events if e["type"] == "training_debug_image"]
     assert [(e["metric"], e["iter"]) for e in images] == [("lawwatch/report", 4)]
+
+
+def test_a_raw_loop_names_its_wandb_step_and_the_law_shares_the_loss_axis(offline_wandb):
+    """A script's loss logged against its own step key: lawwatch's rows carry that key, and
+    W&B's lawwatch charts use it as their x-axis (defined step metric), so both line up."""
+    import torch
+    import wandb
+
+    from lawwatch import LawWatch
+    from tests.helpers.wandb_offline import finish_run, history_rows, inspect_run
+
+    wandb.init(project="lawwatch-tests", dir=str(offline_wandb))
+    wandb.define_metric("train/step")
+    wandb.define_metric("loss", step_metric="train/step")
+    model = tiny_gpt2(0)
+    watch = LawWatch(
+        model, ragged_probe(), trackers=["wandb"], every=2, max_overhead=None, step_key="train/step"
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for step in range(1, 5):
+        loss = model(torch.arange(1, 9)[None], labels=torch.arange(1, 9)[None]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        wandb.log({"train/step": step, "loss": loss.item()})
+        watch.maybe_snapshot(step)
+    watch.close()
+    records = inspect_run(finish_run())
+    rows = history_rows(records)
+    law = [r for r in rows if "lawwatch/rho" in r]
+    assert [r["train/step"] for r in law] == watch.history.steps == [1, 2, 4]
+    assert all(r["lawwatch/step"] == r["train/step"] for r in law)
+    assert not any("train/global_step" in r for r in rows)  # the Trainer's key is not invented
+    # W&B was told the axis: lawwatch/* against train/step, as the script's loss
+    defined = [r["metric"] for r in records if r["type"] == "metric"]
+    axis = {m.get("glob_name") or m["name"]: m.get("step_metric") for m in defined}
+    assert axis["lawwatch/*"] == axis["loss"] == "train/step"
+
+
+def test_step_key_is_refused_when_not_a_name(gpt2, probe):
+    from lawwatch import LawWatch
+
+    with pytest.raises(TypeError, match="step_key is the name of your loop's step"):
+        LawWatch(gpt2, probe, step_key="")
+    with pytest.raises(TypeError, match="step_key is the name of your loop's step"):
+        LawWatchCallback(probe, step_key=3)

@@ -86,7 +86,9 @@ def test_two_callbacks_never_share_one_history(tmp_path, caplog):
     third = LawWatchCallback(
         ragged_probe(seed=1), max_overhead=None, every=2, directory=tmp_path / "second"
     )
-    make_trainer(tmp_path / "two", [LawWatchCallback(ragged_probe()), third], max_steps=2).train()
+    # max_overhead=None: the budget would leave step 1 to time training steps
+    own = LawWatchCallback(ragged_probe(), max_overhead=None)
+    make_trainer(tmp_path / "two", [own, third], max_steps=2).train()
     assert read_history(tmp_path / "two" / "lawwatch").steps == [0, 1, 2]
     assert read_history(tmp_path / "second").steps == [0, 1, 2]
 
@@ -134,3 +136,58 @@ def test_a_kill_right_after_a_checkpoint_loses_no_background_snapshot(tmp_path):
     resumed = run("resume")
     assert resumed.returncode == 0, resumed.stderr
     assert read_history(tmp_path / "lawwatch").steps == [0, 1, 2, 4, 8, 12]
+
+
+def test_the_budget_is_decided_once_and_kept_in_the_checkpoints(tmp_path):
+    """README's first quickstart pairs every=20 with save_steps=20: step 20 is checkpointed, so
+    it is measured whatever the budget decides (analyze's checkpoint-20 has its live record);
+    the decision is kept in each checkpoint's Trainer state, so a run resumed from
+    checkpoint-20 measures the steps the first pass measured, whatever its own timings."""
+    import json
+
+    from lawwatch.watch.schedule import Schedule
+
+    first = LawWatchCallback(ragged_probe(), every=4)  # the default budget, max_overhead=0.1
+    make_trainer(tmp_path / "out", [first], max_steps=40, save_steps=20).train()
+    steps = read_history(tmp_path / "out" / "lawwatch").steps
+    assert {0, 20, 40} <= set(steps)  # the start, a checkpoint, the final step
+    decided = first.monitor.schedule_state()
+    assert decided["origin"] == 0 and decided["decided_at"] == 3 and decided["gap"] >= 1
+    kept = json.loads((tmp_path / "out" / "checkpoint-20" / "trainer_state.json").read_text())
+    assert kept["stateful_callbacks"]["lawwatch"]["schedule"] == decided
+    # scheduled steps between the checkpoints: exactly the decided chain's (no clock race)
+    expected, last = [], 0
+    for s in Schedule(4).steps(39)[1:]:  # the greedy chain from step 0, measured from step 3
+        if s >= last + decided["gap"]:
+            last = s
+            expected += [s] if s >= 3 else []
+    assert steps == sorted({0, *expected, 20, 40})
+
+    resumed = LawWatchCallback(ragged_probe(), every=4)
+    trainer = make_trainer(tmp_path / "out", [resumed], max_steps=40, save_steps=20)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-20"))
+    assert resumed.monitor.schedule_state() == decided
+    assert read_history(tmp_path / "out" / "lawwatch").steps == steps
+
+
+def test_an_epoch_checkpoint_on_the_schedule_is_measured_whatever_the_budget(tmp_path):
+    """save_strategy="epoch": the Trainer decides to save at the epoch's end, after the step's
+    own callbacks; that step is measured there if scheduled (max_overhead=1e-3 would skip it)."""
+    from transformers import Trainer, TrainingArguments
+
+    from tests.helpers.trainer import Tokens
+
+    callback = LawWatchCallback(ragged_probe(), every=8, max_overhead=1e-3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        save_strategy="epoch",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+    assert (tmp_path / "checkpoint-8").is_dir()
+    assert callback.monitor.schedule_state()["gap"] > 16  # the budget alone: 0 and 16
+    assert read_history(tmp_path / "lawwatch").steps == [0, 8, 16]

@@ -7,14 +7,18 @@ it, and route keyword overrides to it or to MeasureConfig by name.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
+import torch
 
-from lawwatch import LawWatch, MeasureConfig, WatchConfig
+from lawwatch import LawWatch, MeasureConfig, ProbeSet, WatchConfig
 from lawwatch.config import field_docs
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD
 from lawwatch.watch.config import DEFAULT_MAX_OVERHEAD, build_configs
 from lawwatch.watch.schedule import Schedule, planned
+from tests.helpers.models import VOCAB, ragged_probe, tiny_gpt2
 from tests.helpers.recipes import recipe_common
 
 
@@ -191,3 +195,123 @@ def test_every_entry_point_refuses_bad_settings_when_built(gpt2, probe, settings
         LawWatch(gpt2, probe, **settings)
     with pytest.raises(error, match=match):
         AcceleratorWatch(Accelerator(cpu=True), gpt2, probe, **settings)
+
+
+class _NoHead(torch.nn.Module):
+    """Blocks and a final norm, and no head the logit lens could read through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(4))
+        self.final_norm = torch.nn.LayerNorm(16)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.final_norm(x)
+
+
+def _head(rows: int, width: int):
+    """A tiny GPT-2 whose head has the wrong shape."""
+    model = tiny_gpt2(0)
+    model.lm_head = torch.nn.Linear(width, rows, bias=False)
+    return model
+
+
+_WIDTH = tiny_gpt2(0).config.n_embd
+# (model, probe, options, error message): settings that fail at every snapshot, so that a
+# monitor built with them would log an error per snapshot while training runs unmeasured
+MODEL_REFUSALS = {
+    "lens head not a module": (
+        tiny_gpt2,
+        ragged_probe,
+        {"lens": 1.0, "lens_head": "nope"},
+        "lens_head='nope' is not a module of GPT2LMHeadModel",
+    ),
+    "lens with no head": (
+        _NoHead,
+        ragged_probe,
+        {"lens": 1.0, "blocks": "blocks", "final_norm": "final_norm"},
+        "The logit lens needs the unembedding of _NoHead, and lawwatch found none",
+    ),
+    "lens head of the wrong width": (
+        lambda: _head(VOCAB, _WIDTH + 3),
+        ragged_probe,
+        {"lens": 1.0},
+        rf"shape \({VOCAB}, {_WIDTH + 3}\), which does not read a hidden state of width {_WIDTH}",
+    ),
+    "lens head of too few tokens": (
+        lambda: _head(VOCAB - 40, _WIDTH),
+        ragged_probe,
+        {"lens": 1.0},
+        rf"scores {VOCAB - 40} tokens, but the probe holds token id",
+    ),
+}
+# settings refused without the model: the callback refuses them where it is built
+OPTION_REFUSALS = {
+    "stats_device cuda:99": (
+        tiny_gpt2,
+        ragged_probe,
+        {"stats_device": "cuda:99"},
+        r"stats_device='cuda:99', but this process has",
+    ),
+    "targets of one value": (
+        tiny_gpt2,
+        lambda: ProbeSet.from_tokens([[7] * 40, [7] * 30]),
+        {},
+        r"targets take a single distinct value \(token id 7 at offset=1\)",
+    ),
+}
+if not torch.cuda.is_available():
+    OPTION_REFUSALS["stats_device cuda without CUDA"] = (
+        tiny_gpt2,
+        ragged_probe,
+        {"stats_device": "cuda"},
+        r"stats_device='cuda', but this process has no CUDA device",
+    )
+
+
+@pytest.mark.parametrize("case", [*MODEL_REFUSALS, *OPTION_REFUSALS])
+def test_monitors_refuse_what_would_fail_every_snapshot_when_built(case):
+    """LawWatch and AcceleratorWatch refuse, as measure() does, before any snapshot."""
+    from accelerate import Accelerator
+
+    from lawwatch import measure
+    from lawwatch.integrations.accelerate import AcceleratorWatch
+
+    make, probe, options, match = {**MODEL_REFUSALS, **OPTION_REFUSALS}[case]
+    with pytest.raises(ValueError, match=match):
+        measure(make(), probe(), **options)
+    with pytest.raises(ValueError, match=match):
+        LawWatch(make(), probe(), **options)
+    with pytest.raises(ValueError, match=match):
+        AcceleratorWatch(Accelerator(cpu=True), make(), probe(), **options)
+
+
+@pytest.mark.parametrize("case", list(OPTION_REFUSALS))
+def test_the_callback_refuses_settings_it_can_check_without_the_model_when_built(case):
+    from lawwatch.integrations.hf import LawWatchCallback
+
+    _, probe, options, match = OPTION_REFUSALS[case]
+    with pytest.raises(ValueError, match=match):
+        LawWatchCallback(probe(), **options)
+
+
+def test_the_callback_says_a_refusal_at_train_begin_in_one_line(tmp_path, caplog):
+    """The model's settings are checked when the Trainer hands the model over: one ERROR line
+    naming the reason (no traceback), no error per snapshot, and training completes."""
+    from lawwatch.integrations.hf import LawWatchCallback
+    from tests.helpers.trainer import make_trainer
+
+    callback = LawWatchCallback(ragged_probe(), lens=1.0, lens_head="nope", every=1)
+    trainer = make_trainer(tmp_path, [callback], max_steps=3)
+    with caplog.at_level(logging.ERROR, logger="lawwatch"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    (record,) = [r for r in caplog.records if r.name == "lawwatch"]
+    assert record.getMessage().startswith("lawwatch: this training is not measured: ")
+    assert "lens_head='nope' is not a module of GPT2LMHeadModel" in record.getMessage()
+    assert record.exc_info is None and callback.monitor is None
+    assert not (tmp_path / "lawwatch" / "history.jsonl").exists()

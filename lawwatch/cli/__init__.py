@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["build_parser", "fail", "main"]
+__all__ = ["build_parser", "fail", "main", "pearson_r"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,3 +41,23 @@ def fail(command: str, error: BaseException) -> int:
     """Say why ``lawwatch <command>`` refused its arguments; the exit code for bad arguments."""
     print(f"lawwatch {command}: {error}", file=sys.stderr)
     return 2
+
+
+def pearson_r(text: str) -> float:
+    """An ``--emergence-threshold``: a finite Pearson r in [-1, 1] (argparse's ``type``).
+
+    Raises:
+        argparse.ArgumentTypeError: Not a number, not finite, or outside [-1, 1].
+    """
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Pearson r: give a number in [-1, 1], e.g. -0.95 (the default: "
+            "r at or below it counts as the law having emerged)"
+        )
+    return value

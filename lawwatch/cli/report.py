@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import Any
 
-from lawwatch.cli import fail
+from lawwatch.cli import fail, pearson_r
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -46,7 +46,13 @@ def add(commands: Any) -> None:
         help=f"figure formats among {','.join(FORMATS)} (default: all)",
     )
     report.add_argument("--title", default="The law of equi-learning")
-    report.add_argument("--emergence-threshold", type=float, default=DEFAULT_EMERGENCE_THRESHOLD)
+    report.add_argument(
+        "--emergence-threshold",
+        type=pearson_r,
+        default=DEFAULT_EMERGENCE_THRESHOLD,
+        help=f"Pearson r in [-1, 1] at or below which the law counts as emerged (default "
+        f"{DEFAULT_EMERGENCE_THRESHOLD})",
+    )
     report.set_defaults(run=run)
 
 

@@ -6,9 +6,10 @@ and training goes on), and what it was given is checked where the user builds it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lawwatch.probe import ProbeSet
@@ -23,10 +24,30 @@ def never_raises(event: Callable[..., None]) -> Callable[..., None]:
     def guarded(self: Any, *args: Any, **kwargs: Any) -> None:
         try:
             event(self, *args, **kwargs)
-        except Exception:
-            log.exception("lawwatch: %s failed; training goes on", event.__name__)
+        except Exception as error:  # the reason in the line itself, the traceback below it
+            log.exception(
+                "lawwatch: %s failed, training goes on: %s: %s",
+                event.__name__,
+                type(error).__name__,
+                error,
+            )
 
     return guarded
+
+
+@contextlib.contextmanager
+def refused(what: str) -> Iterator[None]:
+    """A monitor refused when built inside the framework: one ERROR line with the reason.
+
+    The settings the model decides (a lens head, the blocks) can only be checked once the
+    framework hands the model over; their refusal (``ValueError``, ``TypeError``,
+    ``LookupError``: a message naming the setting and its fix) is said in the log line itself,
+    without a traceback, and training goes on. Anything else propagates.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, LookupError) as error:
+        log.error("lawwatch: %s: %s", what, error)
 
 
 def checked_probe(probe: Any) -> ProbeSet:

@@ -16,7 +16,13 @@ from transformers import TrainerCallback
 
 from lawwatch.alerts import Alerts
 from lawwatch.config import MeasureConfig
-from lawwatch.integrations.framework import checked_probe, monitor_attribute, never_raises
+from lawwatch.integrations.framework import (
+    checked_probe,
+    monitor_attribute,
+    never_raises,
+    refused,
+)
+from lawwatch.measurement import check_options
 from lawwatch.output.layout import run_directory
 from lawwatch.output.run import Outputs
 from lawwatch.output.sinks import Sink
@@ -59,7 +65,10 @@ class LawWatchCallback(TrainerCallback):
     Raises:
         TypeError: An unknown option, a probe not a :class:`~lawwatch.ProbeSet`, ``sinks``
             not sinks, or ``alerts`` neither a bool nor an ``Alerts``.
-        ValueError: An invalid option value, or an empty probe.
+        ValueError: An invalid option value, an empty probe, targets of a single value, or a
+            ``stats_device`` this process lacks. What needs the model (the lens's head, the
+            blocks, the probe against the model) is checked at train begin: a refusal there is
+            one ERROR line with its reason, and training goes on unmeasured.
 
     Attributes:
         monitor: The :class:`~lawwatch.LawWatch` of the current ``train()`` call.
@@ -80,6 +89,7 @@ class LawWatchCallback(TrainerCallback):
         # bad settings fail here, where the user builds the callback, not mid-training
         self.probe, self.dvclive_live = checked_probe(probe), dvclive_live
         self.config, self.watch = build_configs(config, watch, **options)
+        check_options(self.probe, self.config)  # what needs no model; the rest at train begin
         self.outputs = Outputs(directory, sinks=sinks, alerts=Alerts.of(alerts), strict=False)
         self._built = time.time()  # event files written since are of this callback's trainings
         self.monitor: LawWatch | None = None
@@ -109,7 +119,14 @@ class LawWatchCallback(TrainerCallback):
             run=run,
             resume_step=start if start > 0 else None,
         )
-        self.monitor = LawWatch(kwargs["model"], self.probe, self.config, watch, outputs=outputs)
+        with refused("this training is not measured"):  # the reason, in one line
+            self.monitor = LawWatch(
+                kwargs["model"], self.probe, self.config, watch, outputs=outputs
+            )
+        if self.monitor is None:
+            return
+        if start > 0:  # the budget's decision, as the checkpoint's Trainer state kept it
+            self.monitor.load_schedule(_kept(state).get("schedule"))
         self._measure(0)
 
     @never_raises
@@ -117,14 +134,20 @@ class LawWatchCallback(TrainerCallback):
         """Measure when the schedule says so (on every process); the last step is the final one."""
         if self.monitor is None:
             return
-        self.monitor.maybe_snapshot(state.global_step)
+        # a checkpoint is written after this step: measured if scheduled, whatever the budget
+        self.monitor.maybe_snapshot(state.global_step, checkpoint=bool(control.should_save))
+        plan = self.monitor.schedule_state()
+        if plan is not None:  # in the Trainer state of every checkpoint written from now on
+            _kept(state)["schedule"] = plan
         self._before_checkpoint(control)
         if 0 < state.max_steps <= state.global_step or control.should_training_stop:
             self._finish(state)
 
     @never_raises
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """An epoch's checkpoint comes next: its records first."""
+        """An epoch's checkpoint comes next: its step measured if scheduled, records first."""
+        if self.monitor is not None and control.should_save:  # decided at the epoch's end
+            self.monitor.maybe_snapshot(state.global_step, checkpoint=True)
         self._before_checkpoint(control)
 
     @never_raises
@@ -162,3 +185,20 @@ class LawWatchCallback(TrainerCallback):
         last = self.monitor.last_step
         if last is None or step > last:
             self.monitor.snapshot(step)
+
+
+_STATE_KEY = "lawwatch"
+"""The key of what the callback keeps in ``TrainerState.stateful_callbacks`` (no class's name,
+so ``restore_callback_states_from_checkpoint`` never rebuilds a callback from it)."""
+
+
+def _kept(state: Any) -> dict[str, Any]:
+    """What the callback keeps in the Trainer state.
+
+    Saved in each checkpoint's ``trainer_state.json``, loaded on every process on resume.
+    """
+    kept = getattr(state, "stateful_callbacks", None)
+    if not isinstance(kept, dict):
+        return {}
+    value = kept.setdefault(_STATE_KEY, {})
+    return value if isinstance(value, dict) else {}

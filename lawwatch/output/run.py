@@ -94,6 +94,7 @@ class RunOutputs:
         console: Whether to print one line per record (:class:`ConsoleSink`).
         emergence_threshold: r at or below which the law counts as emerged (alerts, W&B's
             summary, the figure).
+        step_key: The training step's key in the trackers' rows (``WatchConfig.step_key``).
 
     Attributes:
         local: The :class:`~lawwatch.output.store.LocalHistory`, or None.
@@ -111,8 +112,9 @@ class RunOutputs:
         probe: ProbeSet,
         console: bool,
         emergence_threshold: float,
+        step_key: str | None = None,
     ) -> None:
-        self.spec, self.threshold = spec, emergence_threshold
+        self.spec, self.threshold, self.step_key = spec, emergence_threshold, step_key
         self.local: LocalHistory | None = None
         self.trackers: dict[str, Sink] = {}
         self.sinks = Sinks()
@@ -120,6 +122,7 @@ class RunOutputs:
         self._alerts: AlertSink | None = None
         self._fresh = True  # nothing restored: the first record replaces what sinks hold
         self._finished = self._closed = False
+        self.main = main
         if main:
             self._open(identity, probe, console)
 
@@ -138,7 +141,7 @@ class RunOutputs:
         run = spec.run or TrainerRun(
             logging_dir=None if directory is None else directory / "tensorboard"
         )
-        run = replace(run, emergence_threshold=self.threshold)
+        run = replace(run, emergence_threshold=self.threshold, step_key=self.step_key)
         try:
             self.trackers = open_trackers(spec.trackers, run, strict=spec.strict)
         except BaseException:
@@ -194,6 +197,20 @@ class RunOutputs:
                 history=history.records,
             )
             self.sinks.sinks[self.sinks.sinks.index(self._alerts)] = self._alerts = primed
+
+    def announce(self, text: str) -> None:
+        """Say ``text`` once for the run, on the main process (nothing elsewhere).
+
+        Printed by the console, cleanly around a progress bar; without the console, a WARNING
+        on the ``"lawwatch"`` logger.
+        """
+        if not self.main:
+            return
+        consoles = [sink for sink in self.sinks.sinks if isinstance(sink, ConsoleSink)]
+        if consoles:
+            consoles[0].say(text)
+        else:
+            log.warning("%s", text)
 
     def write(self, snapshot: Snapshot, *, threads: bool | None = None) -> None:
         """Write one record to the sinks (``threads``: see :meth:`Sinks.write`).

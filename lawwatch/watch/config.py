@@ -73,17 +73,21 @@ class WatchConfig(Options):
     """Pearson r (of log10 PR against depth) at or below which the law counts as emerged: the
     emergence step, the alerts, the plot's line and the trackers' summary use it."""
     max_overhead: float | None = DEFAULT_MAX_OVERHEAD
-    """A budget for the monitor's share of training time: after each snapshot, scheduled steps
-    are skipped until the training time since then is at least ``snapshot time /
-    max_overhead``. The default, 10%, leaves ``every``'s periodic snapshots of a long run alone
-    whenever a snapshot costs less than a tenth of ``every`` training steps (a small model on a
-    CPU measures a few steps' worth; see BENCHMARKS.md), and thins the log-spaced start and
-    short runs, where snapshots would otherwise double the run. The first skip is a WARNING on
-    the ``"lawwatch"`` logger (the budget, the snapshot's cost, how to change it); later ones
-    are DEBUG. Snapshot and step times are the largest over the processes (one 2-element
-    all-reduce per snapshot), so every process skips the same steps. With ``background`` the
-    snapshot time is what training waited for (the forwards and the collectives). Step 0 and
-    the final step are measured in any case. None: no budget (every scheduled step)."""
+    """A budget for the monitor's share of training time, decided once
+    (:class:`~lawwatch.watch.schedule.Budget`): the first snapshot's time ``S`` and the next 3
+    training steps' time ``T`` (the largest over the processes: one 2-element all-reduce) give
+    a gap ``g = ceil(S / (max_overhead · T))``; from the 3rd timed step on, the scheduled steps
+    measured are those at least ``g`` apart, counted from the first snapshot's step (the 3
+    timed steps are not measured). The decision is said once on the main process (the console
+    line, else a WARNING on the ``"lawwatch"`` logger) and kept in :meth:`LawWatch.state_dict
+    <lawwatch.watch.monitor.LawWatch.state_dict>` (the Trainer callback: in each checkpoint's
+    Trainer state), so a resumed run measures the steps its first pass measured. What a run
+    pays: the budgeted snapshots, at most ``max_overhead`` of training time, plus the first
+    snapshot and the final step's (measured in any case), plus each checkpointed scheduled
+    step the budget would skip (``maybe_snapshot(step, checkpoint=True)``; the callback passes
+    the Trainer's saves): a run shorter than ``2·S / (max_overhead · T)`` steps pays more
+    than ``max_overhead``. With ``background`` ``S`` is what training waited for (the
+    forwards and the collectives). None: no budget (every scheduled step)."""
     background: bool = False
     """Run the solve, the law's fit and the writing of the thread-safe sinks (the local
     history) on one worker thread, so training waits only for the probe's forwards and the
@@ -107,8 +111,20 @@ class WatchConfig(Options):
     0.006, rho = 0.71, 1.4 s``; :class:`~lawwatch.output.console.ConsoleSink`), through
     ``tqdm.write`` while a progress bar is open. False: no line (trackers and files only)."""
 
+    step_key: str | None = None
+    """The key of the training step in lawwatch's tracker rows, the x-axis of its charts (W&B:
+    the ``step_metric`` of ``lawwatch/*``). A raw loop that logs its loss to W&B with its own
+    step key (``wandb.log({"train/step": step, "loss": loss})``) names it here, so lawwatch's
+    curves and the loss share one axis. None: ``train/global_step`` (the Trainer's, which the
+    callback follows). W&B can say no run's defined step metric, so it is not guessed."""
+
     def __post_init__(self) -> None:
         check_every(self.every)
+        if self.step_key is not None and (not isinstance(self.step_key, str) or not self.step_key):
+            raise TypeError(
+                f"step_key is the name of your loop's step in the tracker rows (e.g. "
+                f"'train/step'), or None, got {self.step_key!r}."
+            )
         if self.schedule is not None and not callable(self.schedule):
             object.__setattr__(self, "schedule", _steps(self.schedule))
         if self.last_step is not None and (not _is_step(self.last_step) or self.last_step < 0):

@@ -118,7 +118,8 @@ def warn_unformed(accelerator: Any | None = None) -> bool:
                 "An Accelerator forms the group when it is created inside the launched "
                 "processes (accelerate launch, torchrun) and, on a machine without GPUs, only "
                 "when asked for the CPU: launch with ACCELERATE_USE_CPU=1 (`ACCELERATE_USE_CPU=1 "
-                "accelerate launch --multi_gpu --num_processes 2 train.py`) or create it as "
+                "accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train.py`, "
+                "the 2-process CPU launch lawwatch ships, see docs/scale.md) or create it as "
                 "Accelerator(cpu=True)."
             )
         else:

@@ -161,7 +161,8 @@ class LawWatch:
         self._probe_key = int(self._probe_hash[:12], 16)
         self._precision: str | None = None  # of the latest forward
         self._clock: Callable[[], float] = time.perf_counter
-        self._budget = Budget(self.watch.max_overhead, self.watch.last_step)
+        self._budget = Budget(self.watch.max_overhead, self.schedule)
+        self._seen: int | None = None  # the latest step maybe_snapshot was called with
         self._worker = Worker(self.watch.background_lag)
         self._said_empty = False  # a run that measured nothing says so once, at close
         self._arrivals = Arrivals()  # every rank checks in before a snapshot's collectives
@@ -176,6 +177,7 @@ class LawWatch:
             probe=probe,
             console=self.watch.console,
             emergence_threshold=self.watch.emergence_threshold,
+            step_key=self.watch.step_key,
         )
         if outputs.resume_step is not None:  # the directory's records are the history
             # the same last step on every process (only the main one has the records), so
@@ -205,17 +207,23 @@ class LawWatch:
 
     # -- when ---------------------------------------------------------------------------------
 
-    def should_snapshot(self, step: int) -> bool:
+    def should_snapshot(self, step: int, *, checkpoint: bool = False) -> bool:
         """Whether ``step`` is due and not already attempted.
 
-        Decided from the step (and, with ``max_overhead``, from times agreed on by every rank),
-        identically on every rank, so all ranks enter a snapshot together (a rank entering
-        alone would wait in its collectives forever).
+        A scheduled step is due when the overhead budget measures it (see
+        :class:`~lawwatch.watch.schedule.Budget`), or when it is the final step
+        (``last_step``) or ``checkpoint`` (a checkpoint is written at it), whatever the budget.
+        Decided from the step and the budget's decision (taken once, from times agreed on by
+        every rank), identically on every rank, so all ranks enter a snapshot together (a rank
+        entering alone would wait in its collectives forever).
         """
-        due = (self.last_step is None or step > self.last_step) and self.schedule(step)
-        return due and self._budget.allows(step, self.last_step)
+        if not ((self.last_step is None or step > self.last_step) and self.schedule(step)):
+            return False
+        if checkpoint or step == self.watch.last_step:
+            return True
+        return self._budget.allows(step)
 
-    def maybe_snapshot(self, step: int) -> Snapshot | None:
+    def maybe_snapshot(self, step: int, *, checkpoint: bool = False) -> Snapshot | None:
         """Snapshot if ``step`` is on the schedule; see :meth:`snapshot` for what is returned.
 
         The first call of a monitor that loaded no state measures whatever the schedule and the
@@ -224,13 +232,26 @@ class LawWatch:
         Trainer callback measures step 0. Decided from the calls, so alike on every rank.
 
         Background results due at ``step`` are recorded first. With ``max_overhead``, the time
-        between calls measures a training step (the time of a snapshot itself excluded).
+        between calls measures a training step (the time of a snapshot itself excluded), until
+        the budget is decided (announced once, on the main process).
+
+        Args:
+            step: The training step (the same on every process).
+            checkpoint: The loop writes a checkpoint at this step: a scheduled step is then
+                measured whatever the budget says, so the checkpoint has its live record
+                (``lawwatch analyze`` compares them). The Trainer callback passes it.
         """
+        self._seen = step if self._seen is None else max(self._seen, step)
         self._budget.called(step, self._clock())
         if self._worker.pending:
             self._collect(step)
+        if self._budget.ready():  # once, at the same step on every process
+            said = self._budget.decide(step, layout(self.accelerator))
+            if said is not None:
+                self.outputs.announce(said)
         first = self.last_step is None and not self._loaded and step >= 0
-        result = self.snapshot(step) if first or self.should_snapshot(step) else None
+        due = first or self.should_snapshot(step, checkpoint=checkpoint)
+        result = self.snapshot(step) if due else None
         self._budget.returned(step, self._clock())
         return result
 
@@ -267,7 +288,9 @@ class LawWatch:
         try:
             return self._snapshot(step, where)
         finally:
-            self._budget.spent(step, self._clock() - began, where)
+            now = self._clock()
+            self._budget.spent(step, now - began)
+            self._budget.returned(step, now)
 
     def _snapshot(self, step: int, where: Layout) -> Snapshot | None:
         start = time.perf_counter()
@@ -414,8 +437,20 @@ class LawWatch:
         """First step from which r stays at or below the threshold."""
         return self.history.emergence_step(self.watch.emergence_threshold)
 
+    def schedule_state(self) -> dict[str, Any] | None:
+        """The overhead budget's decision (plain values; None before the first snapshot).
+
+        Part of :meth:`state_dict`; apart, for a framework that keeps it in its own state (the
+        Trainer callback, in the Trainer's checkpoints).
+        """
+        return self._budget.state_dict()
+
+    def load_schedule(self, state: dict[str, Any] | None) -> None:
+        """Restore the budget's decision alone (:meth:`schedule_state`), e.g. after a resume."""
+        self._budget.load_state_dict(state)
+
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the snapshot records and the last step attempted.
+        """What a resumed run needs: the records, the last step attempted, the budget's decision.
 
         Plain Python values only (dicts, lists, strings, numbers, None), so a raw loop keeps it
         in its checkpoint and reads it back with ``torch.load(path, weights_only=True)``::
@@ -428,7 +463,11 @@ class LawWatch:
         holds every snapshot attempted.
         """
         self.flush()
-        return {"history": [dict(r) for r in self.history], "last_step": self.last_step}
+        state = {"history": [dict(r) for r in self.history], "last_step": self.last_step}
+        decided = self.schedule_state()
+        if decided is not None:  # the overhead budget's decision, once there is one
+            state["schedule"] = decided
+        return state
 
     def load_state_dict(self, state: dict[str, Any], *, resume_step: int | None = None) -> None:
         """Restore the history, dropping records after ``resume_step`` (they will be redone).
@@ -439,7 +478,8 @@ class LawWatch:
         :class:`~lawwatch.output.store.LocalHistory`) drop what the run wrote after the restored
         point, so the resumed run continues one sequence of steps. A history measured
         with another probe, other options or at another precision is not continued: a new
-        series starts (with a warning).
+        series starts (with a warning). The overhead budget's decision (``schedule``) is
+        restored with it, so the resumed run measures the steps the first pass measured.
         """
         history = History(state.get("history", []))
         if history.records:
@@ -449,6 +489,7 @@ class LawWatch:
             history.drop_after(resume_step)
             last = resume_step if last is None else min(last, resume_step)
         self.history, self.last_step = history, last
+        self._budget.load_state_dict(state.get("schedule"))
         self._loaded = True
         if last is not None and layout(self.accelerator).rank == 0:
             self.outputs.resume(history, last)
@@ -479,11 +520,37 @@ class LawWatch:
         the monitor is closed (the Trainer's callbacks, in ``on_train_end``). With
         ``background`` on several processes, call it on every process.
 
+        A loop that never said its final step (no ``last_step``) has the latest step it called
+        :meth:`maybe_snapshot` with measured here, if not yet attempted (see :meth:`close`).
+
         Returns:
             The ``law.png`` written (main process), or None.
         """
+        self._measure_last()
         self.flush()
         return self.outputs.finish()
+
+    def _measure_last(self) -> None:
+        """Measure the latest step seen, if not attempted: a run's history ends where it did.
+
+        On one process only: on several, a snapshot is collective and ``close`` may be called
+        on the main process alone, so the step is named in a warning instead (``last_step``
+        measures it during training).
+        """
+        seen = self._seen
+        if seen is None or (self.last_step is not None and seen <= self.last_step):
+            return
+        if layout(self.accelerator).world > 1:
+            if layout(self.accelerator).rank == 0:
+                log.warning(
+                    "lawwatch: the last step called, %d, was not measured: on several processes "
+                    "the end of training is measured only at last_step (pass last_step=%d).",
+                    seen,
+                    seen,
+                )
+            self._seen = self.last_step  # said once
+            return
+        self.snapshot(seen)
 
     def close(self) -> None:
         """End of training: record every pending result, end the worker, close the sinks.
@@ -492,8 +559,20 @@ class LawWatch:
         history files to the trackers (:meth:`finish`, if not done yet). With ``background`` on
         several processes, call it on every process (the pending PRs are gathered). No thread
         of lawwatch's outlives it.
+
+        On one process, the latest step :meth:`maybe_snapshot` was called with is measured
+        first if it was not attempted (a loop without ``last_step`` still ends its history at
+        its final step); on several, only ``last_step`` is (a warning names the step).
         """
+        self._close(final=True)
+
+    def _close(self, *, final: bool) -> None:
         _UNCLOSED.discard(self)
+        if final:
+            try:
+                self._measure_last()
+            except Exception:  # the end of training is never stopped by the monitor
+                log.exception("lawwatch: the last step could not be measured")
         try:
             try:
                 self.flush()
@@ -546,7 +625,7 @@ class LawWatch:
             "steps %s at exit. Call close() at the end of training.",
             steps,
         )
-        self.close()
+        self._close(final=False)  # no new forward at interpreter exit
 
 
 # background monitors with results pending and no close() yet (weakly held: a monitor that is

@@ -379,3 +379,25 @@ def plain_layernorm_copy(model: nn.Module) -> nn.Module:
                 norm.load_state_dict(child.state_dict())
                 setattr(parent, name, norm.to(child.weight.dtype))
     return plain
+
+
+UNSOLVABLE_SPLIT = 0.3
+"""The ``split`` to measure :func:`unsolvable_probe` with."""
+
+
+def unsolvable_probe(rows: int = 8, length: int = 40, seed: int = 0) -> ProbeSet:
+    """A probe every check accepts and every solve refuses, at ``split=UNSOLVABLE_SPLIT``.
+
+    The sequences the split holds out (``frac(i·0.618…) < split``) repeat one token, the
+    others are random: the targets vary over the whole probe (so the monitor is built), but
+    the held-out part's take a single value, so each snapshot's out-of-sample solve fails.
+    """
+    from lawwatch.stats.partition import GOLDEN
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = []
+    for i in range(rows):
+        held_out = (i * GOLDEN) % 1.0 < UNSOLVABLE_SPLIT
+        row = [7] * length if held_out else torch.randint(1, VOCAB, (length,), generator=gen)
+        tokens.append([int(t) for t in row])
+    return ProbeSet.from_tokens(tokens)

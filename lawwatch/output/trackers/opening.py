@@ -61,6 +61,8 @@ class TrainerRun:
         logging_dir: TensorBoard's directory for a loop without a Trainer (a raw loop's
             ``<directory>/tensorboard``); None: the Trainer's, or ``runs/<time>_<host>``.
         emergence_threshold: r at or below which the law counts as emerged (W&B's summary).
+        step_key: The training step's key in the rows (W&B's x-axis of the lawwatch charts);
+            None: the Trainer's ``train/global_step`` (``WatchConfig.step_key``).
     """
 
     args: Any = None
@@ -68,6 +70,7 @@ class TrainerRun:
     dvclive_live: Any = None
     logging_dir: Path | None = None
     emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD
+    step_key: str | None = None
 
     def tensorboard_dir(self) -> Path:
         """The Trainer's TensorBoard directory, where lawwatch's own writer writes too.

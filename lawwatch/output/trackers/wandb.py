@@ -65,7 +65,11 @@ class WandbSink(Tracker):
 
         if wandb.run is None:
             raise LookupError("no W&B run is active: call wandb.init(project=...) before training")
-        return cls(wandb.run, emergence_threshold=run.emergence_threshold)
+        return cls(
+            wandb.run,
+            emergence_threshold=run.emergence_threshold,
+            step_metric=run.step_key or STEP_KEY,
+        )
 
     @classmethod
     def on_accelerate(cls, tracker: Any, run: TrainerRun) -> WandbSink:
