@@ -18,7 +18,8 @@ from lawwatch.capture import Capture, evaluating
 from lawwatch.measurement import accumulate
 from lawwatch.norms import NormSpec
 from lawwatch.probe import example_mask, example_targets
-from lawwatch.stats.residual import BatchUpdate, ResidualStats
+from lawwatch.stats.residual import ResidualStats
+from lawwatch.stats.update import BatchUpdate
 from tests.helpers.kept import kept_features
 from tests.helpers.models import FAMILIES, NanoGPT, build, ragged_probe
 from tests.helpers.reference import ols_pr

@@ -337,7 +337,7 @@ def test_bad_options_named():
 )
 def test_gram_in_several_panels_equals_numpy(options):
     """d = 450: three panels of the upper-triangular Gram (192, 192, 66 rows), mirrored."""
-    from lawwatch.stats.residual import gram_panel
+    from lawwatch.stats.update import gram_panel
 
     d = 450
     assert -(-d // gram_panel(d)) == 3

@@ -22,7 +22,7 @@ all groups (the *totals*, from which the headline values are solved: the same, t
 whatever the number of groups): ``(groups + 1) × (2 with split, else 1)`` times the plain
 measurement's. A batch streams one entry at a time like the plain measurement's
 (:meth:`PartitionedStats.begin`). With the jackknife the totals' update feeds the cells
-(:class:`~lawwatch.stats.residual.Cells`): the cells take their sums about the totals'
+(:class:`~lawwatch.stats.update.Cells`): the cells take their sums about the totals'
 shifts, the Gram of each sequence's rows is formed once and added to the totals and to its
 cell (sequences of fewer than ``SEQUENCE_ROWS`` examples: the cells form their own products,
 of a copy of their rows), and a leave-one-group-out measure is solved from the totals minus
@@ -38,8 +38,9 @@ from collections.abc import Callable
 import torch
 
 from lawwatch.stats.owned import Owned, place
-from lawwatch.stats.residual import BatchUpdate, Cells, ResidualStats
+from lawwatch.stats.residual import ResidualStats
 from lawwatch.stats.solver import Method
+from lawwatch.stats.update import BatchUpdate, Cells
 
 __all__ = ["GOLDEN", "PartitionedStats", "PartitionedUpdate", "jackknife_se", "sequence_cells"]
 
@@ -374,8 +375,8 @@ class PartitionedUpdate:
     """One batch being added to a :class:`PartitionedStats`, its entries in any number of calls.
 
     Made by :meth:`PartitionedStats.begin`. With the jackknife, each total (one per split
-    part) gets a :class:`~lawwatch.stats.residual.BatchUpdate` that also feeds the cells of
-    its rows (:class:`~lawwatch.stats.residual.Cells`); without, each cell present in the
+    part) gets a :class:`~lawwatch.stats.update.BatchUpdate` that also feeds the cells of
+    its rows (:class:`~lawwatch.stats.update.Cells`); without, each cell present in the
     batch gets its own. :meth:`add` hands each update a copy of its rows of the entries (the
     totals of a probe without split take the caller's tensor itself). Same contract as
     ``BatchUpdate``.
