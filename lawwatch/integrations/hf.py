@@ -93,7 +93,6 @@ class LawWatchCallback(TrainerCallback):
         self.outputs = Outputs(directory, sinks=sinks, alerts=Alerts.of(alerts), strict=False)
         self._built = time.time()  # event files written since are of this callback's trainings
         self.monitor: LawWatch | None = None
-        self._finished = False
 
     trackers = monitor_attribute("trackers", "``report_to`` name -> its sink (main process).")
     directory = monitor_attribute("directory", "Where the local files are (from train begin).")
@@ -107,7 +106,7 @@ class LawWatchCallback(TrainerCallback):
         """Open the outputs (main process), restore a resumed history, measure step 0."""
         if self.monitor is not None:  # a train() that ended without on_train_end: its files
             self.monitor.outputs.close(report=False)
-        self.monitor, self._finished, start = None, False, state.global_step
+        self.monitor, start = None, state.global_step
         watch = self.watch
         if watch.last_step is None:  # the Trainer knows the final step
             watch = watch.replace(last_step=state.max_steps or None)
@@ -127,7 +126,7 @@ class LawWatchCallback(TrainerCallback):
             return
         if start > 0:  # the budget's decision, as the checkpoint's Trainer state kept it
             self.monitor.load_schedule(_kept(state).get("schedule"))
-        self._measure(0)
+        self.monitor.measure_at(0)
 
     @never_raises
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -174,17 +173,8 @@ class LawWatchCallback(TrainerCallback):
 
     def _finish(self, state: Any) -> None:
         """Measure the final step if not yet done; the PNG and the report to the trackers."""
-        if self.monitor is None or self._finished:
-            return
-        self._finished = True
-        self._measure(state.global_step)
-        self.monitor.finish()
-
-    def _measure(self, step: int) -> None:
-        """Measure ``step`` unless already attempted (on or off the schedule)."""
-        last = self.monitor.last_step
-        if last is None or step > last:
-            self.monitor.snapshot(step)
+        if self.monitor is not None:
+            self.monitor.finish(state.global_step)
 
 
 _STATE_KEY = "lawwatch"

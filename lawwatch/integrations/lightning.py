@@ -133,7 +133,6 @@ class LightningEvents:
         self.monitor: LawWatch | None = None
         self._restored: dict[str, Any] | None = None  # a checkpoint's state, loaded at start
         self._step: int | None = None  # the latest global step seen
-        self._finished = False
 
     trackers = monitor_attribute("trackers", "Logger sink name -> its sink (main process).")
     directory = monitor_attribute("directory", "Where the local files are (from train start).")
@@ -151,7 +150,7 @@ class LightningEvents:
         Here, not at fit start: Lightning restores the global step of a checkpoint just before.
         """
         self._open(trainer, pl_module)
-        self._measure(trainer.global_step)
+        self.monitor.measure_at(trainer.global_step)
 
     @never_raises
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
@@ -213,7 +212,7 @@ class LightningEvents:
         """The monitor of this run: its outputs opened (main process), a checkpoint's history."""
         if self.monitor is not None:  # a run that ended without its end event: its files
             self.monitor.outputs.close(report=False)
-        self.monitor, self._finished = None, False
+        self.monitor = None
         start, restored, self._restored = trainer.global_step, self._restored, None
         watch = self.watch
         if watch.last_step is None:
@@ -243,17 +242,8 @@ class LightningEvents:
 
     def _finish(self, trainer: Any) -> None:
         """Measure the final step if not yet done; the PNG and the report to the loggers."""
-        if self.monitor is None or self._finished:
-            return
-        self._finished = True
-        self._measure(trainer.global_step)
-        self.monitor.finish()
-
-    def _measure(self, step: int) -> None:
-        """Measure ``step`` unless already attempted (on or off the schedule)."""
-        last = self.monitor.last_step
-        if last is None or step > last:
-            self.monitor.snapshot(step)
+        if self.monitor is not None:
+            self.monitor.finish(trainer.global_step)
 
 
 @functools.cache

@@ -511,8 +511,20 @@ class LawWatch:
         )
         return History()
 
-    def finish(self) -> Path | None:
+    def measure_at(self, step: int) -> None:
+        """Measure ``step`` unless it was already attempted, whatever the schedule and budget say.
+
+        For the steps a framework always measures (its start, its final step). On several
+        processes every one of them must call it, with the same step.
+        """
+        if self.last_step is None or step > self.last_step:
+            self.snapshot(step)
+
+    def finish(self, step: int | None = None) -> Path | None:
         """The run's end before the sinks close: pending results recorded, then the report.
+
+        ``step``: the final step, measured first unless already attempted (:meth:`measure_at`;
+        on every process).
 
         With ``directory``, the main process writes ``law.png`` there and hands it and the
         history files to the trackers (:func:`lawwatch.output.finish.finish_run`), once;
@@ -526,6 +538,8 @@ class LawWatch:
         Returns:
             The ``law.png`` written (main process), or None.
         """
+        if step is not None:
+            self.measure_at(step)
         self._measure_last()
         self.flush()
         return self.outputs.finish()
