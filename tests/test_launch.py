@@ -17,18 +17,27 @@ from lawwatch.output.layout import HISTORY_FILE
 from lawwatch.output.store import read_history
 from tests.helpers.faults import raw_steps
 from tests.helpers.workers.launch import accelerate_launch, run
+from tests.helpers.workers.stock_accelerate import STEPS
 
 CPU_2PROC = "configs/accelerate/cpu_2proc.yaml"
 STOCK = ["-m", "tests.helpers.workers.stock_accelerate"]
 
 
-def one_history(directory: Path) -> list[int]:
+def one_history(directory: Path, *, alone: bool) -> list[int]:
     """The steps in ``directory``'s history, checked to be one run's: each step once, every line
-    a record, in order, from step 0 on (the default overhead budget may skip scheduled ones)."""
+    a record, in order, from step 0 on (the default overhead budget may skip scheduled ones).
+
+    ``alone``: a process that trains alone ends its history at the last step its loop called
+    (``close()`` measures it); in a group only the schedule's steps are measured."""
     steps = raw_steps(directory)
     lines = (directory / HISTORY_FILE).read_text().splitlines()
     assert steps == read_history(directory).steps and len(lines) == len(steps)
-    assert steps == sorted(set(steps)) and steps[0] == 0 and set(steps) <= {0, 1, 2, 4}
+    scheduled = {0, 1, 2, 4}
+    assert steps == sorted(set(steps)) and steps[0] == 0
+    if alone:
+        assert steps[-1] == STEPS - 1 and set(steps[:-1]) <= scheduled
+    else:
+        assert set(steps) <= scheduled
     return steps
 
 
@@ -44,7 +53,7 @@ def test_an_unmodified_accelerate_script_forms_one_group_with_the_shipped_launch
     ranks, log = launch(out, {"ACCELERATE_USE_CPU": "1"})
     assert [(r["index"], r["processes"]) for r in ranks] == [(0, 2), (1, 2)]
     assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank its own batches: one DDP run
-    one_history(out / "lawwatch")
+    one_history(out / "lawwatch", alone=False)
     assert "WORLD_SIZE" not in log and "ERROR" not in log
 
 
@@ -55,7 +64,8 @@ def test_processes_that_form_no_group_never_interleave_one_history(tmp_path):
     # accelerate's launcher started two processes; a stock Accelerator() saw no GPU: alone each
     assert [(r["index"], r["processes"]) for r in ranks] == [(0, 1), (0, 1)]
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the same batches: two lone runs
-    one_history(out / "lawwatch")  # one writer: each step once in the file, every line a record
+    # one writer: each step once in the file, every line a record
+    one_history(out / "lawwatch", alone=True)
     # the other process was told why it writes nothing, and each was told the fix
     assert log.count("is already written by another process") == 1
     assert log.count("each process trains alone and measures the whole probe") == 2
