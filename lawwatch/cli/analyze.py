@@ -188,18 +188,19 @@ def _probe(args: argparse.Namespace, checkpoints: list[Checkpoint], load: LoadOp
     return _compared(spec.build(tokenizer), "the probe built from the options", saved)
 
 
+def _local_folders(specs: list[str]) -> list[Path]:
+    """The folders the local ``specs`` name (a file's folder for a file); hub ids left out."""
+    folders = [Path(spec).parent if Path(spec).is_file() else Path(spec) for spec in specs]
+    return [folder for folder in folders if folder.is_dir()]
+
+
 def _run_probes(specs: list[str]) -> dict[Path, ProbeSet]:
     """The probes saved with the runs ``specs`` name, by path.
 
     ``<dir>/lawwatch/probe.safetensors`` of an output_dir, or of a ``checkpoint-N`` folder's.
     """
     found: dict[Path, ProbeSet] = {}
-    for spec in specs:
-        path = Path(spec)
-        if path.is_file():
-            path = path.parent
-        if not path.is_dir():
-            continue  # a hub id
+    for path in _local_folders(specs):
         for folder in (path, path.parent):
             saved = (run_directory(folder) / PROBE_FILE).resolve()
             if saved not in found and saved.is_file():
@@ -215,12 +216,7 @@ def _run_options(specs: list[str]) -> dict[Path, dict[str, Any]]:
     latest record's ``config``.
     """
     found: dict[Path, dict[str, Any]] = {}
-    for spec in specs:
-        path = Path(spec)
-        if path.is_file():
-            path = path.parent
-        if not path.is_dir():
-            continue  # a hub id
+    for path in _local_folders(specs):
         for folder in (path, path.parent):
             live = run_directory(folder).resolve()
             if (live / HISTORY_FILE).is_file():
