@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,18 +49,12 @@ def replace_file(path: Path, data: bytes) -> None:
     The temporary file is ``.<name>.<pid>.tmp`` beside it; one a killed process left is removed
     by :func:`remove_leftovers`.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with _temporary(path) as tmp:
         with tmp.open("wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        # a directory that went away or went read-only: the original error says it
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
     _sync_directory(path.parent)
 
 
@@ -164,29 +158,32 @@ def replace_lines(path: Path, lines: Sequence[bytes]) -> int:
         ShortWrite: The disk refused; ``path`` holds its ``written`` first lines (none:
             unchanged).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        size = append_lines(tmp, lines, 0)
-    except ShortWrite as short:
-        if short.written:
-            os.replace(tmp, path)
-            _sync_directory(path.parent)
-        else:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-        raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    try:
+    with _temporary(path) as tmp:
+        try:
+            size = append_lines(tmp, lines, 0)
+        except ShortWrite as short:
+            if short.written:  # the lines written whole replace path; none: path unchanged
+                os.replace(tmp, path)
+                _sync_directory(path.parent)
+            raise
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
     _sync_directory(path.parent)
     return size
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """The temporary file a rewrite of ``path`` is written to, removed if the rewrite fails.
+
+    A directory that went away or went read-only: the original error says it.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_size(path: Path) -> int | None:
