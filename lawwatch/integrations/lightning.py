@@ -26,7 +26,13 @@ from torch import nn
 
 from lawwatch.alerts import Alerts
 from lawwatch.config import MeasureConfig
-from lawwatch.integrations.framework import checked_probe, monitor_attribute, never_raises
+from lawwatch.integrations.framework import (
+    checked_probe,
+    monitor_attribute,
+    never_raises,
+    refused,
+)
+from lawwatch.measurement import check_options
 from lawwatch.models import is_hf
 from lawwatch.output.layout import run_directory
 from lawwatch.output.run import Outputs
@@ -129,6 +135,7 @@ class LightningEvents:
         # bad settings fail here, where the user builds the callback, not mid-training
         self.probe = checked_probe(probe)
         self.config, self.watch = build_configs(config, watch, **options)
+        check_options(self.probe, self.config)  # what needs no model; the rest at train start
         self.outputs = Outputs(directory, sinks=sinks, alerts=Alerts.of(alerts), strict=False)
         self.monitor: LawWatch | None = None
         self._restored: dict[str, Any] | None = None  # a checkpoint's state, loaded at start
@@ -150,7 +157,8 @@ class LightningEvents:
         Here, not at fit start: Lightning restores the global step of a checkpoint just before.
         """
         self._open(trainer, pl_module)
-        self.monitor.measure_at(trainer.global_step)
+        if self.monitor is not None:
+            self.monitor.measure_at(trainer.global_step)
 
     @never_raises
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
@@ -228,15 +236,16 @@ class LightningEvents:
             resume_step=start if start > 0 and not restored else None,
         )
         config = self.config
-        self.monitor = LawWatch(
-            pl_module,
-            self.probe,
-            config,
-            watch,
-            unwrap=lambda module: lightning_model(module, config),
-            outputs=outputs,
-        )
-        if restored:
+        with refused("this training is not measured"):  # the reason, in one line
+            self.monitor = LawWatch(
+                pl_module,
+                self.probe,
+                config,
+                watch,
+                unwrap=lambda module: lightning_model(module, config),
+                outputs=outputs,
+            )
+        if self.monitor is not None and restored:
             self.monitor.load_state_dict(restored, resume_step=start)
         self._step = start
 
