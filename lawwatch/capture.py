@@ -50,6 +50,7 @@ from lawwatch.models import (
     base_model,
     hidden_states_skip_embeddings,
     is_hf,
+    is_sharded,
     undo_inference_rescaling,
 )
 from lawwatch.norms import (
@@ -64,6 +65,7 @@ from lawwatch.norms import tolerance as norm_tolerance
 from lawwatch.precision import plain_forward
 from lawwatch.stats.lens import Kept
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
+from lawwatch.watch.mesh import sequence_mesh, whole, whole_param
 
 __all__ = ["Capture", "Hidden", "evaluating"]
 
@@ -126,6 +128,13 @@ class _Stream:
     keep: torch.Tensor | None = None
     raw: dict[int, torch.Tensor] = field(default_factory=dict)  # captured entry -> (m, d)
     final: torch.Tensor | None = None  # (m, d) the final norm's input at the kept rows
+
+
+def _fsdp(model: nn.Module) -> bool:
+    try:
+        return is_sharded(model)
+    except ValueError:  # an FSDP model not at its root: refused where it is measured
+        return True
 
 
 def _tensor(value: Any) -> torch.Tensor | None:
@@ -212,6 +221,8 @@ class Capture:
         self._normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._calibrated = False
         self._calibration_error: BaseException | None = None
+        # a tensor-parallel model's mesh: its hidden states are gathered whole in the hooks
+        self._mesh = sequence_mesh(model, fsdp=_fsdp(model))
 
     @property
     def _norm_module(self) -> nn.Module | None:
@@ -228,6 +239,7 @@ class Capture:
         """
         last = self.num_entries - 1
         norm = self._norm_module
+        batch_shape = tuple(positions.shape)  # every rank of a TP group sees the same
         # the captured entries: the final norm's output (entry L) comes from its own hooks
         wanted = (
             set()
@@ -238,6 +250,7 @@ class Capture:
             wanted.add(last)  # the lens's final distribution: the last block's output
 
         def keep(entry: int, value: torch.Tensor | None, what: str) -> None:
+            value = whole(value, batch_shape, self._mesh)  # a collective on every TP rank alike
             if value is None or value.ndim != 3 or value.shape[:2] != positions.shape:
                 shape = None if value is None else tuple(value.shape)
                 hidden.problems.append(
@@ -275,21 +288,21 @@ class Capture:
 
             def norm_input(module, args, kwargs):
                 hidden.norm_calls += 1
-                x = _first_arg(args, kwargs)
+                x = whole(_first_arg(args, kwargs), batch_shape, self._mesh)
                 if hidden.norm_calls == 1 and x is not None and x.shape[:2] == positions.shape:
                     hidden.norm_input = x.detach()[positions]  # (n, d)
                     if stream is not None and stream.keep is not None:
                         stream.final = hidden.norm_input[stream.keep]  # (m, d)
                     # the parameters are whole here, inside the forward (FSDP, ZeRO-3)
                     hidden.norm_params = tuple(
-                        p.detach().to(torch.float64).clone()
+                        whole_param(p.detach()).to(torch.float64).clone()
                         if isinstance(p, torch.Tensor)
                         else None
                         for p in (getattr(module, "weight", None), getattr(module, "bias", None))
                     )
 
             def norm_output(_m, _args, output):
-                y = _tensor(output)
+                y = whole(_tensor(output), batch_shape, self._mesh)
                 if (
                     hidden.norm_calls == 1
                     and hidden.norm_input is not None
@@ -518,7 +531,28 @@ class Capture:
         For a process that measures nothing more this round but must keep its forward passes
         in step with the others (each is a collective under FSDP and ZeRO-3).
         """
+        input_ids, attention_mask, _ = self._padded(input_ids, attention_mask, None)
         self._call_model(input_ids, attention_mask)
+
+    def _padded(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A tensor-parallel model's batch, right-padded (masked) to a multiple of its mesh.
+
+        Sequence parallelism splits the sequence evenly over the mesh (torch's does not run an
+        uneven split), and the probe's batches are trimmed to their longest row: masked
+        positions on the right change no earlier position of a causal model.
+        """
+        parts = 1 if self._mesh is None else self._mesh.size()
+        extra = -input_ids.shape[1] % parts
+        if not extra:
+            return input_ids, attention_mask, positions
+        pad = (0, extra)
+        return (
+            nn.functional.pad(input_ids, pad),
+            nn.functional.pad(attention_mask, pad),
+            None if positions is None else nn.functional.pad(positions, pad),
+        )
 
     def _run(
         self,
@@ -529,6 +563,7 @@ class Capture:
     ) -> Hidden:
         hidden = Hidden()
         handles = []
+        input_ids, attention_mask, positions = self._padded(input_ids, attention_mask, positions)
         try:
             for handle in self._hooks(hidden, positions, stream):
                 handles.append(handle)

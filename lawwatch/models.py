@@ -36,11 +36,13 @@ import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from lawwatch.watch.mesh import is_dtensor, whole_param
 
 if TYPE_CHECKING:
     from lawwatch.probe import ProbeSet
@@ -157,6 +159,53 @@ def measured_module(
     model = _strip_replication(model)
     is_sharded(model)  # refuses a model whose shards no forward through it can gather
     return model
+
+
+# -- pipeline stages --------------------------------------------------------------------------
+
+# module attributes a pipeline stage sets to None when it does not hold that part of the model
+_STAGE_PARTS = FINAL_NORM_NAMES + TOKEN_EMBEDDING_NAMES + ("lm_head", "output")
+
+
+def pipeline_stage(model: nn.Module) -> str | None:
+    """What shows ``model`` to be one stage of a pipeline (its blocks not all here), or None.
+
+    Read off the module tree: a final norm, token embedding or head set to None (torchtitan's
+    stages), a block container holding ``nn.Identity`` or None among its blocks, or a
+    ``ModuleDict`` of blocks keyed by layer numbers that do not start at 0 or have gaps.
+    """
+    for name, module in model.named_modules():
+        where = clean_name(name) or type(model).__name__
+        for key, child in module._modules.items():
+            if child is None and key in _STAGE_PARTS:
+                return f"{where}.{key} is None"
+        if isinstance(module, nn.ModuleList | nn.ModuleDict) and len(module) > 1:
+            children = list(module._modules.items())
+            gone = [k for k, c in children if c is None or isinstance(c, nn.Identity)]
+            if gone and len(gone) < len(children):
+                return f"{where}[{gone[0]}] is {type(module._modules[gone[0]]).__name__}"
+            keys = [k for k, _ in children]
+            if isinstance(module, nn.ModuleDict) and all(k.isdigit() for k in keys):
+                numbers = sorted(int(k) for k in keys)
+                if numbers != list(range(len(numbers))):
+                    return f"{where} holds the layers {numbers[0]} … {numbers[-1]} only"
+    return None
+
+
+def check_whole(model: nn.Module) -> None:
+    """Refuse a pipeline-parallel stage: lawwatch measures a model whose blocks are all here.
+
+    Raises:
+        ValueError: The evidence (:func:`pipeline_stage`) and what to do instead.
+    """
+    found = pipeline_stage(model)
+    if found is not None:
+        raise ValueError(
+            f"{type(model).__name__} looks like one stage of a pipeline ({found}): under "
+            "pipeline parallelism each process holds some of the blocks, and lawwatch measures "
+            "the residual stream of every block on each process. Measure a checkpoint of the "
+            "whole model instead (lawwatch analyze); see docs/scale.md, 'Pipeline parallelism'."
+        )
 
 
 # -- families ---------------------------------------------------------------------------------
@@ -326,17 +375,32 @@ class Unembedding:
     name: str
     scale: float = 1.0
     softcap: float | None = None
+    _whole: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        """``(V, d)`` the head's weight (detached)."""
-        return self.module.weight.detach()
+        """``(V, d)`` the head's weight (detached), whole.
+
+        A vocabulary-parallel head (a DTensor weight, e.g. ``ColwiseParallel`` on the LM head)
+        is gathered with ``full_tensor()`` at the first read, once for this object's life (one
+        snapshot): a collective over its mesh, entered by every rank of a tensor-parallel
+        group alike. The lens is then exact: its softmax runs over the whole vocabulary.
+        """
+        return self._read("weight")
 
     @property
     def bias(self) -> torch.Tensor | None:
         """``(V,)`` the head's bias, or None."""
         bias = getattr(self.module, "bias", None)
-        return bias.detach() if isinstance(bias, torch.Tensor) else None
+        return self._read("bias") if isinstance(bias, torch.Tensor) else None
+
+    def _read(self, name: str) -> torch.Tensor:
+        value = getattr(self.module, name).detach()
+        if not is_dtensor(value):
+            return value
+        if name not in self._whole:
+            self._whole[name] = whole_param(value)
+        return self._whole[name]
 
 
 def unembedding(model: nn.Module, head: str | None = None) -> Unembedding:

@@ -55,11 +55,23 @@ class Layout:
         rank: This process's index.
         world: Number of processes.
         device: Where tensors handed to collectives must live (CPU for gloo).
+        shard: This process's shard of the probe and the number of shards, when they are not
+            ``(rank, world)``: on a tensor-parallel mesh the probe is dealt over the
+            data-parallel dimension only (:mod:`lawwatch.watch.mesh`).
+        group: The process group the statistics are reduced over (None: the default group,
+            every process).
     """
 
     rank: int
     world: int
     device: torch.device
+    shard: tuple[int, int] | None = None
+    group: Any = None
+
+    @property
+    def shards(self) -> tuple[int, int]:
+        """This process's shard of the probe, and how many shards there are."""
+        return self.shard if self.shard is not None else (self.rank, self.world)
 
 
 def layout(accelerator: Any | None = None) -> Layout:

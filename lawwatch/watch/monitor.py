@@ -28,7 +28,7 @@ from lawwatch.alerts import Alerts
 from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot, identity, series, series_diff
 from lawwatch.measurement import prepare, solve
-from lawwatch.models import measured_module
+from lawwatch.models import check_whole, is_sharded, measured_module
 from lawwatch.output.run import Outputs, RunOutputs
 from lawwatch.output.sinks import Sink, Sinks
 from lawwatch.output.store import LocalHistory
@@ -38,6 +38,7 @@ from lawwatch.probe import ProbeSet
 from lawwatch.stats import Statistics
 from lawwatch.watch.config import WatchConfig, build_configs
 from lawwatch.watch.distributed import Arrivals, Layout, layout, together
+from lawwatch.watch.mesh import find_mesh
 from lawwatch.watch.schedule import Budget, planned
 from lawwatch.watch.shard import measure_shard
 from lawwatch.watch.worker import Pending, Worker
@@ -97,6 +98,12 @@ class LawWatch:
         outputs: Where records go, as a framework's adapter describes it (see
             :class:`~lawwatch.output.run.Outputs`), instead of ``directory``, ``trackers``,
             ``sinks`` and ``alerts``.
+        mesh: The ``DeviceMesh`` a tensor-parallel model runs on; default: the mesh of its
+            DTensor parameters, if any (:mod:`lawwatch.watch.mesh`, ``docs/scale.md``). The
+            probe is then dealt over its data-parallel dimension(s) only.
+        data_parallel: The mesh dimension name(s) that are data parallel; default: those named
+            ``dp``, ``dp_replicate``, ``dp_shard``, ``data_parallel``, … and those the model's
+            parameters are replicated along.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` or of
             :class:`~lawwatch.watch.config.WatchConfig` overriding ``config``'s or ``watch``'s
             (``batch_size``, ``layers``, ``every``, ``background``, …).
@@ -105,7 +112,9 @@ class LawWatch:
         TypeError: An option that is a field of neither, ``trackers`` not names and sinks,
             or ``outputs`` given with ``directory``, ``trackers``, ``sinks`` or ``alerts``.
         ValueError: An invalid option, an unknown tracker name, a probe that does not fit the
-            model, or a ``directory`` another open monitor of this process writes to.
+            model, a ``directory`` another open monitor of this process writes to, a device
+            mesh lawwatch cannot measure exactly (named), or a pipeline-parallel model (its
+            blocks are not all on this process).
         LookupError: A tracker with no current run (the message says how to start one).
 
     Attributes:
@@ -135,6 +144,8 @@ class LawWatch:
         accelerator: Any | None = None,
         unwrap: Callable[[nn.Module], nn.Module] | None = None,
         outputs: Outputs | None = None,
+        mesh: Any | None = None,
+        data_parallel: str | Sequence[str] | None = None,
         **options: Any,
     ) -> None:
         if len(probe) == 0:
@@ -152,7 +163,11 @@ class LawWatch:
             )
         self.accelerator, self.unwrap = accelerator, unwrap
         # resolved once, on the whole probe: every shard of every rank regresses the same targets
-        self.targets = prepare(measured_module(model, unwrap), probe, self.config)
+        module = measured_module(model, unwrap)
+        if layout(accelerator).world > 1:
+            check_whole(module)  # a pipeline stage holds only some blocks: refused
+        self.targets = prepare(module, probe, self.config)
+        self._mesh = find_mesh(module, mesh, data_parallel, fsdp=is_sharded(module))
         self.history = History()
         self.last_step: int | None = None
         self._shards: dict[tuple[int, int], ProbeSet] = {}
@@ -277,7 +292,7 @@ class LawWatch:
             skipped (always None with ``background``). Never raises for a measurement failure:
             it is logged to the ``"lawwatch"`` logger and training goes on.
         """
-        where = layout(self.accelerator)
+        where = self._where()
         if not self._arrivals.arrive(where, step):  # a rank is missing: no collective at all
             self.last_step = step
             return None
@@ -292,9 +307,14 @@ class LawWatch:
             self._budget.spent(step, now - began)
             self._budget.returned(step, now)
 
+    def _where(self) -> Layout:
+        """The process layout, with the probe's shard and the reduction's group of the mesh."""
+        where = layout(self.accelerator)
+        return where if self._mesh is None or where.world == 1 else self._mesh.layout(where)
+
     def _snapshot(self, step: int, where: Layout) -> Snapshot | None:
         start = time.perf_counter()
-        shard = self._shard(where.rank, where.world)
+        shard = self._shard(*where.shards)
         stats, error, precision = measure_shard(
             self.model, shard, self.config, self.targets, where, self.unwrap
         )
@@ -306,11 +326,11 @@ class LawWatch:
         if where.world > 1:
             if self.watch.background:
                 # the reduction only: each rank then solves its share on the worker
-                if together(ok, where, step, key, lambda: _reduced(stats)):
+                if together(ok, where, step, key, lambda: _reduced(stats, where.group)):
                     self._submit(step, stats, time.perf_counter() - start, where)
                 return None
             # the one large collective of the snapshot (consumes the statistics): all PRs
-            pr = together(ok, where, step, key, lambda: stats.reduce_scatter_compute())
+            pr = together(ok, where, step, key, lambda: stats.reduce_scatter_compute(where.group))
             if pr is None:
                 return None
         elif not ok:
@@ -372,6 +392,7 @@ class LawWatch:
         _UNCLOSED.add(self)  # finished at interpreter exit if close() is never called
         self._worker.solve(
             stats.solve_owned,
+            where.group,
             step=step,
             stats=stats,
             seconds=seconds,
@@ -392,7 +413,7 @@ class LawWatch:
         if owned is None:
             return None
         try:  # the PR all-gather (alone: this process's own): every process is here at once
-            pr = pending.stats.gather_owned(owned)
+            pr = pending.stats.gather_owned(owned, pending.where.group)
         except Exception as error:  # raised on every rank alike
             log.error("lawwatch: snapshot at step %d skipped: %r", pending.step, error)
             return None
@@ -656,7 +677,7 @@ def _close_unclosed() -> None:
             log.exception("lawwatch: the pending snapshots could not be recorded at exit")
 
 
-def _reduced(stats: Statistics) -> bool:
+def _reduced(stats: Statistics, group: Any = None) -> bool:
     """Reduce ``stats`` to the processes that solve them (see ``Statistics.reduce_scatter``)."""
-    stats.reduce_scatter()
+    stats.reduce_scatter(group)
     return True
