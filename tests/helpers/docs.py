@@ -76,6 +76,9 @@ def environment(bin_dir: Path) -> dict[str, str]:
     shim = bin_dir / "lawwatch"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m lawwatch.cli "$@"\n')
     shim.chmod(0o755)
+    launcher = bin_dir / "torchrun"  # this interpreter's, as a reader's environment has it
+    launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
+    launcher.chmod(0o755)
     env = dict(os.environ)
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
