@@ -44,8 +44,18 @@ def config_from_cli(description: str) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="a YAML file under configs/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel size (train.tp): the model split over that many processes with "
+        "its transformers tensor-parallel plan (the custom loop only; all processes)",
+    )
     cli = parser.parse_args()
-    return load_config(cli.config, cli.set)
+    config = load_config(cli.config, cli.set)
+    if cli.tp is not None:
+        config.setdefault("train", {})["tp"] = cli.tp
+    return config
 
 
 def check_launch(num_processes: int) -> None:
@@ -166,6 +176,40 @@ def build_model(spec: dict[str, Any], tokenizer: Any, seed: int) -> torch.nn.Mod
     )
     set_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def tensor_parallel(model: torch.nn.Module, size: int, device: str) -> None:
+    """Split ``model`` over ``size`` processes (every process of the job) with the column- and
+    row-wise styles of its transformers tensor-parallel plan (``config.base_model_tp_plan``:
+    attention and MLP); the embeddings, norms and head stay whole on every process.
+
+    Raises:
+        SystemExit: The model type has no such plan (GPT-2), or ``size`` is not the world size.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if size != world:
+        raise SystemExit(
+            f"--tp {size} needs {size} processes in one group (this job has {world}): the "
+            "recipe runs tensor parallelism over every process, without data parallelism."
+        )
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = getattr(model.config, "base_model_tp_plan", None) or {}
+    prefix = model.base_model_prefix
+    chosen = {f"{prefix}.{k}": styles[v]() for k, v in plan.items() if v in styles}
+    if not chosen:
+        raise SystemExit(
+            f"--tp: {model.config.model_type} has no transformers tensor-parallel plan "
+            "(config.base_model_tp_plan); use a model type that has one, e.g. llama."
+        )
+    mesh = init_device_mesh(device, (size,), mesh_dim_names=("tp",))
+    parallelize_module(model, mesh, chosen)
 
 
 def parameter_count(model: torch.nn.Module) -> int:

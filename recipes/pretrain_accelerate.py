@@ -12,6 +12,13 @@ the launch command, e.g.::
         recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml
     accelerate launch --config_file configs/accelerate/fsdp.yaml \\
         recipes/pretrain_accelerate.py --config configs/llama_1b.yaml
+    torchrun --nproc_per_node 2 recipes/pretrain_accelerate.py --config configs/smoke_cpu.yaml \\
+        --tp 2 --set model.type=llama --set "model.config={hidden_size: 64, …}"
+
+``--tp N`` splits the model over all N processes with the column- and row-wise styles of its
+transformers tensor-parallel plan (attention and MLP; Llama has one, GPT-2 none), every process
+training on the same batches (no data parallelism, no DDP: the model, loader and scheduler
+are not prepared); lawwatch reads the mesh off the DTensor weights (``docs/scale.md``).
 
 ``--set key.sub=value`` overrides one entry (the value is read as YAML), e.g.
 ``--set train.steps=10 --set output.log_with=wandb``. ``train.cpu: true`` builds
@@ -38,6 +45,7 @@ from common import (
     end_distributed,
     parameter_count,
     prepare_data,
+    tensor_parallel,
     watch_settings,
 )
 from torch.utils.data import DataLoader, TensorDataset
@@ -64,6 +72,9 @@ def main() -> None:
     )
     model = build_model(cfg["model"], tokenizer, train["seed"])
     params = parameter_count(model)
+    tp = train.get("tp") or 1
+    if tp > 1:  # every process runs one split model on the same batches (no data parallelism)
+        tensor_parallel(model, tp, accelerator.device.type)
     check_probe(probe, model)
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -75,7 +86,7 @@ def main() -> None:
     # prepared, the scheduler steps once per process at each optimizer step (accelerate assumes
     # a schedule counted in single-process batches): count it that way, or N processes would
     # run it N times too fast (and a cosine past its end climbs back up)
-    n = accelerator.num_processes
+    n = accelerator.num_processes if tp == 1 else 1  # not prepared under tensor parallelism
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, train.get("warmup_steps", 0) * n, steps * n
     )
@@ -86,7 +97,10 @@ def main() -> None:
         drop_last=True,
         generator=torch.Generator().manual_seed(train["seed"]),
     )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if tp == 1:  # DDP, FSDP, …: each process its own batches
+        model, optimizer, loader, scheduler = accelerator.prepare(
+            model, optimizer, loader, scheduler
+        )
 
     if accelerator.is_main_process:
         probe.save(out / "probe.safetensors")

@@ -16,12 +16,18 @@ import json
 import pytest
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
+import lawwatch
+from lawwatch import ProbeSet
 from lawwatch.models import check_whole, pipeline_stage
+from lawwatch.output.store import read_history
 from tests.helpers.models import tiny_gpt2, tiny_llama
+from tests.helpers.recipes import recipe_common
 from tests.helpers.workers.launch import run, torchrun
 
 TOL = 1e-9
+SMOKE = "configs/smoke_cpu.yaml"
 LENS = ("top1", "ce", "kl", "entropy")
 
 
@@ -116,3 +122,38 @@ def test_a_pipeline_stage_is_told_from_a_whole_model():
     whole = nn.ModuleDict({str(i): nn.Linear(4, 4) for i in range(3)})
     assert pipeline_stage(whole) is None
     assert torch.is_tensor(whole["0"].weight)
+
+
+LLAMA = (
+    "{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 4, num_attention_heads: 4, "
+    "num_key_value_heads: 2, max_position_embeddings: 128}"
+)
+
+
+@pytest.mark.slow
+def test_the_accelerate_recipe_trains_a_tensor_parallel_llama_and_measures_it(tmp_path):
+    """``--tp 2`` on 2 processes: the split float32 Llama trains, and its step-0 snapshot is
+    what one process measures on the same initial weights (float32: the split sums round
+    differently, so to 1e-5)."""
+    out = tmp_path / "out"
+    sets = ["--set", "model.type=llama", "--set", f"model.config={LLAMA}", "--set"]
+    sets += ["train.steps=4", "--set", f"output.dir={out}", "--tp", "2"]
+    log = run([*torchrun(2), "recipes/pretrain_accelerate.py", "--config", SMOKE, *sets])
+    assert "2 process(es)" in log
+    records = read_history(out / "lawwatch").records
+    assert [r["step"] for r in records] == [0, 1, 2, 4]
+    common = recipe_common()
+    cfg = common.load_config(SMOKE, [s for s in sets if "=" in s and "output" not in s])
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    model = common.build_model(cfg["model"], tokenizer, cfg["train"]["seed"])
+    _, measure_config = common.watch_settings(cfg["lawwatch"])
+    probe = ProbeSet.load(out / "probe.safetensors")
+    one = lawwatch.measure(model, probe, measure_config)
+    assert records[0]["n_tokens"] == one.n_tokens == probe.num_examples()
+    assert max(abs(a - b) for a, b in zip(records[0]["pr"], one.pr.tolist(), strict=True)) <= 1e-5
+
+
+def test_tp_is_refused_for_a_model_without_a_tensor_parallel_plan():
+    common = recipe_common()
+    with pytest.raises(SystemExit, match="gpt2 has no transformers tensor-parallel plan"):
+        common.tensor_parallel(tiny_gpt2(), 1, "cpu")
