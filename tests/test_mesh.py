@@ -102,6 +102,15 @@ def test_meshes_lawwatch_cannot_measure_are_refused_when_built(ranks, request):
         assert "docs/scale.md" in said["pipeline"]
 
 
+@pytest.mark.slow
+def test_processes_holding_different_blocks_skip_every_snapshot_together(two):
+    for rank in two:
+        assert rank["stages"]["skipped"] == [True, True]
+        said = [m for m in rank["stages"]["said"] if "hold between 3 and 4 blocks" in m]
+        assert len(said) == 2 and "step 0" in said[0] and "step 1" in said[1]
+        assert "pipeline parallelism" in said[0]
+
+
 def test_a_pipeline_stage_is_told_from_a_whole_model():
     assert pipeline_stage(tiny_llama()) is None and pipeline_stage(tiny_gpt2()) is None
 

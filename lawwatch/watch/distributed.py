@@ -438,3 +438,24 @@ def largest(values: list[float], where: Layout) -> list[float]:
         reduced = reduced.to(where.device)
         torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
     return reduced.tolist()
+
+
+def uneven_blocks(count: int, where: Layout) -> str | None:
+    """Why the processes cannot be measured together, if they hold different numbers of blocks.
+
+    One float64 all-reduce (MAX) of 2 elements, on every process at once (the first snapshot,
+    after every process arrived): a pipeline's stages each hold some of the blocks, which a
+    stage that looks whole (its blocks renumbered, its final norm kept) does not show alone.
+
+    Returns:
+        The reason (the same on every process), or None when every process holds ``count``.
+    """
+    most, least = largest([float(count), -float(count)], where)
+    if most == -least:
+        return None
+    return (
+        f"the processes hold between {int(-least)} and {int(most)} blocks (this one {count}): "
+        "under pipeline parallelism each stage holds some of them, and lawwatch measures "
+        "every block on each process; measure a checkpoint of the whole model instead "
+        "(lawwatch analyze), see docs/scale.md"
+    )

@@ -36,8 +36,9 @@ from lawwatch.output.trackers import check_trackers
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet
 from lawwatch.stats import Statistics
+from lawwatch.structure import locate
 from lawwatch.watch.config import WatchConfig, build_configs
-from lawwatch.watch.distributed import Arrivals, Layout, layout, together
+from lawwatch.watch.distributed import Arrivals, Layout, layout, together, uneven_blocks
 from lawwatch.watch.mesh import find_mesh
 from lawwatch.watch.schedule import Budget, planned
 from lawwatch.watch.shard import measure_shard
@@ -168,6 +169,10 @@ class LawWatch:
             check_whole(module)  # a pipeline stage holds only some blocks: refused
         self.targets = prepare(module, probe, self.config)
         self._mesh = find_mesh(module, mesh, data_parallel, fsdp=is_sharded(module))
+        # compared across the processes at the first snapshot: a pipeline's stages differ
+        self._blocks: int | None = len(
+            locate(module, self.config.blocks, self.config.final_norm).blocks
+        )
         self.history = History()
         self.last_step: int | None = None
         self._shards: dict[tuple[int, int], ProbeSet] = {}
@@ -182,6 +187,7 @@ class LawWatch:
         self._said_empty = False  # a run that measured nothing says so once, at close
         self._arrivals = Arrivals()  # every rank checks in before a snapshot's collectives
         self._loaded = False  # state loaded (the same on every rank)
+        self._uneven: str | None = None  # the processes hold different blocks (a pipeline)
         self.directory = None if outputs.directory is None else Path(outputs.directory)
         # opened once the options are known good; records of another series already in the
         # directory are set aside (see LocalHistory)
@@ -314,6 +320,9 @@ class LawWatch:
 
     def _snapshot(self, step: int, where: Layout) -> Snapshot | None:
         start = time.perf_counter()
+        if self._uneven is not None:  # the same on every process: none enters a collective
+            log.error("lawwatch: snapshot at step %d skipped: %s", step, self._uneven)
+            return None
         shard = self._shard(*where.shards)
         stats, error, precision = measure_shard(
             self.model, shard, self.config, self.targets, where, self.unwrap
@@ -326,11 +335,11 @@ class LawWatch:
         if where.world > 1:
             if self.watch.background:
                 # the reduction only: each rank then solves its share on the worker
-                if together(ok, where, step, key, lambda: _reduced(stats, where.group)):
+                if together(ok, where, step, key, lambda: self._reduced(stats, where, True)):
                     self._submit(step, stats, time.perf_counter() - start, where)
                 return None
             # the one large collective of the snapshot (consumes the statistics): all PRs
-            pr = together(ok, where, step, key, lambda: stats.reduce_scatter_compute(where.group))
+            pr = together(ok, where, step, key, lambda: self._reduced(stats, where, False))
             if pr is None:
                 return None
         elif not ok:
@@ -342,6 +351,22 @@ class LawWatch:
         if snapshot is not None:
             self._record(snapshot, where)
         return snapshot
+
+    def _reduced(self, stats: Statistics, where: Layout, background: bool) -> Any:
+        """The snapshot's collective after the vote: the statistics reduced over the group.
+
+        Solved too, in the foreground. At the first, every process compares its block count
+        (:func:`~lawwatch.watch.distributed.uneven_blocks`; the vote has aligned them).
+        """
+        if self._blocks is not None:
+            count, self._blocks = self._blocks, None
+            self._uneven = uneven_blocks(count, where)
+        if self._uneven is not None:  # raised on every process alike: all skip
+            raise ValueError(self._uneven)
+        if background:
+            stats.reduce_scatter(where.group)
+            return True
+        return stats.reduce_scatter_compute(where.group)
 
     def _shard(self, rank: int, world: int) -> ProbeSet:
         key = (rank, world)
@@ -675,9 +700,3 @@ def _close_unclosed() -> None:
             monitor._close_at_exit()
         except Exception:  # exiting: report, never raise
             log.exception("lawwatch: the pending snapshots could not be recorded at exit")
-
-
-def _reduced(stats: Statistics, group: Any = None) -> bool:
-    """Reduce ``stats`` to the processes that solve them (see ``Statistics.reduce_scatter``)."""
-    stats.reduce_scatter(group)
-    return True

@@ -14,6 +14,7 @@ when built (``refused``: their messages).
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -156,6 +157,7 @@ def main() -> None:
     if world == 2:
         results["auto"] = auto(out)
     results["refused"] = refused(world)
+    results["stages"] = stages(rank)
     write(out, rank, results)
     dist.destroy_process_group()
 
@@ -195,6 +197,31 @@ def refused(world: int) -> dict:
     gap.model.layers[2] = torch.nn.Identity()
     said["identity"] = refusal(lambda: lawwatch.LawWatch(gap, probe))
     return said
+
+
+def stages(rank: int) -> dict:
+    """Processes holding different numbers of blocks (a stage that looks whole alone): the
+    first snapshot's collective finds it, every process skips, and later ones skip at once."""
+    said: list[str] = []
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    model = llama()
+    if rank == 1:
+        del model.model.layers[3]
+    handler = Said()
+    logging.getLogger("lawwatch").addHandler(handler)
+    try:
+        watch = lawwatch.LawWatch(
+            model, uneven_probe(), batch_size=4, max_overhead=None, blocks="model.layers"
+        )
+        first, second = watch.snapshot(0), watch.snapshot(1)
+        watch.close()
+    finally:
+        logging.getLogger("lawwatch").removeHandler(handler)
+    return {"skipped": [first is None, second is None], "said": said}
 
 
 if __name__ == "__main__":
