@@ -33,6 +33,12 @@ before it runs, so it is read once per :class:`Capture` off a short forward
 all example positions. Every measure takes this one path (the partitioned statistics split
 each entry's rows among their cells as it arrives: :mod:`lawwatch.stats.partition`); calling a
 :class:`Capture` collects the entries of one batch, for tests and small models.
+
+**Tensor-parallel models** (DTensor parameters, :mod:`lawwatch.watch.mesh`): every hook first
+takes its tensor whole (:func:`~lawwatch.watch.mesh.whole`: a DTensor's ``full_tensor()``, a
+local sequence shard gathered over the tensor-parallel mesh), decided from shapes that every
+rank of the group sees alike, so all of them enter the same gathers; the final norm's DTensor
+weight is read whole; batches are right-padded (masked) to a multiple of the mesh's size.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ world, unnamed dimensions it cannot tell apart, or a ``data_parallel`` the mesh 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -65,6 +66,7 @@ UNMEASURED = {
 """Mesh dimensions lawwatch refuses, by name: what they split is not gathered (docs/scale.md)."""
 
 
+@functools.cache
 def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
