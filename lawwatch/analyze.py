@@ -18,6 +18,9 @@ from the same weights is skipped, and weights already measured at another step a
 checkpoint that fails to load or measure is reported and the sweep goes on. The directory holds
 one series (:func:`lawwatch.history.series_diff`, the rule a live run follows): a sweep with
 another probe or options that change what is measured is refused (use another directory).
+
+Launched as several processes (torchrun, ``accelerate launch``), ``lawwatch analyze`` deals the
+checkpoints over them with the same rules and numbers: see :mod:`lawwatch.sweep`.
 """
 
 from __future__ import annotations
