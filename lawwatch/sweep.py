@@ -143,12 +143,24 @@ def own_device(load: LoadOptions, local_rank: int) -> LoadOptions:
     """``load`` on this process's own device: ``cuda:LOCAL_RANK`` for no device or 'cuda'.
 
     A device named with its index is used as given; without CUDA the CPU (as one process).
+
+    Raises:
+        ValueError: More processes on this machine (``LOCAL_WORLD_SIZE``) than GPUs.
     """
     import torch
 
-    if load.device in (None, "cuda") and torch.cuda.is_available():
-        return replace(load, device=f"cuda:{local_rank}")
-    return load
+    if load.device not in (None, "cuda") or not torch.cuda.is_available():
+        return load
+    count = torch.cuda.device_count()
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    if max(here, local_rank + 1) > count:
+        raise ValueError(
+            f"{here} processes on this machine and {count} GPU(s): each process of a sweep "
+            f"measures on its own GPU (cuda:LOCAL_RANK). Launch at most {count} per machine "
+            f"(--nproc_per_node {count}), or give --device cpu (or one GPU, e.g. cuda:0, that "
+            "every process shares)."
+        )
+    return replace(load, device=f"cuda:{local_rank}")
 
 
 @dataclass
@@ -275,7 +287,8 @@ def lead(
     """
     try:
         config = MeasureConfig.build(config)
-        load = own_device(load or LoadOptions(), team.local_rank)
+        dealt = load or LoadOptions()  # each process places it on its own device
+        load = own_device(dealt, team.local_rank)
         if load.device_map:
             raise ValueError(
                 f"--device-map {load.device_map} spreads one model over every GPU, but a sweep "
@@ -298,7 +311,7 @@ def lead(
             todo, later = _plan(ordered, cache, local, result, outer)
             work = [todo[rank :: team.world] for rank in range(team.world)]
             known = {r["weights"] for r in local.records if r.get("weights")}
-            team.send(_Plan(str(out), probe, config, load, given, known, work))
+            team.send(_Plan(str(out), probe, config, dealt, given, known, work))
             pending = {job.ckpt.step: job for jobs in work[1:] for job in jobs}
             owner = {job.ckpt.step: rank for rank, jobs in enumerate(work) for job in jobs}
 
@@ -447,10 +460,10 @@ def serve(team: Team) -> int:
             "made it in --out. A sweep across machines needs --out on a file system every "
             "process sees."
         )
-    load = own_device(plan.load, team.local_rank)
     cache = HashCache()  # in memory: the main process alone writes the digests' file
     error = None
     try:
+        load = own_device(plan.load, team.local_rank)
         with _transformers_bars(False):
             for job in plan.work[team.rank]:
                 outcome = _attempt(

@@ -13,7 +13,7 @@ import pytest
 
 from lawwatch import cli
 from lawwatch.analyze import Outcome
-from lawwatch.checkpoints import find_checkpoints
+from lawwatch.checkpoints import LoadOptions, find_checkpoints
 from lawwatch.history import Snapshot
 from lawwatch.output.store import read_history
 from lawwatch.probe import ProbeSet
@@ -95,6 +95,16 @@ def test_the_main_process_records_what_a_stopped_sweep_left_and_copies_equal_wei
     # run again: everything is in the history
     result = lead(Team(0, 1, 0), checkpoints, ProbeSet.load(probe), sweep, progress=False)
     assert result.skipped == [*STEPS, 7] and not result.measured and not result.recovered
+
+    # device_map spreads one model over every GPU: not what a process of a sweep does
+    with pytest.raises(ValueError, match="--device-map auto spreads one model"):
+        lead(
+            Team(0, 1, 0),
+            checkpoints,
+            ProbeSet.load(probe),
+            sweep,
+            load=LoadOptions(device_map="auto"),
+        )
 
 
 @pytest.mark.slow
