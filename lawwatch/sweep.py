@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -70,6 +71,7 @@ log = logging.getLogger("lawwatch")
 PARTS_DIR = "sweep-parts"
 """The folder of the output directory the other processes write their outcomes into."""
 
+_ID_FILE = "sweep.id"  # the sweep's id: a process that reads it sees the main one's folder
 _POLL_SECONDS = 0.1
 _PLAN_TIMEOUT = timedelta(days=7)  # rank 0 hashes every checkpoint before it deals them
 
@@ -168,6 +170,7 @@ class _Plan:
     """What the main process deals: every process's jobs and what they are measured with."""
 
     out: str
+    token: str
     probe: ProbeSet
     config: MeasureConfig
     load: LoadOptions
@@ -229,16 +232,34 @@ class _Parts:
 
     def finish(self) -> None:
         """After the sweep: the markers removed, and the folder if nothing else is in it."""
-        for path in self.folder.glob("rank-*.done"):
+        for path in [*self.folder.glob("rank-*.done"), self.folder / _ID_FILE]:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.folder.rmdir()
 
-    def start(self) -> None:
-        """Before dealing: the folder made, the markers of an earlier sweep removed."""
+    def start(self) -> str:
+        """Before dealing: the folder made, an earlier sweep's leftovers but its outcomes removed.
+
+        Its markers and its killed writers' temporary files go.
+
+        Returns:
+            This sweep's id, written in the folder: a process that reads another one does not
+            see the main process's folder.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
-        for path in self.folder.glob("rank-*.done"):
-            path.unlink(missing_ok=True)
+        for pattern in ("rank-*.done", ".*.tmp"):
+            for path in self.folder.glob(pattern):
+                path.unlink(missing_ok=True)
+        token = uuid.uuid4().hex
+        replace_file(self.folder / _ID_FILE, token.encode())
+        return token
+
+    def seen(self, token: str) -> bool:
+        """Whether this process sees the folder the main process wrote ``token`` in."""
+        try:
+            return (self.folder / _ID_FILE).read_text() == token
+        except OSError:
+            return False
 
 
 def _recover(
@@ -300,7 +321,7 @@ def lead(
         local = LocalHistory(out)
         probe_hash = probe.content_hash()
         parts = _Parts(out)
-        parts.start()
+        token = parts.start()
         result = SweepResult(recovered=_recover(parts, local, probe_hash, config))
         check_compatible(History(local.records), probe_hash, config)
         keep_probe(probe, out, local.history)
@@ -311,7 +332,7 @@ def lead(
             todo, later = _plan(ordered, cache, local, result, outer)
             work = [todo[rank :: team.world] for rank in range(team.world)]
             known = {r["weights"] for r in local.records if r.get("weights")}
-            team.send(_Plan(str(out), probe, config, dealt, given, known, work))
+            team.send(_Plan(str(out), token, probe, config, dealt, given, known, work))
             pending = {job.ckpt.step: job for jobs in work[1:] for job in jobs}
             owner = {job.ckpt.step: rank for rank, jobs in enumerate(work) for job in jobs}
 
@@ -454,11 +475,11 @@ def serve(team: Team) -> int:
     if plan is None:
         return 0  # the main process stopped before dealing, and says why
     parts = _Parts(Path(plan.out))
-    if not parts.folder.is_dir():
+    if not parts.seen(plan.token):
         raise RuntimeError(
-            f"{parts.folder} is missing on this process (rank {team.rank}): the main process "
-            "made it in --out. A sweep across machines needs --out on a file system every "
-            "process sees."
+            f"{parts.folder} is not the folder the main process made in --out (rank "
+            f"{team.rank} does not see it): a sweep across machines needs --out on a file "
+            "system every process sees."
         )
     cache = HashCache()  # in memory: the main process alone writes the digests' file
     error = None

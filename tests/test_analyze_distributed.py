@@ -77,6 +77,7 @@ def test_the_main_process_records_what_a_stopped_sweep_left_and_copies_equal_wei
     parts.write(3, Outcome("measured", snapshot=left))
     parts.write(5, Outcome("failed", reason="RuntimeError: out of memory"))  # tried again
     parts.done(1, None)  # a marker of the stopped sweep: not this one's
+    (sweep / PARTS_DIR / ".step-4.json.999.tmp").write_text("{")  # a killed writer's
     again = tmp_path / "again"  # checkpoint-1's weights at step 7: copied, not measured
     shutil.copytree(out / "checkpoint-1", again)
     (again / "trainer_state.json").write_text(json.dumps({"global_step": 7}))
