@@ -18,6 +18,9 @@ from the same weights is skipped, and weights already measured at another step a
 checkpoint that fails to load or measure is reported and the sweep goes on. The directory holds
 one series (:func:`lawwatch.history.series_diff`, the rule a live run follows): a sweep with
 another probe or options that change what is measured is refused (use another directory).
+
+Launched as several processes (torchrun, ``accelerate launch``), ``lawwatch analyze`` deals the
+checkpoints over them with the same rules and numbers: see :mod:`lawwatch.sweep`.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class SweepResult:
         unfinished: ``(checkpoint, reason)`` of each checkpoint still being written (see
             :func:`lawwatch.checkpoints.unfinished`): neither measured nor recorded; a sweep run
             once it is complete measures it.
+        recovered: Steps a sweep across processes measured before it was stopped (killed),
+            recorded now (see :mod:`lawwatch.sweep`).
         history: The directory's whole history after the sweep.
     """
 
@@ -83,6 +88,7 @@ class SweepResult:
     skipped: list[int] = field(default_factory=list)
     failed: list[tuple[Checkpoint, str]] = field(default_factory=list)
     unfinished: list[tuple[Checkpoint, str]] = field(default_factory=list)
+    recovered: list[int] = field(default_factory=list)
     history: History = field(default_factory=History)
 
 
@@ -164,19 +170,14 @@ def analyze(
 
     config = MeasureConfig.build(config, **options)
     load = load or LoadOptions()
-    ordered = sorted(checkpoints, key=lambda c: c.step)
-    for before, after in itertools.pairwise(ordered):
-        if before.step == after.step:
-            raise ValueError(
-                f"Two checkpoints at step {after.step}: {before.name} and {after.name}."
-            )
+    ordered = in_order(checkpoints)
     out = Path(out)
     local = LocalHistory(out)
     probe_hash = probe.content_hash()
     check_compatible(History(local.records), probe_hash, config)
     keep_probe(probe, out, local.history)  # the probe a sweep measured with, beside its history
     cache = HashCache(out / HASH_FILE)
-    # the records keep the config as given (see _sweep_one); the precision is measure()'s
+    # the records keep the config as given (see _measure_job); the precision is measure()'s
     given = identity(probe_hash, config.to_dict())
     result = SweepResult()
 
@@ -193,14 +194,27 @@ def analyze(
             try:
                 _sweep_one(ckpt, counted, config, load, cache, local, given, result)
             except Exception as error:  # reported; the sweep goes on
-                reason = f"{type(error).__name__}: {error}"
-                log.error("lawwatch analyze: %s (step %d) failed: %s", ckpt.name, ckpt.step, reason)
-                result.failed.append((ckpt, reason))
+                _fail(ckpt, f"{type(error).__name__}: {error}", result)
             finally:
                 gc.collect()
                 _empty_cuda_cache()
     result.history = History(local.records)
     return result
+
+
+def in_order(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
+    """``checkpoints`` in increasing step order.
+
+    Raises:
+        ValueError: Two checkpoints at one step.
+    """
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    for before, after in itertools.pairwise(ordered):
+        if before.step == after.step:
+            raise ValueError(
+                f"Two checkpoints at step {after.step}: {before.name} and {after.name}."
+            )
+    return ordered
 
 
 def _sweep_one(
@@ -214,44 +228,118 @@ def _sweep_one(
     result: SweepResult,
 ) -> None:
     """Skip, copy or measure one checkpoint, and record it."""
-    at_step = next((r for r in local.records if r["step"] == ckpt.step), None)
     weights, before = None, None
     if ckpt.local:
-        # a checkpoint being written is left for a later sweep: its digest is recorded only
-        # for the very files measured (unchanged from before the hash to after the load)
-        problem = unfinished(ckpt.source, ckpt.gguf_file)
-        if problem is None:
-            before = fingerprint(ckpt.source, ckpt.gguf_file)
-            weights = weights_hash(ckpt.source, ckpt.gguf_file, cache)
-            if fingerprint(ckpt.source, ckpt.gguf_file) != before:
-                problem = "its weight files changed while they were hashed"
-        if problem is not None:
-            _leave_unfinished(ckpt, problem, result)
+        found = _local_weights(ckpt, cache)
+        if isinstance(found, str):
+            _leave_unfinished(ckpt, found, result)
             return
-    if at_step is not None and ckpt.local and at_step.get("weights") == weights:
-        result.skipped.append(ckpt.step)
+        weights, before = found
+    if _already(ckpt, weights, local, result):
         return
-    if at_step is not None and not ckpt.local and at_step.get("checkpoint") == ckpt.name:
-        result.skipped.append(ckpt.step)  # the same hub revision (its weights not re-read)
-        return
-    if at_step is not None:
-        raise ValueError(
-            f"step {ckpt.step} is already in {local.directory / HISTORY_FILE} from other "
-            f"weights ({at_step.get('checkpoint', 'a live run')}); write this sweep to another "
-            "--out directory."
-        )
     if weights is not None and _copy(ckpt, weights, local, result):
         return
+    job = Job(ckpt, weights, before)
+    known = {r["weights"] for r in local.records if r.get("weights")}
+    _settle(ckpt, _measure_job(job, probe, config, load, cache, given, known), local, result)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checkpoint to load and measure.
+
+    Attributes:
+        ckpt: The checkpoint.
+        weights: Its weights' content hash (None for a hub checkpoint: known once loaded).
+        before: Its weight files' :func:`~lawwatch.checkpoints.fingerprint` when hashed (None
+            for a hub checkpoint): files that change before the load ends are not recorded.
+    """
+
+    ckpt: Checkpoint
+    weights: str | None
+    before: list[tuple[Any, ...]] | None
+
+
+@dataclass
+class Outcome:
+    """What loading and measuring one checkpoint gave.
+
+    Attributes:
+        kind: 'measured' (``snapshot``), 'same' (the weights ``weights`` are already measured:
+            copy their numbers), 'unfinished' or 'failed' (``reason``).
+    """
+
+    kind: str
+    snapshot: Snapshot | None = None
+    weights: str | None = None
+    reason: str | None = None
+
+
+def _local_weights(ckpt: Checkpoint, cache: HashCache) -> tuple[str, list[Any]] | str:
+    """A local checkpoint's weights hash and fingerprint, or why it looks still being written.
+
+    A checkpoint being written is left for a later sweep: its digest is recorded only for the
+    very files measured (unchanged from before the hash to after the load).
+    """
+    problem = unfinished(ckpt.source, ckpt.gguf_file)
+    if problem is not None:
+        return problem
+    before = fingerprint(ckpt.source, ckpt.gguf_file)
+    weights = weights_hash(ckpt.source, ckpt.gguf_file, cache)
+    if fingerprint(ckpt.source, ckpt.gguf_file) != before:
+        return "its weight files changed while they were hashed"
+    return weights, before
+
+
+def _already(
+    ckpt: Checkpoint, weights: str | None, local: LocalHistory, result: SweepResult
+) -> bool:
+    """Whether the history holds ``ckpt``'s step from the same weights (skipped).
+
+    Raises:
+        ValueError: The history holds the step from other weights.
+    """
+    at_step = next((r for r in local.records if r["step"] == ckpt.step), None)
+    if at_step is None:
+        return False
+    if ckpt.local and at_step.get("weights") == weights:
+        result.skipped.append(ckpt.step)
+        return True
+    if not ckpt.local and at_step.get("checkpoint") == ckpt.name:
+        result.skipped.append(ckpt.step)  # the same hub revision (its weights not re-read)
+        return True
+    raise ValueError(
+        f"step {ckpt.step} is already in {local.directory / HISTORY_FILE} from other "
+        f"weights ({at_step.get('checkpoint', 'a live run')}); write this sweep to another "
+        "--out directory."
+    )
+
+
+def _measure_job(
+    job: Job,
+    probe: ProbeSet,
+    config: MeasureConfig,
+    load: LoadOptions,
+    cache: HashCache,
+    given: dict[str, Any],
+    known: set[str],
+) -> Outcome:
+    """Load and measure one checkpoint (``known``: weights already measured, not measured again).
+
+    Raises:
+        Exception: The checkpoint failed to load or measure.
+    """
+    ckpt, weights = job.ckpt, job.weights
     start = time.perf_counter()
     model = load_model(ckpt, load)
-    if before is not None and fingerprint(ckpt.source, ckpt.gguf_file) != before:
+    if job.before is not None and fingerprint(ckpt.source, ckpt.gguf_file) != job.before:
         del model
-        _leave_unfinished(ckpt, "its weight files changed while they were loaded", result)
-        return
+        return Outcome("unfinished", reason="its weight files changed while they were loaded")
     if weights is None:  # a hub checkpoint: its files are in the local cache now
         weights = weights_hash(hub_snapshot(ckpt, load), ckpt.gguf_file, cache)
-        if _copy(ckpt, weights, local, result):
-            return
+        if weights in known:
+            del model
+            return Outcome("same", weights=weights)
     loaded = time.perf_counter()
     # measured exactly as the config says (its jackknife too): the records carry what their
     # config gives, as a live run's do, so both find the same emergence step
@@ -261,8 +349,27 @@ def _sweep_one(
     snapshot.extra.update(
         checkpoint=ckpt.name, **given, weights=weights, load_seconds=loaded - start
     )
-    _record(local, snapshot)
-    result.measured.append(ckpt.step)
+    return Outcome("measured", snapshot=snapshot)
+
+
+def _settle(ckpt: Checkpoint, outcome: Outcome, local: LocalHistory, result: SweepResult) -> None:
+    """Record ``outcome`` of ``ckpt`` in the history and ``result``."""
+    if outcome.kind == "unfinished":
+        _leave_unfinished(ckpt, outcome.reason or "", result)
+    elif outcome.kind == "failed":
+        _fail(ckpt, outcome.reason or "", result)
+    elif outcome.kind == "same" and outcome.weights is not None:
+        if not _copy(ckpt, outcome.weights, local, result):
+            _fail(ckpt, "the checkpoint it has the weights of is no longer recorded", result)
+    elif outcome.snapshot is not None:
+        _record(local, outcome.snapshot)
+        result.measured.append(ckpt.step)
+
+
+def _fail(ckpt: Checkpoint, reason: str, result: SweepResult) -> None:
+    """Report a checkpoint that could not be measured; the sweep goes on."""
+    log.error("lawwatch analyze: %s (step %d) failed: %s", ckpt.name, ckpt.step, reason)
+    result.failed.append((ckpt, reason))
 
 
 def _leave_unfinished(ckpt: Checkpoint, problem: str, result: SweepResult) -> None:

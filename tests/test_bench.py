@@ -31,13 +31,15 @@ TINY = {
     "bench_lens.py": (["--tiny"], "measure without lens"),
     "bench_residual.py": (["--tiny"], "| layers | n | d |"),
     "bench_solve.py": (["--tiny", "--threads", "1"], "| family | d | n | max abs PR diff"),
+    "bench_sweep.py": (["--tiny", "--repeat", "1"], "1 vs 2 processes: max |dPR|"),
     # make gpu-check's script on CPU at tiny shapes: every part runs (the exit status says so)
     "gpu_check.py": (["--device", "cpu", "--tiny", "--threads", "1"], "gpu_check: every part ran."),
     "mixed_precision.py": (["--tiny"], "bf16 weights:"),
 }
 # bench_overhead: three processes, two of them training runs; bench_e2e: four processes;
-# gpu_check: a Trainer run among its parts; bench_lightning: two Lightning fits
-SLOW = {"bench_e2e.py", "bench_lightning.py", "bench_overhead.py", "gpu_check.py"}
+# gpu_check: a Trainer run among its parts; bench_lightning: two Lightning fits; bench_sweep: a
+# sweep by one process and one by torchrun's two
+SLOW = {"bench_e2e.py", "bench_lightning.py", "bench_overhead.py", "bench_sweep.py", "gpu_check.py"}
 
 
 def test_every_bench_script_has_a_tiny_run():

@@ -300,9 +300,32 @@ def _compared(probe: ProbeSet, what: str, saved: dict[Path, ProbeSet]) -> ProbeS
 
 
 def run(args: argparse.Namespace) -> int:
-    """Sweep the checkpoints, then the report and the W&B run; 1 if a checkpoint failed."""
+    """Sweep the checkpoints, then the report and the W&B run; 1 if a checkpoint failed.
+
+    Launched as several processes (torchrun, ``accelerate launch``), the checkpoints are dealt
+    over them (:mod:`lawwatch.sweep`); the main process alone prints and writes.
+    """
+    from lawwatch.sweep import join, serve
+
+    team = join()
+    if team is not None and not team.main:
+        try:
+            return serve(team)
+        finally:
+            team.close()
+    try:
+        return _lead(args, team)
+    finally:
+        if team is not None:
+            team.cancel()  # the others end even when this one stopped before dealing
+            team.close()
+
+
+def _lead(args: argparse.Namespace, team: Any) -> int:
+    """The sweep, its summary, report and W&B run (on the main process of several)."""
     from lawwatch.analyze import analyze, log_to_wandb
     from lawwatch.checkpoints import describe, find_checkpoints
+    from lawwatch.sweep import lead
 
     try:
         config = _measure_config(args)
@@ -317,13 +340,22 @@ def run(args: argparse.Namespace) -> int:
         checkpoints = find_checkpoints(args.checkpoints, steps=args.step, gguf_file=args.gguf_file)
         print(f"lawwatch analyze: found {describe(checkpoints)}")
         probe = _probe(args, checkpoints, load)
-        result = analyze(checkpoints, probe, args.out, config, load=load, progress=args.progress)
+        if team is None:
+            result = analyze(
+                checkpoints, probe, args.out, config, load=load, progress=args.progress
+            )
+        else:
+            print(f"lawwatch analyze: dealt over {team.world} processes")
+            result = lead(
+                team, checkpoints, probe, args.out, config, load=load, progress=args.progress
+            )
     except (ValueError, TypeError, OSError) as error:
         return fail("analyze", error)
     done = ", ".join(
         f"{len(steps)} {what}"
         for what, steps in (
             ("measured", result.measured),
+            ("recorded from the stopped sweep", result.recovered),
             ("copied (same weights)", result.copied),
             ("already measured", result.skipped),
         )
