@@ -129,8 +129,18 @@ def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
 # what every record says it was measured with: the probe's content hash, the measurement options
 # (MeasureConfig.to_dict()) and the precision of the forward (lawwatch.precision)
 SERIES_FIELDS = ("probe", "config", "precision")
-# options that change what a snapshot costs, not what it measures: a change keeps the series
-COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes", "stats_device"})
+# options that change what a snapshot costs, or what it adds beside the headline numbers (the
+# breakdowns, docs/breakdowns.md), not what it measures: a change keeps the series
+COST_OPTIONS = frozenset(
+    {
+        "batch_size",
+        "max_onehot_bytes",
+        "stats_device",
+        "by_group",
+        "max_group_bytes",
+        "position_buckets",
+    }
+)
 
 
 def identity(probe: str, config: Mapping[str, Any], precision: str | None = None) -> dict[str, Any]:
