@@ -213,7 +213,7 @@ class Recipe:
         )
 
     def position_labels(self) -> tuple[str, ...]:
-        """The position buckets' labels (``"0-10%"`` …), empty without ``position_buckets``."""
+        """The position buckets' labels (``"0-10"`` …), empty without ``position_buckets``."""
         return position_labels(self.config.position_buckets)
 
     def build(self, dim: int) -> Statistics:
@@ -278,11 +278,14 @@ class Recipe:
 
 
 def position_labels(buckets: int | None) -> tuple[str, ...]:
-    """Labels of ``buckets`` position buckets: ``"0-10%"``, ``"10-20%"``, …; empty for None."""
+    """Labels of ``buckets`` position buckets, in percent of the sequence; empty for None.
+
+    ``"0-10"``, ``"10-20"``, … (``"0-33.3"`` for thirds): tracker-safe (no ``%``).
+    """
     if buckets is None:
         return ()
     edges = [round(100 * b / buckets, 1) for b in range(buckets + 1)]
-    return tuple(f"{edges[b]:g}-{edges[b + 1]:g}%" for b in range(buckets))
+    return tuple(f"{edges[b]:g}-{edges[b + 1]:g}" for b in range(buckets))
 
 
 def position_buckets(
