@@ -17,6 +17,7 @@ from typing import Any
 from lawwatch._version import __version__
 from lawwatch.history import entries
 from lawwatch.law import LawFit
+from lawwatch.report.breakdowns import BREAKDOWN_FIGURES
 from lawwatch.report.figures import FIGURES, LENS_FIGURES, OKABE_ITO, deviation
 from lawwatch.report.runs import Run
 
@@ -93,8 +94,8 @@ def page(
             + "</tr>"
         )
     parts.append("</table>")
-    for stem, caption in {**FIGURES, **LENS_FIGURES}.items():
-        if stem not in svgs:  # the lens figure, without lens records
+    for stem, caption in {**FIGURES, **LENS_FIGURES, **BREAKDOWN_FIGURES}.items():
+        if stem not in svgs:  # the lens and breakdown figures, without their records
             continue
         data = base64.b64encode(svgs[stem].encode()).decode()
         links = " · ".join(
