@@ -322,9 +322,7 @@ class MeasureConfig(Options):
                     f"position_buckets must be an int or None, got {self.position_buckets!r}."
                 )
             if self.position_buckets < 1:
-                raise ValueError(
-                    f"position_buckets must be positive, got {self.position_buckets}."
-                )
+                raise ValueError(f"position_buckets must be positive, got {self.position_buckets}.")
             if self.lens is None:
                 raise ValueError(
                     "position_buckets splits the logit lens's metrics by position: it needs "
