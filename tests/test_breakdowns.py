@@ -338,6 +338,12 @@ def test_record_round_trip_and_tracker_keys(grouped):
     steps, r = history.group_series("x", "pearson_r")
     assert steps == [0, 5] and r == [x["pearson_r"]] * 2
     assert history.group_series("z", "pearson_r") == ([], [])
+    from lawwatch.output.console import ConsoleSink
+
+    line = ConsoleSink.line(snap)
+    assert line.endswith(
+        f"; r by group: x {x['pearson_r']:.3f}, y {record['groups']['y']['pearson_r']:.3f}, z —"
+    )
 
 
 def test_report_draws_a_figure_per_group_and_per_position(grouped, tmp_path):
@@ -353,3 +359,33 @@ def test_report_draws_a_figure_per_group_and_per_position(grouped, tmp_path):
     assert {"groups", "positions"} <= set(report.figures)
     page = (tmp_path / "report" / "report.html").read_text()
     assert "Per group of the probe" in page and "position bucket" in page
+
+
+def test_probe_build_groups_by_file_and_by_dataset_column(tmp_path, capsys):
+    from lawwatch import cli
+
+    tokenizer = tmp_path / "tokenizer"
+    char_tokenizer().save_pretrained(tokenizer)
+    (tmp_path / "code.txt").write_text("def law(x):\n    return x\n\nfor layer in range(3): pass")
+    (tmp_path / "prose.txt").write_text("the law of equi-learning\n\neach layer cuts the residual")
+    out = tmp_path / "probe.safetensors"
+    argv = ["probe", "build", "--texts", str(tmp_path / "*.txt"), "--group-by-file"]
+    argv += ["--tokenizer", str(tokenizer), "--max-length", "16", "--text-unit", "paragraph"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    probe = ProbeSet.load(out)
+    assert probe.groups == ["code.txt"] * 2 + ["prose.txt"] * 2
+    assert "group code.txt:" in capsys.readouterr().out
+    assert cli.main(["probe", "show", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["groups"] == probe.group_examples() and shown["summary"]["groups"] == 2
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "code.txt").write_text("x = 1")
+    argv[3] = str(tmp_path / "**" / "*.txt")
+    assert cli.main([*argv, "--out", str(out)]) == 2  # two files named code.txt
+    assert "share the file name" in capsys.readouterr().err
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_dict({"text": ["the law", "each layer"], "kind": ["a", "b"]})
+    data.save_to_disk(tmp_path / "data")
+    argv = ["probe", "build", "--dataset", str(tmp_path / "data"), "--group-column", "kind"]
+    argv += ["--tokenizer", str(tokenizer), "--max-length", "16", "--out", str(out)]
+    assert cli.main(argv) == 0 and ProbeSet.load(out).groups == ["a", "b"]
