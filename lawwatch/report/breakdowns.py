@@ -73,7 +73,11 @@ def groups_figure(runs: list[Run]) -> Any:
                 pairs = [
                     (r["step"], (r["groups"].get(name) or {}).get("lens") or {}) for r in records
                 ]
-                pairs = [(s, g[LensKeys.GAP_MEAN]) for s, g in pairs if g.get(LensKeys.GAP_MEAN)]
+                pairs = [
+                    (s, g[LensKeys.GAP_MEAN])
+                    for s, g in pairs
+                    if g.get(LensKeys.GAP_MEAN) is not None
+                ]
                 if pairs:
                     xs, ys = zip(*pairs, strict=True)
                     row[2].plot(xs, ys, "o-", color=color, ms=3, label=name)
