@@ -389,3 +389,12 @@ def test_probe_build_groups_by_file_and_by_dataset_column(tmp_path, capsys):
     argv = ["probe", "build", "--dataset", str(tmp_path / "data"), "--group-column", "kind"]
     argv += ["--tokenizer", str(tokenizer), "--max-length", "16", "--out", str(out)]
     assert cli.main(argv) == 0 and ProbeSet.load(out).groups == ["a", "b"]
+
+
+def test_groups_beside_the_jackknife_and_one_hot_targets(model):
+    # the headline keeps its jackknife; each group is in-sample PR over the whole probe's classes
+    probe = grouped_probe()
+    record = quiet_measure(model, probe, by_group=True, target="onehot", jackknife=4).to_record()
+    assert record["jackknife_groups"] == 4 and "pearson_r_se" not in record["groups"]["x"]
+    alone = quiet_measure(model, probe.group("x"), target="onehot", jackknife=None)
+    np.testing.assert_allclose(record["groups"]["x"]["pr"], alone.pr.numpy(), rtol=0, atol=1e-9)
