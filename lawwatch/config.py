@@ -192,12 +192,12 @@ class MeasureConfig(Options):
     by_group: bool = False
     """Per group of a probe that carries groups (docs/breakdowns.md): the law (in-sample PR per
     entry, r, rho; no jackknife) and, with the lens, its metrics, in each record's 'groups'.
-    Keeps one more set of statistics per group: groups x entries x (d+1)^2 x 8 bytes, refused
-    above max_group_bytes. Not with split or metric='separation_fuzziness'."""
+    Keeps one more set of statistics per group: groups x entries x ((d+1)^2 + d x outputs) x 8
+    bytes (outputs: 1, or the one-hot classes), refused above max_group_bytes. Not with split or
+    metric='separation_fuzziness'."""
     max_group_bytes: int = 4 << 30
-    """Refuse by_group when the per-group statistics (groups x entries x (d+1)^2 x 8 bytes,
-    times the one-hot classes' share with target='onehot') pass this many bytes (default
-    4 GiB), before any forward pass."""
+    """Refuse by_group, before any forward pass, when the per-group statistics (groups x
+    entries x ((d+1)^2 + d x outputs) x 8 bytes) pass this many bytes (default 4 GiB)."""
     position_buckets: int | None = None
     """The logit lens's metrics per position bucket too (record 'positions'): bucket b holds
     the examples whose position j in a sequence of n real tokens has floor(j*B/n) = b
