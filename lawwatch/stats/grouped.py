@@ -251,8 +251,10 @@ class GroupedUpdate:
 
     def add(self, part: slice, features: torch.Tensor, *, owned: bool = False) -> None:
         """Add the entries ``part`` from ``features`` ``(part.stop - part.start, n, d)``."""
+        if self.updates and self.updates[0][0].device != features.device:  # moved once
+            self.updates = [(rows.to(features.device), update) for rows, update in self.updates]
         for rows, update in self.updates:  # the copies first: the inner may shift in place
-            update.add(part, features.index_select(1, rows.to(features.device)), owned=True)
+            update.add(part, features.index_select(1, rows), owned=True)
         self.inner.add(part, features, owned=owned)
 
     def finish(self) -> Grouped:
