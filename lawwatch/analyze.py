@@ -121,7 +121,14 @@ class _CountedProbe(ProbeSet):
     """The probe, ticking a progress bar at each batch."""
 
     def __init__(self, probe: ProbeSet, bar: Any) -> None:
-        super().__init__(probe.input_ids, probe.attention_mask, probe.meta)
+        super().__init__(
+            probe.input_ids,
+            probe.attention_mask,
+            probe.meta,
+            groups=probe.groups,
+            group_names=probe.group_names or None,
+            target_mask=probe.target_mask,
+        )
         self._bar = bar
 
     def batches(self, batch_size: int) -> Iterator[Any]:

@@ -189,6 +189,19 @@ class MeasureConfig(Options):
     """The module the logit lens reads through (the unembedding applied after the final norm),
     by name. Default: the model's get_output_embeddings(), else a module named lm_head, head,
     output, embed_out or unembed."""
+    by_group: bool = False
+    """Per group of a probe that carries groups (docs/breakdowns.md): the law (in-sample PR per
+    entry, r, rho; no jackknife) and, with the lens, its metrics, in each record's 'groups'.
+    Keeps one more set of statistics per group: groups x entries x ((d+1)^2 + d x outputs) x 8
+    bytes (outputs: 1, or the one-hot classes), refused above max_group_bytes. Not with split or
+    metric='separation_fuzziness'."""
+    max_group_bytes: int = 4 << 30
+    """Refuse by_group, before any forward pass, when the per-group statistics (groups x
+    entries x ((d+1)^2 + d x outputs) x 8 bytes) pass this many bytes (default 4 GiB)."""
+    position_buckets: int | None = None
+    """The logit lens's metrics per position bucket too (record 'positions'): bucket b holds
+    the examples whose position j in a sequence of n real tokens has floor(j*B/n) = b
+    (B buckets: 10 = tenths of each sequence). Needs lens."""
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
@@ -284,6 +297,37 @@ class MeasureConfig(Options):
                     "or 'cuda:0' (None: the model's device)."
                 ) from None
         self._check_lens()
+        self._check_breakdowns()
+
+    def _check_breakdowns(self) -> None:
+        if not isinstance(self.by_group, bool):
+            raise TypeError(f"by_group must be True or False, got {self.by_group!r}.")
+        if self.by_group and self.split is not None:
+            raise ValueError(
+                "by_group measures in-sample PR per group; it does not combine with split "
+                "(out-of-sample PR): set split=None or by_group=False."
+            )
+        if self.by_group and self.metric != "pr":
+            raise ValueError(
+                f"by_group measures PR per group; metric={self.metric!r} does not apply: use "
+                "metric='pr' or by_group=False."
+            )
+        if not _is_int(self.max_group_bytes):
+            raise TypeError(f"max_group_bytes must be an int, got {self.max_group_bytes!r}.")
+        if self.max_group_bytes < 1:
+            raise ValueError(f"max_group_bytes must be positive, got {self.max_group_bytes}.")
+        if self.position_buckets is not None:
+            if not _is_int(self.position_buckets):
+                raise TypeError(
+                    f"position_buckets must be an int or None, got {self.position_buckets!r}."
+                )
+            if self.position_buckets < 1:
+                raise ValueError(f"position_buckets must be positive, got {self.position_buckets}.")
+            if self.lens is None:
+                raise ValueError(
+                    "position_buckets splits the logit lens's metrics by position: it needs "
+                    "lens (e.g. lens=1.0)."
+                )
 
     def _check_lens(self) -> None:
         if self.lens is True:  # "on": the default share, written as the number it is

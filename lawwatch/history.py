@@ -129,8 +129,18 @@ def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
 # what every record says it was measured with: the probe's content hash, the measurement options
 # (MeasureConfig.to_dict()) and the precision of the forward (lawwatch.precision)
 SERIES_FIELDS = ("probe", "config", "precision")
-# options that change what a snapshot costs, not what it measures: a change keeps the series
-COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes", "stats_device"})
+# options that change what a snapshot costs, or what it adds beside the headline numbers (the
+# breakdowns, docs/breakdowns.md), not what it measures: a change keeps the series
+COST_OPTIONS = frozenset(
+    {
+        "batch_size",
+        "max_onehot_bytes",
+        "stats_device",
+        "by_group",
+        "max_group_bytes",
+        "position_buckets",
+    }
+)
 
 
 def identity(probe: str, config: Mapping[str, Any], precision: str | None = None) -> dict[str, Any]:
@@ -323,3 +333,21 @@ class History:
             torch.tensor(entries(rows[0])),
             torch.tensor([LensKeys.of(r)[metric] for r in rows], dtype=torch.float64),
         )
+
+    # -- the breakdowns (docs/breakdowns.md) ---------------------------------------------------
+
+    def group_names(self) -> list[str]:
+        """The probe groups the records hold (``by_group``), in order of first appearance."""
+        return list(dict.fromkeys(n for r in self.records for n in (r.get("groups") or {})))
+
+    def group_series(self, name: str, field: str = "pearson_r") -> tuple[list[int], list[Any]]:
+        """``(steps, values)`` of one group's ``field`` over the records where it has one.
+
+        ``field``: ``pearson_r``, ``rho``, ``n_tokens``, … (a group without a PR has no fit).
+        """
+        pairs = [
+            (r["step"], r["groups"][name][field])
+            for r in self.records
+            if (r.get("groups") or {}).get(name, {}).get(field) is not None
+        ]
+        return [s for s, _ in pairs], [v for _, v in pairs]

@@ -23,9 +23,16 @@ from lawwatch.identify_norm import identify, needs_identifying
 from lawwatch.law import MIN_LAW_POINTS, fit_law
 from lawwatch.models import Unembedding, check_head, check_probe, unembedding
 from lawwatch.precision import forward_precision
-from lawwatch.probe import ProbeSet, example_mask, example_targets
+from lawwatch.probe import ProbeSet, example_targets
 from lawwatch.stats import Statistics, Update
-from lawwatch.stats.build import Recipe, checked_groups, statistics_device
+from lawwatch.stats.build import (
+    Recipe,
+    check_group_memory,
+    checked_groups,
+    position_buckets,
+    statistics_device,
+)
+from lawwatch.stats.grouped import Grouped
 from lawwatch.stats.lens import Kept, Lensed, lens_rows
 from lawwatch.stats.partition import jackknife_se
 from lawwatch.targets import Targets
@@ -105,7 +112,42 @@ def solve(
     snapshot.extra.update(uncertainty(stats))
     if isinstance(stats, Lensed):  # the logit lens, reduced with the PR statistics
         snapshot.extra["lens"] = stats.lens.record()
+    snapshot.extra.update(breakdowns(stats))
     return snapshot
+
+
+def breakdowns(stats: Statistics) -> dict[str, Any]:
+    """The record's breakdowns (``docs/breakdowns.md``): ``groups`` and ``positions``.
+
+    ``groups`` (``by_group``): per group name, ``n_tokens``, ``pr`` and the law's fit (as the
+    record's own fields), or ``pr`` None and ``error`` (why: too few examples for the hidden
+    size, none at all); with the lens, ``lens`` (its fields over the group's examples).
+    ``positions`` (``position_buckets``): per bucket label, the lens's fields over its
+    examples. Empty without either.
+    """
+    out: dict[str, Any] = {}
+    lensed = stats if isinstance(stats, Lensed) else None
+    inner = lensed.inner if lensed is not None else stats
+    parts = lensed.lens.parts_record() if lensed is not None else {}
+    if isinstance(inner, Grouped):
+        groups: dict[str, Any] = {}
+        for name, solved in inner.breakdown().items():
+            entry: dict[str, Any] = {"n_tokens": solved.examples, "pr": None}
+            if solved.pr is not None:
+                try:
+                    fit = fit_law(solved.pr, layers=inner.layers)
+                    entry = {"n_tokens": solved.examples, "pr": solved.pr.tolist(), **fit.as_dict()}
+                except ValueError as error:  # e.g. a PR of 0: no log
+                    entry["error"] = f"group {name!r}: {error}"
+            else:
+                entry["error"] = solved.error
+            if "groups" in parts:
+                entry["lens"] = parts["groups"][name]
+            groups[name] = entry
+        out["groups"] = groups
+    if "positions" in parts:
+        out["positions"] = parts["positions"]
+    return out
 
 
 def uncertainty(stats: Statistics) -> dict[str, Any]:
@@ -179,6 +221,12 @@ def check_options(probe: ProbeSet, config: MeasureConfig) -> Targets:
         onehot_top_k=config.onehot_top_k,
     )
     statistics_device(config, torch.device("cpu"))  # a CUDA device this process lacks
+    if config.by_group and probe.group_index is None:
+        raise ValueError(
+            "by_group=True, but the probe carries no groups: build it with groups "
+            "(ProbeSet.from_texts(..., groups=...) or a dict of texts, --group-column, "
+            "--group-by-file), or set by_group=False."
+        )
     return targets
 
 
@@ -239,6 +287,7 @@ def check_settings(
             "longer sequences."
         )
     checked_groups(config, targets, len(probe), len(capture.layers), dim)
+    check_group_memory(config, targets, len(probe.group_names), len(capture.layers), dim)
 
 
 def check_final_norm(model: nn.Module, capture: Capture, dim: int | None) -> None:
@@ -326,8 +375,17 @@ def accumulate(
     rank, world = probe.meta.get("shard", (0, 1))
     # the statistics this config keeps, made when the first batch gives the width
     recipe = Recipe.of(
-        config, targets, layers=capture.layers, sequences=len(probe) * world, features=device
+        config,
+        targets,
+        layers=capture.layers,
+        sequences=len(probe) * world,
+        features=device,
+        group_names=probe.group_names,
+        group_of=probe.group_index if config.by_group else None,
+        first_row=rank * len(probe),
     )
+    # the examples: real positions whose target is real (and marked, with a target mask)
+    examples = probe.example_positions(offset)
     stats: Statistics | None = None
     # the logit lens: the head it reads through, found before any forward
     head = unembedding(model, config.lens_head) if config.lens is not None else None
@@ -335,12 +393,12 @@ def accumulate(
         if len(probe) > 0:
             # the final norm's reading, before any entry streams: one short forward on every
             # process (a collective under FSDP), on the sequence with the most examples
-            mask = probe.attention_mask
-            capture.calibrate(probe.input_ids, mask, example_mask(mask, offset), device)
+            capture.calibrate(probe.input_ids, probe.attention_mask, examples, device)
         for batch, (input_ids, attention_mask) in enumerate(probe.batches(config.batch_size)):
             first_row = rank * len(probe) + batch * config.batch_size
+            rows = slice(batch * config.batch_size, batch * config.batch_size + len(input_ids))
+            positions = examples[rows, : input_ids.shape[1]].to(device)  # (batch, length)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            positions = example_mask(attention_mask, offset)  # (batch, length)
             if errors:
                 capture.run_bare(input_ids, attention_mask)  # in step with the other ranks
                 continue
@@ -363,7 +421,9 @@ def accumulate(
                     keep,
                 )
                 if kept is not None:  # the lens's rows of this batch, after its forward
-                    _add_lens(stats, kept, next_ids[keep], head)
+                    labels = _lens_labels(probe, config, positions, attention_mask, sequences)
+                    labels = {axis: index[keep.to(index.device)] for axis, index in labels.items()}
+                    _add_lens(stats, kept, next_ids[keep], head, labels)
             except Exception as error:
                 if errors is None:
                     raise
@@ -412,11 +472,35 @@ def _add_streamed(
     return stats, kept
 
 
-def _add_lens(stats: Statistics, kept: Kept, targets: torch.Tensor, head: Unembedding) -> None:
+def _lens_labels(
+    probe: ProbeSet,
+    config: MeasureConfig,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sequences: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Each example's label index on every breakdown axis of the lens (groups, positions)."""
+    labels: dict[str, torch.Tensor] = {}
+    if config.by_group:
+        rank, _ = probe.meta.get("shard", (0, 1))
+        local = sequences.cpu() - rank * len(probe)
+        labels["groups"] = probe.group_index[local]
+    if config.position_buckets is not None:
+        labels["positions"] = position_buckets(positions, attention_mask, config.position_buckets)
+    return labels
+
+
+def _add_lens(
+    stats: Statistics,
+    kept: Kept,
+    targets: torch.Tensor,
+    head: Unembedding,
+    labels: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Add a batch's kept rows to the lens statistics carried by ``stats`` (a Lensed)."""
     if not isinstance(stats, Lensed):  # built by the recipe with the lens on: cannot happen
         raise RuntimeError("lawwatch: the logit lens is on but the statistics carry none.")
-    stats.lens.add(kept, targets, head)
+    stats.lens.add(kept, targets, head, labels)
 
 
 def measure(

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from lawwatch.probe import ProbeSet, example_mask, example_targets
+from lawwatch.probe import ProbeSet, example_targets
 
 MeasureTarget = Literal["token_id", "token_id_shuffled", "onehot"]
 MEASURE_TARGETS: tuple[str, ...] = ("token_id", "token_id_shuffled", "onehot")
@@ -36,7 +36,7 @@ def shuffled_ids(ids: torch.Tensor, seed: int = 0) -> dict[int, int]:
 
 def target_counts(probe: ProbeSet, offset: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct target ids of ``probe``'s examples (sorted) and how often each occurs."""
-    targets = example_targets(probe.input_ids, offset)[example_mask(probe.attention_mask, offset)]
+    targets = example_targets(probe.input_ids, offset)[probe.example_positions(offset)]
     return torch.unique(targets, return_counts=True)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from lawwatch import LawWatch, MeasureConfig, WatchConfig, measure
+from lawwatch import LawWatch, MeasureConfig, ProbeSet, WatchConfig, measure
 from lawwatch.cli.analyze import MEASURE
 from lawwatch.config import field_docs
 from lawwatch.integrations.hf import LawWatchCallback
@@ -48,6 +48,9 @@ CASES = {
     "stats_device": ({}, "cuda:99"),
     "lens": ({}, 0.5),  # the logit lens's metrics join the record (PRs unchanged)
     "lens_head": ({"lens": 1.0}, "transformer.h.0"),  # refused: no (vocabulary, d) weight
+    "by_group": ({}, True),  # the law per group of the probe joins the record (PRs unchanged)
+    "max_group_bytes": ({"by_group": True}, 1000),  # refused: the groups' statistics need more
+    "position_buckets": ({"lens": 1.0}, 3),  # the lens per position bucket joins the record
 }
 
 
@@ -62,7 +65,14 @@ def tiny_mamba():
 
 
 # fields whose case every entry point refuses when built (measurement.check_settings)
-REFUSED_WHEN_BUILT = {"layers", "max_onehot_bytes", "jackknife", "stats_device", "lens_head"}
+REFUSED_WHEN_BUILT = {
+    "layers",
+    "max_onehot_bytes",
+    "jackknife",
+    "stats_device",
+    "lens_head",
+    "max_group_bytes",
+}
 # ... and the callback too, where the user builds it: they need no model
 # (measurement.check_options)
 CALLBACK_REFUSES_WHEN_BUILT = {"stats_device"}
@@ -79,7 +89,9 @@ def test_every_field_has_a_case_and_a_docstring():
 
 @pytest.fixture(scope="module")
 def setup():
-    return tiny_gpt2(seed=3), ragged_probe(seed=4, rows=12, max_len=24)
+    probe = ragged_probe(seed=4, rows=12, max_len=24)
+    # groups, for by_group (the other fields measure the same tokens as without)
+    return tiny_gpt2(seed=3), ProbeSet(probe.input_ids, probe.attention_mask, groups=["a", "b"] * 6)
 
 
 class Forwards:
@@ -104,6 +116,9 @@ def outcome(run, model) -> tuple:
         pr = None if result is None else tuple(result.pr.tolist())
         if result is not None and "lens" in result.extra:
             pr = (pr, json.dumps(result.extra["lens"], sort_keys=True))
+        for breakdown in ("groups", "positions"):  # docs/breakdowns.md
+            if result is not None and breakdown in result.extra:
+                pr = (pr, json.dumps(result.extra[breakdown], sort_keys=True))
     except (ValueError, TypeError) as error:
         pr = type(error).__name__
     finally:

@@ -143,6 +143,39 @@ def test_ddp_logit_lens_equals_one_process(ddp):
 
 
 @pytest.mark.slow
+def test_ddp_breakdowns_equal_one_process_and_each_group_alone(ddp):
+    # groups a, b, c: b only on rank 1's shard, c only on rank 0's (and too few examples for
+    # the hidden size: no PR, the reason instead); a target mask selecting nothing in two rows
+    _, (r0, r1), _ = ddp
+    ref, alone = r0["ref_grouped"], r0["ref_alone"]
+    assert r0["grouped_shard_examples"][0]["b"] == 0 and r0["grouped_shard_examples"][1]["c"] == 0
+    assert ref["groups"]["c"]["pr"] is None and "Too few" in ref["groups"]["c"]["error"]
+    for name in ("a", "b"):
+        assert max_diff(ref["groups"][name]["pr"], alone[name]) <= 1e-9
+    for r in (r0, r1):
+        for kind in ("grouped", "grouped_background"):
+            got = r[kind]
+            assert max_diff(got["pr"], ref["pr"]) <= TOL
+            for name, group in ref["groups"].items():
+                mine = got["groups"][name]
+                assert mine["n_tokens"] == group["n_tokens"]
+                assert mine.get("error") == group.get("error")
+                if group["pr"] is not None:
+                    assert max_diff(mine["pr"], alone[name]) <= 1e-9
+                    assert mine["pearson_r"] == pytest.approx(group["pearson_r"], abs=1e-9)
+                lens, want = mine["lens"], group["lens"]
+                assert lens["examples"] == want["examples"]
+                assert lens["first_correct"] == want["first_correct"]
+                for metric in ("top1", "ce", "kl", "entropy"):
+                    assert max_diff(lens[metric], want[metric]) <= TOL
+            assert list(got["positions"]) == list(ref["positions"])
+            for bucket, want in ref["positions"].items():
+                assert got["positions"][bucket]["examples"] == want["examples"]
+                assert got["positions"][bucket]["final"] == want["final"]
+                assert max_diff(got["positions"][bucket]["ce"], want["ce"]) <= TOL
+
+
+@pytest.mark.slow
 def test_ddp_rank_without_examples(ddp):
     _, (r0, r1), _ = ddp
     assert r0["shard_examples"][1] == 0 and r0["shard_examples"][0] > 0

@@ -66,6 +66,8 @@ def _build(args: argparse.Namespace) -> int:
         f"{path}: {summary['sequences']} sequences of up to {summary['length']} tokens, "
         f"{summary['examples']} examples; content hash {probe.content_hash()}"
     )
+    for name, count in probe.group_examples().items():
+        print(f"  group {name}: {count} examples")
     return 0
 
 
@@ -86,6 +88,8 @@ def _show(args: argparse.Namespace) -> int:
         "offset": args.offset,
         "meta": probe.meta,
     }
+    if probe.group_names:
+        shown["groups"] = probe.group_examples(args.offset)
     if args.json:
         print(json.dumps(shown, indent=2))
         return 0
@@ -93,6 +97,8 @@ def _show(args: argparse.Namespace) -> int:
     print(f"content hash  {shown['content_hash']}")
     for key, value in shown["summary"].items():
         print(f"{key:<27} {value}")
+    for name, count in shown.get("groups", {}).items():
+        print(f"group {name:<21} {count} examples")
     print("provenance")
     for key, value in probe.meta.items():
         print(f"  {key:<25} {json.dumps(value)}")

@@ -104,6 +104,7 @@ def run_demo(config: DemoConfig, console: Any | None = None) -> DemoResult:
         emergence_threshold=config.emergence_threshold,
         max_overhead=config.max_overhead or None,
         lens=config.lens or None,
+        by_group=config.probe_groups,
         console=False,  # the live view shows each snapshot
     )
     args = training_arguments(config, out, report_to=["wandb"] if run is not None else [])

@@ -65,6 +65,11 @@ class DemoConfig:
     lens: float = 0.125
     """The share of the probe's examples the logit lens reads at each snapshot (docs/lens.md):
     what each layer already predicts through the model's own head; 0 turns it off."""
+    probe_groups: bool = False
+    """Measure the law per group too (docs/breakdowns.md): the probe becomes two groups of
+    probe_texts/2 sequences each, 'topics' (held-out pydoc topics: reference text full of
+    code) and 'license' (the license text CPython ships: legal prose, never trained on),
+    measured with by_group."""
     emergence_threshold: float = DEFAULT_EMERGENCE_THRESHOLD
     """The law counts as emerged from the first step after which r stays at or below this."""
     logging_steps: int = 1

@@ -53,6 +53,25 @@ def stdlib_docstrings(min_chars: int = 200) -> list[str]:
     return texts
 
 
+def python_license() -> list[str]:
+    """The paragraphs of the license text CPython ships (``LICENSE.txt`` beside the stdlib).
+
+    Legal prose, unlike anything the demo trains on: the demo's per-group probe sets it
+    against the pydoc topics (``DemoConfig.probe_groups``).
+
+    Raises:
+        FileNotFoundError: This Python was installed without its ``LICENSE.txt``.
+    """
+    path = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"This Python ships no license text at {path} (some distributions leave it out); "
+            "the demo's per-group probe needs it: run the demo without --probe-groups."
+        )
+    blocks = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n\n")
+    return [" ".join(b.split()) for b in blocks if len(b.split()) >= 8]
+
+
 def python_texts(source: Source = "all") -> list[str]:
     """Documents from the running CPython: ``"topics"``, ``"docstrings"`` or ``"all"``."""
     if source == "topics":

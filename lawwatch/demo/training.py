@@ -12,7 +12,15 @@ from typing import Any
 import torch
 
 from lawwatch.demo.config import DemoConfig
-from lawwatch.demo.corpus import Blocks, pack_texts, python_texts, split_texts, train_tokenizer
+from lawwatch.demo.corpus import (
+    Blocks,
+    pack_texts,
+    pydoc_topics,
+    python_license,
+    python_texts,
+    split_texts,
+    train_tokenizer,
+)
 from lawwatch.probe import ProbeSet
 
 
@@ -23,6 +31,8 @@ def prepare(config: DemoConfig) -> tuple[Any, Blocks, ProbeSet]:
     )
     tokenizer = train_tokenizer(train_docs, vocab_size=config.vocab_size)
     blocks = Blocks(pack_texts(train_docs, tokenizer, config.seq_len))
+    if config.probe_groups:
+        return tokenizer, blocks, group_probe(config, tokenizer, heldout_docs)
     probe = ProbeSet.from_texts(
         heldout_docs,
         tokenizer,
@@ -31,6 +41,37 @@ def prepare(config: DemoConfig) -> tuple[Any, Blocks, ProbeSet]:
         seed=config.seed,
     )
     return tokenizer, blocks, probe
+
+
+def group_probe(config: DemoConfig, tokenizer: Any, heldout_docs: list[str]) -> ProbeSet:
+    """The per-group probe: held-out pydoc topics and CPython's license text, packed apart.
+
+    Each group's documents are packed into ``probe_length`` sequences and its first
+    ``probe_texts // 2`` sequences kept (``DemoConfig.probe_groups``).
+
+    Raises:
+        ValueError: No pydoc topic among the held-out documents (a ``source`` without them).
+    """
+    topics = set(pydoc_topics())
+    held = [doc for doc in heldout_docs if doc in topics]
+    if not held:
+        raise ValueError(
+            f"probe_groups needs held-out pydoc topics, and source={config.source!r} holds none "
+            "out: use source='topics' or 'all'."
+        )
+    probe = ProbeSet.from_texts(
+        {"topics": held, "license": python_license()},
+        tokenizer,
+        max_length=config.probe_length,
+        pack=True,
+    )
+    per = max(1, config.probe_texts // 2)
+    rows = [
+        i
+        for g in range(len(probe.group_names))
+        for i in (probe.group_index == g).nonzero().squeeze(1).tolist()[:per]
+    ]
+    return probe.select(rows)
 
 
 def build_model(config: DemoConfig, vocab_size: int, eos_id: int) -> Any:

@@ -43,15 +43,25 @@ class ConsoleSink:
     def line(snapshot: Snapshot) -> str:
         """The summary: step, r (± its jackknife standard error when measured), rho, seconds.
 
+        With ``by_group``, each group's r follows (``—`` for a group without a PR).
+
         rho is written so that values near 1 stay apart: within 0.01 of 1 as ``1 - 0.00269``
         (three significant digits of ``1 - rho``), else to three significant digits.
         """
         se = snapshot.extra.get("pearson_r_se")
         r = f"{snapshot.fit.pearson_r:.3f}" + ("" if se is None else f" ± {se:.3f}")
-        return (
+        text = (
             f"lawwatch step {snapshot.step}: r = {r}, rho = {rho_text(snapshot.fit.rho)}, "
             f"{snapshot.seconds:.1f} s"
         )
+        groups = snapshot.extra.get("groups")
+        if isinstance(groups, dict) and groups:  # by_group: each group's r ("—": none)
+            each = [
+                f"{name} {g['pearson_r']:.3f}" if g.get("pearson_r") is not None else f"{name} —"
+                for name, g in groups.items()
+            ]
+            text += f"; r by group: {', '.join(each)}"
+        return text
 
     @staticmethod
     def why_no_error(snapshot: Snapshot) -> str | None:

@@ -42,8 +42,10 @@ def scalars(snapshot: Snapshot) -> dict[str, float]:
     ``lawwatch/r2``, ``lawwatch/n_tokens``, ``lawwatch/seconds``, each numeric ``extra`` field
     as ``lawwatch/<name>``, and ``lawwatch/pr/layer_XX`` for hidden-state entry ``XX`` (``00``
     = embeddings; zero-padded so dashboards sort them by depth), and with the logit lens on
-    the ``lawwatch/lens/...`` keys of :func:`lens_scalars`. Non-finite fit values are left
-    out (several trackers refuse NaN); the step is not a key (each tracker takes it its way).
+    the ``lawwatch/lens/...`` keys of :func:`lens_scalars`; with the breakdowns, the
+    ``lawwatch/group/<name>/...`` and ``lawwatch/position/<bucket>/...`` keys of
+    :func:`breakdown_scalars`. Non-finite fit values are left out (several trackers refuse
+    NaN); the step is not a key (each tracker takes it its way).
     """
     values: dict[str, float] = {}
     fields = {**snapshot.fit.as_dict(), "n_tokens": snapshot.n_tokens, "seconds": snapshot.seconds}
@@ -57,10 +59,39 @@ def scalars(snapshot: Snapshot) -> dict[str, float]:
     lens = LensKeys.of(snapshot.extra)
     if lens is not None:
         values.update(lens_scalars(lens, snapshot.layers))
+    values.update(breakdown_scalars(snapshot.extra, snapshot.layers))
     return values
 
 
-def lens_scalars(lens: dict, layers: tuple[int, ...]) -> dict[str, float]:
+def breakdown_scalars(record: dict, layers: tuple[int, ...]) -> dict[str, float]:
+    """The breakdowns' keys of :func:`scalars` (``record``: a record, or a snapshot's extra).
+
+    Per group (``record["groups"]``): ``lawwatch/group/<name>/<rho|pearson_r|slope|intercept|
+    r2|n_tokens>``, ``lawwatch/group/<name>/pr/layer_XX`` and, with the lens, its keys under
+    ``lawwatch/group/<name>/lens/...`` (as :func:`lens_scalars`); a group without a PR (its
+    ``error`` says why) gives ``n_tokens`` alone. Per position bucket (``record["positions"]``):
+    the lens's keys under ``lawwatch/position/<bucket>/lens/...``.
+    """
+    values: dict[str, float] = {}
+    entries = layers[-1] + 1
+    for name, group in (record.get("groups") or {}).items():
+        base = f"{PREFIX}group/{name}/"
+        values[base + "n_tokens"] = group["n_tokens"]
+        if group.get("pr") is not None:
+            for field in ("rho", "pearson_r", "slope", "intercept", "r2"):
+                value = group.get(field)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    values[base + field] = value
+            for entry, pr in zip(layers, group["pr"], strict=True):
+                values[base + layer_key(entry, entries).removeprefix(PREFIX)] = pr
+        if group.get("lens") is not None:
+            values.update(lens_scalars(group["lens"], layers, prefix=base))
+    for bucket, lens in (record.get("positions") or {}).items():
+        values.update(lens_scalars(lens, layers, prefix=f"{PREFIX}position/{bucket}/"))
+    return values
+
+
+def lens_scalars(lens: dict, layers: tuple[int, ...], prefix: str = PREFIX) -> dict[str, float]:
     """The logit lens's keys of :func:`scalars` (``lens``: a record's ``lens`` field).
 
     ``lawwatch/lens/<top1|ce|kl|entropy>/layer_XX`` per entry; the prediction depth as the
@@ -68,24 +99,24 @@ def lens_scalars(lens: dict, layers: tuple[int, ...]) -> dict[str, float]:
     ``…/never``; ``lawwatch/lens/<first_correct_mean|final_mean|gap_mean>`` (mean entry
     index, left out when no example has one) and ``lawwatch/lens/examples``. A lens that read
     no example gives ``lawwatch/lens/examples`` (0) alone: its metrics are NaN, left out as
-    non-finite fit values are.
+    non-finite fit values are. ``prefix``: where the keys go (a group's, a bucket's).
     """
     width = max(2, len(str(layers[-1])))
-    values: dict[str, float] = {f"{PREFIX}lens/{LensKeys.EXAMPLES}": lens[LensKeys.EXAMPLES]}
+    values: dict[str, float] = {f"{prefix}lens/{LensKeys.EXAMPLES}": lens[LensKeys.EXAMPLES]}
     for metric in LensKeys.PER_ENTRY:
         for entry, value in zip(layers, lens[metric], strict=True):
             if math.isfinite(value):  # NaN: the lens read no example
-                values[f"{PREFIX}lens/{metric}/layer_{entry:0{width}d}"] = value
+                values[f"{prefix}lens/{metric}/layer_{entry:0{width}d}"] = value
     for depth in LensKeys.DEPTHS:
         total = sum(lens[depth])
         if not total:  # no example: no share
             continue
         for entry, count in zip((*layers, "never"), lens[depth], strict=True):
             name = "never" if entry == "never" else f"layer_{entry:0{width}d}"
-            values[f"{PREFIX}lens/{depth}/{name}"] = count / total
+            values[f"{prefix}lens/{depth}/{name}"] = count / total
     for name in LensKeys.MEANS:
         if lens.get(name) is not None:
-            values[f"{PREFIX}lens/{name}"] = lens[name]
+            values[f"{prefix}lens/{name}"] = lens[name]
     return values
 
 

@@ -26,8 +26,12 @@ def _import_datasets() -> Any:
 
 
 def dataset_texts(
-    dataset: Any, text_column: str, num_texts: int | None, seed: int
-) -> tuple[list[Any], int]:
+    dataset: Any,
+    text_column: str,
+    num_texts: int | None,
+    seed: int,
+    group_column: str | None = None,
+) -> tuple[list[Any], int, list[str] | None]:
     """The documents of ``dataset[text_column]``: all, or ``num_texts`` drawn with ``seed``.
 
     The draw is ``random.Random(seed).sample`` over row indices, so it picks the same rows as
@@ -38,9 +42,11 @@ def dataset_texts(
         text_column: The column holding the texts.
         num_texts: How many documents to draw (default all).
         seed: Seed of the draw.
+        group_column: A column of each document's group label (made str), or None.
 
     Returns:
-        The texts (in draw order) and the dataset's row count.
+        The texts (in draw order), the dataset's row count, and the drawn documents' group
+        labels (None without ``group_column``).
     """
     if isinstance(dataset, (str, os.PathLike)):
         dataset = _import_datasets().load_from_disk(str(dataset))
@@ -60,13 +66,30 @@ def dataset_texts(
             f"The dataset has no column {text_column!r}; its columns are {dataset.column_names}. "
             "Pass text_column=…."
         )
+    if group_column is not None and group_column not in dataset.column_names:
+        raise ValueError(
+            f"The dataset has no column {group_column!r}; its columns are "
+            f"{dataset.column_names}. Pass group_column=…."
+        )
     rows = len(dataset)
-    if num_texts is None:
-        return list(dataset[text_column]), rows
-    if num_texts > rows:
-        raise ValueError(f"num_texts={num_texts} but the dataset has only {rows} rows.")
-    index = random.Random(seed).sample(range(rows), num_texts)
-    return list(dataset.select(index)[text_column]), rows
+    if num_texts is not None:
+        if num_texts > rows:
+            raise ValueError(f"num_texts={num_texts} but the dataset has only {rows} rows.")
+        dataset = dataset.select(random.Random(seed).sample(range(rows), num_texts))
+    groups = None
+    if group_column is not None:
+        groups = [_label(v, group_column, i) for i, v in enumerate(dataset[group_column])]
+    return list(dataset[text_column]), rows, groups
+
+
+def _label(value: Any, column: str, row: int) -> str:
+    """A group label of a dataset column: the value as a str (None refused)."""
+    if value is None:
+        raise ValueError(
+            f"Row {row} of the drawn documents has no group (column {column!r} holds None); "
+            "give every document a group."
+        )
+    return str(value)
 
 
 def read_token_file(

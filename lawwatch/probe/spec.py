@@ -17,7 +17,7 @@ from typing import Any, Literal
 from lawwatch.probe.set import ProbeSet
 from lawwatch.probe.tokenizer import load_tokenizer
 
-__all__ = ["ProbeSpec", "read_texts"]
+__all__ = ["ProbeSpec", "read_texts", "read_texts_by_file"]
 
 TextUnit = Literal["file", "line", "paragraph"]
 
@@ -63,6 +63,12 @@ class ProbeSpec:
     chunks, instead of truncating each document."""
     add_special_tokens: bool = False
     """Let the tokenizer add its BOS/EOS tokens to each document."""
+    group_column: str | None = None
+    """The dataset column holding each document's group label (by_group measures the law per
+    group)."""
+    group_by_file: bool = False
+    """Each text file is a group, named by its file name (by_group measures the law per
+    group)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.texts, str | list):
@@ -79,6 +85,10 @@ class ProbeSpec:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
         if self.num_texts is not None and self.num_texts < 1:
             raise ValueError(f"num_texts must be positive, got {self.num_texts}.")
+        if self.group_column is not None and self.source != "dataset":
+            raise ValueError("group_column names a dataset column: give --dataset too.")
+        if self.group_by_file and self.source != "texts":
+            raise ValueError("group_by_file makes each text file a group: give --texts too.")
         if self.gguf_file is not None and self.tokenizer is None:
             raise ValueError(
                 "gguf_file names a file inside the tokenizer's directory or repository: give "
@@ -121,7 +131,11 @@ class ProbeSpec:
         else:
             # the texts first: a path that matches nothing fails before a tokenizer loads
             texts = self.source == "texts"
-            documents = read_texts(self.texts, self.text_unit, self.encoding) if texts else None
+            documents, groups = None, None
+            if texts and self.group_by_file:
+                documents, groups = read_texts_by_file(self.texts, self.text_unit, self.encoding)
+            elif texts:
+                documents = read_texts(self.texts, self.text_unit, self.encoding)
             if self.tokenizer is not None:
                 tokenizer = load_tokenizer(self.tokenizer, gguf_file=self.gguf_file)
             if tokenizer is None:
@@ -134,10 +148,14 @@ class ProbeSpec:
                 "pack": self.pack,
             }
             if self.source == "texts":
-                probe = ProbeSet.from_texts(documents, tokenizer, **common)
+                probe = ProbeSet.from_texts(documents, tokenizer, groups=groups, **common)
             else:
                 probe = ProbeSet.from_dataset(
-                    self._dataset(), tokenizer, text_column=self.text_column, **common
+                    self._dataset(),
+                    tokenizer,
+                    text_column=self.text_column,
+                    group_column=self.group_column,
+                    **common,
                 )
         probe.meta["spec"] = {k: v for k, v in asdict(self).items() if v not in (None, ())}
         return probe
@@ -172,7 +190,34 @@ def read_texts(
         FileNotFoundError: A path or glob that matches no file.
         ValueError: A file that does not decode with ``encoding`` (named, with the offset).
     """
-    documents: list[str] = []
+    return [doc for _, doc in _read(patterns, unit, encoding)]
+
+
+def read_texts_by_file(
+    patterns: tuple[str, ...] | list[str], unit: TextUnit = "file", encoding: str = "utf-8"
+) -> tuple[list[str], list[str]]:
+    """:func:`read_texts`, and each document's group: the name of the file it comes from.
+
+    Raises:
+        ValueError: Two files of the same name (their groups would merge), and what
+            :func:`read_texts` refuses.
+    """
+    found = _read(patterns, unit, encoding)
+    names: dict[str, Path] = {}
+    for path, _ in found:
+        if names.setdefault(path.name, path) != path:
+            raise ValueError(
+                f"{names[path.name]} and {path} share the file name {path.name!r}, and each "
+                "file's group is named by its file name: rename one."
+            )
+    return [doc for _, doc in found], [path.name for path, _ in found]
+
+
+def _read(
+    patterns: tuple[str, ...] | list[str], unit: TextUnit, encoding: str
+) -> list[tuple[Path, str]]:
+    """Each document of the files, with its file."""
+    documents: list[tuple[Path, str]] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
             paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
@@ -184,12 +229,12 @@ def read_texts(
         for path in paths:
             text = _decoded(path, encoding)
             if unit == "file":
-                documents.append(text)
+                documents.append((path, text))
             elif unit == "line":
-                documents.extend(line for line in text.splitlines() if line.strip())
+                documents.extend((path, line) for line in text.splitlines() if line.strip())
             else:
                 blocks = text.replace("\r\n", "\n").split("\n\n")
-                documents.extend(b.strip() for b in blocks if b.strip())
+                documents.extend((path, b.strip()) for b in blocks if b.strip())
     return documents
 
 

@@ -98,7 +98,8 @@ def render(
     Returns:
         ``(figure stem -> format -> path, figure stem -> SVG text)``: the files, and every
         figure as SVG for the page. The lens figure is among them only where a run's records
-        hold the logit lens.
+        hold the logit lens; the ``groups`` and ``positions`` figures
+        (:data:`~lawwatch.report.breakdowns.BREAKDOWN_FIGURES`) only where they hold those.
     """
     import matplotlib
 
@@ -114,6 +115,15 @@ def render(
         lens = _lens_figure(runs, steps)  # only where a run measured the logit lens
         if lens is not None:
             drawn["lens"] = lens
+        from lawwatch.report.breakdowns import groups_figure, positions_figure
+
+        # only where a run's records hold the breakdowns (docs/breakdowns.md)
+        for stem, figure in (
+            ("groups", groups_figure(runs)),
+            ("positions", positions_figure(runs)),
+        ):
+            if figure is not None:
+                drawn[stem] = figure
         for stem, fig in drawn.items():
             files[stem] = {}
             for fmt in formats:

@@ -17,6 +17,7 @@ from typing import Any
 from lawwatch._version import __version__
 from lawwatch.history import entries
 from lawwatch.law import LawFit
+from lawwatch.report.breakdowns import BREAKDOWN_FIGURES
 from lawwatch.report.figures import FIGURES, LENS_FIGURES, OKABE_ITO, deviation
 from lawwatch.report.runs import Run
 
@@ -93,8 +94,8 @@ def page(
             + "</tr>"
         )
     parts.append("</table>")
-    for stem, caption in {**FIGURES, **LENS_FIGURES}.items():
-        if stem not in svgs:  # the lens figure, without lens records
+    for stem, caption in {**FIGURES, **LENS_FIGURES, **BREAKDOWN_FIGURES}.items():
+        if stem not in svgs:  # the lens and breakdown figures, without their records
             continue
         data = base64.b64encode(svgs[stem].encode()).decode()
         links = " · ".join(
@@ -116,6 +117,19 @@ def page(
 
 
 _CAPTIONS = {
+    "groups": (
+        "Per group of the probe (MeasureConfig.by_group): left, log10 PR of each layer of the "
+        "latest snapshot measured on that group's examples alone, with its fitted line; "
+        "middle, each group's Pearson r against training step; right (with the logit lens), "
+        "the mean gap between the layer from which the top-1 is final and the first correct "
+        "layer. A group without enough examples for the hidden size has no line."
+    ),
+    "positions": (
+        "The logit lens per position bucket (MeasureConfig.position_buckets), latest "
+        "snapshot: left, top-1 accuracy of each layer over the examples whose position falls "
+        "in the bucket (percent of the sequence); right, the mean first-correct and final "
+        "layers and their gap per bucket."
+    ),
     "lens": (
         "Left: the logit lens's top-1 accuracy of each layer (the model's final norm and head "
         "applied to that layer) against training step. Middle: PR of the same layers. Right: "

@@ -5,7 +5,8 @@ statistics (plain or partitioned, the jackknife's groups, the logit lens beside 
 live, their precision), resolved before any forward pass; :meth:`Recipe.build` makes them once
 the feature width is known (at the first batch). :func:`jackknife_groups` resolves
 ``jackknife="auto"``; :func:`checked_groups` adds the one-hot memory check for the groups chosen
-(what :func:`lawwatch.measurement.check_settings` refuses before training starts).
+(what :func:`lawwatch.measurement.check_settings` refuses before training starts);
+:func:`check_group_memory` the per-group statistics' budget (``by_group``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lawwatch.precision import log_statistics_precision
+from lawwatch.stats.grouped import Grouped, group_bytes
 from lawwatch.stats.lens import Lensed, LensStats
 from lawwatch.stats.partition import PartitionedStats
 from lawwatch.stats.residual import ResidualStats
@@ -30,6 +32,7 @@ __all__ = [
     "AUTO_JACKKNIFE_GROUPS",
     "AUTO_JACKKNIFE_SEQUENCES",
     "Recipe",
+    "check_group_memory",
     "checked_groups",
     "jackknife_groups",
     "statistics_device",
@@ -94,6 +97,33 @@ def checked_groups(
     return groups
 
 
+def check_group_memory(
+    config: MeasureConfig, targets: Targets, groups: int, entries: int, dim: int
+) -> int:
+    """The bytes of ``by_group``'s per-group statistics (0 when off), refused over budget.
+
+    ``groups × entries × ((d + 1)² + d · outputs) × 8`` (:func:`~lawwatch.stats.grouped.
+    group_bytes`; ``outputs`` the one-hot classes, else 1).
+
+    Raises:
+        ValueError: Over ``max_group_bytes``, naming what fits.
+    """
+    if not config.by_group:
+        return 0
+    outputs = 1 if targets.classes is None else targets.classes.numel()
+    need = group_bytes(groups, entries, dim, outputs)
+    if need > config.max_group_bytes:
+        one = group_bytes(1, entries, dim, outputs)
+        raise ValueError(
+            f"by_group keeps statistics per group: {groups} groups x {entries} entries x "
+            f"(d+1)^2 at d={dim} take {need / 2**30:.2f} GiB (float64), over max_group_bytes="
+            f"{config.max_group_bytes} ({config.max_group_bytes / 2**30:.2f} GiB). At most "
+            f"{config.max_group_bytes // one} groups fit: merge groups, measure fewer entries "
+            f"(layers=…), or raise max_group_bytes (at least {need})."
+        )
+    return need
+
+
 def statistics_device(config: MeasureConfig, device: torch.device) -> torch.device:
     """Where the statistics live: ``config.stats_device``, else ``device`` (the model's).
 
@@ -129,6 +159,9 @@ class Recipe:
         sequences: The whole probe's sequence count (every process resolves ``'auto'`` alike).
         features: Where the features arrive (the model's device).
         device: Where the statistics live (:func:`statistics_device`).
+        group_names: The probe's groups (``by_group``; the whole probe's names).
+        group_of: ``(sequences,)`` the group index of each sequence of this process's probe.
+        first_row: That probe's first sequence's index in the whole probe.
     """
 
     config: MeasureConfig
@@ -137,6 +170,9 @@ class Recipe:
     sequences: int
     features: torch.device
     device: torch.device
+    group_names: tuple[str, ...] = ()
+    group_of: torch.Tensor | None = None
+    first_row: int = 0
 
     @classmethod
     def of(
@@ -147,14 +183,38 @@ class Recipe:
         layers: tuple[int, ...],
         sequences: int,
         features: torch.device,
+        group_names: tuple[str, ...] = (),
+        group_of: torch.Tensor | None = None,
+        first_row: int = 0,
     ) -> Recipe:
         """The recipe of ``config``, its statistics' device resolved now.
 
         Raises:
-            ValueError: A ``stats_device`` this process does not have.
+            ValueError: A ``stats_device`` this process does not have; ``by_group`` for a
+                probe without groups.
         """
         device = statistics_device(config, features)
-        return cls(config, targets, tuple(layers), sequences, features, device)
+        if config.by_group and group_of is None:
+            raise ValueError(
+                "by_group=True, but the probe carries no groups: build it with groups "
+                "(ProbeSet.from_texts(..., groups=...) or a dict of texts, --group-column, "
+                "--group-by-file), or set by_group=False."
+            )
+        return cls(
+            config,
+            targets,
+            tuple(layers),
+            sequences,
+            features,
+            device,
+            tuple(group_names),
+            group_of,
+            first_row,
+        )
+
+    def position_labels(self) -> tuple[str, ...]:
+        """The position buckets' labels (``"0-10"`` …), empty without ``position_buckets``."""
+        return position_labels(self.config.position_buckets)
 
     def build(self, dim: int) -> Statistics:
         """Empty statistics for features of width ``dim``.
@@ -197,9 +257,49 @@ class Recipe:
                 # a group left without examples: no standard error, not an error
                 optional=config.jackknife == "auto",
             )
+        if config.by_group:
+            check_group_memory(config, targets, len(self.group_names), entries, dim)
+            plain = Grouped(plain, make, self.group_names, self.group_of, self.first_row)
         if config.lens is None:
             return plain
+        breakdowns = {}
+        if config.by_group:
+            breakdowns["groups"] = self.group_names
+        if config.position_buckets is not None:
+            breakdowns["positions"] = self.position_labels()
         lens = LensStats(
-            self.layers, device=self.device, precision=config.precision, fraction=config.lens
+            self.layers,
+            device=self.device,
+            precision=config.precision,
+            fraction=config.lens,
+            breakdowns=breakdowns,
         )
         return Lensed(plain, lens)
+
+
+def position_labels(buckets: int | None) -> tuple[str, ...]:
+    """Labels of ``buckets`` position buckets, in percent of the sequence; empty for None.
+
+    ``"0-10"``, ``"10-20"``, … (``"0-33.3"`` for thirds): tracker-safe (no ``%``).
+    """
+    if buckets is None:
+        return ()
+    edges = [round(100 * b / buckets, 1) for b in range(buckets + 1)]
+    return tuple(f"{edges[b]:g}-{edges[b + 1]:g}" for b in range(buckets))
+
+
+def position_buckets(
+    positions: torch.Tensor, attention_mask: torch.Tensor, buckets: int
+) -> torch.Tensor:
+    """The bucket of each example of a batch, row-major like ``positions.nonzero()``.
+
+    Example at position ``j`` of a sequence of ``n`` real tokens: ``floor(j · buckets / n)``.
+
+    Args:
+        positions: ``(batch, length)`` bool example mask.
+        attention_mask: ``(batch, length)`` the real tokens.
+        buckets: How many buckets.
+    """
+    where = positions.nonzero()  # (n, 2)
+    lengths = attention_mask.sum(dim=1)[where[:, 0]]
+    return torch.div(where[:, 1] * buckets, lengths, rounding_mode="floor")

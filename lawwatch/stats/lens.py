@@ -24,6 +24,12 @@ when they are done, before the solve. The hidden states it reads are the kept ro
 entry, in the model's dtype (:meth:`lawwatch.capture.Capture.stream` with ``keep``):
 ``entries × m × d``.
 
+**Breakdowns.** With ``breakdowns`` (axis name → labels: the probe's groups, position
+buckets), each example's contributions to every sum also go, by ``index_add``, to the row of
+its label on each axis (:meth:`LensStats.parts_record`): the same metrics per group and per
+position bucket, for a few more sums (``labels × (6 · entries + 7)`` values), not another
+pass through the head.
+
 **Precision.** Logits, log-softmax and every reduction run in float64 with the statistics'
 ``precision="float64"`` (the default: within 1e-12 of a float64 reference); with ``"mixed"``
 in IEEE float32 (no TF32), summed in float64. KL is taken between log-probabilities.
@@ -163,6 +169,7 @@ class LensStats:
         device: torch.device | str = "cpu",
         precision: str = "float64",
         fraction: float = 1.0,
+        breakdowns: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.layers = tuple(layers)
         self.precision = precision
@@ -171,22 +178,29 @@ class LensStats:
         e = len(self.layers)
         size = len(self._PER_ENTRY) * e + 2 * (e + 1) + len(self._SCALARS)
         self.sums = torch.zeros(size, dtype=torch.float64, device=device)
+        # per axis of the breakdowns: its labels, and (labels, size) sums laid out like `sums`
+        self.labels = {axis: tuple(labels) for axis, labels in (breakdowns or {}).items()}
+        self.parts = {
+            axis: torch.zeros(len(labels), size, dtype=torch.float64, device=device)
+            for axis, labels in self.labels.items()
+        }
         self._head: tuple[tuple, torch.Tensor] | None = None  # see _weight
 
     # -- the layout of `sums` -----------------------------------------------------------------
 
-    def _part(self, name: str) -> torch.Tensor:
+    def _part(self, name: str, sums: torch.Tensor | None = None) -> torch.Tensor:
+        sums = self.sums if sums is None else sums
         e = len(self.layers)
         if name in self._PER_ENTRY:
             i = self._PER_ENTRY.index(name)
-            return self.sums[i * e : (i + 1) * e]
+            return sums[i * e : (i + 1) * e]
         base = len(self._PER_ENTRY) * e
         if name == "first_hist":
-            return self.sums[base : base + e + 1]
+            return sums[base : base + e + 1]
         if name == "final_hist":
-            return self.sums[base + e + 1 : base + 2 * (e + 1)]
+            return sums[base + e + 1 : base + 2 * (e + 1)]
         i = base + 2 * (e + 1) + self._SCALARS.index(name)
-        return self.sums[i : i + 1]
+        return sums[i : i + 1]
 
     @property
     def count(self) -> int:
@@ -195,15 +209,34 @@ class LensStats:
 
     # -- updates and reductions ---------------------------------------------------------------
 
-    def add(self, kept: Kept, targets: torch.Tensor, head: Unembedding) -> LensStats:
+    def add(
+        self,
+        kept: Kept,
+        targets: torch.Tensor,
+        head: Unembedding,
+        labels: Mapping[str, torch.Tensor] | None = None,
+    ) -> LensStats:
         """Add a batch's kept rows: ``targets`` ``(m,)`` the true next token of each.
 
+        Args:
+            kept: The rows' hidden states (see :class:`Kept`).
+            targets: ``(m,)`` their true next tokens.
+            head: The unembedding read through.
+            labels: Per axis of the breakdowns, ``(m,)`` each row's label index on it.
+
         Raises:
-            ValueError: The head's width is not the hidden states', or an entry is missing.
+            ValueError: The head's width is not the hidden states', an entry is missing, or
+                the labels do not match the breakdowns.
         """
         m = targets.numel()
         if len(kept.entries) != len(self.layers):
             raise ValueError(f"{len(kept.entries)} kept entries for {len(self.layers)} measured.")
+        labels = dict(labels or {})
+        if set(labels) != set(self.parts):
+            raise ValueError(
+                f"Lens labels for axes {sorted(labels)}, but the breakdowns are "
+                f"{sorted(self.parts)}."
+            )
         if m == 0:
             return self
         weight = head.weight
@@ -218,10 +251,7 @@ class LensStats:
         device = self.sums.device
         e = len(self.layers)
         entry_index = torch.tensor(self.layers, dtype=torch.float64, device=device)
-        per_entry = torch.zeros(len(self._PER_ENTRY), e, dtype=torch.float64, device=device)
-        first_hist = torch.zeros(e + 1, dtype=torch.float64, device=device)
-        final_hist = torch.zeros_like(first_hist)
-        scalars = torch.zeros(len(self._SCALARS), dtype=torch.float64, device=device)
+        labels = {axis: index.to(device) for axis, index in labels.items()}
         context = exact_float32_matmul() if self.dtype == torch.float32 else nullcontext()
         with context:
             for lo in range(0, m, rows):
@@ -234,19 +264,25 @@ class LensStats:
                 final_logp, final_top = every[0], top_all[0]
                 final_p = final_logp.exp()
                 neg_entropy = _rowdot(final_p, final_logp)  # Σ p_f log p_f
+                # each row's contribution to every sum, laid out like `sums`: (rows, size)
+                per_entry = torch.zeros(
+                    len(self._PER_ENTRY), e, target.numel(), dtype=torch.float64, device=device
+                )
                 tops = []
                 for i in range(len(kept.entries)):
                     logp, top = every[i + 1], top_all[i + 1]
                     tops.append(top)
-                    per_entry[0, i] += (top == target).sum()
-                    per_entry[1, i] -= logp.gather(1, target[:, None]).sum()
-                    per_entry[2, i] += (neg_entropy - _rowdot(final_p, logp)).sum()
-                    per_entry[3, i] -= _rowdot(logp.exp(), logp).sum()
+                    per_entry[0, i] = (top == target).to(torch.float64)
+                    per_entry[1, i] = -logp.gather(1, target[:, None]).squeeze(1)
+                    per_entry[2, i] = neg_entropy - _rowdot(final_p, logp)
+                    per_entry[3, i] = -_rowdot(logp.exp(), logp)
                 del final_p, every
                 tops = torch.stack(tops)  # (entries, rows)
-                self._depth(tops, final_top, target, entry_index, first_hist, final_hist, scalars)
-                scalars[0] += target.numel()
-        self.sums += torch.cat([per_entry.reshape(-1), first_hist, final_hist, scalars])
+                depth = self._depth(tops, final_top, target, entry_index)
+                rows_sums = torch.cat([per_entry.reshape(-1, target.numel()).T, depth], dim=1)
+                self.sums += rows_sums.sum(dim=0)
+                for axis, index in labels.items():
+                    self.parts[axis].index_add_(0, index[part], rows_sums)
         return self
 
     def _log_probs(
@@ -294,11 +330,13 @@ class LensStats:
         final_top: torch.Tensor,
         target: torch.Tensor,
         entry_index: torch.Tensor,
-        first_hist: torch.Tensor,
-        final_hist: torch.Tensor,
-        scalars: torch.Tensor,
-    ) -> None:
-        """Prediction depth of a chunk: ``tops`` ``(entries, rows)`` top-1 ids."""
+    ) -> torch.Tensor:
+        """Prediction depth of a chunk, ``tops`` ``(entries, rows)`` top-1 ids.
+
+        Returns:
+            ``(rows, 2 · (entries + 1) + 5)`` each row's part of the two histograms (one-hot)
+            and of the scalars (count, first, final, gap, gap count), laid out like ``sums``.
+        """
         e = tops.shape[0]
         correct = tops == target  # (entries, rows)
         # first correct: the first True; `e` (the "never" bin) where none is
@@ -307,33 +345,54 @@ class LensStats:
         agree = tops == final_top
         trailing = agree.flip(0).int().cumprod(dim=0).sum(dim=0)
         final = e - trailing  # `e` when the last measured entry disagrees: "never"
-        first_hist += torch.bincount(first, minlength=e + 1).to(torch.float64)
-        final_hist += torch.bincount(final, minlength=e + 1).to(torch.float64)
+        hot = torch.eye(e + 1, dtype=torch.float64, device=entry_index.device)
         padded = torch.cat([entry_index, entry_index.new_zeros(1)])  # bin e -> 0 (masked)
         has_first, has_final = first < e, final < e
-        both = has_first & has_final
-        scalars[1] += padded[first][has_first].sum()
-        scalars[2] += padded[final][has_final].sum()
-        scalars[3] += (padded[final] - padded[first])[both].sum()
-        scalars[4] += both.sum()
+        both = (has_first & has_final).to(torch.float64)
+        scalars = torch.stack(
+            [
+                torch.ones_like(both),
+                padded[first] * has_first,
+                padded[final] * has_final,
+                (padded[final] - padded[first]) * both,
+                both,
+            ],
+            dim=1,
+        )
+        return torch.cat([hot[first], hot[final], scalars], dim=1)
 
     def all_reduce(self, group: object | None = None) -> LensStats:
         """Sum the statistics of every process of ``group`` in place (one collective)."""
         import torch.distributed as dist
 
-        dist.all_reduce(self.sums, group=group)
+        if not self.parts:
+            dist.all_reduce(self.sums, group=group)
+            return self
+        flat = torch.cat([self.sums, *(p.reshape(-1) for p in self.parts.values())])
+        dist.all_reduce(flat, group=group)
+        self.sums = flat[: self.sums.numel()].clone()
+        at = self.sums.numel()
+        for axis, part in self.parts.items():
+            self.parts[axis] = flat[at : at + part.numel()].view_as(part).clone()
+            at += part.numel()
         return self
 
     def merge(self, other: LensStats) -> LensStats:
-        """Add ``other``'s sums (the same entries) into these."""
-        if other.layers != self.layers:
-            raise ValueError(f"Lens statistics of entries {other.layers} and {self.layers}.")
+        """Add ``other``'s sums (the same entries and breakdowns) into these."""
+        if other.layers != self.layers or other.labels != self.labels:
+            raise ValueError(
+                f"Lens statistics of entries {other.layers} and {self.layers} (breakdowns "
+                f"{other.labels} and {self.labels})."
+            )
         self.sums += other.sums.to(self.sums.device)
+        for axis, part in other.parts.items():
+            self.parts[axis] += part.to(self.sums.device)
         return self
 
     def to(self, device: torch.device | str) -> LensStats:
         """Move the sums to ``device`` in place."""
         self.sums = self.sums.to(device)
+        self.parts = {axis: part.to(device) for axis, part in self.parts.items()}
         return self
 
     # -- results ------------------------------------------------------------------------------
@@ -348,7 +407,6 @@ class LensStats:
         that have both.
         """
         n = self.count
-        out: dict[str, Any] = {LensKeys.EXAMPLES: n, LensKeys.FRACTION: self.fraction}
         if n == 0:  # means over no example are unknown, not 0 (a CE of 0 reads as perfect)
             warnings.warn(
                 f"The logit lens read no example of the probe (lens={self.fraction:g} of its "
@@ -356,19 +414,40 @@ class LensStats:
                 "lens= (1.0 reads every example) or use a larger probe.",
                 stacklevel=2,
             )
+        return self._record_of(self.sums)
+
+    def parts_record(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The lens fields per label of each breakdown axis: ``{axis: {label: fields}}``.
+
+        Each label's fields are :meth:`record`'s over its examples alone (``examples`` 0 and
+        NaN means, without a warning, for a label that read none).
+        """
+        return {
+            axis: {
+                label: self._record_of(self.parts[axis][i])
+                for i, label in enumerate(self.labels[axis])
+            }
+            for axis in self.parts
+        }
+
+    def _record_of(self, sums: torch.Tensor) -> dict[str, Any]:
+        """:meth:`record`'s fields from a sums vector laid out like :attr:`sums`."""
+        n = int(self._part("count", sums).item())
+        out: dict[str, Any] = {LensKeys.EXAMPLES: n, LensKeys.FRACTION: self.fraction}
         for name in self._PER_ENTRY:
-            out[name] = (self._part(name) / n).tolist() if n else [math.nan] * len(self.layers)
-        first, final = self._part("first_hist"), self._part("final_hist")
+            values = self._part(name, sums)
+            out[name] = (values / n).tolist() if n else [math.nan] * len(self.layers)
+        first, final = self._part("first_hist", sums), self._part("final_hist", sums)
         out[LensKeys.FIRST_CORRECT] = [int(v) for v in first.tolist()]
         out[LensKeys.FINAL] = [int(v) for v in final.tolist()]
         for total, hist, name in (
             ("first_sum", first, LensKeys.FIRST_CORRECT_MEAN),
             ("final_sum", final, LensKeys.FINAL_MEAN),
-            ("gap_sum", self._part("gap_count"), LensKeys.GAP_MEAN),
+            ("gap_sum", self._part("gap_count", sums), LensKeys.GAP_MEAN),
         ):
             # the examples that have one: every bin but "never" (the gap: those with both)
             have = float(hist[:-1].sum()) if name != LensKeys.GAP_MEAN else float(hist.sum())
-            out[name] = float(self._part(total)) / have if have else None
+            out[name] = float(self._part(total, sums)) / have if have else None
         return out
 
 

@@ -50,8 +50,11 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
 
 
-def lens_reference(model, probe, fraction: float = 1.0, layers=None) -> dict:
-    """Every lens metric of ``model`` on ``probe`` by definition (see :func:`chosen`)."""
+def lens_reference(model, probe, fraction: float = 1.0, layers=None, rows=None) -> dict:
+    """Every lens metric of ``model`` on ``probe`` by definition (see :func:`chosen`).
+
+    ``rows``: the (sequence, position) examples to read instead of :func:`chosen`'s.
+    """
     base = model.base_model
     norm = base.ln_f if hasattr(base, "ln_f") else base.norm
     model.eval()  # no dropout
@@ -67,7 +70,7 @@ def lens_reference(model, probe, fraction: float = 1.0, layers=None) -> dict:
     entries = list(range(len(states))) if layers is None else list(layers)
     mask = probe.attention_mask.numpy().astype(bool)
     ids = probe.input_ids.numpy()
-    rows = chosen(mask, fraction)
+    rows = chosen(mask, fraction) if rows is None else list(rows)
     s, j = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
     target = ids[s, j + 1]
     head = model.get_output_embeddings()

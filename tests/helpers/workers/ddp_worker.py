@@ -39,6 +39,18 @@ def train_step(model, optimizer, accelerator, seed: int) -> float:
     return float(loss)
 
 
+def grouped_probe(probe: lawwatch.ProbeSet) -> lawwatch.ProbeSet:
+    """``probe`` with groups a, b, c (c on rank 0's shard only) and a target mask that marks
+    every third token, and no token of sequences 2 and 9."""
+    groups = ["a", "a", "a", "a", "c", "c", "c"] + ["a", "b"] * 3
+    marks = probe.attention_mask.clone()
+    marks[:, ::3] = False
+    marks[[2, 9]] = False
+    return lawwatch.ProbeSet(
+        probe.input_ids, probe.attention_mask, groups=groups, target_mask=marks
+    )
+
+
 def main() -> None:
     out = setup()
     accelerator = Accelerator(
@@ -95,6 +107,32 @@ def main() -> None:
     results["ref_lens"] = (
         lawwatch.measure(plain, probe, lens=0.5).extra["lens"] if rank == 0 else None
     )
+
+    # breakdowns (docs/breakdowns.md): groups (one only on rank 0's shard), a target mask
+    # that selects nothing in some sequences, the lens per group and per position bucket
+    grouped = grouped_probe(probe)
+    breakdowns = {"by_group": True, "lens": 1.0, "position_buckets": 3, "jackknife": None}
+    for name, background in (("grouped", False), ("grouped_background", True)):
+        watched = lawwatch.LawWatch(
+            model,
+            grouped,
+            batch_size=3,
+            accelerator=accelerator,
+            background=background,
+            **breakdowns,
+        )
+        watched.snapshot(1)
+        watched.flush()
+        last = watched.history[-1] if len(watched.history) else {}
+        results[name] = {k: last.get(k) for k in ("pr", "groups", "positions")}
+    if rank == 0:
+        whole = lawwatch.measure(plain, grouped, **breakdowns).to_record()
+        results["ref_grouped"] = {k: whole[k] for k in ("pr", "groups", "positions")}
+        results["ref_alone"] = {
+            name: lawwatch.measure(plain, grouped.group(name), jackknife=None).pr.tolist()
+            for name in ("a", "b")
+        }
+        results["grouped_shard_examples"] = [grouped.shard(r, 2).group_examples() for r in range(2)]
 
     # rank 1's shard holds no example at all
     empty = lawwatch.LawWatch(model, lopsided, batch_size=3, accelerator=accelerator)
