@@ -73,7 +73,7 @@ class BackgroundDemo:
             start_new_session=True,  # its own process group: stop() ends it whole
         )
 
-    def result(self, timeout: float = 1800) -> dict[str, Any]:
+    def result(self, timeout: float = 3600) -> dict[str, Any]:
         """The demo's ``result.json``, once its process ended well (else an assertion error
         with its log); a process still running after ``timeout`` seconds is killed."""
         self._both_cores()
