@@ -511,6 +511,10 @@ def load_model(ckpt: Checkpoint, options: LoadOptions | None = None) -> Any:
     kwargs[_dtype_keyword()] = "auto" if options.dtype == "auto" else getattr(torch, options.dtype)
     if options.device_map:
         kwargs["device_map"] = options.device_map
+    if kwargs.get("local_files_only"):
+        # transformers looks for a PEFT adapter with these alone (not local_files_only):
+        # without them an offline load asks the hub for adapter_config.json, retrying ~10 s
+        kwargs["adapter_kwargs"] = {"local_files_only": True, "cache_dir": options.cache_dir}
     model = AutoModelForCausalLM.from_pretrained(ckpt.source, **kwargs)
     if not options.device_map:
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from lawwatch import ProbeSet
+from tests.helpers.default_demo import BackgroundDemo
 from tests.helpers.models import ragged_probe, tiny_gpt2, tiny_llama
 from tests.helpers.wandb_offline import offline_wandb  # noqa: F401  (a fixture: offline W&B runs)
 
@@ -49,3 +50,36 @@ def llama():
 @pytest.fixture
 def probe() -> ProbeSet:
     return ragged_probe()
+
+
+# -- the default demo: trained beside the other tests, checked after them ----------------------
+
+_DEMO = pytest.StashKey[BackgroundDemo]()
+
+
+@pytest.hookimpl(trylast=True)  # after deselection (-m, -k): only the tests that will run
+def pytest_collection_modifyitems(config, items):
+    """The tests that use ``default_demo`` go last: its process trains meanwhile."""
+    items.sort(key=lambda item: "default_demo" in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session):
+    """Start the default demo's process (tests/helpers/default_demo.py) when a test uses it."""
+    wanted = any("default_demo" in getattr(item, "fixturenames", ()) for item in session.items)
+    if wanted and not session.config.option.collectonly:
+        session.config.stash[_DEMO] = BackgroundDemo()
+
+
+def pytest_sessionfinish(session):
+    demo = session.config.stash.get(_DEMO, None)
+    if demo is not None:
+        demo.stop()
+
+
+@pytest.fixture(scope="session")
+def default_demo(request) -> dict:
+    """The default demo's result (records, emergence step, plot), once its process ends."""
+    demo = request.config.stash.get(_DEMO, None)
+    if demo is None:  # not started when collection ended (a plugin's late selection)
+        demo = request.config.stash[_DEMO] = BackgroundDemo()
+    return demo.result()

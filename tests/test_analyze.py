@@ -236,7 +236,36 @@ def fake_hub_cache(cache: Path, repo: str, revision: str, files: Path) -> None:
     (folder / "refs" / revision).write_text(commit)
 
 
-def test_hub_revision_is_loaded_with_from_pretrained(tmp_path, capsys):
+def remote_connections(monkeypatch) -> list:
+    """Every host a test's code looks up or connects to, but this one: recorded, and refused
+    at once (a lookup is refused as a machine without network refuses it)."""
+    import socket
+
+    tried, connect, lookup = [], socket.socket.connect, socket.getaddrinfo
+    local = ("127.0.0.1", "::1", "localhost")
+
+    def connect_local(sock, address):
+        if sock.family != socket.AF_UNIX and address[0] not in local:
+            tried.append(address)
+            raise OSError(f"the test tried to connect to {address}")
+        return connect(sock, address)
+
+    def lookup_local(host, *args, **kwargs):
+        if host not in local:
+            tried.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, f"the test tried to look up {host}")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect_local)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup_local)
+    return tried
+
+
+def test_hub_revision_is_loaded_with_from_pretrained(tmp_path, capsys, monkeypatch):
+    from huggingface_hub.utils import build_hf_headers
+
+    build_hf_headers()  # the user-agent header: huggingface_hub looks it up once per process
+    tried = remote_connections(monkeypatch)  # --offline: the local hub cache, no network
     probe_file = ragged_probe().save(tmp_path / "probe.safetensors")
     model = tiny_gpt2(4)
     files = save_model(model, tmp_path / "files")
@@ -258,6 +287,7 @@ def test_hub_revision_is_loaded_with_from_pretrained(tmp_path, capsys):
     # a revision the cache does not hold fails to load, and says so
     assert cli.main([*argv[:1], "org/tiny@step50", *argv[2:]]) == 1
     assert "org/tiny@step50" in capsys.readouterr().err
+    assert tried == []
 
 
 def test_gguf_checkpoint(tmp_path):

@@ -16,7 +16,21 @@ An application of the library, not part of it: nothing under ``lawwatch`` import
 * :mod:`~lawwatch.demo.app`: :func:`run_demo`, which puts them together.
 """
 
-from lawwatch.demo.app import run_demo
+from typing import Any
+
 from lawwatch.demo.config import DemoConfig
 
 __all__ = ["DemoConfig", "run_demo"]
+
+
+def __getattr__(name: str) -> Any:
+    """``run_demo``, imported on first use.
+
+    It brings the ``Trainer``'s imports, which the ``lawwatch`` command's parsers and the
+    recipes that borrow :mod:`~lawwatch.demo.corpus` do without.
+    """
+    if name == "run_demo":
+        from lawwatch.demo.app import run_demo
+
+        return run_demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
