@@ -190,6 +190,12 @@ class MeasureConfig(Options):
     by name. Default: the model's get_output_embeddings(), else a module named lm_head, head,
     output, embed_out or unembed."""
 
+    health: bool = True
+    """The residual stream's vital signs per entry (docs/dashboard.md): RMS, largest |x|, mean
+    excess kurtosis over features, the share of non-finite values and the features of largest
+    mean |x|, at the probe's examples, from the same forward as PR (about 1% of a snapshot:
+    BENCHMARKS.md). False: off."""
+
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
             raise ValueError(f"Unknown normalize={self.normalize!r}; choose one of {NORMALIZE}.")
@@ -284,6 +290,8 @@ class MeasureConfig(Options):
                     "or 'cuda:0' (None: the model's device)."
                 ) from None
         self._check_lens()
+        if not isinstance(self.health, bool):
+            raise TypeError(f"health must be True or False, got {self.health!r}.")
 
     def _check_lens(self) -> None:
         if self.lens is True:  # "on": the default share, written as the number it is

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, LawFit, emergence_step
+from lawwatch.stats.health import HealthKeys
 from lawwatch.stats.lens import LensKeys
 
 __all__ = [
@@ -51,7 +52,8 @@ class Snapshot:
         step: Training step, when taken during training.
         extra: More fields of the record (JSON-ready values); ``extra["lens"]``
             (:class:`~lawwatch.stats.lens.LensKeys`) holds the logit lens's metrics when it was
-            on (:meth:`lawwatch.stats.lens.LensStats.record`).
+            on (:meth:`lawwatch.stats.lens.LensStats.record`); ``extra["health"]`` the vital
+            signs of the residual stream (:meth:`lawwatch.stats.health.HealthStats.record`).
         layers: The true hidden-state entry index of each value of ``pr`` (entry 0 = the
             embeddings); default ``0 … len(pr)-1``.
     """
@@ -130,7 +132,9 @@ def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
 # (MeasureConfig.to_dict()) and the precision of the forward (lawwatch.precision)
 SERIES_FIELDS = ("probe", "config", "precision")
 # options that change what a snapshot costs, not what it measures: a change keeps the series
-COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes", "stats_device"})
+# what they record beside PR (the vital signs) is not what they measure either: a record
+# without them (older, or health=False) continues the series
+COST_OPTIONS = frozenset({"batch_size", "max_onehot_bytes", "stats_device", "health"})
 
 
 def identity(probe: str, config: Mapping[str, Any], precision: str | None = None) -> dict[str, Any]:
@@ -322,4 +326,21 @@ class History:
             torch.tensor([r["step"] for r in rows]),
             torch.tensor(entries(rows[0])),
             torch.tensor([LensKeys.of(r)[metric] for r in rows], dtype=torch.float64),
+        )
+
+    def health_matrix(self, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(steps (S,), entries (E,), values (S, E) float64)`` of a vital sign.
+
+        ``metric``: one of :attr:`~lawwatch.stats.health.HealthKeys.PER_ENTRY`, ``"rms"``,
+        ``"max_abs"``, ``"kurtosis"`` or ``"nonfinite"`` (see ``docs/dashboard.md``).
+        None when no record holds the vital signs (records older than them, or measured with
+        ``health=False``), or the measured entries changed along the series.
+        """
+        rows = [r for r in self.records if HealthKeys.of(r) is not None and r.get("pr")]
+        if not rows or len({tuple(entries(r)) for r in rows}) != 1:
+            return None
+        return (
+            torch.tensor([r["step"] for r in rows]),
+            torch.tensor(entries(rows[0])),
+            torch.tensor([HealthKeys.of(r)[metric] for r in rows], dtype=torch.float64),
         )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lawwatch.capture import Capture, evaluating
+from lawwatch.capture import Capture, NonFiniteError, evaluating
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot, identity
 from lawwatch.identify_norm import identify, needs_identifying
@@ -26,6 +26,7 @@ from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet, example_mask, example_targets
 from lawwatch.stats import Statistics, Update
 from lawwatch.stats.build import Recipe, checked_groups, statistics_device
+from lawwatch.stats.health import HealthKeys, health_of
 from lawwatch.stats.lens import Kept, Lensed, lens_rows
 from lawwatch.stats.partition import jackknife_se
 from lawwatch.targets import Targets
@@ -105,6 +106,9 @@ def solve(
     snapshot.extra.update(uncertainty(stats))
     if isinstance(stats, Lensed):  # the logit lens, reduced with the PR statistics
         snapshot.extra["lens"] = stats.lens.record()
+    health = health_of(stats)
+    if health is not None:  # the vital signs, reduced with the PR statistics
+        snapshot.extra[HealthKeys.FIELD] = health.record()
     return snapshot
 
 
@@ -405,7 +409,24 @@ def _add_streamed(
             update = stats.begin(ids, sequences, deferred_check=True)
         update.add(slice(index, index + 1), features.unsqueeze(0), owned=True)
 
-    kept = capture.stream(input_ids, attention_mask, positions, add, keep=keep)
+    def observe(index: int, rows: torch.Tensor) -> None:  # the vital signs, from the raw entry
+        nonlocal stats
+        if stats is None:
+            stats = make(rows.shape[1])
+        health = health_of(stats)
+        if health is not None:
+            health.add(index, rows)
+
+    try:
+        kept = capture.stream(input_ids, attention_mask, positions, add, keep=keep, observe=observe)
+    except NonFiniteError as error:  # say where: the vital signs counted them
+        health = health_of(stats)
+        where = "" if health is None else health.nonfinite_summary()
+        if not where:
+            raise
+        raise NonFiniteError(
+            f"{error} Non-finite values at the examples so far: {where}."
+        ) from None
     if update is None:  # no measured entry handed on: cannot happen after a clean forward
         raise RuntimeError("lawwatch: the forward handed on no measured entry.")
     update.finish()

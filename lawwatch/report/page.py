@@ -17,7 +17,7 @@ from typing import Any
 from lawwatch._version import __version__
 from lawwatch.history import entries
 from lawwatch.law import LawFit
-from lawwatch.report.figures import FIGURES, LENS_FIGURES, OKABE_ITO, deviation
+from lawwatch.report.figures import FIGURES, HEALTH_FIGURES, LENS_FIGURES, OKABE_ITO, deviation
 from lawwatch.report.runs import Run
 
 _CSS = """
@@ -93,8 +93,8 @@ def page(
             + "</tr>"
         )
     parts.append("</table>")
-    for stem, caption in {**FIGURES, **LENS_FIGURES}.items():
-        if stem not in svgs:  # the lens figure, without lens records
+    for stem, caption in {**FIGURES, **LENS_FIGURES, **HEALTH_FIGURES}.items():
+        if stem not in svgs:  # the lens or health figure, without their records
             continue
         data = base64.b64encode(svgs[stem].encode()).decode()
         links = " · ".join(
@@ -116,6 +116,13 @@ def page(
 
 
 _CAPTIONS = {
+    "health": (
+        "The residual stream's vital signs at the probe's examples, one line per selected "
+        "snapshot, coloured by training step: the root mean square of each layer's values, "
+        "the largest |x|, and the mean over features of each feature's excess kurtosis (0 "
+        "for Gaussian features; large when a few tokens carry a feature). A layer whose "
+        "largest |x| or kurtosis jumps between snapshots often precedes a loss spike."
+    ),
     "lens": (
         "Left: the logit lens's top-1 accuracy of each layer (the model's final norm and head "
         "applied to that layer) against training step. Middle: PR of the same layers. Right: "
