@@ -48,6 +48,7 @@ CASES = {
     "stats_device": ({}, "cuda:99"),
     "lens": ({}, 0.5),  # the logit lens's metrics join the record (PRs unchanged)
     "lens_head": ({"lens": 1.0}, "transformer.h.0"),  # refused: no (vocabulary, d) weight
+    "health": ({}, False),  # the vital signs leave the record (PRs unchanged)
 }
 
 
@@ -100,10 +101,12 @@ def outcome(run, model) -> tuple:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # few examples per dimension: deliberate
             result = run()
-        # the PRs, and the logit lens's metrics when it was on
+        # the PRs, and the logit lens's metrics and the vital signs when they were on
         pr = None if result is None else tuple(result.pr.tolist())
         if result is not None and "lens" in result.extra:
             pr = (pr, json.dumps(result.extra["lens"], sort_keys=True))
+        if result is not None and "health" in result.extra:
+            pr = (pr, json.dumps(result.extra["health"], sort_keys=True))
     except (ValueError, TypeError) as error:
         pr = type(error).__name__
     finally:

@@ -34,6 +34,7 @@ from tests.helpers.models import (
     unsolvable_probe,
 )
 from tests.helpers.paper import gpt2_norm, llama_norm, paper_reference
+from tests.helpers.health_reference import assert_matches as assert_health_matches
 from tests.helpers.workers.common import uneven_probe
 from tests.helpers.workers.launch import run, torchrun
 
@@ -143,6 +144,18 @@ def test_ddp_logit_lens_equals_one_process(ddp):
 
 
 @pytest.mark.slow
+def test_ddp_vital_signs_equal_one_process(ddp):
+    """Sums re-based on the common mean, summed, max-reduced: the whole probe's vital signs
+    on every rank (in the snapshot, and before the background solve), and with one rank
+    holding no example at all."""
+    _, (r0, r1), _ = ddp
+    for r in (r0, r1):
+        for name in ("lens_health", "lens_background_health"):
+            assert_health_matches(r[name], r0["ref_health"], rtol=1e-12, krtol=1e-10)
+        assert_health_matches(r["lopsided_health"], r0["ref_lopsided_health"])
+
+
+@pytest.mark.slow
 def test_ddp_rank_without_examples(ddp):
     _, (r0, r1), _ = ddp
     assert r0["shard_examples"][1] == 0 and r0["shard_examples"][0] > 0
@@ -158,7 +171,7 @@ def test_ddp_failed_rank_makes_every_rank_skip(ddp):
         assert r["history_steps"] == [0, 1, 4]
         assert math.isfinite(r["loss4"])  # training went on
     assert "rank 1 could not measure step 2: RuntimeError('injected failure" in log
-    assert "rank 1 could not measure step 3: ValueError('The hidden states of" in log
+    assert "rank 1 could not measure step 3: NonFiniteError('The hidden states of" in log
     assert "contain NaN or Inf" in log
     assert "snapshot at step 2 skipped: another rank failed" in log
     assert "snapshot at step 3 skipped: another rank failed" in log
