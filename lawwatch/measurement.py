@@ -376,6 +376,9 @@ def accumulate(
                     capture.run_bare(input_ids, attention_mask)
     if isinstance(stats, Lensed):  # every batch added: the head's V × d copy is not needed
         stats.lens.release()
+    health = health_of(stats)
+    if health is not None:  # nor the vital signs' workspace
+        health.release()
     return stats
 
 

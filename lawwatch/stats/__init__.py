@@ -11,6 +11,8 @@ Modules:
   from cells.
 * :mod:`~lawwatch.stats.lens`: the logit lens's sums, carried beside either kind
   (:class:`~lawwatch.stats.lens.Lensed`).
+* :mod:`~lawwatch.stats.health`: the residual stream's vital signs, carried beside either kind
+  (:class:`~lawwatch.stats.health.Vitals`).
 * :mod:`~lawwatch.stats.build`: :class:`~lawwatch.stats.build.Recipe`, which statistics a
   :class:`~lawwatch.config.MeasureConfig` keeps (the one place that builds them).
 * :mod:`~lawwatch.stats.owned`: :class:`~lawwatch.stats.owned.Owned`, one process's share of a

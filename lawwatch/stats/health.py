@@ -51,10 +51,21 @@ if TYPE_CHECKING:
     from lawwatch.stats import Statistics, Update
     from lawwatch.stats.owned import Owned
 
-__all__ = ["CONSTANT_RTOL", "MASSIVE_K", "HealthKeys", "HealthStats", "Vitals", "health_of"]
+__all__ = [
+    "CONSTANT_RTOL",
+    "MASSIVE_K",
+    "WORK_BYTES",
+    "HealthKeys",
+    "HealthStats",
+    "Vitals",
+    "health_of",
+]
 
 MASSIVE_K = 4
 """How many "massive activation" features a record names per entry."""
+WORK_BYTES = 16 * 2**20
+"""The workspace of :meth:`HealthStats.add`: about 6 × the rows it takes at once (a capture
+chunk of 2 MiB at once)."""
 CONSTANT_RTOL = 2.0**-40
 """A feature whose standard deviation is at most this share of its root mean square is constant
 (its kurtosis undefined): float64 sums resolve no spread below about 1e-12 of the values."""
@@ -113,6 +124,7 @@ class HealthStats:
         self.shift = torch.zeros(e, dim, **f64)
         self.max_abs = torch.zeros(e, **f64)
         self._shifted = [False] * e  # host-side: whether the entry's shift is set
+        self._work: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see add
 
     # -- the layout of `sums` -----------------------------------------------------------------
 
@@ -134,11 +146,14 @@ class HealthStats:
         """Add rows of entry ``index`` (into ``layers``): ``x`` ``(rows, d)`` float64, unchanged.
 
         No host synchronization (it runs inside the capture's hooks, on the model's device).
+        The rows go through a workspace of at most ``WORK_BYTES`` (kept until
+        :meth:`release`): their shifted powers, ``|x|`` and a non-finite indicator side by
+        side, summed over the rows by one matrix-vector product.
         """
         rows = x.shape[0]
         if rows == 0:
             return
-        if x.shape[1] != self.dim or x.dtype != torch.float64:
+        if x.ndim != 2 or x.shape[1] != self.dim or x.dtype != torch.float64:
             raise ValueError(
                 f"Vital signs of width {self.dim} (float64) got rows {tuple(x.shape)} {x.dtype}."
             )
@@ -147,21 +162,48 @@ class HealthStats:
             self.shift[index] = x.mean(dim=0).to(device)
             self._shifted[index] = True
         shift = self.shift[index].to(x.device)
-        u = x - shift  # (rows, d)
-        u2 = u * u
-        part = torch.empty(2 + 5 * self.dim, dtype=torch.float64, device=x.device)
-        part[0] = rows
-        part[1] = x.numel() - torch.isfinite(x).sum()
-        powers = part[2 : 2 + 4 * self.dim].view(4, self.dim)
-        torch.sum(u, dim=0, out=powers[0])
-        torch.sum(u2, dim=0, out=powers[1])
-        powers[2] = torch.einsum("ij,ij->j", u2, u)
-        torch.linalg.vector_norm(u2, 2, dim=0, out=powers[3]).square_()
-        torch.linalg.vector_norm(x, 1, dim=0, out=part[2 + 4 * self.dim :])
+        d = self.dim
+        step = max(1, WORK_BYTES // (8 * (6 * d + 2)))
+        total = torch.zeros(5 * d + 1, dtype=torch.float64, device=x.device)
+        largest = torch.zeros((), dtype=torch.float64, device=x.device)
+        for lo in range(0, rows, step):
+            chunk = x[lo : lo + step]
+            n = chunk.shape[0]
+            work, ones, scratch = self._workspace(n, x.device)
+            u, u2 = work[:, :d], work[:, d : 2 * d]
+            torch.sub(chunk, shift, out=u)
+            torch.mul(u, u, out=u2)
+            torch.mul(u2, u, out=work[:, 2 * d : 3 * d])
+            torch.mul(u2, u2, out=work[:, 3 * d : 4 * d])
+            magnitude = torch.abs(chunk, out=work[:, 4 * d : 5 * d])
+            # x - x: 0 where finite, NaN where not; made 1 and counted per row
+            torch.sub(chunk, chunk, out=scratch).nan_to_num_(1.0, 1.0, 1.0)
+            torch.sum(scratch, dim=1, out=work[:, 5 * d])
+            total += ones @ work  # (5 d + 1,) the column sums
+            largest = torch.maximum(largest, magnitude.amax())
+        part = torch.cat([total.new_tensor([rows]), total[5 * d :], total[: 5 * d]])
         self.sums[index] += part.to(device)
-        self.max_abs[index] = torch.maximum(
-            self.max_abs[index], torch.linalg.vector_norm(x, math.inf).to(device)
-        )
+        self.max_abs[index] = torch.maximum(self.max_abs[index], largest.to(device))
+
+    def _workspace(
+        self, rows: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, 5 d + 1)`` work, ``(rows,)`` ones and ``(rows, d)`` scratch, kept."""
+        have = self._work
+        if have is None or have[0].shape[0] < rows or have[0].device != device:
+            f64 = {"dtype": torch.float64, "device": device}
+            have = (
+                torch.empty(rows, 5 * self.dim + 1, **f64),
+                torch.ones(rows, **f64),
+                torch.empty(rows, self.dim, **f64),
+            )
+            self._work = have
+        work, ones, scratch = have
+        return work[:rows], ones[:rows], scratch[:rows]
+
+    def release(self) -> None:
+        """Drop the workspace of :meth:`add` (adding is done; a later add makes it again)."""
+        self._work = None
 
     def _rebase(self, mean: torch.Tensor) -> None:
         """Re-base the power sums on ``mean`` ``(entries, d)``, exactly (binomial expansion)."""
@@ -237,7 +279,8 @@ class HealthStats:
         return out
 
     def to(self, device: torch.device | str) -> HealthStats:
-        """Move the sums to ``device`` in place."""
+        """Move the sums to ``device`` in place (the workspace is dropped)."""
+        self._work = None
         self.sums, self.shift = self.sums.to(device), self.shift.to(device)
         self.max_abs = self.max_abs.to(device)
         return self
