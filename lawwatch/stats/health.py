@@ -147,8 +147,8 @@ class HealthStats:
 
         No host synchronization (it runs inside the capture's hooks, on the model's device).
         The rows go through a workspace of at most ``WORK_BYTES`` (kept until
-        :meth:`release`): their shifted powers, ``|x|`` and a non-finite indicator side by
-        side, summed over the rows by one matrix-vector product.
+        :meth:`release`): their shifted powers and ``|x|`` side by side, summed over the rows
+        by one matrix-vector product.
         """
         rows = x.shape[0]
         if rows == 0:
@@ -163,7 +163,7 @@ class HealthStats:
             self._shifted[index] = True
         shift = self.shift[index].to(x.device)
         d = self.dim
-        step = max(1, WORK_BYTES // (8 * (6 * d + 2)))
+        step = max(1, WORK_BYTES // (8 * (6 * d + 1)))
         total = torch.zeros(5 * d + 1, dtype=torch.float64, device=x.device)
         largest = torch.zeros((), dtype=torch.float64, device=x.device)
         for lo in range(0, rows, step):
@@ -175,25 +175,29 @@ class HealthStats:
             torch.mul(u, u, out=u2)
             torch.mul(u2, u, out=work[:, 2 * d : 3 * d])
             torch.mul(u2, u2, out=work[:, 3 * d : 4 * d])
-            magnitude = torch.abs(chunk, out=work[:, 4 * d : 5 * d])
-            # x - x: 0 where finite, NaN where not; made 1 and counted per row
-            torch.sub(chunk, chunk, out=scratch).nan_to_num_(1.0, 1.0, 1.0)
-            torch.sum(scratch, dim=1, out=work[:, 5 * d])
-            total += ones @ work  # (5 d + 1,) the column sums
+            magnitude = torch.abs(chunk, out=work[:, 4 * d :])
+            columns = ones @ work  # (5 d,) the column sums
+            total[: 5 * d] += columns
             largest = torch.maximum(largest, magnitude.amax())
-        part = torch.cat([total.new_tensor([rows]), total[5 * d :], total[: 5 * d]])
+            # the non-finite values: x - x is 0 where finite, NaN where not. Counted always on
+            # an accelerator (a check would synchronize); on the CPU only when the column sums
+            # say there are any (a non-finite value makes its column's sums non-finite)
+            if x.device.type != "cpu" or not bool(torch.isfinite(columns).all()):
+                torch.sub(chunk, chunk, out=scratch).nan_to_num_(1.0, 1.0, 1.0)
+                total[5 * d] += scratch.sum()
+        part = torch.cat([total.new_full((1,), float(rows)), total[5 * d :], total[: 5 * d]])
         self.sums[index] += part.to(device)
         self.max_abs[index] = torch.maximum(self.max_abs[index], largest.to(device))
 
     def _workspace(
         self, rows: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, 5 d + 1)`` work, ``(rows,)`` ones and ``(rows, d)`` scratch, kept."""
+        """``(rows, 5 d)`` work, ``(rows,)`` ones and ``(rows, d)`` scratch, kept."""
         have = self._work
         if have is None or have[0].shape[0] < rows or have[0].device != device:
             f64 = {"dtype": torch.float64, "device": device}
             have = (
-                torch.empty(rows, 5 * self.dim + 1, **f64),
+                torch.empty(rows, 5 * self.dim, **f64),
                 torch.ones(rows, **f64),
                 torch.empty(rows, self.dim, **f64),
             )
