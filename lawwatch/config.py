@@ -193,8 +193,8 @@ class MeasureConfig(Options):
     health: bool = True
     """The residual stream's vital signs per entry (docs/dashboard.md): RMS, largest |x|, mean
     excess kurtosis over features, the share of non-finite values and the features of largest
-    mean |x|, at the probe's examples, from the same forward as PR (about 2% of a GPT-2-small snapshot:
-    BENCHMARKS.md). False: off."""
+    mean |x|, at the probe's examples, from the same forward as PR (about 2% of a GPT-2-small
+    snapshot: BENCHMARKS.md). False: off."""
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
