@@ -26,6 +26,7 @@ from lawwatch.probe import example_mask
 from lawwatch.watch import distributed
 from lawwatch.watch.distributed import layout
 from lawwatch.watch.monitor import LawWatch
+from tests.helpers.health_reference import assert_matches as assert_health_matches
 from tests.helpers.models import (
     UNSOLVABLE_SPLIT,
     ragged_probe,
@@ -34,7 +35,6 @@ from tests.helpers.models import (
     unsolvable_probe,
 )
 from tests.helpers.paper import gpt2_norm, llama_norm, paper_reference
-from tests.helpers.health_reference import assert_matches as assert_health_matches
 from tests.helpers.workers.common import uneven_probe
 from tests.helpers.workers.launch import run, torchrun
 
