@@ -6,7 +6,7 @@ snapshots arrive, and replaying a history gives the same alerts again. :class:`A
 them into notifications, each alert once: a line on the ``"lawwatch"`` logger, and every sink
 that can raise an alert of its own (W&B ``run.alert``, trackio).
 
-Three kinds, all opt-in (``LawWatchCallback(probe, alerts=True)``):
+Four kinds, all opt-in (``LawWatchCallback(probe, alerts=True)``):
 
 - **emerged**: r passed the emergence threshold by more than its uncertainty (with the
   jackknife's standard error: :func:`lawwatch.law.passes`) and has stayed there (the step is
@@ -23,6 +23,12 @@ Three kinds, all opt-in (``LawWatchCallback(probe, alerts=True)``):
   fall at all below the layer before it (on the line) sits one whole layer's decay above it.
   Judged against the line through the *other* layers (leave one out), so one stalled layer does
   not drag the line towards itself and hide.
+- **vitals**: a layer's residual stream jumped between two consecutive snapshots: its largest
+  ``|x|`` or its kurtosis grew by ``vitals_factor`` (10×) or more (the vital signs,
+  :mod:`lawwatch.stats.health`; records without them raise none). The kurtosis compared is
+  the plain one, the record's mean excess kurtosis + 3 (at least 1, 3 for a Gaussian), so a
+  feature set near Gaussian does not alert on noise around 0. Outlier features and blow-ups
+  precede loss spikes.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from lawwatch.history import History, Snapshot, law_points
+from lawwatch.history import History, Snapshot, entries, law_points
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, passes
+from lawwatch.stats.health import HealthKeys
 
 __all__ = [
     "Alert",
@@ -45,11 +52,12 @@ __all__ = [
     "law_alerts",
     "layer_excess",
     "stall_alerts",
+    "vitals_alerts",
 ]
 
 log = logging.getLogger("lawwatch")
 
-AlertKind = Literal["emerged", "broke", "stalled"]
+AlertKind = Literal["emerged", "broke", "stalled", "vitals"]
 Level = Literal["INFO", "WARN"]
 
 
@@ -76,7 +84,16 @@ class Alerts:
     than this many layers' worth of decay (|slope|): 0.5 = it removed at most half the PR a
     layer removes on the line; 1 = none at all."""
 
+    vitals: bool = True
+    """Alert when a layer's largest |x| or kurtosis jumps between two snapshots (the vital
+    signs; ``MeasureConfig.health``)."""
+    vitals_factor: float = 10.0
+    """The jump that alerts: the new value at least this many times the previous snapshot's
+    (the kurtosis: excess + 3)."""
+
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.vitals_factor) and self.vitals_factor > 1):
+            raise ValueError(f"vitals_factor must be > 1, got {self.vitals_factor}.")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold is a Pearson r, in [-1, 1]; got {self.threshold}.")
         if not (math.isfinite(self.break_margin) and self.break_margin >= 0):
@@ -105,12 +122,12 @@ class Alert:
     """One alert.
 
     Attributes:
-        kind: "emerged", "broke" or "stalled".
+        kind: "emerged", "broke", "stalled" or "vitals".
         step: The training step the alert is about (see each kind).
         title: A short title (what W&B shows in the notification's subject).
         text: One sentence with the numbers.
         level: "INFO" (good news) or "WARN".
-        layer: The hidden-state entry, for "stalled".
+        layer: The hidden-state entry, for "stalled" and "vitals".
         at: The step of the snapshot that raised it (the latest of a persistent stretch).
     """
 
@@ -326,6 +343,62 @@ def stall_alerts(
     return alerts
 
 
+def vitals_alerts(
+    history: History | Sequence[dict[str, Any]], *, factor: float = 10.0
+) -> list[Alert]:
+    """The "vitals" alerts, in step order: a layer's largest |x| or kurtosis jumped.
+
+    Between each two consecutive records that hold the vital signs over the same entries, an
+    entry alerts when its ``max_abs`` or its plain kurtosis (``kurtosis + 3``) at the later one
+    is at least ``factor`` times the earlier one's (both finite, the earlier positive): one
+    alert per entry and snapshot, naming both numbers of what jumped.
+
+    Args:
+        history: Records, steps increasing.
+        factor: The jump that alerts (> 1).
+
+    Returns:
+        The alerts; ``step`` and ``at`` the later snapshot, ``layer`` the hidden-state entry.
+    """
+    alerts: list[Alert] = []
+    before: tuple[int, list[int], dict[str, Any]] | None = None
+    for record in history:
+        health = HealthKeys.of(record)
+        if health is None:
+            before = None
+            continue
+        step, layers = int(record["step"]), entries(record)
+        if before is not None and before[1] == layers:
+            old = before[2]
+            for i, entry in enumerate(layers):
+                jumps = []
+                for name, key, shift in (
+                    ("largest |x|", HealthKeys.MAX_ABS, 0.0),
+                    ("kurtosis (excess + 3)", HealthKeys.KURTOSIS, 3.0),
+                ):
+                    a, b = old[key][i] + shift, health[key][i] + shift
+                    if math.isfinite(a) and math.isfinite(b) and a > 0 and b >= factor * a:
+                        jumps.append(f"{name} {a:.4g} -> {b:.4g} ({b / a:.1f}x)")
+                if jumps:
+                    alerts.append(
+                        Alert(
+                            kind="vitals",
+                            step=step,
+                            title=f"lawwatch: layer {entry}'s activations jumped",
+                            text=(
+                                f"Entry {entry} of the residual stream, step {before[0]} to "
+                                f"{step}: {'; '.join(jumps)} (alerting at {factor:g}x). "
+                                "Outlier features or a blow-up: loss spikes often follow."
+                            ),
+                            level="WARN",
+                            layer=entry,
+                            at=step,
+                        )
+                    )
+        before = (step, layers, health)
+    return alerts
+
+
 def detect(
     history: History | Sequence[dict[str, Any]],
     alerts: Alerts | None = None,
@@ -361,6 +434,8 @@ def detect(
             tolerance=alerts.stall_tolerance,
             persistence=alerts.persistence,
         )
+    if alerts.vitals:
+        found += vitals_alerts(history, factor=alerts.vitals_factor)
     return sorted(found, key=lambda a: a.at if a.at is not None else a.step)
 
 

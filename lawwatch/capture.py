@@ -73,7 +73,11 @@ from lawwatch.stats.lens import Kept
 from lawwatch.structure import BlockSpec, FinalNormSpec, LayerSpec, locate, select_layers
 from lawwatch.watch.mesh import sequence_mesh, whole, whole_param
 
-__all__ = ["Capture", "Hidden", "evaluating"]
+__all__ = ["Capture", "Hidden", "NonFiniteError", "evaluating"]
+
+
+class NonFiniteError(ValueError):
+    """The hidden states at the probe's examples hold NaN or Inf (PR is undefined there)."""
 
 
 @dataclass
@@ -134,6 +138,8 @@ class _Stream:
     keep: torch.Tensor | None = None
     raw: dict[int, torch.Tensor] = field(default_factory=dict)  # captured entry -> (m, d)
     final: torch.Tensor | None = None  # (m, d) the final norm's input at the kept rows
+    # the vital signs: (index in `layers`, (rows, d) float64 raw entry rows, not to be modified)
+    observe: AddEntry | None = None
 
 
 def _fsdp(model: nn.Module) -> bool:
@@ -346,7 +352,7 @@ class Capture:
                 features = self._norm_features(hidden, stream, norm_output, index is not None)
                 hidden.norm_input = None  # (n, d): no longer needed
             else:
-                features = self._entry_features(hidden, stream, value)
+                features = self._entry_features(hidden, stream, value, index)
             if features is not None:
                 stream.add(index, features)
         except Exception as error:  # a raising hook would break a collective forward
@@ -363,8 +369,13 @@ class Capture:
         total = chunk.sum()
         hidden.finite = total if hidden.finite is None else hidden.finite + total
 
-    def _entry_features(self, hidden: Hidden, stream: _Stream, value: torch.Tensor) -> torch.Tensor:
-        """``(n, d)`` float64 ``normalize`` of ``value`` at the examples, a row chunk at a time."""
+    def _entry_features(
+        self, hidden: Hidden, stream: _Stream, value: torch.Tensor, index: int | None = None
+    ) -> torch.Tensor:
+        """``(n, d)`` float64 ``normalize`` of ``value`` at the examples, a row chunk at a time.
+
+        Each chunk, as the model computed it (upcast), goes to ``stream.observe`` first.
+        """
         batch, position = stream.rows
         n, d = batch.shape[0], value.shape[-1]
         out = torch.empty(n, d, dtype=torch.float64, device=value.device)
@@ -379,6 +390,8 @@ class Capture:
             rows = slice(lo, lo + step)
             chunk = value[batch[rows], position[rows]].to(torch.float64)  # (rows, d)
             self._finite(hidden, chunk)
+            if stream.observe is not None and index is not None:
+                stream.observe(index, chunk)
             out[rows] = self._normalize(chunk)
         return out
 
@@ -409,6 +422,8 @@ class Capture:
             self._finite(hidden, chunk)
             ref = self.spec.apply(chunk, weight, bias)  # (rows, d)
             worst = torch.maximum(worst, deviation(ref, y[batch[rows], position[rows]]))
+            if stream.observe is not None and wanted:  # entry L: the final norm's output
+                stream.observe(stream.last, ref)
             if out is not None:
                 out[rows] = ref
         hidden.norm_mismatch = worst / norm_tolerance(y.dtype)
@@ -447,7 +462,7 @@ class Capture:
             if x.shape[0] == 0:
                 return
             if not bool(torch.isfinite(x).all()):
-                raise ValueError(
+                raise NonFiniteError(
                     f"The hidden states of {type(self.model).__name__} contain NaN or Inf; PR "
                     "is undefined for them."
                 )
@@ -471,6 +486,7 @@ class Capture:
         add: AddEntry,
         *,
         keep: torch.Tensor | None = None,
+        observe: AddEntry | None = None,
     ) -> Kept | None:
         """Run the model once, handing each measured entry's float64 features to ``add``.
 
@@ -487,9 +503,14 @@ class Capture:
         model's dtype, for the logit lens (:mod:`lawwatch.stats.lens`): returned as a
         :class:`~lawwatch.stats.lens.Kept` (``entries × m × d``); None without ``keep``.
 
+        With ``observe`` (the vital signs, :mod:`lawwatch.stats.health`), each measured entry
+        as the model computed it (upcast to float64, before ``normalize``; entry ``L``: the
+        final norm's output) is handed on too, ``observe(index, rows)`` a row chunk at a time,
+        before the NaN/Inf check (so the non-finite values are counted).
+
         Raises:
             RuntimeError: A hook found the blocks or final norm not as named.
-            ValueError: NaN or Inf in the hidden states.
+            NonFiniteError: NaN or Inf in the hidden states (a ValueError).
             TypeError: The final norm cannot be re-applied, or no longer matches its reading.
         """
         last = self.num_entries - 1
@@ -500,10 +521,11 @@ class Capture:
         take_last = norm is not None and self.layers[-1] == last
         rows = positions.nonzero(as_tuple=True)  # row-major, like `value[positions]`
         plan = _Stream(add, rows, index, len(self.layers) - 1 if take_last else None, keep)
+        plan.observe = observe
         hidden = self._run(input_ids, attention_mask, positions, plan)
         self._check(hidden)
         if hidden.finite is not None and not bool(torch.isfinite(hidden.finite)):  # one sync
-            raise ValueError(
+            raise NonFiniteError(
                 f"The hidden states of {type(self.model).__name__} contain NaN or Inf; PR is "
                 "undefined for them."
             )

@@ -203,6 +203,12 @@ class MeasureConfig(Options):
     the examples whose position j in a sequence of n real tokens has floor(j*B/n) = b
     (B buckets: 10 = tenths of each sequence). Needs lens."""
 
+    health: bool = True
+    """The residual stream's vital signs per entry (docs/dashboard.md): RMS, largest |x|, mean
+    excess kurtosis over features, the share of non-finite values and the features of largest
+    mean |x|, at the probe's examples, from the same forward as PR (about 2% of a GPT-2-small
+    snapshot: BENCHMARKS.md). False: off."""
+
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
             raise ValueError(f"Unknown normalize={self.normalize!r}; choose one of {NORMALIZE}.")
@@ -297,6 +303,8 @@ class MeasureConfig(Options):
                     "or 'cuda:0' (None: the model's device)."
                 ) from None
         self._check_lens()
+        if not isinstance(self.health, bool):
+            raise TypeError(f"health must be True or False, got {self.health!r}.")
         self._check_breakdowns()
 
     def _check_breakdowns(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, LawFit, emergence_step
+from lawwatch.stats.health import HealthKeys
 from lawwatch.stats.lens import LensKeys
 
 __all__ = [
@@ -51,7 +52,8 @@ class Snapshot:
         step: Training step, when taken during training.
         extra: More fields of the record (JSON-ready values); ``extra["lens"]``
             (:class:`~lawwatch.stats.lens.LensKeys`) holds the logit lens's metrics when it was
-            on (:meth:`lawwatch.stats.lens.LensStats.record`).
+            on (:meth:`lawwatch.stats.lens.LensStats.record`); ``extra["health"]`` the vital
+            signs of the residual stream (:meth:`lawwatch.stats.health.HealthStats.record`).
         layers: The true hidden-state entry index of each value of ``pr`` (entry 0 = the
             embeddings); default ``0 … len(pr)-1``.
     """
@@ -130,7 +132,8 @@ def law_points(record: dict[str, Any]) -> tuple[list[int], list[float]]:
 # (MeasureConfig.to_dict()) and the precision of the forward (lawwatch.precision)
 SERIES_FIELDS = ("probe", "config", "precision")
 # options that change what a snapshot costs, or what it adds beside the headline numbers (the
-# breakdowns, docs/breakdowns.md), not what it measures: a change keeps the series
+# breakdowns, docs/breakdowns.md; the vital signs), not what it measures: a change keeps the
+# series, and a record without the additions (older, or turned off) continues it
 COST_OPTIONS = frozenset(
     {
         "batch_size",
@@ -139,6 +142,7 @@ COST_OPTIONS = frozenset(
         "by_group",
         "max_group_bytes",
         "position_buckets",
+        "health",
     }
 )
 
@@ -351,3 +355,20 @@ class History:
             if (r.get("groups") or {}).get(name, {}).get(field) is not None
         ]
         return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def health_matrix(self, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(steps (S,), entries (E,), values (S, E) float64)`` of a vital sign.
+
+        ``metric``: one of :attr:`~lawwatch.stats.health.HealthKeys.PER_ENTRY`, ``"rms"``,
+        ``"max_abs"``, ``"kurtosis"`` or ``"nonfinite"`` (see ``docs/dashboard.md``).
+        None when no record holds the vital signs (records older than them, or measured with
+        ``health=False``), or the measured entries changed along the series.
+        """
+        rows = [r for r in self.records if HealthKeys.of(r) is not None and r.get("pr")]
+        if not rows or len({tuple(entries(r)) for r in rows}) != 1:
+            return None
+        return (
+            torch.tensor([r["step"] for r in rows]),
+            torch.tensor(entries(rows[0])),
+            torch.tensor([HealthKeys.of(r)[metric] for r in rows], dtype=torch.float64),
+        )

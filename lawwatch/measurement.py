@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lawwatch.capture import Capture, evaluating
+from lawwatch.capture import Capture, NonFiniteError, evaluating
 from lawwatch.config import MeasureConfig
 from lawwatch.history import Snapshot, identity
 from lawwatch.identify_norm import identify, needs_identifying
@@ -24,7 +24,7 @@ from lawwatch.law import MIN_LAW_POINTS, fit_law
 from lawwatch.models import Unembedding, check_head, check_probe, unembedding
 from lawwatch.precision import forward_precision
 from lawwatch.probe import ProbeSet, example_targets
-from lawwatch.stats import Statistics, Update
+from lawwatch.stats import Statistics, Update, wrapped
 from lawwatch.stats.build import (
     Recipe,
     check_group_memory,
@@ -33,6 +33,7 @@ from lawwatch.stats.build import (
     statistics_device,
 )
 from lawwatch.stats.grouped import Grouped
+from lawwatch.stats.health import HealthKeys, health_of
 from lawwatch.stats.lens import Kept, Lensed, lens_rows
 from lawwatch.stats.partition import jackknife_se
 from lawwatch.targets import Targets
@@ -113,6 +114,9 @@ def solve(
     if isinstance(stats, Lensed):  # the logit lens, reduced with the PR statistics
         snapshot.extra["lens"] = stats.lens.record()
     snapshot.extra.update(breakdowns(stats))
+    health = health_of(stats)
+    if health is not None:  # the vital signs, reduced with the PR statistics
+        snapshot.extra[HealthKeys.FIELD] = health.record()
     return snapshot
 
 
@@ -126,10 +130,10 @@ def breakdowns(stats: Statistics) -> dict[str, Any]:
     examples. Empty without either.
     """
     out: dict[str, Any] = {}
-    lensed = stats if isinstance(stats, Lensed) else None
-    inner = lensed.inner if lensed is not None else stats
+    lensed = wrapped(stats, Lensed)
+    inner = wrapped(stats, Grouped)
     parts = lensed.lens.parts_record() if lensed is not None else {}
-    if isinstance(inner, Grouped):
+    if inner is not None:
         groups: dict[str, Any] = {}
         for name, solved in inner.breakdown().items():
             entry: dict[str, Any] = {"n_tokens": solved.examples, "pr": None}
@@ -432,6 +436,9 @@ def accumulate(
                     capture.run_bare(input_ids, attention_mask)
     if isinstance(stats, Lensed):  # every batch added: the head's V × d copy is not needed
         stats.lens.release()
+    health = health_of(stats)
+    if health is not None:  # nor the vital signs' workspace
+        health.release()
     return stats
 
 
@@ -465,7 +472,24 @@ def _add_streamed(
             update = stats.begin(ids, sequences, deferred_check=True)
         update.add(slice(index, index + 1), features.unsqueeze(0), owned=True)
 
-    kept = capture.stream(input_ids, attention_mask, positions, add, keep=keep)
+    def observe(index: int, rows: torch.Tensor) -> None:  # the vital signs, from the raw entry
+        nonlocal stats
+        if stats is None:
+            stats = make(rows.shape[1])
+        health = health_of(stats)
+        if health is not None:
+            health.add(index, rows)
+
+    try:
+        kept = capture.stream(input_ids, attention_mask, positions, add, keep=keep, observe=observe)
+    except NonFiniteError as error:  # say where: the vital signs counted them
+        health = health_of(stats)
+        where = "" if health is None else health.nonfinite_summary()
+        if not where:
+            raise
+        raise NonFiniteError(
+            f"{error} Non-finite values at the examples so far: {where}."
+        ) from None
     if update is None:  # no measured entry handed on: cannot happen after a clean forward
         raise RuntimeError("lawwatch: the forward handed on no measured entry.")
     update.finish()

@@ -19,6 +19,7 @@ TINY = {
     "bench_capture.py": (["--tiny", "--threads", "1"], "measure, layers=4"),
     "bench_e2e.py": (["--tiny", "--threads", "1"], "| 4 x 32 | 16 x 64 (1008) | 8 |"),
     "bench_floor.py": (["--tiny", "--threads", "1"], "| phase: solve |"),
+    "bench_health.py": (["--tiny", "--threads", "1"], "| health (own): `HealthStats.add`"),
     "bench_overhead.py": (
         ["--tiny"],
         "training losses identical with and without the callback: True",

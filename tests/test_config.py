@@ -51,6 +51,7 @@ CASES = {
     "by_group": ({}, True),  # the law per group of the probe joins the record (PRs unchanged)
     "max_group_bytes": ({"by_group": True}, 1000),  # refused: the groups' statistics need more
     "position_buckets": ({"lens": 1.0}, 3),  # the lens per position bucket joins the record
+    "health": ({}, False),  # the vital signs leave the record (PRs unchanged)
 }
 
 
@@ -112,13 +113,15 @@ def outcome(run, model) -> tuple:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # few examples per dimension: deliberate
             result = run()
-        # the PRs, and the logit lens's metrics when it was on
+        # the PRs, and the logit lens's metrics and the vital signs when they were on
         pr = None if result is None else tuple(result.pr.tolist())
         if result is not None and "lens" in result.extra:
             pr = (pr, json.dumps(result.extra["lens"], sort_keys=True))
         for breakdown in ("groups", "positions"):  # docs/breakdowns.md
             if result is not None and breakdown in result.extra:
                 pr = (pr, json.dumps(result.extra[breakdown], sort_keys=True))
+        if result is not None and "health" in result.extra:
+            pr = (pr, json.dumps(result.extra["health"], sort_keys=True))
     except (ValueError, TypeError) as error:
         pr = type(error).__name__
     finally:

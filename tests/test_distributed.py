@@ -26,6 +26,7 @@ from lawwatch.probe import example_mask
 from lawwatch.watch import distributed
 from lawwatch.watch.distributed import layout
 from lawwatch.watch.monitor import LawWatch
+from tests.helpers.health_reference import assert_matches as assert_health_matches
 from tests.helpers.models import (
     UNSOLVABLE_SPLIT,
     ragged_probe,
@@ -175,6 +176,17 @@ def test_ddp_breakdowns_equal_one_process_and_each_group_alone(ddp):
                 assert max_diff(got["positions"][bucket]["ce"], want["ce"]) <= TOL
 
 
+def test_ddp_vital_signs_equal_one_process(ddp):
+    """Sums re-based on the common mean, summed, max-reduced: the whole probe's vital signs
+    on every rank (in the snapshot, and before the background solve), and with one rank
+    holding no example at all."""
+    _, (r0, r1), _ = ddp
+    for r in (r0, r1):
+        for name in ("lens_health", "lens_background_health"):
+            assert_health_matches(r[name], r0["ref_health"], rtol=1e-12, krtol=1e-10)
+        assert_health_matches(r["lopsided_health"], r0["ref_lopsided_health"])
+
+
 @pytest.mark.slow
 def test_ddp_rank_without_examples(ddp):
     _, (r0, r1), _ = ddp
@@ -191,7 +203,7 @@ def test_ddp_failed_rank_makes_every_rank_skip(ddp):
         assert r["history_steps"] == [0, 1, 4]
         assert math.isfinite(r["loss4"])  # training went on
     assert "rank 1 could not measure step 2: RuntimeError('injected failure" in log
-    assert "rank 1 could not measure step 3: ValueError('The hidden states of" in log
+    assert "rank 1 could not measure step 3: NonFiniteError('The hidden states of" in log
     assert "contain NaN or Inf" in log
     assert "snapshot at step 2 skipped: another rank failed" in log
     assert "snapshot at step 3 skipped: another rank failed" in log

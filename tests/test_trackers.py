@@ -307,6 +307,8 @@ def test_accelerate_loop_logs_to_every_tracker(tmp_path, mlflow_store, offline_w
     assert [r["step"] for r in records] == STEPS
     expected = expected_scalars(records)
     assert "lawwatch: the law emerged (step 0)" in caplog.text
+    # the vital signs are among the keys every tracker holds (docs/dashboard.md)
+    assert any(key.startswith("lawwatch/health/") for key in expected[0])
 
     # TensorBoard: the tracker's own directory
     events = read_events(tmp_path / "acc" / "lawwatch-accelerate")

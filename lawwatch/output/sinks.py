@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 from lawwatch.history import Snapshot
+from lawwatch.stats.health import HealthKeys
 from lawwatch.stats.lens import LensKeys
 
 log = logging.getLogger("lawwatch")
@@ -44,8 +45,9 @@ def scalars(snapshot: Snapshot) -> dict[str, float]:
     = embeddings; zero-padded so dashboards sort them by depth), and with the logit lens on
     the ``lawwatch/lens/...`` keys of :func:`lens_scalars`; with the breakdowns, the
     ``lawwatch/group/<name>/...`` and ``lawwatch/position/<bucket>/...`` keys of
-    :func:`breakdown_scalars`. Non-finite fit values are left out (several trackers refuse
-    NaN); the step is not a key (each tracker takes it its way).
+    :func:`breakdown_scalars`; with the vital signs (on by default), the
+    ``lawwatch/health/...`` keys of :func:`health_scalars`. Non-finite fit values are left out
+    (several trackers refuse NaN); the step is not a key (each tracker takes it its way).
     """
     values: dict[str, float] = {}
     fields = {**snapshot.fit.as_dict(), "n_tokens": snapshot.n_tokens, "seconds": snapshot.seconds}
@@ -60,6 +62,29 @@ def scalars(snapshot: Snapshot) -> dict[str, float]:
     if lens is not None:
         values.update(lens_scalars(lens, snapshot.layers))
     values.update(breakdown_scalars(snapshot.extra, snapshot.layers))
+    health = HealthKeys.of(snapshot.extra)
+    if health is not None:
+        values.update(health_scalars(health, snapshot.layers))
+    return values
+
+
+def health_scalars(health: dict, layers: tuple[int, ...]) -> dict[str, float]:
+    """The vital signs' keys of :func:`scalars` (``health``: a record's ``health`` field).
+
+    ``lawwatch/health/<rms|max_abs|kurtosis>/layer_XX`` per entry (a NaN, undefined, left
+    out) and ``lawwatch/health/nonfinite``, the largest share of non-finite values over the
+    entries: ``3 × entries + 1`` keys. The massive-activation features stay in the record
+    and the report (``docs/dashboard.md``).
+    """
+    width = max(2, len(str(layers[-1])))
+    values: dict[str, float] = {}
+    for metric in (HealthKeys.RMS, HealthKeys.MAX_ABS, HealthKeys.KURTOSIS):
+        for entry, value in zip(layers, health[metric], strict=True):
+            if math.isfinite(value):
+                values[f"{PREFIX}health/{metric}/layer_{entry:0{width}d}"] = value
+    shares = [v for v in health[HealthKeys.NONFINITE] if math.isfinite(v)]
+    if shares:
+        values[f"{PREFIX}health/{HealthKeys.NONFINITE}"] = max(shares)
     return values
 
 

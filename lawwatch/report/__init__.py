@@ -20,6 +20,7 @@ Modules:
 from lawwatch.report.figures import (
     FIGURES,
     FORMATS,
+    HEALTH_FIGURES,
     LENS_FIGURES,
     OKABE_ITO,
     deviation,
@@ -32,6 +33,7 @@ from lawwatch.report.write import REPORT_FILE, Report, write_report
 __all__ = [
     "FIGURES",
     "FORMATS",
+    "HEALTH_FIGURES",
     "LENS_FIGURES",
     "OKABE_ITO",
     "REPORT_FILE",

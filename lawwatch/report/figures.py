@@ -1,9 +1,9 @@
 """The report's figures of the law over training, in PNG, SVG and PDF.
 
-:func:`render` draws the report's figures (:data:`FIGURES`, and :data:`LENS_FIGURES` where a run
-measured the logit lens) and saves each in PNG, SVG and PDF. Publication defaults: readable font
-sizes, text kept as text in the PDF, the colour-blind-safe Okabe-Ito palette for runs and
-viridis for steps.
+:func:`render` draws the report's figures (:data:`FIGURES`, :data:`LENS_FIGURES` where a run
+measured the logit lens, :data:`HEALTH_FIGURES` where its records hold the vital signs) and
+saves each in PNG, SVG and PDF. Publication defaults: readable font sizes, text kept as text
+in the PDF, the colour-blind-safe Okabe-Ito palette for runs and viridis for steps.
 
 matplotlib is imported only inside the functions that draw, through its object-oriented
 API (no pyplot), so the caller's backend is left alone.
@@ -21,6 +21,7 @@ import numpy as np
 from lawwatch.history import entries, law_points
 from lawwatch.law import DEFAULT_EMERGENCE_THRESHOLD, LawFit
 from lawwatch.report.runs import Run
+from lawwatch.stats.health import HealthKeys
 from lawwatch.stats.lens import LensKeys
 
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -37,6 +38,10 @@ LENS_FIGURES = {
     "lens": "Logit lens: top-1 accuracy and PR per layer over training, prediction depth",
 }
 """Drawn when a run's records hold the logit lens (``MeasureConfig.lens``)."""
+HEALTH_FIGURES = {
+    "health": "Vital signs of the residual stream: RMS, largest |x| and kurtosis per layer",
+}
+"""Drawn when a run's records hold the vital signs (``MeasureConfig.health``, on by default)."""
 
 _STYLE = {
     "font.size": 11,
@@ -124,6 +129,9 @@ def render(
         ):
             if figure is not None:
                 drawn[stem] = figure
+        health = _health_figure(runs, steps)  # only where a run's records hold them
+        if health is not None:
+            drawn["health"] = health
         for stem, fig in drawn.items():
             files[stem] = {}
             for fmt in formats:
@@ -370,6 +378,56 @@ def _lens_figure(runs: list[Run], steps: Sequence[int] | None) -> Any:
         depth_ax.set(title="prediction depth", xlabel="layer", ylabel="share of examples")
         depth_ax.set_ylim(0.0, 1.0)
         depth_ax.legend(handles=handles, frameon=False, loc="upper center")
+    return fig
+
+
+def _health_figure(runs: list[Run], steps: Sequence[int] | None) -> Any:
+    """Per run with vital signs: RMS, largest |x| and mean excess kurtosis against layer.
+
+    One line per selected snapshot, coloured by training step. None when no run's records
+    hold the vital signs.
+    """
+    from matplotlib import colormaps
+    from matplotlib.ticker import FuncFormatter
+
+    healthy = [(run, [r for r in run.records if HealthKeys.of(r) is not None]) for run in runs]
+    healthy = [(run, records) for run, records in healthy if records]
+    if not healthy:
+        return None
+    fig = _new_figure(14.0, 3.8 * len(healthy))
+    axes = fig.subplots(len(healthy), 3, squeeze=False)
+    panels = (
+        (HealthKeys.RMS, "RMS of the residual stream", "log"),
+        (HealthKeys.MAX_ABS, "largest |x|", "log"),
+        (HealthKeys.KURTOSIS, "mean excess kurtosis over features", "symlog"),
+    )
+    for (run, records), row in zip(healthy, axes, strict=True):
+        by_step = {r["step"]: r for r in records}
+        wanted = select_steps(list(by_step)) if steps is None else steps
+        chosen = sorted({min(by_step, key=lambda s, w=w: (abs(s - w), s)) for w in wanted})
+        palette = colormaps["viridis"](np.linspace(0.0, 0.9, len(chosen)))
+        for (key, title, scale), ax in zip(panels, row, strict=True):
+            for step, color in zip(chosen, palette, strict=True):
+                record = by_step[step]
+                values = np.asarray(HealthKeys.of(record)[key], dtype=float)
+                ax.plot(
+                    entries(record),
+                    values,
+                    marker="o",
+                    markersize=3,
+                    color=color,
+                    label=f"step {step:,}",
+                )
+            ax.set(title=f"{run.label}: {title}", xlabel="layer")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            if scale == "log":
+                ax.set_yscale("log")
+                _plain_log_ticks(ax)
+            else:  # excess kurtosis: from -2 up, Gaussian at 0, outlier features in the 100s
+                ax.set_yscale("symlog", linthresh=1.0)
+                ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":")
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        row[0].legend(frameon=False, ncols=2 if len(chosen) > 4 else 1, loc="best")
     return fig
 
 

@@ -18,7 +18,7 @@ from lawwatch._version import __version__
 from lawwatch.history import entries
 from lawwatch.law import LawFit
 from lawwatch.report.breakdowns import BREAKDOWN_FIGURES
-from lawwatch.report.figures import FIGURES, LENS_FIGURES, OKABE_ITO, deviation
+from lawwatch.report.figures import FIGURES, HEALTH_FIGURES, LENS_FIGURES, OKABE_ITO, deviation
 from lawwatch.report.runs import Run
 
 _CSS = """
@@ -94,8 +94,8 @@ def page(
             + "</tr>"
         )
     parts.append("</table>")
-    for stem, caption in {**FIGURES, **LENS_FIGURES, **BREAKDOWN_FIGURES}.items():
-        if stem not in svgs:  # the lens and breakdown figures, without their records
+    for stem, caption in {**FIGURES, **LENS_FIGURES, **BREAKDOWN_FIGURES, **HEALTH_FIGURES}.items():
+        if stem not in svgs:  # the lens, breakdown and health figures, without their records
             continue
         data = base64.b64encode(svgs[stem].encode()).decode()
         links = " · ".join(
@@ -129,6 +129,13 @@ _CAPTIONS = {
         "snapshot: left, top-1 accuracy of each layer over the examples whose position falls "
         "in the bucket (percent of the sequence); right, the mean first-correct and final "
         "layers and their gap per bucket."
+    ),
+    "health": (
+        "The residual stream's vital signs at the probe's examples, one line per selected "
+        "snapshot, coloured by training step: the root mean square of each layer's values, "
+        "the largest |x|, and the mean over features of each feature's excess kurtosis (0 "
+        "for Gaussian features; large when a few tokens carry a feature). A layer whose "
+        "largest |x| or kurtosis jumps between snapshots often precedes a loss spike."
     ),
     "lens": (
         "Left: the logit lens's top-1 accuracy of each layer (the model's final norm and head "

@@ -11,6 +11,8 @@ Modules:
   from cells.
 * :mod:`~lawwatch.stats.lens`: the logit lens's sums, carried beside either kind
   (:class:`~lawwatch.stats.lens.Lensed`).
+* :mod:`~lawwatch.stats.health`: the residual stream's vital signs, carried beside either kind
+  (:class:`~lawwatch.stats.health.Vitals`).
 * :mod:`~lawwatch.stats.build`: :class:`~lawwatch.stats.build.Recipe`, which statistics a
   :class:`~lawwatch.config.MeasureConfig` keeps (the one place that builds them).
 * :mod:`~lawwatch.stats.owned`: :class:`~lawwatch.stats.owned.Owned`, one process's share of a
@@ -24,14 +26,16 @@ jackknife's refit of it on each replicate) lives in :mod:`lawwatch.measurement` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
     from lawwatch.stats.owned import Owned
 
-__all__ = ["Statistics", "Update"]
+__all__ = ["Statistics", "Update", "wrapped"]
+
+T = TypeVar("T")
 
 
 class Update(Protocol):
@@ -126,3 +130,16 @@ class Statistics(Protocol):
 
     def replicates(self) -> torch.Tensor | None:
         """``(groups, entries)`` leave-one-group-out values (jackknife), or None."""
+
+
+def wrapped(stats: object, kind: type[T]) -> T | None:
+    """The statistics of type ``kind`` in ``stats`` or the statistics it wraps (``.inner``).
+
+    The wrappers (the lens, the vital signs, the per-group statistics) each carry their inner
+    statistics; a measurement's result is found whatever the order they were built in.
+    """
+    while stats is not None:
+        if isinstance(stats, kind):
+            return stats
+        stats = getattr(stats, "inner", None)
+    return None

@@ -18,6 +18,7 @@ import torch
 
 from lawwatch.precision import log_statistics_precision
 from lawwatch.stats.grouped import Grouped, group_bytes
+from lawwatch.stats.health import HealthStats, Vitals
 from lawwatch.stats.lens import Lensed, LensStats
 from lawwatch.stats.partition import PartitionedStats
 from lawwatch.stats.residual import ResidualStats
@@ -221,8 +222,10 @@ class Recipe:
 
         One :class:`~lawwatch.stats.residual.ResidualStats` for the paper's measurement, a
         :class:`~lawwatch.stats.partition.PartitionedStats` (one per cell) for ``split``,
-        separation fuzziness and the jackknife's groups; with ``lens``, a
-        :class:`~lawwatch.stats.lens.Lensed` carrying the logit lens's sums beside them.
+        separation fuzziness and the jackknife's groups; with ``health``, a
+        :class:`~lawwatch.stats.health.Vitals` carrying the vital signs beside them; with
+        ``lens``, a :class:`~lawwatch.stats.lens.Lensed` carrying the logit lens's sums beside
+        those.
 
         Raises:
             ValueError: One-hot statistics over ``max_onehot_bytes``.
@@ -260,6 +263,8 @@ class Recipe:
         if config.by_group:
             check_group_memory(config, targets, len(self.group_names), entries, dim)
             plain = Grouped(plain, make, self.group_names, self.group_of, self.first_row)
+        if config.health:  # the vital signs, added by the capture beside the PR statistics
+            plain = Vitals(plain, HealthStats(self.layers, dim, device=self.device))
         if config.lens is None:
             return plain
         breakdowns = {}

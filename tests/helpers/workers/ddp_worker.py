@@ -119,9 +119,11 @@ def main() -> None:
         lensed.snapshot(1)
         lensed.flush()
         results[name] = lensed.history[-1]["lens"] if len(lensed.history) else None
-    results["ref_lens"] = (
-        lawwatch.measure(plain, probe, lens=0.5).extra["lens"] if rank == 0 else None
-    )
+        # the vital signs ride with them too (reduced: sums re-based on the common mean)
+        results[f"{name}_health"] = lensed.history[-1]["health"] if len(lensed.history) else None
+    ref = lawwatch.measure(plain, probe, lens=0.5) if rank == 0 else None
+    results["ref_lens"] = ref.extra["lens"] if ref is not None else None
+    results["ref_health"] = ref.extra["health"] if ref is not None else None
 
     # breakdowns (docs/breakdowns.md): groups (one only on rank 0's shard), a target mask
     # that selects nothing in some sequences, the lens per group and per position bucket
@@ -152,8 +154,15 @@ def main() -> None:
     # rank 1's shard holds no example at all
     empty = lawwatch.LawWatch(model, lopsided, batch_size=3, accelerator=accelerator)
     results["shard_examples"] = [lopsided.shard(r, 2).num_examples() for r in range(2)]
-    results["lopsided"] = pr_list(empty.snapshot(1))
+    lopsided_snapshot = empty.snapshot(1)
+    results["lopsided"] = pr_list(lopsided_snapshot)
     results["ref_lopsided"] = reference(on=lopsided)
+    results["lopsided_health"] = (
+        None if lopsided_snapshot is None else lopsided_snapshot.extra["health"]
+    )
+    results["ref_lopsided_health"] = (
+        lawwatch.measure(plain, lopsided).extra["health"] if rank == 0 else None
+    )
 
     # ranks that disagree: different probes; different steps (a mis-called schedule)
     mixed = lawwatch.LawWatch(
