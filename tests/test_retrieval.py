@@ -81,13 +81,18 @@ def model(tokenizer, probe):
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
     labels = probe.input_ids.masked_fill(~probe.attention_mask, -100)
     model.train()
-    for _ in range(STEPS):
-        loss = model(
-            probe.input_ids, attention_mask=probe.attention_mask.long(), labels=labels
-        ).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only contend
+    try:
+        for _ in range(STEPS):
+            loss = model(
+                probe.input_ids, attention_mask=probe.attention_mask.long(), labels=labels
+            ).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.double().eval()
 
 
@@ -243,7 +248,7 @@ def test_refusals_name_the_problem_and_the_fix(tokenizer, tokenizers, tmp_path):
 # -- the measurement ------------------------------------------------------------------------
 
 
-def test_the_gap_per_position_equals_the_reference(model, probe):
+def test_the_gap_per_position_equals_the_reference(model, probe, one_thread):
     record = lawwatch.measure_lens(model, probe, lens=1.0, by_group=True, position_buckets=4)
     assert "pr" not in record and "pearson_r" not in record
     rows = answer_rows(probe, range(len(probe)))
@@ -268,7 +273,8 @@ def test_the_gap_per_position_equals_the_reference(model, probe):
     assert_lens_equal(buckets["75-100"], lens_reference(model, probe, rows=rows), 1e-12)
 
 
-def test_lens_only_equals_the_lens_of_the_full_measurement(model, probe):
+def test_lens_only_equals_the_lens_of_the_full_measurement(model, probe, one_thread):
+    # the answers end each sequence: the final norm's calibration reads them (not a prefix)
     options = {"lens": 1.0, "by_group": True, "position_buckets": 3}
     full = quiet(lawwatch.measure, model, probe, **options)
     alone = lawwatch.measure_lens(model, probe, **options)
@@ -285,7 +291,9 @@ def test_lens_only_equals_the_lens_of_the_full_measurement(model, probe):
     assert alone["config"] == full.extra["config"]
 
 
-def test_lens_only_needs_no_minimum_of_examples_and_refuses_what_it_cannot_measure(model, probe):
+def test_lens_only_needs_no_minimum_of_examples_and_refuses_what_it_cannot_measure(
+    model, probe, one_thread
+):
     few = probe.select([0, 8, 16])  # one context per position: fewer examples than d + 1
     assert few.num_examples() <= model.config.n_embd + 1
     with pytest.raises(ValueError, match="Too few probe examples"):
@@ -303,6 +311,8 @@ def test_lens_only_needs_no_minimum_of_examples_and_refuses_what_it_cannot_measu
         },
         "target='onehot' is an option of the law": {"lens": 1.0, "target": "onehot"},
         "jackknife=4 gives the law's standard errors": {"lens": 1.0, "jackknife": 4},
+        "layers holds 99": {"lens": 1.0, "layers": (99,)},  # the model checked before a forward
+        "lens_head='nope' is not a module": {"lens": 1.0, "lens_head": "nope"},
     }
     for message, options in refused.items():
         with pytest.raises(ValueError, match=re.escape(message)):
