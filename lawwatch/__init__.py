@@ -14,7 +14,7 @@ from lawwatch._version import __version__
 from lawwatch.config import MeasureConfig
 from lawwatch.history import History, Snapshot
 from lawwatch.law import LawFit, fit_law
-from lawwatch.measurement import measure
+from lawwatch.measurement import measure, measure_lens
 from lawwatch.norms import NormSpec
 from lawwatch.output.store import read_history
 from lawwatch.probe import ProbeSet
@@ -36,6 +36,7 @@ __all__ = [
     "__version__",
     "fit_law",
     "measure",
+    "measure_lens",
     "read_history",
 ]
 

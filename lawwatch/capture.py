@@ -450,9 +450,12 @@ class Capture:
         if self.spec is not None or self._norm_module is None or self._calibrated:
             return
         self._calibrated = True
-        counts = positions.sum(dim=1)  # (batch,) example positions: a prefix of each row
+        counts = positions.sum(dim=1)  # (batch,) example positions of each row
         row = int(counts.argmax())
-        count = max(1, min(CALIBRATION_TOKENS, int(counts[row])))
+        # cut after the row's CALIBRATION_TOKENS-th example: with a target mask the examples
+        # need not be a prefix of the row (a question's answer sits at its end)
+        marked = positions[row].nonzero().view(-1)
+        count = 1 if marked.numel() == 0 else int(marked[:CALIBRATION_TOKENS][-1]) + 1
         part = (slice(row, row + 1), slice(0, count))
         ids, mask, where = (t[part].to(device) for t in (input_ids, attention_mask, positions))
         hidden = self._run(ids, mask, where, None)

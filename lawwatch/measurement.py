@@ -43,6 +43,7 @@ __all__ = [
     "check_options",
     "check_settings",
     "measure",
+    "measure_lens",
     "model_device",
     "prepare",
     "solve",
@@ -344,6 +345,7 @@ def accumulate(
     targets: Targets | None = None,
     *,
     errors: list[BaseException] | None = None,
+    law: bool = True,
     **options: Any,
 ) -> Statistics | None:
     """Run ``probe`` through ``model`` and return its sufficient statistics (not yet solved).
@@ -367,6 +369,7 @@ def accumulate(
             is appended here and the remaining forward passes still run (their statistics are
             discarded): under FSDP and ZeRO-3 every forward is a collective, so a rank that
             stopped early would hang the others. The caller decides, collectively, what to do.
+        law: False: the logit lens alone (:func:`measure_lens`): no residual statistics.
         **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
     """
     config = MeasureConfig.build(config, **options)
@@ -387,6 +390,7 @@ def accumulate(
         group_names=probe.group_names,
         group_of=probe.group_index if config.by_group else None,
         first_row=rank * len(probe),
+        law=law,
     )
     # the examples: real positions whose target is real (and marked, with a target mask)
     examples = probe.example_positions(offset)
@@ -569,3 +573,104 @@ def measure(
         identity(probe.content_hash(), config.to_dict(), forward_precision(model))
     )
     return snapshot
+
+
+# options of the law that the lens alone has no use for: (name, its default)
+_LAW_ONLY = (("split", None), ("metric", "pr"), ("target", "token_id"))
+
+
+def check_lens_only(model: nn.Module, probe: ProbeSet, config: MeasureConfig) -> Targets:
+    """Refuse, before any forward pass, what :func:`measure_lens` cannot measure.
+
+    The lens must be on; options of the law alone (``split``, ``metric``, ``target``, a
+    jackknife of a stated size) are refused rather than ignored; the probe must fit the model,
+    the blocks and ``layers`` must be found, the head must map the hidden size to the probe's
+    ids, and ``by_group`` needs groups. No minimum of examples: the lens fits nothing.
+
+    Returns:
+        The targets the lens reads (the true next-token ids).
+
+    Raises:
+        ValueError: The setting, and its fix.
+    """
+    if config.lens is None:
+        raise ValueError(
+            "measure_lens measures the logit lens alone, but lens is None (off): set lens=1.0 "
+            "(every example) or a share in (0, 1]."
+        )
+    for name, default in _LAW_ONLY:
+        if getattr(config, name) != default:
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} is an option of the law (PR), which "
+                f"measure_lens does not measure: leave it at {default!r}, or use "
+                "lawwatch.measure (the law and the lens)."
+            )
+    if isinstance(config.jackknife, int):
+        raise ValueError(
+            f"jackknife={config.jackknife} gives the law's standard errors; measure_lens "
+            "measures the lens alone: leave jackknife at 'auto' (or None)."
+        )
+    check_probe(model, probe)
+    if config.by_group and probe.group_index is None:
+        check_options(probe, config)  # its by_group refusal, with the fix
+    capture = _capture(model, config)
+    check_head(unembedding(model, config.lens_head), probe, hidden_size(model, capture))
+    check_final_norm(model, capture, hidden_size(model, capture))
+    return Targets("token_id", config.offset)
+
+
+def measure_lens(
+    model: nn.Module, probe: ProbeSet, config: MeasureConfig | None = None, **options: Any
+) -> dict[str, Any]:
+    """The logit lens alone on ``model`` with ``probe``: no residual statistics, no PR.
+
+    What a probe of few examples can still measure (the answers of a retrieval probe,
+    ``docs/retrieval.md``): the lens fits nothing, so no minimum of examples applies (the
+    law needs more than hidden size + 1). The same forward and the same lens sums as
+    :func:`measure`'s: its ``lens``, ``groups[name]["lens"]`` and ``positions`` are those of
+    :func:`measure` with the same options (within 1e-12).
+
+    Args:
+        model: As for :func:`measure`.
+        probe: The probe sequences.
+        config: The measurement options; ``lens`` must be on (refused otherwise, as are the
+            law's own options: ``split``, ``metric``, ``target``, a stated ``jackknife``).
+        **options: Fields of :class:`~lawwatch.config.MeasureConfig` overriding ``config``'s.
+
+    Returns:
+        A record: ``n_tokens`` (the probe's examples), ``seconds``, ``layers`` (the measured
+        entries), ``lens`` (the lens's fields, ``docs/lens.md``), with ``by_group`` ``groups``
+        (per group ``n_tokens`` and ``lens``), with ``position_buckets`` ``positions``, and
+        what it was measured with (:func:`~lawwatch.history.identity`). No ``pr`` or fit: it
+        is not a :class:`~lawwatch.history.Snapshot` and is not a monitor's record.
+
+    Raises:
+        ValueError: The lens off, an option of the law, a probe that does not fit the model,
+            a probe of no example.
+    """
+    config = MeasureConfig.build(config, **options)
+    start = time.perf_counter()
+    targets = check_lens_only(model, probe, config)
+    stats = accumulate(model, probe, config, targets, law=False)
+    if not isinstance(stats, Lensed) or stats.count.item() == 0:
+        raise ValueError(
+            f"The probe gives no example at offset={config.offset}; build it with sequences of "
+            "at least two tokens (and, with a target mask, a marked token after the first)."
+        )
+    record: dict[str, Any] = {
+        "n_tokens": int(stats.count.item()),
+        "seconds": time.perf_counter() - start,
+        "layers": list(stats.layers),
+        "lens": stats.lens.record(),
+    }
+    parts = stats.lens.parts_record()
+    if "groups" in parts:
+        examples = probe.group_examples(config.offset)
+        record["groups"] = {
+            name: {"n_tokens": examples.get(name, 0), "lens": lens}
+            for name, lens in parts["groups"].items()
+        }
+    if "positions" in parts:
+        record["positions"] = parts["positions"]
+    record.update(identity(probe.content_hash(), config.to_dict(), forward_precision(model)))
+    return record

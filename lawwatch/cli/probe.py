@@ -39,6 +39,27 @@ def add(commands: Any) -> None:
     )
     build.add_argument("--out", required=True, help="the probe file to write (.safetensors)")
     PROBE.add(build)
+    retrieval = build.add_argument_group(
+        "the synthetic retrieval probe (docs/retrieval.md)",
+        "k key-value passages, a question about one, its answer the marked target; grouped by "
+        "the queried passage's position. Takes --tokenizer (a fast one), --seed and "
+        "--max-length (default: the longest context) and no other source.",
+    )
+    retrieval.add_argument(
+        "--retrieval", action="store_true", help="build the retrieval probe (no other source)"
+    )
+    retrieval.add_argument(
+        "--passages", type=int, default=5, help="key-value passages per context (default 5)"
+    )
+    retrieval.add_argument(
+        "--per-position", type=int, default=8, help="contexts per position (default 8)"
+    )
+    retrieval.add_argument(
+        "--positions",
+        type=int,
+        default=3,
+        help="positions of the queried passage (default 3: beginning, middle, end)",
+    )
     show = actions.add_parser(
         "show",
         help="what a probe file holds: summary, provenance, hashes",
@@ -57,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     try:
-        probe = PROBE.build(args).build()
+        probe = _retrieval(args) if args.retrieval else PROBE.build(args).build()
         path = probe.save(args.out)
     except (ValueError, TypeError, OSError) as error:
         return fail("probe build", error)
@@ -69,6 +90,39 @@ def _build(args: argparse.Namespace) -> int:
     for name, count in probe.group_examples().items():
         print(f"  group {name}: {count} examples")
     return 0
+
+
+# the probe options --retrieval takes; any other is refused (the probe makes its own texts)
+_RETRIEVAL_TAKES = {"tokenizer", "max_length", "seed"}
+
+
+def _retrieval(args: argparse.Namespace) -> ProbeSet:
+    """The retrieval probe of ``--retrieval`` (its options checked first).
+
+    Raises:
+        ValueError: A probe source or option it does not take, no tokenizer, or what
+            :func:`~lawwatch.probe.retrieval_probe` refuses.
+    """
+    from lawwatch.probe import load_tokenizer, retrieval_probe
+
+    others = sorted(PROBE.given(args) - _RETRIEVAL_TAKES)
+    if others:
+        flags = ", ".join("--" + name.replace("_", "-") for name in others)
+        raise ValueError(
+            f"--retrieval builds its own texts and takes only --tokenizer, --seed and "
+            f"--max-length of the probe options; leave out {flags}."
+        )
+    spec = PROBE.build(args)
+    if spec.tokenizer is None:
+        raise ValueError("--retrieval needs --tokenizer NAME_OR_PATH (a fast tokenizer).")
+    return retrieval_probe(
+        load_tokenizer(spec.tokenizer),
+        passages=args.passages,
+        per_position=args.per_position,
+        positions=args.positions,
+        seed=spec.seed,
+        max_length=spec.max_length if "max_length" in PROBE.given(args) else None,
+    )
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -148,6 +148,18 @@ class ProbeSet:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
+    def retrieval(cls, tokenizer: Any, **options: Any) -> ProbeSet:
+        """The synthetic retrieval probe (``docs/retrieval.md``), grouped by position.
+
+        k key–value passages, a question about one, its answer the marked target; each
+        sequence's group is the queried passage's position. ``options``: those of
+        :func:`lawwatch.probe.retrieval.retrieval_probe`.
+        """
+        from lawwatch.probe.retrieval import retrieval_probe
+
+        return retrieval_probe(tokenizer, **options)
+
+    @classmethod
     def from_tokens(
         cls,
         input_ids: torch.Tensor | Sequence[Sequence[int]],

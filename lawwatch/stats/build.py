@@ -32,6 +32,7 @@ __all__ = [
     "AUTO_JACKKNIFE_BYTES",
     "AUTO_JACKKNIFE_GROUPS",
     "AUTO_JACKKNIFE_SEQUENCES",
+    "Counted",
     "Recipe",
     "check_group_memory",
     "checked_groups",
@@ -163,6 +164,8 @@ class Recipe:
         group_names: The probe's groups (``by_group``; the whole probe's names).
         group_of: ``(sequences,)`` the group index of each sequence of this process's probe.
         first_row: That probe's first sequence's index in the whole probe.
+        law: False for the logit lens alone (:func:`lawwatch.measurement.measure_lens`): no
+            residual statistics, only the examples counted beside the lens's sums.
     """
 
     config: MeasureConfig
@@ -174,6 +177,7 @@ class Recipe:
     group_names: tuple[str, ...] = ()
     group_of: torch.Tensor | None = None
     first_row: int = 0
+    law: bool = True
 
     @classmethod
     def of(
@@ -187,6 +191,7 @@ class Recipe:
         group_names: tuple[str, ...] = (),
         group_of: torch.Tensor | None = None,
         first_row: int = 0,
+        law: bool = True,
     ) -> Recipe:
         """The recipe of ``config``, its statistics' device resolved now.
 
@@ -211,6 +216,7 @@ class Recipe:
             tuple(group_names),
             group_of,
             first_row,
+            law,
         )
 
     def position_labels(self) -> tuple[str, ...]:
@@ -231,6 +237,10 @@ class Recipe:
             ValueError: One-hot statistics over ``max_onehot_bytes``.
         """
         config, targets, entries = self.config, self.targets, len(self.layers)
+        if not self.law:  # the lens alone: its sums beside a count of the examples
+            if config.lens is None:
+                raise ValueError("The logit lens alone (law=False) needs lens on (lens=1.0).")
+            return Lensed(Counted(self.layers, dim, self.device), self._lens())
         groups = checked_groups(config, targets, self.sequences, entries, dim)
         log_statistics_precision(config.precision, self.features)
 
@@ -267,19 +277,86 @@ class Recipe:
             plain = Vitals(plain, HealthStats(self.layers, dim, device=self.device))
         if config.lens is None:
             return plain
+        return Lensed(plain, self._lens())
+
+    def _lens(self) -> LensStats:
+        """The logit lens's empty sums, with the breakdowns the config asks for."""
+        config = self.config
         breakdowns = {}
         if config.by_group:
             breakdowns["groups"] = self.group_names
         if config.position_buckets is not None:
             breakdowns["positions"] = self.position_labels()
-        lens = LensStats(
+        return LensStats(
             self.layers,
             device=self.device,
             precision=config.precision,
-            fraction=config.lens,
+            fraction=config.lens or 1.0,
             breakdowns=breakdowns,
         )
-        return Lensed(plain, lens)
+
+
+class Counted:
+    """The statistics of the logit lens alone: a count of the examples, no residual sums.
+
+    What :class:`~lawwatch.stats.lens.Lensed` carries beside the lens when the law is not
+    measured (:func:`lawwatch.measurement.measure_lens`): each batch's features are dropped
+    as they arrive, so nothing of size ``d²`` is kept and no example minimum applies. It has
+    no PR: :meth:`compute` refuses.
+
+    Args:
+        layers: The measured entries' true indices.
+        dim: The feature width.
+        device: Where the count lives.
+    """
+
+    precision = "float64"
+
+    def __init__(self, layers: tuple[int, ...], dim: int, device: torch.device) -> None:
+        self.layers = tuple(layers)
+        self.num_layers = len(self.layers)
+        self.dim = dim
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the count lives."""
+        return self.count.device
+
+    def begin(
+        self,
+        targets: torch.Tensor,
+        sequences: torch.Tensor | None = None,
+        *,
+        deferred_check: bool = False,
+    ) -> _CountedUpdate:
+        """A batch of ``targets.numel()`` examples, its features dropped as they arrive."""
+        del sequences, deferred_check
+        return _CountedUpdate(self, targets.numel())
+
+    def compute(self) -> torch.Tensor:
+        """Refused: the lens alone measures no PR."""
+        raise RuntimeError("The logit lens alone (measure_lens) keeps no residual statistics.")
+
+    def replicates(self) -> None:
+        """No jackknife: None."""
+        return None
+
+
+class _CountedUpdate:
+    """A batch being added to :class:`Counted`: its entries dropped, its examples counted."""
+
+    def __init__(self, stats: Counted, examples: int) -> None:
+        self.stats, self.examples = stats, examples
+
+    def add(self, part: slice, features: torch.Tensor, *, owned: bool = False) -> None:
+        """Drop an entry's features (the lens keeps its rows apart)."""
+        del part, features, owned
+
+    def finish(self) -> Counted:
+        """Count the batch's examples."""
+        self.stats.count += self.examples
+        return self.stats
 
 
 def position_labels(buckets: int | None) -> tuple[str, ...]:
