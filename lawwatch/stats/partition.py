@@ -276,12 +276,16 @@ class PartitionedStats:
             chosen = self.totals if part is None else [self.totals[part]]
             if without is None and len(chosen) == 1:
                 return chosen[0]
-            total = chosen[0].clone()
-            for other in chosen[1:]:
-                total.merge(other)
-            if without is not None:
-                for p in range(self.parts) if part is None else [part]:
-                    total.subtract(self.cells[without * self.parts + p])
+            parts = [] if without is None else range(self.parts) if part is None else [part]
+            left_out = [self.cells[without * self.parts + p] for p in parts]
+            if len(chosen) == 1:  # one subtraction into new sums: no copy of the totals
+                total = chosen[0].difference(left_out.pop(0))
+            else:
+                total = chosen[0].clone()
+                for other in chosen[1:]:
+                    total.merge(other)
+            for cell in left_out:
+                total.subtract(cell)
             return total
         chosen = [
             cell

@@ -495,8 +495,9 @@ class ResidualStats:
         if self.count.item() == 0:
             self.shift_x = other.shift_x.to(self.device, copy=True)
             self.shift_y = other.shift_y.to(self.device, copy=True)
-        for name, value in zip(_SUMS, self._aligned(other), strict=True):
+        for name, value in zip(_HELD, self._aligned(other), strict=True):
             getattr(self, name).add_(value)
+        self._lower_stale |= other._lower_stale
         return self
 
     def subtract(self, other: ResidualStats) -> ResidualStats:
@@ -514,15 +515,36 @@ class ResidualStats:
         other._check_usable()
         if other.count.item() == 0:
             return self
-        for name, value in zip(_SUMS, self._aligned(other), strict=True):
+        for name, value in zip(_HELD, self._aligned(other), strict=True):
             getattr(self, name).sub_(value)
+        self._lower_stale |= other._lower_stale
         return self
 
-    def _aligned(self, other: ResidualStats) -> list[torch.Tensor]:
-        """``other``'s sums (in the order of ``_SUMS``) about this one's shifts, on its device.
+    def difference(self, other: ResidualStats) -> ResidualStats:
+        """New statistics: these minus ``other`` (which these hold too), in one pass per sum.
 
-        Statistics about the same shifts on the same device are read as they are (no copy);
-        others are copied and re-based exactly.
+        What ``self.clone().subtract(other)`` gives, without the copy: e.g. the totals with a
+        jackknife group left out.
+        """
+        self._check_compatible(other)
+        self._check_usable()
+        other._check_usable()
+        new = object.__new__(ResidualStats)
+        new.__dict__.update(self.__dict__)
+        for name, mine, value in zip(
+            _HELD, (getattr(self, name) for name in _HELD), self._aligned(other), strict=True
+        ):
+            setattr(new, name, mine - value)
+        new.shift_x, new.shift_y = self.shift_x.clone(), self.shift_y.clone()
+        new._lower_stale = self._lower_stale or other._lower_stale
+        return new
+
+    def _aligned(self, other: ResidualStats) -> list[torch.Tensor]:
+        """``other``'s sums (in the order of ``_HELD``) about this one's shifts, on its device.
+
+        Statistics about the same shifts on the same device are read as they are (no copy; the
+        Gram's lower triangle as it is: the caller carries ``other._lower_stale``); others are
+        copied and re-based exactly (the copy's Gram made symmetric).
         """
         same = (
             other.device == self.device
@@ -532,7 +554,7 @@ class ResidualStats:
         if not same:
             other = other.clone().to(self.device)
             other._rebase(self.shift_x, self.shift_y)
-        return [getattr(other, name) for name in _SUMS]
+        return [getattr(other, name) for name in _HELD]
 
     # -- distributed --------------------------------------------------------------------------
 
@@ -708,8 +730,8 @@ class ResidualStats:
     def clone(self) -> ResidualStats:
         """A deep copy."""
         new = object.__new__(ResidualStats)
-        new.__dict__.update(self.__dict__)
-        for name in (*_SUMS, "shift_x", "shift_y"):
+        new.__dict__.update(self.__dict__)  # `_lower_stale` too: the Gram is copied as it is
+        for name in (*_HELD, "shift_x", "shift_y"):
             setattr(new, name, getattr(self, name).clone())
         return new
 
@@ -754,8 +776,8 @@ class ResidualStats:
             def cross(outputs: slice, part: slice = part, sx: torch.Tensor = sx) -> torch.Tensor:
                 return self.sum_xy[part, :, outputs] - sx.unsqueeze(2) * sy[outputs] / n
 
-            solution = explained_sum_of_squares(
-                self.sum_xx[part], sx, n, cross, self.num_outputs, rtol=self.rtol, method=method
+            solution = explained_sum_of_squares(  # reads the Gram's upper triangle only
+                self._gram[part], sx, n, cross, self.num_outputs, rtol=self.rtol, method=method
             )
             prs.append((tss - solution.explained) / tss)
             eighs.append(solution.eigh)
@@ -796,6 +818,8 @@ class ResidualStats:
 
 
 _SUMS = ("count", "sum_x", "sum_xx", "sum_xy", "sum_y", "sum_yy")
+# the sums as held: the Gram with its lower triangle possibly stale (see `sum_xx`)
+_HELD = ("count", "sum_x", "_gram", "sum_xy", "sum_y", "sum_yy")
 
 
 def _slices(flat: torch.Tensor) -> list[torch.Tensor]:

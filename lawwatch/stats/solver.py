@@ -126,7 +126,8 @@ def explained_sum_of_squares(
 
     Args:
         sum_uu: ``(entries, d, d)`` float64 Gram ``Σuuᵀ`` of the features about a shift (not
-            modified). The centered Gram is ``G = Σuuᵀ - Σu Σuᵀ / n``.
+            modified; only its upper triangle, diagonal included, is read). The centered
+            Gram is ``G = Σuuᵀ - Σu Σuᵀ / n``.
         sum_u: ``(entries, d)`` the shifted features' sums ``Σu``.
         count: ``n``.
         cross: ``cross(part)`` returns the ``(entries, d, k)`` centered cross term ``b`` for
@@ -185,8 +186,9 @@ def _correlation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``C = S (Σuuᵀ - Σu Σuᵀ / n) S`` and its Frobenius norm, in one pass over memory.
 
-    On CPU the rows are built a cache-sized block at a time, so the three elementwise steps and
-    the norm read the block from cache; on other devices in one go.
+    Reads the upper triangle (diagonal included) of ``sum_uu`` only, builds ``C``'s, and
+    copies it below. On CPU the rows are built a cache-sized block at a time, so the three
+    elementwise steps and the norm read the block from cache; on other devices in one go.
     """
     entries, d = sum_uu.shape[0], sum_uu.shape[1]
     corr = torch.empty_like(sum_uu)
@@ -194,12 +196,17 @@ def _correlation(
     squares = torch.zeros(entries, dtype=sum_uu.dtype, device=sum_uu.device)
     step = max(1, _CACHE_ELEMENTS // (entries * d)) if sum_uu.device.type == "cpu" else d
     for lo in range(0, d, step):
-        rows = slice(lo, min(lo + step, d))
-        block = corr[:, rows]  # (entries, rows, d) view
-        torch.mul(sum_uu[:, rows], scale[:, rows].unsqueeze(2), out=block)
-        block.mul_(scale.unsqueeze(1))
-        block.addcmul_(mean[:, rows].unsqueeze(2), mean.unsqueeze(1), value=-1.0 / count)
-        squares += block.square().sum(dim=(1, 2))
+        hi = min(lo + step, d)
+        rows = slice(lo, hi)
+        block = corr[:, rows, lo:]  # (entries, rows, d - lo) view: the rows' upper part
+        torch.mul(sum_uu[:, rows, lo:], scale[:, rows].unsqueeze(2), out=block)
+        block.mul_(scale[:, lo:].unsqueeze(1))
+        block.addcmul_(mean[:, rows].unsqueeze(2), mean[:, lo:].unsqueeze(1), value=-1.0 / count)
+        # ‖C‖²: the strict upper triangle twice, the diagonal once
+        square = block[:, :, : hi - lo]  # (entries, rows, rows): the diagonal block
+        squares += 2.0 * block[:, :, hi - lo :].square().sum(dim=(1, 2))
+        squares += 2.0 * square.triu(1).square().sum(dim=(1, 2))
+        squares += square.diagonal(dim1=1, dim2=2).square().sum(dim=1)
     _upper_to_lower_(corr)
     return corr, squares.sqrt()
 
