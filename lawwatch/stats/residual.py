@@ -52,7 +52,7 @@ import torch
 from lawwatch.precision import exact_float32_matmul
 from lawwatch.stats.owned import Owned, place
 from lawwatch.stats.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
-from lawwatch.stats.update import BatchUpdate, Cells, gram_panel, mirror_upper
+from lawwatch.stats.update import BatchUpdate, Cells, gram_panel, mirror_upper, product_panel
 
 Target = Literal["token_id", "onehot"]
 TARGETS: tuple[str, ...] = ("token_id", "onehot")
@@ -419,24 +419,37 @@ class ResidualStats:
         With ``also`` (a cell about the same shifts), the same product is added to its sums.
 
         ``uᵀu`` is symmetric, so only its upper triangle is computed, in row panels of
-        ``gram_panel(d)`` rows (panel ``i`` times the columns from ``i`` on: about
-        ``(1 + 1/panels) / 2`` of the flops of the full product); the lower triangle of the
-        sums is copied from the upper one when they are next read (:attr:`sum_xx`). A staged
-        or float32 product exists one panel at a time.
+        ``gram_panel(d)`` rows added in place (panel ``i`` times the columns from ``i`` on:
+        about ``(1 + 1/panels) / 2`` of the flops of the full product), or of
+        ``product_panel(d)`` rows where the product is formed apart (``also``, staged,
+        float32: one panel at a time, in one reused buffer on the statistics' device); the
+        lower triangle of the sums is copied from the upper one when they are next read
+        (:attr:`sum_xx`).
         """
         d = self.dim
         into = [self] if also is None else [self, also]
         u32 = u.to(torch.float32) if self.precision == "mixed" else None  # after the shift
-        step = gram_panel(d)
+        if u32 is None and not staged and also is None:  # in place, no temporary
+            step = gram_panel(d)
+            for lo in range(0, d, step):
+                target = self._gram[part][:, lo : lo + step, lo:]  # (l, t, d - lo): upper part
+                target.baddbmm_(u[:, :, lo : lo + step].transpose(1, 2), u[:, :, lo:])
+            self._lower_stale = True
+            return
+        # a product added twice (or moved, or float32): thinner panels, one reused buffer
+        step = product_panel(d)
+        buffer = None
+        if u32 is None and u.device == self.device:
+            buffer = torch.empty(u.shape[0] * step * d, dtype=u.dtype, device=u.device)
         for lo in range(0, d, step):
             hi = min(lo + step, d)
-            if u32 is None and not staged and also is None:  # in place, no temporary
-                target = self._gram[part][:, lo:hi, lo:]  # (l, t, d - lo): the panel's upper part
-                target.baddbmm_(u[:, :, lo:hi].transpose(1, 2), u[:, :, lo:])
-                continue
             if u32 is not None:
                 with exact_float32_matmul():
                     product = u32[:, :, lo:hi].transpose(1, 2) @ u32[:, :, lo:]  # float32
+            elif buffer is not None:
+                shape = (u.shape[0], hi - lo, d - lo)
+                product = buffer[: shape[0] * shape[1] * shape[2]].view(shape)
+                torch.bmm(u[:, :, lo:hi].transpose(1, 2), u[:, :, lo:], out=product)
             else:
                 product = u[:, :, lo:hi].transpose(1, 2) @ u[:, :, lo:]
             product = product.to(self.device)
