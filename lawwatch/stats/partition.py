@@ -345,7 +345,14 @@ class PartitionedStats:
                 " hold no example (sequence i is in group i mod groups); use fewer groups than "
                 "the probe has sequences with examples."
             )
-        return torch.stack([self.values(g, method=method) for g in range(self.groups)])
+        if self.totals is None or self.parts != 1 or self.metric != "pr":
+            return torch.stack([self.values(g, method=method) for g in range(self.groups)])
+        # each replicate's sums and solve in one scratch: no (L, d, d) allocation per group
+        scratch, rows = None, []
+        for g in range(self.groups):
+            scratch = self.totals[0].difference(self.cells[g], out=scratch)
+            rows.append(scratch.compute_scratch(method=method))
+        return torch.stack(rows)
 
 
 # per-sequence products (see `Cells`) where the batch's sequences have at least this many

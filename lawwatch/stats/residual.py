@@ -533,11 +533,14 @@ class ResidualStats:
         self._lower_stale |= other._lower_stale
         return self
 
-    def difference(self, other: ResidualStats) -> ResidualStats:
-        """New statistics: these minus ``other`` (which these hold too), in one pass per sum.
+    def difference(
+        self, other: ResidualStats, *, out: ResidualStats | None = None
+    ) -> ResidualStats:
+        """These statistics minus ``other`` (which these hold too), in one pass per sum.
 
         What ``self.clone().subtract(other)`` gives, without the copy: e.g. the totals with a
-        jackknife group left out.
+        jackknife group left out. Written into ``out`` (statistics of the same shape, e.g.
+        the previous group's, whose sums are all replaced) if given, else into new ones.
         """
         self._check_compatible(other)
         self._check_usable()
@@ -547,7 +550,11 @@ class ResidualStats:
         for name, mine, value in zip(
             _HELD, (getattr(self, name) for name in _HELD), self._aligned(other), strict=True
         ):
-            setattr(new, name, mine - value)
+            setattr(
+                new,
+                name,
+                mine - value if out is None else torch.sub(mine, value, out=getattr(out, name)),
+            )
         new.shift_x, new.shift_y = self.shift_x.clone(), self.shift_y.clone()
         new._lower_stale = self._lower_stale or other._lower_stale
         return new
@@ -777,8 +784,12 @@ class ResidualStats:
                 "undefined; the probe needs at least two different next tokens."
             )
 
-    def _solve(self, entries: range, method: Method) -> Solved:
-        """PR of ``entries`` from the sums, a bounded group of entries at a time."""
+    def _solve(self, entries: range, method: Method, overwrite: bool = False) -> Solved:
+        """PR of ``entries`` from the sums, a bounded group of entries at a time.
+
+        With ``overwrite`` the solve's matrices are built over the Gram (these statistics are
+        a scratch copy: unusable afterwards).
+        """
         n = self.count
         sy = self.sum_y
         tss = (self.sum_yy - sy * sy / n).sum()
@@ -790,7 +801,14 @@ class ResidualStats:
                 return self.sum_xy[part, :, outputs] - sx.unsqueeze(2) * sy[outputs] / n
 
             solution = explained_sum_of_squares(  # reads the Gram's upper triangle only
-                self._gram[part], sx, n, cross, self.num_outputs, rtol=self.rtol, method=method
+                self._gram[part],
+                sx,
+                n,
+                cross,
+                self.num_outputs,
+                rtol=self.rtol,
+                method=method,
+                overwrite=overwrite,
             )
             prs.append((tss - solution.explained) / tss)
             eighs.append(solution.eigh)
@@ -811,6 +829,18 @@ class ResidualStats:
         self._check_usable()
         self._check_solvable()
         return self._solve(range(self.num_layers), method)
+
+    def compute_scratch(self, *, method: Method = "auto") -> torch.Tensor:
+        """:meth:`compute`, building the solve's matrices over the Gram (no ``d²`` allocation).
+
+        For a scratch copy (e.g. :meth:`difference`'s ``out``): afterwards its Gram holds no
+        sums, and only a later ``difference(..., out=self)`` makes it usable again.
+        """
+        self._check_usable()
+        self._check_solvable()
+        pr = self._solve(range(self.num_layers), method, overwrite=True).pr
+        self._lower_stale = False  # the Gram holds the solve's matrices: nothing to mirror
+        return pr
 
     def compute(self, *, method: Method = "auto") -> torch.Tensor:
         """Solve all layers together.
