@@ -17,17 +17,19 @@ every sequence in the same cell:
   evaluation part holds ``split · N`` up to ``O(log N)``), else in the fit part.
 * **jackknife group**: ``i mod groups`` (round robin).
 
-Memory: one ``ResidualStats`` per cell, plus, with ``jackknife``, one per split part holding
-all groups (the *totals*, from which the headline values are solved: the same, to the bit,
-whatever the number of groups): ``(groups + 1) × (2 with split, else 1)`` times the plain
-measurement's. A batch streams one entry at a time like the plain measurement's
+Memory: one ``ResidualStats`` per cell, plus, with ``jackknife``, one per split part holding all
+groups (the *totals*, from which the headline values are solved: the same, to the bit, whatever
+the number of groups): ``(groups + 1) × (2 with split, else 1)`` times the plain measurement's.
+A batch streams one entry at a time like the plain measurement's
 (:meth:`PartitionedStats.begin`). With the jackknife the totals' update feeds the cells
-(:class:`~lawwatch.stats.update.Cells`): the cells take their sums about the totals'
-shifts, the Gram of each sequence's rows is formed once and added to the totals and to its
-cell (sequences of fewer than ``SEQUENCE_ROWS`` examples: the cells form their own products,
-of a copy of their rows), and a leave-one-group-out measure is solved from the totals minus
-that group's cells. Without it, each cell takes a copy of its own rows. The transient is
-about two entries' ``n × d`` float64 features (``n`` the batch's examples).
+(:class:`~lawwatch.stats.update.Cells`): the cells take their sums about the totals' shifts, the
+Gram of each sequence's rows is formed once and added to the totals and to its cell (sequences
+of fewer than ``SEQUENCE_ROWS`` examples: the cells form their own products, of a copy of their
+rows), and a leave-one-group-out measure is solved from the totals minus that group's cells (for
+PR without ``split``, every group's in one scratch the size of the totals, the solve's matrices
+built over its Gram: no further ``L·d²`` allocation). Without it, each cell takes a copy of its
+own rows. The transient is about two entries' ``n × d`` float64 features (``n`` the batch's
+examples).
 """
 
 from __future__ import annotations

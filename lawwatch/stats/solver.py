@@ -66,13 +66,13 @@ columns, several exact null directions), a genuine direction within a factor ``1
 of the cut, or ``μ`` between ``rtol`` and ``rtol * ‖C‖_F``. So the rule applied is the eigen
 rule wherever the fast path cannot show that it makes the same decision.
 
-**Memory.** ``C`` is built in one ``(entries, d, d)`` buffer (made exactly symmetric: its upper
-triangle is copied below, so both paths see the same matrix to the bit), factored in place
-(panels of 64 columns: ``O(64 d)`` temporaries). An entry for the eigen path is done alone, in
-its own ``(d, d)`` slot: ``C`` is rebuilt there from the strict upper triangle and the
-diagonal kept aside, and LAPACK writes the eigenvectors over it (the transpose of a symmetric
-row-major matrix is the column-major one it wants), so its only other ``(d, d)`` memory is
-``syevd``'s workspace, about ``2 d²`` float64.
+**Memory.** ``C`` is built in one ``(entries, d, d)`` buffer, or over the caller's scratch Gram
+(``overwrite``), made exactly symmetric (its upper triangle is copied below, so both paths see
+the same matrix to the bit), factored in place (panels of 96 columns: ``O(96 d)`` temporaries).
+An entry for the eigen path is done alone, in its own ``(d, d)`` slot: ``C`` is rebuilt there
+from the strict upper triangle and the diagonal kept aside, and LAPACK writes the eigenvectors
+over it (the transpose of a symmetric row-major matrix is the column-major one it wants), so its
+only other ``(d, d)`` memory is ``syevd``'s workspace, about ``2 d²`` float64.
 """
 
 from __future__ import annotations
