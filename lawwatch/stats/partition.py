@@ -353,7 +353,7 @@ class PartitionedStats:
         scratch, rows = None, []
         for g in range(self.groups):
             scratch = self.totals[0].difference(self.cells[g], out=scratch)
-            rows.append(scratch.compute_scratch(method=method))
+            rows.append(scratch._compute_scratch(method=method))
         return torch.stack(rows)
 
 

@@ -830,7 +830,7 @@ class ResidualStats:
         self._check_solvable()
         return self._solve(range(self.num_layers), method)
 
-    def compute_scratch(self, *, method: Method = "auto") -> torch.Tensor:
+    def _compute_scratch(self, *, method: Method = "auto") -> torch.Tensor:
         """:meth:`compute`, building the solve's matrices over the Gram (no ``d²`` allocation).
 
         For a scratch copy (e.g. :meth:`difference`'s ``out``): afterwards its Gram holds no
