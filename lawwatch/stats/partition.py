@@ -17,17 +17,19 @@ every sequence in the same cell:
   evaluation part holds ``split · N`` up to ``O(log N)``), else in the fit part.
 * **jackknife group**: ``i mod groups`` (round robin).
 
-Memory: one ``ResidualStats`` per cell, plus, with ``jackknife``, one per split part holding
-all groups (the *totals*, from which the headline values are solved: the same, to the bit,
-whatever the number of groups): ``(groups + 1) × (2 with split, else 1)`` times the plain
-measurement's. A batch streams one entry at a time like the plain measurement's
+Memory: one ``ResidualStats`` per cell, plus, with ``jackknife``, one per split part holding all
+groups (the *totals*, from which the headline values are solved: the same, to the bit, whatever
+the number of groups): ``(groups + 1) × (2 with split, else 1)`` times the plain measurement's.
+A batch streams one entry at a time like the plain measurement's
 (:meth:`PartitionedStats.begin`). With the jackknife the totals' update feeds the cells
-(:class:`~lawwatch.stats.update.Cells`): the cells take their sums about the totals'
-shifts, the Gram of each sequence's rows is formed once and added to the totals and to its
-cell (sequences of fewer than ``SEQUENCE_ROWS`` examples: the cells form their own products,
-of a copy of their rows), and a leave-one-group-out measure is solved from the totals minus
-that group's cells. Without it, each cell takes a copy of its own rows. The transient is
-about two entries' ``n × d`` float64 features (``n`` the batch's examples).
+(:class:`~lawwatch.stats.update.Cells`): the cells take their sums about the totals' shifts, the
+Gram of each sequence's rows is formed once and added to the totals and to its cell (sequences
+of fewer than ``SEQUENCE_ROWS`` examples: the cells form their own products, of a copy of their
+rows), and a leave-one-group-out measure is solved from the totals minus that group's cells (for
+PR without ``split``, every group's in one scratch the size of the totals, the solve's matrices
+built over its Gram: no further ``L·d²`` allocation). Without it, each cell takes a copy of its
+own rows. The transient is about two entries' ``n × d`` float64 features (``n`` the batch's
+examples).
 """
 
 from __future__ import annotations
@@ -276,12 +278,16 @@ class PartitionedStats:
             chosen = self.totals if part is None else [self.totals[part]]
             if without is None and len(chosen) == 1:
                 return chosen[0]
-            total = chosen[0].clone()
-            for other in chosen[1:]:
-                total.merge(other)
-            if without is not None:
-                for p in range(self.parts) if part is None else [part]:
-                    total.subtract(self.cells[without * self.parts + p])
+            parts = [] if without is None else range(self.parts) if part is None else [part]
+            left_out = [self.cells[without * self.parts + p] for p in parts]
+            if len(chosen) == 1:  # one subtraction into new sums: no copy of the totals
+                total = chosen[0].difference(left_out.pop(0))
+            else:
+                total = chosen[0].clone()
+                for other in chosen[1:]:
+                    total.merge(other)
+            for cell in left_out:
+                total.subtract(cell)
             return total
         chosen = [
             cell
@@ -341,7 +347,14 @@ class PartitionedStats:
                 " hold no example (sequence i is in group i mod groups); use fewer groups than "
                 "the probe has sequences with examples."
             )
-        return torch.stack([self.values(g, method=method) for g in range(self.groups)])
+        if self.totals is None or self.parts != 1 or self.metric != "pr":
+            return torch.stack([self.values(g, method=method) for g in range(self.groups)])
+        # each replicate's sums and solve in one scratch: no (L, d, d) allocation per group
+        scratch, rows = None, []
+        for g in range(self.groups):
+            scratch = self.totals[0].difference(self.cells[g], out=scratch)
+            rows.append(scratch._compute_scratch(method=method))
+        return torch.stack(rows)
 
 
 # per-sequence products (see `Cells`) where the batch's sequences have at least this many

@@ -52,7 +52,7 @@ import torch
 from lawwatch.precision import exact_float32_matmul
 from lawwatch.stats.owned import Owned, place
 from lawwatch.stats.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
-from lawwatch.stats.update import BatchUpdate, Cells, gram_panel, mirror_upper
+from lawwatch.stats.update import BatchUpdate, Cells, gram_panel, mirror_upper, product_panel
 
 Target = Literal["token_id", "onehot"]
 TARGETS: tuple[str, ...] = ("token_id", "onehot")
@@ -419,24 +419,37 @@ class ResidualStats:
         With ``also`` (a cell about the same shifts), the same product is added to its sums.
 
         ``uᵀu`` is symmetric, so only its upper triangle is computed, in row panels of
-        ``gram_panel(d)`` rows (panel ``i`` times the columns from ``i`` on: about
-        ``(1 + 1/panels) / 2`` of the flops of the full product); the lower triangle of the
-        sums is copied from the upper one when they are next read (:attr:`sum_xx`). A staged
-        or float32 product exists one panel at a time.
+        ``gram_panel(d)`` rows added in place (panel ``i`` times the columns from ``i`` on:
+        about ``(1 + 1/panels) / 2`` of the flops of the full product), or of
+        ``product_panel(d)`` rows where the product is formed apart (``also``, staged,
+        float32: one panel at a time, in one reused buffer on the statistics' device); the
+        lower triangle of the sums is copied from the upper one when they are next read
+        (:attr:`sum_xx`).
         """
         d = self.dim
         into = [self] if also is None else [self, also]
         u32 = u.to(torch.float32) if self.precision == "mixed" else None  # after the shift
-        step = gram_panel(d)
+        if u32 is None and not staged and also is None:  # in place, no temporary
+            step = gram_panel(d)
+            for lo in range(0, d, step):
+                target = self._gram[part][:, lo : lo + step, lo:]  # (l, t, d - lo): upper part
+                target.baddbmm_(u[:, :, lo : lo + step].transpose(1, 2), u[:, :, lo:])
+            self._lower_stale = True
+            return
+        # a product added twice (or moved, or float32): thinner panels, one reused buffer
+        step = product_panel(d)
+        buffer = None
+        if u32 is None and u.device == self.device:
+            buffer = torch.empty(u.shape[0] * step * d, dtype=u.dtype, device=u.device)
         for lo in range(0, d, step):
             hi = min(lo + step, d)
-            if u32 is None and not staged and also is None:  # in place, no temporary
-                target = self._gram[part][:, lo:hi, lo:]  # (l, t, d - lo): the panel's upper part
-                target.baddbmm_(u[:, :, lo:hi].transpose(1, 2), u[:, :, lo:])
-                continue
             if u32 is not None:
                 with exact_float32_matmul():
                     product = u32[:, :, lo:hi].transpose(1, 2) @ u32[:, :, lo:]  # float32
+            elif buffer is not None:
+                shape = (u.shape[0], hi - lo, d - lo)
+                product = buffer[: shape[0] * shape[1] * shape[2]].view(shape)
+                torch.bmm(u[:, :, lo:hi].transpose(1, 2), u[:, :, lo:], out=product)
             else:
                 product = u[:, :, lo:hi].transpose(1, 2) @ u[:, :, lo:]
             product = product.to(self.device)
@@ -495,8 +508,9 @@ class ResidualStats:
         if self.count.item() == 0:
             self.shift_x = other.shift_x.to(self.device, copy=True)
             self.shift_y = other.shift_y.to(self.device, copy=True)
-        for name, value in zip(_SUMS, self._aligned(other), strict=True):
+        for name, value in zip(_HELD, self._aligned(other), strict=True):
             getattr(self, name).add_(value)
+        self._lower_stale |= other._lower_stale
         return self
 
     def subtract(self, other: ResidualStats) -> ResidualStats:
@@ -514,15 +528,43 @@ class ResidualStats:
         other._check_usable()
         if other.count.item() == 0:
             return self
-        for name, value in zip(_SUMS, self._aligned(other), strict=True):
+        for name, value in zip(_HELD, self._aligned(other), strict=True):
             getattr(self, name).sub_(value)
+        self._lower_stale |= other._lower_stale
         return self
 
-    def _aligned(self, other: ResidualStats) -> list[torch.Tensor]:
-        """``other``'s sums (in the order of ``_SUMS``) about this one's shifts, on its device.
+    def difference(
+        self, other: ResidualStats, *, out: ResidualStats | None = None
+    ) -> ResidualStats:
+        """These statistics minus ``other`` (which these hold too), in one pass per sum.
 
-        Statistics about the same shifts on the same device are read as they are (no copy);
-        others are copied and re-based exactly.
+        What ``self.clone().subtract(other)`` gives, without the copy: e.g. the totals with a
+        jackknife group left out. Written into ``out`` (statistics of the same shape, e.g.
+        the previous group's, whose sums are all replaced) if given, else into new ones.
+        """
+        self._check_compatible(other)
+        self._check_usable()
+        other._check_usable()
+        new = object.__new__(ResidualStats)
+        new.__dict__.update(self.__dict__)
+        for name, mine, value in zip(
+            _HELD, (getattr(self, name) for name in _HELD), self._aligned(other), strict=True
+        ):
+            setattr(
+                new,
+                name,
+                mine - value if out is None else torch.sub(mine, value, out=getattr(out, name)),
+            )
+        new.shift_x, new.shift_y = self.shift_x.clone(), self.shift_y.clone()
+        new._lower_stale = self._lower_stale or other._lower_stale
+        return new
+
+    def _aligned(self, other: ResidualStats) -> list[torch.Tensor]:
+        """``other``'s sums (in the order of ``_HELD``) about this one's shifts, on its device.
+
+        Statistics about the same shifts on the same device are read as they are (no copy; the
+        Gram's lower triangle as it is: the caller carries ``other._lower_stale``); others are
+        copied and re-based exactly (the copy's Gram made symmetric).
         """
         same = (
             other.device == self.device
@@ -532,7 +574,7 @@ class ResidualStats:
         if not same:
             other = other.clone().to(self.device)
             other._rebase(self.shift_x, self.shift_y)
-        return [getattr(other, name) for name in _SUMS]
+        return [getattr(other, name) for name in _HELD]
 
     # -- distributed --------------------------------------------------------------------------
 
@@ -708,8 +750,8 @@ class ResidualStats:
     def clone(self) -> ResidualStats:
         """A deep copy."""
         new = object.__new__(ResidualStats)
-        new.__dict__.update(self.__dict__)
-        for name in (*_SUMS, "shift_x", "shift_y"):
+        new.__dict__.update(self.__dict__)  # `_lower_stale` too: the Gram is copied as it is
+        for name in (*_HELD, "shift_x", "shift_y"):
             setattr(new, name, getattr(self, name).clone())
         return new
 
@@ -742,8 +784,12 @@ class ResidualStats:
                 "undefined; the probe needs at least two different next tokens."
             )
 
-    def _solve(self, entries: range, method: Method) -> Solved:
-        """PR of ``entries`` from the sums, a bounded group of entries at a time."""
+    def _solve(self, entries: range, method: Method, overwrite: bool = False) -> Solved:
+        """PR of ``entries`` from the sums, a bounded group of entries at a time.
+
+        With ``overwrite`` the solve's matrices are built over the Gram (these statistics are
+        a scratch copy: unusable afterwards).
+        """
         n = self.count
         sy = self.sum_y
         tss = (self.sum_yy - sy * sy / n).sum()
@@ -754,8 +800,15 @@ class ResidualStats:
             def cross(outputs: slice, part: slice = part, sx: torch.Tensor = sx) -> torch.Tensor:
                 return self.sum_xy[part, :, outputs] - sx.unsqueeze(2) * sy[outputs] / n
 
-            solution = explained_sum_of_squares(
-                self.sum_xx[part], sx, n, cross, self.num_outputs, rtol=self.rtol, method=method
+            solution = explained_sum_of_squares(  # reads the Gram's upper triangle only
+                self._gram[part],
+                sx,
+                n,
+                cross,
+                self.num_outputs,
+                rtol=self.rtol,
+                method=method,
+                overwrite=overwrite,
             )
             prs.append((tss - solution.explained) / tss)
             eighs.append(solution.eigh)
@@ -777,6 +830,18 @@ class ResidualStats:
         self._check_solvable()
         return self._solve(range(self.num_layers), method)
 
+    def _compute_scratch(self, *, method: Method = "auto") -> torch.Tensor:
+        """:meth:`compute`, building the solve's matrices over the Gram (no ``d²`` allocation).
+
+        For a scratch copy (e.g. :meth:`difference`'s ``out``): afterwards its Gram holds no
+        sums, and only a later ``difference(..., out=self)`` makes it usable again.
+        """
+        self._check_usable()
+        self._check_solvable()
+        pr = self._solve(range(self.num_layers), method, overwrite=True).pr
+        self._lower_stale = False  # the Gram holds the solve's matrices: nothing to mirror
+        return pr
+
     def compute(self, *, method: Method = "auto") -> torch.Tensor:
         """Solve all layers together.
 
@@ -796,6 +861,8 @@ class ResidualStats:
 
 
 _SUMS = ("count", "sum_x", "sum_xx", "sum_xy", "sum_y", "sum_yy")
+# the sums as held: the Gram with its lower triangle possibly stale (see `sum_xx`)
+_HELD = ("count", "sum_x", "_gram", "sum_xy", "sum_y", "sum_yy")
 
 
 def _slices(flat: torch.Tensor) -> list[torch.Tensor]:
