@@ -112,6 +112,7 @@ def child(args: argparse.Namespace) -> dict:
     from lawwatch import ProbeSet, measure
     from lawwatch.config import MeasureConfig
     from lawwatch.measurement import accumulate, prepare, solve
+    from lawwatch.stats import wrapped
     from lawwatch.stats.residual import ResidualStats
 
     torch.set_num_threads(args.threads)
@@ -148,6 +149,7 @@ def child(args: argparse.Namespace) -> dict:
         stats, accumulate_peak, accumulate_s = peak_of(
             lambda: accumulate(model, probe, config, targets)
         )
+        stats = wrapped(stats, ResidualStats)  # the PR statistics (the vital signs beside them)
         solved, solve_peak, solve_s = peak_of(stats.solve)
         seconds = time.perf_counter() - began
         # the eigen path's workspace (the fallback for entries the fast path cannot prove

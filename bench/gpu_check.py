@@ -95,6 +95,8 @@ class Check:
         from lawwatch.capture import Capture, evaluating
         from lawwatch.config import MeasureConfig
         from lawwatch.measurement import accumulate, prepare
+        from lawwatch.stats import wrapped
+        from lawwatch.stats.residual import ResidualStats
 
         print(
             "\n| shape | entries × d | weights | examples | forward s | accumulate s | solve s "
@@ -130,6 +132,7 @@ class Check:
                     ),
                     self.device,
                 )
+                stats = wrapped(stats, ResidualStats)  # the PR statistics (vital signs beside)
                 solved, solve_s, solve_peak = timed(stats.solve, self.device)
             stats_bytes = sum(
                 getattr(stats, n).numel() * 8 for n in ("sum_xx", "sum_xy", "sum_x", "shift_x")
@@ -149,6 +152,8 @@ class Check:
         """Mixed vs float64 statistics on the device, and the device's solve vs the CPU's."""
         from lawwatch.config import MeasureConfig
         from lawwatch.measurement import accumulate, prepare
+        from lawwatch.stats import wrapped
+        from lawwatch.stats.residual import ResidualStats
 
         if self.kept is None:
             model = self.model("1.1b", torch.bfloat16)
@@ -168,6 +173,7 @@ class Check:
                 stats, seconds, _ = timed(
                     lambda c=config, t=targets: accumulate(model, probe, c, t), self.device
                 )
+                stats = wrapped(stats, ResidualStats)  # the PR statistics (vital signs beside)
                 pr, solve_s, _ = timed(stats.compute, self.device)
                 results[precision] = (stats, pr.cpu(), seconds + solve_s)
         stats, pr64, seconds64 = results["float64"]
