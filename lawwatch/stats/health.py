@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lawwatch.stats import wrapped
+from lawwatch.stats.beside import Beside
 
 if TYPE_CHECKING:
-    from lawwatch.stats import Statistics, Update
-    from lawwatch.stats.owned import Owned
+    from lawwatch.stats import Statistics
 
 __all__ = [
     "CONSTANT_RTOL",
@@ -353,7 +353,7 @@ def health_of(stats: object) -> HealthStats | None:
     return None if vitals is None else vitals.health
 
 
-class Vitals:
+class Vitals(Beside):
     """PR statistics with the vital signs beside them: one :class:`~lawwatch.stats.Statistics`.
 
     Everything of the protocol is the inner statistics'; the vital signs travel with them:
@@ -369,83 +369,9 @@ class Vitals:
     """
 
     def __init__(self, inner: Statistics, health: HealthStats) -> None:
-        self.inner = inner
-        self.health = health
-        self.layers: tuple[int, ...] = inner.layers
-        self.num_layers: int = inner.num_layers
-        self.dim: int = inner.dim
-        self.precision: str = inner.precision
+        super().__init__(inner, health)
 
     @property
-    def count(self) -> torch.Tensor:
-        """The PR statistics' examples."""
-        return self.inner.count
-
-    @property
-    def device(self) -> torch.device:
-        """Where the PR statistics live."""
-        return self.inner.device
-
-    def begin(
-        self,
-        targets: torch.Tensor,
-        sequences: torch.Tensor | None = None,
-        *,
-        deferred_check: bool = False,
-    ) -> Update:
-        """The inner statistics' :meth:`~lawwatch.stats.Statistics.begin`."""
-        return self.inner.begin(targets, sequences, deferred_check=deferred_check)
-
-    def update(
-        self,
-        features: torch.Tensor,
-        targets: torch.Tensor,
-        sequences: torch.Tensor | None = None,
-    ) -> Vitals:
-        """The inner statistics' :meth:`~lawwatch.stats.Statistics.update`."""
-        self.inner.update(features, targets, sequences)
-        return self
-
-    def to(self, device: torch.device | str) -> Vitals:
-        """Move both to ``device`` in place."""
-        self.inner.to(device)
-        self.health.to(device)
-        return self
-
-    def all_reduce(self, group: object | None = None) -> Vitals:
-        """Reduce both over ``group`` in place, on every process."""
-        self.inner.all_reduce(group)
-        self.health.all_reduce(group)
-        return self
-
-    def reduce_scatter(self, group: object | None = None) -> None:
-        """The inner statistics' collectives before the solve, and the vital signs' reduction."""
-        self.inner.reduce_scatter(group)
-        self.health.all_reduce(group)
-
-    def solve_owned(self, group: object | None = None) -> Owned:
-        """The inner statistics' share of the solve."""
-        return self.inner.solve_owned(group)
-
-    def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
-        """The inner statistics' values, gathered."""
-        return self.inner.gather_owned(owned, group)
-
-    def reduce_scatter_compute(self, group: object | None = None) -> torch.Tensor:
-        """:meth:`reduce_scatter`, then the inner solve of every share, gathered."""
-        self.reduce_scatter(group)
-        return self.gather_owned(self.solve_owned(group), group)
-
-    def compute(self) -> torch.Tensor:
-        """The inner statistics' ``(entries,)`` values."""
-        return self.inner.compute()
-
-    def replicates(self) -> torch.Tensor | None:
-        """The inner statistics' jackknife replicates, or None."""
-        return self.inner.replicates()
-
-    def merge(self, other: Vitals) -> Vitals:
-        """Add ``other``'s statistics (both kinds) into these."""
-        self.inner.merge(other.inner)
-        self.health.merge(other.health)
-        return self
+    def health(self) -> HealthStats:
+        """The vital signs' sums (the carried ones)."""
+        return self.carried

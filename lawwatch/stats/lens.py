@@ -47,11 +47,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lawwatch.precision import exact_float32_matmul
+from lawwatch.stats.beside import Beside
 
 if TYPE_CHECKING:
     from lawwatch.models import Unembedding
-    from lawwatch.stats import Statistics, Update
-    from lawwatch.stats.owned import Owned
+    from lawwatch.stats import Statistics
 
 __all__ = [
     "DEFAULT_LENS_FRACTION",
@@ -456,7 +456,7 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-class Lensed:
+class Lensed(Beside):
     """PR statistics with the logit lens's beside them: one :class:`~lawwatch.stats.Statistics`.
 
     Everything of the protocol is the inner statistics'; the lens's sums travel with them:
@@ -470,83 +470,9 @@ class Lensed:
     """
 
     def __init__(self, inner: Statistics, lens: LensStats) -> None:
-        self.inner = inner
-        self.lens = lens
-        self.layers: tuple[int, ...] = inner.layers
-        self.num_layers: int = inner.num_layers
-        self.dim: int = inner.dim
-        self.precision: str = inner.precision
+        super().__init__(inner, lens)
 
     @property
-    def count(self) -> torch.Tensor:
-        """The PR statistics' examples (the lens reads a subset of them)."""
-        return self.inner.count
-
-    @property
-    def device(self) -> torch.device:
-        """Where the PR statistics live."""
-        return self.inner.device
-
-    def begin(
-        self,
-        targets: torch.Tensor,
-        sequences: torch.Tensor | None = None,
-        *,
-        deferred_check: bool = False,
-    ) -> Update:
-        """The inner statistics' :meth:`~lawwatch.stats.Statistics.begin` (the lens adds apart)."""
-        return self.inner.begin(targets, sequences, deferred_check=deferred_check)
-
-    def update(
-        self,
-        features: torch.Tensor,
-        targets: torch.Tensor,
-        sequences: torch.Tensor | None = None,
-    ) -> Lensed:
-        """The inner statistics' :meth:`~lawwatch.stats.Statistics.update`."""
-        self.inner.update(features, targets, sequences)
-        return self
-
-    def to(self, device: torch.device | str) -> Lensed:
-        """Move both statistics to ``device`` in place."""
-        self.inner.to(device)
-        self.lens.to(device)
-        return self
-
-    def all_reduce(self, group: object | None = None) -> Lensed:
-        """Sum both statistics over ``group`` in place, on every process."""
-        self.inner.all_reduce(group)
-        self.lens.all_reduce(group)
-        return self
-
-    def reduce_scatter(self, group: object | None = None) -> None:
-        """The inner statistics' collectives before the solve, and the lens's all-reduce."""
-        self.inner.reduce_scatter(group)
-        self.lens.all_reduce(group)
-
-    def solve_owned(self, group: object | None = None) -> Owned:
-        """The inner statistics' share of the solve (the lens needs none)."""
-        return self.inner.solve_owned(group)
-
-    def gather_owned(self, owned: Owned, group: object | None = None) -> torch.Tensor:
-        """The inner statistics' values, gathered."""
-        return self.inner.gather_owned(owned, group)
-
-    def reduce_scatter_compute(self, group: object | None = None) -> torch.Tensor:
-        """:meth:`reduce_scatter`, then the inner solve of every share, gathered."""
-        self.reduce_scatter(group)
-        return self.gather_owned(self.solve_owned(group), group)
-
-    def compute(self) -> torch.Tensor:
-        """The inner statistics' ``(entries,)`` values."""
-        return self.inner.compute()
-
-    def replicates(self) -> torch.Tensor | None:
-        """The inner statistics' jackknife replicates, or None."""
-        return self.inner.replicates()
-
-    def merge(self, other: Lensed) -> Lensed:
-        """Add ``other``'s statistics (both kinds) into these."""
-        self.inner.merge(other.inner)
-        self.lens.merge(other.lens)
-        return self
+    def lens(self) -> LensStats:
+        """The logit lens's sums (the carried ones)."""
+        return self.carried
