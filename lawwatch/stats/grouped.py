@@ -27,6 +27,7 @@ import torch
 
 from lawwatch.stats.owned import Owned
 from lawwatch.stats.residual import ResidualStats
+from lawwatch.stats.update import add_whole
 
 __all__ = ["GroupValues", "Grouped", "GroupedUpdate", "group_bytes"]
 
@@ -144,14 +145,7 @@ class Grouped:
         sequences: torch.Tensor | None = None,
     ) -> Grouped:
         """Add a batch: ``(entries, n, d)`` features, ``(n,)`` targets and sequence indices."""
-        if features.ndim != 3 or features.shape[0] != self.num_layers:
-            raise ValueError(
-                f"features must have shape (num_layers={self.num_layers}, n, dim={self.dim}), "
-                f"got {tuple(features.shape)}."
-            )
-        batch = self.begin(targets, sequences)
-        batch.add(slice(0, self.num_layers), features)
-        return batch.finish()
+        return add_whole(self, features, targets, sequences)
 
     def to(self, device: torch.device | str) -> Grouped:
         """Move every statistics to ``device`` in place."""

@@ -42,7 +42,7 @@ import torch
 from lawwatch.stats.owned import Owned, place
 from lawwatch.stats.residual import ResidualStats
 from lawwatch.stats.solver import Method
-from lawwatch.stats.update import BatchUpdate, Cells
+from lawwatch.stats.update import BatchUpdate, Cells, add_whole
 
 __all__ = ["GOLDEN", "PartitionedStats", "PartitionedUpdate", "jackknife_se", "sequence_cells"]
 
@@ -185,14 +185,7 @@ class PartitionedStats:
             targets: ``(n,)`` integer target ids.
             sequences: ``(n,)`` the index in the whole probe of each example's sequence.
         """
-        if features.ndim != 3 or features.shape[0] != self.num_layers:
-            raise ValueError(
-                f"features must have shape (num_layers={self.num_layers}, n, dim={self.dim}), "
-                f"got {tuple(features.shape)}."
-            )
-        batch = self.begin(targets, sequences)
-        batch.add(slice(0, self.num_layers), features)
-        return batch.finish()
+        return add_whole(self, features, targets, sequences)
 
     def to(self, device: torch.device | str) -> PartitionedStats:
         """Move every cell's statistics to ``device`` in place."""

@@ -52,7 +52,14 @@ import torch
 from lawwatch.precision import exact_float32_matmul
 from lawwatch.stats.owned import Owned, place
 from lawwatch.stats.solver import DEFAULT_RTOL, Method, explained_sum_of_squares
-from lawwatch.stats.update import BatchUpdate, Cells, gram_panel, mirror_upper, product_panel
+from lawwatch.stats.update import (
+    BatchUpdate,
+    Cells,
+    add_whole,
+    gram_panel,
+    mirror_upper,
+    product_panel,
+)
 
 Target = Literal["token_id", "onehot"]
 TARGETS: tuple[str, ...] = ("token_id", "onehot")
@@ -253,14 +260,7 @@ class ResidualStats:
             ValueError: Features of the wrong shape, or NaN or Inf in them (refused before any
                 sum changes).
         """
-        if features.ndim != 3 or features.shape[0] != self.num_layers:
-            raise ValueError(
-                f"features must have shape (num_layers={self.num_layers}, n, dim={self.dim}), "
-                f"got {tuple(features.shape)}."
-            )
-        batch = self.begin(targets)
-        batch.add(slice(0, self.num_layers), features)
-        return batch.finish()
+        return add_whole(self, features, targets, sequences)
 
     def begin(
         self,

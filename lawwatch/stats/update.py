@@ -15,9 +15,31 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from lawwatch.stats import Statistics
     from lawwatch.stats.residual import ResidualStats
 
-__all__ = ["BatchUpdate", "Cells", "gram_panel", "mirror_upper", "product_panel"]
+__all__ = ["BatchUpdate", "Cells", "add_whole", "gram_panel", "mirror_upper", "product_panel"]
+
+
+def add_whole(
+    stats: Statistics, features: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor | None
+) -> Statistics:
+    """A whole batch, every entry at once: what each statistics' ``update`` does.
+
+    Its :meth:`~lawwatch.stats.Statistics.begin`, one ``add`` of all ``(num_layers, n, d)``
+    features, then ``finish``; returns what ``finish`` returns (the statistics).
+
+    Raises:
+        ValueError: Features not shaped ``(num_layers, n, dim)``.
+    """
+    if features.ndim != 3 or features.shape[0] != stats.num_layers:
+        raise ValueError(
+            f"features must have shape (num_layers={stats.num_layers}, n, dim={stats.dim}), "
+            f"got {tuple(features.shape)}."
+        )
+    batch = stats.begin(targets, sequences)
+    batch.add(slice(0, stats.num_layers), features)
+    return batch.finish()
 
 
 # the float64 Gram is formed in row panels of this many rows at least (see `gram_panel`)
